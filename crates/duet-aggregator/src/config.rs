@@ -1,0 +1,47 @@
+//! Tunables of the aggregator.
+
+use serde::{Deserialize, Serialize};
+
+/// How an aggregator batches, leases and polls.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AggregatorConfig {
+    /// Largest number of reports in one aggregation job.
+    pub max_aggregation_job_size: usize,
+    /// How long a job driver holds a lease, in seconds.
+    pub lease_duration_s: u64,
+    /// How often job drivers look for work when nothing wakes them, in milliseconds.
+    pub polling_interval_ms: u64,
+    /// How long the job creator waits after a wake-up for more reports, in milliseconds.
+    pub job_creation_delay_ms: u64,
+    /// Largest number of uploaded reports written in one transaction.
+    pub upload_batch_size: usize,
+    /// Uploads waiting to be written before new uploads are refused with 429.
+    pub upload_queue_capacity: usize,
+    /// Aggregation jobs one driver pass leases and runs concurrently.
+    pub max_concurrent_jobs: usize,
+    /// Attempts before a failing job is abandoned.
+    pub max_job_attempts: u32,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        Self {
+            max_aggregation_job_size: 1000,
+            lease_duration_s: 600,
+            polling_interval_ms: 5000,
+            job_creation_delay_ms: 20,
+            upload_batch_size: 1000,
+            upload_queue_capacity: 50_000,
+            max_concurrent_jobs: 4,
+            max_job_attempts: 10,
+        }
+    }
+}
+
+impl AggregatorConfig {
+    /// The polling interval.
+    pub fn polling_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.polling_interval_ms)
+    }
+}

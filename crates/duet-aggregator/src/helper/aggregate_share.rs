@@ -1,0 +1,153 @@
+//! Aggregate-share requests: validate the batch, check count and checksum against the Leader's,
+//! seal the Helper's share to the collector. Repeats of a served request get the same answer.
+
+use duet_core::hpke::{seal, HpkeApplicationInfo};
+use duet_messages::dap09::{
+    AggregateShare, AggregateShareAad, AggregateShareReq, BatchSelector, Role, TaskId,
+};
+use duet_messages::problem::DapProblemType;
+use duet_messages::{Decode, Encode};
+use duet_store::{AggregateShareJob, StoreError};
+
+use super::{check_leader_auth, Helper};
+use crate::batch::{is_valid_batch_interval, total};
+use crate::error::Error;
+
+impl Helper {
+    /// Handles `POST /tasks/{task}/aggregate_shares`: returns the encoded `AggregateShare`.
+    pub async fn aggregate_share(
+        &self,
+        task_id: TaskId,
+        auth: (Option<&[u8]>, Option<&[u8]>),
+        body: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let entry = self.shared.require_task(&task_id).await?;
+        check_leader_auth(&entry, auth.0, auth.1)?;
+        let task = &entry.task;
+        let abort = |p: DapProblemType, m: String| Error::abort(p, Some(task_id), m);
+        let req = AggregateShareReq::get_decoded(body).map_err(|e| {
+            abort(
+                DapProblemType::InvalidMessage,
+                format!("malformed aggregate share request: {e}"),
+            )
+        })?;
+        let BatchSelector::TimeInterval { batch_interval } = req.batch_selector else {
+            return Err(abort(
+                DapProblemType::InvalidMessage,
+                "this task uses the time_interval query type".into(),
+            ));
+        };
+        if !req.aggregation_parameter.is_empty() {
+            return Err(abort(
+                DapProblemType::InvalidMessage,
+                "Prio3 takes an empty aggregation parameter".into(),
+            ));
+        }
+        if !is_valid_batch_interval(&batch_interval, task.time_precision) {
+            return Err(abort(
+                DapProblemType::BatchInvalid,
+                "the batch interval must start and last a multiple of the time precision".into(),
+            ));
+        }
+        let store = &self.shared.store;
+        if let Some(done) = store
+            .get_aggregate_share_job(&task_id, &batch_interval, &req.aggregation_parameter)
+            .await?
+        {
+            if done.report_count == req.report_count && done.checksum == req.checksum {
+                return Ok(AggregateShare {
+                    encrypted_aggregate_share: done.encrypted_aggregate_share,
+                }
+                .get_encoded());
+            }
+            return Err(abort(
+                DapProblemType::BatchMismatch,
+                "this batch was served with another count or checksum".into(),
+            ));
+        }
+        let served = store.list_aggregate_share_jobs(&task_id).await?;
+        if served.iter().any(|j| {
+            j.batch_interval != batch_interval && j.batch_interval.overlaps(&batch_interval)
+        }) {
+            return Err(abort(
+                DapProblemType::BatchOverlap,
+                "the batch overlaps one collected before".into(),
+            ));
+        }
+        let queries = served
+            .iter()
+            .filter(|j| j.batch_interval == batch_interval)
+            .count() as u64;
+        if queries >= task.max_batch_query_count {
+            return Err(abort(
+                DapProblemType::BatchQueriedTooManyTimes,
+                format!(
+                    "this batch may be queried {} time(s)",
+                    task.max_batch_query_count
+                ),
+            ));
+        }
+        let aggs = store
+            .get_batch_aggregations(&task_id, &batch_interval, &req.aggregation_parameter)
+            .await?;
+        let sum = total(&entry.vdaf, &batch_interval, &aggs)?;
+        if sum.report_count < task.min_batch_size {
+            return Err(abort(
+                DapProblemType::InvalidBatchSize,
+                format!(
+                    "the batch has {} reports; the minimum is {}",
+                    sum.report_count, task.min_batch_size
+                ),
+            ));
+        }
+        if sum.report_count != req.report_count || sum.checksum != req.checksum {
+            return Err(abort(
+                DapProblemType::BatchMismatch,
+                format!(
+                    "the Helper aggregated {} reports in this batch, the Leader {}, or their checksums differ",
+                    sum.report_count, req.report_count
+                ),
+            ));
+        }
+        let aad = AggregateShareAad {
+            task_id,
+            aggregation_parameter: req.aggregation_parameter.clone(),
+            batch_selector: req.batch_selector.clone(),
+        }
+        .get_encoded();
+        let sealed = seal(
+            &task.collector_hpke_config,
+            &HpkeApplicationInfo::AggregateShare {
+                server: Role::Helper,
+            },
+            &sum.aggregate_share,
+            &aad,
+        )?;
+        let job = AggregateShareJob {
+            task_id,
+            batch_interval,
+            aggregation_parameter: req.aggregation_parameter,
+            report_count: sum.report_count,
+            checksum: sum.checksum,
+            encrypted_aggregate_share: sealed,
+        };
+        match store.put_aggregate_share_job(&job).await {
+            Ok(()) => Ok(AggregateShare {
+                encrypted_aggregate_share: job.encrypted_aggregate_share,
+            }
+            .get_encoded()),
+            // A concurrent identical request won the race: answer as it did.
+            Err(StoreError::AlreadyExists) => {
+                let done = store
+                    .get_aggregate_share_job(&task_id, &batch_interval, &job.aggregation_parameter)
+                    .await?
+                    .ok_or_else(|| Error::Internal("aggregate share vanished".into()))?;
+                Ok(AggregateShare {
+                    encrypted_aggregate_share: done.encrypted_aggregate_share,
+                }
+                .get_encoded())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}

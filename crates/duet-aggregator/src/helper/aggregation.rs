@@ -1,0 +1,273 @@
+//! Aggregation jobs on the Helper: decrypt, validate and prepare each report share, accumulate
+//! the output shares per bucket, and store job, report IDs and aggregates in one transaction.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use duet_core::hpke::{open, HpkeApplicationInfo, HpkeKeypair};
+use duet_core::vdaf::PrepFailure;
+use duet_messages::dap09::{
+    AggregationJobId, AggregationJobInitReq, AggregationJobResp, InputShareAad, Interval,
+    PartialBatchSelector, PlaintextInputShare, PrepareError, PrepareInit, PrepareResp,
+    PrepareStepResult, ReportId, Role, TaskId, Time,
+};
+use duet_messages::problem::DapProblemType;
+use duet_messages::{Decode, Encode};
+use duet_store::{HelperAggregationJob, StoreError};
+use sha2::{Digest, Sha256};
+
+use super::{check_leader_auth, Helper};
+use crate::batch::{in_any, merger, BucketAccumulator};
+use crate::error::Error;
+use crate::shared::{find_key, TaskEntry};
+
+/// Attempts at committing a job when concurrent writers race on report IDs.
+const COMMIT_ATTEMPTS: usize = 3;
+
+impl Helper {
+    /// Handles `PUT /tasks/{task}/aggregation_jobs/{id}`: returns the encoded
+    /// `AggregationJobResp`.
+    pub async fn aggregation_job_init(
+        &self,
+        task_id: TaskId,
+        job_id: AggregationJobId,
+        auth: (Option<&[u8]>, Option<&[u8]>),
+        body: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let entry = self.shared.require_task(&task_id).await?;
+        check_leader_auth(&entry, auth.0, auth.1)?;
+        let invalid = |m: String| Error::abort(DapProblemType::InvalidMessage, Some(task_id), m);
+        let req = AggregationJobInitReq::get_decoded(body)
+            .map_err(|e| invalid(format!("malformed aggregation job: {e}")))?;
+        if req.partial_batch_selector != PartialBatchSelector::TimeInterval {
+            return Err(invalid(
+                "this task uses the time_interval query type".into(),
+            ));
+        }
+        if !req.aggregation_parameter.is_empty() {
+            return Err(invalid("Prio3 takes an empty aggregation parameter".into()));
+        }
+        let mut ids = HashSet::with_capacity(req.prepare_inits.len());
+        if !req
+            .prepare_inits
+            .iter()
+            .all(|p| ids.insert(p.report_share.metadata.id))
+        {
+            return Err(invalid("the job names a report twice".into()));
+        }
+        let request_hash: [u8; 32] = Sha256::digest(body).into();
+
+        for _ in 0..COMMIT_ATTEMPTS {
+            if let Some(existing) = self
+                .shared
+                .store
+                .get_helper_aggregation_job(&task_id, &job_id)
+                .await?
+            {
+                if existing.request_hash == request_hash {
+                    return Ok(existing.response);
+                }
+                return Err(invalid(
+                    "a different aggregation job with this ID exists".into(),
+                ));
+            }
+            let report_ids: Vec<ReportId> = req
+                .prepare_inits
+                .iter()
+                .map(|p| p.report_share.metadata.id)
+                .collect();
+            let seen = self
+                .shared
+                .store
+                .seen_report_ids(&task_id, &report_ids)
+                .await?;
+            let collected = self.shared.store.collected_intervals(&task_id).await?;
+            let keys = self.shared.keys();
+            let now = self.shared.clock.now();
+            let prepared = {
+                let entry = Arc::clone(&entry);
+                let inits = req.prepare_inits.clone();
+                tokio::task::spawn_blocking(move || {
+                    prepare_all(&entry, &keys, &seen, &collected, now, &inits)
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("preparation task failed: {e}")))??
+            };
+            let response = prepared.response.get_encoded();
+            let job = HelperAggregationJob {
+                task_id,
+                id: job_id,
+                request_hash,
+                step: 0,
+                response: response.clone(),
+            };
+            let merge = merger(&entry.vdaf);
+            match self
+                .shared
+                .store
+                .put_helper_aggregation_job(&job, &prepared.accepted, &prepared.deltas, &merge)
+                .await
+            {
+                Ok(()) => return Ok(response),
+                // A concurrent request stored this job or one of these reports: look again.
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Internal(
+            "could not commit the aggregation job under contention".into(),
+        ))
+    }
+
+    /// Handles `POST /tasks/{task}/aggregation_jobs/{id}`. Prio3 finishes in the init step, so
+    /// every continuation is out of step.
+    pub async fn aggregation_job_continue(
+        &self,
+        task_id: TaskId,
+        job_id: AggregationJobId,
+        auth: (Option<&[u8]>, Option<&[u8]>),
+        body: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let entry = self.shared.require_task(&task_id).await?;
+        check_leader_auth(&entry, auth.0, auth.1)?;
+        duet_messages::dap09::AggregationJobContinueReq::get_decoded(body).map_err(|e| {
+            Error::abort(
+                DapProblemType::InvalidMessage,
+                Some(task_id),
+                format!("malformed continuation: {e}"),
+            )
+        })?;
+        if self
+            .shared
+            .store
+            .get_helper_aggregation_job(&task_id, &job_id)
+            .await?
+            .is_none()
+        {
+            return Err(Error::abort(
+                DapProblemType::UnrecognizedAggregationJob,
+                Some(task_id),
+                "no such aggregation job",
+            ));
+        }
+        Err(Error::abort(
+            DapProblemType::StepMismatch,
+            Some(task_id),
+            "the job finished in its first step",
+        ))
+    }
+
+    /// Handles `DELETE /tasks/{task}/aggregation_jobs/{id}`. Finished jobs' aggregates stay
+    /// counted; the request only needs to succeed.
+    pub async fn aggregation_job_delete(
+        &self,
+        task_id: TaskId,
+        auth: (Option<&[u8]>, Option<&[u8]>),
+    ) -> Result<(), Error> {
+        let entry = self.shared.require_task(&task_id).await?;
+        check_leader_auth(&entry, auth.0, auth.1)
+    }
+}
+
+struct Prepared {
+    response: AggregationJobResp,
+    accepted: Vec<ReportId>,
+    deltas: Vec<duet_store::BatchAggregation>,
+}
+
+fn prepare_all(
+    entry: &TaskEntry,
+    keys: &[HpkeKeypair],
+    seen: &HashSet<ReportId>,
+    collected: &[Interval],
+    now: Time,
+    inits: &[PrepareInit],
+) -> Result<Prepared, Error> {
+    let task = &entry.task;
+    let mut acc = BucketAccumulator::new(&entry.vdaf, task.time_precision);
+    let mut accepted = Vec::with_capacity(inits.len());
+    let mut resps = Vec::with_capacity(inits.len());
+    for init in inits {
+        let id = init.report_share.metadata.id;
+        let result = match prepare_one(entry, keys, seen, collected, now, init) {
+            Ok((out, message)) => {
+                acc.add(init.report_share.metadata.time, &id, &out)?;
+                accepted.push(id);
+                PrepareStepResult::Continue { message }
+            }
+            Err(e) => PrepareStepResult::Reject(e),
+        };
+        resps.push(PrepareResp {
+            report_id: id,
+            result,
+        });
+    }
+    Ok(Prepared {
+        response: AggregationJobResp {
+            prepare_resps: resps,
+        },
+        accepted,
+        deltas: acc.into_deltas(task.id)?,
+    })
+}
+
+fn prepare_one(
+    entry: &TaskEntry,
+    keys: &[HpkeKeypair],
+    seen: &HashSet<ReportId>,
+    collected: &[Interval],
+    now: Time,
+    init: &PrepareInit,
+) -> Result<(duet_core::vdaf::OutputShare, Vec<u8>), PrepareError> {
+    let task = &entry.task;
+    let share = &init.report_share;
+    let time = share.metadata.time;
+    if seen.contains(&share.metadata.id) {
+        return Err(PrepareError::ReportReplayed);
+    }
+    if in_any(collected, time) {
+        return Err(PrepareError::BatchCollected);
+    }
+    if time.0 > now.0.saturating_add(task.tolerable_clock_skew.0) {
+        return Err(PrepareError::ReportTooEarly);
+    }
+    if task.task_expiration.is_some_and(|e| time.0 > e.0) {
+        return Err(PrepareError::TaskExpired);
+    }
+    let key = find_key(keys, share.encrypted_input_share.config_id)
+        .ok_or(PrepareError::HpkeUnknownConfigId)?;
+    let aad = InputShareAad {
+        task_id: task.id,
+        metadata: share.metadata.clone(),
+        public_share: share.public_share.clone(),
+    }
+    .get_encoded();
+    let plaintext = open(
+        key,
+        &HpkeApplicationInfo::InputShare {
+            server: Role::Helper,
+        },
+        &share.encrypted_input_share,
+        &aad,
+    )
+    .map_err(|_| PrepareError::HpkeDecryptError)?;
+    let input =
+        PlaintextInputShare::get_decoded(&plaintext).map_err(|_| PrepareError::InvalidMessage)?;
+    if !input.extensions.is_empty() {
+        // No extensions are defined for Duet's tasks (taskprov is not enabled).
+        return Err(PrepareError::InvalidMessage);
+    }
+    entry
+        .vdaf
+        .helper_init(
+            &task.vdaf_verify_key,
+            &share.metadata.id,
+            &share.public_share,
+            &input.payload,
+            &init.message,
+        )
+        .map_err(|e| match e {
+            PrepFailure::Decode(_) => PrepareError::InvalidMessage,
+            PrepFailure::Prepare(_) => PrepareError::VdafPrepError,
+        })
+}

@@ -1,0 +1,58 @@
+//! The Helper: answers the Leader's aggregation-job and aggregate-share requests.
+
+mod aggregate_share;
+mod aggregation;
+
+use std::sync::Arc;
+
+use duet_core::Clock;
+use duet_messages::problem::DapProblemType;
+use duet_store::Datastore;
+
+use crate::config::AggregatorConfig;
+use crate::error::Error;
+use crate::shared::{Shared, TaskEntry};
+
+/// The Helper role of one process.
+pub struct Helper {
+    pub(crate) shared: Shared,
+}
+
+impl Helper {
+    /// A Helper over `store`.
+    pub async fn new(
+        store: Arc<dyn Datastore>,
+        clock: Arc<dyn Clock>,
+        config: AggregatorConfig,
+    ) -> Result<Arc<Self>, Error> {
+        Ok(Arc::new(Self {
+            shared: Shared::new(store, clock, config).await?,
+        }))
+    }
+
+    /// The HPKE configs this Helper publishes.
+    pub fn hpke_config_list(&self) -> duet_messages::dap09::HpkeConfigList {
+        self.shared.hpke_config_list()
+    }
+}
+
+/// Checks the Leader's token.
+pub(crate) fn check_leader_auth(
+    entry: &TaskEntry,
+    dap_auth: Option<&[u8]>,
+    authorization: Option<&[u8]>,
+) -> Result<(), Error> {
+    if entry
+        .task
+        .aggregator_auth_token
+        .is_presented(dap_auth, authorization)
+    {
+        Ok(())
+    } else {
+        Err(Error::abort(
+            DapProblemType::UnauthorizedRequest,
+            Some(entry.task.id),
+            "missing or wrong aggregator authentication token",
+        ))
+    }
+}

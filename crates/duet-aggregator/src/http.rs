@@ -1,0 +1,328 @@
+//! The HTTP layer: the only module that knows axum. Every handler checks the media type and
+//! authentication headers, decodes, calls the protocol core and encodes; every error becomes an
+//! RFC 9457 problem document.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use duet_messages::dap09::{media_type, AggregationJobId, CollectionJobId, TaskId};
+use duet_messages::problem::{DapProblemType, PROBLEM_JSON};
+use duet_messages::Encode;
+
+use crate::error::Error;
+use crate::helper::Helper;
+use crate::leader::{Leader, PollResult};
+
+/// Largest accepted upload body.
+const MAX_UPLOAD_BYTES: usize = 16 << 20;
+/// Largest accepted aggregator-to-aggregator body.
+const MAX_PEER_BYTES: usize = 256 << 20;
+
+/// An error on its way to becoming a response.
+pub struct HttpError(pub Error);
+
+impl From<Error> for HttpError {
+    fn from(e: Error) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        match self.0 {
+            Error::Abort(abort) => {
+                let status = StatusCode::from_u16(abort.problem.http_status())
+                    .unwrap_or(StatusCode::BAD_REQUEST);
+                let mut doc = serde_json::json!({
+                    "type": abort.problem.type_uri(),
+                    "title": abort.problem.description(),
+                    "status": status.as_u16(),
+                    "detail": abort.detail,
+                });
+                if let Some(t) = abort.task_id {
+                    doc["taskid"] = serde_json::Value::String(t.to_string());
+                }
+                tracing::debug!(problem = abort.problem.type_uri(), detail = %doc["detail"], "request aborted");
+                (
+                    status,
+                    [(header::CONTENT_TYPE, PROBLEM_JSON)],
+                    doc.to_string(),
+                )
+                    .into_response()
+            }
+            Error::Overloaded => (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, "1")],
+                "the server is busy; retry later",
+            )
+                .into_response(),
+            e => {
+                tracing::error!(error = %e, "request failed");
+                let doc = serde_json::json!({
+                    "type": "about:blank",
+                    "title": "Internal Server Error",
+                    "status": 500,
+                });
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [(header::CONTENT_TYPE, PROBLEM_JSON)],
+                    doc.to_string(),
+                )
+                    .into_response()
+            }
+        }
+    }
+}
+
+type HttpResult<T> = Result<T, HttpError>;
+
+fn invalid(detail: impl Into<String>) -> HttpError {
+    HttpError(Error::abort(DapProblemType::InvalidMessage, None, detail))
+}
+
+fn require_media_type(headers: &HeaderMap, expected: &str) -> HttpResult<()> {
+    let got = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = got.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case(expected) {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "expected content type {expected}, got '{got}'"
+        )))
+    }
+}
+
+fn parse_task_id(s: &str) -> HttpResult<TaskId> {
+    s.parse()
+        .map_err(|_| invalid(format!("'{s}' is not a task ID")))
+}
+
+fn auth(headers: &HeaderMap) -> (Option<&[u8]>, Option<&[u8]>) {
+    (
+        headers
+            .get(duet_core::auth::DAP_AUTH_HEADER)
+            .map(HeaderValue::as_bytes),
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    )
+}
+
+fn message(status: StatusCode, media_type: &'static str, body: Vec<u8>) -> Response {
+    (status, [(header::CONTENT_TYPE, media_type)], body).into_response()
+}
+
+fn hpke_config_response(list: duet_messages::dap09::HpkeConfigList) -> Response {
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, media_type::HPKE_CONFIG_LIST),
+            (header::CACHE_CONTROL, "max-age=86400"),
+        ],
+        list.get_encoded(),
+    )
+        .into_response()
+}
+
+/// The Leader's DAP routes.
+pub fn leader_router(leader: Arc<Leader>) -> Router {
+    Router::new()
+        .route("/hpke_config", get(leader_hpke_config))
+        .route(
+            "/tasks/{task_id}/reports",
+            put(upload).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
+        )
+        .route(
+            "/tasks/{task_id}/collection_jobs/{job_id}",
+            put(create_collection_job)
+                .post(poll_collection_job)
+                .delete(delete_collection_job),
+        )
+        .with_state(leader)
+}
+
+/// The Helper's DAP routes.
+pub fn helper_router(helper: Arc<Helper>) -> Router {
+    Router::new()
+        .route("/hpke_config", get(helper_hpke_config))
+        .route(
+            "/tasks/{task_id}/aggregation_jobs/{job_id}",
+            put(aggregation_job_init)
+                .post(aggregation_job_continue)
+                .delete(aggregation_job_delete),
+        )
+        .route("/tasks/{task_id}/aggregate_shares", post(aggregate_share))
+        .layer(DefaultBodyLimit::max(MAX_PEER_BYTES))
+        .with_state(helper)
+}
+
+async fn leader_hpke_config(State(leader): State<Arc<Leader>>) -> Response {
+    hpke_config_response(leader.hpke_config_list())
+}
+
+async fn helper_hpke_config(State(helper): State<Arc<Helper>>) -> Response {
+    hpke_config_response(helper.hpke_config_list())
+}
+
+async fn upload(
+    State(leader): State<Arc<Leader>>,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> HttpResult<StatusCode> {
+    require_media_type(&headers, media_type::REPORT)?;
+    leader.upload(parse_task_id(&task_id)?, &body).await?;
+    Ok(StatusCode::CREATED)
+}
+
+fn parse_collection_job(task_id: &str, job_id: &str) -> HttpResult<(TaskId, CollectionJobId)> {
+    let job: CollectionJobId = job_id
+        .parse()
+        .map_err(|_| invalid(format!("'{job_id}' is not a collection job ID")))?;
+    Ok((parse_task_id(task_id)?, job))
+}
+
+async fn create_collection_job(
+    State(leader): State<Arc<Leader>>,
+    Path((task_id, job_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> HttpResult<StatusCode> {
+    let (task_id, job_id) = parse_collection_job(&task_id, &job_id)?;
+    require_media_type(&headers, media_type::COLLECTION_REQ)?;
+    leader
+        .create_collection_job(task_id, job_id, auth(&headers), &body)
+        .await?;
+    Ok(StatusCode::CREATED)
+}
+
+async fn poll_collection_job(
+    State(leader): State<Arc<Leader>>,
+    Path((task_id, job_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> HttpResult<Response> {
+    let (task_id, job_id) = parse_collection_job(&task_id, &job_id)?;
+    Ok(
+        match leader
+            .poll_collection_job(task_id, job_id, auth(&headers))
+            .await?
+        {
+            None => StatusCode::NOT_FOUND.into_response(),
+            Some(PollResult::Pending) => StatusCode::ACCEPTED.into_response(),
+            Some(PollResult::Ready(c)) => {
+                message(StatusCode::OK, media_type::COLLECTION, c.get_encoded())
+            }
+            Some(PollResult::Deleted) => StatusCode::NO_CONTENT.into_response(),
+            Some(PollResult::Failed(reason)) => {
+                let doc = serde_json::json!({
+                    "type": "about:blank",
+                    "title": "The collection job failed",
+                    "status": 500,
+                    "detail": reason,
+                    "taskid": task_id.to_string(),
+                });
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [(header::CONTENT_TYPE, PROBLEM_JSON)],
+                    doc.to_string(),
+                )
+                    .into_response()
+            }
+        },
+    )
+}
+
+async fn delete_collection_job(
+    State(leader): State<Arc<Leader>>,
+    Path((task_id, job_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> HttpResult<StatusCode> {
+    let (task_id, job_id) = parse_collection_job(&task_id, &job_id)?;
+    Ok(
+        if leader
+            .delete_collection_job(task_id, job_id, auth(&headers))
+            .await?
+        {
+            StatusCode::NO_CONTENT
+        } else {
+            StatusCode::NOT_FOUND
+        },
+    )
+}
+
+fn parse_aggregation_job(task_id: &str, job_id: &str) -> HttpResult<(TaskId, AggregationJobId)> {
+    let job: AggregationJobId = job_id
+        .parse()
+        .map_err(|_| invalid(format!("'{job_id}' is not an aggregation job ID")))?;
+    Ok((parse_task_id(task_id)?, job))
+}
+
+async fn aggregation_job_init(
+    State(helper): State<Arc<Helper>>,
+    Path((task_id, job_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> HttpResult<Response> {
+    let (task_id, job_id) = parse_aggregation_job(&task_id, &job_id)?;
+    require_media_type(&headers, media_type::AGGREGATION_JOB_INIT_REQ)?;
+    let resp = helper
+        .aggregation_job_init(task_id, job_id, auth(&headers), &body)
+        .await?;
+    Ok(message(
+        StatusCode::CREATED,
+        media_type::AGGREGATION_JOB_RESP,
+        resp,
+    ))
+}
+
+async fn aggregation_job_continue(
+    State(helper): State<Arc<Helper>>,
+    Path((task_id, job_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> HttpResult<Response> {
+    let (task_id, job_id) = parse_aggregation_job(&task_id, &job_id)?;
+    require_media_type(&headers, media_type::AGGREGATION_JOB_CONTINUE_REQ)?;
+    let resp = helper
+        .aggregation_job_continue(task_id, job_id, auth(&headers), &body)
+        .await?;
+    Ok(message(
+        StatusCode::OK,
+        media_type::AGGREGATION_JOB_RESP,
+        resp,
+    ))
+}
+
+async fn aggregation_job_delete(
+    State(helper): State<Arc<Helper>>,
+    Path((task_id, job_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> HttpResult<StatusCode> {
+    let (task_id, _) = parse_aggregation_job(&task_id, &job_id)?;
+    helper
+        .aggregation_job_delete(task_id, auth(&headers))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn aggregate_share(
+    State(helper): State<Arc<Helper>>,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> HttpResult<Response> {
+    let task_id = parse_task_id(&task_id)?;
+    require_media_type(&headers, media_type::AGGREGATE_SHARE_REQ)?;
+    let resp = helper
+        .aggregate_share(task_id, auth(&headers), &body)
+        .await?;
+    Ok(message(StatusCode::OK, media_type::AGGREGATE_SHARE, resp))
+}

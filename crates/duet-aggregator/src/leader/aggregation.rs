@@ -1,0 +1,322 @@
+//! The aggregation job creator and driver.
+//!
+//! Prio3 prepares in one round: the driver decrypts and prepares the Leader's shares, sends one
+//! `AggregationJobInitReq`, finishes preparation with the Helper's answers and merges the output
+//! shares per bucket in one store transaction. The request is a pure function of the stored
+//! reports, so a retried job sends the same bytes and the Helper answers idempotently.
+
+use std::sync::Arc;
+
+use duet_core::hpke::{open, HpkeApplicationInfo, HpkeKeypair};
+use duet_core::vdaf::LeaderPrepState;
+use duet_messages::dap09::media_type;
+use duet_messages::dap09::{
+    AggregationJobInitReq, AggregationJobResp, InputShareAad, Interval, PartialBatchSelector,
+    PlaintextInputShare, PrepareInit, PrepareStepResult, Report, ReportId, ReportShare, Role, Time,
+};
+use duet_messages::{Decode, Encode};
+use duet_store::AcquiredAggregationJob;
+use tokio::sync::watch;
+
+use super::Leader;
+use crate::batch::{in_any, merger, BucketAccumulator};
+use crate::error::Error;
+use crate::peer::{self, PeerError};
+use crate::shared::{find_key, TaskEntry};
+
+/// Groups stored reports into aggregation jobs whenever reports arrive.
+pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Receiver<bool>) {
+    let cfg = &leader.shared.config;
+    loop {
+        tokio::select! {
+            _ = leader.wake_job_creator.notified() => {
+                // Let a burst of uploads land so jobs come out full.
+                tokio::time::sleep(std::time::Duration::from_millis(cfg.job_creation_delay_ms)).await;
+            }
+            _ = tokio::time::sleep(cfg.polling_interval()) => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = leader.shared.clock.now();
+        match leader
+            .shared
+            .store
+            .create_aggregation_jobs(cfg.max_aggregation_job_size, now)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::debug!(jobs = n, "created aggregation jobs");
+                leader.wake_aggregation.notify_one();
+            }
+            Err(e) => tracing::error!(error = %e, "creating aggregation jobs failed"),
+        }
+    }
+}
+
+/// Leases and runs aggregation jobs whenever jobs are created.
+pub(super) async fn run_aggregation_driver(
+    leader: Arc<Leader>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = leader.shared.config.clone();
+    loop {
+        let now = leader.shared.clock.now();
+        let jobs = match leader
+            .shared
+            .store
+            .acquire_aggregation_jobs(now, cfg.lease_duration_s, cfg.max_concurrent_jobs.max(1))
+            .await
+        {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::error!(error = %e, "acquiring aggregation jobs failed");
+                Vec::new()
+            }
+        };
+        let full = jobs.len() >= cfg.max_concurrent_jobs.max(1);
+        let mut set = tokio::task::JoinSet::new();
+        for job in jobs {
+            let leader = Arc::clone(&leader);
+            set.spawn(async move { step_job(&leader, job).await });
+        }
+        while set.join_next().await.is_some() {}
+        if full {
+            continue;
+        }
+        tokio::select! {
+            _ = leader.wake_aggregation.notified() => {}
+            _ = tokio::time::sleep(cfg.polling_interval()) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn step_job(leader: &Leader, job: AcquiredAggregationJob) {
+    let store = &leader.shared.store;
+    let result = run_job(leader, &job).await;
+    let outcome = match result {
+        Ok(()) => {
+            leader.wake_collection.notify_one();
+            return;
+        }
+        Err(JobFailure::Retry(reason))
+            if job.lease.attempts < leader.shared.config.max_job_attempts =>
+        {
+            let backoff = 1u64 << job.lease.attempts.min(6);
+            tracing::warn!(job = %job.job_id, %reason, attempt = job.lease.attempts, "aggregation job will be retried");
+            let retry_at = Time(leader.shared.clock.now().0 + backoff);
+            store.release_aggregation_job(&job, retry_at).await
+        }
+        Err(JobFailure::Retry(reason)) | Err(JobFailure::Abandon(reason)) => {
+            tracing::error!(job = %job.job_id, %reason, "abandoning aggregation job");
+            store.abandon_aggregation_job(&job).await
+        }
+    };
+    if let Err(e) = outcome {
+        tracing::error!(job = %job.job_id, error = %e, "recording an aggregation job's failure failed");
+    }
+    leader.wake_collection.notify_one();
+}
+
+enum JobFailure {
+    Retry(String),
+    Abandon(String),
+}
+
+impl From<Error> for JobFailure {
+    fn from(e: Error) -> Self {
+        JobFailure::Retry(e.to_string())
+    }
+}
+
+/// One report after the Leader's first preparation step.
+struct Initialized {
+    report_id: ReportId,
+    time: Time,
+    state: LeaderPrepState,
+}
+
+async fn run_job(leader: &Leader, job: &AcquiredAggregationJob) -> Result<(), JobFailure> {
+    let shared = &leader.shared;
+    let Some(entry) = shared.task(&job.task_id).await? else {
+        return Err(JobFailure::Abandon("the task no longer exists".into()));
+    };
+    let keys = shared.keys();
+    let collected = leader.collected_intervals(&job.task_id).await?;
+    let now = shared.clock.now();
+
+    let (initialized, prepare_inits) = {
+        let entry = Arc::clone(&entry);
+        let reports = job.reports.clone();
+        tokio::task::spawn_blocking(move || {
+            leader_init_all(&entry, &keys, &collected, &reports, now)
+        })
+        .await
+        .map_err(|e| JobFailure::Retry(format!("preparation task failed: {e}")))?
+    };
+
+    let mut deltas = Vec::new();
+    if !prepare_inits.is_empty() {
+        let task = &entry.task;
+        let req = AggregationJobInitReq {
+            aggregation_parameter: Vec::new(),
+            partial_batch_selector: PartialBatchSelector::TimeInterval,
+            prepare_inits,
+        };
+        let url = task
+            .helper_endpoint
+            .join(&format!(
+                "tasks/{}/aggregation_jobs/{}",
+                task.id, job.job_id
+            ))
+            .map_err(|e| JobFailure::Abandon(format!("bad Helper URL: {e}")))?;
+        let body = peer::send(
+            &leader.http,
+            reqwest::Method::PUT,
+            url,
+            media_type::AGGREGATION_JOB_INIT_REQ,
+            req.get_encoded(),
+            &task.aggregator_auth_token,
+        )
+        .await
+        .map_err(|e| match e {
+            PeerError::Transient(m) => JobFailure::Retry(m),
+            e @ PeerError::Rejected { .. } => JobFailure::Abandon(e.to_string()),
+        })?;
+        let resp = AggregationJobResp::get_decoded(&body)
+            .map_err(|e| JobFailure::Abandon(format!("the Helper's response is malformed: {e}")))?;
+        if resp.prepare_resps.len() != initialized.len()
+            || resp
+                .prepare_resps
+                .iter()
+                .zip(&initialized)
+                .any(|(r, i)| r.report_id != i.report_id)
+        {
+            return Err(JobFailure::Abandon(
+                "the Helper answered for different reports".into(),
+            ));
+        }
+        let entry = Arc::clone(&entry);
+        let task_id = job.task_id;
+        deltas = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+            let mut acc = BucketAccumulator::new(&entry.vdaf, entry.task.time_precision);
+            for (init, resp) in initialized.into_iter().zip(resp.prepare_resps) {
+                match resp.result {
+                    PrepareStepResult::Continue { message } => {
+                        match entry.vdaf.leader_continued(init.state, &message) {
+                            Ok(out) => acc.add(init.time, &init.report_id, &out)?,
+                            Err(e) => tracing::debug!(report = %init.report_id, error = %e, "report failed preparation"),
+                        }
+                    }
+                    PrepareStepResult::Finished => {
+                        tracing::warn!(report = %init.report_id, "Helper finished without a message; report dropped")
+                    }
+                    PrepareStepResult::Reject(err) => {
+                        tracing::debug!(report = %init.report_id, ?err, "Helper rejected report")
+                    }
+                }
+            }
+            Ok(acc.into_deltas(task_id)?)
+        })
+        .await
+        .map_err(|e| JobFailure::Retry(format!("accumulation task failed: {e}")))??;
+    }
+    let merge = merger(&entry.vdaf);
+    shared
+        .store
+        .finish_aggregation_job(job, &deltas, &merge)
+        .await
+        .map_err(|e| match e {
+            duet_store::StoreError::LeaseLost => JobFailure::Abandon("lease lost".into()),
+            e => JobFailure::Retry(e.to_string()),
+        })?;
+    Ok(())
+}
+
+/// Decrypts and prepares the Leader's share of every report; reports that fail are dropped here
+/// (the Helper never hears of them).
+fn leader_init_all(
+    entry: &TaskEntry,
+    keys: &[HpkeKeypair],
+    collected: &[Interval],
+    reports: &[duet_store::JobReport],
+    now: Time,
+) -> (Vec<Initialized>, Vec<PrepareInit>) {
+    let task = &entry.task;
+    let info = HpkeApplicationInfo::InputShare {
+        server: Role::Leader,
+    };
+    let mut initialized = Vec::with_capacity(reports.len());
+    let mut inits = Vec::with_capacity(reports.len());
+    for stored in reports {
+        let drop = |why: &str| tracing::debug!(report = %stored.report_id, why, "report dropped");
+        let Ok(report) = Report::get_decoded(&stored.encoded) else {
+            drop("stored report does not decode");
+            continue;
+        };
+        if in_any(collected, report.metadata.time) {
+            drop("batch already collected");
+            continue;
+        }
+        if task
+            .task_expiration
+            .is_some_and(|e| report.metadata.time.0 > e.0)
+        {
+            drop("task expired");
+            continue;
+        }
+        if report.metadata.time.0 > now.0.saturating_add(task.tolerable_clock_skew.0) {
+            drop("too early");
+            continue;
+        }
+        let Some(key) = find_key(keys, report.leader_encrypted_input_share.config_id) else {
+            drop("unknown HPKE config");
+            continue;
+        };
+        let aad = InputShareAad {
+            task_id: task.id,
+            metadata: report.metadata.clone(),
+            public_share: report.public_share.clone(),
+        }
+        .get_encoded();
+        let Ok(plaintext) = open(key, &info, &report.leader_encrypted_input_share, &aad) else {
+            drop("HPKE decryption failed");
+            continue;
+        };
+        let Ok(share) = PlaintextInputShare::get_decoded(&plaintext) else {
+            drop("plaintext input share does not decode");
+            continue;
+        };
+        if !share.extensions.is_empty() {
+            // Duet's tasks define no extensions; taskprov is not enabled.
+            drop("unexpected extension");
+            continue;
+        }
+        let (state, message) = match entry.vdaf.leader_init(
+            &task.vdaf_verify_key,
+            &report.metadata.id,
+            &report.public_share,
+            &share.payload,
+        ) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(report = %stored.report_id, error = %e, "leader preparation failed");
+                continue;
+            }
+        };
+        initialized.push(Initialized {
+            report_id: report.metadata.id,
+            time: report.metadata.time,
+            state,
+        });
+        inits.push(PrepareInit {
+            report_share: ReportShare {
+                metadata: report.metadata,
+                public_share: report.public_share,
+                encrypted_input_share: report.helper_encrypted_input_share,
+            },
+            message,
+        });
+    }
+    (initialized, inits)
+}

@@ -1,0 +1,117 @@
+//! The Leader: takes uploads, drives aggregation jobs with the Helper and runs collection jobs.
+
+mod aggregation;
+mod collection;
+mod upload;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use duet_core::Clock;
+use duet_messages::dap09::{Interval, TaskId};
+use duet_store::Datastore;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::config::AggregatorConfig;
+use crate::error::Error;
+use crate::shared::Shared;
+
+pub use collection::PollResult;
+
+/// The Leader role of one process.
+pub struct Leader {
+    pub(crate) shared: Shared,
+    pub(crate) http: reqwest::Client,
+    upload_tx: mpsc::Sender<upload::PendingUpload>,
+    upload_rx: std::sync::Mutex<Option<mpsc::Receiver<upload::PendingUpload>>>,
+    /// Woken when reports are stored.
+    pub(crate) wake_job_creator: Notify,
+    /// Woken when aggregation jobs are created.
+    pub(crate) wake_aggregation: Notify,
+    /// Woken when reports are aggregated or collection jobs created.
+    pub(crate) wake_collection: Notify,
+    collected: RwLock<HashMap<TaskId, Arc<Vec<Interval>>>>,
+}
+
+impl Leader {
+    /// A Leader over `store`.
+    pub async fn new(
+        store: Arc<dyn Datastore>,
+        clock: Arc<dyn Clock>,
+        config: AggregatorConfig,
+        http: reqwest::Client,
+    ) -> Result<Arc<Self>, Error> {
+        let (upload_tx, upload_rx) = mpsc::channel(config.upload_queue_capacity.max(1));
+        let shared = Shared::new(store, clock, config).await?;
+        Ok(Arc::new(Self {
+            shared,
+            http,
+            upload_tx,
+            upload_rx: std::sync::Mutex::new(Some(upload_rx)),
+            wake_job_creator: Notify::new(),
+            wake_aggregation: Notify::new(),
+            wake_collection: Notify::new(),
+            collected: RwLock::new(HashMap::new()),
+        }))
+    }
+
+    /// Starts the Leader's background tasks (report writer, job creator, aggregation and
+    /// collection drivers); they stop when `shutdown` turns true.
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut handles = Vec::new();
+        if let Some(rx) = self.upload_rx.lock().ok().and_then(|mut g| g.take()) {
+            handles.push(tokio::spawn(upload::run_report_writer(
+                Arc::clone(self),
+                rx,
+                shutdown.clone(),
+            )));
+        }
+        handles.push(tokio::spawn(aggregation::run_job_creator(
+            Arc::clone(self),
+            shutdown.clone(),
+        )));
+        handles.push(tokio::spawn(aggregation::run_aggregation_driver(
+            Arc::clone(self),
+            shutdown.clone(),
+        )));
+        handles.push(tokio::spawn(collection::run_collection_driver(
+            Arc::clone(self),
+            shutdown,
+        )));
+        handles
+    }
+
+    /// The HPKE configs this Leader publishes.
+    pub fn hpke_config_list(&self) -> duet_messages::dap09::HpkeConfigList {
+        self.shared.hpke_config_list()
+    }
+
+    /// Intervals already collected for a task (cached; refreshed when a collection finishes).
+    pub(crate) async fn collected_intervals(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<Arc<Vec<Interval>>, Error> {
+        if let Some(c) = self
+            .collected
+            .read()
+            .ok()
+            .and_then(|m| m.get(task_id).cloned())
+        {
+            return Ok(c);
+        }
+        let c = Arc::new(self.shared.store.collected_intervals(task_id).await?);
+        if let Ok(mut m) = self.collected.write() {
+            m.insert(*task_id, Arc::clone(&c));
+        }
+        Ok(c)
+    }
+
+    pub(crate) fn invalidate_collected(&self, task_id: &TaskId) {
+        if let Ok(mut m) = self.collected.write() {
+            m.remove(task_id);
+        }
+    }
+}

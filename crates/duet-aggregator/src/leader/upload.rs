@@ -1,0 +1,133 @@
+//! Upload: strict checks, then a batching writer that stores many reports per transaction.
+
+use std::sync::Arc;
+
+use duet_messages::dap09::{Report, TaskId};
+use duet_messages::problem::DapProblemType;
+use duet_messages::Decode;
+use duet_store::NewReport;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::Leader;
+use crate::batch::in_any;
+use crate::error::Error;
+use crate::shared::find_key;
+
+pub(crate) struct PendingUpload {
+    report: NewReport,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+impl Leader {
+    /// Handles `PUT /tasks/{task_id}/reports`: validates the report and stores it durably before
+    /// returning.
+    pub async fn upload(&self, task_id: TaskId, body: &[u8]) -> Result<(), Error> {
+        let entry = self.shared.require_task(&task_id).await?;
+        let task = &entry.task;
+        let report = Report::get_decoded(body).map_err(|e| {
+            Error::abort(
+                DapProblemType::InvalidMessage,
+                Some(task_id),
+                format!("malformed report: {e}"),
+            )
+        })?;
+        let keys = self.shared.keys();
+        if find_key(&keys, report.leader_encrypted_input_share.config_id).is_none() {
+            return Err(Error::abort(
+                DapProblemType::OutdatedConfig,
+                Some(task_id),
+                format!(
+                    "unknown HPKE config ID {}",
+                    report.leader_encrypted_input_share.config_id.0
+                ),
+            ));
+        }
+        let now = self.shared.clock.now();
+        let t = report.metadata.time;
+        if t.0 > now.0.saturating_add(task.tolerable_clock_skew.0) {
+            return Err(Error::abort(
+                DapProblemType::ReportTooEarly,
+                Some(task_id),
+                "report timestamp is too far in the future",
+            ));
+        }
+        if task.task_expiration.is_some_and(|exp| t.0 > exp.0) {
+            return Err(Error::abort(
+                DapProblemType::ReportRejected,
+                Some(task_id),
+                "the task has expired",
+            ));
+        }
+        if task
+            .report_expiry_age
+            .is_some_and(|age| t.0.saturating_add(age.0) < now.0)
+        {
+            return Err(Error::abort(
+                DapProblemType::ReportRejected,
+                Some(task_id),
+                "report is too old",
+            ));
+        }
+        if in_any(&self.collected_intervals(&task_id).await?, t) {
+            return Err(Error::abort(
+                DapProblemType::ReportRejected,
+                Some(task_id),
+                "the report's batch has already been collected",
+            ));
+        }
+        let (done, wait) = oneshot::channel();
+        let pending = PendingUpload {
+            report: NewReport {
+                task_id,
+                report_id: report.metadata.id,
+                time: t,
+                encoded: body.to_vec(),
+            },
+            done,
+        };
+        self.upload_tx.try_send(pending).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => {
+                Error::Internal("the report writer has stopped".into())
+            }
+        })?;
+        wait.await
+            .map_err(|_| Error::Internal("the report writer has stopped".into()))?
+            .map_err(Error::Internal)
+    }
+}
+
+/// Drains the upload queue, writing up to `upload_batch_size` reports per transaction.
+/// On shutdown it stops taking new uploads and writes the ones already queued.
+pub(super) async fn run_report_writer(
+    leader: Arc<Leader>,
+    mut rx: mpsc::Receiver<PendingUpload>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let max = leader.shared.config.upload_batch_size.max(1);
+    let mut batch: Vec<PendingUpload> = Vec::with_capacity(max);
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, max) => n,
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                rx.close();
+                rx.recv_many(&mut batch, max).await
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        let (reports, waiters): (Vec<NewReport>, Vec<_>) =
+            batch.drain(..).map(|p| (p.report, p.done)).unzip();
+        let result = leader.shared.store.put_reports(&reports).await;
+        let outcome = result.map(|_| ()).map_err(|e| {
+            tracing::error!(error = %e, "storing uploaded reports failed");
+            e.to_string()
+        });
+        for done in waiters {
+            // A client that went away doesn't need an answer.
+            let _ = done.send(outcome.clone());
+        }
+        leader.wake_job_creator.notify_one();
+    }
+}

@@ -1,0 +1,23 @@
+//! The DAP-09 Leader and Helper: protocol logic, job drivers and the HTTP layer.
+//!
+//! The protocol core (`leader`, `helper`) takes decoded requests, a [`Datastore`] and a
+//! [`Clock`]; the `http` module is the only one that knows axum. A process may run the Leader,
+//! the Helper or both; see [`server::run`].
+#![forbid(unsafe_code)]
+
+pub mod batch;
+pub mod config;
+pub mod error;
+pub mod helper;
+pub mod http;
+pub mod leader;
+mod peer;
+pub mod server;
+mod shared;
+
+pub use config::AggregatorConfig;
+pub use error::Error;
+pub use server::{run, Roles};
+
+pub use duet_core::Clock;
+pub use duet_store::Datastore;

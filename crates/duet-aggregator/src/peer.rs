@@ -1,0 +1,57 @@
+//! Requests from the Leader to the Helper.
+
+use duet_core::AuthenticationToken;
+
+/// Why a request to the peer failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PeerError {
+    /// Worth retrying: the network failed, or the peer is overloaded or broken (5xx, 429).
+    #[error("{0}")]
+    Transient(String),
+    /// The peer refused the request (4xx); retrying the same request won't help.
+    #[error("the Helper refused the request with status {status}: {detail}")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// The problem type or body text.
+        detail: String,
+    },
+}
+
+/// Sends one request and returns the successful response body.
+pub(crate) async fn send(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: url::Url,
+    media_type: &str,
+    body: Vec<u8>,
+    token: &AuthenticationToken,
+) -> Result<bytes::Bytes, PeerError> {
+    let (name, value) = token.request_header();
+    let resp = http
+        .request(method, url.clone())
+        .header(reqwest::header::CONTENT_TYPE, media_type)
+        .header(name, value)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| PeerError::Transient(format!("request to {url} failed: {e}")))?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|e| {
+        PeerError::Transient(format!("reading the response from {url} failed: {e}"))
+    })?;
+    if status.is_success() {
+        return Ok(bytes);
+    }
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(1024)]).into_owned();
+    if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        Err(PeerError::Transient(format!(
+            "{url} answered {status}: {text}"
+        )))
+    } else {
+        Err(PeerError::Rejected {
+            status: status.as_u16(),
+            detail: text,
+        })
+    }
+}

@@ -1,0 +1,149 @@
+//! Wiring: one HTTP listener serving the Leader, the Helper or both, with their background jobs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::Router;
+use duet_core::Clock;
+use duet_store::Datastore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::AggregatorConfig;
+use crate::error::Error;
+use crate::helper::Helper;
+use crate::http::{helper_router, leader_router};
+use crate::leader::Leader;
+
+/// One role to serve: its store and the path it is mounted under (`""` for the root, or e.g.
+/// `"/leader"`).
+pub struct RoleConfig {
+    /// The role's datastore handle.
+    pub store: Arc<dyn Datastore>,
+    /// Path prefix of the role's DAP endpoints.
+    pub path_prefix: String,
+}
+
+/// Which roles a process serves.
+#[derive(Default)]
+pub struct Roles {
+    /// The Leader, if served.
+    pub leader: Option<RoleConfig>,
+    /// The Helper, if served.
+    pub helper: Option<RoleConfig>,
+}
+
+/// A running aggregator server.
+pub struct RunningServer {
+    /// The address it listens on.
+    pub local_addr: SocketAddr,
+    /// The Leader, if served (for in-process inspection).
+    pub leader: Option<Arc<Leader>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting requests, stops the background jobs, and waits for both.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.server
+            .await
+            .map_err(|e| Error::Internal(format!("server task failed: {e}")))?
+            .map_err(|e| Error::Internal(format!("server failed: {e}")))
+    }
+
+    /// Resolves when the server stops by itself (it normally doesn't).
+    pub async fn wait(&mut self) -> Result<(), Error> {
+        (&mut self.server)
+            .await
+            .map_err(|e| Error::Internal(format!("server task failed: {e}")))?
+            .map_err(|e| Error::Internal(format!("server failed: {e}")))
+    }
+}
+
+fn mount(router: Router, prefix: &str, sub: Router) -> Router {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        router.merge(sub)
+    } else {
+        router.nest(prefix, sub)
+    }
+}
+
+/// Starts serving on `listener` in the background.
+pub async fn run(
+    listener: TcpListener,
+    roles: Roles,
+    config: AggregatorConfig,
+    clock: Arc<dyn Clock>,
+) -> Result<RunningServer, Error> {
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut router = Router::new();
+    let mut tasks = Vec::new();
+    let mut health_stores: Vec<Arc<dyn Datastore>> = Vec::new();
+    let mut leader_handle = None;
+    if let Some(rc) = roles.leader {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;
+        let leader = Leader::new(
+            Arc::clone(&rc.store),
+            Arc::clone(&clock),
+            config.clone(),
+            http,
+        )
+        .await?;
+        tasks.extend(leader.spawn_background(shutdown_rx.clone()));
+        router = mount(router, &rc.path_prefix, leader_router(Arc::clone(&leader)));
+        health_stores.push(rc.store);
+        leader_handle = Some(leader);
+    }
+    if let Some(rc) = roles.helper {
+        let helper = Helper::new(Arc::clone(&rc.store), Arc::clone(&clock), config.clone()).await?;
+        router = mount(router, &rc.path_prefix, helper_router(helper));
+        health_stores.push(rc.store);
+    }
+    let router = router.route(
+        "/healthz",
+        get(move || {
+            let stores = health_stores.clone();
+            async move {
+                for s in &stores {
+                    if let Err(e) = s.health_check().await {
+                        return (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            format!("database: {e}"),
+                        );
+                    }
+                }
+                (axum::http::StatusCode::OK, "ok".to_string())
+            }
+        }),
+    );
+    let mut rx = shutdown_rx;
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|v| *v).await;
+            })
+            .await
+    });
+    Ok(RunningServer {
+        local_addr,
+        leader: leader_handle,
+        shutdown,
+        tasks,
+        server,
+    })
+}

@@ -1,0 +1,387 @@
+//! The DAP-09 client: turns a measurement into a report (shard, encrypt) and uploads it to the
+//! Leader.
+//!
+//! A [`Client`] fetches both aggregators' HPKE configurations once, when it is built, and keeps
+//! them; when the Leader answers an upload with `outdatedConfig` it fetches them again and retries
+//! that upload once. A client is `Send + Sync`, so one instance behind an `Arc` can upload
+//! concurrently.
+#![forbid(unsafe_code)]
+
+mod error;
+
+use std::sync::{PoisonError, RwLock};
+
+use duet_core::hpke::{check_suite, seal, HpkeApplicationInfo};
+use duet_core::vdaf::Vdaf;
+use duet_core::{Clock, Measurement, RealClock, VdafInstance};
+use duet_messages::dap09::{
+    media_type, Duration, HpkeConfig, HpkeConfigList, InputShareAad, PlaintextInputShare, Report,
+    ReportId, ReportMetadata, Role, TaskId, Time,
+};
+use duet_messages::problem::DapProblemType;
+use duet_messages::{Decode, Encode};
+
+pub use error::ClientError;
+
+/// What a client must know about a task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientParameters {
+    /// The task the reports are for.
+    pub task_id: TaskId,
+    /// The Leader's DAP endpoint; a missing trailing `/` is added.
+    pub leader_endpoint: url::Url,
+    /// The Helper's DAP endpoint; a missing trailing `/` is added.
+    pub helper_endpoint: url::Url,
+    /// Report timestamps are rounded down to a multiple of this.
+    pub time_precision: Duration,
+}
+
+/// The HPKE configurations a client encrypts to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct HpkeConfigs {
+    leader: HpkeConfig,
+    helper: HpkeConfig,
+}
+
+/// A DAP client for one task.
+#[derive(Debug)]
+pub struct Client<C: Clock = RealClock> {
+    params: ClientParameters,
+    vdaf: Vdaf,
+    http: reqwest::Client,
+    clock: C,
+    // Replaced when the Leader says `outdatedConfig`; readers clone out and never hold the lock
+    // across an await.
+    hpke_configs: RwLock<HpkeConfigs>,
+}
+
+impl Client {
+    /// Fetches both aggregators' HPKE configs and builds a client on the system clock.
+    pub async fn new(
+        params: ClientParameters,
+        vdaf: VdafInstance,
+        http: reqwest::Client,
+    ) -> Result<Client, ClientError> {
+        Self::with_clock(params, vdaf, http, RealClock).await
+    }
+}
+
+impl<C: Clock> Client<C> {
+    /// Fetches both aggregators' HPKE configs and builds a client on the given clock.
+    pub async fn with_clock(
+        params: ClientParameters,
+        vdaf: VdafInstance,
+        http: reqwest::Client,
+        clock: C,
+    ) -> Result<Self, ClientError> {
+        let params = normalize(params);
+        let vdaf = instantiate(&vdaf)?;
+        let configs = fetch_hpke_configs(&http, &params).await?;
+        Ok(Self {
+            params,
+            vdaf,
+            http,
+            clock,
+            hpke_configs: RwLock::new(configs),
+        })
+    }
+
+    /// Builds a client that encrypts to configs the caller already has, without any request.
+    ///
+    /// Each config must use a supported suite. `upload` still refetches both on `outdatedConfig`.
+    pub fn with_hpke_configs(
+        params: ClientParameters,
+        vdaf: VdafInstance,
+        http: reqwest::Client,
+        clock: C,
+        leader_hpke_config: HpkeConfig,
+        helper_hpke_config: HpkeConfig,
+    ) -> Result<Self, ClientError> {
+        let params = normalize(params);
+        let vdaf = instantiate(&vdaf)?;
+        for (who, config) in [
+            (
+                describe(Role::Leader, &params.leader_endpoint),
+                &leader_hpke_config,
+            ),
+            (
+                describe(Role::Helper, &params.helper_endpoint),
+                &helper_hpke_config,
+            ),
+        ] {
+            check_suite(config).map_err(|_| ClientError::NoSupportedHpkeConfig {
+                aggregator: who,
+                offered: describe_suites(std::slice::from_ref(config)),
+            })?;
+        }
+        let configs = HpkeConfigs {
+            leader: leader_hpke_config,
+            helper: helper_hpke_config,
+        };
+        Ok(Self {
+            params,
+            vdaf,
+            http,
+            clock,
+            hpke_configs: RwLock::new(configs),
+        })
+    }
+
+    /// The task parameters (endpoints normalized to end in `/`).
+    pub fn parameters(&self) -> &ClientParameters {
+        &self.params
+    }
+
+    /// The HPKE configs currently in use, Leader's first.
+    pub fn hpke_configs(&self) -> (HpkeConfig, HpkeConfig) {
+        let configs = self
+            .hpke_configs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        (configs.leader.clone(), configs.helper.clone())
+    }
+
+    /// Fetches both aggregators' HPKE configs again and uses them from now on.
+    pub async fn refresh_hpke_configs(&self) -> Result<(), ClientError> {
+        let fresh = fetch_hpke_configs(&self.http, &self.params).await?;
+        // The lock only guards a plain value, so a writer that panicked left nothing half-done.
+        *self
+            .hpke_configs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+
+    /// Shards and encrypts; time = clock.now() rounded down to time_precision; fresh random ReportId.
+    pub fn prepare_report(&self, measurement: &Measurement) -> Result<Report, ClientError> {
+        self.prepare_report_at(measurement, self.clock.now())
+    }
+
+    /// Shards and encrypts with the given time (rounded down to time_precision); fresh random ReportId.
+    pub fn prepare_report_at(
+        &self,
+        measurement: &Measurement,
+        time: Time,
+    ) -> Result<Report, ClientError> {
+        let configs = self.hpke_configs();
+        prepare_report(
+            &self.vdaf,
+            &self.params.task_id,
+            &configs.0,
+            &configs.1,
+            measurement,
+            ReportMetadata {
+                id: ReportId::random(),
+                time: time.round_down(self.params.time_precision),
+            },
+        )
+    }
+
+    /// Prepares and uploads one report; on `outdatedConfig`, refetches the HPKE configs and retries once.
+    pub async fn upload(&self, measurement: &Measurement) -> Result<(), ClientError> {
+        let report = self.prepare_report(measurement)?;
+        match self.upload_report(&report).await {
+            Err(e) if e.problem_type() == Some(DapProblemType::OutdatedConfig) => {
+                tracing::debug!(error = %e, "HPKE config outdated; refetching and retrying once");
+                self.refresh_hpke_configs().await?;
+                let report = self.prepare_report(measurement)?;
+                self.upload_report(&report).await
+            }
+            other => other,
+        }
+    }
+
+    /// Uploads a prepared report (`PUT {leader}tasks/{task_id}/reports`); any 2xx is success.
+    pub async fn upload_report(&self, report: &Report) -> Result<(), ClientError> {
+        let leader = describe(Role::Leader, &self.params.leader_endpoint);
+        let url = join(
+            &self.params.leader_endpoint,
+            &format!("tasks/{}/reports", self.params.task_id),
+        )?;
+        let response = self
+            .http
+            .put(url)
+            .header(reqwest::header::CONTENT_TYPE, media_type::REPORT)
+            .body(report.get_encoded())
+            .send()
+            .await
+            .map_err(|e| ClientError::Http {
+                action: format!("upload the report to {leader}"),
+                message: error_chain(&e),
+            })?;
+        if response.status().is_success() {
+            return Ok(());
+        }
+        Err(error::error_from_response(response, format!("{leader} rejected the report")).await)
+    }
+}
+
+/// Shards a measurement and seals each input share to its aggregator, with the given metadata.
+fn prepare_report(
+    vdaf: &Vdaf,
+    task_id: &TaskId,
+    leader_config: &HpkeConfig,
+    helper_config: &HpkeConfig,
+    measurement: &Measurement,
+    metadata: ReportMetadata,
+) -> Result<Report, ClientError> {
+    let (public_share, leader_share, helper_share) = vdaf
+        .shard(measurement, &metadata.id)
+        .map_err(|e| ClientError::Vdaf(e.to_string()))?;
+    let aad = InputShareAad {
+        task_id: *task_id,
+        metadata,
+        public_share: public_share.clone(),
+    }
+    .get_encoded();
+    let seal_to = |config: &HpkeConfig, server: Role, payload: Vec<u8>| {
+        let plaintext = PlaintextInputShare {
+            extensions: vec![],
+            payload,
+        }
+        .get_encoded();
+        seal(
+            config,
+            &HpkeApplicationInfo::InputShare { server },
+            &plaintext,
+            &aad,
+        )
+        .map_err(|e| {
+            ClientError::Hpke(format!(
+                "could not encrypt the {}'s input share: {e}",
+                role_name(server)
+            ))
+        })
+    };
+    let leader_encrypted_input_share = seal_to(leader_config, Role::Leader, leader_share)?;
+    let helper_encrypted_input_share = seal_to(helper_config, Role::Helper, helper_share)?;
+    Ok(Report {
+        metadata,
+        public_share,
+        leader_encrypted_input_share,
+        helper_encrypted_input_share,
+    })
+}
+
+fn instantiate(vdaf: &VdafInstance) -> Result<Vdaf, ClientError> {
+    vdaf.instantiate()
+        .map_err(|e| ClientError::Vdaf(e.to_string()))
+}
+
+/// Gives each endpoint a trailing `/`, so that relative paths join beneath it.
+fn normalize(mut params: ClientParameters) -> ClientParameters {
+    for url in [&mut params.leader_endpoint, &mut params.helper_endpoint] {
+        if !url.path().ends_with('/') {
+            let path = format!("{}/", url.path());
+            url.set_path(&path);
+        }
+    }
+    params
+}
+
+fn join(base: &url::Url, path: &str) -> Result<url::Url, ClientError> {
+    base.join(path).map_err(|e| ClientError::Http {
+        action: format!("build a request URL from {base} and {path}"),
+        message: e.to_string(),
+    })
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Leader => "Leader",
+        Role::Helper => "Helper",
+        Role::Client => "Client",
+        Role::Collector => "Collector",
+    }
+}
+
+/// "the Leader at http://…", for error messages.
+fn describe(role: Role, endpoint: &url::Url) -> String {
+    format!("the {} at {endpoint}", role_name(role))
+}
+
+fn describe_suites(configs: &[HpkeConfig]) -> String {
+    let suites: Vec<String> = configs
+        .iter()
+        .map(|c| {
+            format!(
+                "id {}: {:#06x}/{:#06x}/{:#06x}",
+                c.id, c.kem_id.0, c.kdf_id.0, c.aead_id.0
+            )
+        })
+        .collect();
+    if suites.is_empty() {
+        "none".to_owned()
+    } else {
+        suites.join(", ")
+    }
+}
+
+/// A reqwest error with its sources, which carry the useful part ("connection refused").
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+async fn fetch_hpke_configs(
+    http: &reqwest::Client,
+    params: &ClientParameters,
+) -> Result<HpkeConfigs, ClientError> {
+    let leader = fetch_hpke_config(http, &params.task_id, Role::Leader, &params.leader_endpoint);
+    let helper = fetch_hpke_config(http, &params.task_id, Role::Helper, &params.helper_endpoint);
+    let (leader, helper) = tokio::join!(leader, helper);
+    Ok(HpkeConfigs {
+        leader: leader?,
+        helper: helper?,
+    })
+}
+
+/// `GET {endpoint}hpke_config?task_id=…`; returns the first config with a supported suite.
+async fn fetch_hpke_config(
+    http: &reqwest::Client,
+    task_id: &TaskId,
+    role: Role,
+    endpoint: &url::Url,
+) -> Result<HpkeConfig, ClientError> {
+    let who = describe(role, endpoint);
+    let mut url = join(endpoint, "hpke_config")?;
+    url.query_pairs_mut()
+        .append_pair("task_id", &task_id.to_string());
+    let http_error = |e: reqwest::Error| ClientError::Http {
+        action: format!("fetch the HPKE configuration of {who}"),
+        message: error_chain(&e),
+    };
+    let response = http.get(url).send().await.map_err(http_error)?;
+    if !response.status().is_success() {
+        let context = format!("{who} refused the HPKE configuration request");
+        return Err(error::error_from_response(response, context).await);
+    }
+    let body = response.bytes().await.map_err(http_error)?;
+    let list = HpkeConfigList::get_decoded(&body).map_err(|e| {
+        ClientError::Codec(format!(
+            "the HPKE configuration list from {who} is malformed: {e}"
+        ))
+    })?;
+    pick_config(&who, list)
+}
+
+/// The first config (the server's preferred order) whose suite Duet supports.
+fn pick_config(who: &str, list: HpkeConfigList) -> Result<HpkeConfig, ClientError> {
+    let offered = describe_suites(&list.0);
+    list.0
+        .into_iter()
+        .find(|c| check_suite(c).is_ok())
+        .ok_or_else(|| ClientError::NoSupportedHpkeConfig {
+            aggregator: who.to_owned(),
+            offered,
+        })
+}
+
+#[cfg(test)]
+mod tests;

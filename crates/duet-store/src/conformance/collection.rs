@@ -1,0 +1,278 @@
+//! Checks of the Leader's collection jobs.
+
+use duet_messages::dap09::{Collection, CollectionJobId, PartialBatchSelector, TaskId, Time};
+
+use super::{ciphertext, interval, task, PRECISION, T0};
+use crate::{AcquiredCollectionJob, CollectionJob, CollectionJobState, Datastore, StoreError};
+
+/// Leases collection jobs at `now` and keeps those of `task_id`.
+async fn acquire(store: &dyn Datastore, task_id: TaskId, now: u64) -> Vec<AcquiredCollectionJob> {
+    store
+        .acquire_collection_jobs(Time(now), 100, 10)
+        .await
+        .expect("acquire_collection_jobs")
+        .into_iter()
+        .filter(|j| j.job.task_id == task_id)
+        .collect()
+}
+
+fn new_job(task_id: TaskId, start: u64) -> CollectionJob {
+    CollectionJob {
+        task_id,
+        id: CollectionJobId::random(),
+        batch_interval: interval(start, PRECISION),
+        aggregation_parameter: Vec::new(),
+        state: CollectionJobState::Start,
+    }
+}
+
+/// Collection jobs: identical re-put, conflicting put, leases, finish and abandon, delete, and
+/// the collected intervals they leave.
+pub async fn check_collection_jobs(leader: &dyn Datastore) {
+    let t = task(TaskId::random());
+    leader.put_task(&t).await.expect("put_task");
+    let job = new_job(t.id, T0);
+    assert_eq!(
+        leader
+            .get_collection_job(&t.id, &job.id)
+            .await
+            .expect("get"),
+        None
+    );
+    leader
+        .put_collection_job(&job)
+        .await
+        .expect("put_collection_job");
+    leader
+        .put_collection_job(&job)
+        .await
+        .expect("identical re-put");
+    let mut different = job.clone();
+    different.batch_interval = interval(T0 + PRECISION, PRECISION);
+    assert!(matches!(
+        leader.put_collection_job(&different).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    let mut different_param = job.clone();
+    different_param.aggregation_parameter = vec![1];
+    assert!(matches!(
+        leader.put_collection_job(&different_param).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    assert_eq!(
+        leader
+            .get_collection_job(&t.id, &job.id)
+            .await
+            .expect("get"),
+        Some(job.clone())
+    );
+    assert_eq!(
+        leader.list_collection_jobs(&t.id).await.expect("list"),
+        vec![job.clone()]
+    );
+
+    // Leases: exclusive until expiry or release; release delays to the retry time.
+    let now = T0 + 10 * PRECISION;
+    let first = acquire(leader, t.id, now).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].job, job);
+    assert_eq!(
+        (first[0].lease.attempts, first[0].lease.expiry),
+        (1, Time(now + 100))
+    );
+    assert!(acquire(leader, t.id, now + 50).await.is_empty());
+    leader
+        .release_collection_job(&first[0], Time(now + 200))
+        .await
+        .expect("release_collection_job");
+    let stale = leader.release_collection_job(&first[0], Time(now)).await;
+    assert!(matches!(stale, Err(StoreError::LeaseLost)));
+    assert!(acquire(leader, t.id, now + 199).await.is_empty());
+    let second = acquire(leader, t.id, now + 200).await;
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].lease.attempts, 2);
+    let third = acquire(leader, t.id, now + 300).await;
+    assert_eq!(third.len(), 1, "an expired lease is taken over");
+    assert_eq!(third[0].lease.attempts, 3);
+
+    // Finish needs the current lease.
+    let collection = Collection {
+        partial_batch_selector: PartialBatchSelector::TimeInterval,
+        report_count: 12,
+        interval: interval(T0, PRECISION),
+        leader_encrypted_agg_share: ciphertext(1),
+        helper_encrypted_agg_share: ciphertext(2),
+    };
+    let finished = CollectionJobState::Finished(collection.clone());
+    let lost = leader.finish_collection_job(&second[0], &finished).await;
+    assert!(matches!(lost, Err(StoreError::LeaseLost)));
+    assert!(leader
+        .collected_intervals(&t.id)
+        .await
+        .expect("collected_intervals")
+        .is_empty());
+    leader
+        .finish_collection_job(&third[0], &finished)
+        .await
+        .expect("finish_collection_job");
+    let got = leader
+        .get_collection_job(&t.id, &job.id)
+        .await
+        .expect("get")
+        .expect("stored job");
+    assert_eq!(got.state, finished);
+    let twice = leader.finish_collection_job(&third[0], &finished).await;
+    assert!(
+        matches!(twice, Err(StoreError::LeaseLost)),
+        "a finished job cannot finish twice"
+    );
+    assert!(acquire(leader, t.id, now + 10_000).await.is_empty());
+    // The collector's retried PUT of a finished job is still fine, and changes nothing.
+    leader
+        .put_collection_job(&job)
+        .await
+        .expect("identical re-put after finish");
+    assert_eq!(
+        leader
+            .get_collection_job(&t.id, &job.id)
+            .await
+            .expect("get")
+            .map(|j| j.state),
+        Some(finished)
+    );
+    assert_eq!(
+        leader
+            .collected_intervals(&t.id)
+            .await
+            .expect("collected_intervals"),
+        vec![job.batch_interval]
+    );
+
+    // Abandoned: not collected.
+    let abandoned_job = new_job(t.id, T0 + PRECISION);
+    leader
+        .put_collection_job(&abandoned_job)
+        .await
+        .expect("put_collection_job");
+    let leased = acquire(leader, t.id, now + 20_000).await;
+    assert_eq!(leased.len(), 1);
+    let abandoned = CollectionJobState::Abandoned("batch too small".into());
+    leader
+        .finish_collection_job(&leased[0], &abandoned)
+        .await
+        .expect("finish_collection_job");
+    let got = leader
+        .get_collection_job(&t.id, &abandoned_job.id)
+        .await
+        .expect("get")
+        .expect("stored job");
+    assert_eq!(got.state, abandoned);
+    assert_eq!(
+        leader
+            .collected_intervals(&t.id)
+            .await
+            .expect("collected_intervals"),
+        vec![job.batch_interval]
+    );
+    assert!(acquire(leader, t.id, now + 30_000).await.is_empty());
+
+    // Deleted: not listed, not leased; a lease held on it is lost.
+    let deleted_job = new_job(t.id, T0 + 2 * PRECISION);
+    leader
+        .put_collection_job(&deleted_job)
+        .await
+        .expect("put_collection_job");
+    let leased = acquire(leader, t.id, now + 40_000).await;
+    assert_eq!(leased.len(), 1);
+    assert!(leader
+        .delete_collection_job(&t.id, &deleted_job.id)
+        .await
+        .expect("delete_collection_job"));
+    let got = leader
+        .get_collection_job(&t.id, &deleted_job.id)
+        .await
+        .expect("get")
+        .expect("stored job");
+    assert_eq!(got.state, CollectionJobState::Deleted);
+    let ids: Vec<CollectionJobId> = leader
+        .list_collection_jobs(&t.id)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&job.id) && ids.contains(&abandoned_job.id));
+    let lost = leader
+        .finish_collection_job(&leased[0], &CollectionJobState::Abandoned("x".into()))
+        .await;
+    assert!(matches!(lost, Err(StoreError::LeaseLost)));
+    assert!(acquire(leader, t.id, now + 50_000).await.is_empty());
+    assert!(!leader
+        .delete_collection_job(&t.id, &CollectionJobId::random())
+        .await
+        .expect("delete unknown"));
+
+    // A start-state job deleted before being leased never runs.
+    let never_run = new_job(t.id, T0 + 3 * PRECISION);
+    leader
+        .put_collection_job(&never_run)
+        .await
+        .expect("put_collection_job");
+    assert!(leader
+        .delete_collection_job(&t.id, &never_run.id)
+        .await
+        .expect("delete_collection_job"));
+    assert!(acquire(leader, t.id, now + 60_000).await.is_empty());
+
+    // Deleting a finished job doesn't un-collect its batch.
+    assert!(leader
+        .delete_collection_job(&t.id, &job.id)
+        .await
+        .expect("delete_collection_job"));
+    assert_eq!(
+        leader
+            .collected_intervals(&t.id)
+            .await
+            .expect("collected_intervals"),
+        vec![job.batch_interval]
+    );
+    assert_eq!(
+        leader.list_collection_jobs(&t.id).await.expect("list"),
+        vec![got_abandoned(&abandoned_job)]
+    );
+
+    // Another task's jobs are its own.
+    let other = task(TaskId::random());
+    assert!(leader
+        .list_collection_jobs(&other.id)
+        .await
+        .expect("list")
+        .is_empty());
+    assert!(leader
+        .collected_intervals(&other.id)
+        .await
+        .expect("collected_intervals")
+        .is_empty());
+    assert_eq!(
+        leader
+            .get_collection_job(&other.id, &abandoned_job.id)
+            .await
+            .expect("get"),
+        None
+    );
+
+    assert!(leader.delete_task(&t.id).await.expect("delete_task"));
+    assert!(leader
+        .collected_intervals(&t.id)
+        .await
+        .expect("collected_intervals")
+        .is_empty());
+}
+
+fn got_abandoned(job: &CollectionJob) -> CollectionJob {
+    CollectionJob {
+        state: CollectionJobState::Abandoned("batch too small".into()),
+        ..job.clone()
+    }
+}

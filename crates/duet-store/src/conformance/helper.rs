@@ -1,0 +1,373 @@
+//! Checks of the Helper's aggregation jobs, report IDs and aggregate-share jobs.
+
+use std::collections::HashSet;
+
+use duet_messages::dap09::{AggregationJobId, ReportId, TaskId};
+
+use super::{add_shares, checksum, ciphertext, delta, interval, share_value, task, PRECISION, T0};
+use crate::{AggregateShareJob, Datastore, HelperAggregationJob, StoreError};
+
+fn helper_job(task_id: TaskId, tag: u8) -> HelperAggregationJob {
+    HelperAggregationJob {
+        task_id,
+        id: AggregationJobId::random(),
+        request_hash: [tag; 32],
+        step: 1,
+        response: vec![tag; 40],
+    }
+}
+
+fn random_ids(n: usize) -> Vec<ReportId> {
+    (0..n).map(|_| ReportId::random()).collect()
+}
+
+/// Helper aggregation jobs: stored with their report IDs and merged deltas in one transaction;
+/// a repeated job ID or report ID is a `Conflict` that leaves nothing behind.
+pub async fn check_helper_aggregation_jobs(leader: &dyn Datastore, helper: &dyn Datastore) {
+    let t = task(TaskId::random());
+    helper.put_task(&t).await.expect("put_task");
+    let job = helper_job(t.id, 1);
+    assert_eq!(
+        helper
+            .get_helper_aggregation_job(&t.id, &job.id)
+            .await
+            .expect("get"),
+        None
+    );
+    // More IDs than fit in one statement.
+    let ids = random_ids(1200);
+    let d = delta(t.id, T0, 40, &ids);
+    helper
+        .put_helper_aggregation_job(&job, &ids, std::slice::from_ref(&d), &add_shares)
+        .await
+        .expect("put");
+    assert_eq!(
+        helper
+            .get_helper_aggregation_job(&t.id, &job.id)
+            .await
+            .expect("get"),
+        Some(job.clone())
+    );
+    let bucket = interval(T0, PRECISION);
+    assert_eq!(
+        helper
+            .get_batch_aggregations(&t.id, &bucket, &[])
+            .await
+            .expect("get"),
+        vec![d.clone()]
+    );
+    assert!(leader
+        .get_batch_aggregations(&t.id, &bucket, &[])
+        .await
+        .expect("get")
+        .is_empty());
+
+    // seen_report_ids: exactly the stored ones, per task.
+    let unseen = random_ids(5);
+    let mut query: Vec<ReportId> = unseen.clone();
+    query.extend_from_slice(&ids);
+    let seen = helper
+        .seen_report_ids(&t.id, &query)
+        .await
+        .expect("seen_report_ids");
+    assert_eq!(seen, ids.iter().copied().collect::<HashSet<_>>());
+    assert!(helper
+        .seen_report_ids(&t.id, &[])
+        .await
+        .expect("seen_report_ids")
+        .is_empty());
+    let other = TaskId::random();
+    assert!(helper
+        .seen_report_ids(&other, &ids)
+        .await
+        .expect("seen_report_ids")
+        .is_empty());
+
+    // The same job ID again: Conflict, nothing stored.
+    let mut same_id = helper_job(t.id, 2);
+    same_id.id = job.id;
+    let fresh = random_ids(3);
+    let d2 = delta(t.id, T0, 5, &fresh);
+    let conflict = helper
+        .put_helper_aggregation_job(&same_id, &fresh, std::slice::from_ref(&d2), &add_shares)
+        .await;
+    assert!(matches!(conflict, Err(StoreError::Conflict)));
+    assert_eq!(
+        helper
+            .get_helper_aggregation_job(&t.id, &job.id)
+            .await
+            .expect("get"),
+        Some(job.clone())
+    );
+    assert!(helper
+        .seen_report_ids(&t.id, &fresh)
+        .await
+        .expect("seen_report_ids")
+        .is_empty());
+    assert_eq!(
+        helper
+            .get_batch_aggregations(&t.id, &bucket, &[])
+            .await
+            .expect("get"),
+        vec![d.clone()]
+    );
+
+    // A new job replaying one report ID (last, after the fresh ones): Conflict, full rollback.
+    let replaying = helper_job(t.id, 3);
+    let mut replay_ids = fresh.clone();
+    replay_ids.push(ids[700]);
+    let d3 = delta(t.id, T0 + PRECISION, 6, &replay_ids);
+    let conflict = helper
+        .put_helper_aggregation_job(&replaying, &replay_ids, &[d.clone(), d3], &add_shares)
+        .await;
+    assert!(matches!(conflict, Err(StoreError::Conflict)));
+    assert_eq!(
+        helper
+            .get_helper_aggregation_job(&t.id, &replaying.id)
+            .await
+            .expect("get"),
+        None
+    );
+    assert!(helper
+        .seen_report_ids(&t.id, &fresh)
+        .await
+        .expect("seen_report_ids")
+        .is_empty());
+    let two_buckets = interval(T0, 2 * PRECISION);
+    assert_eq!(
+        helper
+            .get_batch_aggregations(&t.id, &two_buckets, &[])
+            .await
+            .expect("get"),
+        vec![d.clone()]
+    );
+
+    // The same report ID twice within one job is a replay too.
+    let doubled = helper_job(t.id, 4);
+    let twice = [fresh[0], fresh[0]];
+    let conflict = helper
+        .put_helper_aggregation_job(&doubled, &twice, &[], &add_shares)
+        .await;
+    assert!(matches!(conflict, Err(StoreError::Conflict)));
+    assert_eq!(
+        helper
+            .get_helper_aggregation_job(&t.id, &doubled.id)
+            .await
+            .expect("get"),
+        None
+    );
+
+    // A good second job merges into the bucket.
+    let second = helper_job(t.id, 5);
+    helper
+        .put_helper_aggregation_job(&second, &fresh, &[d2], &add_shares)
+        .await
+        .expect("put");
+    let merged = helper
+        .get_batch_aggregations(&t.id, &bucket, &[])
+        .await
+        .expect("get");
+    let all_ids: Vec<ReportId> = ids.iter().chain(&fresh).copied().collect();
+    assert_eq!(merged.len(), 1);
+    assert_eq!(share_value(&merged[0].aggregate_share), 45);
+    assert_eq!(merged[0].report_count, all_ids.len() as u64);
+    assert_eq!(merged[0].checksum, checksum(&all_ids));
+    assert_eq!(
+        helper
+            .get_helper_aggregation_job(&t.id, &second.id)
+            .await
+            .expect("get"),
+        Some(second)
+    );
+
+    // Job IDs are per task.
+    let u = task(TaskId::random());
+    helper.put_task(&u).await.expect("put_task");
+    let mut elsewhere = helper_job(u.id, 6);
+    elsewhere.id = job.id;
+    helper
+        .put_helper_aggregation_job(&elsewhere, &ids[..3], &[], &add_shares)
+        .await
+        .expect("put");
+
+    for id in [t.id, u.id] {
+        assert!(helper.delete_task(&id).await.expect("delete_task"));
+    }
+}
+
+fn share_job(task_id: TaskId, start: u64, tag: u8) -> AggregateShareJob {
+    AggregateShareJob {
+        task_id,
+        batch_interval: interval(start, PRECISION),
+        aggregation_parameter: Vec::new(),
+        report_count: 10 + u64::from(tag),
+        checksum: checksum(&random_ids(2)),
+        encrypted_aggregate_share: ciphertext(tag),
+    }
+}
+
+/// Aggregate-share jobs: keyed by batch and parameter; an identical re-put succeeds, a different
+/// one is `AlreadyExists`; the Helper's collected intervals are theirs.
+pub async fn check_aggregate_share_jobs(leader: &dyn Datastore, helper: &dyn Datastore) {
+    let t = task(TaskId::random());
+    helper.put_task(&t).await.expect("put_task");
+    leader.put_task(&t).await.expect("put_task");
+    let job = share_job(t.id, T0, 1);
+    let batch = job.batch_interval;
+    assert_eq!(
+        helper
+            .get_aggregate_share_job(&t.id, &batch, &[])
+            .await
+            .expect("get"),
+        None
+    );
+    helper
+        .put_aggregate_share_job(&job)
+        .await
+        .expect("put_aggregate_share_job");
+    helper
+        .put_aggregate_share_job(&job)
+        .await
+        .expect("identical re-put");
+    let mut different = job.clone();
+    different.encrypted_aggregate_share = ciphertext(9);
+    assert!(matches!(
+        helper.put_aggregate_share_job(&different).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    assert_eq!(
+        helper
+            .get_aggregate_share_job(&t.id, &batch, &[])
+            .await
+            .expect("get"),
+        Some(job.clone())
+    );
+    assert_eq!(
+        helper
+            .get_aggregate_share_job(&t.id, &batch, &[7])
+            .await
+            .expect("get"),
+        None
+    );
+    let longer = interval(T0, 2 * PRECISION);
+    assert_eq!(
+        helper
+            .get_aggregate_share_job(&t.id, &longer, &[])
+            .await
+            .expect("get"),
+        None
+    );
+
+    // Another parameter for the same batch is another job.
+    let mut with_param = share_job(t.id, T0, 2);
+    with_param.aggregation_parameter = vec![7];
+    helper
+        .put_aggregate_share_job(&with_param)
+        .await
+        .expect("put_aggregate_share_job");
+    let later = share_job(t.id, T0 + PRECISION, 3);
+    helper
+        .put_aggregate_share_job(&later)
+        .await
+        .expect("put_aggregate_share_job");
+    let listed = helper
+        .list_aggregate_share_jobs(&t.id)
+        .await
+        .expect("list_aggregate_share_jobs");
+    assert_eq!(listed.len(), 3);
+    for j in [&job, &with_param, &later] {
+        assert!(listed.contains(j));
+    }
+    assert!(helper
+        .list_aggregate_share_jobs(&TaskId::random())
+        .await
+        .expect("list")
+        .is_empty());
+
+    // Collected intervals per role: the Helper's come from aggregate-share jobs only.
+    let mut collected = helper
+        .collected_intervals(&t.id)
+        .await
+        .expect("collected_intervals");
+    collected.sort();
+    collected.dedup();
+    assert_eq!(collected, vec![batch, later.batch_interval]);
+    assert!(leader
+        .collected_intervals(&t.id)
+        .await
+        .expect("collected_intervals")
+        .is_empty());
+
+    assert!(helper.delete_task(&t.id).await.expect("delete_task"));
+    assert!(leader.delete_task(&t.id).await.expect("delete_task"));
+}
+
+/// Deleting a Helper task removes its jobs, report IDs, aggregate shares and aggregations, and
+/// leaves the Leader's rows of the same task ID alone.
+pub async fn check_helper_delete_task(leader: &dyn Datastore, helper: &dyn Datastore) {
+    let t = task(TaskId::random());
+    leader.put_task(&t).await.expect("put_task");
+    helper.put_task(&t).await.expect("put_task");
+    let ids = random_ids(4);
+    let job = helper_job(t.id, 1);
+    let d = delta(t.id, T0, 4, &ids);
+    helper
+        .put_helper_aggregation_job(&job, &ids, &[d], &add_shares)
+        .await
+        .expect("put");
+    helper
+        .put_aggregate_share_job(&share_job(t.id, T0, 1))
+        .await
+        .expect("put_aggregate_share_job");
+    let report = super::report(t.id, T0);
+    leader
+        .put_reports(std::slice::from_ref(&report))
+        .await
+        .expect("put_reports");
+
+    assert!(helper.delete_task(&t.id).await.expect("delete_task"));
+    assert_eq!(helper.get_task(&t.id).await.expect("get_task"), None);
+    assert_eq!(
+        helper
+            .get_helper_aggregation_job(&t.id, &job.id)
+            .await
+            .expect("get"),
+        None
+    );
+    assert!(helper
+        .seen_report_ids(&t.id, &ids)
+        .await
+        .expect("seen_report_ids")
+        .is_empty());
+    assert!(helper
+        .list_aggregate_share_jobs(&t.id)
+        .await
+        .expect("list")
+        .is_empty());
+    assert!(helper
+        .collected_intervals(&t.id)
+        .await
+        .expect("collected_intervals")
+        .is_empty());
+    let bucket = interval(T0, PRECISION);
+    assert!(helper
+        .get_batch_aggregations(&t.id, &bucket, &[])
+        .await
+        .expect("get")
+        .is_empty());
+
+    assert_eq!(
+        leader.get_task(&t.id).await.expect("get_task"),
+        Some(t.clone())
+    );
+    assert_eq!(
+        leader.put_reports(&[report]).await.expect("put_reports"),
+        vec![false]
+    );
+    let pending = leader
+        .count_unaggregated_reports(&t.id, &bucket)
+        .await
+        .expect("count_unaggregated_reports");
+    assert_eq!(pending, 1);
+    assert!(leader.delete_task(&t.id).await.expect("delete_task"));
+}

@@ -1,0 +1,430 @@
+//! Checks of the Leader's reports and aggregation jobs.
+
+use std::collections::HashSet;
+
+use duet_messages::dap09::{AggregationJobId, CollectionJobId, ReportId, TaskId, Time};
+
+use super::{add_shares, checksum, delta, interval, report, share_value, task, PRECISION, T0};
+use crate::{
+    AcquiredAggregationJob, CollectionJob, CollectionJobState, Datastore, HelperAggregationJob,
+    NewReport, StoreError,
+};
+
+/// Leases jobs at `now` and keeps those of `task_id` (the method is not per task).
+async fn acquire(
+    store: &dyn Datastore,
+    task_id: TaskId,
+    now: u64,
+    limit: usize,
+) -> Vec<AcquiredAggregationJob> {
+    store
+        .acquire_aggregation_jobs(Time(now), 100, limit)
+        .await
+        .expect("acquire_aggregation_jobs")
+        .into_iter()
+        .filter(|j| j.task_id == task_id)
+        .collect()
+}
+
+async fn unaggregated(store: &dyn Datastore, task_id: TaskId, start: u64, duration: u64) -> u64 {
+    store
+        .count_unaggregated_reports(&task_id, &interval(start, duration))
+        .await
+        .expect("count_unaggregated_reports")
+}
+
+fn ids(job: &AcquiredAggregationJob) -> Vec<ReportId> {
+    job.reports.iter().map(|r| r.report_id).collect()
+}
+
+/// Reports: replay protection per task, including duplicates within one batch and batches larger
+/// than any statement chunk; unaggregated counts by time.
+pub async fn check_put_reports(leader: &dyn Datastore) {
+    let t = task(TaskId::random());
+    leader.put_task(&t).await.expect("put_task");
+    let (r1, r2, r3) = (
+        report(t.id, T0 + 10),
+        report(t.id, T0 + 20),
+        report(t.id, T0 + 30),
+    );
+    assert_eq!(
+        leader.put_reports(&[]).await.expect("put_reports"),
+        Vec::<bool>::new()
+    );
+    let new = leader
+        .put_reports(&[r1.clone(), r2.clone(), r1.clone()])
+        .await
+        .expect("put_reports");
+    assert_eq!(new, vec![true, true, false]);
+    // A replayed ID is refused even with other contents.
+    let mut r2_again = report(t.id, T0 + 99);
+    r2_again.report_id = r2.report_id;
+    let new = leader
+        .put_reports(&[r2_again, r3.clone()])
+        .await
+        .expect("put_reports");
+    assert_eq!(new, vec![false, true]);
+
+    // A large batch, spread over the next bucket, with a replay at its end.
+    let mut batch: Vec<NewReport> = (0..1000)
+        .map(|i| report(t.id, T0 + PRECISION + i % 100))
+        .collect();
+    batch.push(r3.clone());
+    let new = leader.put_reports(&batch).await.expect("put_reports");
+    assert_eq!(new.iter().filter(|n| **n).count(), 1000);
+    assert!(!new[1000]);
+
+    // The same report ID in another task is a different report.
+    let other = task(TaskId::random());
+    leader.put_task(&other).await.expect("put_task");
+    let mut r1_other = r1.clone();
+    r1_other.task_id = other.id;
+    assert_eq!(
+        leader.put_reports(&[r1_other]).await.expect("put_reports"),
+        vec![true]
+    );
+
+    // [start, end): a report at the end of an interval is not in it.
+    assert_eq!(unaggregated(leader, t.id, T0, PRECISION).await, 3);
+    assert_eq!(unaggregated(leader, t.id, T0, 2 * PRECISION).await, 1003);
+    assert_eq!(unaggregated(leader, t.id, T0 + 20, 10).await, 1);
+    assert_eq!(
+        unaggregated(leader, t.id, T0 + PRECISION + 99, PRECISION).await,
+        10
+    );
+    assert_eq!(
+        unaggregated(leader, t.id, T0 + PRECISION + 100, PRECISION).await,
+        0
+    );
+    assert_eq!(unaggregated(leader, other.id, T0, PRECISION).await, 1);
+
+    for id in [t.id, other.id] {
+        assert!(leader.delete_task(&id).await.expect("delete_task"));
+    }
+    assert_eq!(unaggregated(leader, t.id, T0, 2 * PRECISION).await, 0);
+}
+
+/// Aggregation jobs: creation in bounded sizes oldest first, one task per job; leases (exclusive
+/// until expiry, attempts counted, a stale lease refused); finish merges deltas and drops the
+/// reports; release delays; abandon drops.
+pub async fn check_aggregation_jobs(leader: &dyn Datastore, helper: &dyn Datastore) {
+    let t = task(TaskId::random());
+    leader.put_task(&t).await.expect("put_task");
+    let reports: Vec<NewReport> = (0..10).map(|i| report(t.id, T0 + 10 * i)).collect();
+    leader.put_reports(&reports).await.expect("put_reports");
+    let now = T0 + 5000;
+    assert_eq!(
+        leader
+            .create_aggregation_jobs(4, Time(now))
+            .await
+            .expect("create_aggregation_jobs"),
+        3
+    );
+    assert_eq!(
+        leader
+            .create_aggregation_jobs(4, Time(now))
+            .await
+            .expect("create_aggregation_jobs"),
+        0
+    );
+
+    // One job at a time while leased.
+    let first = acquire(leader, t.id, now, 1).await;
+    assert_eq!(first.len(), 1);
+    let a = first[0].clone();
+    assert_eq!(a.lease.attempts, 1);
+    assert_eq!(a.lease.expiry, Time(now + 100));
+    let rest = acquire(leader, t.id, now + 50, 10).await;
+    assert_eq!(rest.len(), 2);
+    assert!(acquire(leader, t.id, now + 60, 10).await.is_empty());
+
+    // Jobs hold consecutive runs of the oldest reports, in time order, with their payloads.
+    let mut jobs = [a.clone(), rest[0].clone(), rest[1].clone()];
+    jobs.sort_by_key(|j| j.reports.first().map(|r| r.time));
+    assert_eq!(
+        jobs.iter().map(|j| j.reports.len()).collect::<Vec<_>>(),
+        vec![4, 4, 2]
+    );
+    let in_jobs: Vec<_> = jobs.iter().flat_map(|j| j.reports.iter()).collect();
+    assert_eq!(in_jobs.len(), reports.len());
+    for (got, want) in in_jobs.iter().zip(&reports) {
+        assert_eq!(
+            (got.report_id, got.time, &got.encoded),
+            (want.report_id, want.time, &want.encoded)
+        );
+    }
+    let job_ids: HashSet<AggregationJobId> = jobs.iter().map(|j| j.job_id).collect();
+    assert_eq!(job_ids.len(), 3);
+
+    // The first lease runs out and the job is taken again: the old lease is stale.
+    let a2 = acquire(leader, t.id, now + 100, 10).await;
+    assert_eq!(a2.len(), 1);
+    let a2 = a2[0].clone();
+    assert_eq!(
+        (a2.job_id, a2.lease.attempts, &a2.reports),
+        (a.job_id, 2, &a.reports)
+    );
+    assert_ne!(a2.lease.token, a.lease.token);
+    let da = delta(t.id, T0, 100, &ids(&a));
+    let lost = leader
+        .finish_aggregation_job(&a, std::slice::from_ref(&da), &add_shares)
+        .await;
+    assert!(matches!(lost, Err(StoreError::LeaseLost)));
+    assert!(matches!(
+        leader.release_aggregation_job(&a, Time(now)).await,
+        Err(StoreError::LeaseLost)
+    ));
+    assert!(matches!(
+        leader.abandon_aggregation_job(&a).await,
+        Err(StoreError::LeaseLost)
+    ));
+    let no_rows = leader
+        .get_batch_aggregations(&t.id, &interval(T0, PRECISION), &[])
+        .await
+        .expect("get");
+    assert!(no_rows.is_empty(), "a refused finish must not merge");
+
+    // Finishing merges (inserting the first row) and counts the job's reports as aggregated.
+    leader
+        .finish_aggregation_job(&a2, std::slice::from_ref(&da), &add_shares)
+        .await
+        .expect("finish_aggregation_job");
+    let stored = leader
+        .get_batch_aggregations(&t.id, &interval(T0, PRECISION), &[])
+        .await
+        .expect("get");
+    assert_eq!(stored, vec![da.clone()]);
+    assert_eq!(
+        unaggregated(leader, t.id, T0, PRECISION).await,
+        10 - a.reports.len() as u64
+    );
+    let again = leader
+        .finish_aggregation_job(&a2, std::slice::from_ref(&da), &add_shares)
+        .await;
+    assert!(
+        matches!(again, Err(StoreError::LeaseLost)),
+        "a finished job cannot finish twice"
+    );
+
+    // Release: runnable again only at the retry time. Meanwhile the other lease ran out.
+    let (b, c) = (rest[0].clone(), rest[1].clone());
+    leader
+        .release_aggregation_job(&b, Time(now + 1000))
+        .await
+        .expect("release_aggregation_job");
+    assert!(matches!(
+        leader.release_aggregation_job(&b, Time(now)).await,
+        Err(StoreError::LeaseLost)
+    ));
+    let c2 = acquire(leader, t.id, now + 500, 10).await;
+    assert_eq!(
+        c2.iter()
+            .map(|j| (j.job_id, j.lease.attempts))
+            .collect::<Vec<_>>(),
+        vec![(c.job_id, 2)]
+    );
+
+    // Abandon: the job's reports count as aggregated (dropped) and the job never runs again.
+    leader
+        .abandon_aggregation_job(&c2[0])
+        .await
+        .expect("abandon_aggregation_job");
+    let pending = 10 - (a.reports.len() + c.reports.len()) as u64;
+    assert_eq!(unaggregated(leader, t.id, T0, PRECISION).await, pending);
+    assert!(acquire(leader, t.id, now + 999, 10).await.is_empty());
+    let b2 = acquire(leader, t.id, now + 1000, 10).await;
+    assert_eq!(
+        b2.iter()
+            .map(|j| (j.job_id, j.lease.attempts))
+            .collect::<Vec<_>>(),
+        vec![(b.job_id, 2)]
+    );
+
+    // Merging into a stored bucket adds shares and counts and XORs checksums; a new bucket is
+    // inserted.
+    let db = delta(t.id, T0, 7, &ids(&b));
+    let extra_id = ReportId::random();
+    let dnext = delta(t.id, T0 + PRECISION, 5, &[extra_id]);
+    leader
+        .finish_aggregation_job(&b2[0], &[db, dnext.clone()], &add_shares)
+        .await
+        .expect("finish");
+    let stored = leader
+        .get_batch_aggregations(&t.id, &interval(T0, PRECISION), &[])
+        .await
+        .expect("get");
+    let ab_ids: Vec<ReportId> = ids(&a).into_iter().chain(ids(&b)).collect();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(share_value(&stored[0].aggregate_share), 107);
+    assert_eq!(stored[0].report_count, ab_ids.len() as u64);
+    assert_eq!(stored[0].checksum, checksum(&ab_ids));
+    assert_eq!(unaggregated(leader, t.id, T0, PRECISION).await, 0);
+
+    // Buckets are returned when they lie inside the interval, for the given parameter only.
+    let both = leader
+        .get_batch_aggregations(&t.id, &interval(T0, 2 * PRECISION), &[])
+        .await
+        .expect("get");
+    assert_eq!(both.len(), 2);
+    let later = leader
+        .get_batch_aggregations(&t.id, &interval(T0 + 1, 2 * PRECISION), &[])
+        .await
+        .expect("get");
+    assert_eq!(later, vec![dnext]);
+    let partial = leader
+        .get_batch_aggregations(&t.id, &interval(T0, PRECISION + 1), &[])
+        .await
+        .expect("get");
+    assert_eq!(partial.len(), 1);
+    let other_param = leader
+        .get_batch_aggregations(&t.id, &interval(T0, 2 * PRECISION), &[1])
+        .await
+        .expect("get");
+    assert!(other_param.is_empty());
+    let helper_view = helper
+        .get_batch_aggregations(&t.id, &interval(T0, 2 * PRECISION), &[])
+        .await
+        .expect("get");
+    assert!(helper_view.is_empty(), "batch aggregations are per role");
+
+    // Aggregated reports keep protecting against replays, and make no new jobs.
+    assert!(acquire(leader, t.id, now + 100_000, 10).await.is_empty());
+    assert_eq!(
+        leader.put_reports(&reports).await.expect("put_reports"),
+        vec![false; 10]
+    );
+    assert_eq!(
+        leader
+            .create_aggregation_jobs(4, Time(now))
+            .await
+            .expect("create_aggregation_jobs"),
+        0
+    );
+
+    // A job never mixes tasks.
+    let u = task(TaskId::random());
+    leader.put_task(&u).await.expect("put_task");
+    let mixed = [report(t.id, T0), report(u.id, T0), report(t.id, T0 + 1)];
+    leader.put_reports(&mixed).await.expect("put_reports");
+    assert_eq!(
+        leader
+            .create_aggregation_jobs(10, Time(now))
+            .await
+            .expect("create_aggregation_jobs"),
+        2
+    );
+    let all = leader
+        .acquire_aggregation_jobs(Time(now + 200_000), 100, 100)
+        .await
+        .expect("acquire");
+    let mut sizes: Vec<(bool, usize)> = all
+        .iter()
+        .filter(|j| j.task_id == t.id || j.task_id == u.id)
+        .map(|j| (j.task_id == t.id, j.reports.len()))
+        .collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![(false, 1), (true, 2)]);
+    for j in all.iter().filter(|j| j.task_id == u.id) {
+        assert_eq!(j.reports[0].report_id, mixed[1].report_id);
+    }
+    assert_eq!(
+        leader
+            .create_aggregation_jobs(0, Time(now))
+            .await
+            .expect("create_aggregation_jobs"),
+        0
+    );
+
+    for id in [t.id, u.id] {
+        assert!(leader.delete_task(&id).await.expect("delete_task"));
+    }
+}
+
+/// Deleting a Leader task removes its reports, jobs, collection jobs and aggregations, and
+/// leaves the Helper's rows of the same task ID alone.
+pub async fn check_leader_delete_task(leader: &dyn Datastore, helper: &dyn Datastore) {
+    let t = task(TaskId::random());
+    leader.put_task(&t).await.expect("put_task");
+    helper.put_task(&t).await.expect("helper put_task");
+    let reports: Vec<NewReport> = (0..6).map(|i| report(t.id, T0 + i)).collect();
+    leader.put_reports(&reports).await.expect("put_reports");
+    leader
+        .create_aggregation_jobs(3, Time(T0))
+        .await
+        .expect("create_aggregation_jobs");
+    let jobs = acquire(leader, t.id, T0, 10).await;
+    assert_eq!(jobs.len(), 2);
+    let d = delta(t.id, T0, 3, &ids(&jobs[0]));
+    leader
+        .finish_aggregation_job(&jobs[0], std::slice::from_ref(&d), &add_shares)
+        .await
+        .expect("finish");
+    let cj = CollectionJob {
+        task_id: t.id,
+        id: CollectionJobId::random(),
+        batch_interval: interval(T0, PRECISION),
+        aggregation_parameter: Vec::new(),
+        state: CollectionJobState::Start,
+    };
+    leader
+        .put_collection_job(&cj)
+        .await
+        .expect("put_collection_job");
+    let hj = HelperAggregationJob {
+        task_id: t.id,
+        id: AggregationJobId::random(),
+        request_hash: [1; 32],
+        step: 0,
+        response: vec![1, 2, 3],
+    };
+    let hd = delta(t.id, T0, 9, &ids(&jobs[0]));
+    helper
+        .put_helper_aggregation_job(&hj, &ids(&jobs[0]), std::slice::from_ref(&hd), &add_shares)
+        .await
+        .expect("put");
+
+    assert!(leader.delete_task(&t.id).await.expect("delete_task"));
+    assert_eq!(leader.get_task(&t.id).await.expect("get_task"), None);
+    assert_eq!(unaggregated(leader, t.id, T0, PRECISION).await, 0);
+    assert!(acquire(leader, t.id, T0 + 1000, 10).await.is_empty());
+    assert_eq!(
+        leader
+            .get_collection_job(&t.id, &cj.id)
+            .await
+            .expect("get_collection_job"),
+        None
+    );
+    assert!(leader
+        .list_collection_jobs(&t.id)
+        .await
+        .expect("list_collection_jobs")
+        .is_empty());
+    let left = leader
+        .get_batch_aggregations(&t.id, &interval(T0, PRECISION), &[])
+        .await
+        .expect("get");
+    assert!(left.is_empty());
+    // A lease on a job of the deleted task is gone with it.
+    let lost = leader
+        .finish_aggregation_job(&jobs[1], &[], &add_shares)
+        .await;
+    assert!(matches!(lost, Err(StoreError::LeaseLost)));
+
+    assert_eq!(
+        helper.get_task(&t.id).await.expect("get_task"),
+        Some(t.clone())
+    );
+    let kept = helper
+        .get_batch_aggregations(&t.id, &interval(T0, PRECISION), &[])
+        .await
+        .expect("get");
+    assert_eq!(kept, vec![hd]);
+    assert_eq!(
+        helper
+            .get_helper_aggregation_job(&t.id, &hj.id)
+            .await
+            .expect("get"),
+        Some(hj)
+    );
+    assert!(helper.delete_task(&t.id).await.expect("helper delete_task"));
+}

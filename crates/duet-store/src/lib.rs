@@ -1,0 +1,217 @@
+//! Duet's storage: the [`Datastore`] trait, the records it stores, its conformance suite, and the
+//! backends (embedded SQLite now; PostgreSQL to come).
+//!
+//! Only this crate knows SQL. A datastore handle is bound to one aggregator role: in a process
+//! that is both Leader and Helper over one database, each role has its own handle, and rows that
+//! both roles keep (tasks, HPKE keys, batch aggregations) carry the role in their key.
+#![forbid(unsafe_code)]
+
+pub mod conformance;
+pub mod models;
+pub mod sqlite;
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use duet_core::hpke::HpkeKeypair;
+use duet_core::Task;
+use duet_messages::dap09::{AggregationJobId, CollectionJobId, Interval, ReportId, TaskId, Time};
+
+pub use models::*;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(String),
+    /// A row with this key already exists (with different content).
+    #[error("already exists")]
+    AlreadyExists,
+    /// A concurrent writer changed what this write depended on; recompute and retry.
+    #[error("conflict with a concurrent write")]
+    Conflict,
+    /// The lease on a job was lost (expired and taken by another worker).
+    #[error("lease lost")]
+    LeaseLost,
+    /// A stored value could not be decoded.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+    /// Merging aggregate shares failed.
+    #[error("merging aggregate shares failed: {0}")]
+    Merge(String),
+}
+
+/// Adds two encoded aggregate shares of the same VDAF; the store calls it to fold new shares into
+/// stored ones without knowing the VDAF.
+pub type MergeFn<'a> = &'a (dyn Fn(&[u8], &[u8]) -> Result<Vec<u8>, String> + Send + Sync);
+
+/// Everything Duet persists. Each method is one transaction.
+#[async_trait]
+pub trait Datastore: Send + Sync + 'static {
+    // ---- Tasks and keys (both roles) ----
+
+    /// Stores a new task. `AlreadyExists` if a different task has this ID; storing the same task
+    /// again succeeds.
+    async fn put_task(&self, task: &Task) -> Result<(), StoreError>;
+    /// A task by ID.
+    async fn get_task(&self, task_id: &TaskId) -> Result<Option<Task>, StoreError>;
+    /// All tasks.
+    async fn list_tasks(&self) -> Result<Vec<Task>, StoreError>;
+    /// Deletes a task and everything stored under it. Returns whether it existed.
+    async fn delete_task(&self, task_id: &TaskId) -> Result<bool, StoreError>;
+    /// Stores an HPKE keypair (`AlreadyExists` if its config ID is taken).
+    async fn put_hpke_keypair(&self, keypair: &HpkeKeypair) -> Result<(), StoreError>;
+    /// All HPKE keypairs, ordered by config ID.
+    async fn get_hpke_keypairs(&self) -> Result<Vec<HpkeKeypair>, StoreError>;
+
+    // ---- Batch aggregations (both roles) ----
+
+    /// The stored per-bucket aggregations of a task whose bucket lies in `interval`.
+    async fn get_batch_aggregations(
+        &self,
+        task_id: &TaskId,
+        interval: &Interval,
+        aggregation_parameter: &[u8],
+    ) -> Result<Vec<BatchAggregation>, StoreError>;
+    /// Intervals of batches that have been collected (Leader: finished collection jobs, deleted
+    /// since or not; Helper: aggregate shares served).
+    async fn collected_intervals(&self, task_id: &TaskId) -> Result<Vec<Interval>, StoreError>;
+
+    // ---- Leader: reports and aggregation jobs ----
+
+    /// Stores uploaded reports in one transaction. Returns, per report, whether it was new
+    /// (`false`: a report with that ID was already stored for the task).
+    async fn put_reports(&self, reports: &[NewReport]) -> Result<Vec<bool>, StoreError>;
+    /// Groups unassigned reports into new aggregation jobs of at most `max_job_size` reports
+    /// each. Returns how many jobs were created.
+    async fn create_aggregation_jobs(
+        &self,
+        max_job_size: usize,
+        now: Time,
+    ) -> Result<usize, StoreError>;
+    /// Leases up to `limit` runnable aggregation jobs, with their reports.
+    async fn acquire_aggregation_jobs(
+        &self,
+        now: Time,
+        lease_duration: u64,
+        limit: usize,
+    ) -> Result<Vec<AcquiredAggregationJob>, StoreError>;
+    /// Completes a leased job: merges `deltas` into the batch aggregations, marks the job
+    /// finished and its reports aggregated (dropping their payloads). `LeaseLost` if the lease
+    /// is no longer held.
+    async fn finish_aggregation_job(
+        &self,
+        job: &AcquiredAggregationJob,
+        deltas: &[BatchAggregation],
+        merge: MergeFn<'_>,
+    ) -> Result<(), StoreError>;
+    /// Gives a leased job back, runnable again at `retry_at`. `LeaseLost` if the lease is no
+    /// longer held.
+    async fn release_aggregation_job(
+        &self,
+        job: &AcquiredAggregationJob,
+        retry_at: Time,
+    ) -> Result<(), StoreError>;
+    /// Gives up on a leased job (`LeaseLost` if the lease is no longer held): it will not run
+    /// again and its reports count as aggregated (dropped).
+    async fn abandon_aggregation_job(&self, job: &AcquiredAggregationJob)
+        -> Result<(), StoreError>;
+    /// How many reports of a task with a timestamp in `interval` are not yet aggregated (stored
+    /// but unassigned, or in an unfinished job).
+    async fn count_unaggregated_reports(
+        &self,
+        task_id: &TaskId,
+        interval: &Interval,
+    ) -> Result<u64, StoreError>;
+
+    // ---- Leader: collection jobs ----
+
+    /// Stores a new collection job in state `Start`. Storing an identical job again succeeds,
+    /// whatever state the stored one has reached (identical: same batch interval and aggregation
+    /// parameter); a different job with the same ID is `AlreadyExists`.
+    async fn put_collection_job(&self, job: &CollectionJob) -> Result<(), StoreError>;
+    /// A collection job.
+    async fn get_collection_job(
+        &self,
+        task_id: &TaskId,
+        id: &CollectionJobId,
+    ) -> Result<Option<CollectionJob>, StoreError>;
+    /// All collection jobs of a task that are not deleted (for query-count and overlap checks).
+    async fn list_collection_jobs(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<Vec<CollectionJob>, StoreError>;
+    /// Marks a collection job deleted (dropping any lease on it). Returns whether it existed.
+    async fn delete_collection_job(
+        &self,
+        task_id: &TaskId,
+        id: &CollectionJobId,
+    ) -> Result<bool, StoreError>;
+    /// Leases up to `limit` collection jobs in state `Start`.
+    async fn acquire_collection_jobs(
+        &self,
+        now: Time,
+        lease_duration: u64,
+        limit: usize,
+    ) -> Result<Vec<AcquiredCollectionJob>, StoreError>;
+    /// Gives a leased collection job back, runnable again at `retry_at`. `LeaseLost` if the
+    /// lease is no longer held.
+    async fn release_collection_job(
+        &self,
+        job: &AcquiredCollectionJob,
+        retry_at: Time,
+    ) -> Result<(), StoreError>;
+    /// Moves a leased collection job to a final state (`Finished` or `Abandoned`). `LeaseLost` if
+    /// the lease is no longer held (including when the job was deleted meanwhile).
+    async fn finish_collection_job(
+        &self,
+        job: &AcquiredCollectionJob,
+        state: &CollectionJobState,
+    ) -> Result<(), StoreError>;
+
+    // ---- Helper ----
+
+    /// The stored aggregation job, if any.
+    async fn get_helper_aggregation_job(
+        &self,
+        task_id: &TaskId,
+        id: &AggregationJobId,
+    ) -> Result<Option<HelperAggregationJob>, StoreError>;
+    /// Which of these report IDs the Helper has already aggregated for the task.
+    async fn seen_report_ids(
+        &self,
+        task_id: &TaskId,
+        ids: &[ReportId],
+    ) -> Result<HashSet<ReportId>, StoreError>;
+    /// Stores a finished Helper aggregation job in one transaction: the job (with its response),
+    /// the IDs of its accepted reports (for replay protection) and the merged `deltas`.
+    /// `Conflict` if the job ID or any report ID is already stored.
+    async fn put_helper_aggregation_job(
+        &self,
+        job: &HelperAggregationJob,
+        report_ids: &[ReportId],
+        deltas: &[BatchAggregation],
+        merge: MergeFn<'_>,
+    ) -> Result<(), StoreError>;
+    /// A previously served aggregate share for this batch and aggregation parameter.
+    async fn get_aggregate_share_job(
+        &self,
+        task_id: &TaskId,
+        batch_interval: &Interval,
+        aggregation_parameter: &[u8],
+    ) -> Result<Option<AggregateShareJob>, StoreError>;
+    /// All aggregate-share jobs of a task (for query-count and overlap checks).
+    async fn list_aggregate_share_jobs(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<Vec<AggregateShareJob>, StoreError>;
+    /// Records a served aggregate share (`AlreadyExists` if one exists for this batch and
+    /// parameter with different content).
+    async fn put_aggregate_share_job(&self, job: &AggregateShareJob) -> Result<(), StoreError>;
+
+    // ---- Operations ----
+
+    /// Checks that the database answers.
+    async fn health_check(&self) -> Result<(), StoreError>;
+}

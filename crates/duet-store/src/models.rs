@@ -1,0 +1,141 @@
+//! The records the [`Datastore`](crate::Datastore) stores.
+
+use duet_messages::dap09::{
+    AggregationJobId, Collection, CollectionJobId, HpkeCiphertext, Interval, ReportId,
+    ReportIdChecksum, TaskId, Time,
+};
+
+/// A report as the Leader stores it on upload, before anything is decrypted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewReport {
+    /// Its task.
+    pub task_id: TaskId,
+    /// Its ID.
+    pub report_id: ReportId,
+    /// Its client timestamp.
+    pub time: Time,
+    /// The whole encoded `Report` message.
+    pub encoded: Vec<u8>,
+}
+
+/// A report in a leased aggregation job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobReport {
+    /// Its ID.
+    pub report_id: ReportId,
+    /// Its client timestamp.
+    pub time: Time,
+    /// The whole encoded `Report` message.
+    pub encoded: Vec<u8>,
+}
+
+/// A lease on a job: proof that this worker may write the job's outcome until `expiry`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// Random token identifying this lease.
+    pub token: [u8; 16],
+    /// When the lease runs out.
+    pub expiry: Time,
+    /// How many times the job has been leased, this one included.
+    pub attempts: u32,
+}
+
+/// A Leader aggregation job taken with a lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcquiredAggregationJob {
+    /// Its task.
+    pub task_id: TaskId,
+    /// Its ID.
+    pub job_id: AggregationJobId,
+    /// Its reports, in job order.
+    pub reports: Vec<JobReport>,
+    /// The lease.
+    pub lease: Lease,
+}
+
+/// An aggregate over one batch bucket (for time-interval tasks, one `time_precision`-aligned
+/// interval), or a delta to be merged into one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchAggregation {
+    /// Its task.
+    pub task_id: TaskId,
+    /// The bucket.
+    pub bucket: Interval,
+    /// The VDAF aggregation parameter (empty for Prio3).
+    pub aggregation_parameter: Vec<u8>,
+    /// The encoded aggregate share.
+    pub aggregate_share: Vec<u8>,
+    /// Number of reports aggregated.
+    pub report_count: u64,
+    /// XOR of the SHA-256 of the report IDs aggregated.
+    pub checksum: ReportIdChecksum,
+}
+
+/// The state of a collection job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CollectionJobState {
+    /// Waiting for its batch to be ready.
+    Start,
+    /// Done: the result to hand the collector.
+    Finished(Collection),
+    /// Given up on, with the reason.
+    Abandoned(String),
+    /// Deleted by the collector.
+    Deleted,
+}
+
+/// A Leader collection job (time-interval query).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CollectionJob {
+    /// Its task.
+    pub task_id: TaskId,
+    /// Its ID, chosen by the collector.
+    pub id: CollectionJobId,
+    /// The queried batch interval.
+    pub batch_interval: Interval,
+    /// The aggregation parameter.
+    pub aggregation_parameter: Vec<u8>,
+    /// The state.
+    pub state: CollectionJobState,
+}
+
+/// A collection job taken with a lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcquiredCollectionJob {
+    /// The job as it was when leased.
+    pub job: CollectionJob,
+    /// The lease.
+    pub lease: Lease,
+}
+
+/// A Helper aggregation job, kept so that a repeated request gets the same response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelperAggregationJob {
+    /// Its task.
+    pub task_id: TaskId,
+    /// Its ID, chosen by the Leader.
+    pub id: AggregationJobId,
+    /// SHA-256 of the request body that created it.
+    pub request_hash: [u8; 32],
+    /// The last step completed.
+    pub step: u16,
+    /// The encoded `AggregationJobResp` that was sent.
+    pub response: Vec<u8>,
+}
+
+/// An aggregate share the Helper has served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AggregateShareJob {
+    /// Its task.
+    pub task_id: TaskId,
+    /// The batch interval.
+    pub batch_interval: Interval,
+    /// The aggregation parameter.
+    pub aggregation_parameter: Vec<u8>,
+    /// Number of reports in the batch.
+    pub report_count: u64,
+    /// Checksum of the batch.
+    pub checksum: ReportIdChecksum,
+    /// The aggregate share, sealed to the collector.
+    pub encrypted_aggregate_share: HpkeCiphertext,
+}

@@ -1,0 +1,306 @@
+//! Leader: collection jobs.
+//!
+//! A job is one row; its state is the `state` column plus the state's data (`collection` for
+//! finished jobs, `abandon_reason` for abandoned ones). Deleting a finished job keeps its
+//! `collection`, so its batch still counts as collected.
+
+use duet_messages::dap09::{Collection, CollectionJobId, Interval, TaskId, Time};
+use duet_messages::{Decode, Encode};
+use sqlx::sqlite::SqliteRow;
+
+use super::{
+    clamp_i64, col, col_array, col_interval, col_u64, db, lease_token, to_i64, SqliteDatastore,
+};
+use crate::{AcquiredCollectionJob, CollectionJob, CollectionJobState, Lease, StoreError};
+
+/// The columns a [`CollectionJob`] is read from.
+const JOB_COLUMNS: &str =
+    "task_id, job_id, batch_start, batch_duration, aggregation_parameter, state, collection, abandon_reason";
+
+fn job_from_row(row: &SqliteRow) -> Result<CollectionJob, StoreError> {
+    let state: String = col(row, "state")?;
+    let state = match state.as_str() {
+        "start" => CollectionJobState::Start,
+        "finished" => {
+            let encoded: Option<Vec<u8>> = col(row, "collection")?;
+            let encoded = encoded.ok_or_else(|| {
+                StoreError::Corrupt("finished collection job without a result".into())
+            })?;
+            let collection = Collection::get_decoded(&encoded)
+                .map_err(|e| StoreError::Corrupt(format!("stored Collection: {e}")))?;
+            CollectionJobState::Finished(collection)
+        }
+        "abandoned" => {
+            let reason: Option<String> = col(row, "abandon_reason")?;
+            CollectionJobState::Abandoned(reason.unwrap_or_default())
+        }
+        "deleted" => CollectionJobState::Deleted,
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "collection job state '{other}'"
+            )))
+        }
+    };
+    Ok(CollectionJob {
+        task_id: TaskId(col_array(row, "task_id")?),
+        id: CollectionJobId(col_array(row, "job_id")?),
+        batch_interval: col_interval(row, "batch_start", "batch_duration")?,
+        aggregation_parameter: col(row, "aggregation_parameter")?,
+        state,
+    })
+}
+
+/// The `state`, `collection` and `abandon_reason` columns of a state.
+fn state_columns(state: &CollectionJobState) -> (&'static str, Option<Vec<u8>>, Option<&str>) {
+    match state {
+        CollectionJobState::Start => ("start", None, None),
+        CollectionJobState::Finished(collection) => {
+            ("finished", Some(collection.get_encoded()), None)
+        }
+        CollectionJobState::Abandoned(reason) => ("abandoned", None, Some(reason.as_str())),
+        CollectionJobState::Deleted => ("deleted", None, None),
+    }
+}
+
+pub(super) async fn put_collection_job(
+    store: &SqliteDatastore,
+    job: &CollectionJob,
+) -> Result<(), StoreError> {
+    let (state, collection, reason) = state_columns(&job.state);
+    let mut tx = store.begin_write().await?;
+    let inserted = sqlx::query(
+        "-- put_collection_job\n\
+         INSERT INTO collection_jobs (task_id, job_id, batch_start, batch_duration, \
+           aggregation_parameter, state, collection, abandon_reason) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    )
+    .bind(&job.task_id.0[..])
+    .bind(&job.id.0[..])
+    .bind(to_i64(job.batch_interval.start.0, "batch start")?)
+    .bind(to_i64(job.batch_interval.duration.0, "batch duration")?)
+    .bind(&job.aggregation_parameter[..])
+    .bind(state)
+    .bind(collection)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    if inserted == 0 {
+        let existing = sqlx::query(
+            "-- put_collection_job\n\
+             SELECT batch_start, batch_duration, aggregation_parameter FROM collection_jobs \
+             WHERE task_id = ? AND job_id = ?",
+        )
+        .bind(&job.task_id.0[..])
+        .bind(&job.id.0[..])
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        // The same request again (the collector retrying its PUT) is fine whatever state the job
+        // reached since; only what the collector asked for must match.
+        let same = col_interval(&existing, "batch_start", "batch_duration")? == job.batch_interval
+            && col::<Vec<u8>>(&existing, "aggregation_parameter")? == job.aggregation_parameter;
+        if !same {
+            return Err(StoreError::AlreadyExists);
+        }
+    }
+    tx.commit().await.map_err(db)
+}
+
+pub(super) async fn get_collection_job(
+    store: &SqliteDatastore,
+    task_id: &TaskId,
+    id: &CollectionJobId,
+) -> Result<Option<CollectionJob>, StoreError> {
+    let sql = format!("-- get_collection_job\nSELECT {JOB_COLUMNS} FROM collection_jobs WHERE task_id = ? AND job_id = ?");
+    sqlx::query(&sql)
+        .bind(&task_id.0[..])
+        .bind(&id.0[..])
+        .fetch_optional(&store.pool)
+        .await
+        .map_err(db)?
+        .map(|row| job_from_row(&row))
+        .transpose()
+}
+
+pub(super) async fn list_collection_jobs(
+    store: &SqliteDatastore,
+    task_id: &TaskId,
+) -> Result<Vec<CollectionJob>, StoreError> {
+    let sql = format!(
+        "-- list_collection_jobs\n\
+         SELECT {JOB_COLUMNS} FROM collection_jobs WHERE task_id = ? AND state != 'deleted' \
+         ORDER BY batch_start, job_id"
+    );
+    sqlx::query(&sql)
+        .bind(&task_id.0[..])
+        .fetch_all(&store.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(job_from_row)
+        .collect()
+}
+
+pub(super) async fn delete_collection_job(
+    store: &SqliteDatastore,
+    task_id: &TaskId,
+    id: &CollectionJobId,
+) -> Result<bool, StoreError> {
+    let mut tx = store.begin_write().await?;
+    // The lease is dropped too: a driver holding it gets `LeaseLost` when it tries to finish.
+    let updated = sqlx::query(
+        "-- delete_collection_job\n\
+         UPDATE collection_jobs SET state = 'deleted', lease_token = NULL, lease_expiry = 0 \
+         WHERE task_id = ? AND job_id = ?",
+    )
+    .bind(&task_id.0[..])
+    .bind(&id.0[..])
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    tx.commit().await.map_err(db)?;
+    Ok(updated > 0)
+}
+
+pub(super) async fn acquire_collection_jobs(
+    store: &SqliteDatastore,
+    now: Time,
+    lease_duration: u64,
+    limit: usize,
+) -> Result<Vec<AcquiredCollectionJob>, StoreError> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let expiry = Time(now.0.saturating_add(lease_duration));
+    let now = to_i64(now.0, "time")?;
+    let mut tx = store.begin_write().await?;
+    let sql = format!(
+        "-- acquire_collection_jobs\n\
+         SELECT {JOB_COLUMNS} FROM collection_jobs \
+         WHERE state = 'start' AND retry_at <= ? AND lease_expiry <= ? \
+         ORDER BY retry_at LIMIT ?"
+    );
+    let candidates = sqlx::query(&sql)
+        .bind(now)
+        .bind(now)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+    let mut acquired = Vec::with_capacity(candidates.len());
+    for candidate in candidates {
+        let job = job_from_row(&candidate)?;
+        let token = lease_token();
+        let row = sqlx::query(
+            "-- acquire_collection_jobs\n\
+             UPDATE collection_jobs \
+             SET lease_token = ?, lease_expiry = ?, lease_attempts = lease_attempts + 1 \
+             WHERE task_id = ? AND job_id = ? RETURNING lease_attempts",
+        )
+        .bind(&token[..])
+        .bind(clamp_i64(expiry.0))
+        .bind(&job.task_id.0[..])
+        .bind(&job.id.0[..])
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let attempts = u32::try_from(col_u64(&row, "lease_attempts")?)
+            .map_err(|_| StoreError::Corrupt("lease_attempts out of range".into()))?;
+        acquired.push(AcquiredCollectionJob {
+            job,
+            lease: Lease {
+                token,
+                expiry,
+                attempts,
+            },
+        });
+    }
+    tx.commit().await.map_err(db)?;
+    Ok(acquired)
+}
+
+pub(super) async fn release_collection_job(
+    store: &SqliteDatastore,
+    job: &AcquiredCollectionJob,
+    retry_at: Time,
+) -> Result<(), StoreError> {
+    let mut tx = store.begin_write().await?;
+    let updated = sqlx::query(
+        "-- release_collection_job\n\
+         UPDATE collection_jobs SET lease_token = NULL, lease_expiry = 0, retry_at = ? \
+         WHERE task_id = ? AND job_id = ? AND state = 'start' AND lease_token = ?",
+    )
+    .bind(to_i64(retry_at.0, "retry time")?)
+    .bind(&job.job.task_id.0[..])
+    .bind(&job.job.id.0[..])
+    .bind(&job.lease.token[..])
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    if updated == 0 {
+        tx.rollback().await.map_err(db)?;
+        return Err(StoreError::LeaseLost);
+    }
+    tx.commit().await.map_err(db)
+}
+
+pub(super) async fn finish_collection_job(
+    store: &SqliteDatastore,
+    job: &AcquiredCollectionJob,
+    state: &CollectionJobState,
+) -> Result<(), StoreError> {
+    if !matches!(
+        state,
+        CollectionJobState::Finished(_) | CollectionJobState::Abandoned(_)
+    ) {
+        return Err(StoreError::Database(
+            "finish_collection_job: the final state must be Finished or Abandoned".into(),
+        ));
+    }
+    let (state, collection, reason) = state_columns(state);
+    let mut tx = store.begin_write().await?;
+    let updated = sqlx::query(
+        "-- finish_collection_job\n\
+         UPDATE collection_jobs \
+         SET state = ?, collection = ?, abandon_reason = ?, lease_token = NULL, lease_expiry = 0 \
+         WHERE task_id = ? AND job_id = ? AND state = 'start' AND lease_token = ?",
+    )
+    .bind(state)
+    .bind(collection)
+    .bind(reason)
+    .bind(&job.job.task_id.0[..])
+    .bind(&job.job.id.0[..])
+    .bind(&job.lease.token[..])
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    if updated == 0 {
+        tx.rollback().await.map_err(db)?;
+        return Err(StoreError::LeaseLost);
+    }
+    tx.commit().await.map_err(db)
+}
+
+pub(super) async fn collected_intervals(
+    store: &SqliteDatastore,
+    task_id: &TaskId,
+) -> Result<Vec<Interval>, StoreError> {
+    // Finished jobs, and finished jobs deleted since: their batch was collected either way.
+    sqlx::query(
+        "-- collected_intervals\n\
+         SELECT DISTINCT batch_start, batch_duration FROM collection_jobs \
+         WHERE task_id = ? AND collection IS NOT NULL ORDER BY batch_start, batch_duration",
+    )
+    .bind(&task_id.0[..])
+    .fetch_all(&store.pool)
+    .await
+    .map_err(db)?
+    .iter()
+    .map(|row| col_interval(row, "batch_start", "batch_duration"))
+    .collect()
+}

@@ -1,0 +1,241 @@
+//! Helper: aggregation jobs, the report IDs it has aggregated, and the aggregate shares it served.
+
+use std::collections::HashSet;
+
+use duet_messages::dap09::{
+    AggregationJobId, HpkeCiphertext, Interval, ReportId, ReportIdChecksum, TaskId,
+};
+use duet_messages::{Decode, Encode};
+use sqlx::sqlite::SqliteRow;
+
+use super::tasks::merge_batch_aggregations;
+use super::{
+    col, col_array, col_interval, col_u64, db, to_i64, values_placeholders, SqliteDatastore,
+    MAX_BIND_PARAMS,
+};
+use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, StoreError};
+
+pub(super) async fn get_helper_aggregation_job(
+    store: &SqliteDatastore,
+    task_id: &TaskId,
+    id: &AggregationJobId,
+) -> Result<Option<HelperAggregationJob>, StoreError> {
+    let row = sqlx::query(
+        "-- get_helper_aggregation_job\n\
+         SELECT request_hash, step, response FROM helper_aggregation_jobs WHERE task_id = ? AND job_id = ?",
+    )
+    .bind(&task_id.0[..])
+    .bind(&id.0[..])
+    .fetch_optional(&store.pool)
+    .await
+    .map_err(db)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let step = u16::try_from(col_u64(&row, "step")?)
+        .map_err(|_| StoreError::Corrupt("helper aggregation job step out of range".into()))?;
+    Ok(Some(HelperAggregationJob {
+        task_id: *task_id,
+        id: *id,
+        request_hash: col_array(&row, "request_hash")?,
+        step,
+        response: col(&row, "response")?,
+    }))
+}
+
+pub(super) async fn seen_report_ids(
+    store: &SqliteDatastore,
+    task_id: &TaskId,
+    ids: &[ReportId],
+) -> Result<HashSet<ReportId>, StoreError> {
+    let mut seen = HashSet::new();
+    // One parameter is the task ID.
+    let chunk_len = MAX_BIND_PARAMS - 1;
+    for chunk in ids.chunks(chunk_len) {
+        let sql = format!(
+            "-- seen_report_ids\n\
+             SELECT report_id FROM helper_report_ids WHERE task_id = ? AND report_id IN ({})",
+            vec!["?"; chunk.len()].join(", ")
+        );
+        let mut query = sqlx::query(&sql)
+            .persistent(chunk.len() == chunk_len)
+            .bind(&task_id.0[..]);
+        for id in chunk {
+            query = query.bind(&id.0[..]);
+        }
+        for row in query.fetch_all(&store.pool).await.map_err(db)? {
+            seen.insert(ReportId(col_array(&row, "report_id")?));
+        }
+    }
+    Ok(seen)
+}
+
+pub(super) async fn put_helper_aggregation_job(
+    store: &SqliteDatastore,
+    job: &HelperAggregationJob,
+    report_ids: &[ReportId],
+    deltas: &[BatchAggregation],
+    merge: MergeFn<'_>,
+) -> Result<(), StoreError> {
+    let mut tx = store.begin_write().await?;
+    let inserted = sqlx::query(
+        "-- put_helper_aggregation_job\n\
+         INSERT INTO helper_aggregation_jobs (task_id, job_id, request_hash, step, response) \
+         VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    )
+    .bind(&job.task_id.0[..])
+    .bind(&job.id.0[..])
+    .bind(&job.request_hash[..])
+    .bind(i64::from(job.step))
+    .bind(&job.response[..])
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    if inserted == 0 {
+        tx.rollback().await.map_err(db)?;
+        return Err(StoreError::Conflict);
+    }
+    // Two columns per report ID.
+    let chunk_len = MAX_BIND_PARAMS / 2;
+    let mut inserted_ids = 0;
+    for chunk in report_ids.chunks(chunk_len) {
+        let sql = format!(
+            "-- put_helper_aggregation_job\n\
+             INSERT INTO helper_report_ids (task_id, report_id) VALUES {} ON CONFLICT DO NOTHING",
+            values_placeholders(chunk.len(), 2)
+        );
+        let mut query = sqlx::query(&sql).persistent(chunk.len() == chunk_len);
+        for id in chunk {
+            query = query.bind(&job.task_id.0[..]).bind(&id.0[..]);
+        }
+        inserted_ids += query.execute(&mut *tx).await.map_err(db)?.rows_affected();
+    }
+    // Any report ID already stored (by another job, or twice in this one) is a replay that a
+    // concurrent request got in first: the caller must recompute.
+    if inserted_ids != report_ids.len() as u64 {
+        tx.rollback().await.map_err(db)?;
+        return Err(StoreError::Conflict);
+    }
+    merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
+    tx.commit().await.map_err(db)
+}
+
+fn share_job_from_row(task_id: &TaskId, row: &SqliteRow) -> Result<AggregateShareJob, StoreError> {
+    let encrypted: Vec<u8> = col(row, "encrypted_aggregate_share")?;
+    Ok(AggregateShareJob {
+        task_id: *task_id,
+        batch_interval: col_interval(row, "batch_start", "batch_duration")?,
+        aggregation_parameter: col(row, "aggregation_parameter")?,
+        report_count: col_u64(row, "report_count")?,
+        checksum: ReportIdChecksum(col_array(row, "checksum")?),
+        encrypted_aggregate_share: HpkeCiphertext::get_decoded(&encrypted)
+            .map_err(|e| StoreError::Corrupt(format!("stored HpkeCiphertext: {e}")))?,
+    })
+}
+
+pub(super) async fn get_aggregate_share_job(
+    store: &SqliteDatastore,
+    task_id: &TaskId,
+    batch_interval: &Interval,
+    aggregation_parameter: &[u8],
+) -> Result<Option<AggregateShareJob>, StoreError> {
+    sqlx::query(
+        "-- get_aggregate_share_job\n\
+         SELECT batch_start, batch_duration, aggregation_parameter, report_count, checksum, \
+           encrypted_aggregate_share \
+         FROM aggregate_share_jobs \
+         WHERE task_id = ? AND batch_start = ? AND batch_duration = ? AND aggregation_parameter = ?",
+    )
+    .bind(&task_id.0[..])
+    .bind(to_i64(batch_interval.start.0, "batch start")?)
+    .bind(to_i64(batch_interval.duration.0, "batch duration")?)
+    .bind(aggregation_parameter)
+    .fetch_optional(&store.pool)
+    .await
+    .map_err(db)?
+    .map(|row| share_job_from_row(task_id, &row))
+    .transpose()
+}
+
+pub(super) async fn list_aggregate_share_jobs(
+    store: &SqliteDatastore,
+    task_id: &TaskId,
+) -> Result<Vec<AggregateShareJob>, StoreError> {
+    sqlx::query(
+        "-- list_aggregate_share_jobs\n\
+         SELECT batch_start, batch_duration, aggregation_parameter, report_count, checksum, \
+           encrypted_aggregate_share \
+         FROM aggregate_share_jobs WHERE task_id = ? \
+         ORDER BY batch_start, batch_duration, aggregation_parameter",
+    )
+    .bind(&task_id.0[..])
+    .fetch_all(&store.pool)
+    .await
+    .map_err(db)?
+    .iter()
+    .map(|row| share_job_from_row(task_id, row))
+    .collect()
+}
+
+pub(super) async fn put_aggregate_share_job(
+    store: &SqliteDatastore,
+    job: &AggregateShareJob,
+) -> Result<(), StoreError> {
+    let mut tx = store.begin_write().await?;
+    let inserted = sqlx::query(
+        "-- put_aggregate_share_job\n\
+         INSERT INTO aggregate_share_jobs (task_id, batch_start, batch_duration, aggregation_parameter, \
+           report_count, checksum, encrypted_aggregate_share) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    )
+    .bind(&job.task_id.0[..])
+    .bind(to_i64(job.batch_interval.start.0, "batch start")?)
+    .bind(to_i64(job.batch_interval.duration.0, "batch duration")?)
+    .bind(&job.aggregation_parameter[..])
+    .bind(to_i64(job.report_count, "report count")?)
+    .bind(&job.checksum.0[..])
+    .bind(job.encrypted_aggregate_share.get_encoded())
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    if inserted == 0 {
+        let row = sqlx::query(
+            "-- put_aggregate_share_job\n\
+             SELECT batch_start, batch_duration, aggregation_parameter, report_count, checksum, \
+               encrypted_aggregate_share \
+             FROM aggregate_share_jobs \
+             WHERE task_id = ? AND batch_start = ? AND batch_duration = ? AND aggregation_parameter = ?",
+        )
+        .bind(&job.task_id.0[..])
+        .bind(to_i64(job.batch_interval.start.0, "batch start")?)
+        .bind(to_i64(job.batch_interval.duration.0, "batch duration")?)
+        .bind(&job.aggregation_parameter[..])
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        if share_job_from_row(&job.task_id, &row)? != *job {
+            return Err(StoreError::AlreadyExists);
+        }
+    }
+    tx.commit().await.map_err(db)
+}
+
+pub(super) async fn collected_intervals(
+    store: &SqliteDatastore,
+    task_id: &TaskId,
+) -> Result<Vec<Interval>, StoreError> {
+    sqlx::query(
+        "-- collected_intervals\n\
+         SELECT DISTINCT batch_start, batch_duration FROM aggregate_share_jobs \
+         WHERE task_id = ? ORDER BY batch_start, batch_duration",
+    )
+    .bind(&task_id.0[..])
+    .fetch_all(&store.pool)
+    .await
+    .map_err(db)?
+    .iter()
+    .map(|row| col_interval(row, "batch_start", "batch_duration"))
+    .collect()
+}

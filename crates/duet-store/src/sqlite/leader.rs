@@ -1,0 +1,334 @@
+//! Leader: reports and aggregation jobs.
+//!
+//! A report is one row for its whole life: inserted on upload, assigned to a job (`job_id`), and
+//! reduced to its ID once the job finishes or is abandoned (`payload` set to NULL). The job keeps
+//! its lease; there is no per-report state row.
+//!
+//! Statements on `reports` name their index (`INDEXED BY`): the table grows with history, and
+//! SQLite's planner, which has no statistics here, would otherwise pick the primary key and scan
+//! a task's every report. Naming the partial index keeps hot paths on pending rows only, and
+//! turns a missing index into an error rather than a slow scan.
+
+use std::collections::HashSet;
+
+use duet_messages::dap09::{AggregationJobId, Interval, ReportId, TaskId, Time};
+
+use super::tasks::merge_batch_aggregations;
+use super::{
+    clamp_i64, col, col_array, col_u64, db, lease_token, to_i64, values_placeholders,
+    SqliteDatastore, MAX_BIND_PARAMS,
+};
+use crate::{
+    AcquiredAggregationJob, BatchAggregation, JobReport, Lease, MergeFn, NewReport, StoreError,
+};
+
+/// Columns bound per report in `put_reports`.
+const REPORT_COLUMNS: usize = 4;
+
+pub(super) async fn put_reports(
+    store: &SqliteDatastore,
+    reports: &[NewReport],
+) -> Result<Vec<bool>, StoreError> {
+    if reports.is_empty() {
+        return Ok(Vec::new());
+    }
+    let times = reports
+        .iter()
+        .map(|r| to_i64(r.time.0, "report time"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut inserted: HashSet<(TaskId, ReportId)> = HashSet::with_capacity(reports.len());
+    let mut tx = store.begin_write().await?;
+    let chunk_rows = MAX_BIND_PARAMS / REPORT_COLUMNS;
+    for (chunk, chunk_times) in reports.chunks(chunk_rows).zip(times.chunks(chunk_rows)) {
+        let sql = format!(
+            "-- put_reports\n\
+             INSERT INTO reports (task_id, report_id, client_time, payload) VALUES {} \
+             ON CONFLICT DO NOTHING RETURNING task_id, report_id",
+            values_placeholders(chunk.len(), REPORT_COLUMNS)
+        );
+        let mut query = sqlx::query(&sql).persistent(chunk.len() == chunk_rows);
+        for (report, time) in chunk.iter().zip(chunk_times) {
+            query = query
+                .bind(&report.task_id.0[..])
+                .bind(&report.report_id.0[..])
+                .bind(*time)
+                .bind(&report.encoded[..]);
+        }
+        // A report ID repeated within the batch conflicts with its first occurrence, so it comes
+        // back once.
+        for row in query.fetch_all(&mut *tx).await.map_err(db)? {
+            inserted.insert((
+                TaskId(col_array(&row, "task_id")?),
+                ReportId(col_array(&row, "report_id")?),
+            ));
+        }
+    }
+    tx.commit().await.map_err(db)?;
+    // Only the first occurrence of a key in the batch is new.
+    Ok(reports
+        .iter()
+        .map(|r| inserted.remove(&(r.task_id, r.report_id)))
+        .collect())
+}
+
+pub(super) async fn create_aggregation_jobs(
+    store: &SqliteDatastore,
+    max_job_size: usize,
+    now: Time,
+) -> Result<usize, StoreError> {
+    if max_job_size == 0 {
+        return Ok(0);
+    }
+    let now = to_i64(now.0, "time")?;
+    let job_size = i64::try_from(max_job_size).unwrap_or(i64::MAX);
+    let mut tx = store.begin_write().await?;
+    let task_rows = sqlx::query(
+        "-- create_aggregation_jobs\nSELECT DISTINCT task_id FROM reports INDEXED BY reports_unassigned WHERE job_id IS NULL",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db)?;
+    let mut created = 0;
+    for task_row in task_rows {
+        let task_id: Vec<u8> = col(&task_row, "task_id")?;
+        loop {
+            let job_id = AggregationJobId::random();
+            // Oldest first, so that early buckets complete first.
+            let assigned = sqlx::query(
+                "-- create_aggregation_jobs\n\
+                 UPDATE reports SET job_id = ? \
+                 WHERE task_id = ? AND report_id IN ( \
+                   SELECT report_id FROM reports INDEXED BY reports_unassigned \
+                   WHERE task_id = ? AND job_id IS NULL \
+                   ORDER BY client_time, report_id LIMIT ?)",
+            )
+            .bind(&job_id.0[..])
+            .bind(&task_id[..])
+            .bind(&task_id[..])
+            .bind(job_size)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+            if assigned == 0 {
+                break;
+            }
+            sqlx::query(
+                "-- create_aggregation_jobs\n\
+                 INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, created_at, retry_at) \
+                 VALUES (?, ?, 'active', ?, ?, ?)",
+            )
+            .bind(&task_id[..])
+            .bind(&job_id.0[..])
+            .bind(clamp_i64(assigned))
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            created += 1;
+            if assigned < max_job_size as u64 {
+                break;
+            }
+        }
+    }
+    tx.commit().await.map_err(db)?;
+    Ok(created)
+}
+
+pub(super) async fn acquire_aggregation_jobs(
+    store: &SqliteDatastore,
+    now: Time,
+    lease_duration: u64,
+    limit: usize,
+) -> Result<Vec<AcquiredAggregationJob>, StoreError> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let expiry = Time(now.0.saturating_add(lease_duration));
+    let now = to_i64(now.0, "time")?;
+    let mut tx = store.begin_write().await?;
+    let candidates = sqlx::query(
+        "-- acquire_aggregation_jobs\n\
+         SELECT task_id, job_id FROM aggregation_jobs \
+         WHERE state = 'active' AND retry_at <= ? AND lease_expiry <= ? \
+         ORDER BY retry_at, created_at LIMIT ?",
+    )
+    .bind(now)
+    .bind(now)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db)?;
+    let mut acquired = Vec::with_capacity(candidates.len());
+    for candidate in candidates {
+        let task_id = TaskId(col_array(&candidate, "task_id")?);
+        let job_id = AggregationJobId(col_array(&candidate, "job_id")?);
+        let token = lease_token();
+        let row = sqlx::query(
+            "-- acquire_aggregation_jobs\n\
+             UPDATE aggregation_jobs \
+             SET lease_token = ?, lease_expiry = ?, lease_attempts = lease_attempts + 1 \
+             WHERE task_id = ? AND job_id = ? RETURNING lease_attempts",
+        )
+        .bind(&token[..])
+        .bind(clamp_i64(expiry.0))
+        .bind(&task_id.0[..])
+        .bind(&job_id.0[..])
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let attempts = u32::try_from(col_u64(&row, "lease_attempts")?)
+            .map_err(|_| StoreError::Corrupt("lease_attempts out of range".into()))?;
+        let reports = sqlx::query(
+            "-- acquire_aggregation_jobs\n\
+             SELECT report_id, client_time, payload FROM reports INDEXED BY reports_by_job \
+             WHERE task_id = ? AND job_id = ? AND payload IS NOT NULL \
+             ORDER BY client_time, report_id",
+        )
+        .bind(&task_id.0[..])
+        .bind(&job_id.0[..])
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| {
+            Ok(JobReport {
+                report_id: ReportId(col_array(row, "report_id")?),
+                time: Time(col_u64(row, "client_time")?),
+                encoded: col(row, "payload")?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        acquired.push(AcquiredAggregationJob {
+            task_id,
+            job_id,
+            reports,
+            lease: Lease {
+                token,
+                expiry,
+                attempts,
+            },
+        });
+    }
+    tx.commit().await.map_err(db)?;
+    Ok(acquired)
+}
+
+pub(super) async fn finish_aggregation_job(
+    store: &SqliteDatastore,
+    job: &AcquiredAggregationJob,
+    deltas: &[BatchAggregation],
+    merge: MergeFn<'_>,
+) -> Result<(), StoreError> {
+    let mut tx = store.begin_write().await?;
+    let updated = sqlx::query(
+        "-- finish_aggregation_job\n\
+         UPDATE aggregation_jobs SET state = 'finished', lease_token = NULL, lease_expiry = 0 \
+         WHERE task_id = ? AND job_id = ? AND state = 'active' AND lease_token = ?",
+    )
+    .bind(&job.task_id.0[..])
+    .bind(&job.job_id.0[..])
+    .bind(&job.lease.token[..])
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    if updated == 0 {
+        tx.rollback().await.map_err(db)?;
+        return Err(StoreError::LeaseLost);
+    }
+    merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
+    sqlx::query(
+        "-- finish_aggregation_job\n\
+         UPDATE reports INDEXED BY reports_by_job SET payload = NULL \
+         WHERE task_id = ? AND job_id = ? AND payload IS NOT NULL",
+    )
+    .bind(&job.task_id.0[..])
+    .bind(&job.job_id.0[..])
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    tx.commit().await.map_err(db)
+}
+
+pub(super) async fn release_aggregation_job(
+    store: &SqliteDatastore,
+    job: &AcquiredAggregationJob,
+    retry_at: Time,
+) -> Result<(), StoreError> {
+    let mut tx = store.begin_write().await?;
+    let updated = sqlx::query(
+        "-- release_aggregation_job\n\
+         UPDATE aggregation_jobs SET lease_token = NULL, lease_expiry = 0, retry_at = ? \
+         WHERE task_id = ? AND job_id = ? AND state = 'active' AND lease_token = ?",
+    )
+    .bind(to_i64(retry_at.0, "retry time")?)
+    .bind(&job.task_id.0[..])
+    .bind(&job.job_id.0[..])
+    .bind(&job.lease.token[..])
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    if updated == 0 {
+        tx.rollback().await.map_err(db)?;
+        return Err(StoreError::LeaseLost);
+    }
+    tx.commit().await.map_err(db)
+}
+
+pub(super) async fn abandon_aggregation_job(
+    store: &SqliteDatastore,
+    job: &AcquiredAggregationJob,
+) -> Result<(), StoreError> {
+    let mut tx = store.begin_write().await?;
+    let updated = sqlx::query(
+        "-- abandon_aggregation_job\n\
+         UPDATE aggregation_jobs SET state = 'abandoned', lease_token = NULL, lease_expiry = 0 \
+         WHERE task_id = ? AND job_id = ? AND state = 'active' AND lease_token = ?",
+    )
+    .bind(&job.task_id.0[..])
+    .bind(&job.job_id.0[..])
+    .bind(&job.lease.token[..])
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    if updated == 0 {
+        tx.rollback().await.map_err(db)?;
+        return Err(StoreError::LeaseLost);
+    }
+    sqlx::query(
+        "-- abandon_aggregation_job\n\
+         UPDATE reports INDEXED BY reports_by_job SET payload = NULL \
+         WHERE task_id = ? AND job_id = ? AND payload IS NOT NULL",
+    )
+    .bind(&job.task_id.0[..])
+    .bind(&job.job_id.0[..])
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    tx.commit().await.map_err(db)
+}
+
+pub(super) async fn count_unaggregated_reports(
+    store: &SqliteDatastore,
+    task_id: &TaskId,
+    interval: &Interval,
+) -> Result<u64, StoreError> {
+    // Unassigned reports and reports of unfinished jobs are exactly those that still have a
+    // payload; the partial index `reports_pending` holds only them.
+    let row = sqlx::query(
+        "-- count_unaggregated_reports\n\
+         SELECT COUNT(*) AS n FROM reports INDEXED BY reports_pending \
+         WHERE task_id = ? AND payload IS NOT NULL AND client_time >= ? AND client_time < ?",
+    )
+    .bind(&task_id.0[..])
+    .bind(clamp_i64(interval.start.0))
+    .bind(clamp_i64(interval.end().0))
+    .fetch_one(&store.pool)
+    .await
+    .map_err(db)?;
+    col_u64(&row, "n")
+}

@@ -1,0 +1,407 @@
+//! The embedded SQLite backend: one database file, WAL journal, every write one `BEGIN IMMEDIATE`
+//! transaction.
+//!
+//! SQLite has a single writer at a time, so write transactions take the write lock up front
+//! (`BEGIN IMMEDIATE`) and wait for it (busy timeout) instead of failing a lock upgrade half-way.
+//! Readers never block thanks to WAL. The schema is in `migrations/sqlite/`; the module split
+//! follows it: [`tasks`] (tasks, keys, batch aggregations), [`leader`] (reports and aggregation
+//! jobs), [`collection`] (collection jobs), [`helper`] (Helper jobs and aggregate shares).
+
+mod collection;
+mod helper;
+mod leader;
+mod tasks;
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::Duration as StdDuration;
+
+use async_trait::async_trait;
+use duet_core::hpke::HpkeKeypair;
+use duet_core::{AggregatorRole, Task};
+use duet_messages::dap09::{AggregationJobId, CollectionJobId, Interval, ReportId, TaskId, Time};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+
+use crate::{
+    AcquiredAggregationJob, AcquiredCollectionJob, AggregateShareJob, BatchAggregation,
+    CollectionJob, CollectionJobState, Datastore, HelperAggregationJob, MergeFn, NewReport,
+    StoreError,
+};
+
+/// How long a statement waits for the write lock before failing.
+const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+/// Connections in the pool (readers run in parallel; writers queue on SQLite's lock).
+const MAX_CONNECTIONS: u32 = 8;
+/// Bound parameters per statement in bulk statements; well under SQLite's limit (32766 since
+/// 3.32, 999 before).
+const MAX_BIND_PARAMS: usize = 900;
+/// How often `connect` re-runs migrations that lost a race with another process migrating the
+/// same file.
+const MIGRATION_ATTEMPTS: usize = 5;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// A [`Datastore`] over one SQLite database file, bound to one aggregator role.
+#[derive(Clone, Debug)]
+pub struct SqliteDatastore {
+    pool: SqlitePool,
+    role: AggregatorRole,
+}
+
+impl SqliteDatastore {
+    /// Opens (creating if missing) and migrates the database at a file path or a `sqlite:` URL
+    /// (`sqlite::memory:` for a private in-memory database); the handle is bound to the Leader role.
+    pub async fn connect(path_or_url: &str) -> Result<SqliteDatastore, StoreError> {
+        let options = if path_or_url.starts_with("sqlite:") {
+            SqliteConnectOptions::from_str(path_or_url).map_err(db)?
+        } else {
+            SqliteConnectOptions::new().filename(path_or_url)
+        };
+        let in_memory = path_or_url.contains(":memory:") || path_or_url.contains("mode=memory");
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(if in_memory {
+                SqliteJournalMode::Memory
+            } else {
+                SqliteJournalMode::Wal
+            })
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        // An in-memory database is shared between connections through SQLite's shared cache,
+        // whose table locks don't wait on the busy timeout: one connection avoids them.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(if in_memory { 1 } else { MAX_CONNECTIONS })
+            .connect_with(options)
+            .await
+            .map_err(db)?;
+        run_migrations(&pool).await?;
+        Ok(SqliteDatastore {
+            pool,
+            role: AggregatorRole::Leader,
+        })
+    }
+
+    /// A handle on the same database bound to `role`.
+    pub fn with_role(&self, role: AggregatorRole) -> SqliteDatastore {
+        SqliteDatastore {
+            pool: self.pool.clone(),
+            role,
+        }
+    }
+
+    /// The role this handle is bound to.
+    pub fn role(&self) -> AggregatorRole {
+        self.role
+    }
+
+    /// Closes the pool (all handles on it), waiting for connections to finish.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// The role as stored in `role` columns.
+    fn role_str(&self) -> &'static str {
+        match self.role {
+            AggregatorRole::Leader => "leader",
+            AggregatorRole::Helper => "helper",
+        }
+    }
+
+    /// Starts a write transaction holding SQLite's write lock from its first statement.
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+    }
+}
+
+/// Runs the embedded migrations, retrying when another connection migrated the same file at the
+/// same time (the loser's `CREATE TABLE` fails once the winner commits; a re-run then sees the
+/// migration applied).
+async fn run_migrations(pool: &SqlitePool) -> Result<(), StoreError> {
+    let mut last_error = None;
+    for _ in 0..MIGRATION_ATTEMPTS {
+        match MIGRATOR.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(error = %e, "migrating the SQLite database failed; retrying");
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(StoreError::Database(format!(
+        "migrations failed: {}",
+        last_error.map(|e| e.to_string()).unwrap_or_default()
+    )))
+}
+
+// ---- Conversions shared by the submodules ----
+
+/// Maps a database error.
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+/// A `u64` as SQLite's signed INTEGER; values past `i64::MAX` are refused rather than wrapped.
+fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v)
+        .map_err(|_| StoreError::Database(format!("{what} {v} does not fit in an SQLite INTEGER")))
+}
+
+/// A `u64` bound for range queries: values past `i64::MAX` clamp (no stored value exceeds it).
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Reads a column, reporting a missing or mistyped one as corrupt.
+fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(name)
+        .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
+}
+
+/// Reads a non-negative INTEGER column.
+fn col_u64(row: &SqliteRow, name: &str) -> Result<u64, StoreError> {
+    let v: i64 = col(row, name)?;
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("column {name}: negative value {v}")))
+}
+
+/// Reads a fixed-length BLOB column.
+fn col_array<const N: usize>(row: &SqliteRow, name: &str) -> Result<[u8; N], StoreError> {
+    let v: Vec<u8> = col(row, name)?;
+    <[u8; N]>::try_from(v.as_slice()).map_err(|_| {
+        StoreError::Corrupt(format!(
+            "column {name}: expected {N} bytes, got {}",
+            v.len()
+        ))
+    })
+}
+
+/// Reads an interval from its start and duration columns.
+fn col_interval(row: &SqliteRow, start: &str, duration: &str) -> Result<Interval, StoreError> {
+    Ok(Interval {
+        start: Time(col_u64(row, start)?),
+        duration: duration_of(col_u64(row, duration)?),
+    })
+}
+
+fn duration_of(seconds: u64) -> duet_messages::dap09::Duration {
+    duet_messages::dap09::Duration(seconds)
+}
+
+/// `(?, ?, …), (?, ?, …), …`: placeholders for a multi-row INSERT.
+fn values_placeholders(rows: usize, columns: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    vec![row; rows].join(", ")
+}
+
+/// A fresh lease token.
+fn lease_token() -> [u8; 16] {
+    rand::random()
+}
+
+#[async_trait]
+impl Datastore for SqliteDatastore {
+    async fn put_task(&self, task: &Task) -> Result<(), StoreError> {
+        tasks::put_task(self, task).await
+    }
+
+    async fn get_task(&self, task_id: &TaskId) -> Result<Option<Task>, StoreError> {
+        tasks::get_task(self, task_id).await
+    }
+
+    async fn list_tasks(&self) -> Result<Vec<Task>, StoreError> {
+        tasks::list_tasks(self).await
+    }
+
+    async fn delete_task(&self, task_id: &TaskId) -> Result<bool, StoreError> {
+        tasks::delete_task(self, task_id).await
+    }
+
+    async fn put_hpke_keypair(&self, keypair: &HpkeKeypair) -> Result<(), StoreError> {
+        tasks::put_hpke_keypair(self, keypair).await
+    }
+
+    async fn get_hpke_keypairs(&self) -> Result<Vec<HpkeKeypair>, StoreError> {
+        tasks::get_hpke_keypairs(self).await
+    }
+
+    async fn get_batch_aggregations(
+        &self,
+        task_id: &TaskId,
+        interval: &Interval,
+        aggregation_parameter: &[u8],
+    ) -> Result<Vec<BatchAggregation>, StoreError> {
+        tasks::get_batch_aggregations(self, task_id, interval, aggregation_parameter).await
+    }
+
+    async fn collected_intervals(&self, task_id: &TaskId) -> Result<Vec<Interval>, StoreError> {
+        match self.role {
+            AggregatorRole::Leader => collection::collected_intervals(self, task_id).await,
+            AggregatorRole::Helper => helper::collected_intervals(self, task_id).await,
+        }
+    }
+
+    async fn put_reports(&self, reports: &[NewReport]) -> Result<Vec<bool>, StoreError> {
+        leader::put_reports(self, reports).await
+    }
+
+    async fn create_aggregation_jobs(
+        &self,
+        max_job_size: usize,
+        now: Time,
+    ) -> Result<usize, StoreError> {
+        leader::create_aggregation_jobs(self, max_job_size, now).await
+    }
+
+    async fn acquire_aggregation_jobs(
+        &self,
+        now: Time,
+        lease_duration: u64,
+        limit: usize,
+    ) -> Result<Vec<AcquiredAggregationJob>, StoreError> {
+        leader::acquire_aggregation_jobs(self, now, lease_duration, limit).await
+    }
+
+    async fn finish_aggregation_job(
+        &self,
+        job: &AcquiredAggregationJob,
+        deltas: &[BatchAggregation],
+        merge: MergeFn<'_>,
+    ) -> Result<(), StoreError> {
+        leader::finish_aggregation_job(self, job, deltas, merge).await
+    }
+
+    async fn release_aggregation_job(
+        &self,
+        job: &AcquiredAggregationJob,
+        retry_at: Time,
+    ) -> Result<(), StoreError> {
+        leader::release_aggregation_job(self, job, retry_at).await
+    }
+
+    async fn abandon_aggregation_job(
+        &self,
+        job: &AcquiredAggregationJob,
+    ) -> Result<(), StoreError> {
+        leader::abandon_aggregation_job(self, job).await
+    }
+
+    async fn count_unaggregated_reports(
+        &self,
+        task_id: &TaskId,
+        interval: &Interval,
+    ) -> Result<u64, StoreError> {
+        leader::count_unaggregated_reports(self, task_id, interval).await
+    }
+
+    async fn put_collection_job(&self, job: &CollectionJob) -> Result<(), StoreError> {
+        collection::put_collection_job(self, job).await
+    }
+
+    async fn get_collection_job(
+        &self,
+        task_id: &TaskId,
+        id: &CollectionJobId,
+    ) -> Result<Option<CollectionJob>, StoreError> {
+        collection::get_collection_job(self, task_id, id).await
+    }
+
+    async fn list_collection_jobs(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<Vec<CollectionJob>, StoreError> {
+        collection::list_collection_jobs(self, task_id).await
+    }
+
+    async fn delete_collection_job(
+        &self,
+        task_id: &TaskId,
+        id: &CollectionJobId,
+    ) -> Result<bool, StoreError> {
+        collection::delete_collection_job(self, task_id, id).await
+    }
+
+    async fn acquire_collection_jobs(
+        &self,
+        now: Time,
+        lease_duration: u64,
+        limit: usize,
+    ) -> Result<Vec<AcquiredCollectionJob>, StoreError> {
+        collection::acquire_collection_jobs(self, now, lease_duration, limit).await
+    }
+
+    async fn release_collection_job(
+        &self,
+        job: &AcquiredCollectionJob,
+        retry_at: Time,
+    ) -> Result<(), StoreError> {
+        collection::release_collection_job(self, job, retry_at).await
+    }
+
+    async fn finish_collection_job(
+        &self,
+        job: &AcquiredCollectionJob,
+        state: &CollectionJobState,
+    ) -> Result<(), StoreError> {
+        collection::finish_collection_job(self, job, state).await
+    }
+
+    async fn get_helper_aggregation_job(
+        &self,
+        task_id: &TaskId,
+        id: &AggregationJobId,
+    ) -> Result<Option<HelperAggregationJob>, StoreError> {
+        helper::get_helper_aggregation_job(self, task_id, id).await
+    }
+
+    async fn seen_report_ids(
+        &self,
+        task_id: &TaskId,
+        ids: &[ReportId],
+    ) -> Result<HashSet<ReportId>, StoreError> {
+        helper::seen_report_ids(self, task_id, ids).await
+    }
+
+    async fn put_helper_aggregation_job(
+        &self,
+        job: &HelperAggregationJob,
+        report_ids: &[ReportId],
+        deltas: &[BatchAggregation],
+        merge: MergeFn<'_>,
+    ) -> Result<(), StoreError> {
+        helper::put_helper_aggregation_job(self, job, report_ids, deltas, merge).await
+    }
+
+    async fn get_aggregate_share_job(
+        &self,
+        task_id: &TaskId,
+        batch_interval: &Interval,
+        aggregation_parameter: &[u8],
+    ) -> Result<Option<AggregateShareJob>, StoreError> {
+        helper::get_aggregate_share_job(self, task_id, batch_interval, aggregation_parameter).await
+    }
+
+    async fn list_aggregate_share_jobs(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<Vec<AggregateShareJob>, StoreError> {
+        helper::list_aggregate_share_jobs(self, task_id).await
+    }
+
+    async fn put_aggregate_share_job(&self, job: &AggregateShareJob) -> Result<(), StoreError> {
+        helper::put_aggregate_share_job(self, job).await
+    }
+
+    async fn health_check(&self) -> Result<(), StoreError> {
+        sqlx::query("-- health_check\nSELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+}

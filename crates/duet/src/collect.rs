@@ -1,0 +1,136 @@
+//! `duet collect`: collect a batch's aggregate from a task's Leader.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use duet_collector::{CollectionResult, Collector, CollectorParameters};
+use duet_core::task::{parse_endpoint, TaskParameters};
+use duet_core::AggregateResult;
+use duet_messages::dap09::{Duration, Interval, Query, Time};
+
+/// `duet collect` flags.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The task file (from `duet task create`).
+    #[arg(long)]
+    task: PathBuf,
+    /// The collector's key file (from `duet keys generate`).
+    #[arg(long)]
+    key: PathBuf,
+    /// Start of the batch interval, seconds since the epoch (a multiple of the time precision).
+    #[arg(long)]
+    start: u64,
+    /// Length of the batch interval in seconds (a multiple of the time precision).
+    #[arg(long)]
+    duration: u64,
+    /// Print one JSON object.
+    #[arg(long, conflicts_with = "csv")]
+    json: bool,
+    /// Print CSV.
+    #[arg(long)]
+    csv: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+/// A collector for a task's parameters.
+pub fn collector_for(
+    params: &TaskParameters,
+    keypair: duet_core::hpke::HpkeKeypair,
+) -> Result<Collector> {
+    let token = params
+        .collector_auth_token
+        .clone()
+        .context("the task file has no collector_auth_token")?;
+    let cp = CollectorParameters {
+        task_id: params
+            .task_id
+            .parse()
+            .map_err(|_| anyhow::anyhow!("bad task_id in the task file"))?,
+        leader_endpoint: parse_endpoint(&params.leader_endpoint)?,
+        auth_token: token,
+        hpke_keypair: keypair,
+    };
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .context("could not build the HTTP client")?;
+    Ok(Collector::new(cp, params.vdaf.clone(), http)?)
+}
+
+/// The result as JSON.
+pub fn result_json(result: &AggregateResult) -> serde_json::Value {
+    match result {
+        AggregateResult::Number(n) => number(*n),
+        AggregateResult::Vector(v) => {
+            serde_json::Value::Array(v.iter().map(|n| number(*n)).collect())
+        }
+    }
+}
+
+fn number(n: u128) -> serde_json::Value {
+    match u64::try_from(n) {
+        Ok(n) => serde_json::Value::from(n),
+        // Larger than JSON numbers are safely read; give the exact digits.
+        Err(_) => serde_json::Value::String(n.to_string()),
+    }
+}
+
+fn print(result: &CollectionResult, json: bool, csv: bool) {
+    if json {
+        let doc = serde_json::json!({
+            "report_count": result.report_count,
+            "interval_start": result.interval.start.0,
+            "interval_duration": result.interval.duration.0,
+            "result": result_json(&result.aggregate),
+        });
+        println!("{doc}");
+    } else if csv {
+        match &result.aggregate {
+            AggregateResult::Number(n) => println!("value\n{n}"),
+            AggregateResult::Vector(v) => {
+                println!("index,value");
+                for (i, n) in v.iter().enumerate() {
+                    println!("{i},{n}");
+                }
+            }
+        }
+    } else {
+        println!("reports:  {}", result.report_count);
+        println!(
+            "interval: {} to {} (seconds since the epoch)",
+            result.interval.start.0,
+            result.interval.start.0 + result.interval.duration.0
+        );
+        match &result.aggregate {
+            AggregateResult::Number(n) => println!("result:   {n}"),
+            AggregateResult::Vector(v) => {
+                println!("{:>8}  {:>12}", "index", "value");
+                for (i, n) in v.iter().enumerate() {
+                    println!("{i:>8}  {n:>12}");
+                }
+            }
+        }
+    }
+}
+
+/// Runs `duet collect`.
+pub async fn run(args: Args) -> Result<ExitCode> {
+    let params = crate::task::read_task_file(&args.task)?;
+    let keypair = crate::keys::read_keypair(&args.key)?;
+    let collector = collector_for(&params, keypair)?;
+    let query = Query::TimeInterval {
+        batch_interval: Interval {
+            start: Time(args.start),
+            duration: Duration(args.duration),
+        },
+    };
+    let result = collector
+        .collect(query, std::time::Duration::from_secs(args.timeout))
+        .await
+        .context("collection failed")?;
+    print(&result, args.json, args.csv);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,155 @@
+//! `duet serve`: run a Leader, a Helper or both from a TOML config.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"
+//! database = "duet.sqlite"
+//! [leader]              # omit to not serve the Leader
+//! path_prefix = "/leader"
+//! [helper]              # omit to not serve the Helper
+//! path_prefix = "/helper"
+//! [aggregator]          # optional tunables
+//! max_aggregation_job_size = 1000
+//! ```
+//! `DUET_LISTEN` and `DUET_DATABASE` override `listen` and `database`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use duet_aggregator::server::{RoleConfig, Roles};
+use duet_aggregator::AggregatorConfig;
+use duet_core::{AggregatorRole, RealClock};
+use serde::Deserialize;
+
+/// `duet serve` flags.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The TOML config file.
+    #[arg(long, default_value = "duet.toml")]
+    config: PathBuf,
+}
+
+/// The config file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Database: a SQLite path.
+    pub database: String,
+    /// Serve the Leader.
+    pub leader: Option<RoleSection>,
+    /// Serve the Helper.
+    pub helper: Option<RoleSection>,
+    /// Tunables.
+    #[serde(default)]
+    pub aggregator: AggregatorConfig,
+}
+
+/// One role's section.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSection {
+    /// Path under which the role's DAP endpoints are served.
+    #[serde(default)]
+    pub path_prefix: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+
+/// Reads and checks a config file, applying environment overrides.
+pub fn load(path: &std::path::Path) -> Result<Config> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "could not read the config file {} (pass --config FILE)",
+            path.display()
+        )
+    })?;
+    let mut config: Config = toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid config", path.display()))?;
+    if let Ok(v) = std::env::var("DUET_LISTEN") {
+        config.listen = v;
+    }
+    if let Ok(v) = std::env::var("DUET_DATABASE") {
+        config.database = v;
+    }
+    if config.leader.is_none() && config.helper.is_none() {
+        bail!(
+            "{} serves no role: add a [leader] or [helper] section",
+            path.display()
+        );
+    }
+    if let (Some(l), Some(h)) = (&config.leader, &config.helper) {
+        if l.path_prefix.trim_end_matches('/') == h.path_prefix.trim_end_matches('/') {
+            bail!("[leader] and [helper] need different path_prefix values, e.g. \"/leader\" and \"/helper\"");
+        }
+    }
+    Ok(config)
+}
+
+/// Runs `duet serve` until interrupted.
+pub async fn run(args: Args) -> Result<ExitCode> {
+    let config = load(&args.config)?;
+    let mut roles = Roles::default();
+    if let Some(l) = &config.leader {
+        let store = crate::db::open(&config.database, AggregatorRole::Leader).await?;
+        roles.leader = Some(RoleConfig {
+            store,
+            path_prefix: l.path_prefix.clone(),
+        });
+    }
+    if let Some(h) = &config.helper {
+        let store = crate::db::open(&config.database, AggregatorRole::Helper).await?;
+        roles.helper = Some(RoleConfig {
+            store,
+            path_prefix: h.path_prefix.clone(),
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "could not listen on {} (is the port in use?)",
+                config.listen
+            )
+        })?;
+    let server = duet_aggregator::run(
+        listener,
+        roles,
+        config.aggregator.clone(),
+        Arc::new(RealClock),
+    )
+    .await?;
+    eprintln!("duet serving on http://{}", server.local_addr);
+    shutdown_signal().await;
+    eprintln!("shutting down");
+    server.shutdown().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,265 @@
+//! `duet task`: provision tasks. A task is created once and handed out of band to the Leader,
+//! the Helper, the clients and the collector.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Subcommand, ValueEnum};
+use duet_core::task::{QueryTypeConfig, Task, TaskParameters};
+use duet_core::{AggregatorRole, AuthenticationToken};
+use duet_messages::dap09::{Duration, HpkeConfig, TaskId, Time};
+use duet_messages::Decode;
+
+use crate::vdaf_args::VdafArgs;
+
+/// Which aggregator a database serves.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RoleArg {
+    /// The Leader.
+    Leader,
+    /// The Helper.
+    Helper,
+}
+
+impl From<RoleArg> for AggregatorRole {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Leader => AggregatorRole::Leader,
+            RoleArg::Helper => AggregatorRole::Helper,
+        }
+    }
+}
+
+/// Task commands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create a new task: prints its parameters as JSON (with fresh IDs, keys and tokens).
+    Create {
+        /// The Leader's DAP endpoint.
+        #[arg(long)]
+        leader_url: String,
+        /// The Helper's DAP endpoint.
+        #[arg(long)]
+        helper_url: String,
+        #[command(flatten)]
+        vdaf: VdafArgs,
+        /// The collector's key file (from `duet keys generate`).
+        #[arg(long, conflicts_with = "collector_hpke_config")]
+        collector_key: Option<PathBuf>,
+        /// The collector's HPKE config, base64url-encoded.
+        #[arg(long)]
+        collector_hpke_config: Option<String>,
+        /// Smallest batch that may be collected.
+        #[arg(long, default_value_t = 100)]
+        min_batch_size: u64,
+        /// Granularity of report timestamps and batch intervals, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        time_precision: u64,
+        /// How often a batch may be collected.
+        #[arg(long, default_value_t = 1)]
+        max_batch_query_count: u64,
+        /// Reports after this time (seconds since the epoch) are refused.
+        #[arg(long)]
+        task_expiration: Option<u64>,
+        /// Write the parameters here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Store a task (a JSON file from `duet task create`) in an aggregator's database.
+    Import {
+        /// The task file.
+        file: PathBuf,
+        /// The database (SQLite path).
+        #[arg(long, env = "DUET_DATABASE")]
+        db: String,
+        /// The role this database serves for the task.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+    /// List the tasks in an aggregator's database.
+    List {
+        /// The database (SQLite path).
+        #[arg(long, env = "DUET_DATABASE")]
+        db: String,
+        /// The role.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+}
+
+/// Reads a task file.
+pub fn read_task_file(path: &std::path::Path) -> Result<TaskParameters> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("could not read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a task file written by `duet task create`",
+            path.display()
+        )
+    })
+}
+
+/// Builds a new task's parameters with fresh secrets.
+#[allow(clippy::too_many_arguments)]
+pub fn new_task(
+    leader_url: &str,
+    helper_url: &str,
+    vdaf: duet_core::VdafInstance,
+    collector_hpke_config: HpkeConfig,
+    min_batch_size: u64,
+    time_precision: u64,
+    max_batch_query_count: u64,
+    task_expiration: Option<u64>,
+) -> Result<Task> {
+    let params = TaskParameters {
+        task_id: TaskId::random().to_string(),
+        leader_endpoint: leader_url.to_string(),
+        helper_endpoint: helper_url.to_string(),
+        query_type: QueryTypeConfig::TimeInterval,
+        vdaf,
+        vdaf_verify_key: {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+        },
+        max_batch_query_count,
+        task_expiration,
+        report_expiry_age: None,
+        min_batch_size,
+        time_precision,
+        tolerable_clock_skew: 60,
+        collector_hpke_config: {
+            use base64::Engine;
+            use duet_messages::Encode;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(collector_hpke_config.get_encoded())
+        },
+        aggregator_auth_token: AuthenticationToken::random(),
+        collector_auth_token: Some(AuthenticationToken::random()),
+    };
+    Ok(Task::from_parameters(&params)?)
+}
+
+/// Runs a task command.
+pub async fn run(cmd: Command) -> Result<ExitCode> {
+    match cmd {
+        Command::Create {
+            leader_url,
+            helper_url,
+            vdaf,
+            collector_key,
+            collector_hpke_config,
+            min_batch_size,
+            time_precision,
+            max_batch_query_count,
+            task_expiration,
+            out,
+        } => {
+            let config = match (collector_key, collector_hpke_config) {
+                (Some(path), _) => crate::keys::read_keypair(&path)?.config,
+                (None, Some(b64)) => {
+                    use base64::Engine;
+                    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(b64.trim_end_matches('='))
+                        .context("--collector-hpke-config is not base64url")?;
+                    HpkeConfig::get_decoded(&bytes).context("--collector-hpke-config is not an HPKE config")?
+                }
+                (None, None) => bail!(
+                    "the collector's HPKE config is needed: pass --collector-key FILE (make one with \
+                     `duet keys generate --out collector.json`)"
+                ),
+            };
+            let task = new_task(
+                &leader_url,
+                &helper_url,
+                vdaf.instance()?,
+                config,
+                min_batch_size,
+                time_precision,
+                max_batch_query_count,
+                task_expiration,
+            )?;
+            let json = serde_json::to_string_pretty(&task.to_parameters())? + "\n";
+            match out {
+                Some(p) => std::fs::write(&p, json)
+                    .with_context(|| format!("could not write {}", p.display()))?,
+                None => print!("{json}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Import { file, db, role } => {
+            let params = read_task_file(&file)?;
+            let mut task = Task::from_parameters(&params)?;
+            let role: AggregatorRole = role.into();
+            if role == AggregatorRole::Helper {
+                // The Helper never sees the collector; it doesn't need that secret.
+                task.collector_auth_token = None;
+            } else if task.collector_auth_token.is_none() {
+                bail!("the Leader needs collector_auth_token in the task file");
+            }
+            let store = crate::db::open(&db, role).await?;
+            store.put_task(&task).await.map_err(|e| match e {
+                duet_store::StoreError::AlreadyExists => {
+                    anyhow::anyhow!("a different task with ID {} is already in {db}", task.id)
+                }
+                e => e.into(),
+            })?;
+            println!("imported task {} into {db} as {:?}", task.id, role);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List { db, role } => {
+            let store = crate::db::open(&db, role.into()).await?;
+            for t in store.list_tasks().await? {
+                println!(
+                    "{}  {}  min_batch_size={}  time_precision={}s",
+                    t.id, t.vdaf, t.min_batch_size, t.time_precision.0
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Reads measurements, one per line (blank lines and `#` comments skipped), from a file or `-`
+/// for standard input.
+pub fn read_measurements(
+    path: &std::path::Path,
+    vdaf: &duet_core::VdafInstance,
+) -> Result<Vec<duet_core::Measurement>> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .context("could not read measurements from standard input")?
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("could not read {}", path.display()))?
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let m = vdaf
+            .parse_measurement(line)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        out.push(m);
+    }
+    if out.is_empty() {
+        bail!("{} holds no measurements", path.display());
+    }
+    Ok(out)
+}
+
+/// The batch interval covering `[from, to]`, aligned to the task's time precision.
+pub fn covering_interval(
+    from: Time,
+    to: Time,
+    precision: Duration,
+) -> duet_messages::dap09::Interval {
+    let start = from.round_down(precision);
+    let end = to.round_down(precision).0 + precision.0;
+    duet_messages::dap09::Interval {
+        start,
+        duration: Duration(end - start.0),
+    }
+}
