@@ -112,7 +112,7 @@ impl Helper {
         let aad = AggregateShareAad {
             task_id,
             aggregation_parameter: req.aggregation_parameter.clone(),
-            batch_selector: req.batch_selector.clone(),
+            batch_selector: req.batch_selector,
         }
         .get_encoded();
         let sealed = seal(

@@ -238,7 +238,7 @@ fn prepare_one(
         .ok_or(PrepareError::HpkeUnknownConfigId)?;
     let aad = InputShareAad {
         task_id: task.id,
-        metadata: share.metadata.clone(),
+        metadata: share.metadata,
         public_share: share.public_share.clone(),
     }
     .get_encoded();

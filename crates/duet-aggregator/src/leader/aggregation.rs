@@ -275,7 +275,7 @@ fn leader_init_all(
         };
         let aad = InputShareAad {
             task_id: task.id,
-            metadata: report.metadata.clone(),
+            metadata: report.metadata,
             public_share: report.public_share.clone(),
         }
         .get_encoded();

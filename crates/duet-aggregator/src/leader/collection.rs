@@ -311,7 +311,7 @@ async fn run_job(leader: &Leader, acquired: &AcquiredCollectionJob) -> Result<St
         batch_interval: job.batch_interval,
     };
     let req = AggregateShareReq {
-        batch_selector: batch_selector.clone(),
+        batch_selector,
         aggregation_parameter: job.aggregation_parameter.clone(),
         report_count: sum.report_count,
         checksum: sum.checksum,

@@ -1,0 +1,297 @@
+//! The `duet` binary as a user runs it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn duet() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_duet"));
+    c.env_remove("RUST_LOG")
+        .env_remove("DUET_DATABASE")
+        .env_remove("DUET_LISTEN");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    duet().args(args).output().expect("run duet")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write");
+    p.display().to_string()
+}
+
+fn quickstart_json(args: &[&str]) -> serde_json::Value {
+    let out = run(&[&["quickstart", "--json"], args].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "quickstart failed: {stderr}\n{stdout}"
+    );
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "exactly one JSON object: {stdout}"
+    );
+    serde_json::from_str(&stdout).expect("json")
+}
+
+#[test]
+fn quickstart_histogram_from_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = write(dir.path(), "m.txt", "0\n9\n9\n# a comment\n\n3\n9\n0\n");
+    let v = quickstart_json(&[
+        "--vdaf",
+        "histogram",
+        "--length",
+        "10",
+        "--measurements",
+        &f,
+    ]);
+    assert_eq!(v["vdaf"], "histogram");
+    assert_eq!(v["report_count"], 6);
+    assert_eq!(
+        v["result"],
+        serde_json::json!([2, 0, 0, 1, 0, 0, 0, 0, 0, 3])
+    );
+    assert_eq!(v["plaintext"], v["result"]);
+}
+
+#[test]
+fn quickstart_count_sum_sumvec_from_files() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = write(dir.path(), "c.txt", "1\n0\n1\n1\n");
+    let v = quickstart_json(&["--vdaf", "count", "--measurements", &f]);
+    assert_eq!(
+        (v["report_count"].clone(), v["result"].clone()),
+        (4.into(), 3.into())
+    );
+
+    let f = write(dir.path(), "s.txt", "250\n5\n0\n");
+    let v = quickstart_json(&["--vdaf", "sum", "--bits", "8", "--measurements", &f]);
+    assert_eq!(v["result"], 255);
+
+    let f = write(dir.path(), "v.txt", "1,2,3\n4,5,6\n");
+    let v = quickstart_json(&[
+        "--vdaf",
+        "sumvec",
+        "--bits",
+        "4",
+        "--length",
+        "3",
+        "--measurements",
+        &f,
+    ]);
+    assert_eq!(v["result"], serde_json::json!([5, 7, 9]));
+    assert_eq!(v["plaintext"], v["result"]);
+}
+
+#[test]
+fn quickstart_generated_with_a_kept_database() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("q.sqlite").display().to_string();
+    let v = quickstart_json(&[
+        "--vdaf",
+        "sum",
+        "--bits",
+        "16",
+        "--reports",
+        "300",
+        "--db",
+        &db,
+    ]);
+    assert_eq!(v["report_count"], 300);
+    assert_eq!(v["result"], v["plaintext"]);
+    assert!(Path::new(&db).exists());
+}
+
+#[test]
+fn bad_input_gets_one_readable_line_and_no_panic() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = write(dir.path(), "bad.txt", "1\n12\n");
+    for (args, expect) in [
+        (
+            vec![
+                "quickstart",
+                "--vdaf",
+                "histogram",
+                "--length",
+                "10",
+                "--measurements",
+                &f,
+            ],
+            "bad.txt:2",
+        ),
+        (
+            vec!["quickstart", "--vdaf", "count", "--bits", "3"],
+            "--bits does not apply",
+        ),
+        (vec!["quickstart", "--vdaf", "sum", "--bits", "0"], "bits"),
+        (
+            vec![
+                "quickstart",
+                "--vdaf",
+                "count",
+                "--measurements",
+                "/nonexistent/m.txt",
+            ],
+            "could not read",
+        ),
+        (
+            vec!["serve", "--config", "/nonexistent/duet.toml"],
+            "could not read the config file",
+        ),
+    ] {
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{args:?}: one line: {stderr}"
+        );
+    }
+}
+
+/// Kills the server when the test ends, however it ends.
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serve_task_upload_collect() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("agg.sqlite").display().to_string();
+    let config = write(
+        dir.path(),
+        "duet.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ndatabase = \"{db}\"\n[leader]\npath_prefix = \"/leader\"\n[helper]\npath_prefix = \"/helper\"\n[aggregator]\npolling_interval_ms = 200\n"
+        ),
+    );
+    let mut server = Child(
+        duet()
+            .args(["serve", "--config", &config])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("serve"),
+    );
+    let stderr = server.0.stderr.take().expect("stderr");
+    let mut line = String::new();
+    BufReader::new(stderr).read_line(&mut line).expect("read");
+    let base = line
+        .trim()
+        .strip_prefix("duet serving on ")
+        .expect("address line")
+        .to_string();
+
+    let key = dir.path().join("collector.json").display().to_string();
+    assert!(run(&["keys", "generate", "--out", &key]).status.success());
+    let task = dir.path().join("task.json").display().to_string();
+    let out = run(&[
+        "task",
+        "create",
+        "--leader-url",
+        &format!("{base}/leader/"),
+        "--helper-url",
+        &format!("{base}/helper/"),
+        "--vdaf",
+        "histogram",
+        "--length",
+        "4",
+        "--collector-key",
+        &key,
+        "--min-batch-size",
+        "5",
+        "--out",
+        &task,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for role in ["leader", "helper"] {
+        let out = run(&["task", "import", &task, "--db", &db, "--role", role]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let list = run(&["task", "list", "--db", &db, "--role", "helper"]);
+    assert!(String::from_utf8_lossy(&list.stdout).contains("Prio3Histogram"));
+
+    let mut up = duet()
+        .args(["upload", "--task", &task])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("upload");
+    up.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"0\n3\n3\n1\n3\n2\n")
+        .expect("write");
+    assert!(up.wait().expect("wait").success());
+
+    let params: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&task).expect("read")).expect("json");
+    let precision = params["time_precision"].as_u64().expect("precision");
+    let now = std::time::SystemTime::UNIX_EPOCH
+        .elapsed()
+        .expect("clock")
+        .as_secs();
+    let start = (now / precision * precision)
+        .saturating_sub(precision)
+        .to_string();
+    let duration = (3 * precision).to_string();
+    let out = run(&[
+        "collect",
+        "--task",
+        &task,
+        "--key",
+        &key,
+        "--start",
+        &start,
+        "--duration",
+        &duration,
+        "--json",
+        "--timeout",
+        "60",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["report_count"], 6);
+    assert_eq!(v["result"], serde_json::json!([1, 1, 1, 3]));
+
+    // Collecting the same batch again exceeds max_batch_query_count: a readable refusal.
+    let out = run(&[
+        "collect",
+        "--task",
+        &task,
+        "--key",
+        &key,
+        "--start",
+        &start,
+        "--duration",
+        &duration,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("batchQueriedTooManyTimes") || stderr.contains("queried"),
+        "{stderr}"
+    );
+}
