@@ -100,3 +100,86 @@ impl Harness {
         }
     }
 }
+
+/// A raw HTTP response: status, content type and body.
+pub struct Raw {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+impl Raw {
+    /// The problem document's `type`, if the body is one.
+    pub fn problem_type(&self) -> Option<String> {
+        if self.content_type != duet_messages::problem::PROBLEM_JSON {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        v["type"].as_str().map(str::to_string)
+    }
+
+    /// Asserts this is a problem document of the given DAP type.
+    #[track_caller]
+    pub fn assert_problem(&self, status: u16, problem: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert_eq!(
+            self.problem_type().as_deref(),
+            Some(format!("urn:ietf:params:ppm:dap:error:{problem}").as_str()),
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+    }
+}
+
+/// Sends a request and reads the whole response.
+pub async fn send(
+    method: reqwest::Method,
+    url: url::Url,
+    content_type: Option<&str>,
+    auth: Option<&AuthenticationToken>,
+    body: Vec<u8>,
+) -> Raw {
+    let mut req = reqwest::Client::new().request(method, url).body(body);
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    if let Some(token) = auth {
+        let (name, value) = token.request_header();
+        req = req.header(name, value);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = resp.bytes().await.expect("body").to_vec();
+    Raw {
+        status,
+        content_type,
+        body,
+    }
+}
+
+/// A client for a task that needs no network to prepare reports.
+pub async fn client(task: &Task) -> duet_client::Client {
+    duet_client::Client::new(
+        duet_client::ClientParameters {
+            task_id: task.id,
+            leader_endpoint: task.leader_endpoint.clone(),
+            helper_endpoint: task.helper_endpoint.clone(),
+            time_precision: task.time_precision,
+        },
+        task.vdaf.clone(),
+        reqwest::Client::new(),
+    )
+    .await
+    .expect("client")
+}

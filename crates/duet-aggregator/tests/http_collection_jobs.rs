@@ -1,0 +1,148 @@
+//! `PUT/POST/DELETE /tasks/{task}/collection_jobs/{id}` on the Leader.
+
+mod common;
+
+use common::{send, Harness};
+use duet_core::{AuthenticationToken, Clock, Measurement, RealClock, VdafInstance};
+use duet_messages::dap09::{
+    media_type, CollectionJobId, CollectionReq, Duration, Interval, Query, Time,
+};
+use duet_messages::Encode;
+use reqwest::Method;
+
+fn req(start: u64, duration: u64) -> Vec<u8> {
+    CollectionReq {
+        query: Query::TimeInterval {
+            batch_interval: Interval {
+                start: Time(start),
+                duration: Duration(duration),
+            },
+        },
+        aggregation_parameter: Vec::new(),
+    }
+    .get_encoded()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collection_job_validation_and_lifecycle() {
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 3).await;
+    let token = task.collector_auth_token.clone().expect("token");
+    let job_url = |id: CollectionJobId| {
+        task.leader_endpoint
+            .join(&format!("tasks/{}/collection_jobs/{id}", task.id))
+            .expect("url")
+    };
+    let hour = RealClock.now().round_down(Duration(3600)).0;
+    let ct = Some(media_type::COLLECTION_REQ);
+
+    // Authentication: none, or the wrong token.
+    let id = CollectionJobId::random();
+    send(Method::PUT, job_url(id), ct, None, req(hour, 3600))
+        .await
+        .assert_problem(403, "unauthorizedRequest");
+    let wrong = AuthenticationToken::Bearer("nope".into());
+    send(Method::PUT, job_url(id), ct, Some(&wrong), req(hour, 3600))
+        .await
+        .assert_problem(403, "unauthorizedRequest");
+    // Misaligned or too short intervals.
+    send(
+        Method::PUT,
+        job_url(id),
+        ct,
+        Some(&token),
+        req(hour + 1, 3600),
+    )
+    .await
+    .assert_problem(400, "batchInvalid");
+    send(Method::PUT, job_url(id), ct, Some(&token), req(hour, 1800))
+        .await
+        .assert_problem(400, "batchInvalid");
+    // Malformed body, wrong media type.
+    send(Method::PUT, job_url(id), ct, Some(&token), vec![9])
+        .await
+        .assert_problem(400, "invalidMessage");
+    send(
+        Method::PUT,
+        job_url(id),
+        Some("text/plain"),
+        Some(&token),
+        req(hour, 3600),
+    )
+    .await
+    .assert_problem(400, "invalidMessage");
+    // Unknown job: 404.
+    assert_eq!(
+        send(Method::POST, job_url(id), None, Some(&token), Vec::new())
+            .await
+            .status,
+        404
+    );
+
+    // A valid job: 201; an identical PUT again: 201; a different one under the same ID: refused.
+    assert_eq!(
+        send(Method::PUT, job_url(id), ct, Some(&token), req(hour, 3600))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        send(Method::PUT, job_url(id), ct, Some(&token), req(hour, 3600))
+            .await
+            .status,
+        201
+    );
+    send(Method::PUT, job_url(id), ct, Some(&token), req(hour, 7200))
+        .await
+        .assert_problem(400, "invalidMessage");
+    // Overlapping another batch; querying the same batch twice (max_batch_query_count = 1).
+    let other = CollectionJobId::random();
+    send(
+        Method::PUT,
+        job_url(other),
+        ct,
+        Some(&token),
+        req(hour, 7200),
+    )
+    .await
+    .assert_problem(400, "batchOverlap");
+    send(
+        Method::PUT,
+        job_url(other),
+        ct,
+        Some(&token),
+        req(hour, 3600),
+    )
+    .await
+    .assert_problem(400, "batchQueriedTooManyTimes");
+
+    // Too few reports: the job stays pending.
+    let client = common::client(&task).await;
+    client
+        .upload(&Measurement::Count(true))
+        .await
+        .expect("upload");
+    for _ in 0..5 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(
+            send(Method::POST, job_url(id), None, Some(&token), Vec::new())
+                .await
+                .status,
+            202
+        );
+    }
+    // Deleted: 204 on DELETE, then 204 on poll.
+    assert_eq!(
+        send(Method::DELETE, job_url(id), None, Some(&token), Vec::new())
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        send(Method::POST, job_url(id), None, Some(&token), Vec::new())
+            .await
+            .status,
+        204
+    );
+    h.stop().await;
+}

@@ -1,0 +1,352 @@
+//! The Helper's endpoints: aggregation jobs and aggregate shares.
+
+mod common;
+
+use common::{send, Harness};
+use duet_core::{AuthenticationToken, Measurement, Task, VdafInstance};
+use duet_messages::dap09::{
+    media_type, AggregateShareReq, AggregationJobContinueReq, AggregationJobId,
+    AggregationJobInitReq, AggregationJobResp, AggregationJobStep, BatchSelector, Duration,
+    Interval, PartialBatchSelector, PlaintextInputShare, PrepareContinue, PrepareError,
+    PrepareInit, PrepareStepResult, Report, ReportIdChecksum, ReportShare,
+};
+use duet_messages::{Decode, Encode};
+use reqwest::Method;
+
+/// Builds the Leader's side of an aggregation job by hand, as a Leader would.
+fn init_req(
+    task: &Task,
+    leader_key: &duet_core::hpke::HpkeKeypair,
+    reports: &[Report],
+) -> AggregationJobInitReq {
+    let vdaf = task.vdaf.instantiate().expect("vdaf");
+    let info = duet_core::hpke::HpkeApplicationInfo::InputShare {
+        server: duet_messages::dap09::Role::Leader,
+    };
+    let prepare_inits = reports
+        .iter()
+        .map(|r| {
+            let aad = duet_messages::dap09::InputShareAad {
+                task_id: task.id,
+                metadata: r.metadata,
+                public_share: r.public_share.clone(),
+            }
+            .get_encoded();
+            let pt =
+                duet_core::hpke::open(leader_key, &info, &r.leader_encrypted_input_share, &aad)
+                    .expect("open");
+            let share = PlaintextInputShare::get_decoded(&pt).expect("share");
+            let (_, message) = vdaf
+                .leader_init(
+                    &task.vdaf_verify_key,
+                    &r.metadata.id,
+                    &r.public_share,
+                    &share.payload,
+                )
+                .expect("init");
+            PrepareInit {
+                report_share: ReportShare {
+                    metadata: r.metadata,
+                    public_share: r.public_share.clone(),
+                    encrypted_input_share: r.helper_encrypted_input_share.clone(),
+                },
+                message,
+            }
+        })
+        .collect();
+    AggregationJobInitReq {
+        aggregation_parameter: Vec::new(),
+        partial_batch_selector: PartialBatchSelector::TimeInterval,
+        prepare_inits,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregation_jobs_and_aggregate_shares() {
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 2).await;
+    let leader_key = h
+        .leader_store
+        .get_hpke_keypairs()
+        .await
+        .expect("keys")
+        .remove(0);
+    let token = task.aggregator_auth_token.clone();
+    let client = common::client(&task).await;
+    let reports: Vec<Report> = (0..3)
+        .map(|i| {
+            client
+                .prepare_report(&Measurement::Count(i % 2 == 0))
+                .expect("report")
+        })
+        .collect();
+    let job_url = |id: AggregationJobId| {
+        task.helper_endpoint
+            .join(&format!("tasks/{}/aggregation_jobs/{id}", task.id))
+            .expect("url")
+    };
+    let ct = Some(media_type::AGGREGATION_JOB_INIT_REQ);
+    let req = init_req(&task, &leader_key, &reports[..2]).get_encoded();
+    let job = AggregationJobId::random();
+
+    // Authentication and media type.
+    send(Method::PUT, job_url(job), ct, None, req.clone())
+        .await
+        .assert_problem(403, "unauthorizedRequest");
+    let wrong = AuthenticationToken::DapAuth("wrong".into());
+    send(Method::PUT, job_url(job), ct, Some(&wrong), req.clone())
+        .await
+        .assert_problem(403, "unauthorizedRequest");
+    send(
+        Method::PUT,
+        job_url(job),
+        Some(media_type::REPORT),
+        Some(&token),
+        req.clone(),
+    )
+    .await
+    .assert_problem(400, "invalidMessage");
+    send(Method::PUT, job_url(job), ct, Some(&token), vec![0, 0])
+        .await
+        .assert_problem(400, "invalidMessage");
+    // Wrong query type; a report named twice.
+    let mut fixed = init_req(&task, &leader_key, &reports[..1]);
+    fixed.partial_batch_selector =
+        PartialBatchSelector::FixedSize(duet_messages::dap09::BatchId([1; 32]));
+    send(
+        Method::PUT,
+        job_url(job),
+        ct,
+        Some(&token),
+        fixed.get_encoded(),
+    )
+    .await
+    .assert_problem(400, "invalidMessage");
+    let mut twice = init_req(&task, &leader_key, &reports[..1]);
+    twice.prepare_inits.push(twice.prepare_inits[0].clone());
+    send(
+        Method::PUT,
+        job_url(job),
+        ct,
+        Some(&token),
+        twice.get_encoded(),
+    )
+    .await
+    .assert_problem(400, "invalidMessage");
+
+    // A good job: every report continues (Prio3's one round).
+    let r = send(Method::PUT, job_url(job), ct, Some(&token), req.clone()).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.content_type, media_type::AGGREGATION_JOB_RESP);
+    let resp = AggregationJobResp::get_decoded(&r.body).expect("resp");
+    assert!(resp
+        .prepare_resps
+        .iter()
+        .all(|p| matches!(p.result, PrepareStepResult::Continue { .. })));
+    // The same request again gets the same answer; another body under the same ID is refused.
+    let again = send(Method::PUT, job_url(job), ct, Some(&token), req.clone()).await;
+    assert_eq!((again.status, again.body), (201, r.body.clone()));
+    let other = init_req(&task, &leader_key, &reports[2..]).get_encoded();
+    send(Method::PUT, job_url(job), ct, Some(&token), other)
+        .await
+        .assert_problem(400, "invalidMessage");
+    // A replayed report in a new job is rejected as replayed; a new one in the same job is fine.
+    let replay = init_req(
+        &task,
+        &leader_key,
+        &[reports[0].clone(), reports[2].clone()],
+    )
+    .get_encoded();
+    let r2 = send(
+        Method::PUT,
+        job_url(AggregationJobId::random()),
+        ct,
+        Some(&token),
+        replay,
+    )
+    .await;
+    let resp2 = AggregationJobResp::get_decoded(&r2.body).expect("resp");
+    assert_eq!(
+        resp2.prepare_resps[0].result,
+        PrepareStepResult::Reject(PrepareError::ReportReplayed)
+    );
+    assert!(matches!(
+        resp2.prepare_resps[1].result,
+        PrepareStepResult::Continue { .. }
+    ));
+    // A corrupted Leader message fails preparation, not the request.
+    let mut corrupt = init_req(
+        &task,
+        &leader_key,
+        &[client.prepare_report(&Measurement::Count(true)).expect("r")],
+    );
+    corrupt.prepare_inits[0].message = vec![0, 0, 0, 0, 1, 7];
+    let r3 = send(
+        Method::PUT,
+        job_url(AggregationJobId::random()),
+        ct,
+        Some(&token),
+        corrupt.get_encoded(),
+    )
+    .await;
+    let resp3 = AggregationJobResp::get_decoded(&r3.body).expect("resp");
+    assert!(
+        matches!(resp3.prepare_resps[0].result, PrepareStepResult::Reject(_)),
+        "{resp3:?}"
+    );
+    // Continuations: unknown job, and any step on a finished Prio3 job.
+    let cont = AggregationJobContinueReq {
+        step: AggregationJobStep(1),
+        prepare_continues: vec![PrepareContinue {
+            report_id: reports[0].metadata.id,
+            message: vec![2],
+        }],
+    }
+    .get_encoded();
+    let cct = Some(media_type::AGGREGATION_JOB_CONTINUE_REQ);
+    send(
+        Method::POST,
+        job_url(AggregationJobId::random()),
+        cct,
+        Some(&token),
+        cont.clone(),
+    )
+    .await
+    .assert_problem(400, "unrecognizedAggregationJob");
+    send(Method::POST, job_url(job), cct, Some(&token), cont)
+        .await
+        .assert_problem(400, "stepMismatch");
+
+    // Aggregate shares: 3 reports were accepted over the two jobs.
+    let share_url = task
+        .helper_endpoint
+        .join(&format!("tasks/{}/aggregate_shares", task.id))
+        .expect("url");
+    let interval = Interval {
+        start: reports[0].metadata.time.round_down(Duration(3600)),
+        duration: Duration(3600),
+    };
+    let checksum = [0usize, 1, 2]
+        .iter()
+        .fold(ReportIdChecksum::default(), |c, &i| {
+            c.updated_with(&reports[i].metadata.id)
+        });
+    let share_req = |count: u64, checksum: ReportIdChecksum, interval: Interval| {
+        AggregateShareReq {
+            batch_selector: BatchSelector::TimeInterval {
+                batch_interval: interval,
+            },
+            aggregation_parameter: Vec::new(),
+            report_count: count,
+            checksum,
+        }
+        .get_encoded()
+    };
+    let sct = Some(media_type::AGGREGATE_SHARE_REQ);
+    send(
+        Method::POST,
+        share_url.clone(),
+        sct,
+        None,
+        share_req(3, checksum, interval),
+    )
+    .await
+    .assert_problem(403, "unauthorizedRequest");
+    let misaligned = Interval {
+        start: duet_messages::dap09::Time(interval.start.0 + 1),
+        duration: Duration(3600),
+    };
+    send(
+        Method::POST,
+        share_url.clone(),
+        sct,
+        Some(&token),
+        share_req(3, checksum, misaligned),
+    )
+    .await
+    .assert_problem(400, "batchInvalid");
+    send(
+        Method::POST,
+        share_url.clone(),
+        sct,
+        Some(&token),
+        share_req(2, checksum, interval),
+    )
+    .await
+    .assert_problem(400, "batchMismatch");
+    send(
+        Method::POST,
+        share_url.clone(),
+        sct,
+        Some(&token),
+        share_req(3, ReportIdChecksum::default(), interval),
+    )
+    .await
+    .assert_problem(400, "batchMismatch");
+    let empty = Interval {
+        start: duet_messages::dap09::Time(interval.start.0 + 7200),
+        duration: Duration(3600),
+    };
+    send(
+        Method::POST,
+        share_url.clone(),
+        sct,
+        Some(&token),
+        share_req(0, ReportIdChecksum::default(), empty),
+    )
+    .await
+    .assert_problem(400, "invalidBatchSize");
+    let ok = send(
+        Method::POST,
+        share_url.clone(),
+        sct,
+        Some(&token),
+        share_req(3, checksum, interval),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+    assert_eq!(ok.content_type, media_type::AGGREGATE_SHARE);
+    // Idempotent repeat; then the batch is collected: new reports in it are rejected.
+    let repeat = send(
+        Method::POST,
+        share_url.clone(),
+        sct,
+        Some(&token),
+        share_req(3, checksum, interval),
+    )
+    .await;
+    assert_eq!((repeat.status, repeat.body), (200, ok.body));
+    let late = init_req(
+        &task,
+        &leader_key,
+        &[client.prepare_report(&Measurement::Count(true)).expect("r")],
+    );
+    let r4 = send(
+        Method::PUT,
+        job_url(AggregationJobId::random()),
+        ct,
+        Some(&token),
+        late.get_encoded(),
+    )
+    .await;
+    let resp4 = AggregationJobResp::get_decoded(&r4.body).expect("resp");
+    assert_eq!(
+        resp4.prepare_resps[0].result,
+        PrepareStepResult::Reject(PrepareError::BatchCollected)
+    );
+    // Overlapping batch.
+    let wide = Interval {
+        start: interval.start,
+        duration: Duration(7200),
+    };
+    send(
+        Method::POST,
+        share_url,
+        sct,
+        Some(&token),
+        share_req(3, checksum, wide),
+    )
+    .await
+    .assert_problem(400, "batchOverlap");
+    h.stop().await;
+}

@@ -1,0 +1,173 @@
+//! `PUT /tasks/{task}/reports` and `GET /hpke_config` on the Leader.
+
+mod common;
+
+use common::{send, Harness};
+use duet_core::{Measurement, VdafInstance};
+use duet_messages::dap09::{media_type, HpkeConfigId, HpkeConfigList, Time};
+use duet_messages::{Decode, Encode};
+use reqwest::Method;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_validation() {
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let client = common::client(&task).await;
+    let url = task
+        .leader_endpoint
+        .join(&format!("tasks/{}/reports", task.id))
+        .expect("url");
+    let good = client
+        .prepare_report(&Measurement::Count(true))
+        .expect("report");
+
+    // A good report: 201, and again (a replay is accepted, and counted once).
+    for _ in 0..2 {
+        let r = send(
+            Method::PUT,
+            url.clone(),
+            Some(media_type::REPORT),
+            None,
+            good.get_encoded(),
+        )
+        .await;
+        assert_eq!(r.status, 201);
+    }
+    // Wrong media type.
+    send(
+        Method::PUT,
+        url.clone(),
+        Some("application/octet-stream"),
+        None,
+        good.get_encoded(),
+    )
+    .await
+    .assert_problem(400, "invalidMessage");
+    // Garbage, truncated and padded bodies.
+    let bytes = good.get_encoded();
+    for body in [
+        vec![1, 2, 3],
+        bytes[..bytes.len() - 1].to_vec(),
+        [bytes.clone(), vec![0]].concat(),
+        Vec::new(),
+    ] {
+        send(
+            Method::PUT,
+            url.clone(),
+            Some(media_type::REPORT),
+            None,
+            body,
+        )
+        .await
+        .assert_problem(400, "invalidMessage");
+    }
+    // Unknown task, and a malformed task ID.
+    let other = task
+        .leader_endpoint
+        .join(&format!(
+            "tasks/{}/reports",
+            duet_messages::dap09::TaskId::random()
+        ))
+        .expect("url");
+    send(
+        Method::PUT,
+        other,
+        Some(media_type::REPORT),
+        None,
+        bytes.clone(),
+    )
+    .await
+    .assert_problem(400, "unrecognizedTask");
+    let bad = task
+        .leader_endpoint
+        .join("tasks/not-a-task-id/reports")
+        .expect("url");
+    send(
+        Method::PUT,
+        bad,
+        Some(media_type::REPORT),
+        None,
+        bytes.clone(),
+    )
+    .await
+    .assert_problem(400, "invalidMessage");
+    // An HPKE config the Leader doesn't have.
+    let mut stale = client
+        .prepare_report(&Measurement::Count(false))
+        .expect("report");
+    stale.leader_encrypted_input_share.config_id = HpkeConfigId(
+        stale
+            .leader_encrypted_input_share
+            .config_id
+            .0
+            .wrapping_add(1),
+    );
+    send(
+        Method::PUT,
+        url.clone(),
+        Some(media_type::REPORT),
+        None,
+        stale.get_encoded(),
+    )
+    .await
+    .assert_problem(400, "outdatedConfig");
+    // A report from the future.
+    let future = client
+        .prepare_report_at(&Measurement::Count(true), Time(u64::MAX / 2))
+        .expect("report");
+    send(
+        Method::PUT,
+        url.clone(),
+        Some(media_type::REPORT),
+        None,
+        future.get_encoded(),
+    )
+    .await
+    .assert_problem(400, "reportTooEarly");
+    // Wrong method.
+    assert_eq!(
+        send(Method::POST, url, Some(media_type::REPORT), None, bytes)
+            .await
+            .status,
+        405
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hpke_config_lists_the_keys() {
+    let h = Harness::start().await;
+    for base in [&h.leader_url, &h.helper_url] {
+        let r = send(
+            Method::GET,
+            base.join("hpke_config").expect("url"),
+            None,
+            None,
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.content_type, media_type::HPKE_CONFIG_LIST);
+        let list = HpkeConfigList::get_decoded(&r.body).expect("decode");
+        assert_eq!(list.0.len(), 1);
+    }
+    // Leader and Helper keep separate keys even over one database.
+    let l = send(
+        Method::GET,
+        h.leader_url.join("hpke_config").expect("url"),
+        None,
+        None,
+        Vec::new(),
+    )
+    .await;
+    let hp = send(
+        Method::GET,
+        h.helper_url.join("hpke_config").expect("url"),
+        None,
+        None,
+        Vec::new(),
+    )
+    .await;
+    assert_ne!(l.body, hp.body);
+    h.stop().await;
+}
