@@ -7,13 +7,13 @@
 
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::time::{Duration as StdDuration, SystemTime, UNIX_EPOCH};
+use std::time::Duration as StdDuration;
 
 use duet_aggregator::server::{run, RoleConfig, Roles, RunningServer};
 use duet_aggregator::AggregatorConfig;
 use duet_core::task::parse_endpoint;
 use duet_core::{
-    AggregatorRole, AuthenticationToken, QueryTypeConfig, RealClock, Task, VdafInstance,
+    AggregatorRole, AuthenticationToken, Clock, QueryTypeConfig, RealClock, Task, VdafInstance,
 };
 use duet_messages::dap09::{Duration, HpkeConfig, TaskId};
 use duet_messages::Decode;
@@ -236,11 +236,8 @@ where
         .map_err(|e| format!("Helper task: {e}"))?;
     let task_id = janus_messages::TaskId::from(task.id.0);
 
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_err(|e| e.to_string())?
-        .as_secs();
-    let start = now - now % TIME_PRECISION;
+    // Janus's client stamps reports with the system clock, as `RealClock` reads it.
+    let start = RealClock.now().round_down(task.time_precision).0;
 
     // Upload. The client fetches both aggregators' HPKE configs itself.
     let client = janus_client::Client::builder(
