@@ -2,8 +2,10 @@
 //! client and the collector of the Distributed Aggregation Protocol (DAP-09, Prio3).
 #![forbid(unsafe_code)]
 
+mod bench;
 mod collect;
 mod db;
+mod interop;
 mod keys;
 mod quickstart;
 mod serve;
@@ -39,9 +41,14 @@ enum Command {
     Upload(upload::Args),
     /// Collect a batch's aggregate from a task's Leader.
     Collect(collect::Args),
+    /// Measure throughput, latency and memory on this machine.
+    Bench(bench::Args),
     /// Manage HPKE keys.
     #[command(subcommand)]
     Keys(keys::Command),
+    /// Serve the DAP interop test API (draft-dcook-ppm-dap-interop-test-design-07) for one role.
+    #[command(subcommand)]
+    Interop(interop::Command),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +77,8 @@ fn main() -> ExitCode {
             Command::Upload(a) => upload::run(a).await,
             Command::Collect(a) => collect::run(a).await,
             Command::Keys(c) => keys::run(c),
+            Command::Interop(c) => interop::run(c).await,
+            Command::Bench(a) => bench::run(a).await,
         }
     });
     match result {

@@ -1,0 +1,488 @@
+//! `duet bench`: reproducible throughput, latency and memory figures on this machine.
+//!
+//! For each backend and VDAF it measures, in one run:
+//! * the *floor*: single-threaded CPU per report of the Leader's and the Helper's cryptography
+//!   (HPKE open, VDAF preparation, accumulation), on pre-generated reports;
+//! * *upload*: reports/s the Leader accepts over HTTP from `--concurrency` connections;
+//! * *end to end*: from the first upload to a finished collection, and the latency from the
+//!   last upload to the finished collection;
+//! * the server process's peak RSS.
+//!
+//! The server runs as a child `duet serve` process (Leader and Helper, one database), so its
+//! memory is measured alone. Report generation is not timed.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{ExitCode, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use duet_core::hpke::{open, HpkeApplicationInfo, HpkeKeypair};
+use duet_core::{AggregatorRole, Clock, Measurement, RealClock, VdafInstance};
+use duet_messages::dap09::{
+    media_type, Duration, HpkeConfigId, InputShareAad, PlaintextInputShare, Query, Report, Role,
+};
+use duet_messages::{Decode, Encode};
+use rand::{Rng, SeedableRng};
+
+/// Backends to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// An embedded SQLite file.
+    Sqlite,
+    /// PostgreSQL at `--database` or `DATABASE_URL`.
+    Postgres,
+}
+
+/// VDAFs to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchVdaf {
+    /// Prio3Count.
+    Count,
+    /// Prio3Histogram with 100 buckets.
+    Histogram,
+    /// Prio3SumVec with 1000 one-bit elements.
+    Sumvec,
+}
+
+impl BenchVdaf {
+    fn instance(self) -> VdafInstance {
+        match self {
+            Self::Count => VdafInstance::Prio3Count,
+            Self::Histogram => VdafInstance::Prio3Histogram {
+                length: 100,
+                chunk_length: 10,
+            },
+            Self::Sumvec => VdafInstance::Prio3SumVec {
+                bits: 1,
+                length: 1000,
+                chunk_length: 32,
+            },
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Count => "Prio3Count",
+            Self::Histogram => "Prio3Histogram(100)",
+            Self::Sumvec => "Prio3SumVec(1000)",
+        }
+    }
+}
+
+/// `duet bench` flags.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Backend (repeatable). Default: sqlite.
+    #[arg(long, value_enum)]
+    backend: Vec<Backend>,
+    /// PostgreSQL URL for `--backend postgres`.
+    #[arg(long, env = "DATABASE_URL")]
+    database: Option<String>,
+    /// VDAF (repeatable). Default: count.
+    #[arg(long, value_enum)]
+    vdaf: Vec<BenchVdaf>,
+    /// Reports per run.
+    #[arg(long, default_value_t = 10_000)]
+    reports: usize,
+    /// Concurrent upload connections.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Reports used to measure the floor.
+    #[arg(long, default_value_t = 500)]
+    floor_reports: usize,
+    /// Print exactly one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One run's figures.
+#[derive(serde::Serialize)]
+struct Run {
+    backend: &'static str,
+    vdaf: &'static str,
+    reports: usize,
+    leader_cpu_us_per_report: f64,
+    helper_cpu_us_per_report: f64,
+    floor_reports_per_s: f64,
+    upload_reports_per_s: f64,
+    end_to_end_reports_per_s: f64,
+    ratio: f64,
+    collect_latency_s: f64,
+    peak_rss_bytes: u64,
+}
+
+#[allow(clippy::disallowed_methods)] // Benchmarks measure elapsed wall and CPU time.
+fn now() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
+/// Kills the server on every exit path.
+struct ServerProcess(std::process::Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn peak_rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn start_server(dir: &Path, database: &str) -> Result<(ServerProcess, String)> {
+    let config = dir.join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndatabase = \"{database}\"\n[leader]\npath_prefix = \"/leader\"\n[helper]\npath_prefix = \"/helper\"\n"
+        ),
+    )?;
+    let exe = std::env::current_exe().context("cannot find the duet executable")?;
+    let mut child = std::process::Command::new(exe)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("DUET_DATABASE")
+        .env_remove("DUET_LISTEN")
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("could not start `duet serve`")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let server = ServerProcess(child);
+    let mut reader = BufReader::new(stderr);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let Some(base) = line.trim().strip_prefix("duet serving on ") else {
+        bail!("the server did not start: {line}");
+    };
+    let base = base.to_string();
+    // Keep draining the server's log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in reader.lines() {});
+    Ok((server, base))
+}
+
+fn generate(vdaf: &VdafInstance, n: usize) -> Vec<Measurement> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    (0..n)
+        .map(|_| match vdaf {
+            VdafInstance::Prio3Count => Measurement::Count(rng.gen_bool(0.5)),
+            VdafInstance::Prio3Sum { .. } => Measurement::Sum(rng.gen_range(0..256)),
+            VdafInstance::Prio3Histogram { length, .. } => {
+                Measurement::Histogram(rng.gen_range(0..*length))
+            }
+            VdafInstance::Prio3SumVec { length, .. } => {
+                Measurement::SumVec((0..*length).map(|_| rng.gen_range(0..2)).collect())
+            }
+        })
+        .collect()
+}
+
+/// Single-threaded CPU per report (seconds) of the Leader's and the Helper's work.
+fn floor(
+    task: &duet_core::Task,
+    leader_key: &HpkeKeypair,
+    helper_key: &HpkeKeypair,
+    reports: &[Report],
+) -> Result<(f64, f64)> {
+    let vdaf = task.vdaf.instantiate()?;
+    let mut leader = std::time::Duration::ZERO;
+    let mut helper = std::time::Duration::ZERO;
+    let mut leader_agg = vdaf.empty_aggregate()?;
+    let mut helper_agg = vdaf.empty_aggregate()?;
+    for r in reports {
+        let aad = InputShareAad {
+            task_id: task.id,
+            metadata: r.metadata,
+            public_share: r.public_share.clone(),
+        }
+        .get_encoded();
+        let t = now();
+        let pt = open(
+            leader_key,
+            &HpkeApplicationInfo::InputShare {
+                server: Role::Leader,
+            },
+            &r.leader_encrypted_input_share,
+            &aad,
+        )?;
+        let share = PlaintextInputShare::get_decoded(&pt)?;
+        let (state, msg) = vdaf.leader_init(
+            &task.vdaf_verify_key,
+            &r.metadata.id,
+            &r.public_share,
+            &share.payload,
+        )?;
+        leader += t.elapsed();
+
+        let t = now();
+        let pt = open(
+            helper_key,
+            &HpkeApplicationInfo::InputShare {
+                server: Role::Helper,
+            },
+            &r.helper_encrypted_input_share,
+            &aad,
+        )?;
+        let share = PlaintextInputShare::get_decoded(&pt)?;
+        let (out, reply) = vdaf.helper_init(
+            &task.vdaf_verify_key,
+            &r.metadata.id,
+            &r.public_share,
+            &share.payload,
+            &msg,
+        )?;
+        vdaf.accumulate(&mut helper_agg, &out)?;
+        helper += t.elapsed();
+
+        let t = now();
+        let out = vdaf.leader_continued(state, &reply)?;
+        vdaf.accumulate(&mut leader_agg, &out)?;
+        leader += t.elapsed();
+    }
+    let n = reports.len().max(1) as f64;
+    Ok((leader.as_secs_f64() / n, helper.as_secs_f64() / n))
+}
+
+async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run> {
+    let vdaf = which.instance();
+    let dir = tempfile::tempdir()?;
+    let database = match backend {
+        Backend::Sqlite => dir.path().join("bench.sqlite").display().to_string(),
+        Backend::Postgres => args
+            .database
+            .clone()
+            .context("--backend postgres needs --database postgres://… or DATABASE_URL")?,
+    };
+    let (server, base) = start_server(dir.path(), &database)?;
+    let leader_url = format!("{base}/leader/");
+    let helper_url = format!("{base}/helper/");
+
+    let collector_key = HpkeKeypair::generate(HpkeConfigId(1));
+    let n = args.reports;
+    let task = crate::task::new_task(
+        &leader_url,
+        &helper_url,
+        vdaf.clone(),
+        collector_key.config.clone(),
+        n as u64,
+        3600,
+        1,
+        None,
+    )?;
+    let leader_store = crate::db::open(&database, AggregatorRole::Leader).await?;
+    let helper_store = crate::db::open(&database, AggregatorRole::Helper).await?;
+    leader_store.put_task(&task).await?;
+    let mut helper_task = task.clone();
+    helper_task.collector_auth_token = None;
+    helper_store.put_task(&helper_task).await?;
+    let params = task.to_parameters();
+    let client = Arc::new(crate::upload::client_for(&params).await?);
+
+    // Generate (untimed), across cores.
+    let measurements = generate(&vdaf, n);
+    let plaintext = vdaf.plaintext_aggregate(&measurements)?;
+    let pb = crate::upload::progress_bar(n as u64, "generating");
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chunk = n.div_ceil(threads).max(1);
+    let reports: Vec<Report> = std::thread::scope(|s| {
+        let handles: Vec<_> = measurements
+            .chunks(chunk)
+            .map(|part| {
+                let client = Arc::clone(&client);
+                let pb = pb.clone();
+                s.spawn(move || {
+                    part.iter()
+                        .map(|m| {
+                            pb.inc(1);
+                            client.prepare_report(m)
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("generator panicked"))?
+                    .map_err(anyhow::Error::from)
+            })
+            .collect::<Result<Vec<Vec<_>>>>()
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
+    pb.finish_and_clear();
+
+    let leader_key = leader_store.get_hpke_keypairs().await?.remove(0);
+    let helper_key = helper_store.get_hpke_keypairs().await?.remove(0);
+    let sample = &reports[..reports.len().min(args.floor_reports.max(1))];
+    let (leader_cpu, helper_cpu) = floor(&task, &leader_key, &helper_key, sample)?;
+    let floor_rate = threads as f64 / (leader_cpu + helper_cpu);
+
+    // Upload and aggregate.
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(reports.iter().map(Encode::get_encoded).collect());
+    let start_time = RealClock.now();
+    drop(reports);
+    let http = reqwest::Client::new();
+    let url = task
+        .leader_endpoint
+        .join(&format!("tasks/{}/reports", task.id))?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let pb = crate::upload::progress_bar(n as u64, "uploading");
+    let t0 = now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency.max(1) {
+        let (http, url, next, bodies, pb) = (
+            http.clone(),
+            url.clone(),
+            Arc::clone(&next),
+            Arc::clone(&bodies),
+            pb.clone(),
+        );
+        workers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else {
+                    return Ok::<(), anyhow::Error>(());
+                };
+                let resp = http
+                    .put(url.clone())
+                    .header("content-type", media_type::REPORT)
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                if !resp.status().is_success() {
+                    bail!(
+                        "upload {i} failed: {} {}",
+                        resp.status(),
+                        resp.text().await.unwrap_or_default()
+                    );
+                }
+                pb.inc(1);
+            }
+        });
+    }
+    while let Some(r) = workers.join_next().await {
+        r??;
+    }
+    let upload_s = t0.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let end_time = RealClock.now();
+
+    let t1 = now();
+    let collector = crate::collect::collector_for(&params, collector_key)?;
+    let query = Query::TimeInterval {
+        batch_interval: crate::task::covering_interval(start_time, end_time, Duration(3600)),
+    };
+    let job = collector.start_collection(query).await?;
+    let result = loop {
+        match collector.poll_once(&job, &query).await? {
+            duet_collector::PollOutcome::Ready(r) => break r,
+            _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    let latency = t1.elapsed().as_secs_f64();
+    let total = t0.elapsed().as_secs_f64();
+    if result.report_count != n as u64 || result.aggregate != plaintext {
+        bail!(
+            "the benchmark's aggregate is wrong: {} reports, {}",
+            result.report_count,
+            result.aggregate
+        );
+    }
+    let rss = peak_rss_bytes(server.0.id());
+    drop(server);
+    let e2e = n as f64 / total;
+    Ok(Run {
+        backend: match backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        },
+        vdaf: which.name(),
+        reports: n,
+        leader_cpu_us_per_report: leader_cpu * 1e6,
+        helper_cpu_us_per_report: helper_cpu * 1e6,
+        floor_reports_per_s: floor_rate,
+        upload_reports_per_s: n as f64 / upload_s,
+        end_to_end_reports_per_s: e2e,
+        ratio: e2e / floor_rate,
+        collect_latency_s: latency,
+        peak_rss_bytes: rss,
+    })
+}
+
+/// Runs `duet bench`.
+pub async fn run(mut args: Args) -> Result<ExitCode> {
+    if args.backend.is_empty() {
+        args.backend.push(Backend::Sqlite);
+    }
+    if args.vdaf.is_empty() {
+        args.vdaf.push(BenchVdaf::Count);
+    }
+    if args.reports == 0 {
+        bail!("--reports must be at least 1");
+    }
+    let mut runs = Vec::new();
+    for &backend in &args.backend {
+        for &vdaf in &args.vdaf {
+            if !args.json {
+                eprintln!(
+                    "running {vdaf:?} on {backend:?} with {} reports…",
+                    args.reports
+                );
+            }
+            runs.push(
+                run_one(&args, backend, vdaf)
+                    .await
+                    .with_context(|| format!("{vdaf:?} on {backend:?}"))?,
+            );
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "runs": runs }));
+    } else {
+        println!(
+            "{:<8} {:<20} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>9}",
+            "backend",
+            "vdaf",
+            "reports",
+            "leader µs",
+            "helper µs",
+            "floor/s",
+            "upload/s",
+            "e2e/s",
+            "ratio",
+            "latency",
+            "peak RSS"
+        );
+        for r in &runs {
+            println!(
+                "{:<8} {:<20} {:>8} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>6.2} {:>7.2}s {:>7.0}MB",
+                r.backend,
+                r.vdaf,
+                r.reports,
+                r.leader_cpu_us_per_report,
+                r.helper_cpu_us_per_report,
+                r.floor_reports_per_s,
+                r.upload_reports_per_s,
+                r.end_to_end_reports_per_s,
+                r.ratio,
+                r.collect_latency_s,
+                r.peak_rss_bytes as f64 / 1e6
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
