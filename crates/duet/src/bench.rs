@@ -104,6 +104,7 @@ struct Run {
     backend: &'static str,
     vdaf: &'static str,
     reports: usize,
+    hpke_open_us: f64,
     leader_cpu_us_per_report: f64,
     helper_cpu_us_per_report: f64,
     floor_reports_per_s: f64,
@@ -188,16 +189,18 @@ fn generate(vdaf: &VdafInstance, n: usize) -> Vec<Measurement> {
         .collect()
 }
 
-/// Single-threaded CPU per report (seconds) of the Leader's and the Helper's work.
+/// Single-threaded CPU per report (seconds) of the Leader's and the Helper's work, and of one
+/// HPKE open alone.
 fn floor(
     task: &duet_core::Task,
     leader_key: &HpkeKeypair,
     helper_key: &HpkeKeypair,
     reports: &[Report],
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, f64)> {
     let vdaf = task.vdaf.instantiate()?;
     let mut leader = std::time::Duration::ZERO;
     let mut helper = std::time::Duration::ZERO;
+    let mut opens = std::time::Duration::ZERO;
     let mut leader_agg = vdaf.empty_aggregate()?;
     let mut helper_agg = vdaf.empty_aggregate()?;
     for r in reports {
@@ -251,7 +254,11 @@ fn floor(
         leader += t.elapsed();
     }
     let n = reports.len().max(1) as f64;
-    Ok((leader.as_secs_f64() / n, helper.as_secs_f64() / n))
+    Ok((
+        leader.as_secs_f64() / n,
+        helper.as_secs_f64() / n,
+        opens.as_secs_f64() / n,
+    ))
 }
 
 async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run> {
@@ -328,7 +335,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     let leader_key = leader_store.get_hpke_keypairs().await?.remove(0);
     let helper_key = helper_store.get_hpke_keypairs().await?.remove(0);
     let sample = &reports[..reports.len().min(args.floor_reports.max(1))];
-    let (leader_cpu, helper_cpu) = floor(&task, &leader_key, &helper_key, sample)?;
+    let (leader_cpu, helper_cpu, hpke_open) = floor(&task, &leader_key, &helper_key, sample)?;
     let floor_rate = threads as f64 / (leader_cpu + helper_cpu);
 
     // Upload and aggregate.
@@ -412,6 +419,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         },
         vdaf: which.name(),
         reports: n,
+        hpke_open_us: hpke_open * 1e6,
         leader_cpu_us_per_report: leader_cpu * 1e6,
         helper_cpu_us_per_report: helper_cpu * 1e6,
         floor_reports_per_s: floor_rate,
@@ -469,10 +477,11 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
         );
         for r in &runs {
             println!(
-                "{:<8} {:<20} {:>8} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>6.2} {:>7.2}s {:>7.0}MB",
+                "{:<8} {:<20} {:>8} {:>8.1} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>6.2} {:>7.2}s {:>7.0}MB",
                 r.backend,
                 r.vdaf,
                 r.reports,
+                r.hpke_open_us,
                 r.leader_cpu_us_per_report,
                 r.helper_cpu_us_per_report,
                 r.floor_reports_per_s,
