@@ -84,6 +84,19 @@ pub async fn run(
     config: AggregatorConfig,
     clock: Arc<dyn Clock>,
 ) -> Result<RunningServer, Error> {
+    run_with(listener, roles, config, clock, Router::new()).await
+}
+
+/// Like [`run`], and also serves `extra` on the same listener (e.g. a test API). Its paths must
+/// not collide with the roles' DAP paths or `/healthz`; its fallback, if any, answers every path
+/// nothing else matches.
+pub async fn run_with(
+    listener: TcpListener,
+    roles: Roles,
+    config: AggregatorConfig,
+    clock: Arc<dyn Clock>,
+    extra: Router,
+) -> Result<RunningServer, Error> {
     let local_addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
@@ -114,7 +127,7 @@ pub async fn run(
         router = mount(router, &rc.path_prefix, helper_router(helper));
         health_stores.push(rc.store);
     }
-    let router = router.route(
+    let router = router.merge(extra).route(
         "/healthz",
         get(move || {
             let stores = health_stores.clone();

@@ -1,5 +1,6 @@
 //! Duet's storage: the [`Datastore`] trait, the records it stores, its conformance suite, and the
-//! backends (embedded SQLite now; PostgreSQL to come).
+//! backends: embedded SQLite ([`sqlite`]) and PostgreSQL ([`postgres`]), which several replicas
+//! can share.
 //!
 //! Only this crate knows SQL. A datastore handle is bound to one aggregator role: in a process
 //! that is both Leader and Helper over one database, each role has its own handle, and rows that
@@ -8,6 +9,7 @@
 
 pub mod conformance;
 pub mod models;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::HashSet;

@@ -219,6 +219,7 @@ fn floor(
             &r.leader_encrypted_input_share,
             &aad,
         )?;
+        opens += t.elapsed();
         let share = PlaintextInputShare::get_decoded(&pt)?;
         let (state, msg) = vdaf.leader_init(
             &task.vdaf_verify_key,

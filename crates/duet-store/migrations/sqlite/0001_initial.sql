@@ -40,29 +40,36 @@ CREATE TABLE batch_aggregations (
 
 -- ---- Leader ----
 
--- One row per uploaded report. Its life: unassigned (job_id NULL) -> in a job (job_id set) ->
--- aggregated or dropped (payload NULL; the row stays for replay protection).
+-- One row per uploaded report, appended in upload order (`seq`). Its life: pending (payload
+-- set) -> claimed by a job through the job's seq range (no write to the row) -> aggregated or
+-- dropped (payload NULL; the row stays for replay protection).
 CREATE TABLE reports (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused, so ranges stay meaningful
     task_id     BLOB NOT NULL,
     report_id   BLOB NOT NULL,
     client_time INTEGER NOT NULL,
-    payload     BLOB,          -- the encoded Report; NULL once its job finished or was abandoned
-    job_id      BLOB,          -- its aggregation job; NULL while unassigned
-    PRIMARY KEY (task_id, report_id)
-) WITHOUT ROWID;
+    payload     BLOB               -- the encoded Report; NULL once its job finished or was abandoned
+);
 
--- Job creation: unassigned reports, oldest first.
-CREATE INDEX reports_unassigned ON reports (task_id, client_time, report_id) WHERE job_id IS NULL;
+-- Replay protection.
+CREATE UNIQUE INDEX reports_replay ON reports (task_id, report_id);
 -- count_unaggregated_reports: reports not yet aggregated, by time.
 CREATE INDEX reports_pending ON reports (task_id, client_time) WHERE payload IS NOT NULL;
--- A job's reports, while the job is unfinished.
-CREATE INDEX reports_by_job ON reports (task_id, job_id) WHERE payload IS NOT NULL;
+
+-- Reports up to `claimed_seq` belong to aggregation jobs.
+CREATE TABLE report_cursor (
+    id          INTEGER PRIMARY KEY CHECK (id = 0),
+    claimed_seq INTEGER NOT NULL
+);
+INSERT INTO report_cursor (id, claimed_seq) VALUES (0, 0);
 
 CREATE TABLE aggregation_jobs (
     task_id        BLOB NOT NULL,
     job_id         BLOB NOT NULL,
     state          TEXT NOT NULL CHECK (state IN ('active', 'finished', 'abandoned')),
     report_count   INTEGER NOT NULL,
+    first_seq      INTEGER NOT NULL, -- the job's reports: this task's reports in [first_seq, last_seq]
+    last_seq       INTEGER NOT NULL,
     created_at     INTEGER NOT NULL,
     retry_at       INTEGER NOT NULL,
     lease_token    BLOB,

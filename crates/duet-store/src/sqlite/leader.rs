@@ -1,15 +1,16 @@
 //! Leader: reports and aggregation jobs.
 //!
-//! A report is one row for its whole life: inserted on upload, assigned to a job (`job_id`), and
-//! reduced to its ID once the job finishes or is abandoned (`payload` set to NULL). The job keeps
-//! its lease; there is no per-report state row.
+//! A report is one row for its whole life, appended in upload order (`seq`). A job claims a
+//! contiguous `seq` range of one task's reports by advancing one cursor row, so claiming writes
+//! nothing per report; finishing or abandoning the job reduces its reports to their IDs
+//! (`payload` set to NULL) with one sequential range update. The job keeps its lease; there is
+//! no per-report state row.
 //!
-//! Statements on `reports` name their index (`INDEXED BY`): the table grows with history, and
-//! SQLite's planner, which has no statistics here, would otherwise pick the primary key and scan
-//! a task's every report. Naming the partial index keeps hot paths on pending rows only, and
-//! turns a missing index into an error rather than a slow scan.
+//! Job statements reach `reports` through `seq` ranges of the primary key; the time-based count
+//! names its partial index (`INDEXED BY`), so that a missing index is an error rather than a
+//! scan of history.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use duet_messages::dap09::{AggregationJobId, Interval, ReportId, TaskId, Time};
 
@@ -71,6 +72,9 @@ pub(super) async fn put_reports(
         .collect())
 }
 
+/// Reports read per statement when creating jobs.
+const CLAIM_BATCH: i64 = 50_000;
+
 pub(super) async fn create_aggregation_jobs(
     store: &SqliteDatastore,
     max_job_size: usize,
@@ -80,58 +84,78 @@ pub(super) async fn create_aggregation_jobs(
         return Ok(0);
     }
     let now = to_i64(now.0, "time")?;
-    let job_size = i64::try_from(max_job_size).unwrap_or(i64::MAX);
     let mut tx = store.begin_write().await?;
-    let task_rows = sqlx::query(
-        "-- create_aggregation_jobs\nSELECT DISTINCT task_id FROM reports INDEXED BY reports_unassigned WHERE job_id IS NULL",
+    let row = sqlx::query(
+        "-- create_aggregation_jobs\nSELECT claimed_seq FROM report_cursor WHERE id = 0",
     )
-    .fetch_all(&mut *tx)
+    .fetch_one(&mut *tx)
     .await
     .map_err(db)?;
+    let mut cursor: i64 = col(&row, "claimed_seq")?;
     let mut created = 0;
-    for task_row in task_rows {
-        let task_id: Vec<u8> = col(&task_row, "task_id")?;
-        loop {
-            let job_id = AggregationJobId::random();
-            // Oldest first, so that early buckets complete first.
-            let assigned = sqlx::query(
-                "-- create_aggregation_jobs\n\
-                 UPDATE reports SET job_id = ? \
-                 WHERE task_id = ? AND report_id IN ( \
-                   SELECT report_id FROM reports INDEXED BY reports_unassigned \
-                   WHERE task_id = ? AND job_id IS NULL \
-                   ORDER BY client_time, report_id LIMIT ?)",
-            )
-            .bind(&job_id.0[..])
-            .bind(&task_id[..])
-            .bind(&task_id[..])
-            .bind(job_size)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?
-            .rows_affected();
-            if assigned == 0 {
-                break;
+    loop {
+        let rows = sqlx::query(
+            "-- create_aggregation_jobs\n\
+             SELECT seq, task_id FROM reports WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(cursor)
+        .bind(CLAIM_BATCH)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(last) = rows.last() else { break };
+        let last_seq: i64 = col(last, "seq")?;
+        // Group by task in upload order; each task's run is cut into jobs of at most
+        // `max_job_size` reports, each job a seq range.
+        let mut open: HashMap<Vec<u8>, (i64, i64, usize)> = HashMap::new();
+        let mut jobs: Vec<(Vec<u8>, i64, i64, usize)> = Vec::new();
+        for row in &rows {
+            let seq: i64 = col(row, "seq")?;
+            let task_id: Vec<u8> = col(row, "task_id")?;
+            let entry = open.entry(task_id.clone()).or_insert((seq, seq, 0));
+            entry.1 = seq;
+            entry.2 += 1;
+            if entry.2 == max_job_size {
+                jobs.push((task_id.clone(), entry.0, entry.1, entry.2));
+                open.remove(&task_id);
             }
+        }
+        jobs.extend(
+            open.into_iter()
+                .map(|(t, (first, last, n))| (t, first, last, n)),
+        );
+        for (task_id, first_seq, last_seq, count) in jobs {
+            let job_id = AggregationJobId::random();
             sqlx::query(
                 "-- create_aggregation_jobs\n\
-                 INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, created_at, retry_at) \
-                 VALUES (?, ?, 'active', ?, ?, ?)",
+                 INSERT INTO aggregation_jobs \
+                 (task_id, job_id, state, report_count, first_seq, last_seq, created_at, retry_at) \
+                 VALUES (?, ?, 'active', ?, ?, ?, ?, ?)",
             )
             .bind(&task_id[..])
             .bind(&job_id.0[..])
-            .bind(clamp_i64(assigned))
+            .bind(clamp_i64(count as u64))
+            .bind(first_seq)
+            .bind(last_seq)
             .bind(now)
             .bind(now)
             .execute(&mut *tx)
             .await
             .map_err(db)?;
             created += 1;
-            if assigned < max_job_size as u64 {
-                break;
-            }
+        }
+        cursor = last_seq;
+        if (rows.len() as i64) < CLAIM_BATCH {
+            break;
         }
     }
+    sqlx::query(
+        "-- create_aggregation_jobs\nUPDATE report_cursor SET claimed_seq = ? WHERE id = 0",
+    )
+    .bind(cursor)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
     tx.commit().await.map_err(db)?;
     Ok(created)
 }
@@ -150,7 +174,7 @@ pub(super) async fn acquire_aggregation_jobs(
     let mut tx = store.begin_write().await?;
     let candidates = sqlx::query(
         "-- acquire_aggregation_jobs\n\
-         SELECT task_id, job_id FROM aggregation_jobs \
+         SELECT task_id, job_id, first_seq, last_seq FROM aggregation_jobs \
          WHERE state = 'active' AND retry_at <= ? AND lease_expiry <= ? \
          ORDER BY retry_at, created_at LIMIT ?",
     )
@@ -164,6 +188,8 @@ pub(super) async fn acquire_aggregation_jobs(
     for candidate in candidates {
         let task_id = TaskId(col_array(&candidate, "task_id")?);
         let job_id = AggregationJobId(col_array(&candidate, "job_id")?);
+        let first_seq: i64 = col(&candidate, "first_seq")?;
+        let last_seq: i64 = col(&candidate, "last_seq")?;
         let token = lease_token();
         let row = sqlx::query(
             "-- acquire_aggregation_jobs\n\
@@ -182,12 +208,12 @@ pub(super) async fn acquire_aggregation_jobs(
             .map_err(|_| StoreError::Corrupt("lease_attempts out of range".into()))?;
         let reports = sqlx::query(
             "-- acquire_aggregation_jobs\n\
-             SELECT report_id, client_time, payload FROM reports INDEXED BY reports_by_job \
-             WHERE task_id = ? AND job_id = ? AND payload IS NOT NULL \
-             ORDER BY client_time, report_id",
+             SELECT report_id, client_time, payload FROM reports \
+             WHERE seq BETWEEN ? AND ? AND task_id = ? AND payload IS NOT NULL ORDER BY seq",
         )
+        .bind(first_seq)
+        .bind(last_seq)
         .bind(&task_id.0[..])
-        .bind(&job_id.0[..])
         .fetch_all(&mut *tx)
         .await
         .map_err(db)?
@@ -225,27 +251,29 @@ pub(super) async fn finish_aggregation_job(
     let updated = sqlx::query(
         "-- finish_aggregation_job\n\
          UPDATE aggregation_jobs SET state = 'finished', lease_token = NULL, lease_expiry = 0 \
-         WHERE task_id = ? AND job_id = ? AND state = 'active' AND lease_token = ?",
+         WHERE task_id = ? AND job_id = ? AND state = 'active' AND lease_token = ? \
+         RETURNING first_seq, last_seq",
     )
     .bind(&job.task_id.0[..])
     .bind(&job.job_id.0[..])
     .bind(&job.lease.token[..])
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await
-    .map_err(db)?
-    .rows_affected();
-    if updated == 0 {
+    .map_err(db)?;
+    let Some(range) = updated else {
         tx.rollback().await.map_err(db)?;
         return Err(StoreError::LeaseLost);
-    }
+    };
+    let (first_seq, last_seq): (i64, i64) = (col(&range, "first_seq")?, col(&range, "last_seq")?);
     merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
     sqlx::query(
         "-- finish_aggregation_job\n\
-         UPDATE reports INDEXED BY reports_by_job SET payload = NULL \
-         WHERE task_id = ? AND job_id = ? AND payload IS NOT NULL",
+         UPDATE reports SET payload = NULL \
+         WHERE seq BETWEEN ? AND ? AND task_id = ? AND payload IS NOT NULL",
     )
+    .bind(first_seq)
+    .bind(last_seq)
     .bind(&job.task_id.0[..])
-    .bind(&job.job_id.0[..])
     .execute(&mut *tx)
     .await
     .map_err(db)?;
@@ -286,26 +314,28 @@ pub(super) async fn abandon_aggregation_job(
     let updated = sqlx::query(
         "-- abandon_aggregation_job\n\
          UPDATE aggregation_jobs SET state = 'abandoned', lease_token = NULL, lease_expiry = 0 \
-         WHERE task_id = ? AND job_id = ? AND state = 'active' AND lease_token = ?",
+         WHERE task_id = ? AND job_id = ? AND state = 'active' AND lease_token = ? \
+         RETURNING first_seq, last_seq",
     )
     .bind(&job.task_id.0[..])
     .bind(&job.job_id.0[..])
     .bind(&job.lease.token[..])
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await
-    .map_err(db)?
-    .rows_affected();
-    if updated == 0 {
+    .map_err(db)?;
+    let Some(range) = updated else {
         tx.rollback().await.map_err(db)?;
         return Err(StoreError::LeaseLost);
-    }
+    };
+    let (first_seq, last_seq): (i64, i64) = (col(&range, "first_seq")?, col(&range, "last_seq")?);
     sqlx::query(
         "-- abandon_aggregation_job\n\
-         UPDATE reports INDEXED BY reports_by_job SET payload = NULL \
-         WHERE task_id = ? AND job_id = ? AND payload IS NOT NULL",
+         UPDATE reports SET payload = NULL \
+         WHERE seq BETWEEN ? AND ? AND task_id = ? AND payload IS NOT NULL",
     )
+    .bind(first_seq)
+    .bind(last_seq)
     .bind(&job.task_id.0[..])
-    .bind(&job.job_id.0[..])
     .execute(&mut *tx)
     .await
     .map_err(db)?;

@@ -4,7 +4,6 @@ use duet_core::hpke::{HpkeKeypair, HpkeKeypairSerde};
 use duet_core::{AggregatorRole, Task, TaskParameters};
 use duet_messages::dap09::{Interval, ReportIdChecksum, TaskId};
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Sqlite, Transaction};
 
 use super::{clamp_i64, col, col_array, col_interval, col_u64, db, to_i64, SqliteDatastore};
 use crate::{BatchAggregation, MergeFn, StoreError};
@@ -209,7 +208,7 @@ pub(super) async fn get_batch_aggregations(
 /// delta as is; otherwise shares are merged with `merge`, counts added and checksums XORed.
 pub(super) async fn merge_batch_aggregations(
     store: &SqliteDatastore,
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut super::WriteTx,
     deltas: &[BatchAggregation],
     merge: MergeFn<'_>,
 ) -> Result<(), StoreError> {

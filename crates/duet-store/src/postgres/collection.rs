@@ -1,0 +1,326 @@
+//! Leader: collection jobs.
+//!
+//! A job is one row; its state is the `state` column plus the state's data (`collection` for
+//! finished jobs, `abandon_reason` for abandoned ones). Deleting a finished job keeps its
+//! `collection`, so its batch still counts as collected. Every write is one statement at READ
+//! COMMITTED except `put_collection_job` and `acquire_collection_jobs` (two each, in one
+//! transaction); a lease is checked by the same `UPDATE` that ends it, under the row's lock.
+
+use std::collections::HashMap;
+
+use duet_messages::dap09::{Collection, CollectionJobId, Interval, TaskId, Time};
+use duet_messages::{Decode, Encode};
+use sqlx::postgres::PgRow;
+
+use super::{
+    clamp_i64, col, col_array, col_interval, col_u32, lease_token, limit_i64, to_i64,
+    PostgresDatastore, TxError,
+};
+use crate::{AcquiredCollectionJob, CollectionJob, CollectionJobState, Lease, StoreError};
+
+/// The columns a [`CollectionJob`] is read from.
+const JOB_COLUMNS: &str = "task_id, job_id, batch_start, batch_duration, aggregation_parameter, \
+     state, collection, abandon_reason";
+
+fn job_from_row(row: &PgRow) -> Result<CollectionJob, StoreError> {
+    let state: String = col(row, "state")?;
+    let state = match state.as_str() {
+        "start" => CollectionJobState::Start,
+        "finished" => {
+            let encoded: Option<Vec<u8>> = col(row, "collection")?;
+            let encoded = encoded.ok_or_else(|| {
+                StoreError::Corrupt("finished collection job without a result".into())
+            })?;
+            let collection = Collection::get_decoded(&encoded)
+                .map_err(|e| StoreError::Corrupt(format!("stored Collection: {e}")))?;
+            CollectionJobState::Finished(collection)
+        }
+        "abandoned" => {
+            let reason: Option<String> = col(row, "abandon_reason")?;
+            CollectionJobState::Abandoned(reason.unwrap_or_default())
+        }
+        "deleted" => CollectionJobState::Deleted,
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "collection job state '{other}'"
+            )))
+        }
+    };
+    Ok(CollectionJob {
+        task_id: TaskId(col_array(row, "task_id")?),
+        id: CollectionJobId(col_array(row, "job_id")?),
+        batch_interval: col_interval(row, "batch_start", "batch_duration")?,
+        aggregation_parameter: col(row, "aggregation_parameter")?,
+        state,
+    })
+}
+
+/// The `state`, `collection` and `abandon_reason` columns of a state.
+fn state_columns(state: &CollectionJobState) -> (&'static str, Option<Vec<u8>>, Option<&str>) {
+    match state {
+        CollectionJobState::Start => ("start", None, None),
+        CollectionJobState::Finished(collection) => {
+            ("finished", Some(collection.get_encoded()), None)
+        }
+        CollectionJobState::Abandoned(reason) => ("abandoned", None, Some(reason.as_str())),
+        CollectionJobState::Deleted => ("deleted", None, None),
+    }
+}
+
+/// READ COMMITTED: the insert either wins or waits for the conflicting row's writer to commit,
+/// after which the comparison reads that committed row.
+pub(super) async fn put_collection_job(
+    store: &PostgresDatastore,
+    job: &CollectionJob,
+) -> Result<(), TxError> {
+    let (state, collection, reason) = state_columns(&job.state);
+    let batch_start = to_i64(job.batch_interval.start.0, "batch start")?;
+    let batch_duration = to_i64(job.batch_interval.duration.0, "batch duration")?;
+    let mut tx = store.begin().await?;
+    let inserted = sqlx::query(
+        "-- put_collection_job\n\
+         INSERT INTO collection_jobs (task_id, job_id, batch_start, batch_duration, \
+           aggregation_parameter, state, collection, abandon_reason) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+    )
+    .bind(&job.task_id.0[..])
+    .bind(&job.id.0[..])
+    .bind(batch_start)
+    .bind(batch_duration)
+    .bind(&job.aggregation_parameter[..])
+    .bind(state)
+    .bind(collection)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        let existing = sqlx::query(
+            "-- put_collection_job\n\
+             SELECT batch_start, batch_duration, aggregation_parameter FROM collection_jobs \
+             WHERE task_id = $1 AND job_id = $2",
+        )
+        .bind(&job.task_id.0[..])
+        .bind(&job.id.0[..])
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(TxError::Raced("the conflicting collection job was deleted"))?;
+        // The same request again (the collector retrying its PUT) is fine whatever state the job
+        // reached since; only what the collector asked for must match.
+        let same = col_interval(&existing, "batch_start", "batch_duration")? == job.batch_interval
+            && col::<Vec<u8>>(&existing, "aggregation_parameter")? == job.aggregation_parameter;
+        if !same {
+            return Err(StoreError::AlreadyExists.into());
+        }
+    }
+    Ok(tx.commit().await?)
+}
+
+pub(super) async fn get_collection_job(
+    store: &PostgresDatastore,
+    task_id: &TaskId,
+    id: &CollectionJobId,
+) -> Result<Option<CollectionJob>, TxError> {
+    let sql = format!(
+        "-- get_collection_job\n\
+         SELECT {JOB_COLUMNS} FROM collection_jobs WHERE task_id = $1 AND job_id = $2"
+    );
+    Ok(sqlx::query(&sql)
+        .bind(&task_id.0[..])
+        .bind(&id.0[..])
+        .fetch_optional(&store.pool)
+        .await?
+        .map(|row| job_from_row(&row))
+        .transpose()?)
+}
+
+pub(super) async fn list_collection_jobs(
+    store: &PostgresDatastore,
+    task_id: &TaskId,
+) -> Result<Vec<CollectionJob>, TxError> {
+    let sql = format!(
+        "-- list_collection_jobs\n\
+         SELECT {JOB_COLUMNS} FROM collection_jobs WHERE task_id = $1 AND state != 'deleted' \
+         ORDER BY batch_start, job_id"
+    );
+    Ok(sqlx::query(&sql)
+        .bind(&task_id.0[..])
+        .fetch_all(&store.pool)
+        .await?
+        .iter()
+        .map(job_from_row)
+        .collect::<Result<_, _>>()?)
+}
+
+/// One statement, READ COMMITTED.
+pub(super) async fn delete_collection_job(
+    store: &PostgresDatastore,
+    task_id: &TaskId,
+    id: &CollectionJobId,
+) -> Result<bool, TxError> {
+    // The lease is dropped too: a driver holding it gets `LeaseLost` when it tries to finish.
+    let updated = sqlx::query(
+        "-- delete_collection_job\n\
+         UPDATE collection_jobs SET state = 'deleted', lease_token = NULL, lease_expiry = 0 \
+         WHERE task_id = $1 AND job_id = $2",
+    )
+    .bind(&task_id.0[..])
+    .bind(&id.0[..])
+    .execute(&store.pool)
+    .await?
+    .rows_affected();
+    Ok(updated > 0)
+}
+
+/// READ COMMITTED plus `FOR UPDATE SKIP LOCKED` on the jobs leased, as for aggregation jobs.
+pub(super) async fn acquire_collection_jobs(
+    store: &PostgresDatastore,
+    now: Time,
+    lease_duration: u64,
+    limit: usize,
+) -> Result<Vec<AcquiredCollectionJob>, TxError> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let expiry = Time(now.0.saturating_add(lease_duration));
+    let now = to_i64(now.0, "time")?;
+    let mut tx = store.begin().await?;
+    let sql = format!(
+        "-- acquire_collection_jobs\n\
+         SELECT {JOB_COLUMNS} FROM collection_jobs \
+         WHERE state = 'start' AND retry_at <= $1 AND lease_expiry <= $1 \
+         ORDER BY retry_at LIMIT $2 \
+         FOR UPDATE SKIP LOCKED"
+    );
+    let candidates = sqlx::query(&sql)
+        .bind(now)
+        .bind(limit_i64(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+    if candidates.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+    let jobs = candidates
+        .iter()
+        .map(job_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let task_ids: Vec<[u8; 32]> = jobs.iter().map(|j| j.task_id.0).collect();
+    let job_ids: Vec<[u8; 16]> = jobs.iter().map(|j| j.id.0).collect();
+    let tokens: Vec<[u8; 16]> = jobs.iter().map(|_| lease_token()).collect();
+    let leased = sqlx::query(
+        "-- acquire_collection_jobs\n\
+         UPDATE collection_jobs AS j \
+         SET lease_token = u.token, lease_expiry = $4, lease_attempts = j.lease_attempts + 1 \
+         FROM UNNEST($1::bytea[], $2::bytea[], $3::bytea[]) AS u(task_id, job_id, token) \
+         WHERE j.task_id = u.task_id AND j.job_id = u.job_id \
+         RETURNING j.task_id, j.job_id, j.lease_token, j.lease_attempts",
+    )
+    .bind(&task_ids)
+    .bind(&job_ids)
+    .bind(&tokens)
+    .bind(clamp_i64(expiry.0))
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let mut leases: HashMap<([u8; 32], [u8; 16]), Lease> = HashMap::with_capacity(leased.len());
+    for row in &leased {
+        leases.insert(
+            (col_array(row, "task_id")?, col_array(row, "job_id")?),
+            Lease {
+                token: col_array(row, "lease_token")?,
+                expiry,
+                attempts: col_u32(row, "lease_attempts")?,
+            },
+        );
+    }
+    // In the order picked: the longest-waiting jobs first.
+    let mut acquired = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let lease = leases
+            .remove(&(job.task_id.0, job.id.0))
+            .ok_or_else(|| StoreError::Database("a picked collection job was not leased".into()))?;
+        acquired.push(AcquiredCollectionJob { job, lease });
+    }
+    Ok(acquired)
+}
+
+/// One statement, READ COMMITTED; the row lock it takes orders it with concurrent acquisitions.
+pub(super) async fn release_collection_job(
+    store: &PostgresDatastore,
+    job: &AcquiredCollectionJob,
+    retry_at: Time,
+) -> Result<(), TxError> {
+    let updated = sqlx::query(
+        "-- release_collection_job\n\
+         UPDATE collection_jobs SET lease_token = NULL, lease_expiry = 0, retry_at = $1 \
+         WHERE task_id = $2 AND job_id = $3 AND state = 'start' AND lease_token = $4",
+    )
+    .bind(to_i64(retry_at.0, "retry time")?)
+    .bind(&job.job.task_id.0[..])
+    .bind(&job.job.id.0[..])
+    .bind(&job.lease.token[..])
+    .execute(&store.pool)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        return Err(StoreError::LeaseLost.into());
+    }
+    Ok(())
+}
+
+/// One statement, READ COMMITTED, as for releasing.
+pub(super) async fn finish_collection_job(
+    store: &PostgresDatastore,
+    job: &AcquiredCollectionJob,
+    state: &CollectionJobState,
+) -> Result<(), TxError> {
+    if !matches!(
+        state,
+        CollectionJobState::Finished(_) | CollectionJobState::Abandoned(_)
+    ) {
+        return Err(StoreError::Database(
+            "finish_collection_job: the final state must be Finished or Abandoned".into(),
+        )
+        .into());
+    }
+    let (state, collection, reason) = state_columns(state);
+    let updated = sqlx::query(
+        "-- finish_collection_job\n\
+         UPDATE collection_jobs \
+         SET state = $1, collection = $2, abandon_reason = $3, lease_token = NULL, \
+           lease_expiry = 0 \
+         WHERE task_id = $4 AND job_id = $5 AND state = 'start' AND lease_token = $6",
+    )
+    .bind(state)
+    .bind(collection)
+    .bind(reason)
+    .bind(&job.job.task_id.0[..])
+    .bind(&job.job.id.0[..])
+    .bind(&job.lease.token[..])
+    .execute(&store.pool)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        return Err(StoreError::LeaseLost.into());
+    }
+    Ok(())
+}
+
+pub(super) async fn collected_intervals(
+    store: &PostgresDatastore,
+    task_id: &TaskId,
+) -> Result<Vec<Interval>, TxError> {
+    // Finished jobs, and finished jobs deleted since: their batch was collected either way.
+    Ok(sqlx::query(
+        "-- collected_intervals\n\
+         SELECT DISTINCT batch_start, batch_duration FROM collection_jobs \
+         WHERE task_id = $1 AND collection IS NOT NULL ORDER BY batch_start, batch_duration",
+    )
+    .bind(&task_id.0[..])
+    .fetch_all(&store.pool)
+    .await?
+    .iter()
+    .map(|row| col_interval(row, "batch_start", "batch_duration"))
+    .collect::<Result<_, _>>()?)
+}

@@ -1,0 +1,246 @@
+//! Helper: aggregation jobs, the report IDs it has aggregated, and the aggregate shares it served.
+
+use std::collections::HashSet;
+
+use duet_messages::dap09::{
+    AggregationJobId, HpkeCiphertext, Interval, ReportId, ReportIdChecksum, TaskId,
+};
+use duet_messages::{Decode, Encode};
+use sqlx::postgres::PgRow;
+
+use super::tasks::merge_batch_aggregations;
+use super::{col, col_array, col_interval, col_u64, to_i64, PostgresDatastore, TxError};
+use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, StoreError};
+
+pub(super) async fn get_helper_aggregation_job(
+    store: &PostgresDatastore,
+    task_id: &TaskId,
+    id: &AggregationJobId,
+) -> Result<Option<HelperAggregationJob>, TxError> {
+    let row = sqlx::query(
+        "-- get_helper_aggregation_job\n\
+         SELECT request_hash, step, response FROM helper_aggregation_jobs \
+         WHERE task_id = $1 AND job_id = $2",
+    )
+    .bind(&task_id.0[..])
+    .bind(&id.0[..])
+    .fetch_optional(&store.pool)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let step: i32 = col(&row, "step")?;
+    let step = u16::try_from(step)
+        .map_err(|_| StoreError::Corrupt("helper aggregation job step out of range".into()))?;
+    Ok(Some(HelperAggregationJob {
+        task_id: *task_id,
+        id: *id,
+        request_hash: col_array(&row, "request_hash")?,
+        step,
+        response: col(&row, "response")?,
+    }))
+}
+
+/// One statement, whatever the number of IDs.
+pub(super) async fn seen_report_ids(
+    store: &PostgresDatastore,
+    task_id: &TaskId,
+    ids: &[ReportId],
+) -> Result<HashSet<ReportId>, TxError> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let ids: Vec<[u8; 16]> = ids.iter().map(|id| id.0).collect();
+    let rows = sqlx::query(
+        "-- seen_report_ids\n\
+         SELECT report_id FROM helper_report_ids \
+         WHERE task_id = $1 AND report_id = ANY($2::bytea[])",
+    )
+    .bind(&task_id.0[..])
+    .bind(&ids)
+    .fetch_all(&store.pool)
+    .await?;
+    let mut seen = HashSet::with_capacity(rows.len());
+    for row in &rows {
+        seen.insert(ReportId(col_array(row, "report_id")?));
+    }
+    Ok(seen)
+}
+
+/// READ COMMITTED: the primary keys of the job and of the report IDs decide between concurrent
+/// writers (an insert that meets an uncommitted duplicate waits for it, then does nothing, and
+/// the missing row count turns into `Conflict`); the merged buckets are row-locked. The report
+/// IDs go in as one array, in order, so that concurrent jobs sharing IDs queue rather than
+/// deadlock.
+pub(super) async fn put_helper_aggregation_job(
+    store: &PostgresDatastore,
+    job: &HelperAggregationJob,
+    report_ids: &[ReportId],
+    deltas: &[BatchAggregation],
+    merge: MergeFn<'_>,
+) -> Result<(), TxError> {
+    let mut tx = store.begin().await?;
+    let inserted = sqlx::query(
+        "-- put_helper_aggregation_job\n\
+         INSERT INTO helper_aggregation_jobs (task_id, job_id, request_hash, step, response) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(&job.task_id.0[..])
+    .bind(&job.id.0[..])
+    .bind(&job.request_hash[..])
+    .bind(i32::from(job.step))
+    .bind(&job.response[..])
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        tx.rollback().await?;
+        return Err(StoreError::Conflict.into());
+    }
+    if !report_ids.is_empty() {
+        let mut ids: Vec<[u8; 16]> = report_ids.iter().map(|id| id.0).collect();
+        ids.sort_unstable();
+        let inserted_ids = sqlx::query(
+            "-- put_helper_aggregation_job\n\
+             INSERT INTO helper_report_ids (task_id, report_id) \
+             SELECT $1, * FROM UNNEST($2::bytea[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&job.task_id.0[..])
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        // Any report ID already stored (by another job, or twice in this one) is a replay that a
+        // concurrent request got in first: the caller must recompute.
+        if inserted_ids != report_ids.len() as u64 {
+            tx.rollback().await?;
+            return Err(StoreError::Conflict.into());
+        }
+    }
+    merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
+    Ok(tx.commit().await?)
+}
+
+fn share_job_from_row(task_id: &TaskId, row: &PgRow) -> Result<AggregateShareJob, StoreError> {
+    let encrypted: Vec<u8> = col(row, "encrypted_aggregate_share")?;
+    Ok(AggregateShareJob {
+        task_id: *task_id,
+        batch_interval: col_interval(row, "batch_start", "batch_duration")?,
+        aggregation_parameter: col(row, "aggregation_parameter")?,
+        report_count: col_u64(row, "report_count")?,
+        checksum: ReportIdChecksum(col_array(row, "checksum")?),
+        encrypted_aggregate_share: HpkeCiphertext::get_decoded(&encrypted)
+            .map_err(|e| StoreError::Corrupt(format!("stored HpkeCiphertext: {e}")))?,
+    })
+}
+
+/// The columns an [`AggregateShareJob`] is read from.
+const SHARE_JOB_COLUMNS: &str = "batch_start, batch_duration, aggregation_parameter, \
+     report_count, checksum, encrypted_aggregate_share";
+
+pub(super) async fn get_aggregate_share_job(
+    store: &PostgresDatastore,
+    task_id: &TaskId,
+    batch_interval: &Interval,
+    aggregation_parameter: &[u8],
+) -> Result<Option<AggregateShareJob>, TxError> {
+    let sql = format!(
+        "-- get_aggregate_share_job\n\
+         SELECT {SHARE_JOB_COLUMNS} FROM aggregate_share_jobs \
+         WHERE task_id = $1 AND batch_start = $2 AND batch_duration = $3 \
+           AND aggregation_parameter = $4"
+    );
+    Ok(sqlx::query(&sql)
+        .bind(&task_id.0[..])
+        .bind(to_i64(batch_interval.start.0, "batch start")?)
+        .bind(to_i64(batch_interval.duration.0, "batch duration")?)
+        .bind(aggregation_parameter)
+        .fetch_optional(&store.pool)
+        .await?
+        .map(|row| share_job_from_row(task_id, &row))
+        .transpose()?)
+}
+
+pub(super) async fn list_aggregate_share_jobs(
+    store: &PostgresDatastore,
+    task_id: &TaskId,
+) -> Result<Vec<AggregateShareJob>, TxError> {
+    let sql = format!(
+        "-- list_aggregate_share_jobs\n\
+         SELECT {SHARE_JOB_COLUMNS} FROM aggregate_share_jobs WHERE task_id = $1 \
+         ORDER BY batch_start, batch_duration, aggregation_parameter"
+    );
+    Ok(sqlx::query(&sql)
+        .bind(&task_id.0[..])
+        .fetch_all(&store.pool)
+        .await?
+        .iter()
+        .map(|row| share_job_from_row(task_id, row))
+        .collect::<Result<_, _>>()?)
+}
+
+/// READ COMMITTED: the insert either wins or waits for the conflicting row's writer to commit,
+/// after which the comparison reads that committed row.
+pub(super) async fn put_aggregate_share_job(
+    store: &PostgresDatastore,
+    job: &AggregateShareJob,
+) -> Result<(), TxError> {
+    let batch_start = to_i64(job.batch_interval.start.0, "batch start")?;
+    let batch_duration = to_i64(job.batch_interval.duration.0, "batch duration")?;
+    let mut tx = store.begin().await?;
+    let inserted = sqlx::query(
+        "-- put_aggregate_share_job\n\
+         INSERT INTO aggregate_share_jobs (task_id, batch_start, batch_duration, \
+           aggregation_parameter, report_count, checksum, encrypted_aggregate_share) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+    )
+    .bind(&job.task_id.0[..])
+    .bind(batch_start)
+    .bind(batch_duration)
+    .bind(&job.aggregation_parameter[..])
+    .bind(to_i64(job.report_count, "report count")?)
+    .bind(&job.checksum.0[..])
+    .bind(job.encrypted_aggregate_share.get_encoded())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        let sql = format!(
+            "-- put_aggregate_share_job\n\
+             SELECT {SHARE_JOB_COLUMNS} FROM aggregate_share_jobs \
+             WHERE task_id = $1 AND batch_start = $2 AND batch_duration = $3 \
+               AND aggregation_parameter = $4"
+        );
+        let row = sqlx::query(&sql)
+            .bind(&job.task_id.0[..])
+            .bind(batch_start)
+            .bind(batch_duration)
+            .bind(&job.aggregation_parameter[..])
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(TxError::Raced(
+                "the conflicting aggregate share was deleted",
+            ))?;
+        if share_job_from_row(&job.task_id, &row)? != *job {
+            return Err(StoreError::AlreadyExists.into());
+        }
+    }
+    Ok(tx.commit().await?)
+}
+
+pub(super) async fn collected_intervals(
+    store: &PostgresDatastore,
+    task_id: &TaskId,
+) -> Result<Vec<Interval>, TxError> {
+    Ok(sqlx::query(
+        "-- collected_intervals\n\
+         SELECT DISTINCT batch_start, batch_duration FROM aggregate_share_jobs \
+         WHERE task_id = $1 ORDER BY batch_start, batch_duration",
+    )
+    .bind(&task_id.0[..])
+    .fetch_all(&store.pool)
+    .await?
+    .iter()
+    .map(|row| col_interval(row, "batch_start", "batch_duration"))
+    .collect::<Result<_, _>>()?)
+}

@@ -1,0 +1,552 @@
+//! The PostgreSQL backend: a connection pool over one database that any number of Duet replicas
+//! share.
+//!
+//! Every write runs at READ COMMITTED and gets its safety from row locks and unique keys rather
+//! than from a stricter isolation level: leases are taken with `SELECT … FOR UPDATE SKIP LOCKED`
+//! (so replicas never wait on each other's candidates and never take the same row), inserts that
+//! may race use `ON CONFLICT DO NOTHING` and look at what they got, and read-modify-write of
+//! batch aggregations locks the rows it merges into (`FOR UPDATE`). Each method states its level
+//! and locks; reads are single statements, each on one snapshot. A transaction that fails with a
+//! serialization failure or a deadlock (SQLSTATE 40001 / 40P01), or that lost a race it can
+//! detect, is re-run from the start a bounded number of times (`PostgresDatastore::run`).
+//!
+//! The schema is in `migrations/postgres/`; the module split follows the SQLite backend's:
+//! [`tasks`] (tasks, keys, batch aggregations), [`leader`] (reports and aggregation jobs),
+//! [`collection`] (collection jobs), [`helper`] (Helper jobs and aggregate shares).
+
+mod collection;
+mod helper;
+mod leader;
+mod tasks;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration as StdDuration;
+
+use async_trait::async_trait;
+use duet_core::hpke::HpkeKeypair;
+use duet_core::{AggregatorRole, Task};
+use duet_messages::dap09::{AggregationJobId, CollectionJobId, Interval, ReportId, TaskId, Time};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use crate::{
+    AcquiredAggregationJob, AcquiredCollectionJob, AggregateShareJob, BatchAggregation,
+    CollectionJob, CollectionJobState, Datastore, HelperAggregationJob, MergeFn, NewReport,
+    StoreError,
+};
+
+/// Connections in the pool of one handle (and its `with_role` siblings).
+const MAX_CONNECTIONS: u32 = 16;
+/// How long a caller waits for a free connection before failing.
+const ACQUIRE_TIMEOUT: StdDuration = StdDuration::from_secs(30);
+/// How many times a transaction runs before a retryable failure is returned as an error.
+const MAX_ATTEMPTS: u32 = 6;
+/// The first retry's backoff; it doubles with each attempt and is jittered.
+const BASE_BACKOFF: StdDuration = StdDuration::from_millis(5);
+/// The `application_name` sessions get unless the URL names one, so that `pg_stat_activity`
+/// shows which connections are Duet's.
+const APPLICATION_NAME: &str = "duet";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// A [`Datastore`] over a PostgreSQL database, bound to one aggregator role.
+#[derive(Clone, Debug)]
+pub struct PostgresDatastore {
+    pool: PgPool,
+    role: AggregatorRole,
+}
+
+impl PostgresDatastore {
+    /// Connects to a `postgres://` or `postgresql://` URL and runs the embedded migrations; the
+    /// handle is bound to the Leader role. Several processes may connect to a new database at
+    /// once: the migrator serializes them with an advisory lock.
+    pub async fn connect(url: &str) -> Result<PostgresDatastore, StoreError> {
+        let mut options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Database(format!("invalid PostgreSQL URL: {e}")))?;
+        if options.get_application_name().is_none() {
+            options = options.application_name(APPLICATION_NAME);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Database(e.to_string()))?;
+        if let Err(e) = MIGRATOR.run(&pool).await {
+            // Closing releases the migrator's advisory lock if it failed while holding it.
+            pool.close().await;
+            return Err(StoreError::Database(format!("migrations failed: {e}")));
+        }
+        Ok(PostgresDatastore {
+            pool,
+            role: AggregatorRole::Leader,
+        })
+    }
+
+    /// A handle on the same pool bound to `role`.
+    pub fn with_role(&self, role: AggregatorRole) -> PostgresDatastore {
+        PostgresDatastore {
+            pool: self.pool.clone(),
+            role,
+        }
+    }
+
+    /// The role this handle is bound to.
+    pub fn role(&self) -> AggregatorRole {
+        self.role
+    }
+
+    /// Closes the pool (all handles on it), waiting for connections to finish.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// The role as stored in `role` columns.
+    fn role_str(&self) -> &'static str {
+        match self.role {
+            AggregatorRole::Leader => "leader",
+            AggregatorRole::Helper => "helper",
+        }
+    }
+
+    /// Starts a READ COMMITTED transaction (named explicitly, so that a server configured with
+    /// another default isolation level doesn't change the store's behaviour).
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, TxError> {
+        Ok(self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await?)
+    }
+
+    /// Runs `attempt` (one whole transaction, or one statement) until it succeeds, fails for a
+    /// reason that a re-run cannot fix, or has failed retryably [`MAX_ATTEMPTS`] times. Failed
+    /// attempts leave nothing behind: their transaction is rolled back when dropped.
+    async fn run<T, F, Fut>(&self, caller: &'static str, mut attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, TxError>>,
+    {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let error = match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+            if !error.is_retryable() {
+                return Err(error.into_store_error());
+            }
+            if attempts >= MAX_ATTEMPTS {
+                return Err(StoreError::Database(format!(
+                    "{caller}: gave up after {attempts} attempts: {}",
+                    error.into_store_error()
+                )));
+            }
+            tracing::debug!(caller, attempts, error = %error.describe(), "retrying transaction");
+            let backoff = BASE_BACKOFF * 2u32.pow(attempts - 1);
+            let jitter = rand::random::<f64>();
+            tokio::time::sleep(backoff.mul_f64(0.5 + jitter)).await;
+        }
+    }
+}
+
+/// How one attempt at a transaction failed.
+#[derive(Debug)]
+enum TxError {
+    /// The database failed; retried if it is a serialization failure or a deadlock.
+    Sql(sqlx::Error),
+    /// The attempt lost a race with a concurrent transaction that it could detect but not wait
+    /// out (say, a row it had just seen was deleted); always retried.
+    Raced(&'static str),
+    /// An outcome for the caller, returned as is.
+    Store(StoreError),
+}
+
+impl From<sqlx::Error> for TxError {
+    fn from(e: sqlx::Error) -> TxError {
+        TxError::Sql(e)
+    }
+}
+
+impl From<StoreError> for TxError {
+    fn from(e: StoreError) -> TxError {
+        TxError::Store(e)
+    }
+}
+
+/// SQLSTATEs after which a fresh attempt may succeed: `serialization_failure` and
+/// `deadlock_detected`.
+const RETRYABLE_SQLSTATES: &[&str] = &["40001", "40P01"];
+
+impl TxError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            TxError::Sql(sqlx::Error::Database(e)) => e
+                .code()
+                .is_some_and(|code| RETRYABLE_SQLSTATES.contains(&code.as_ref())),
+            TxError::Sql(_) | TxError::Store(_) => false,
+            TxError::Raced(_) => true,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            TxError::Sql(e) => e.to_string(),
+            TxError::Raced(what) => format!("raced: {what}"),
+            TxError::Store(e) => e.to_string(),
+        }
+    }
+
+    fn into_store_error(self) -> StoreError {
+        match self {
+            TxError::Sql(e) => StoreError::Database(e.to_string()),
+            TxError::Raced(what) => StoreError::Database(format!("lost a race: {what}")),
+            TxError::Store(e) => e,
+        }
+    }
+}
+
+// ---- Conversions shared by the submodules ----
+
+/// A `u64` as a BIGINT; values past `i64::MAX` are refused rather than wrapped.
+fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| {
+        StoreError::Database(format!("{what} {v} does not fit in a PostgreSQL BIGINT"))
+    })
+}
+
+/// A `u64` bound for range queries: values past `i64::MAX` clamp (no stored value exceeds it).
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A `usize` count for `LIMIT`, clamped.
+fn limit_i64(v: usize) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Reads a column, reporting a missing or mistyped one as corrupt.
+fn col<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    row.try_get(name)
+        .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
+}
+
+/// Reads a non-negative BIGINT column.
+fn col_u64(row: &PgRow, name: &str) -> Result<u64, StoreError> {
+    let v: i64 = col(row, name)?;
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("column {name}: negative value {v}")))
+}
+
+/// Reads a non-negative INTEGER column.
+fn col_u32(row: &PgRow, name: &str) -> Result<u32, StoreError> {
+    let v: i32 = col(row, name)?;
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("column {name}: negative value {v}")))
+}
+
+/// Reads a fixed-length BYTEA column.
+fn col_array<const N: usize>(row: &PgRow, name: &str) -> Result<[u8; N], StoreError> {
+    let v: Vec<u8> = col(row, name)?;
+    <[u8; N]>::try_from(v.as_slice()).map_err(|_| {
+        StoreError::Corrupt(format!(
+            "column {name}: expected {N} bytes, got {}",
+            v.len()
+        ))
+    })
+}
+
+/// Reads an interval from its start and duration columns.
+fn col_interval(row: &PgRow, start: &str, duration: &str) -> Result<Interval, StoreError> {
+    Ok(Interval {
+        start: Time(col_u64(row, start)?),
+        duration: duet_messages::dap09::Duration(col_u64(row, duration)?),
+    })
+}
+
+/// A fresh lease token.
+fn lease_token() -> [u8; 16] {
+    rand::random()
+}
+
+#[async_trait]
+impl Datastore for PostgresDatastore {
+    async fn put_task(&self, task: &Task) -> Result<(), StoreError> {
+        self.run("put_task", || tasks::put_task(self, task)).await
+    }
+
+    async fn get_task(&self, task_id: &TaskId) -> Result<Option<Task>, StoreError> {
+        self.run("get_task", || tasks::get_task(self, task_id))
+            .await
+    }
+
+    async fn list_tasks(&self) -> Result<Vec<Task>, StoreError> {
+        self.run("list_tasks", || tasks::list_tasks(self)).await
+    }
+
+    async fn delete_task(&self, task_id: &TaskId) -> Result<bool, StoreError> {
+        self.run("delete_task", || tasks::delete_task(self, task_id))
+            .await
+    }
+
+    async fn put_hpke_keypair(&self, keypair: &HpkeKeypair) -> Result<(), StoreError> {
+        self.run("put_hpke_keypair", || {
+            tasks::put_hpke_keypair(self, keypair)
+        })
+        .await
+    }
+
+    async fn get_hpke_keypairs(&self) -> Result<Vec<HpkeKeypair>, StoreError> {
+        self.run("get_hpke_keypairs", || tasks::get_hpke_keypairs(self))
+            .await
+    }
+
+    async fn get_batch_aggregations(
+        &self,
+        task_id: &TaskId,
+        interval: &Interval,
+        aggregation_parameter: &[u8],
+    ) -> Result<Vec<BatchAggregation>, StoreError> {
+        self.run("get_batch_aggregations", || {
+            tasks::get_batch_aggregations(self, task_id, interval, aggregation_parameter)
+        })
+        .await
+    }
+
+    async fn collected_intervals(&self, task_id: &TaskId) -> Result<Vec<Interval>, StoreError> {
+        match self.role {
+            AggregatorRole::Leader => {
+                self.run("collected_intervals", || {
+                    collection::collected_intervals(self, task_id)
+                })
+                .await
+            }
+            AggregatorRole::Helper => {
+                self.run("collected_intervals", || {
+                    helper::collected_intervals(self, task_id)
+                })
+                .await
+            }
+        }
+    }
+
+    async fn put_reports(&self, reports: &[NewReport]) -> Result<Vec<bool>, StoreError> {
+        self.run("put_reports", || leader::put_reports(self, reports))
+            .await
+    }
+
+    async fn create_aggregation_jobs(
+        &self,
+        max_job_size: usize,
+        now: Time,
+    ) -> Result<usize, StoreError> {
+        self.run("create_aggregation_jobs", || {
+            leader::create_aggregation_jobs(self, max_job_size, now)
+        })
+        .await
+    }
+
+    async fn acquire_aggregation_jobs(
+        &self,
+        now: Time,
+        lease_duration: u64,
+        limit: usize,
+    ) -> Result<Vec<AcquiredAggregationJob>, StoreError> {
+        self.run("acquire_aggregation_jobs", || {
+            leader::acquire_aggregation_jobs(self, now, lease_duration, limit)
+        })
+        .await
+    }
+
+    async fn finish_aggregation_job(
+        &self,
+        job: &AcquiredAggregationJob,
+        deltas: &[BatchAggregation],
+        merge: MergeFn<'_>,
+    ) -> Result<(), StoreError> {
+        self.run("finish_aggregation_job", || {
+            leader::finish_aggregation_job(self, job, deltas, merge)
+        })
+        .await
+    }
+
+    async fn release_aggregation_job(
+        &self,
+        job: &AcquiredAggregationJob,
+        retry_at: Time,
+    ) -> Result<(), StoreError> {
+        self.run("release_aggregation_job", || {
+            leader::release_aggregation_job(self, job, retry_at)
+        })
+        .await
+    }
+
+    async fn abandon_aggregation_job(
+        &self,
+        job: &AcquiredAggregationJob,
+    ) -> Result<(), StoreError> {
+        self.run("abandon_aggregation_job", || {
+            leader::abandon_aggregation_job(self, job)
+        })
+        .await
+    }
+
+    async fn count_unaggregated_reports(
+        &self,
+        task_id: &TaskId,
+        interval: &Interval,
+    ) -> Result<u64, StoreError> {
+        self.run("count_unaggregated_reports", || {
+            leader::count_unaggregated_reports(self, task_id, interval)
+        })
+        .await
+    }
+
+    async fn put_collection_job(&self, job: &CollectionJob) -> Result<(), StoreError> {
+        self.run("put_collection_job", || {
+            collection::put_collection_job(self, job)
+        })
+        .await
+    }
+
+    async fn get_collection_job(
+        &self,
+        task_id: &TaskId,
+        id: &CollectionJobId,
+    ) -> Result<Option<CollectionJob>, StoreError> {
+        self.run("get_collection_job", || {
+            collection::get_collection_job(self, task_id, id)
+        })
+        .await
+    }
+
+    async fn list_collection_jobs(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<Vec<CollectionJob>, StoreError> {
+        self.run("list_collection_jobs", || {
+            collection::list_collection_jobs(self, task_id)
+        })
+        .await
+    }
+
+    async fn delete_collection_job(
+        &self,
+        task_id: &TaskId,
+        id: &CollectionJobId,
+    ) -> Result<bool, StoreError> {
+        self.run("delete_collection_job", || {
+            collection::delete_collection_job(self, task_id, id)
+        })
+        .await
+    }
+
+    async fn acquire_collection_jobs(
+        &self,
+        now: Time,
+        lease_duration: u64,
+        limit: usize,
+    ) -> Result<Vec<AcquiredCollectionJob>, StoreError> {
+        self.run("acquire_collection_jobs", || {
+            collection::acquire_collection_jobs(self, now, lease_duration, limit)
+        })
+        .await
+    }
+
+    async fn release_collection_job(
+        &self,
+        job: &AcquiredCollectionJob,
+        retry_at: Time,
+    ) -> Result<(), StoreError> {
+        self.run("release_collection_job", || {
+            collection::release_collection_job(self, job, retry_at)
+        })
+        .await
+    }
+
+    async fn finish_collection_job(
+        &self,
+        job: &AcquiredCollectionJob,
+        state: &CollectionJobState,
+    ) -> Result<(), StoreError> {
+        self.run("finish_collection_job", || {
+            collection::finish_collection_job(self, job, state)
+        })
+        .await
+    }
+
+    async fn get_helper_aggregation_job(
+        &self,
+        task_id: &TaskId,
+        id: &AggregationJobId,
+    ) -> Result<Option<HelperAggregationJob>, StoreError> {
+        self.run("get_helper_aggregation_job", || {
+            helper::get_helper_aggregation_job(self, task_id, id)
+        })
+        .await
+    }
+
+    async fn seen_report_ids(
+        &self,
+        task_id: &TaskId,
+        ids: &[ReportId],
+    ) -> Result<HashSet<ReportId>, StoreError> {
+        self.run("seen_report_ids", || {
+            helper::seen_report_ids(self, task_id, ids)
+        })
+        .await
+    }
+
+    async fn put_helper_aggregation_job(
+        &self,
+        job: &HelperAggregationJob,
+        report_ids: &[ReportId],
+        deltas: &[BatchAggregation],
+        merge: MergeFn<'_>,
+    ) -> Result<(), StoreError> {
+        self.run("put_helper_aggregation_job", || {
+            helper::put_helper_aggregation_job(self, job, report_ids, deltas, merge)
+        })
+        .await
+    }
+
+    async fn get_aggregate_share_job(
+        &self,
+        task_id: &TaskId,
+        batch_interval: &Interval,
+        aggregation_parameter: &[u8],
+    ) -> Result<Option<AggregateShareJob>, StoreError> {
+        self.run("get_aggregate_share_job", || {
+            helper::get_aggregate_share_job(self, task_id, batch_interval, aggregation_parameter)
+        })
+        .await
+    }
+
+    async fn list_aggregate_share_jobs(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<Vec<AggregateShareJob>, StoreError> {
+        self.run("list_aggregate_share_jobs", || {
+            helper::list_aggregate_share_jobs(self, task_id)
+        })
+        .await
+    }
+
+    async fn put_aggregate_share_job(&self, job: &AggregateShareJob) -> Result<(), StoreError> {
+        self.run("put_aggregate_share_job", || {
+            helper::put_aggregate_share_job(self, job)
+        })
+        .await
+    }
+
+    async fn health_check(&self) -> Result<(), StoreError> {
+        sqlx::query("-- health_check\nSELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StoreError::Database(e.to_string()))?;
+        Ok(())
+    }
+}
