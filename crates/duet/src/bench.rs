@@ -93,6 +93,10 @@ pub struct Args {
     /// Reports used to measure the floor.
     #[arg(long, default_value_t = 500)]
     floor_reports: usize,
+    /// Aggregated reports of another task to put in the database before each run, to measure
+    /// whether cost grows with history.
+    #[arg(long, default_value_t = 0)]
+    history: usize,
     /// Print exactly one JSON object.
     #[arg(long)]
     json: bool,
@@ -104,6 +108,7 @@ struct Run {
     backend: &'static str,
     vdaf: &'static str,
     reports: usize,
+    history: usize,
     hpke_open_us: f64,
     leader_cpu_us_per_report: f64,
     helper_cpu_us_per_report: f64,
@@ -189,6 +194,46 @@ fn generate(vdaf: &VdafInstance, n: usize) -> Vec<Measurement> {
         .collect()
 }
 
+/// Fills the database with `n` already-aggregated reports of another task (through the store's
+/// own job lifecycle), as a long-running deployment would have.
+async fn add_history(database: &str, n: usize) -> Result<()> {
+    use duet_messages::dap09::{ReportId, TaskId, Time};
+    let store = crate::db::open(database, AggregatorRole::Leader).await?;
+    let task_id = TaskId::random();
+    let pb = crate::upload::progress_bar(n as u64, "history");
+    let t0 = RealClock.now().0.saturating_sub(30 * 86_400);
+    let mut done = 0;
+    while done < n {
+        let batch: Vec<duet_store::NewReport> = (done..n.min(done + 10_000))
+            .map(|i| duet_store::NewReport {
+                task_id,
+                report_id: ReportId::random(),
+                time: Time(t0 + i as u64 / 100),
+                encoded: vec![0; 200],
+            })
+            .collect();
+        done += batch.len();
+        store.put_reports(&batch).await?;
+        store.create_aggregation_jobs(1000, RealClock.now()).await?;
+        loop {
+            let jobs = store
+                .acquire_aggregation_jobs(RealClock.now(), 600, 100)
+                .await?;
+            if jobs.is_empty() {
+                break;
+            }
+            for job in &jobs {
+                store
+                    .finish_aggregation_job(job, &[], &|a: &[u8], _: &[u8]| Ok(a.to_vec()))
+                    .await?;
+            }
+        }
+        pb.set_position(done as u64);
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
 /// Single-threaded CPU per report (seconds) of the Leader's and the Helper's work, and of one
 /// HPKE open alone.
 fn floor(
@@ -272,6 +317,9 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
             .clone()
             .context("--backend postgres needs --database postgres://… or DATABASE_URL")?,
     };
+    if args.history > 0 {
+        add_history(&database, args.history).await?;
+    }
     let (server, base) = start_server(dir.path(), &database)?;
     let leader_url = format!("{base}/leader/");
     let helper_url = format!("{base}/helper/");
@@ -420,6 +468,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         },
         vdaf: which.name(),
         reports: n,
+        history: args.history,
         hpke_open_us: hpke_open * 1e6,
         leader_cpu_us_per_report: leader_cpu * 1e6,
         helper_cpu_us_per_report: helper_cpu * 1e6,
@@ -463,10 +512,11 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
         println!("{}", serde_json::json!({ "runs": runs }));
     } else {
         println!(
-            "{:<8} {:<20} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>9}",
+            "{:<8} {:<20} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>9}",
             "backend",
             "vdaf",
             "reports",
+            "HPKE µs",
             "leader µs",
             "helper µs",
             "floor/s",
