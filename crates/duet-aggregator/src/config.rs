@@ -30,7 +30,7 @@ impl Default for AggregatorConfig {
             max_aggregation_job_size: 1000,
             lease_duration_s: 600,
             polling_interval_ms: 5000,
-            job_creation_delay_ms: 20,
+            job_creation_delay_ms: 100,
             upload_batch_size: 1000,
             upload_queue_capacity: 50_000,
             max_concurrent_jobs: 4,
