@@ -87,8 +87,8 @@ pub struct Args {
     /// Reports per run.
     #[arg(long, default_value_t = 10_000)]
     reports: usize,
-    /// Concurrent upload connections.
-    #[arg(long, default_value_t = 16)]
+    /// Concurrent upload connections (a Leader serves many clients at once).
+    #[arg(long, default_value_t = 64)]
     concurrency: usize,
     /// Reports used to measure the floor.
     #[arg(long, default_value_t = 500)]
