@@ -178,9 +178,16 @@ async fn upload(
     headers: HeaderMap,
     body: Bytes,
 ) -> HttpResult<StatusCode> {
-    require_media_type(&headers, media_type::REPORT)?;
-    leader.upload(parse_task_id(&task_id)?, &body).await?;
-    Ok(StatusCode::CREATED)
+    let result = async {
+        require_media_type(&headers, media_type::REPORT)?;
+        leader.upload(parse_task_id(&task_id)?, &body).await?;
+        Ok(())
+    }
+    .await;
+    leader
+        .metrics()
+        .upload(result.as_ref().map(|_| ()).map_err(|e: &HttpError| &e.0));
+    result.map(|()| StatusCode::CREATED)
 }
 
 fn parse_collection_job(task_id: &str, job_id: &str) -> HttpResult<(TaskId, CollectionJobId)> {

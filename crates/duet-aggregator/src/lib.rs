@@ -11,6 +11,7 @@ pub mod error;
 pub mod helper;
 pub mod http;
 pub mod leader;
+pub mod metrics;
 mod peer;
 pub mod server;
 mod shared;

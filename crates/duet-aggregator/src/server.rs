@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::helper::Helper;
 use crate::http::{helper_router, leader_router};
 use crate::leader::Leader;
+use crate::metrics::{self, Metrics};
 
 /// One role to serve: its store and the path it is mounted under (`""` for the root, or e.g.
 /// `"/leader"`).
@@ -88,8 +89,8 @@ pub async fn run(
 }
 
 /// Like [`run`], and also serves `extra` on the same listener (e.g. a test API). Its paths must
-/// not collide with the roles' DAP paths or `/healthz`; its fallback, if any, answers every path
-/// nothing else matches.
+/// not collide with the roles' DAP paths, `/healthz` or `/metrics`; its fallback, if any, answers
+/// every path nothing else matches.
 pub async fn run_with(
     listener: TcpListener,
     roles: Roles,
@@ -105,16 +106,19 @@ pub async fn run_with(
     let mut tasks = Vec::new();
     let mut health_stores: Vec<Arc<dyn Datastore>> = Vec::new();
     let mut leader_handle = None;
+    // One set of counters for both roles.
+    let metrics = Arc::new(Metrics::default());
     if let Some(rc) = roles.leader {
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(120))
             .build()
             .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;
-        let leader = Leader::new(
+        let leader = Leader::with_metrics(
             Arc::clone(&rc.store),
             Arc::clone(&clock),
             config.clone(),
             http,
+            Arc::clone(&metrics),
         )
         .await?;
         tasks.extend(leader.spawn_background(shutdown_rx.clone()));
@@ -123,27 +127,47 @@ pub async fn run_with(
         leader_handle = Some(leader);
     }
     if let Some(rc) = roles.helper {
-        let helper = Helper::new(Arc::clone(&rc.store), Arc::clone(&clock), config.clone()).await?;
+        let helper = Helper::with_metrics(
+            Arc::clone(&rc.store),
+            Arc::clone(&clock),
+            config.clone(),
+            Arc::clone(&metrics),
+        )
+        .await?;
         router = mount(router, &rc.path_prefix, helper_router(helper));
         health_stores.push(rc.store);
     }
-    let router = router.merge(extra).route(
-        "/healthz",
-        get(move || {
-            let stores = health_stores.clone();
-            async move {
-                for s in &stores {
-                    if let Err(e) = s.health_check().await {
-                        return (
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            format!("database: {e}"),
-                        );
-                    }
+    let router = router
+        .merge(extra)
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.render();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+                        text,
+                    )
                 }
-                (axum::http::StatusCode::OK, "ok".to_string())
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let stores = health_stores.clone();
+                async move {
+                    for s in &stores {
+                        if let Err(e) = s.health_check().await {
+                            return (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                format!("database: {e}"),
+                            );
+                        }
+                    }
+                    (axum::http::StatusCode::OK, "ok".to_string())
+                }
+            }),
+        );
     let mut rx = shutdown_rx;
     let server = tokio::spawn(async move {
         axum::serve(listener, router)

@@ -1,4 +1,4 @@
-//! State both roles keep: a task cache and the HPKE key ring.
+//! State both roles keep: a task cache, the HPKE key ring and the process's metrics.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -12,6 +12,7 @@ use duet_store::Datastore;
 
 use crate::config::AggregatorConfig;
 use crate::error::Error;
+use crate::metrics::Metrics;
 
 /// A task with its instantiated VDAF.
 pub(crate) struct TaskEntry {
@@ -24,6 +25,7 @@ pub(crate) struct Shared {
     pub store: Arc<dyn Datastore>,
     pub clock: Arc<dyn Clock>,
     pub config: AggregatorConfig,
+    pub metrics: Arc<Metrics>,
     tasks: RwLock<HashMap<TaskId, Arc<TaskEntry>>>,
     keys: RwLock<Arc<Vec<HpkeKeypair>>>,
 }
@@ -34,6 +36,7 @@ impl Shared {
         store: Arc<dyn Datastore>,
         clock: Arc<dyn Clock>,
         config: AggregatorConfig,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, Error> {
         let mut keys = store.get_hpke_keypairs().await?;
         if keys.is_empty() {
@@ -48,6 +51,7 @@ impl Shared {
             store,
             clock,
             config,
+            metrics,
             tasks: RwLock::new(HashMap::new()),
             keys: RwLock::new(Arc::new(keys)),
         })

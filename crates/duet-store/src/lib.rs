@@ -216,4 +216,26 @@ pub trait Datastore: Send + Sync + 'static {
 
     /// Checks that the database answers.
     async fn health_check(&self) -> Result<(), StoreError>;
+
+    /// Wake-ups for the Leader's background jobs caused by writes of *other* processes sharing
+    /// the database (and of this one), or `None` if the backend has no such channel (SQLite: one
+    /// process, whose in-process wake-ups already cover it). Delivery is best effort: a lost
+    /// wake-up costs at most one polling interval.
+    fn wakeups(&self) -> Option<tokio::sync::broadcast::Receiver<Wakeup>> {
+        None
+    }
+}
+
+/// Something a write committed that a Leader's background job may want to act on now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Wakeup {
+    /// Reports were stored (the job creator has work).
+    ReportsStored,
+    /// Aggregation jobs were created (the aggregation driver has work).
+    AggregationJobsCreated,
+    /// An aggregation job ended or a collection job was created (the collection driver has work).
+    CollectionWorkReady,
+    /// The listener (re)started: wake-ups may have been missed meanwhile, so act as if all of the
+    /// above happened.
+    Listening,
 }

@@ -15,7 +15,7 @@ use duet_messages::dap09::{
 use duet_store::postgres::PostgresDatastore;
 use duet_store::{
     conformance, BatchAggregation, CollectionJob, CollectionJobState, Datastore,
-    HelperAggregationJob, NewReport, StoreError,
+    HelperAggregationJob, NewReport, StoreError, Wakeup,
 };
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -531,6 +531,108 @@ async fn out_of_range_times_are_errors() {
             .expect("get_batch_aggregations")
             .is_empty());
         store.close().await;
+    })
+    .await;
+}
+
+/// The next wake-up, which must come within two seconds.
+async fn next_wakeup(rx: &mut tokio::sync::broadcast::Receiver<Wakeup>) -> Wakeup {
+    tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv())
+        .await
+        .expect("a wake-up within 2 s")
+        .expect("the wake-up channel is open")
+}
+
+/// Writes on one replica (pool) wake another's background jobs through `LISTEN`/`NOTIFY`: one
+/// wake-up per transaction that gave work, none for writes that gave none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_reach_other_replicas() {
+    with_fresh_database("wakeups_reach_other_replicas", |url| async move {
+        let writer = PostgresDatastore::connect(&url).await.expect("connect");
+        let listener = PostgresDatastore::connect(&url).await.expect("connect");
+        let mut rx = listener.wakeups().expect("PostgreSQL has wake-ups");
+        // A second subscriber on the same pool shares the one listener.
+        let mut rx2 = listener
+            .with_role(AggregatorRole::Helper)
+            .wakeups()
+            .expect("PostgreSQL has wake-ups");
+        assert_eq!(next_wakeup(&mut rx).await, Wakeup::Listening);
+        assert_eq!(next_wakeup(&mut rx2).await, Wakeup::Listening);
+
+        let task_id = TaskId::random();
+        let reports: Vec<NewReport> = (0..5).map(|i| report(task_id, T0 + i)).collect();
+        writer.put_reports(&reports).await.expect("put_reports");
+        assert_eq!(next_wakeup(&mut rx).await, Wakeup::ReportsStored);
+        assert_eq!(next_wakeup(&mut rx2).await, Wakeup::ReportsStored);
+        // Replays store nothing and wake nobody; neither does a creator that finds no reports.
+        writer.put_reports(&reports).await.expect("put_reports");
+        let now = Time(T0 + PRECISION);
+        assert_eq!(
+            writer
+                .create_aggregation_jobs(3, now)
+                .await
+                .expect("create"),
+            2
+        );
+        assert_eq!(
+            writer
+                .create_aggregation_jobs(3, now)
+                .await
+                .expect("create"),
+            0
+        );
+        assert_eq!(next_wakeup(&mut rx).await, Wakeup::AggregationJobsCreated);
+
+        let jobs = writer
+            .acquire_aggregation_jobs(now, 300, 10)
+            .await
+            .expect("acquire");
+        assert_eq!(jobs.len(), 2);
+        let ids: Vec<(ReportId, Time)> = jobs[0]
+            .reports
+            .iter()
+            .map(|r| (r.report_id, r.time))
+            .collect();
+        writer
+            .finish_aggregation_job(&jobs[0], &deltas(task_id, &ids), &add_shares)
+            .await
+            .expect("finish");
+        assert_eq!(next_wakeup(&mut rx).await, Wakeup::CollectionWorkReady);
+        writer
+            .abandon_aggregation_job(&jobs[1])
+            .await
+            .expect("abandon");
+        assert_eq!(next_wakeup(&mut rx).await, Wakeup::CollectionWorkReady);
+
+        let collection = CollectionJob {
+            task_id,
+            id: CollectionJobId::random(),
+            batch_interval: interval(T0, PRECISION),
+            aggregation_parameter: Vec::new(),
+            state: CollectionJobState::Start,
+        };
+        writer
+            .put_collection_job(&collection)
+            .await
+            .expect("put_collection_job");
+        assert_eq!(next_wakeup(&mut rx).await, Wakeup::CollectionWorkReady);
+        // Storing the same job again is no new work.
+        writer
+            .put_collection_job(&collection)
+            .await
+            .expect("put_collection_job");
+        writer
+            .put_reports(&[report(task_id, T0)])
+            .await
+            .expect("put_reports");
+        assert_eq!(next_wakeup(&mut rx).await, Wakeup::ReportsStored);
+        assert!(rx.is_empty(), "one wake-up per transaction");
+
+        // Closing stops the listener (closing would otherwise wait for its connection).
+        tokio::time::timeout(std::time::Duration::from_secs(10), listener.close())
+            .await
+            .expect("close returns");
+        writer.close().await;
     })
     .await;
 }

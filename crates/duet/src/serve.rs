@@ -10,7 +10,8 @@
 //! [aggregator]          # optional tunables
 //! max_aggregation_job_size = 1000
 //! ```
-//! `DUET_LISTEN` and `DUET_DATABASE` override `listen` and `database`.
+//! `DUET_LISTEN` and `DUET_DATABASE` override `listen` and `database`, and `--listen` and
+//! `--database` override those.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,12 @@ pub struct Args {
     /// The TOML config file.
     #[arg(long, default_value = "duet.toml")]
     config: PathBuf,
+    /// The database (a SQLite path or a `postgres://` URL); overrides the config's `database`.
+    #[arg(long)]
+    database: Option<String>,
+    /// The address to listen on; overrides the config's `listen`.
+    #[arg(long)]
+    listen: Option<String>,
 }
 
 /// The config file.
@@ -37,7 +44,8 @@ pub struct Config {
     /// Address to listen on.
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// Database: a SQLite path.
+    /// Database: a SQLite path or a `postgres://` URL.
+    #[serde(default)]
     pub database: String,
     /// Serve the Leader.
     pub leader: Option<RoleSection>,
@@ -61,8 +69,12 @@ fn default_listen() -> String {
     "127.0.0.1:8080".into()
 }
 
-/// Reads and checks a config file, applying environment overrides.
-pub fn load(path: &std::path::Path) -> Result<Config> {
+/// Reads and checks a config file, applying environment and command-line overrides.
+pub fn load(
+    path: &std::path::Path,
+    database: Option<&str>,
+    listen: Option<&str>,
+) -> Result<Config> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
             "could not read the config file {} (pass --config FILE)",
@@ -76,6 +88,18 @@ pub fn load(path: &std::path::Path) -> Result<Config> {
     }
     if let Ok(v) = std::env::var("DUET_DATABASE") {
         config.database = v;
+    }
+    if let Some(v) = database {
+        config.database = v.to_string();
+    }
+    if let Some(v) = listen {
+        config.listen = v.to_string();
+    }
+    if config.database.is_empty() {
+        bail!(
+            "no database: set `database` in {} or pass --database",
+            path.display()
+        );
     }
     if config.leader.is_none() && config.helper.is_none() {
         bail!(
@@ -93,7 +117,11 @@ pub fn load(path: &std::path::Path) -> Result<Config> {
 
 /// Runs `duet serve` until interrupted.
 pub async fn run(args: Args) -> Result<ExitCode> {
-    let config = load(&args.config)?;
+    let config = load(
+        &args.config,
+        args.database.as_deref(),
+        args.listen.as_deref(),
+    )?;
     let mut roles = Roles::default();
     if let Some(l) = &config.leader {
         let store = crate::db::open(&config.database, AggregatorRole::Leader).await?;

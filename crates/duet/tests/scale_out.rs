@@ -507,3 +507,39 @@ async fn restart_mid_aggregation_sqlite() {
     .await
     .expect("the test timed out");
 }
+
+/// `duet quickstart --db postgres://…`: the whole pipeline over PostgreSQL, exact result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_on_postgres() {
+    with_fresh_database("quickstart_on_postgres", |db| async move {
+        let out = tokio::task::spawn_blocking(move || {
+            duet()
+                .args([
+                    "quickstart",
+                    "--vdaf",
+                    "histogram",
+                    "--length",
+                    "5",
+                    "--reports",
+                    "300",
+                    "--json",
+                    "--db",
+                    &db,
+                ])
+                .output()
+                .expect("run duet")
+        })
+        .await
+        .expect("join");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+        assert_eq!(v["report_count"], 300);
+        assert_eq!(v["result"], v["plaintext"]);
+    })
+    .await;
+}

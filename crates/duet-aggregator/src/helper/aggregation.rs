@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use super::{check_leader_auth, Helper};
 use crate::batch::{in_any, merger, BucketAccumulator};
 use crate::error::Error;
+use crate::metrics::StoreOp;
 use crate::shared::{find_key, TaskEntry};
 
 /// Attempts at committing a job when concurrent writers race on report IDs.
@@ -102,13 +103,25 @@ impl Helper {
                 response: response.clone(),
             };
             let merge = merger(&entry.vdaf);
-            match self
-                .shared
-                .store
-                .put_helper_aggregation_job(&job, &prepared.accepted, &prepared.deltas, &merge)
+            let metrics = &self.shared.metrics;
+            match metrics
+                .time(
+                    StoreOp::PutHelperAggregationJob,
+                    self.shared.store.put_helper_aggregation_job(
+                        &job,
+                        &prepared.accepted,
+                        &prepared.deltas,
+                        &merge,
+                    ),
+                )
                 .await
             {
-                Ok(()) => return Ok(response),
+                Ok(()) => {
+                    let continued = prepared.accepted.len() as u64;
+                    let rejected = prepared.response.prepare_resps.len() as u64 - continued;
+                    metrics.helper_reports(continued, rejected);
+                    return Ok(response);
+                }
                 // A concurrent request stored this job or one of these reports: look again.
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),

@@ -11,6 +11,7 @@ use duet_store::Datastore;
 
 use crate::config::AggregatorConfig;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::shared::{Shared, TaskEntry};
 
 /// The Helper role of one process.
@@ -19,15 +20,30 @@ pub struct Helper {
 }
 
 impl Helper {
-    /// A Helper over `store`.
+    /// A Helper over `store`, with metrics of its own.
     pub async fn new(
         store: Arc<dyn Datastore>,
         clock: Arc<dyn Clock>,
         config: AggregatorConfig,
     ) -> Result<Arc<Self>, Error> {
+        Self::with_metrics(store, clock, config, Arc::default()).await
+    }
+
+    /// A Helper over `store` counting into `metrics` (which a Leader may share).
+    pub async fn with_metrics(
+        store: Arc<dyn Datastore>,
+        clock: Arc<dyn Clock>,
+        config: AggregatorConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, Error> {
         Ok(Arc::new(Self {
-            shared: Shared::new(store, clock, config).await?,
+            shared: Shared::new(store, clock, config, metrics).await?,
         }))
+    }
+
+    /// The Helper's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
     }
 
     /// The HPKE configs this Helper publishes.

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use super::Leader;
 use crate::batch::{in_any, merger, BucketAccumulator};
 use crate::error::Error;
+use crate::metrics::{AggregationOutcome, StoreOp};
 use crate::peer::{self, PeerError};
 use crate::shared::{find_key, TaskEntry};
 
@@ -37,12 +38,14 @@ pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Re
             _ = shutdown.changed() => return,
         }
         let now = leader.shared.clock.now();
-        match leader
-            .shared
-            .store
-            .create_aggregation_jobs(cfg.max_aggregation_job_size, now)
-            .await
-        {
+        let created = leader.shared.metrics.time(
+            StoreOp::CreateAggregationJobs,
+            leader
+                .shared
+                .store
+                .create_aggregation_jobs(cfg.max_aggregation_job_size, now),
+        );
+        match created.await {
             Ok(0) => {}
             Ok(n) => {
                 tracing::debug!(jobs = n, "created aggregation jobs");
@@ -61,12 +64,15 @@ pub(super) async fn run_aggregation_driver(
     let cfg = leader.shared.config.clone();
     loop {
         let now = leader.shared.clock.now();
-        let jobs = match leader
-            .shared
-            .store
-            .acquire_aggregation_jobs(now, cfg.lease_duration_s, cfg.max_concurrent_jobs.max(1))
-            .await
-        {
+        let acquired = leader.shared.metrics.time(
+            StoreOp::AcquireAggregationJobs,
+            leader.shared.store.acquire_aggregation_jobs(
+                now,
+                cfg.lease_duration_s,
+                cfg.max_concurrent_jobs.max(1),
+            ),
+        );
+        let jobs = match acquired.await {
             Ok(jobs) => jobs,
             Err(e) => {
                 tracing::error!(error = %e, "acquiring aggregation jobs failed");
@@ -93,9 +99,11 @@ pub(super) async fn run_aggregation_driver(
 
 async fn step_job(leader: &Leader, job: AcquiredAggregationJob) {
     let store = &leader.shared.store;
+    let metrics = &leader.shared.metrics;
     let result = run_job(leader, &job).await;
-    let outcome = match result {
+    let (outcome, counted) = match result {
         Ok(()) => {
+            metrics.aggregation_job(AggregationOutcome::Finished);
             leader.wake_collection.notify_one();
             return;
         }
@@ -105,15 +113,24 @@ async fn step_job(leader: &Leader, job: AcquiredAggregationJob) {
             let backoff = 1u64 << job.lease.attempts.min(6);
             tracing::warn!(job = %job.job_id, %reason, attempt = job.lease.attempts, "aggregation job will be retried");
             let retry_at = Time(leader.shared.clock.now().0 + backoff);
-            store.release_aggregation_job(&job, retry_at).await
+            (
+                store.release_aggregation_job(&job, retry_at).await,
+                AggregationOutcome::Retried,
+            )
         }
         Err(JobFailure::Retry(reason)) | Err(JobFailure::Abandon(reason)) => {
             tracing::error!(job = %job.job_id, %reason, "abandoning aggregation job");
-            store.abandon_aggregation_job(&job).await
+            (
+                store.abandon_aggregation_job(&job).await,
+                AggregationOutcome::Abandoned,
+            )
         }
     };
-    if let Err(e) = outcome {
-        tracing::error!(job = %job.job_id, error = %e, "recording an aggregation job's failure failed");
+    match outcome {
+        Ok(()) => metrics.aggregation_job(counted),
+        Err(e) => {
+            tracing::error!(job = %job.job_id, error = %e, "recording an aggregation job's failure failed")
+        }
     }
     leader.wake_collection.notify_one();
 }
@@ -223,8 +240,11 @@ async fn run_job(leader: &Leader, job: &AcquiredAggregationJob) -> Result<(), Jo
     }
     let merge = merger(&entry.vdaf);
     shared
-        .store
-        .finish_aggregation_job(job, &deltas, &merge)
+        .metrics
+        .time(
+            StoreOp::FinishAggregationJob,
+            shared.store.finish_aggregation_job(job, &deltas, &merge),
+        )
         .await
         .map_err(|e| match e {
             duet_store::StoreError::LeaseLost => JobFailure::Abandon("lease lost".into()),

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use super::Leader;
 use crate::batch::{is_valid_batch_interval, total};
 use crate::error::Error;
+use crate::metrics::CollectionOutcome;
 use crate::peer::{self, PeerError};
 use crate::shared::TaskEntry;
 
@@ -241,12 +242,16 @@ enum Step {
 async fn step_job(leader: &Leader, job: AcquiredCollectionJob) {
     let store = &leader.shared.store;
     let now = leader.shared.clock.now();
+    let metrics = &leader.shared.metrics;
     let outcome = match run_job(leader, &job).await {
         Ok(Step::Finished(c)) => {
             let r = store
                 .finish_collection_job(&job, &CollectionJobState::Finished(c))
                 .await;
             leader.invalidate_collected(&job.job.task_id);
+            if r.is_ok() {
+                metrics.collection_job(CollectionOutcome::Finished);
+            }
             r
         }
         Ok(Step::NotReady) => store.release_collection_job(&job, now).await,
@@ -258,9 +263,13 @@ async fn step_job(leader: &Leader, job: AcquiredCollectionJob) {
         }
         Ok(Step::Retry(reason) | Step::Abandon(reason)) => {
             tracing::error!(job = %job.job.id, %reason, "abandoning collection job");
-            store
+            let r = store
                 .finish_collection_job(&job, &CollectionJobState::Abandoned(reason))
-                .await
+                .await;
+            if r.is_ok() {
+                metrics.collection_job(CollectionOutcome::Abandoned);
+            }
+            r
         }
         Err(e) => {
             tracing::error!(job = %job.job.id, error = %e, "collection job step failed");

@@ -9,11 +9,12 @@ use std::sync::{Arc, RwLock};
 
 use duet_core::Clock;
 use duet_messages::dap09::{Interval, TaskId};
-use duet_store::Datastore;
-use tokio::sync::{mpsc, watch, Notify};
+use duet_store::{Datastore, Wakeup};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
 
 use crate::config::AggregatorConfig;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::shared::Shared;
 
 pub use collection::PollResult;
@@ -24,7 +25,8 @@ pub struct Leader {
     pub(crate) http: reqwest::Client,
     upload_tx: mpsc::Sender<upload::PendingUpload>,
     upload_rx: std::sync::Mutex<Option<mpsc::Receiver<upload::PendingUpload>>>,
-    /// Woken when reports are stored.
+    /// Woken when reports are stored (by this process, or by another one sharing the database if
+    /// the store has [`Datastore::wakeups`]).
     pub(crate) wake_job_creator: Notify,
     /// Woken when aggregation jobs are created.
     pub(crate) wake_aggregation: Notify,
@@ -34,15 +36,26 @@ pub struct Leader {
 }
 
 impl Leader {
-    /// A Leader over `store`.
+    /// A Leader over `store`, with metrics of its own.
     pub async fn new(
         store: Arc<dyn Datastore>,
         clock: Arc<dyn Clock>,
         config: AggregatorConfig,
         http: reqwest::Client,
     ) -> Result<Arc<Self>, Error> {
+        Self::with_metrics(store, clock, config, http, Arc::default()).await
+    }
+
+    /// A Leader over `store` counting into `metrics` (which a Helper may share).
+    pub async fn with_metrics(
+        store: Arc<dyn Datastore>,
+        clock: Arc<dyn Clock>,
+        config: AggregatorConfig,
+        http: reqwest::Client,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, Error> {
         let (upload_tx, upload_rx) = mpsc::channel(config.upload_queue_capacity.max(1));
-        let shared = Shared::new(store, clock, config).await?;
+        let shared = Shared::new(store, clock, config, metrics).await?;
         Ok(Arc::new(Self {
             shared,
             http,
@@ -56,7 +69,8 @@ impl Leader {
     }
 
     /// Starts the Leader's background tasks (report writer, job creator, aggregation and
-    /// collection drivers); they stop when `shutdown` turns true.
+    /// collection drivers, and the forwarder of the store's wake-ups if it has any); they stop
+    /// when `shutdown` turns true.
     pub fn spawn_background(
         self: &Arc<Self>,
         shutdown: watch::Receiver<bool>,
@@ -77,11 +91,23 @@ impl Leader {
             Arc::clone(self),
             shutdown.clone(),
         )));
+        if let Some(wakeups) = self.shared.store.wakeups() {
+            handles.push(tokio::spawn(forward_wakeups(
+                Arc::clone(self),
+                wakeups,
+                shutdown.clone(),
+            )));
+        }
         handles.push(tokio::spawn(collection::run_collection_driver(
             Arc::clone(self),
             shutdown,
         )));
         handles
+    }
+
+    /// The Leader's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
     }
 
     /// The HPKE configs this Leader publishes.
@@ -112,6 +138,33 @@ impl Leader {
     pub(crate) fn invalidate_collected(&self, task_id: &TaskId) {
         if let Ok(mut m) = self.collected.write() {
             m.remove(task_id);
+        }
+    }
+}
+
+/// Turns the store's wake-ups (writes by any process sharing the database) into the in-process
+/// ones; polling still covers whatever gets lost.
+async fn forward_wakeups(
+    leader: Arc<Leader>,
+    mut wakeups: broadcast::Receiver<Wakeup>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let wakeup = tokio::select! {
+            w = wakeups.recv() => w,
+            _ = shutdown.changed() => return,
+        };
+        match wakeup {
+            Ok(Wakeup::ReportsStored) => leader.wake_job_creator.notify_one(),
+            Ok(Wakeup::AggregationJobsCreated) => leader.wake_aggregation.notify_one(),
+            Ok(Wakeup::CollectionWorkReady) => leader.wake_collection.notify_one(),
+            // Wake-ups may have been missed: wake everything.
+            Ok(Wakeup::Listening) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                leader.wake_job_creator.notify_one();
+                leader.wake_aggregation.notify_one();
+                leader.wake_collection.notify_one();
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }

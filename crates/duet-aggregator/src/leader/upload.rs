@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::Leader;
 use crate::batch::in_any;
 use crate::error::Error;
+use crate::metrics::StoreOp;
 use crate::shared::find_key;
 
 pub(crate) struct PendingUpload {
@@ -119,7 +120,14 @@ pub(super) async fn run_report_writer(
         }
         let (reports, waiters): (Vec<NewReport>, Vec<_>) =
             batch.drain(..).map(|p| (p.report, p.done)).unzip();
-        let result = leader.shared.store.put_reports(&reports).await;
+        let result = leader
+            .shared
+            .metrics
+            .time(
+                StoreOp::PutReports,
+                leader.shared.store.put_reports(&reports),
+            )
+            .await;
         let outcome = result.map(|_| ()).map_err(|e| {
             tracing::error!(error = %e, "storing uploaded reports failed");
             e.to_string()

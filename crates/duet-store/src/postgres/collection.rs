@@ -4,7 +4,7 @@
 //! finished jobs, `abandon_reason` for abandoned ones). Deleting a finished job keeps its
 //! `collection`, so its batch still counts as collected. Every write is one statement at READ
 //! COMMITTED except `put_collection_job` and `acquire_collection_jobs` (two each, in one
-//! transaction); a lease is checked by the same `UPDATE` that ends it, under the row's lock.
+//! transaction; a new job also sends the `CollectionWorkReady` wake-up); a lease is checked by the same `UPDATE` that ends it, under the row's lock.
 
 use std::collections::HashMap;
 
@@ -13,10 +13,10 @@ use duet_messages::{Decode, Encode};
 use sqlx::postgres::PgRow;
 
 use super::{
-    clamp_i64, col, col_array, col_interval, col_u32, lease_token, limit_i64, to_i64,
+    clamp_i64, col, col_array, col_interval, col_u32, lease_token, limit_i64, notify, to_i64,
     PostgresDatastore, TxError,
 };
-use crate::{AcquiredCollectionJob, CollectionJob, CollectionJobState, Lease, StoreError};
+use crate::{AcquiredCollectionJob, CollectionJob, CollectionJobState, Lease, StoreError, Wakeup};
 
 /// The columns a [`CollectionJob`] is read from.
 const JOB_COLUMNS: &str = "task_id, job_id, batch_start, batch_duration, aggregation_parameter, \
@@ -112,6 +112,13 @@ pub(super) async fn put_collection_job(
         if !same {
             return Err(StoreError::AlreadyExists.into());
         }
+    } else if matches!(job.state, CollectionJobState::Start) {
+        notify::notify(
+            &mut tx,
+            "-- put_collection_job\nSELECT pg_notify($1, $2)",
+            Wakeup::CollectionWorkReady,
+        )
+        .await?;
     }
     Ok(tx.commit().await?)
 }

@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use duet_messages::dap09::{AggregationJobId, Interval, ReportId, TaskId, Time};
 use sqlx::PgConnection;
 
+use super::notify;
 use super::tasks::merge_batch_aggregations;
 use super::{
     clamp_i64, col, col_array, col_u32, col_u64, lease_token, limit_i64, to_i64, PostgresDatastore,
@@ -22,11 +23,12 @@ use super::{
 };
 use crate::{
     AcquiredAggregationJob, BatchAggregation, JobReport, Lease, MergeFn, NewReport, StoreError,
+    Wakeup,
 };
 
 /// One statement (READ COMMITTED), whatever the batch size: the reports go in as four arrays
 /// unnested into rows, and the primary key turns replays into no-ops that `RETURNING` leaves
-/// out.
+/// out. If any report is new, the first returned row sends the `ReportsStored` wake-up (once).
 pub(super) async fn put_reports(
     store: &PostgresDatastore,
     reports: &[NewReport],
@@ -56,14 +58,20 @@ pub(super) async fn put_reports(
     }
     let rows = sqlx::query(
         "-- put_reports\n\
-         INSERT INTO reports (task_id, report_id, client_time, payload) \
-         SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[], $4::bytea[]) \
-         ON CONFLICT DO NOTHING RETURNING task_id, report_id",
+         WITH inserted AS ( \
+           INSERT INTO reports (task_id, report_id, client_time, payload) \
+           SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[], $4::bytea[]) \
+           ON CONFLICT DO NOTHING RETURNING task_id, report_id) \
+         SELECT task_id, report_id, \
+           CASE WHEN row_number() OVER () = 1 THEN pg_notify($5, $6)::text END AS woke \
+         FROM inserted",
     )
     .bind(&task_ids)
     .bind(&report_ids)
     .bind(&times)
     .bind(&payloads)
+    .bind(notify::CHANNEL)
+    .bind(notify::payload(Wakeup::ReportsStored))
     .fetch_all(&store.pool)
     .await?;
     let mut inserted: HashSet<(TaskId, ReportId)> = HashSet::with_capacity(rows.len());
@@ -147,6 +155,14 @@ pub(super) async fn create_aggregation_jobs(
                 break;
             }
         }
+    }
+    if created > 0 {
+        notify::notify(
+            &mut tx,
+            "-- create_aggregation_jobs\nSELECT pg_notify($1, $2)",
+            Wakeup::AggregationJobsCreated,
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(created)
@@ -294,7 +310,7 @@ async fn drop_payloads(
 }
 
 /// READ COMMITTED plus the job's row lock (held from the lease check to commit) and the merged
-/// buckets' row locks.
+/// buckets' row locks. Sends the `CollectionWorkReady` wake-up.
 pub(super) async fn finish_aggregation_job(
     store: &PostgresDatastore,
     job: &AcquiredAggregationJob,
@@ -320,6 +336,12 @@ pub(super) async fn finish_aggregation_job(
         job,
     )
     .await?;
+    notify::notify(
+        &mut tx,
+        "-- finish_aggregation_job\nSELECT pg_notify($1, $2)",
+        Wakeup::CollectionWorkReady,
+    )
+    .await?;
     Ok(tx.commit().await?)
 }
 
@@ -342,7 +364,7 @@ pub(super) async fn release_aggregation_job(
     .await
 }
 
-/// READ COMMITTED plus the job's row lock, as for finishing.
+/// READ COMMITTED plus the job's row lock, as for finishing; sends the same wake-up.
 pub(super) async fn abandon_aggregation_job(
     store: &PostgresDatastore,
     job: &AcquiredAggregationJob,
@@ -363,6 +385,12 @@ pub(super) async fn abandon_aggregation_job(
          UPDATE reports SET payload = NULL \
          WHERE task_id = $1 AND job_id = $2 AND payload IS NOT NULL",
         job,
+    )
+    .await?;
+    notify::notify(
+        &mut tx,
+        "-- abandon_aggregation_job\nSELECT pg_notify($1, $2)",
+        Wakeup::CollectionWorkReady,
     )
     .await?;
     Ok(tx.commit().await?)

@@ -12,16 +12,19 @@
 //!
 //! The schema is in `migrations/postgres/`; the module split follows the SQLite backend's:
 //! [`tasks`] (tasks, keys, batch aggregations), [`leader`] (reports and aggregation jobs),
-//! [`collection`] (collection jobs), [`helper`] (Helper jobs and aggregate shares).
+//! [`collection`] (collection jobs), [`helper`] (Helper jobs and aggregate shares);
+//! [`notify`] wakes other replicas' background jobs with `LISTEN`/`NOTIFY`.
 
 mod collection;
 mod helper;
 mod leader;
+mod notify;
 mod tasks;
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
@@ -34,7 +37,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use crate::{
     AcquiredAggregationJob, AcquiredCollectionJob, AggregateShareJob, BatchAggregation,
     CollectionJob, CollectionJobState, Datastore, HelperAggregationJob, MergeFn, NewReport,
-    StoreError,
+    StoreError, Wakeup,
 };
 
 /// Connections in the pool of one handle (and its `with_role` siblings).
@@ -56,6 +59,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 pub struct PostgresDatastore {
     pool: PgPool,
     role: AggregatorRole,
+    wakeups: Arc<notify::Wakeups>,
 }
 
 impl PostgresDatastore {
@@ -82,6 +86,7 @@ impl PostgresDatastore {
         Ok(PostgresDatastore {
             pool,
             role: AggregatorRole::Leader,
+            wakeups: Arc::new(notify::Wakeups::new()),
         })
     }
 
@@ -90,6 +95,7 @@ impl PostgresDatastore {
         PostgresDatastore {
             pool: self.pool.clone(),
             role,
+            wakeups: Arc::clone(&self.wakeups),
         }
     }
 
@@ -98,8 +104,10 @@ impl PostgresDatastore {
         self.role
     }
 
-    /// Closes the pool (all handles on it), waiting for connections to finish.
+    /// Closes the pool (all handles on it), waiting for connections to finish; stops the
+    /// wake-up listener, if any.
     pub async fn close(&self) {
+        self.wakeups.stop();
         self.pool.close().await;
     }
 
@@ -548,5 +556,9 @@ impl Datastore for PostgresDatastore {
             .await
             .map_err(|e| StoreError::Database(e.to_string()))?;
         Ok(())
+    }
+
+    fn wakeups(&self) -> Option<tokio::sync::broadcast::Receiver<Wakeup>> {
+        self.wakeups.subscribe(&self.pool)
     }
 }

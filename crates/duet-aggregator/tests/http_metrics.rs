@@ -1,0 +1,124 @@
+//! `GET /metrics`: the counters after a few uploads (one refused) have been aggregated.
+
+mod common;
+
+use std::time::Duration as StdDuration;
+
+use common::{send, Harness};
+use duet_core::{Clock, Measurement, RealClock, VdafInstance};
+use duet_messages::dap09::{media_type, Report, Time};
+use duet_messages::{Decode, Encode};
+use reqwest::Method;
+
+/// Reads `/metrics`: its content type and its samples (`name{labels}` → value).
+async fn scrape(h: &Harness) -> (String, Vec<(String, f64)>) {
+    let url = h.leader_url.join("/metrics").expect("url");
+    let r = send(Method::GET, url, None, None, Vec::new()).await;
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.body).expect("UTF-8");
+    let samples = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').expect("a sample line");
+            (name.to_string(), value.parse().expect("a number"))
+        })
+        .collect();
+    (r.content_type, samples)
+}
+
+fn value(samples: &[(String, f64)], name: &str) -> Option<f64> {
+    samples.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_uploads_and_jobs() {
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let client = common::client(&task).await;
+    let url = task
+        .leader_endpoint
+        .join(&format!("tasks/{}/reports", task.id))
+        .expect("url");
+
+    for bit in [true, false, true] {
+        let report = client
+            .prepare_report(&Measurement::Count(bit))
+            .expect("report");
+        let r = send(
+            Method::PUT,
+            url.clone(),
+            Some(media_type::REPORT),
+            None,
+            report.get_encoded(),
+        )
+        .await;
+        assert_eq!(r.status, 201);
+    }
+    // A report from a day in the future.
+    let mut early = Report::get_decoded(
+        &client
+            .prepare_report(&Measurement::Count(true))
+            .expect("report")
+            .get_encoded(),
+    )
+    .expect("decode");
+    early.metadata.time = Time(RealClock.now().0 + 86_400);
+    send(
+        Method::PUT,
+        url.clone(),
+        Some(media_type::REPORT),
+        None,
+        early.get_encoded(),
+    )
+    .await
+    .assert_problem(400, "reportTooEarly");
+
+    // Aggregation runs in the background: wait until all three reports are aggregated.
+    let mut samples = Vec::new();
+    for _ in 0..100 {
+        let content_type;
+        (content_type, samples) = scrape(&h).await;
+        assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+        // Every job the Helper answered has also been recorded as finished by the Leader.
+        let finished = value(
+            &samples,
+            "duet_aggregation_jobs_total{outcome=\"finished\"}",
+        );
+        let answered = value(
+            &samples,
+            "duet_datastore_seconds_count{operation=\"put_helper_aggregation_job\"}",
+        );
+        if value(&samples, "duet_helper_reports_total{outcome=\"continued\"}") == Some(3.0)
+            && finished.is_some_and(|n| n >= 1.0)
+            && finished == answered
+        {
+            break;
+        }
+        tokio::time::sleep(StdDuration::from_millis(100)).await;
+    }
+    let v = |name: &str| value(&samples, name).unwrap_or_else(|| panic!("{name} missing"));
+    assert_eq!(v("duet_uploads_total"), 3.0);
+    assert_eq!(
+        v("duet_upload_rejections_total{reason=\"reportTooEarly\"}"),
+        1.0
+    );
+    assert_eq!(v("duet_helper_reports_total{outcome=\"continued\"}"), 3.0);
+    assert_eq!(v("duet_helper_reports_total{outcome=\"rejected\"}"), 0.0);
+    let finished = v("duet_aggregation_jobs_total{outcome=\"finished\"}");
+    assert!((1.0..=3.0).contains(&finished), "{finished} jobs finished");
+    assert_eq!(v("duet_aggregation_jobs_total{outcome=\"retried\"}"), 0.0);
+    assert_eq!(v("duet_aggregation_jobs_total{outcome=\"abandoned\"}"), 0.0);
+    assert_eq!(v("duet_collection_jobs_total{outcome=\"finished\"}"), 0.0);
+    assert!(v("duet_datastore_seconds_count{operation=\"put_reports\"}") >= 1.0);
+    assert!(v("duet_datastore_seconds_sum{operation=\"put_reports\"}") > 0.0);
+    assert_eq!(
+        v("duet_datastore_seconds_count{operation=\"finish_aggregation_job\"}"),
+        finished
+    );
+    assert_eq!(
+        v("duet_datastore_seconds_count{operation=\"put_helper_aggregation_job\"}"),
+        finished
+    );
+    h.stop().await;
+}
