@@ -37,13 +37,25 @@ pub(crate) async fn send(
         .await
         .map_err(|e| PeerError::Transient(format!("request to {url} failed: {e}")))?;
     let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let bytes = resp.bytes().await.map_err(|e| {
         PeerError::Transient(format!("reading the response from {url} failed: {e}"))
     })?;
     if status.is_success() {
         return Ok(bytes);
     }
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(1024)]).into_owned();
+    let text = match duet_core::problem::parse_problem(content_type.as_deref(), &bytes) {
+        Some(p) => format!(
+            "{}{}",
+            p.detail,
+            duet_core::problem::type_suffix(&p.problem_type)
+        ),
+        None => duet_core::problem::quote_body(&bytes),
+    };
     if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
         Err(PeerError::Transient(format!(
             "{url} answered {status}: {text}"

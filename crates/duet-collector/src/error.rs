@@ -1,8 +1,8 @@
 //! The collector's error type, and the reading of error responses (RFC 9457 problem documents).
 
+use duet_core::problem::{body_suffix, parse_problem, quote_body, type_suffix};
 use duet_messages::dap09::CollectionJobId;
-use duet_messages::problem::{DapProblemType, PROBLEM_JSON};
-use serde::Deserialize;
+use duet_messages::problem::DapProblemType;
 
 /// Everything that can go wrong while collecting.
 #[derive(Debug, thiserror::Error)]
@@ -79,79 +79,6 @@ fn timeout_message(job: &Option<CollectionJobId>, timeout: &std::time::Duration)
     }
 }
 
-fn type_suffix(problem_type: &Option<DapProblemType>) -> String {
-    match problem_type {
-        Some(t) => format!(", {}", t.type_uri()),
-        None => String::new(),
-    }
-}
-
-fn body_suffix(body: &str) -> String {
-    if body.is_empty() {
-        String::new()
-    } else {
-        format!(": {body}")
-    }
-}
-
-/// The fields of an RFC 9457 problem document that the collector reads.
-#[derive(Debug, Default, Deserialize)]
-struct ProblemJson {
-    #[serde(rename = "type")]
-    type_uri: Option<String>,
-    title: Option<String>,
-    detail: Option<String>,
-}
-
-/// A parsed problem document.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Problem {
-    pub(crate) problem_type: Option<DapProblemType>,
-    pub(crate) detail: String,
-}
-
-/// Longest stretch of a non-problem body quoted in an error message.
-const MAX_QUOTED_BODY: usize = 200;
-
-/// Reads a problem document out of an error response, if it is one: the content type says
-/// `application/problem+json`, or the body is a JSON object with a `type` member.
-pub(crate) fn parse_problem(content_type: Option<&str>, body: &[u8]) -> Option<Problem> {
-    let declared = content_type.is_some_and(|ct| {
-        ct.split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .eq_ignore_ascii_case(PROBLEM_JSON)
-    });
-    let doc: ProblemJson = match serde_json::from_slice(body) {
-        Ok(doc) => doc,
-        Err(_) if declared => ProblemJson::default(),
-        Err(_) => return None,
-    };
-    if !declared && doc.type_uri.is_none() {
-        return None;
-    }
-    let problem_type = doc
-        .type_uri
-        .as_deref()
-        .and_then(DapProblemType::from_type_uri);
-    let mut detail = doc
-        .detail
-        .filter(|d| !d.trim().is_empty())
-        .or(doc.title.filter(|t| !t.trim().is_empty()))
-        .unwrap_or_else(|| "no detail given".to_owned());
-    // A type we do not know says more than nothing, so keep it.
-    if problem_type.is_none() {
-        if let Some(t) = doc.type_uri.filter(|t| !t.is_empty() && t != "about:blank") {
-            detail = format!("{detail} [{t}]");
-        }
-    }
-    Some(Problem {
-        problem_type,
-        detail,
-    })
-}
-
 /// Turns an error response into a [`CollectorError`]: a `Problem` when the body is a problem
 /// document, else `UnexpectedStatus` quoting the start of the body.
 pub(crate) async fn error_from_response(
@@ -191,59 +118,9 @@ pub(crate) fn error_from_parts(
     }
 }
 
-fn quote_body(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    match text.char_indices().nth(MAX_QUOTED_BODY) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dap_problem_document_is_parsed() {
-        let body = br#"{"type":"urn:ietf:params:ppm:dap:error:batchInvalid","title":"The batch implied by the query is invalid.","status":400,"detail":"interval is not aligned"}"#;
-        let e = error_from_parts(
-            "the Leader at http://l/ refused the collection job".into(),
-            400,
-            Some(PROBLEM_JSON),
-            body,
-        );
-        assert_eq!(e.problem_type(), Some(DapProblemType::BatchInvalid));
-        assert_eq!(
-            e.to_string(),
-            "the Leader at http://l/ refused the collection job: interval is not aligned \
-             (HTTP 400, urn:ietf:params:ppm:dap:error:batchInvalid)"
-        );
-    }
-
-    #[test]
-    fn title_and_unknown_types() {
-        let body = br#"{"type":"urn:ietf:params:ppm:dap:error:unauthorizedRequest","title":"Unauthorized."}"#;
-        let p =
-            parse_problem(Some("application/problem+json; charset=utf-8"), body).expect("problem");
-        assert_eq!(
-            p,
-            Problem {
-                problem_type: Some(DapProblemType::UnauthorizedRequest),
-                detail: "Unauthorized.".into()
-            }
-        );
-        let p = parse_problem(None, br#"{"type":"tag:x","detail":"d"}"#).expect("problem");
-        assert_eq!(
-            p,
-            Problem {
-                problem_type: None,
-                detail: "d [tag:x]".into()
-            }
-        );
-        assert_eq!(parse_problem(Some("text/plain"), b"nope"), None);
-        assert_eq!(parse_problem(Some("application/json"), b"{}"), None);
-    }
 
     #[test]
     fn other_bodies_are_quoted_briefly() {

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod clock;
 pub mod error;
 pub mod hpke;
+pub mod problem;
 pub mod task;
 pub mod vdaf;
 
