@@ -57,6 +57,8 @@ impl Helper {
             return Err(invalid("the job names a report twice".into()));
         }
         let request_hash: [u8; 32] = Sha256::digest(body).into();
+        // Shared with the preparation thread rather than copied.
+        let req = Arc::new(req);
 
         for _ in 0..COMMIT_ATTEMPTS {
             if let Some(existing) = self
@@ -87,9 +89,9 @@ impl Helper {
             let now = self.shared.clock.now();
             let prepared = {
                 let entry = Arc::clone(&entry);
-                let inits = req.prepare_inits.clone();
+                let req = Arc::clone(&req);
                 tokio::task::spawn_blocking(move || {
-                    prepare_all(&entry, &keys, &seen, &collected, now, &inits)
+                    prepare_all(&entry, &keys, &seen, &collected, now, &req.prepare_inits)
                 })
                 .await
                 .map_err(|e| Error::Internal(format!("preparation task failed: {e}")))??

@@ -97,10 +97,10 @@ pub(super) async fn run_aggregation_driver(
     }
 }
 
-async fn step_job(leader: &Leader, job: AcquiredAggregationJob) {
+async fn step_job(leader: &Leader, mut job: AcquiredAggregationJob) {
     let store = &leader.shared.store;
     let metrics = &leader.shared.metrics;
-    let result = run_job(leader, &job).await;
+    let result = run_job(leader, &mut job).await;
     let (outcome, counted) = match result {
         Ok(()) => {
             metrics.aggregation_job(AggregationOutcome::Finished);
@@ -153,7 +153,7 @@ struct Initialized {
     state: LeaderPrepState,
 }
 
-async fn run_job(leader: &Leader, job: &AcquiredAggregationJob) -> Result<(), JobFailure> {
+async fn run_job(leader: &Leader, job: &mut AcquiredAggregationJob) -> Result<(), JobFailure> {
     let shared = &leader.shared;
     let Some(entry) = shared.task(&job.task_id).await? else {
         return Err(JobFailure::Abandon("the task no longer exists".into()));
@@ -164,7 +164,8 @@ async fn run_job(leader: &Leader, job: &AcquiredAggregationJob) -> Result<(), Jo
 
     let (initialized, prepare_inits) = {
         let entry = Arc::clone(&entry);
-        let reports = job.reports.clone();
+        // The reports are not needed after this step: hand them over instead of copying them.
+        let reports = std::mem::take(&mut job.reports);
         tokio::task::spawn_blocking(move || {
             leader_init_all(&entry, &keys, &collected, &reports, now)
         })
