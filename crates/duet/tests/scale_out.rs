@@ -117,11 +117,23 @@ impl Server {
     /// Starts `duet serve` with `roles` (the `[leader]`/`[helper]` sections) and waits for its
     /// address. `name` names its config and log files in `dir`.
     async fn start(dir: &Path, name: &str, listen: &str, database: &str, roles: &str) -> Server {
+        Self::start_with(dir, name, listen, database, roles, "").await
+    }
+
+    /// Like [`Server::start`], with extra `[aggregator]` settings.
+    async fn start_with(
+        dir: &Path,
+        name: &str,
+        listen: &str,
+        database: &str,
+        roles: &str,
+        aggregator_extra: &str,
+    ) -> Server {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                "listen = \"{listen}\"\ndatabase = \"{database}\"\n{roles}\n{AGGREGATOR_SECTION}"
+                "listen = \"{listen}\"\ndatabase = \"{database}\"\n{roles}\n{AGGREGATOR_SECTION}{aggregator_extra}"
             ),
         )
         .expect("write config");
@@ -400,14 +412,22 @@ async fn wait_mid_aggregation(database: &str, leased: i64) -> Option<Jobs> {
 async fn leader_replica_killed_mid_aggregation() {
     with_fresh_database("leader_replica_killed_mid_aggregation", |db| async move {
         const N: usize = 20_000;
-        // More jobs under lease than one replica runs at once (max_concurrent_jobs, 4 by
-        // default): replica A holds at least one of them.
-        const LEASED_BY_BOTH: i64 = 5;
+        // Replica B runs one job at a time, so with two jobs under lease at once replica A
+        // holds at least one of them.
+        const LEASED_BY_BOTH: i64 = 2;
         let started = Instant::now();
         let dir = tempfile::tempdir().expect("tmp");
         let helper = Server::start(dir.path(), "helper", "127.0.0.1:0", &db, HELPER_ONLY).await;
         let mut a = Server::start(dir.path(), "leader-a", "127.0.0.1:0", &db, LEADER_ONLY).await;
-        let b = Server::start(dir.path(), "leader-b", "127.0.0.1:0", &db, LEADER_ONLY).await;
+        let b = Server::start_with(
+            dir.path(),
+            "leader-b",
+            "127.0.0.1:0",
+            &db,
+            LEADER_ONLY,
+            "max_concurrent_jobs = 1\n",
+        )
+        .await;
         let p = provision(
             dir.path(),
             &db,
