@@ -139,3 +139,44 @@ pub struct AggregateShareJob {
     /// The aggregate share, sealed to the collector.
     pub encrypted_aggregate_share: HpkeCiphertext,
 }
+
+impl CollectionJobState {
+    /// The `state`, `collection` and `abandon_reason` columns both backends store a state in.
+    pub(crate) fn to_columns(&self) -> (&'static str, Option<Vec<u8>>, Option<&str>) {
+        use duet_messages::Encode;
+        match self {
+            Self::Start => ("start", None, None),
+            Self::Finished(collection) => ("finished", Some(collection.get_encoded()), None),
+            Self::Abandoned(reason) => ("abandoned", None, Some(reason.as_str())),
+            Self::Deleted => ("deleted", None, None),
+        }
+    }
+
+    /// The state stored in those columns.
+    pub(crate) fn from_columns(
+        state: &str,
+        collection: Option<Vec<u8>>,
+        abandon_reason: Option<String>,
+    ) -> Result<Self, crate::StoreError> {
+        use crate::StoreError;
+        use duet_messages::Decode;
+        Ok(match state {
+            "start" => Self::Start,
+            "finished" => {
+                let encoded = collection.ok_or_else(|| {
+                    StoreError::Corrupt("finished collection job without a result".into())
+                })?;
+                let collection = Collection::get_decoded(&encoded)
+                    .map_err(|e| StoreError::Corrupt(format!("stored Collection: {e}")))?;
+                Self::Finished(collection)
+            }
+            "abandoned" => Self::Abandoned(abandon_reason.unwrap_or_default()),
+            "deleted" => Self::Deleted,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "collection job state '{other}'"
+                )))
+            }
+        })
+    }
+}

@@ -8,8 +8,7 @@
 
 use std::collections::HashMap;
 
-use duet_messages::dap09::{Collection, CollectionJobId, Interval, TaskId, Time};
-use duet_messages::{Decode, Encode};
+use duet_messages::dap09::{CollectionJobId, Interval, TaskId, Time};
 use sqlx::postgres::PgRow;
 
 use super::{
@@ -24,28 +23,11 @@ const JOB_COLUMNS: &str = "task_id, job_id, batch_start, batch_duration, aggrega
 
 fn job_from_row(row: &PgRow) -> Result<CollectionJob, StoreError> {
     let state: String = col(row, "state")?;
-    let state = match state.as_str() {
-        "start" => CollectionJobState::Start,
-        "finished" => {
-            let encoded: Option<Vec<u8>> = col(row, "collection")?;
-            let encoded = encoded.ok_or_else(|| {
-                StoreError::Corrupt("finished collection job without a result".into())
-            })?;
-            let collection = Collection::get_decoded(&encoded)
-                .map_err(|e| StoreError::Corrupt(format!("stored Collection: {e}")))?;
-            CollectionJobState::Finished(collection)
-        }
-        "abandoned" => {
-            let reason: Option<String> = col(row, "abandon_reason")?;
-            CollectionJobState::Abandoned(reason.unwrap_or_default())
-        }
-        "deleted" => CollectionJobState::Deleted,
-        other => {
-            return Err(StoreError::Corrupt(format!(
-                "collection job state '{other}'"
-            )))
-        }
-    };
+    let state = CollectionJobState::from_columns(
+        &state,
+        col(row, "collection")?,
+        col(row, "abandon_reason")?,
+    )?;
     Ok(CollectionJob {
         task_id: TaskId(col_array(row, "task_id")?),
         id: CollectionJobId(col_array(row, "job_id")?),
@@ -55,25 +37,11 @@ fn job_from_row(row: &PgRow) -> Result<CollectionJob, StoreError> {
     })
 }
 
-/// The `state`, `collection` and `abandon_reason` columns of a state.
-fn state_columns(state: &CollectionJobState) -> (&'static str, Option<Vec<u8>>, Option<&str>) {
-    match state {
-        CollectionJobState::Start => ("start", None, None),
-        CollectionJobState::Finished(collection) => {
-            ("finished", Some(collection.get_encoded()), None)
-        }
-        CollectionJobState::Abandoned(reason) => ("abandoned", None, Some(reason.as_str())),
-        CollectionJobState::Deleted => ("deleted", None, None),
-    }
-}
-
-/// READ COMMITTED: the insert either wins or waits for the conflicting row's writer to commit,
-/// after which the comparison reads that committed row.
 pub(super) async fn put_collection_job(
     store: &PostgresDatastore,
     job: &CollectionJob,
 ) -> Result<(), TxError> {
-    let (state, collection, reason) = state_columns(&job.state);
+    let (state, collection, reason) = job.state.to_columns();
     let batch_start = to_i64(job.batch_interval.start.0, "batch start")?;
     let batch_duration = to_i64(job.batch_interval.duration.0, "batch duration")?;
     let mut tx = store.begin().await?;
@@ -291,7 +259,7 @@ pub(super) async fn finish_collection_job(
         )
         .into());
     }
-    let (state, collection, reason) = state_columns(state);
+    let (state, collection, reason) = state.to_columns();
     let updated = sqlx::query(
         "-- finish_collection_job\n\
          UPDATE collection_jobs \

@@ -4,8 +4,7 @@
 //! finished jobs, `abandon_reason` for abandoned ones). Deleting a finished job keeps its
 //! `collection`, so its batch still counts as collected.
 
-use duet_messages::dap09::{Collection, CollectionJobId, Interval, TaskId, Time};
-use duet_messages::{Decode, Encode};
+use duet_messages::dap09::{CollectionJobId, Interval, TaskId, Time};
 use sqlx::sqlite::SqliteRow;
 
 use super::{
@@ -19,28 +18,11 @@ const JOB_COLUMNS: &str =
 
 fn job_from_row(row: &SqliteRow) -> Result<CollectionJob, StoreError> {
     let state: String = col(row, "state")?;
-    let state = match state.as_str() {
-        "start" => CollectionJobState::Start,
-        "finished" => {
-            let encoded: Option<Vec<u8>> = col(row, "collection")?;
-            let encoded = encoded.ok_or_else(|| {
-                StoreError::Corrupt("finished collection job without a result".into())
-            })?;
-            let collection = Collection::get_decoded(&encoded)
-                .map_err(|e| StoreError::Corrupt(format!("stored Collection: {e}")))?;
-            CollectionJobState::Finished(collection)
-        }
-        "abandoned" => {
-            let reason: Option<String> = col(row, "abandon_reason")?;
-            CollectionJobState::Abandoned(reason.unwrap_or_default())
-        }
-        "deleted" => CollectionJobState::Deleted,
-        other => {
-            return Err(StoreError::Corrupt(format!(
-                "collection job state '{other}'"
-            )))
-        }
-    };
+    let state = CollectionJobState::from_columns(
+        &state,
+        col(row, "collection")?,
+        col(row, "abandon_reason")?,
+    )?;
     Ok(CollectionJob {
         task_id: TaskId(col_array(row, "task_id")?),
         id: CollectionJobId(col_array(row, "job_id")?),
@@ -50,23 +32,11 @@ fn job_from_row(row: &SqliteRow) -> Result<CollectionJob, StoreError> {
     })
 }
 
-/// The `state`, `collection` and `abandon_reason` columns of a state.
-fn state_columns(state: &CollectionJobState) -> (&'static str, Option<Vec<u8>>, Option<&str>) {
-    match state {
-        CollectionJobState::Start => ("start", None, None),
-        CollectionJobState::Finished(collection) => {
-            ("finished", Some(collection.get_encoded()), None)
-        }
-        CollectionJobState::Abandoned(reason) => ("abandoned", None, Some(reason.as_str())),
-        CollectionJobState::Deleted => ("deleted", None, None),
-    }
-}
-
 pub(super) async fn put_collection_job(
     store: &SqliteDatastore,
     job: &CollectionJob,
 ) -> Result<(), StoreError> {
-    let (state, collection, reason) = state_columns(&job.state);
+    let (state, collection, reason) = job.state.to_columns();
     let mut tx = store.begin_write().await?;
     let inserted = sqlx::query(
         "-- put_collection_job\n\
@@ -261,7 +231,7 @@ pub(super) async fn finish_collection_job(
             "finish_collection_job: the final state must be Finished or Abandoned".into(),
         ));
     }
-    let (state, collection, reason) = state_columns(state);
+    let (state, collection, reason) = state.to_columns();
     let mut tx = store.begin_write().await?;
     let updated = sqlx::query(
         "-- finish_collection_job\n\
