@@ -10,6 +10,7 @@
 pub mod conformance;
 pub mod models;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use std::collections::HashSet;

@@ -76,7 +76,7 @@ pub(super) async fn put_collection_job(
         // The same request again (the collector retrying its PUT) is fine whatever state the job
         // reached since; only what the collector asked for must match.
         let same = col_interval(&existing, "batch_start", "batch_duration")? == job.batch_interval
-            && col::<Vec<u8>>(&existing, "aggregation_parameter")? == job.aggregation_parameter;
+            && col::<_, Vec<u8>>(&existing, "aggregation_parameter")? == job.aggregation_parameter;
         if !same {
             return Err(StoreError::AlreadyExists.into());
         }

@@ -32,8 +32,9 @@ use duet_core::hpke::HpkeKeypair;
 use duet_core::{AggregatorRole, Task};
 use duet_messages::dap09::{AggregationJobId, CollectionJobId, Interval, ReportId, TaskId, Time};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 
+use crate::rows::{col, col_array, col_interval, col_u64};
 use crate::{
     AcquiredAggregationJob, AcquiredCollectionJob, AggregateShareJob, BatchAggregation,
     CollectionJob, CollectionJobState, Datastore, HelperAggregationJob, MergeFn, NewReport,
@@ -235,44 +236,10 @@ fn limit_i64(v: usize) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Reads a column, reporting a missing or mistyped one as corrupt.
-fn col<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
-where
-    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
-{
-    row.try_get(name)
-        .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
-}
-
-/// Reads a non-negative BIGINT column.
-fn col_u64(row: &PgRow, name: &str) -> Result<u64, StoreError> {
-    let v: i64 = col(row, name)?;
-    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("column {name}: negative value {v}")))
-}
-
 /// Reads a non-negative INTEGER column.
 fn col_u32(row: &PgRow, name: &str) -> Result<u32, StoreError> {
     let v: i32 = col(row, name)?;
     u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("column {name}: negative value {v}")))
-}
-
-/// Reads a fixed-length BYTEA column.
-fn col_array<const N: usize>(row: &PgRow, name: &str) -> Result<[u8; N], StoreError> {
-    let v: Vec<u8> = col(row, name)?;
-    <[u8; N]>::try_from(v.as_slice()).map_err(|_| {
-        StoreError::Corrupt(format!(
-            "column {name}: expected {N} bytes, got {}",
-            v.len()
-        ))
-    })
-}
-
-/// Reads an interval from its start and duration columns.
-fn col_interval(row: &PgRow, start: &str, duration: &str) -> Result<Interval, StoreError> {
-    Ok(Interval {
-        start: Time(col_u64(row, start)?),
-        duration: duet_messages::dap09::Duration(col_u64(row, duration)?),
-    })
 }
 
 /// A fresh lease token.

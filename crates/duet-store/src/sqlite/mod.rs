@@ -21,11 +21,10 @@ use async_trait::async_trait;
 use duet_core::hpke::HpkeKeypair;
 use duet_core::{AggregatorRole, Task};
 use duet_messages::dap09::{AggregationJobId, CollectionJobId, Interval, ReportId, TaskId, Time};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, SqlitePool, Transaction};
 
+use crate::rows::{col, col_array, col_interval, col_u64};
 use crate::{
     AcquiredAggregationJob, AcquiredCollectionJob, AggregateShareJob, BatchAggregation,
     CollectionJob, CollectionJobState, Datastore, HelperAggregationJob, MergeFn, NewReport,
@@ -200,44 +199,6 @@ fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
 /// A `u64` bound for range queries: values past `i64::MAX` clamp (no stored value exceeds it).
 fn clamp_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// Reads a column, reporting a missing or mistyped one as corrupt.
-fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, StoreError>
-where
-    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
-{
-    row.try_get(name)
-        .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
-}
-
-/// Reads a non-negative INTEGER column.
-fn col_u64(row: &SqliteRow, name: &str) -> Result<u64, StoreError> {
-    let v: i64 = col(row, name)?;
-    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("column {name}: negative value {v}")))
-}
-
-/// Reads a fixed-length BLOB column.
-fn col_array<const N: usize>(row: &SqliteRow, name: &str) -> Result<[u8; N], StoreError> {
-    let v: Vec<u8> = col(row, name)?;
-    <[u8; N]>::try_from(v.as_slice()).map_err(|_| {
-        StoreError::Corrupt(format!(
-            "column {name}: expected {N} bytes, got {}",
-            v.len()
-        ))
-    })
-}
-
-/// Reads an interval from its start and duration columns.
-fn col_interval(row: &SqliteRow, start: &str, duration: &str) -> Result<Interval, StoreError> {
-    Ok(Interval {
-        start: Time(col_u64(row, start)?),
-        duration: duration_of(col_u64(row, duration)?),
-    })
-}
-
-fn duration_of(seconds: u64) -> duet_messages::dap09::Duration {
-    duet_messages::dap09::Duration(seconds)
 }
 
 /// `(?, ?, …), (?, ?, …), …`: placeholders for a multi-row INSERT.
