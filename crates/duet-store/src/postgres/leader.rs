@@ -1,14 +1,16 @@
 //! Leader: reports and aggregation jobs.
 //!
-//! A report is one row for its whole life: inserted on upload, assigned to a job (`job_id`), and
-//! reduced to its ID once the job finishes or is abandoned (`payload` set to NULL). The job keeps
-//! its lease; there is no per-report state row.
+//! Every row a report causes is written once. On upload a report gets a row in `report_ids`
+//! (replay protection, never updated) and one in `report_queue`. Job creation moves a batch of
+//! queued reports into the new job's row, as arrays, by deleting them from the queue: a delete
+//! writes no new row version and no index entry, and the job row is written once per job. When
+//! the job ends, its arrays are cleared in the same update that ends its lease.
 //!
-//! Replicas share the work through row locks that never wait: job creation claims unassigned
+//! Replicas share the work through row locks that never wait: job creation claims queued
 //! reports, and acquisition claims runnable jobs, with `FOR UPDATE SKIP LOCKED`, so two replicas
-//! running either at once take disjoint rows. A claimed row is re-checked against its latest
-//! committed version before it is locked, so a report assigned (or a job leased) by a
-//! transaction that committed after this one's snapshot is never taken twice.
+//! running either at once take disjoint rows. A queued report locked and then found deleted by a
+//! transaction that committed after this one's snapshot is skipped, so no report is taken twice;
+//! reports inserted concurrently are simply left for the next pass.
 
 use std::collections::{HashMap, HashSet};
 
@@ -27,8 +29,8 @@ use crate::{
 };
 
 /// One statement (READ COMMITTED), whatever the batch size: the reports go in as four arrays
-/// unnested into rows, and the primary key turns replays into no-ops that `RETURNING` leaves
-/// out. If any report is new, the first returned row sends the `ReportsStored` wake-up (once).
+/// unnested into rows; the primary key of `report_ids` turns replays into no-ops that
+/// `RETURNING` leaves out, and only the reports it returns are queued. If any report is new, the first returned row sends the `ReportsStored` wake-up (once).
 pub(super) async fn put_reports(
     store: &PostgresDatastore,
     reports: &[NewReport],
@@ -58,13 +60,20 @@ pub(super) async fn put_reports(
     }
     let rows = sqlx::query(
         "-- put_reports\n\
-         WITH inserted AS ( \
-           INSERT INTO reports (task_id, report_id, client_time, payload) \
-           SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[], $4::bytea[]) \
-           ON CONFLICT DO NOTHING RETURNING task_id, report_id) \
+         WITH fresh AS ( \
+           INSERT INTO report_ids (task_id, report_id, client_time) \
+           SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[]) \
+           ON CONFLICT DO NOTHING RETURNING task_id, report_id), \
+         queued AS ( \
+           INSERT INTO report_queue (task_id, client_time, report_id, payload) \
+           SELECT u.task_id, u.client_time, u.report_id, u.payload \
+           FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[], $4::bytea[]) \
+             AS u(task_id, report_id, client_time, payload) \
+           JOIN fresh ON fresh.task_id = u.task_id AND fresh.report_id = u.report_id \
+           RETURNING task_id, report_id) \
          SELECT task_id, report_id, \
            CASE WHEN row_number() OVER () = 1 THEN pg_notify($5, $6)::text END AS woke \
-         FROM inserted",
+         FROM queued",
     )
     .bind(&task_ids)
     .bind(&report_ids)
@@ -88,10 +97,10 @@ pub(super) async fn put_reports(
         .collect())
 }
 
-/// READ COMMITTED plus `FOR UPDATE SKIP LOCKED` on the reports a job takes: concurrent creators
-/// skip each other's claimed reports (never waiting, so never deadlocking), and each claimed
-/// report is re-checked to be still unassigned before it is taken. One statement per job
-/// claims up to `max_job_size` reports and inserts the job row.
+/// READ COMMITTED plus `FOR UPDATE SKIP LOCKED` on the queued reports a job takes: concurrent
+/// creators skip each other's claimed reports (never waiting, so never deadlocking). One
+/// statement per job deletes up to `max_job_size` reports from the queue and inserts the job row
+/// holding them.
 pub(super) async fn create_aggregation_jobs(
     store: &PostgresDatastore,
     max_job_size: usize,
@@ -103,16 +112,16 @@ pub(super) async fn create_aggregation_jobs(
     let now = to_i64(now.0, "time")?;
     let job_size = limit_i64(max_job_size);
     let mut tx = store.begin().await?;
-    // The tasks that have unassigned reports, read as a skip scan of `reports_unassigned` (one
-    // index probe per task, not one row per pending report).
+    // The tasks that have queued reports, read as a skip scan of `report_queue_order` (one index
+    // probe per task, not one row per queued report).
     let task_rows = sqlx::query(
         "-- create_aggregation_jobs\n\
          WITH RECURSIVE pending (task_id) AS ( \
-           (SELECT task_id FROM reports WHERE job_id IS NULL ORDER BY task_id LIMIT 1) \
+           (SELECT task_id FROM report_queue ORDER BY task_id LIMIT 1) \
            UNION ALL \
-           SELECT (SELECT r.task_id FROM reports r \
-                   WHERE r.job_id IS NULL AND r.task_id > pending.task_id \
-                   ORDER BY r.task_id LIMIT 1) \
+           SELECT (SELECT q.task_id FROM report_queue q \
+                   WHERE q.task_id > pending.task_id \
+                   ORDER BY q.task_id LIMIT 1) \
            FROM pending WHERE pending.task_id IS NOT NULL) \
          SELECT task_id FROM pending WHERE task_id IS NOT NULL",
     )
@@ -127,18 +136,18 @@ pub(super) async fn create_aggregation_jobs(
             let job = sqlx::query(
                 "-- create_aggregation_jobs\n\
                  WITH claimed AS ( \
-                   SELECT report_id FROM reports \
-                   WHERE task_id = $1 AND job_id IS NULL \
-                   ORDER BY client_time, report_id LIMIT $2 \
-                   FOR UPDATE SKIP LOCKED), \
-                 assigned AS ( \
-                   UPDATE reports SET job_id = $3 FROM claimed \
-                   WHERE reports.task_id = $1 AND reports.report_id = claimed.report_id \
-                     AND reports.job_id IS NULL \
-                   RETURNING 1) \
+                   DELETE FROM report_queue WHERE ctid = ANY(ARRAY( \
+                     SELECT ctid FROM report_queue WHERE task_id = $1 \
+                     ORDER BY client_time, report_id LIMIT $2 \
+                     FOR UPDATE SKIP LOCKED)) \
+                   RETURNING client_time, report_id, payload) \
                  INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, created_at, \
-                   retry_at) \
-                 SELECT $1, $3, 'active', COUNT(*), $4, $4 FROM assigned HAVING COUNT(*) > 0 \
+                   retry_at, report_ids, client_times, payloads) \
+                 SELECT $1, $3, 'active', COUNT(*), $4, $4, \
+                   array_agg(report_id ORDER BY client_time, report_id), \
+                   array_agg(client_time ORDER BY client_time, report_id), \
+                   array_agg(payload ORDER BY client_time, report_id) \
+                 FROM claimed HAVING COUNT(*) > 0 \
                  RETURNING report_count",
             )
             .bind(&task_id[..])
@@ -169,8 +178,8 @@ pub(super) async fn create_aggregation_jobs(
 }
 
 /// READ COMMITTED plus `FOR UPDATE SKIP LOCKED` on the jobs leased: a replica leasing at the same
-/// time skips them, and one leasing after this commits sees the new lease. Three statements
-/// whatever the number of jobs: pick, lease, read the jobs' reports.
+/// time skips them, and one leasing after this commits sees the new lease. Two statements
+/// whatever the number of jobs: pick, then lease and read the jobs' reports.
 pub(super) async fn acquire_aggregation_jobs(
     store: &PostgresDatastore,
     now: Time,
@@ -216,7 +225,8 @@ pub(super) async fn acquire_aggregation_jobs(
          SET lease_token = u.token, lease_expiry = $4, lease_attempts = j.lease_attempts + 1 \
          FROM UNNEST($1::bytea[], $2::bytea[], $3::bytea[]) AS u(task_id, job_id, token) \
          WHERE j.task_id = u.task_id AND j.job_id = u.job_id \
-         RETURNING j.task_id, j.job_id, j.lease_token, j.lease_attempts",
+         RETURNING j.task_id, j.job_id, j.lease_token, j.lease_attempts, \
+           j.report_ids, j.client_times, j.payloads",
     )
     .bind(&task_ids)
     .bind(&job_ids)
@@ -224,54 +234,69 @@ pub(super) async fn acquire_aggregation_jobs(
     .bind(clamp_i64(expiry.0))
     .fetch_all(&mut *tx)
     .await?;
-    let mut leases: HashMap<([u8; 32], [u8; 16]), Lease> = HashMap::with_capacity(leased.len());
-    for row in &leased {
-        leases.insert(
-            (col_array(row, "task_id")?, col_array(row, "job_id")?),
-            Lease {
-                token: col_array(row, "lease_token")?,
-                expiry,
-                attempts: col_u32(row, "lease_attempts")?,
-            },
-        );
-    }
-    let report_rows = sqlx::query(
-        "-- acquire_aggregation_jobs\n\
-         SELECT task_id, job_id, report_id, client_time, payload FROM reports \
-         WHERE (task_id, job_id) IN (SELECT * FROM UNNEST($1::bytea[], $2::bytea[])) \
-           AND payload IS NOT NULL \
-         ORDER BY task_id, job_id, client_time, report_id",
-    )
-    .bind(&task_ids)
-    .bind(&job_ids)
-    .fetch_all(&mut *tx)
-    .await?;
     tx.commit().await?;
-    let mut reports: HashMap<([u8; 32], [u8; 16]), Vec<JobReport>> = HashMap::new();
-    for row in &report_rows {
-        reports
-            .entry((col_array(row, "task_id")?, col_array(row, "job_id")?))
-            .or_default()
-            .push(JobReport {
-                report_id: ReportId(col_array(row, "report_id")?),
-                time: Time(col_u64(row, "client_time")?),
-                encoded: col(row, "payload")?,
-            });
+    let mut leased_jobs: HashMap<([u8; 32], [u8; 16]), (Lease, Vec<JobReport>)> =
+        HashMap::with_capacity(leased.len());
+    for row in &leased {
+        let lease = Lease {
+            token: col_array(row, "lease_token")?,
+            expiry,
+            attempts: col_u32(row, "lease_attempts")?,
+        };
+        leased_jobs.insert(
+            (col_array(row, "task_id")?, col_array(row, "job_id")?),
+            (lease, job_reports(row)?),
+        );
     }
     // In the order picked: the longest-waiting jobs first.
     let mut acquired = Vec::with_capacity(order.len());
     for key in order {
-        let lease = leases
+        let (lease, reports) = leased_jobs
             .remove(&key)
             .ok_or_else(|| StoreError::Database("a picked job was not leased".into()))?;
         acquired.push(AcquiredAggregationJob {
             task_id: TaskId(key.0),
             job_id: AggregationJobId(key.1),
-            reports: reports.remove(&key).unwrap_or_default(),
+            reports,
             lease,
         });
     }
     Ok(acquired)
+}
+
+/// The reports an active job row carries, from its three parallel arrays.
+fn job_reports(row: &sqlx::postgres::PgRow) -> Result<Vec<JobReport>, StoreError> {
+    let report_ids: Option<Vec<Vec<u8>>> = col(row, "report_ids")?;
+    let times: Option<Vec<i64>> = col(row, "client_times")?;
+    let payloads: Option<Vec<Vec<u8>>> = col(row, "payloads")?;
+    let (report_ids, times, payloads) = (
+        report_ids.unwrap_or_default(),
+        times.unwrap_or_default(),
+        payloads.unwrap_or_default(),
+    );
+    if report_ids.len() != times.len() || report_ids.len() != payloads.len() {
+        return Err(StoreError::Corrupt(
+            "an aggregation job's report arrays differ in length".into(),
+        ));
+    }
+    report_ids
+        .into_iter()
+        .zip(times)
+        .zip(payloads)
+        .map(|((id, time), encoded)| {
+            Ok(JobReport {
+                report_id: ReportId(id.try_into().map_err(|_| {
+                    StoreError::Corrupt("a stored report ID is not 16 bytes".into())
+                })?),
+                time: Time(
+                    u64::try_from(time).map_err(|_| {
+                        StoreError::Corrupt("a stored report time is negative".into())
+                    })?,
+                ),
+                encoded,
+            })
+        })
+        .collect()
 }
 
 /// Takes the job's row lock by updating it only if the lease is still ours; a concurrent
@@ -295,20 +320,6 @@ async fn end_lease(
     Ok(())
 }
 
-/// Drops the payloads of a job's reports: they count as aggregated from now on.
-async fn drop_payloads(
-    conn: &mut PgConnection,
-    sql: &'static str,
-    job: &AcquiredAggregationJob,
-) -> Result<(), TxError> {
-    sqlx::query(sql)
-        .bind(&job.task_id.0[..])
-        .bind(&job.job_id.0[..])
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// READ COMMITTED plus the job's row lock (held from the lease check to commit) and the merged
 /// buckets' row locks. Sends the `CollectionWorkReady` wake-up.
 pub(super) async fn finish_aggregation_job(
@@ -321,21 +332,14 @@ pub(super) async fn finish_aggregation_job(
     end_lease(
         &mut tx,
         "-- finish_aggregation_job\n\
-         UPDATE aggregation_jobs SET state = 'finished', lease_token = NULL, lease_expiry = 0 \
+         UPDATE aggregation_jobs SET state = 'finished', lease_token = NULL, lease_expiry = 0, \
+           report_ids = NULL, client_times = NULL, payloads = NULL \
          WHERE task_id = $1 AND job_id = $2 AND state = 'active' AND lease_token = $3",
         job,
         None,
     )
     .await?;
     merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
-    drop_payloads(
-        &mut tx,
-        "-- finish_aggregation_job\n\
-         UPDATE reports SET payload = NULL \
-         WHERE task_id = $1 AND job_id = $2 AND payload IS NOT NULL",
-        job,
-    )
-    .await?;
     notify::notify(
         &mut tx,
         "-- finish_aggregation_job\nSELECT pg_notify($1, $2)",
@@ -373,18 +377,11 @@ pub(super) async fn abandon_aggregation_job(
     end_lease(
         &mut tx,
         "-- abandon_aggregation_job\n\
-         UPDATE aggregation_jobs SET state = 'abandoned', lease_token = NULL, lease_expiry = 0 \
+         UPDATE aggregation_jobs SET state = 'abandoned', lease_token = NULL, lease_expiry = 0, \
+           report_ids = NULL, client_times = NULL, payloads = NULL \
          WHERE task_id = $1 AND job_id = $2 AND state = 'active' AND lease_token = $3",
         job,
         None,
-    )
-    .await?;
-    drop_payloads(
-        &mut tx,
-        "-- abandon_aggregation_job\n\
-         UPDATE reports SET payload = NULL \
-         WHERE task_id = $1 AND job_id = $2 AND payload IS NOT NULL",
-        job,
     )
     .await?;
     notify::notify(
@@ -396,8 +393,8 @@ pub(super) async fn abandon_aggregation_job(
     Ok(tx.commit().await?)
 }
 
-/// One statement over the partial index `reports_pending`: unassigned reports and reports of
-/// unfinished jobs are exactly those that still have a payload.
+/// One statement: the task's queued reports in the interval (through `report_queue_order`) plus
+/// those its active jobs hold (through `aggregation_jobs_active`).
 pub(super) async fn count_unaggregated_reports(
     store: &PostgresDatastore,
     task_id: &TaskId,
@@ -405,8 +402,10 @@ pub(super) async fn count_unaggregated_reports(
 ) -> Result<u64, TxError> {
     let row = sqlx::query(
         "-- count_unaggregated_reports\n\
-         SELECT COUNT(*) AS n FROM reports \
-         WHERE task_id = $1 AND payload IS NOT NULL AND client_time >= $2 AND client_time < $3",
+         SELECT (SELECT COUNT(*) FROM report_queue \
+                 WHERE task_id = $1 AND client_time >= $2 AND client_time < $3) \
+              + (SELECT COUNT(*) FROM aggregation_jobs AS j, UNNEST(j.client_times) AS t \
+                 WHERE j.task_id = $1 AND j.state = 'active' AND t >= $2 AND t < $3) AS n",
     )
     .bind(&task_id.0[..])
     .bind(clamp_i64(interval.start.0))

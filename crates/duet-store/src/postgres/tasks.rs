@@ -83,7 +83,8 @@ pub(super) async fn list_tasks(store: &PostgresDatastore) -> Result<Vec<Task>, T
 /// One statement per role removing a task and everything under it ($1: role, $2: task ID); the
 /// data-modifying CTEs run to completion whether or not their output is read.
 const DELETE_LEADER_TASK: &str = "-- delete_task\n\
-     WITH reports_gone AS (DELETE FROM reports WHERE task_id = $2), \
+     WITH ids_gone AS (DELETE FROM report_ids WHERE task_id = $2), \
+          queue_gone AS (DELETE FROM report_queue WHERE task_id = $2), \
           jobs_gone AS (DELETE FROM aggregation_jobs WHERE task_id = $2), \
           collections_gone AS (DELETE FROM collection_jobs WHERE task_id = $2), \
           aggregations_gone AS (DELETE FROM batch_aggregations WHERE role = $1 AND task_id = $2) \
