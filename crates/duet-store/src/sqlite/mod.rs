@@ -33,8 +33,10 @@ use crate::{
 
 /// How long a statement waits for the write lock before failing.
 const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(10);
-/// Connections in the pool (readers run in parallel; writers queue on SQLite's lock).
+/// Connections in the read pool (readers run in parallel). Writes have a connection of their own.
 const MAX_CONNECTIONS: u32 = 8;
+/// Bytes of the database file read through a memory map instead of `pread` copies.
+const MMAP_SIZE: &str = "1073741824";
 /// Bound parameters per statement in bulk statements; well under SQLite's limit (32766 since
 /// 3.32, 999 before).
 const MAX_BIND_PARAMS: usize = 900;
@@ -47,7 +49,12 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// A [`Datastore`] over one SQLite database file, bound to one aggregator role.
 #[derive(Clone, Debug)]
 pub struct SqliteDatastore {
+    /// Reads outside write transactions.
     pool: SqlitePool,
+    /// The one connection that writes: SQLite has one writer at a time anyway, and a connection
+    /// that no other connection of this process writes behind keeps its page cache across
+    /// transactions (a write by another connection empties every other connection's cache).
+    writer: SqlitePool,
     role: AggregatorRole,
     /// Serializes this process's write transactions. SQLite allows one writer at a time, and a
     /// writer that finds the lock taken sleeps in SQLite's busy handler (milliseconds at a
@@ -112,17 +119,31 @@ impl SqliteDatastore {
             .pragma("wal_autocheckpoint", "16384")
             // A 64 MiB page cache per connection keeps the working set of the hot tables.
             .pragma("cache_size", "-65536")
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            .pragma("mmap_size", MMAP_SIZE);
         // An in-memory database is shared between connections through SQLite's shared cache,
         // whose table locks don't wait on the busy timeout: one connection avoids them.
         let pool = SqlitePoolOptions::new()
             .max_connections(if in_memory { 1 } else { MAX_CONNECTIONS })
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(db)?;
         run_migrations(&pool).await?;
+        let writer = if in_memory {
+            pool.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(options)
+                .await
+                .map_err(db)?
+        };
         Ok(SqliteDatastore {
             pool,
+            writer,
             role: AggregatorRole::Leader,
             write_lock: Arc::new(tokio::sync::Mutex::new(())),
         })
@@ -132,6 +153,7 @@ impl SqliteDatastore {
     pub fn with_role(&self, role: AggregatorRole) -> SqliteDatastore {
         SqliteDatastore {
             pool: self.pool.clone(),
+            writer: self.writer.clone(),
             role,
             write_lock: Arc::clone(&self.write_lock),
         }
@@ -144,6 +166,7 @@ impl SqliteDatastore {
 
     /// Closes the pool (all handles on it), waiting for connections to finish.
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 
@@ -158,7 +181,11 @@ impl SqliteDatastore {
     /// Starts a write transaction holding SQLite's write lock from its first statement.
     async fn begin_write(&self) -> Result<WriteTx, StoreError> {
         let lock = Arc::clone(&self.write_lock).lock_owned().await;
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+        let tx = self
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db)?;
         Ok(WriteTx { tx, _lock: lock })
     }
 }
