@@ -2,8 +2,16 @@
 //! collector, the Leader and the Helper being two `aggregator` processes) driven through the
 //! sequence of draft-dcook-ppm-dap-interop-test-design-07 ("Test Runner Operation"), with the
 //! VDAFs, measurements and JSON shapes of Janus 0.7's interop end-to-end test.
+//!
+//! Mixed pairs (a Duet Leader with another implementation's Helper, and the reverse) run when
+//! `DUET_INTEROP_PEER_AGGREGATOR` names a command that starts a peer's interop aggregator, with
+//! `{port}` standing for the loopback port it must listen on, for example
+//! `DUET_INTEROP_PEER_AGGREGATOR="/opt/janus/run-interop-aggregator.sh {port}"`. The command
+//! runs in its own process group, which is killed when the test ends. Without the variable those
+//! two tests say so and pass.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -23,6 +31,9 @@ struct Role {
     child: Child,
     /// `http://127.0.0.1:PORT`, no trailing slash.
     url: String,
+    /// Whether the child leads a process group of its own (a peer's launcher and what it
+    /// started), to be killed as a whole.
+    group: bool,
 }
 
 impl Role {
@@ -54,6 +65,7 @@ impl Role {
         let mut role = Role {
             child,
             url: String::new(),
+            group: false,
         };
         let first = rx
             .recv_timeout(Duration::from_secs(30))
@@ -66,11 +78,67 @@ impl Role {
     }
 }
 
+impl Role {
+    /// Starts a peer's interop aggregator from `template` (a command line in which `{port}` is
+    /// replaced by a free loopback port), in a process group of its own.
+    fn spawn_peer(name: &'static str, template: &str) -> Role {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("find a free port")
+            .port();
+        let command = template.replace("{port}", &port.to_string());
+        let mut child = Command::new("sh")
+            .args(["-c", &command])
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name} ({command}): {e}"));
+        let (stdout, stderr) = (
+            child.stdout.take().expect("piped stdout"),
+            child.stderr.take().expect("piped stderr"),
+        );
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                eprintln!("[{name}] {line}");
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[{name}] {line}");
+            }
+        });
+        Role {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            group: true,
+        }
+    }
+}
+
 impl Drop for Role {
     fn drop(&mut self) {
+        if self.group {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Which aggregator processes a deployment runs.
+enum Aggregators {
+    /// Two Duet aggregators.
+    Duet,
+    /// One Duet aggregator, the Leader and Helper of every task.
+    OneDuet,
+    /// A Duet Leader and a peer's Helper, started from this command template.
+    DuetLeaderPeerHelper(String),
+    /// A peer's Leader, started from this command template, and a Duet Helper.
+    PeerLeaderDuetHelper(String),
 }
 
 /// The four processes, the aggregators on databases in a directory removed on drop.
@@ -86,18 +154,29 @@ struct Deployment {
 
 impl Deployment {
     async fn start() -> Deployment {
-        Self::start_with(true).await
+        Self::start_with(Aggregators::Duet).await
     }
 
-    async fn start_with(separate_helper: bool) -> Deployment {
+    async fn start_with(aggregators: Aggregators) -> Deployment {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = |name: &str| dir.path().join(name).display().to_string();
         let (leader_db, helper_db) = (db("leader.sqlite"), db("helper.sqlite"));
+        let duet_leader = || Role::spawn("leader", "aggregator", &["--db", &leader_db]);
+        let duet_helper = || Role::spawn("helper", "aggregator", &["--db", &helper_db]);
+        let (leader, helper) = match &aggregators {
+            Aggregators::Duet => (duet_leader(), Some(duet_helper())),
+            Aggregators::OneDuet => (duet_leader(), None),
+            Aggregators::DuetLeaderPeerHelper(peer) => {
+                (duet_leader(), Some(Role::spawn_peer("peer helper", peer)))
+            }
+            Aggregators::PeerLeaderDuetHelper(peer) => {
+                (Role::spawn_peer("peer leader", peer), Some(duet_helper()))
+            }
+        };
         let d = Deployment {
             client: Role::spawn("client", "client", &[]),
-            leader: Role::spawn("leader", "aggregator", &["--db", &leader_db]),
-            helper: separate_helper
-                .then(|| Role::spawn("helper", "aggregator", &["--db", &helper_db])),
+            leader,
+            helper,
             collector: Role::spawn("collector", "collector", &[]),
             http: reqwest::Client::new(),
             _dir: dir,
@@ -114,7 +193,8 @@ impl Deployment {
 
     /// Retries `/internal/test/ready` until it answers 200 with `{}`.
     async fn await_ready(&self, role: &Role) {
-        for _ in 0..100 {
+        // A peer may need a while to set up its own database.
+        for _ in 0..600 {
             let url = format!("{}/internal/test/ready", role.url);
             if let Ok(resp) = self.http.post(url).body("{}").send().await {
                 if resp.status() == 200 {
@@ -353,7 +433,7 @@ async fn four_duet_roles_aggregate_every_vdaf() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_aggregator_process_can_be_leader_and_helper_of_a_task() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let d = Deployment::start_with(false).await;
+        let d = Deployment::start_with(Aggregators::OneDuet).await;
         let buckets = strings(&["3", "0", "3"]);
         let answer = d
             .run(
@@ -497,4 +577,80 @@ async fn errors_are_reported_in_the_api_shape() {
     })
     .await
     .expect("the error checks timed out");
+}
+
+/// The peer aggregator command from `DUET_INTEROP_PEER_AGGREGATOR`, or `None` (with a message).
+fn peer_aggregator(test: &str) -> Option<String> {
+    match std::env::var("DUET_INTEROP_PEER_AGGREGATOR") {
+        Ok(command) if command.contains("{port}") => Some(command),
+        Ok(command) => panic!("DUET_INTEROP_PEER_AGGREGATOR must contain {{port}}: {command}"),
+        Err(_) => {
+            println!(
+                "skipping {test}: DUET_INTEROP_PEER_AGGREGATOR does not name a peer's interop \
+                 aggregator (see this file's header)"
+            );
+            None
+        }
+    }
+}
+
+/// Every VDAF of Janus's interop test, through whichever pair of aggregators `d` runs.
+async fn every_vdaf(d: &Deployment) {
+    let counts = strings(&["1", "0", "1", "1", "0", "1", "1", "0", "0", "1"]);
+    let answer = d.run(json!({"type": "Prio3Count"}), &counts).await;
+    assert_eq!(answer["result"], json!("6"));
+
+    let sums = strings(&["0", "10", "9", "21", "8", "12", "14"]);
+    let answer = d.run(json!({"type": "Prio3Sum", "bits": "8"}), &sums).await;
+    assert_eq!(answer["result"], json!("74"));
+
+    let vectors = [
+        json!(["0", "0", "0", "10"]),
+        json!(["0", "0", "10", "0"]),
+        json!(["0", "10", "0", "0"]),
+        json!(["10", "0", "0", "0"]),
+        json!(["1", "2", "3", "4"]),
+    ];
+    let answer = d
+        .run(
+            json!({"type": "Prio3SumVec", "bits": "8", "length": "4", "chunk_length": "12"}),
+            &vectors,
+        )
+        .await;
+    assert_eq!(answer["result"], json!(["11", "12", "13", "14"]));
+
+    let buckets = strings(&["0", "1", "2", "3", "4", "5", "5", "2"]);
+    let answer = d
+        .run(
+            json!({"type": "Prio3Histogram", "length": "6", "chunk_length": "2"}),
+            &buckets,
+        )
+        .await;
+    assert_eq!(answer["result"], json!(["1", "1", "2", "1", "1", "2"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duet_leader_with_peer_helper() {
+    let Some(peer) = peer_aggregator("duet_leader_with_peer_helper") else {
+        return;
+    };
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let d = Deployment::start_with(Aggregators::DuetLeaderPeerHelper(peer)).await;
+        every_vdaf(&d).await;
+    })
+    .await
+    .expect("the mixed run timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_leader_with_duet_helper() {
+    let Some(peer) = peer_aggregator("peer_leader_with_duet_helper") else {
+        return;
+    };
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let d = Deployment::start_with(Aggregators::PeerLeaderDuetHelper(peer)).await;
+        every_vdaf(&d).await;
+    })
+    .await
+    .expect("the mixed run timed out");
 }

@@ -177,6 +177,9 @@ pub(super) async fn create_aggregation_jobs(
     Ok(created)
 }
 
+/// An aggregation job's key: task ID and job ID.
+type JobKey = ([u8; 32], [u8; 16]);
+
 /// READ COMMITTED plus `FOR UPDATE SKIP LOCKED` on the jobs leased: a replica leasing at the same
 /// time skips them, and one leasing after this commits sees the new lease. Two statements
 /// whatever the number of jobs: pick, then lease and read the jobs' reports.
@@ -235,7 +238,7 @@ pub(super) async fn acquire_aggregation_jobs(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    let mut leased_jobs: HashMap<([u8; 32], [u8; 16]), (Lease, Vec<JobReport>)> =
+    let mut leased_jobs: HashMap<JobKey, (Lease, Vec<JobReport>)> =
         HashMap::with_capacity(leased.len());
     for row in &leased {
         let lease = Lease {
