@@ -22,6 +22,10 @@ pub struct AggregatorConfig {
     pub max_concurrent_jobs: usize,
     /// Attempts before a failing job is abandoned.
     pub max_job_attempts: u32,
+    /// Whether this process runs the Leader's job creator and its aggregation and collection
+    /// drivers. Off, it only serves the API (uploads are stored, collection jobs are accepted)
+    /// and leaves the jobs to replicas on the same database that have it on.
+    pub run_jobs: bool,
 }
 
 impl Default for AggregatorConfig {
@@ -35,6 +39,7 @@ impl Default for AggregatorConfig {
             upload_queue_capacity: 50_000,
             max_concurrent_jobs: 4,
             max_job_attempts: 10,
+            run_jobs: true,
         }
     }
 }

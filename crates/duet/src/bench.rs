@@ -3,12 +3,15 @@
 //! For each backend and VDAF it measures, in one run:
 //! * the *floor*: single-threaded CPU per report of the Leader's and the Helper's cryptography
 //!   (HPKE open, VDAF preparation, accumulation), on pre-generated reports;
-//! * *upload*: reports/s the Leader accepts over HTTP from `--concurrency` connections;
-//! * *end to end*: from the first upload to a finished collection, and the latency from the
-//!   last upload to the finished collection;
-//! * the server process's peak RSS.
+//! * *upload*: reports/s the Leader accepts over HTTP from `--concurrency` connections, on its
+//!   own: the reports go to a server that runs no jobs (`run_jobs = false`), and are then
+//!   deleted again;
+//! * *end to end*: the same reports uploaded to a full server, from the first upload to a
+//!   finished collection, with the rate uploads were accepted at meanwhile, and the latency from
+//!   the last upload to the finished collection;
+//! * the full server process's peak RSS.
 //!
-//! The server runs as a child `duet serve` process (Leader and Helper, one database), so its
+//! The servers run as child `duet serve` processes (Leader and Helper, one database), so their
 //! memory is measured alone. Report generation is not timed.
 
 use std::io::{BufRead, BufReader};
@@ -114,6 +117,7 @@ struct Run {
     helper_cpu_us_per_report: f64,
     floor_reports_per_s: f64,
     upload_reports_per_s: f64,
+    upload_while_aggregating_reports_per_s: f64,
     end_to_end_reports_per_s: f64,
     ratio: f64,
     collect_latency_s: f64,
@@ -147,12 +151,14 @@ fn peak_rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn start_server(dir: &Path, database: &str) -> Result<(ServerProcess, String)> {
+/// Starts `duet serve` (Leader at `/leader/`, Helper at `/helper/`) on `database`; with `jobs`
+/// off, the Leader only serves its API.
+fn start_server(dir: &Path, database: &str, jobs: bool) -> Result<(ServerProcess, String)> {
     let config = dir.join("bench.toml");
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\ndatabase = \"{database}\"\n[leader]\npath_prefix = \"/leader\"\n[helper]\npath_prefix = \"/helper\"\n"
+            "listen = \"127.0.0.1:0\"\ndatabase = \"{database}\"\n[leader]\npath_prefix = \"/leader\"\n[helper]\npath_prefix = \"/helper\"\n[aggregator]\nrun_jobs = {jobs}\n"
         ),
     )?;
     let exe = std::env::current_exe().context("cannot find the duet executable")?;
@@ -307,6 +313,58 @@ fn floor(
     ))
 }
 
+/// Uploads every body to `url` over `concurrency` connections, with a progress bar; returns the
+/// seconds it took. Any refused upload fails the run.
+async fn upload_all(
+    http: &reqwest::Client,
+    url: &url::Url,
+    bodies: &[bytes::Bytes],
+    concurrency: usize,
+    label: &'static str,
+) -> Result<f64> {
+    let bodies: Arc<Vec<bytes::Bytes>> = Arc::new(bodies.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let pb = crate::upload::progress_bar(bodies.len() as u64, label);
+    let t0 = now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (http, url, next, bodies, pb) = (
+            http.clone(),
+            url.clone(),
+            Arc::clone(&next),
+            Arc::clone(&bodies),
+            pb.clone(),
+        );
+        workers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else {
+                    return Ok::<(), anyhow::Error>(());
+                };
+                let resp = http
+                    .put(url.clone())
+                    .header("content-type", media_type::REPORT)
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                if !resp.status().is_success() {
+                    bail!(
+                        "upload {i} failed: {} {}",
+                        resp.status(),
+                        resp.text().await.unwrap_or_default()
+                    );
+                }
+                pb.inc(1);
+            }
+        });
+    }
+    while let Some(r) = workers.join_next().await {
+        r??;
+    }
+    pb.finish_and_clear();
+    Ok(t0.elapsed().as_secs_f64())
+}
+
 async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run> {
     let vdaf = which.instance();
     let dir = tempfile::tempdir()?;
@@ -320,7 +378,9 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     if args.history > 0 {
         add_history(&database, args.history).await?;
     }
-    let (server, base) = start_server(dir.path(), &database)?;
+    // The uploads-only server first: the task names it, and the client reads the HPKE configs
+    // from it (both servers share the database, so the keys are the same).
+    let (api_server, base) = start_server(dir.path(), &database, false)?;
     let leader_url = format!("{base}/leader/");
     let helper_url = format!("{base}/helper/");
 
@@ -339,9 +399,12 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     let leader_store = crate::db::open(&database, AggregatorRole::Leader).await?;
     let helper_store = crate::db::open(&database, AggregatorRole::Helper).await?;
     leader_store.put_task(&task).await?;
-    let mut helper_task = task.clone();
-    helper_task.collector_auth_token = None;
-    helper_store.put_task(&helper_task).await?;
+    let helper_task = |task: &duet_core::Task| {
+        let mut t = task.clone();
+        t.collector_auth_token = None;
+        t
+    };
+    helper_store.put_task(&helper_task(&task)).await?;
     let params = task.to_parameters();
     let client = Arc::new(crate::upload::client_for(&params).await?);
 
@@ -387,55 +450,37 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     let (leader_cpu, helper_cpu, hpke_open) = floor(&task, &leader_key, &helper_key, sample)?;
     let floor_rate = threads as f64 / (leader_cpu + helper_cpu);
 
-    // Upload and aggregate.
-    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(reports.iter().map(Encode::get_encoded).collect());
-    let start_time = RealClock.now();
+    let bodies: Vec<bytes::Bytes> = reports
+        .iter()
+        .map(|r| bytes::Bytes::from(r.get_encoded()))
+        .collect();
     drop(reports);
     let http = reqwest::Client::new();
+
+    // Uploads alone, then forget them.
     let url = task
         .leader_endpoint
         .join(&format!("tasks/{}/reports", task.id))?;
-    let next = Arc::new(AtomicUsize::new(0));
-    let pb = crate::upload::progress_bar(n as u64, "uploading");
+    let upload_alone_s = upload_all(&http, &url, &bodies, args.concurrency, "uploading").await?;
+    drop(api_server);
+    leader_store.delete_task(&task.id).await?;
+    helper_store.delete_task(&task.id).await?;
+
+    // The same reports, end to end, through a full server.
+    let (server, base) = start_server(dir.path(), &database, true)?;
+    let mut task = task;
+    task.leader_endpoint = format!("{base}/leader/").parse()?;
+    task.helper_endpoint = format!("{base}/helper/").parse()?;
+    leader_store.put_task(&task).await?;
+    helper_store.put_task(&helper_task(&task)).await?;
+    let url = task
+        .leader_endpoint
+        .join(&format!("tasks/{}/reports", task.id))?;
+    let start_time = RealClock.now();
     let t0 = now();
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..args.concurrency.max(1) {
-        let (http, url, next, bodies, pb) = (
-            http.clone(),
-            url.clone(),
-            Arc::clone(&next),
-            Arc::clone(&bodies),
-            pb.clone(),
-        );
-        workers.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(body) = bodies.get(i) else {
-                    return Ok::<(), anyhow::Error>(());
-                };
-                let resp = http
-                    .put(url.clone())
-                    .header("content-type", media_type::REPORT)
-                    .body(body.clone())
-                    .send()
-                    .await?;
-                if !resp.status().is_success() {
-                    bail!(
-                        "upload {i} failed: {} {}",
-                        resp.status(),
-                        resp.text().await.unwrap_or_default()
-                    );
-                }
-                pb.inc(1);
-            }
-        });
-    }
-    while let Some(r) = workers.join_next().await {
-        r??;
-    }
-    let upload_s = t0.elapsed().as_secs_f64();
-    pb.finish_and_clear();
+    let upload_s = upload_all(&http, &url, &bodies, args.concurrency, "end to end").await?;
     let end_time = RealClock.now();
+    let params = task.to_parameters();
 
     let t1 = now();
     let collector = crate::collect::collector_for(&params, collector_key)?;
@@ -473,7 +518,8 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         leader_cpu_us_per_report: leader_cpu * 1e6,
         helper_cpu_us_per_report: helper_cpu * 1e6,
         floor_reports_per_s: floor_rate,
-        upload_reports_per_s: n as f64 / upload_s,
+        upload_reports_per_s: n as f64 / upload_alone_s,
+        upload_while_aggregating_reports_per_s: n as f64 / upload_s,
         end_to_end_reports_per_s: e2e,
         ratio: e2e / floor_rate,
         collect_latency_s: latency,
@@ -512,7 +558,7 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
         println!("{}", serde_json::json!({ "runs": runs }));
     } else {
         println!(
-            "{:<8} {:<20} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>9}",
+            "{:<8} {:<20} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>8} {:>9}",
             "backend",
             "vdaf",
             "reports",
@@ -521,6 +567,7 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
             "helper µs",
             "floor/s",
             "upload/s",
+            "upl+agg/s",
             "e2e/s",
             "ratio",
             "latency",
@@ -528,7 +575,7 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
         );
         for r in &runs {
             println!(
-                "{:<8} {:<20} {:>8} {:>8.1} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>6.2} {:>7.2}s {:>7.0}MB",
+                "{:<8} {:<20} {:>8} {:>8.1} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>6.2} {:>7.2}s {:>7.0}MB",
                 r.backend,
                 r.vdaf,
                 r.reports,
@@ -537,6 +584,7 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
                 r.helper_cpu_us_per_report,
                 r.floor_reports_per_s,
                 r.upload_reports_per_s,
+                r.upload_while_aggregating_reports_per_s,
                 r.end_to_end_reports_per_s,
                 r.ratio,
                 r.collect_latency_s,

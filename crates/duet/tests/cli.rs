@@ -295,3 +295,61 @@ fn serve_task_upload_collect() {
         "{stderr}"
     );
 }
+
+/// `duet bench --json` on SQLite: one JSON object with every figure of every run. The bench
+/// itself fails if the collected aggregate differs from the sum of the measurements.
+#[test]
+fn bench_prints_one_json_object_with_every_figure() {
+    let out = duet()
+        .env_remove("DATABASE_URL")
+        .args([
+            "bench",
+            "--json",
+            "--reports",
+            "300",
+            "--floor-reports",
+            "20",
+            "--vdaf",
+            "count",
+            "--vdaf",
+            "histogram",
+        ])
+        .output()
+        .expect("run duet bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "exactly one JSON object: {stdout}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let runs = v["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2);
+    for (run, vdaf) in runs.iter().zip(["Prio3Count", "Prio3Histogram(100)"]) {
+        assert_eq!(run["backend"], "sqlite");
+        assert_eq!(run["vdaf"], vdaf);
+        assert_eq!(run["reports"], 300);
+        for rate in [
+            "floor_reports_per_s",
+            "upload_reports_per_s",
+            "upload_while_aggregating_reports_per_s",
+            "end_to_end_reports_per_s",
+            "collect_latency_s",
+            "hpke_open_us",
+        ] {
+            let x = run[rate]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{rate}: {run}"));
+            assert!(x > 0.0 && x.is_finite(), "{rate}: {run}");
+        }
+        let ratio = run["end_to_end_reports_per_s"].as_f64().expect("e2e")
+            / run["floor_reports_per_s"].as_f64().expect("floor");
+        assert!((run["ratio"].as_f64().expect("ratio") - ratio).abs() < 1e-9);
+        assert!(run["peak_rss_bytes"].as_u64().expect("rss") > 1_000_000);
+    }
+}

@@ -461,6 +461,48 @@ async fn leader_replica_killed_mid_aggregation() {
     .await;
 }
 
+/// An API-only Leader replica (`run_jobs = false`) stores uploads and accepts the collection job
+/// but runs no job; a worker replica started later on the same database does the aggregation and
+/// the collection, which the collector then reads through the API replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_replica_leaves_jobs_to_a_worker_replica() {
+    with_fresh_database(
+        "api_replica_leaves_jobs_to_a_worker_replica",
+        |db| async move {
+            const N: usize = 2_000;
+            let started = Instant::now();
+            let dir = tempfile::tempdir().expect("tmp");
+            let helper = Server::start(dir.path(), "helper", "127.0.0.1:0", &db, HELPER_ONLY).await;
+            let api = Server::start_with(
+                dir.path(),
+                "leader-api",
+                "127.0.0.1:0",
+                &db,
+                LEADER_ONLY,
+                "run_jobs = false\n",
+            )
+            .await;
+            let p = provision(
+                dir.path(),
+                &db,
+                &format!("{}/", api.base),
+                &format!("{}/", helper.base),
+            );
+            upload(&[client(&p, &format!("{}/", api.base)).await], 0, N).await;
+            // Many times the job creation delay: a replica that ran jobs would have made some.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(jobs(&db).await.all, 0, "the API replica created jobs");
+
+            let worker =
+                Server::start(dir.path(), "leader-worker", "127.0.0.1:0", &db, LEADER_ONLY).await;
+            collect_and_check(&p, &format!("{}/", api.base), N, &[&api, &worker, &helper]).await;
+            finished_all(&db, started).await;
+            drop((api, worker, helper));
+        },
+    )
+    .await;
+}
+
 /// Uploads `n` reports, kills the Leader and the Helper in the middle of aggregation, restarts
 /// them on the same addresses over the same database, and collects.
 async fn restart_mid_aggregation(db: &str, dir: &Path, separate: bool, n: usize) {

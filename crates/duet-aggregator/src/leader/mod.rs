@@ -69,8 +69,8 @@ impl Leader {
     }
 
     /// Starts the Leader's background tasks (report writer, job creator, aggregation and
-    /// collection drivers, and the forwarder of the store's wake-ups if it has any); they stop
-    /// when `shutdown` turns true.
+    /// collection drivers, and the forwarder of the store's wake-ups if it has any; only the
+    /// report writer when the config's `run_jobs` is off); they stop when `shutdown` turns true.
     pub fn spawn_background(
         self: &Arc<Self>,
         shutdown: watch::Receiver<bool>,
@@ -82,6 +82,9 @@ impl Leader {
                 rx,
                 shutdown.clone(),
             )));
+        }
+        if !self.shared.config.run_jobs {
+            return handles;
         }
         handles.push(tokio::spawn(aggregation::run_job_creator(
             Arc::clone(self),
