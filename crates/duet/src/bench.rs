@@ -129,7 +129,8 @@ fn now() -> std::time::Instant {
     std::time::Instant::now()
 }
 
-/// Kills the server on every exit path.
+/// Kills the server on every exit path. The server also stops by itself when the pipe on its
+/// standard input closes, which happens however this process ends.
 struct ServerProcess(std::process::Child);
 
 impl Drop for ServerProcess {
@@ -163,8 +164,9 @@ fn start_server(dir: &Path, database: &str, jobs: bool) -> Result<(ServerProcess
     )?;
     let exe = std::env::current_exe().context("cannot find the duet executable")?;
     let mut child = std::process::Command::new(exe)
-        .args(["serve", "--config"])
+        .args(["serve", "--exit-on-stdin-eof", "--config"])
         .arg(&config)
+        .stdin(Stdio::piped())
         .env_remove("DUET_DATABASE")
         .env_remove("DUET_LISTEN")
         .stderr(Stdio::piped())

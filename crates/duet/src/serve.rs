@@ -35,6 +35,11 @@ pub struct Args {
     /// The address to listen on; overrides the config's `listen`.
     #[arg(long)]
     listen: Option<String>,
+    /// Also shut down when standard input closes: a parent process that starts this server
+    /// with a pipe on its standard input stops it by closing the pipe, or by exiting, however
+    /// it exits.
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
 }
 
 /// The config file.
@@ -153,10 +158,27 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     )
     .await?;
     eprintln!("duet serving on http://{}", server.local_addr);
-    shutdown_signal().await;
+    if args.exit_on_stdin_eof {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = stdin_closed() => {}
+        }
+    } else {
+        shutdown_signal().await;
+    }
     eprintln!("shutting down");
     server.shutdown().await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Completes when standard input reaches end of file (or fails).
+async fn stdin_closed() {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
 }
 
 async fn shutdown_signal() {
