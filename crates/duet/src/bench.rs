@@ -11,8 +11,10 @@
 //!   the last upload to the finished collection;
 //! * the full server process's peak RSS.
 //!
-//! The servers run as child `duet serve` processes (Leader and Helper, one database), so their
-//! memory is measured alone. Report generation is not timed.
+//! Leader and Helper run as two child `duet serve` processes, as two organisations would run them:
+//! on SQLite each has its own database file; on PostgreSQL they share the `--database` (each
+//! role's rows carry the role). Their memory is measured apart from the bench's. Report
+//! generation is not timed.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -152,15 +154,31 @@ fn peak_rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Starts `duet serve` (Leader at `/leader/`, Helper at `/helper/`) on `database`; with `jobs`
-/// off, the Leader only serves its API.
-fn start_server(dir: &Path, database: &str, jobs: bool) -> Result<(ServerProcess, String)> {
-    let config = dir.join("bench.toml");
+/// Which role a bench server plays.
+#[derive(Clone, Copy)]
+enum ServerRole {
+    /// The Leader at `/leader/`, running its jobs or (`false`) only serving its API.
+    Leader { jobs: bool },
+    /// The Helper at `/helper/`.
+    Helper,
+}
+
+/// Starts `duet serve` in `role` on `database`; returns it and its base URL.
+fn start_server(dir: &Path, database: &str, role: ServerRole) -> Result<(ServerProcess, String)> {
+    let (name, section) = match role {
+        ServerRole::Leader { jobs } => (
+            if jobs { "leader" } else { "leader-api" },
+            format!("[leader]\npath_prefix = \"/leader\"\n[aggregator]\nrun_jobs = {jobs}\n"),
+        ),
+        ServerRole::Helper => (
+            "helper",
+            "[helper]\npath_prefix = \"/helper\"\n".to_string(),
+        ),
+    };
+    let config = dir.join(format!("{name}.toml"));
     std::fs::write(
         &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndatabase = \"{database}\"\n[leader]\npath_prefix = \"/leader\"\n[helper]\npath_prefix = \"/helper\"\n[aggregator]\nrun_jobs = {jobs}\n"
-        ),
+        format!("listen = \"127.0.0.1:0\"\ndatabase = \"{database}\"\n{section}"),
     )?;
     let exe = std::env::current_exe().context("cannot find the duet executable")?;
     let mut child = std::process::Command::new(exe)
@@ -202,11 +220,14 @@ fn generate(vdaf: &VdafInstance, n: usize) -> Vec<Measurement> {
         .collect()
 }
 
-/// Fills the database with `n` already-aggregated reports of another task (through the store's
-/// own job lifecycle), as a long-running deployment would have.
-async fn add_history(database: &str, n: usize) -> Result<()> {
-    use duet_messages::dap09::{ReportId, TaskId, Time};
-    let store = crate::db::open(database, AggregatorRole::Leader).await?;
+/// Fills the databases with `n` already-aggregated reports of another task, through the stores'
+/// own job lifecycles (the Leader's reports and jobs, the Helper's jobs and report IDs), as a
+/// long-running deployment would have.
+async fn add_history(leader_db: &str, helper_db: &str, n: usize) -> Result<()> {
+    use duet_messages::dap09::{AggregationJobId, ReportId, TaskId, Time};
+    let store = crate::db::open(leader_db, AggregatorRole::Leader).await?;
+    let helper = crate::db::open(helper_db, AggregatorRole::Helper).await?;
+    let keep_first = |a: &[u8], _: &[u8]| Ok(a.to_vec());
     let task_id = TaskId::random();
     let pb = crate::upload::progress_bar(n as u64, "history");
     let t0 = RealClock.now().0.saturating_sub(30 * 86_400);
@@ -222,6 +243,19 @@ async fn add_history(database: &str, n: usize) -> Result<()> {
             .collect();
         done += batch.len();
         store.put_reports(&batch).await?;
+        for jobs_reports in batch.chunks(1000) {
+            let ids: Vec<ReportId> = jobs_reports.iter().map(|r| r.report_id).collect();
+            let job = duet_store::HelperAggregationJob {
+                task_id,
+                id: AggregationJobId::random(),
+                request_hash: [0; 32],
+                step: 0,
+                response: Vec::new(),
+            };
+            helper
+                .put_helper_aggregation_job(&job, &ids, &[], &keep_first)
+                .await?;
+        }
         store.create_aggregation_jobs(1000, RealClock.now()).await?;
         loop {
             let jobs = store
@@ -231,9 +265,7 @@ async fn add_history(database: &str, n: usize) -> Result<()> {
                 break;
             }
             for job in &jobs {
-                store
-                    .finish_aggregation_job(job, &[], &|a: &[u8], _: &[u8]| Ok(a.to_vec()))
-                    .await?;
+                store.finish_aggregation_job(job, &[], &keep_first).await?;
             }
         }
         pb.set_position(done as u64);
@@ -370,21 +402,30 @@ async fn upload_all(
 async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run> {
     let vdaf = which.instance();
     let dir = tempfile::tempdir()?;
-    let database = match backend {
-        Backend::Sqlite => dir.path().join("bench.sqlite").display().to_string(),
-        Backend::Postgres => args
-            .database
-            .clone()
-            .context("--backend postgres needs --database postgres://… or DATABASE_URL")?,
+    let (leader_db, helper_db) = match backend {
+        Backend::Sqlite => (
+            dir.path().join("leader.sqlite").display().to_string(),
+            dir.path().join("helper.sqlite").display().to_string(),
+        ),
+        Backend::Postgres => {
+            let url = args
+                .database
+                .clone()
+                .context("--backend postgres needs --database postgres://… or DATABASE_URL")?;
+            (url.clone(), url)
+        }
     };
     if args.history > 0 {
-        add_history(&database, args.history).await?;
+        add_history(&leader_db, &helper_db, args.history).await?;
     }
-    // The uploads-only server first: the task names it, and the client reads the HPKE configs
-    // from it (both servers share the database, so the keys are the same).
-    let (api_server, base) = start_server(dir.path(), &database, false)?;
+    // The Helper for the whole run, and first a Leader that only serves uploads: the task names
+    // it, and the client reads the Leader's HPKE config from it (the full Leader started later
+    // has the same keys, from the same database).
+    let (helper_server, helper_base) = start_server(dir.path(), &helper_db, ServerRole::Helper)?;
+    let (api_server, base) =
+        start_server(dir.path(), &leader_db, ServerRole::Leader { jobs: false })?;
     let leader_url = format!("{base}/leader/");
-    let helper_url = format!("{base}/helper/");
+    let helper_url = format!("{helper_base}/helper/");
 
     let collector_key = HpkeKeypair::generate(HpkeConfigId(1));
     let n = args.reports;
@@ -398,8 +439,8 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         1,
         None,
     )?;
-    let leader_store = crate::db::open(&database, AggregatorRole::Leader).await?;
-    let helper_store = crate::db::open(&database, AggregatorRole::Helper).await?;
+    let leader_store = crate::db::open(&leader_db, AggregatorRole::Leader).await?;
+    let helper_store = crate::db::open(&helper_db, AggregatorRole::Helper).await?;
     leader_store.put_task(&task).await?;
     let helper_task = |task: &duet_core::Task| {
         let mut t = task.clone();
@@ -466,15 +507,13 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     let upload_alone_s = upload_all(&http, &url, &bodies, args.concurrency, "uploading").await?;
     drop(api_server);
     leader_store.delete_task(&task.id).await?;
-    helper_store.delete_task(&task.id).await?;
 
-    // The same reports, end to end, through a full server.
-    let (server, base) = start_server(dir.path(), &database, true)?;
+    // The same reports, end to end, through a full Leader. (The Helper's copy of the task still
+    // names the first Leader, which the Helper never contacts.)
+    let (server, base) = start_server(dir.path(), &leader_db, ServerRole::Leader { jobs: true })?;
     let mut task = task;
     task.leader_endpoint = format!("{base}/leader/").parse()?;
-    task.helper_endpoint = format!("{base}/helper/").parse()?;
     leader_store.put_task(&task).await?;
-    helper_store.put_task(&helper_task(&task)).await?;
     let url = task
         .leader_endpoint
         .join(&format!("tasks/{}/reports", task.id))?;
@@ -505,8 +544,8 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
             result.aggregate
         );
     }
-    let rss = peak_rss_bytes(server.0.id());
-    drop(server);
+    let rss = peak_rss_bytes(server.0.id()) + peak_rss_bytes(helper_server.0.id());
+    drop((server, helper_server));
     let e2e = n as f64 / total;
     Ok(Run {
         backend: match backend {
