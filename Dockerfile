@@ -8,7 +8,8 @@
 #   docker build --build-arg ROLE=collector  -t duet-interop-collector .
 #
 # A container serves the role's /internal/test/* API on port 8080 (the aggregator also serves DAP
-# there, under /leader/ and /helper/), needs no arguments, environment or volumes, and writes its
+# there, at the root, for the tasks it is Leader or Helper of), needs no arguments, environment or
+# volumes, and writes its
 # log to /logs as well as to standard error. The test API provisions tasks without
 # authentication: these images are for test networks only.
 
