@@ -9,9 +9,8 @@
 #
 # A container serves the role's /internal/test/* API on port 8080 (the aggregator also serves DAP
 # there, at the root, for the tasks it is Leader or Helper of), needs no arguments, environment or
-# volumes, and writes its
-# log to /logs as well as to standard error. The test API provisions tasks without
-# authentication: these images are for test networks only.
+# volumes, and writes its log to /logs as well as to standard error. The test API provisions tasks
+# without authentication: these images are for test networks only.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=trixie
