@@ -347,6 +347,9 @@ fn floor(
     ))
 }
 
+/// How long the bench waits for the collection after the last upload before it gives up.
+const COLLECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Uploads every body to `url` over `concurrency` connections, with a progress bar; returns the
 /// seconds it took. Any refused upload fails the run.
 async fn upload_all(
@@ -497,6 +500,12 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         .iter()
         .map(|r| bytes::Bytes::from(r.get_encoded()))
         .collect();
+    // The batch to collect covers the reports' own timestamps, set when they were generated.
+    let times = reports.iter().map(|r| r.metadata.time);
+    let (first, last) = (
+        times.clone().min().context("no reports")?,
+        times.max().context("no reports")?,
+    );
     drop(reports);
     let http = reqwest::Client::new();
 
@@ -517,21 +526,23 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     let url = task
         .leader_endpoint
         .join(&format!("tasks/{}/reports", task.id))?;
-    let start_time = RealClock.now();
     let t0 = now();
     let upload_s = upload_all(&http, &url, &bodies, args.concurrency, "end to end").await?;
-    let end_time = RealClock.now();
     let params = task.to_parameters();
 
     let t1 = now();
     let collector = crate::collect::collector_for(&params, collector_key)?;
     let query = Query::TimeInterval {
-        batch_interval: crate::task::covering_interval(start_time, end_time, Duration(3600)),
+        batch_interval: crate::task::covering_interval(first, last, Duration(3600)),
     };
     let job = collector.start_collection(query).await?;
     let result = loop {
         match collector.poll_once(&job, &query).await? {
             duet_collector::PollOutcome::Ready(r) => break r,
+            _ if t1.elapsed() > COLLECT_TIMEOUT => bail!(
+                "the collection did not finish within {} s of the last upload",
+                COLLECT_TIMEOUT.as_secs()
+            ),
             _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
         }
     };
