@@ -218,6 +218,10 @@ pub trait Datastore: Send + Sync + 'static {
     /// Checks that the database answers.
     async fn health_check(&self) -> Result<(), StoreError>;
 
+    /// Closes the connections (of every handle on the same pool), waiting for them to finish.
+    /// Operations after it fail.
+    async fn close(&self);
+
     /// Wake-ups for the Leader's background jobs caused by writes of *other* processes sharing
     /// the database (and of this one), or `None` if the backend has no such channel (SQLite: one
     /// process, whose in-process wake-ups already cover it). Delivery is best effort: a lost

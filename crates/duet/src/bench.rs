@@ -271,6 +271,8 @@ async fn add_history(leader_db: &str, helper_db: &str, n: usize) -> Result<()> {
         pb.set_position(done as u64);
     }
     pb.finish_and_clear();
+    store.close().await;
+    helper.close().await;
     Ok(())
 }
 
@@ -420,6 +422,9 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     };
     if args.history > 0 {
         add_history(&leader_db, &helper_db, args.history).await?;
+        // Write the history's dirty pages out now, not during the measurement. (`sync` for the
+        // whole system: opening and closing a SQLite file here would drop SQLite's POSIX locks.)
+        let _ = std::process::Command::new("sync").status();
     }
     // The Helper for the whole run, and first a Leader that only serves uploads: the task names
     // it, and the client reads the Leader's HPKE config from it (the full Leader started later

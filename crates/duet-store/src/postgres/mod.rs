@@ -517,6 +517,10 @@ impl Datastore for PostgresDatastore {
         .await
     }
 
+    async fn close(&self) {
+        PostgresDatastore::close(self).await;
+    }
+
     async fn health_check(&self) -> Result<(), StoreError> {
         sqlx::query("-- health_check\nSELECT 1")
             .execute(&self.pool)

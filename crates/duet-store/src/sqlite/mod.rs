@@ -434,6 +434,10 @@ impl Datastore for SqliteDatastore {
         helper::put_aggregate_share_job(self, job).await
     }
 
+    async fn close(&self) {
+        SqliteDatastore::close(self).await;
+    }
+
     async fn health_check(&self) -> Result<(), StoreError> {
         sqlx::query("-- health_check\nSELECT 1")
             .execute(&self.pool)
