@@ -323,33 +323,43 @@ async fn end_lease(
     Ok(())
 }
 
-/// READ COMMITTED plus the job's row lock (held from the lease check to commit) and the merged
-/// buckets' row locks. Sends the `CollectionWorkReady` wake-up.
+/// Ends a leased job for good, READ COMMITTED plus the job's row lock (held from the lease check
+/// to commit): `end_sql` moves it to its final state and clears its reports, `deltas` (if any)
+/// are merged under the buckets' row locks, and the `CollectionWorkReady` wake-up is sent.
+async fn end_job(
+    store: &PostgresDatastore,
+    job: &AcquiredAggregationJob,
+    end_sql: &'static str,
+    notify_sql: &'static str,
+    deltas: Option<(&[BatchAggregation], MergeFn<'_>)>,
+) -> Result<(), TxError> {
+    let mut tx = store.begin().await?;
+    end_lease(&mut tx, end_sql, job, None).await?;
+    if let Some((deltas, merge)) = deltas {
+        merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
+    }
+    notify::notify(&mut tx, notify_sql, Wakeup::CollectionWorkReady).await?;
+    Ok(tx.commit().await?)
+}
+
+/// Marks the job finished and merges its `deltas`.
 pub(super) async fn finish_aggregation_job(
     store: &PostgresDatastore,
     job: &AcquiredAggregationJob,
     deltas: &[BatchAggregation],
     merge: MergeFn<'_>,
 ) -> Result<(), TxError> {
-    let mut tx = store.begin().await?;
-    end_lease(
-        &mut tx,
+    end_job(
+        store,
+        job,
         "-- finish_aggregation_job\n\
          UPDATE aggregation_jobs SET state = 'finished', lease_token = NULL, lease_expiry = 0, \
            report_ids = NULL, client_times = NULL, payloads = NULL \
          WHERE task_id = $1 AND job_id = $2 AND state = 'active' AND lease_token = $3",
-        job,
-        None,
-    )
-    .await?;
-    merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
-    notify::notify(
-        &mut tx,
         "-- finish_aggregation_job\nSELECT pg_notify($1, $2)",
-        Wakeup::CollectionWorkReady,
+        Some((deltas, merge)),
     )
-    .await?;
-    Ok(tx.commit().await?)
+    .await
 }
 
 /// One statement, READ COMMITTED; the row lock it takes orders it with concurrent acquisitions.
@@ -371,29 +381,22 @@ pub(super) async fn release_aggregation_job(
     .await
 }
 
-/// READ COMMITTED plus the job's row lock, as for finishing; sends the same wake-up.
+/// Marks the job abandoned: its reports count as aggregated (dropped).
 pub(super) async fn abandon_aggregation_job(
     store: &PostgresDatastore,
     job: &AcquiredAggregationJob,
 ) -> Result<(), TxError> {
-    let mut tx = store.begin().await?;
-    end_lease(
-        &mut tx,
+    end_job(
+        store,
+        job,
         "-- abandon_aggregation_job\n\
          UPDATE aggregation_jobs SET state = 'abandoned', lease_token = NULL, lease_expiry = 0, \
            report_ids = NULL, client_times = NULL, payloads = NULL \
          WHERE task_id = $1 AND job_id = $2 AND state = 'active' AND lease_token = $3",
-        job,
+        "-- abandon_aggregation_job\nSELECT pg_notify($1, $2)",
         None,
     )
-    .await?;
-    notify::notify(
-        &mut tx,
-        "-- abandon_aggregation_job\nSELECT pg_notify($1, $2)",
-        Wakeup::CollectionWorkReady,
-    )
-    .await?;
-    Ok(tx.commit().await?)
+    .await
 }
 
 /// One statement: the task's queued reports in the interval (through `report_queue_order`) plus
