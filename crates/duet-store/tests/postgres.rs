@@ -6,73 +6,22 @@
 //! so that a plain `cargo test` works on a machine without PostgreSQL.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 
 use duet_core::AggregatorRole;
 use duet_messages::dap09::{
     AggregationJobId, CollectionJobId, Duration, Interval, ReportId, ReportIdChecksum, TaskId, Time,
 };
+use duet_store::conformance::postgres::with_fresh_database;
 use duet_store::postgres::PostgresDatastore;
 use duet_store::{
     conformance, BatchAggregation, CollectionJob, CollectionJobState, Datastore,
     HelperAggregationJob, NewReport, StoreError, Wakeup,
 };
-use sqlx::{Connection, Executor, PgConnection};
 
 /// The bucket width of these tests.
 const PRECISION: u64 = 3600;
 /// A `PRECISION`-aligned start time.
 const T0: u64 = 470_000 * PRECISION;
-
-/// The server to test against, or `None` (with a message) when there is none.
-fn database_url(test: &str) -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Some(url),
-        Ok(other) => {
-            println!("skipping {test}: DATABASE_URL ({other}) is not a postgres:// URL");
-            None
-        }
-        Err(_) => {
-            println!(
-                "skipping {test}: DATABASE_URL is not set \
-                 (scripts/test starts a throwaway PostgreSQL and sets it)"
-            );
-            None
-        }
-    }
-}
-
-/// Runs `body` with the URL of a new, empty database, and drops the database afterwards, whether
-/// `body` passed or panicked.
-async fn with_fresh_database<F, Fut>(test: &str, body: F)
-where
-    F: FnOnce(String) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let Some(admin_url) = database_url(test) else {
-        return;
-    };
-    let name = format!("duet_test_{:016x}", rand::random::<u64>());
-    let mut admin = PgConnection::connect(&admin_url)
-        .await
-        .expect("connect to DATABASE_URL");
-    admin
-        .execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("CREATE DATABASE");
-    let mut url = url::Url::parse(&admin_url).expect("DATABASE_URL is a URL");
-    url.set_path(&format!("/{name}"));
-    // On its own task, so that a panic comes back here as an error and the database is dropped.
-    let outcome = tokio::spawn(body(url.to_string())).await;
-    admin
-        .execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str())
-        .await
-        .expect("DROP DATABASE");
-    admin.close().await.expect("close admin connection");
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
-}
 
 fn interval(start: u64, duration: u64) -> Interval {
     Interval {

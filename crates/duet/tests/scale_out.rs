@@ -20,7 +20,7 @@ use duet_core::hpke::{HpkeKeypair, HpkeKeypairSerde};
 use duet_core::task::parse_endpoint;
 use duet_core::{AggregateResult, Measurement, TaskParameters};
 use duet_messages::dap09::{Interval, Query, Time};
-use sqlx::{Connection, Executor, PgConnection, SqliteConnection};
+use sqlx::{Connection, PgConnection, SqliteConnection};
 
 /// Tunables every server of these tests runs with: short leases, quick polling, small jobs.
 const AGGREGATOR_SECTION: &str =
@@ -46,61 +46,22 @@ fn run_ok(args: &[&str]) {
     );
 }
 
-/// The PostgreSQL server to test against, or `None` (with a message) when there is none.
-fn database_url(test: &str) -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Some(url),
-        Ok(other) => {
-            println!("skipping {test}: DATABASE_URL ({other}) is not a postgres:// URL");
-            None
-        }
-        Err(_) => {
-            println!(
-                "skipping {test}: DATABASE_URL is not set \
-                 (scripts/test starts a throwaway PostgreSQL and sets it)"
-            );
-            None
-        }
-    }
-}
-
-/// Runs `body` with the URL of a new, empty database, and drops the database afterwards, whether
-/// `body` passed or panicked.
+/// Runs `body` on a fresh PostgreSQL database (dropped afterwards), within `TEST_TIMEOUT`; the
+/// servers it started die with its task, before the database is dropped.
 async fn with_fresh_database<F, Fut>(test: &str, body: F)
 where
     F: FnOnce(String) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let Some(admin_url) = database_url(test) else {
-        return;
-    };
-    let name = format!("duet_test_{:016x}", rand::random::<u64>());
-    let mut admin = PgConnection::connect(&admin_url)
-        .await
-        .expect("connect to DATABASE_URL");
-    admin
-        .execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("CREATE DATABASE");
-    let mut url = url::Url::parse(&admin_url).expect("DATABASE_URL is a URL");
-    url.set_path(&format!("/{name}"));
-    // On its own task, so that a panic comes back here as an error and the database is dropped
-    // (the servers die with the task, before the DROP).
-    let test = body(url.to_string());
-    let outcome = tokio::spawn(async move {
-        tokio::time::timeout(TEST_TIMEOUT, test)
-            .await
-            .expect("the test timed out");
+    duet_store::conformance::postgres::with_fresh_database(test, |url| {
+        let test = body(url);
+        async move {
+            tokio::time::timeout(TEST_TIMEOUT, test)
+                .await
+                .expect("the test timed out");
+        }
     })
     .await;
-    admin
-        .execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str())
-        .await
-        .expect("DROP DATABASE");
-    admin.close().await.expect("close admin connection");
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
 
 /// A running `duet serve`, killed (SIGKILL) when dropped.

@@ -8,6 +8,7 @@
 mod collection;
 mod helper;
 mod leader;
+pub mod postgres;
 mod tasks;
 
 use duet_core::auth::AuthenticationToken;
