@@ -128,7 +128,10 @@ impl SqliteDatastore {
             .pragma("mmap_size", MMAP_SIZE);
         // An in-memory database is shared between connections through SQLite's shared cache,
         // whose table locks don't wait on the busy timeout: one connection avoids them.
+        // No ping before each use of a pooled connection: a ping is a round trip to the
+        // connection's worker thread, and a local file's connection does not go stale.
         let pool = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(if in_memory { 1 } else { MAX_CONNECTIONS })
             .connect_with(options.clone())
             .await
@@ -138,6 +141,7 @@ impl SqliteDatastore {
             pool.clone()
         } else {
             SqlitePoolOptions::new()
+                .test_before_acquire(false)
                 .max_connections(1)
                 .min_connections(1)
                 .idle_timeout(None)
