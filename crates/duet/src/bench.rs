@@ -124,6 +124,12 @@ struct Run {
     ratio: f64,
     collect_latency_s: f64,
     peak_rss_bytes: u64,
+    /// CPU time (user and system) per report of the Leader's and the Helper's processes and of
+    /// the bench process (the upload client and the collector) over the end-to-end phase; on
+    /// PostgreSQL the database server's is not counted.
+    leader_process_cpu_us_per_report: f64,
+    helper_process_cpu_us_per_report: f64,
+    client_cpu_us_per_report: f64,
 }
 
 #[allow(clippy::disallowed_methods)] // Benchmarks measure elapsed wall and CPU time.
@@ -140,6 +146,38 @@ impl Drop for ServerProcess {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// CPU seconds (user and system, all threads) a process has used so far, from `/proc`; `None`
+/// for this process.
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    /// `/proc` counts CPU time in `USER_HZ` ticks, 100 per second on Linux.
+    const TICKS_PER_S: f64 = 100.0;
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|stat| {
+            // Fields after the parenthesised command name, which may itself hold spaces:
+            // `state` is field 3, `utime` 14 and `stime` 15.
+            let rest = stat.get(stat.rfind(')')? + 1..)?;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) as f64 / TICKS_PER_S)
+        })
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds used so far by the Leader's process, the Helper's and this one.
+fn cpu_snapshot(leader: &ServerProcess, helper: &ServerProcess) -> [f64; 3] {
+    [
+        cpu_seconds(Some(leader.0.id())),
+        cpu_seconds(Some(helper.0.id())),
+        cpu_seconds(None),
+    ]
 }
 
 fn peak_rss_bytes(pid: u32) -> u64 {
@@ -706,6 +744,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     let url = task
         .leader_endpoint
         .join(&format!("tasks/{}/reports", task.id))?;
+    let cpu0 = cpu_snapshot(&server, &helper_server);
     let t0 = now();
     let upload_s = upload_all(&url, &bodies, args.concurrency, "end to end").await?;
     let params = task.to_parameters();
@@ -735,6 +774,8 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
             result.aggregate
         );
     }
+    let cpu1 = cpu_snapshot(&server, &helper_server);
+    let cpu_us = |i: usize| (cpu1[i] - cpu0[i]) * 1e6 / n as f64;
     let rss = peak_rss_bytes(server.0.id()) + peak_rss_bytes(helper_server.0.id());
     drop((server, helper_server));
     let e2e = n as f64 / total;
@@ -756,6 +797,9 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         ratio: e2e / floor_rate,
         collect_latency_s: latency,
         peak_rss_bytes: rss,
+        leader_process_cpu_us_per_report: cpu_us(0),
+        helper_process_cpu_us_per_report: cpu_us(1),
+        client_cpu_us_per_report: cpu_us(2),
     })
 }
 
@@ -790,7 +834,7 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
         println!("{}", serde_json::json!({ "runs": runs }));
     } else {
         println!(
-            "{:<8} {:<20} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>8} {:>9}",
+            "{:<8} {:<20} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}",
             "backend",
             "vdaf",
             "reports",
@@ -803,11 +847,14 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
             "e2e/s",
             "ratio",
             "latency",
-            "peak RSS"
+            "peak RSS",
+            "L proc µs",
+            "H proc µs",
+            "client µs"
         );
         for r in &runs {
             println!(
-                "{:<8} {:<20} {:>8} {:>8.1} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>6.2} {:>7.2}s {:>7.0}MB",
+                "{:<8} {:<20} {:>8} {:>8.1} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>6.2} {:>7.2}s {:>7.0}MB {:>9.1} {:>9.1} {:>9.1}",
                 r.backend,
                 r.vdaf,
                 r.reports,
@@ -820,7 +867,10 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
                 r.end_to_end_reports_per_s,
                 r.ratio,
                 r.collect_latency_s,
-                r.peak_rss_bytes as f64 / 1e6
+                r.peak_rss_bytes as f64 / 1e6,
+                r.leader_process_cpu_us_per_report,
+                r.helper_process_cpu_us_per_report,
+                r.client_cpu_us_per_report
             );
         }
     }

@@ -351,5 +351,17 @@ fn bench_prints_one_json_object_with_every_figure() {
             / run["floor_reports_per_s"].as_f64().expect("floor");
         assert!((run["ratio"].as_f64().expect("ratio") - ratio).abs() < 1e-9);
         assert!(run["peak_rss_bytes"].as_u64().expect("rss") > 1_000_000);
+        // CPU time is counted in 10 ms ticks: each process's may round to zero in so short a
+        // run, their sum not.
+        let cpu: Vec<f64> = [
+            "leader_process_cpu_us_per_report",
+            "helper_process_cpu_us_per_report",
+            "client_cpu_us_per_report",
+        ]
+        .iter()
+        .map(|k| run[k].as_f64().unwrap_or_else(|| panic!("{k}: {run}")))
+        .collect();
+        assert!(cpu.iter().all(|x| *x >= 0.0 && x.is_finite()), "{run}");
+        assert!(cpu.iter().sum::<f64>() > 0.0, "{run}");
     }
 }
