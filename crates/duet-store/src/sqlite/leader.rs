@@ -37,14 +37,18 @@ pub(super) async fn put_reports(
         .iter()
         .map(|r| to_i64(r.time.0, "report time"))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut inserted: HashSet<(TaskId, ReportId)> = HashSet::with_capacity(reports.len());
+    let mut new = vec![false; reports.len()];
     let mut tx = store.begin_write().await?;
     let chunk_rows = MAX_BIND_PARAMS / REPORT_COLUMNS;
-    for (chunk, chunk_times) in reports.chunks(chunk_rows).zip(times.chunks(chunk_rows)) {
+    for (c, (chunk, chunk_times)) in reports
+        .chunks(chunk_rows)
+        .zip(times.chunks(chunk_rows))
+        .enumerate()
+    {
         let sql = format!(
             "-- put_reports\n\
              INSERT INTO reports (task_id, report_id, client_time, payload) VALUES {} \
-             ON CONFLICT DO NOTHING RETURNING task_id, report_id",
+             ON CONFLICT DO NOTHING",
             values_placeholders(chunk.len(), REPORT_COLUMNS)
         );
         let mut query = sqlx::query(&sql).persistent(chunk.len() == chunk_rows);
@@ -55,21 +59,40 @@ pub(super) async fn put_reports(
                 .bind(*time)
                 .bind(&report.encoded[..]);
         }
-        // A report ID repeated within the batch conflicts with its first occurrence, so it comes
-        // back once.
-        for row in query.fetch_all(&mut *tx).await.map_err(db)? {
-            inserted.insert((
-                TaskId(col_array(&row, "task_id")?),
-                ReportId(col_array(&row, "report_id")?),
-            ));
+        let done = query.execute(&mut *tx).await.map_err(db)?;
+        let new = &mut new[c * chunk_rows..c * chunk_rows + chunk.len()];
+        let inserted = usize::try_from(done.rows_affected()).unwrap_or(usize::MAX);
+        if inserted >= chunk.len() {
+            // No conflicts (the usual case): every report is new.
+            new.fill(true);
+        } else if inserted > 0 {
+            // Some were already stored, or repeated within the batch. The rows this statement
+            // inserted took consecutive `seq` values (AUTOINCREMENT, under the write lock)
+            // ending at the last insert rowid; the first occurrence of each of their keys is new.
+            let last = done.last_insert_rowid();
+            let rows = sqlx::query(
+                "-- put_reports\n\
+                 SELECT task_id, report_id FROM reports WHERE seq > ? AND seq <= ?",
+            )
+            .bind(last - i64::try_from(inserted).unwrap_or(i64::MAX))
+            .bind(last)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+            let mut keys: HashSet<(TaskId, ReportId)> = HashSet::with_capacity(rows.len());
+            for row in rows {
+                keys.insert((
+                    TaskId(col_array(&row, "task_id")?),
+                    ReportId(col_array(&row, "report_id")?),
+                ));
+            }
+            for (report, new) in chunk.iter().zip(new.iter_mut()) {
+                *new = keys.remove(&(report.task_id, report.report_id));
+            }
         }
     }
     tx.commit().await.map_err(db)?;
-    // Only the first occurrence of a key in the batch is new.
-    Ok(reports
-        .iter()
-        .map(|r| inserted.remove(&(r.task_id, r.report_id)))
-        .collect())
+    Ok(new)
 }
 
 /// Reports read per statement when creating jobs.
