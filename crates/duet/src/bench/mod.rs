@@ -1,0 +1,402 @@
+//! `duet bench`: reproducible throughput, latency and memory figures on this machine.
+//!
+//! For each backend and VDAF it measures, in one run:
+//! * the *floor*: single-threaded CPU per report of the Leader's and the Helper's cryptography
+//!   (HPKE open, VDAF preparation, accumulation), on pre-generated reports;
+//! * *upload*: reports/s the Leader accepts over HTTP from `--concurrency` connections, on its
+//!   own: the reports go to a server that runs no jobs (`run_jobs = false`), and are then
+//!   deleted again;
+//! * *end to end*: the same reports uploaded to a full server, from the first upload to a
+//!   finished collection, with the rate uploads were accepted at meanwhile, and the latency from
+//!   the last upload to the finished collection;
+//! * the full server process's peak RSS.
+//!
+//! Leader and Helper run as two child `duet serve` processes, as two organisations would run them:
+//! on SQLite each has its own database file; on PostgreSQL they share the `--database` (each
+//! role's rows carry the role). Their memory is measured apart from the bench's. Report
+//! generation is not timed.
+
+mod servers;
+mod uploader;
+mod workload;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use duet_core::hpke::HpkeKeypair;
+use duet_core::{AggregatorRole, VdafInstance};
+use duet_messages::dap09::{Duration, HpkeConfigId, Query, Report};
+use duet_messages::Encode;
+
+use servers::{cpu_snapshot, peak_rss_bytes, start_server, ServerRole};
+use uploader::upload_all;
+use workload::{add_history, floor, generate};
+
+/// Backends to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// An embedded SQLite file.
+    Sqlite,
+    /// PostgreSQL at `--database` or `DATABASE_URL`.
+    Postgres,
+}
+
+/// VDAFs to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchVdaf {
+    /// Prio3Count.
+    Count,
+    /// Prio3Histogram with 100 buckets.
+    Histogram,
+    /// Prio3SumVec with 1000 one-bit elements.
+    Sumvec,
+}
+
+impl BenchVdaf {
+    fn instance(self) -> VdafInstance {
+        match self {
+            Self::Count => VdafInstance::Prio3Count,
+            Self::Histogram => VdafInstance::Prio3Histogram {
+                length: 100,
+                chunk_length: 10,
+            },
+            Self::Sumvec => VdafInstance::Prio3SumVec {
+                bits: 1,
+                length: 1000,
+                chunk_length: 32,
+            },
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Count => "Prio3Count",
+            Self::Histogram => "Prio3Histogram(100)",
+            Self::Sumvec => "Prio3SumVec(1000)",
+        }
+    }
+}
+
+/// `duet bench` flags.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Backend (repeatable). Default: sqlite.
+    #[arg(long, value_enum)]
+    backend: Vec<Backend>,
+    /// PostgreSQL URL for `--backend postgres`.
+    #[arg(long, env = "DATABASE_URL")]
+    database: Option<String>,
+    /// VDAF (repeatable). Default: count.
+    #[arg(long, value_enum)]
+    vdaf: Vec<BenchVdaf>,
+    /// Reports per run.
+    #[arg(long, default_value_t = 10_000)]
+    reports: usize,
+    /// Concurrent upload connections (a Leader serves many clients at once).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Reports used to measure the floor.
+    #[arg(long, default_value_t = 500)]
+    floor_reports: usize,
+    /// Aggregated reports of another task to put in the database before each run, to measure
+    /// whether cost grows with history.
+    #[arg(long, default_value_t = 0)]
+    history: usize,
+    /// Print exactly one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One run's figures.
+#[derive(serde::Serialize)]
+struct Run {
+    backend: &'static str,
+    vdaf: &'static str,
+    reports: usize,
+    history: usize,
+    hpke_open_us: f64,
+    leader_cpu_us_per_report: f64,
+    helper_cpu_us_per_report: f64,
+    floor_reports_per_s: f64,
+    upload_reports_per_s: f64,
+    upload_while_aggregating_reports_per_s: f64,
+    end_to_end_reports_per_s: f64,
+    ratio: f64,
+    collect_latency_s: f64,
+    peak_rss_bytes: u64,
+    /// CPU time (user and system) per report of the Leader's and the Helper's processes and of
+    /// the bench process (the upload client and the collector) over the end-to-end phase; on
+    /// PostgreSQL the database server's is not counted.
+    leader_process_cpu_us_per_report: f64,
+    helper_process_cpu_us_per_report: f64,
+    client_cpu_us_per_report: f64,
+}
+
+#[allow(clippy::disallowed_methods)] // Benchmarks measure elapsed wall and CPU time.
+fn now() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
+/// How long the bench waits for the collection after the last upload before it gives up.
+const COLLECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run> {
+    let vdaf = which.instance();
+    let dir = tempfile::tempdir()?;
+    let (leader_db, helper_db) = match backend {
+        Backend::Sqlite => (
+            dir.path().join("leader.sqlite").display().to_string(),
+            dir.path().join("helper.sqlite").display().to_string(),
+        ),
+        Backend::Postgres => {
+            let url = args
+                .database
+                .clone()
+                .context("--backend postgres needs --database postgres://… or DATABASE_URL")?;
+            (url.clone(), url)
+        }
+    };
+    if args.history > 0 {
+        add_history(&leader_db, &helper_db, args.history).await?;
+        // Write the history's dirty pages out now, not during the measurement. (`sync` for the
+        // whole system: opening and closing a SQLite file here would drop SQLite's POSIX locks.)
+        let _ = std::process::Command::new("sync").status();
+    }
+    // The Helper for the whole run, and first a Leader that only serves uploads: the task names
+    // it, and the client reads the Leader's HPKE config from it (the full Leader started later
+    // has the same keys, from the same database).
+    let (helper_server, helper_base) = start_server(dir.path(), &helper_db, ServerRole::Helper)?;
+    let (api_server, base) =
+        start_server(dir.path(), &leader_db, ServerRole::Leader { jobs: false })?;
+    let leader_url = format!("{base}/leader/");
+    let helper_url = format!("{helper_base}/helper/");
+
+    let collector_key = HpkeKeypair::generate(HpkeConfigId(1));
+    let n = args.reports;
+    let task = crate::task::new_task(
+        &leader_url,
+        &helper_url,
+        vdaf.clone(),
+        collector_key.config.clone(),
+        n as u64,
+        3600,
+        1,
+        None,
+    )?;
+    let leader_store = crate::db::open(&leader_db, AggregatorRole::Leader).await?;
+    let helper_store = crate::db::open(&helper_db, AggregatorRole::Helper).await?;
+    leader_store.put_task(&task).await?;
+    let helper_task = |task: &duet_core::Task| {
+        let mut t = task.clone();
+        t.collector_auth_token = None;
+        t
+    };
+    helper_store.put_task(&helper_task(&task)).await?;
+    let params = task.to_parameters();
+    let client = Arc::new(crate::upload::client_for(&params).await?);
+
+    // Generate (untimed), across cores.
+    let measurements = generate(&vdaf, n);
+    let plaintext = vdaf.plaintext_aggregate(&measurements)?;
+    let pb = crate::upload::progress_bar(n as u64, "generating");
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chunk = n.div_ceil(threads).max(1);
+    let reports: Vec<Report> = std::thread::scope(|s| {
+        let handles: Vec<_> = measurements
+            .chunks(chunk)
+            .map(|part| {
+                let client = Arc::clone(&client);
+                let pb = pb.clone();
+                s.spawn(move || {
+                    part.iter()
+                        .map(|m| {
+                            pb.inc(1);
+                            client.prepare_report(m)
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("generator panicked"))?
+                    .map_err(anyhow::Error::from)
+            })
+            .collect::<Result<Vec<Vec<_>>>>()
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
+    pb.finish_and_clear();
+
+    let leader_key = leader_store.get_hpke_keypairs().await?.remove(0);
+    let helper_key = helper_store.get_hpke_keypairs().await?.remove(0);
+    let sample = &reports[..reports.len().min(args.floor_reports.max(1))];
+    let (leader_cpu, helper_cpu, hpke_open) = floor(&task, &leader_key, &helper_key, sample)?;
+    let floor_rate = threads as f64 / (leader_cpu + helper_cpu);
+
+    let bodies: Arc<[bytes::Bytes]> = reports
+        .iter()
+        .map(|r| bytes::Bytes::from(r.get_encoded()))
+        .collect();
+    // The batch to collect covers the reports' own timestamps, set when they were generated.
+    let times = reports.iter().map(|r| r.metadata.time);
+    let (first, last) = (
+        times.clone().min().context("no reports")?,
+        times.max().context("no reports")?,
+    );
+    drop(reports);
+
+    // Uploads alone, then forget them.
+    let url = task
+        .leader_endpoint
+        .join(&format!("tasks/{}/reports", task.id))?;
+    let upload_alone_s = upload_all(&url, &bodies, args.concurrency, "uploading").await?;
+    drop(api_server);
+    leader_store.delete_task(&task.id).await?;
+
+    // The same reports, end to end, through a full Leader. (The Helper's copy of the task still
+    // names the first Leader, which the Helper never contacts.)
+    let (server, base) = start_server(dir.path(), &leader_db, ServerRole::Leader { jobs: true })?;
+    let mut task = task;
+    task.leader_endpoint = format!("{base}/leader/").parse()?;
+    leader_store.put_task(&task).await?;
+    let url = task
+        .leader_endpoint
+        .join(&format!("tasks/{}/reports", task.id))?;
+    let cpu0 = cpu_snapshot(&server, &helper_server);
+    let t0 = now();
+    let upload_s = upload_all(&url, &bodies, args.concurrency, "end to end").await?;
+    let params = task.to_parameters();
+
+    let t1 = now();
+    let collector = crate::collect::collector_for(&params, collector_key)?;
+    let query = Query::TimeInterval {
+        batch_interval: crate::task::covering_interval(first, last, Duration(3600)),
+    };
+    let job = collector.start_collection(query).await?;
+    let result = loop {
+        match collector.poll_once(&job, &query).await? {
+            duet_collector::PollOutcome::Ready(r) => break r,
+            _ if t1.elapsed() > COLLECT_TIMEOUT => bail!(
+                "the collection did not finish within {} s of the last upload",
+                COLLECT_TIMEOUT.as_secs()
+            ),
+            _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    let latency = t1.elapsed().as_secs_f64();
+    let total = t0.elapsed().as_secs_f64();
+    if result.report_count != n as u64 || result.aggregate != plaintext {
+        bail!(
+            "the benchmark's aggregate is wrong: {} reports, {}",
+            result.report_count,
+            result.aggregate
+        );
+    }
+    let cpu1 = cpu_snapshot(&server, &helper_server);
+    let cpu_us = |i: usize| (cpu1[i] - cpu0[i]) * 1e6 / n as f64;
+    let rss = peak_rss_bytes(server.0.id()) + peak_rss_bytes(helper_server.0.id());
+    drop((server, helper_server));
+    let e2e = n as f64 / total;
+    Ok(Run {
+        backend: match backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        },
+        vdaf: which.name(),
+        reports: n,
+        history: args.history,
+        hpke_open_us: hpke_open * 1e6,
+        leader_cpu_us_per_report: leader_cpu * 1e6,
+        helper_cpu_us_per_report: helper_cpu * 1e6,
+        floor_reports_per_s: floor_rate,
+        upload_reports_per_s: n as f64 / upload_alone_s,
+        upload_while_aggregating_reports_per_s: n as f64 / upload_s,
+        end_to_end_reports_per_s: e2e,
+        ratio: e2e / floor_rate,
+        collect_latency_s: latency,
+        peak_rss_bytes: rss,
+        leader_process_cpu_us_per_report: cpu_us(0),
+        helper_process_cpu_us_per_report: cpu_us(1),
+        client_cpu_us_per_report: cpu_us(2),
+    })
+}
+
+/// Runs `duet bench`.
+pub async fn run(mut args: Args) -> Result<ExitCode> {
+    if args.backend.is_empty() {
+        args.backend.push(Backend::Sqlite);
+    }
+    if args.vdaf.is_empty() {
+        args.vdaf.push(BenchVdaf::Count);
+    }
+    if args.reports == 0 {
+        bail!("--reports must be at least 1");
+    }
+    let mut runs = Vec::new();
+    for &backend in &args.backend {
+        for &vdaf in &args.vdaf {
+            if !args.json {
+                eprintln!(
+                    "running {vdaf:?} on {backend:?} with {} reports…",
+                    args.reports
+                );
+            }
+            runs.push(
+                run_one(&args, backend, vdaf)
+                    .await
+                    .with_context(|| format!("{vdaf:?} on {backend:?}"))?,
+            );
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "runs": runs }));
+    } else {
+        println!(
+            "{:<8} {:<20} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}",
+            "backend",
+            "vdaf",
+            "reports",
+            "HPKE µs",
+            "leader µs",
+            "helper µs",
+            "floor/s",
+            "upload/s",
+            "upl+agg/s",
+            "e2e/s",
+            "ratio",
+            "latency",
+            "peak RSS",
+            "L proc µs",
+            "H proc µs",
+            "client µs"
+        );
+        for r in &runs {
+            println!(
+                "{:<8} {:<20} {:>8} {:>8.1} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>6.2} {:>7.2}s {:>7.0}MB {:>9.1} {:>9.1} {:>9.1}",
+                r.backend,
+                r.vdaf,
+                r.reports,
+                r.hpke_open_us,
+                r.leader_cpu_us_per_report,
+                r.helper_cpu_us_per_report,
+                r.floor_reports_per_s,
+                r.upload_reports_per_s,
+                r.upload_while_aggregating_reports_per_s,
+                r.end_to_end_reports_per_s,
+                r.ratio,
+                r.collect_latency_s,
+                r.peak_rss_bytes as f64 / 1e6,
+                r.leader_process_cpu_us_per_report,
+                r.helper_process_cpu_us_per_report,
+                r.client_cpu_us_per_report
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,117 @@
+//! The bench's two servers: `duet serve` child processes for the Leader and the Helper, and what
+//! `/proc` says about their CPU time and memory.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+
+use anyhow::{bail, Context, Result};
+
+/// Kills the server on every exit path. The server also stops by itself when the pipe on its
+/// standard input closes, which happens however this process ends.
+pub(super) struct ServerProcess(pub(super) std::process::Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// CPU seconds (user and system, all threads) a process has used so far, from `/proc`; `None`
+/// for this process.
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    /// `/proc` counts CPU time in `USER_HZ` ticks, 100 per second on Linux.
+    const TICKS_PER_S: f64 = 100.0;
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|stat| {
+            // Fields after the parenthesised command name, which may itself hold spaces:
+            // `state` is field 3, `utime` 14 and `stime` 15.
+            let rest = stat.get(stat.rfind(')')? + 1..)?;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) as f64 / TICKS_PER_S)
+        })
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds used so far by the Leader's process, the Helper's and this one.
+pub(super) fn cpu_snapshot(leader: &ServerProcess, helper: &ServerProcess) -> [f64; 3] {
+    [
+        cpu_seconds(Some(leader.0.id())),
+        cpu_seconds(Some(helper.0.id())),
+        cpu_seconds(None),
+    ]
+}
+
+pub(super) fn peak_rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Which role a bench server plays.
+#[derive(Clone, Copy)]
+pub(super) enum ServerRole {
+    /// The Leader at `/leader/`, running its jobs or (`false`) only serving its API.
+    Leader { jobs: bool },
+    /// The Helper at `/helper/`.
+    Helper,
+}
+
+/// Starts `duet serve` in `role` on `database`; returns it and its base URL.
+pub(super) fn start_server(
+    dir: &Path,
+    database: &str,
+    role: ServerRole,
+) -> Result<(ServerProcess, String)> {
+    let (name, section) = match role {
+        ServerRole::Leader { jobs } => (
+            if jobs { "leader" } else { "leader-api" },
+            format!("[leader]\npath_prefix = \"/leader\"\n[aggregator]\nrun_jobs = {jobs}\n"),
+        ),
+        ServerRole::Helper => (
+            "helper",
+            "[helper]\npath_prefix = \"/helper\"\n".to_string(),
+        ),
+    };
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!("listen = \"127.0.0.1:0\"\ndatabase = \"{database}\"\n{section}"),
+    )?;
+    let exe = std::env::current_exe().context("cannot find the duet executable")?;
+    let mut child = std::process::Command::new(exe)
+        .args(["serve", "--exit-on-stdin-eof", "--config"])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .env_remove("DUET_DATABASE")
+        .env_remove("DUET_LISTEN")
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("could not start `duet serve`")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let server = ServerProcess(child);
+    let mut reader = BufReader::new(stderr);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let Some(base) = line.trim().strip_prefix("duet serving on ") else {
+        bail!("the server did not start: {line}");
+    };
+    let base = base.to_string();
+    // Keep draining the server's log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in reader.lines() {});
+    Ok((server, base))
+}

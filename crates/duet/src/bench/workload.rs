@@ -1,0 +1,157 @@
+//! What the bench measures with: measurements to upload, older reports already in the databases,
+//! and the cryptographic floor.
+
+use anyhow::Result;
+use duet_core::hpke::{open, HpkeApplicationInfo, HpkeKeypair};
+use duet_core::{AggregatorRole, Clock, Measurement, RealClock, VdafInstance};
+use duet_messages::dap09::{InputShareAad, PlaintextInputShare, Report, Role};
+use duet_messages::{Decode, Encode};
+use rand::{Rng, SeedableRng};
+
+use super::now;
+
+/// Measurements of `vdaf`, the same for every run (a fixed seed).
+pub(super) fn generate(vdaf: &VdafInstance, n: usize) -> Vec<Measurement> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    (0..n)
+        .map(|_| match vdaf {
+            VdafInstance::Prio3Count => Measurement::Count(rng.gen_bool(0.5)),
+            VdafInstance::Prio3Sum { .. } => Measurement::Sum(rng.gen_range(0..256)),
+            VdafInstance::Prio3Histogram { length, .. } => {
+                Measurement::Histogram(rng.gen_range(0..*length))
+            }
+            VdafInstance::Prio3SumVec { length, .. } => {
+                Measurement::SumVec((0..*length).map(|_| rng.gen_range(0..2)).collect())
+            }
+        })
+        .collect()
+}
+
+/// Fills the databases with `n` already-aggregated reports of another task, through the stores'
+/// own job lifecycles (the Leader's reports and jobs, the Helper's jobs and report IDs), as a
+/// long-running deployment would have.
+pub(super) async fn add_history(leader_db: &str, helper_db: &str, n: usize) -> Result<()> {
+    use duet_messages::dap09::{AggregationJobId, ReportId, TaskId, Time};
+    let store = crate::db::open(leader_db, AggregatorRole::Leader).await?;
+    let helper = crate::db::open(helper_db, AggregatorRole::Helper).await?;
+    let keep_first = |a: &[u8], _: &[u8]| Ok(a.to_vec());
+    let task_id = TaskId::random();
+    let pb = crate::upload::progress_bar(n as u64, "history");
+    let t0 = RealClock.now().0.saturating_sub(30 * 86_400);
+    let mut done = 0;
+    while done < n {
+        let batch: Vec<duet_store::NewReport> = (done..n.min(done + 10_000))
+            .map(|i| duet_store::NewReport {
+                task_id,
+                report_id: ReportId::random(),
+                time: Time(t0 + i as u64 / 100),
+                encoded: vec![0; 200],
+            })
+            .collect();
+        done += batch.len();
+        store.put_reports(&batch).await?;
+        for jobs_reports in batch.chunks(1000) {
+            let ids: Vec<ReportId> = jobs_reports.iter().map(|r| r.report_id).collect();
+            let job = duet_store::HelperAggregationJob {
+                task_id,
+                id: AggregationJobId::random(),
+                request_hash: [0; 32],
+                step: 0,
+                response: Vec::new(),
+            };
+            helper
+                .put_helper_aggregation_job(&job, &ids, &[], &keep_first)
+                .await?;
+        }
+        store.create_aggregation_jobs(1000, RealClock.now()).await?;
+        loop {
+            let jobs = store
+                .acquire_aggregation_jobs(RealClock.now(), 600, 100)
+                .await?;
+            if jobs.is_empty() {
+                break;
+            }
+            for job in &jobs {
+                store.finish_aggregation_job(job, &[], &keep_first).await?;
+            }
+        }
+        pb.set_position(done as u64);
+    }
+    pb.finish_and_clear();
+    store.close().await;
+    helper.close().await;
+    Ok(())
+}
+
+/// Single-threaded CPU per report (seconds) of the Leader's and the Helper's work, and of one
+/// HPKE open alone.
+pub(super) fn floor(
+    task: &duet_core::Task,
+    leader_key: &HpkeKeypair,
+    helper_key: &HpkeKeypair,
+    reports: &[Report],
+) -> Result<(f64, f64, f64)> {
+    let vdaf = task.vdaf.instantiate()?;
+    let mut leader = std::time::Duration::ZERO;
+    let mut helper = std::time::Duration::ZERO;
+    let mut opens = std::time::Duration::ZERO;
+    let mut leader_agg = vdaf.empty_aggregate()?;
+    let mut helper_agg = vdaf.empty_aggregate()?;
+    for r in reports {
+        let aad = InputShareAad {
+            task_id: task.id,
+            metadata: r.metadata,
+            public_share: r.public_share.clone(),
+        }
+        .get_encoded();
+        let t = now();
+        let pt = open(
+            leader_key,
+            &HpkeApplicationInfo::InputShare {
+                server: Role::Leader,
+            },
+            &r.leader_encrypted_input_share,
+            &aad,
+        )?;
+        opens += t.elapsed();
+        let share = PlaintextInputShare::get_decoded(&pt)?;
+        let (state, msg) = vdaf.leader_init(
+            &task.vdaf_verify_key,
+            &r.metadata.id,
+            &r.public_share,
+            &share.payload,
+        )?;
+        leader += t.elapsed();
+
+        let t = now();
+        let pt = open(
+            helper_key,
+            &HpkeApplicationInfo::InputShare {
+                server: Role::Helper,
+            },
+            &r.helper_encrypted_input_share,
+            &aad,
+        )?;
+        let share = PlaintextInputShare::get_decoded(&pt)?;
+        let (out, reply) = vdaf.helper_init(
+            &task.vdaf_verify_key,
+            &r.metadata.id,
+            &r.public_share,
+            &share.payload,
+            &msg,
+        )?;
+        vdaf.accumulate(&mut helper_agg, &out)?;
+        helper += t.elapsed();
+
+        let t = now();
+        let out = vdaf.leader_continued(state, &reply)?;
+        vdaf.accumulate(&mut leader_agg, &out)?;
+        leader += t.elapsed();
+    }
+    let n = reports.len().max(1) as f64;
+    Ok((
+        leader.as_secs_f64() / n,
+        helper.as_secs_f64() / n,
+        opens.as_secs_f64() / n,
+    ))
+}
