@@ -40,10 +40,10 @@ pub(super) async fn put_reports(
     let mut new = vec![false; reports.len()];
     let mut tx = store.begin_write().await?;
     let chunk_rows = MAX_BIND_PARAMS / REPORT_COLUMNS;
-    for (c, (chunk, chunk_times)) in reports
+    for ((chunk, chunk_times), new) in reports
         .chunks(chunk_rows)
         .zip(times.chunks(chunk_rows))
-        .enumerate()
+        .zip(new.chunks_mut(chunk_rows))
     {
         let sql = format!(
             "-- put_reports\n\
@@ -60,7 +60,6 @@ pub(super) async fn put_reports(
                 .bind(&report.encoded[..]);
         }
         let done = query.execute(&mut *tx).await.map_err(db)?;
-        let new = &mut new[c * chunk_rows..c * chunk_rows + chunk.len()];
         let inserted = usize::try_from(done.rows_affected()).unwrap_or(usize::MAX);
         if inserted >= chunk.len() {
             // No conflicts (the usual case): every report is new.
