@@ -50,14 +50,25 @@ async fn connect_accepts_urls_and_reopens_migrated_files() {
         vec![true]
     );
     first.close().await;
-    // Reopening runs the (already applied) migrations again and sees the data.
+    // Reopening runs the (already applied) migrations again and sees the data: the report
+    // uploaded again is a replay, and the job holds it once.
     let second = SqliteDatastore::connect(&format!("sqlite:{}", path.display()))
         .await
         .expect("reconnect");
+    second.put_reports(&[report]).await.expect("put_reports");
     assert_eq!(
-        second.put_reports(&[report]).await.expect("put_reports"),
-        vec![false]
+        second
+            .create_aggregation_jobs(10, Time(1000))
+            .await
+            .expect("create_aggregation_jobs"),
+        1
     );
+    let jobs = second
+        .acquire_aggregation_jobs(Time(1000), 60, 10)
+        .await
+        .expect("acquire_aggregation_jobs");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].reports.len(), 1);
     second.health_check().await.expect("health_check");
     second.close().await;
 }
@@ -118,8 +129,10 @@ async fn concurrent_connections_to_one_file() {
             .await
             .expect("count");
         assert_eq!(count, written.len() as u64);
-        let again = store.put_reports(&written).await.expect("put_reports");
-        assert!(again.iter().all(|n| !*n));
+    }
+    // Replays through either connection, found when jobs claim the reports.
+    for store in &stores {
+        store.put_reports(&written).await.expect("put_reports");
     }
     // Concurrent job creation and acquisition through both pools hand out each report once.
     let (ca, cb) = tokio::join!(
@@ -142,10 +155,102 @@ async fn concurrent_connections_to_one_file() {
         .iter()
         .flat_map(|j| j.reports.iter().map(|r| r.report_id))
         .collect();
+    assert_eq!(ids.len(), written.len());
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), written.len());
     for store in &stores {
         store.close().await;
     }
+}
+
+/// A database made by schema version 1 (replay protection by a unique index on `reports`, rows
+/// of finished jobs kept with a NULL payload) keeps its pending reports and its replay protection
+/// through the upgrade.
+#[tokio::test]
+async fn upgrade_from_schema_1_keeps_reports_and_replay_protection() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let path = dir.path().join("v1.sqlite");
+    let v1 = dir.path().join("v1-migrations");
+    std::fs::create_dir(&v1).expect("mkdir");
+    let first = "0001_initial.sql";
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations/sqlite")
+            .join(first),
+        v1.join(first),
+    )
+    .expect("copy migration");
+    let task_id = TaskId::random();
+    let report = |payload: Option<Vec<u8>>| NewReport {
+        task_id,
+        report_id: ReportId::random(),
+        time: Time(1000),
+        encoded: payload.unwrap_or_default(),
+    };
+    let (finished, pending) = (report(None), report(Some(vec![7])));
+    {
+        let pool = sqlx::SqlitePool::connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true),
+        )
+        .await
+        .expect("open");
+        sqlx::migrate::Migrator::new(v1.as_path())
+            .await
+            .expect("load version 1")
+            .run(&pool)
+            .await
+            .expect("migrate to version 1");
+        for (seq, r, payload) in [(1, &finished, None), (2, &pending, Some(&pending.encoded))] {
+            sqlx::query(
+                "INSERT INTO reports (seq, task_id, report_id, client_time, payload) \
+                 VALUES (?, ?, ?, 1000, ?)",
+            )
+            .bind(seq)
+            .bind(&r.task_id.0[..])
+            .bind(&r.report_id.0[..])
+            .bind(payload)
+            .execute(&pool)
+            .await
+            .expect("insert");
+        }
+        sqlx::query("UPDATE report_cursor SET claimed_seq = 1")
+            .execute(&pool)
+            .await
+            .expect("cursor");
+        pool.close().await;
+    }
+    let store = SqliteDatastore::connect(path.to_str().expect("UTF-8 path"))
+        .await
+        .expect("upgrade");
+    let fresh = report(Some(vec![9]));
+    store
+        .put_reports(&[finished.clone(), pending.clone(), fresh.clone()])
+        .await
+        .expect("put_reports");
+    assert_eq!(
+        store
+            .create_aggregation_jobs(10, Time(2000))
+            .await
+            .expect("create_aggregation_jobs"),
+        1
+    );
+    let jobs = store
+        .acquire_aggregation_jobs(Time(2000), 60, 10)
+        .await
+        .expect("acquire_aggregation_jobs");
+    let got: Vec<(ReportId, Vec<u8>)> = jobs
+        .iter()
+        .flat_map(|j| j.reports.iter().map(|r| (r.report_id, r.encoded.clone())))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (pending.report_id, pending.encoded),
+            (fresh.report_id, fresh.encoded)
+        ]
+    );
+    store.close().await;
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use duet_messages::dap09::{AggregationJobId, ReportId, TaskId};
+use duet_messages::dap09::{AggregationJobId, ReportId, TaskId, Time};
 
 use super::{add_shares, checksum, ciphertext, delta, interval, share_value, task, PRECISION, T0};
 use crate::{AggregateShareJob, Datastore, HelperAggregationJob, StoreError};
@@ -360,9 +360,14 @@ pub async fn check_helper_delete_task(leader: &dyn Datastore, helper: &dyn Datas
         leader.get_task(&t.id).await.expect("get_task"),
         Some(t.clone())
     );
+    // The Leader's report is still there: uploaded again, it is a replay.
+    leader.put_reports(&[report]).await.expect("put_reports");
     assert_eq!(
-        leader.put_reports(&[report]).await.expect("put_reports"),
-        vec![false]
+        leader
+            .create_aggregation_jobs(10, Time(T0))
+            .await
+            .expect("create_aggregation_jobs"),
+        1
     );
     let pending = leader
         .count_unaggregated_reports(&t.id, &bucket)

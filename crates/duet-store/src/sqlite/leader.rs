@@ -1,16 +1,17 @@
 //! Leader: reports and aggregation jobs.
 //!
-//! A report is one row for its whole life, appended in upload order (`seq`). A job claims a
-//! contiguous `seq` range of one task's reports by advancing one cursor row, so claiming writes
-//! nothing per report; finishing or abandoning the job reduces its reports to their IDs
-//! (`payload` set to NULL) with one sequential range update. The job keeps its lease; there is
-//! no per-report state row.
+//! A report is one row from upload until its job ends, appended in upload order (`seq`). The
+//! job creator claims the reports uploaded since its last run by advancing one cursor row; in the
+//! same transaction it records their IDs in `report_ids` (replay protection, one sorted bulk
+//! insert), deletes replays, and cuts each task's run into jobs, each a contiguous `seq` range.
+//! Finishing or abandoning a job deletes its reports with one range delete; their IDs stay in
+//! `report_ids`. There is no per-report state row.
 //!
 //! Job statements reach `reports` through `seq` ranges of the primary key; the time-based count
 //! names its partial index (`INDEXED BY`), so that a missing index is an error rather than a
-//! scan of history.
+//! scan.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use duet_messages::dap09::{AggregationJobId, Interval, ReportId, TaskId, Time};
 
@@ -26,6 +27,8 @@ use crate::{
 /// Columns bound per report in `put_reports`.
 const REPORT_COLUMNS: usize = 4;
 
+/// Appends the reports; replays are found when jobs claim them (`create_aggregation_jobs`), so
+/// every report is reported stored here.
 pub(super) async fn put_reports(
     store: &SqliteDatastore,
     reports: &[NewReport],
@@ -37,18 +40,12 @@ pub(super) async fn put_reports(
         .iter()
         .map(|r| to_i64(r.time.0, "report time"))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut new = vec![false; reports.len()];
     let mut tx = store.begin_write().await?;
     let chunk_rows = MAX_BIND_PARAMS / REPORT_COLUMNS;
-    for ((chunk, chunk_times), new) in reports
-        .chunks(chunk_rows)
-        .zip(times.chunks(chunk_rows))
-        .zip(new.chunks_mut(chunk_rows))
-    {
+    for (chunk, chunk_times) in reports.chunks(chunk_rows).zip(times.chunks(chunk_rows)) {
         let sql = format!(
             "-- put_reports\n\
-             INSERT INTO reports (task_id, report_id, client_time, payload) VALUES {} \
-             ON CONFLICT DO NOTHING",
+             INSERT INTO reports (task_id, report_id, client_time, payload) VALUES {}",
             values_placeholders(chunk.len(), REPORT_COLUMNS)
         );
         let mut query = sqlx::query(&sql).persistent(chunk.len() == chunk_rows);
@@ -59,44 +56,19 @@ pub(super) async fn put_reports(
                 .bind(*time)
                 .bind(&report.encoded[..]);
         }
-        let done = query.execute(&mut *tx).await.map_err(db)?;
-        let inserted = usize::try_from(done.rows_affected()).unwrap_or(usize::MAX);
-        if inserted >= chunk.len() {
-            // No conflicts (the usual case): every report is new.
-            new.fill(true);
-        } else if inserted > 0 {
-            // Some were already stored, or repeated within the batch. The rows this statement
-            // inserted took consecutive `seq` values (AUTOINCREMENT, under the write lock)
-            // ending at the last insert rowid; the first occurrence of each of their keys is new.
-            let last = done.last_insert_rowid();
-            let rows = sqlx::query(
-                "-- put_reports\n\
-                 SELECT task_id, report_id FROM reports WHERE seq > ? AND seq <= ?",
-            )
-            .bind(last - i64::try_from(inserted).unwrap_or(i64::MAX))
-            .bind(last)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db)?;
-            let mut keys: HashSet<(TaskId, ReportId)> = HashSet::with_capacity(rows.len());
-            for row in rows {
-                keys.insert((
-                    TaskId(col_array(&row, "task_id")?),
-                    ReportId(col_array(&row, "report_id")?),
-                ));
-            }
-            for (report, new) in chunk.iter().zip(new.iter_mut()) {
-                *new = keys.remove(&(report.task_id, report.report_id));
-            }
-        }
+        query.execute(&mut *tx).await.map_err(db)?;
     }
     tx.commit().await.map_err(db)?;
-    Ok(new)
+    Ok(vec![true; reports.len()])
 }
 
-/// Reports read per statement when creating jobs.
+/// Reports (by `seq`) claimed per round of statements when creating jobs.
 const CLAIM_BATCH: i64 = 50_000;
 
+/// Claims the reports uploaded since the last call, in `seq` windows: the window's report IDs go
+/// into `report_ids` in key order (one sorted bulk insert, where a per-upload unique index would
+/// write a random page per report); a report whose ID was there already, or came earlier in the
+/// window, is a replay and is deleted; the rest are cut into jobs.
 pub(super) async fn create_aggregation_jobs(
     store: &SqliteDatastore,
     max_job_size: usize,
@@ -108,45 +80,47 @@ pub(super) async fn create_aggregation_jobs(
     let now = to_i64(now.0, "time")?;
     let mut tx = store.begin_write().await?;
     let row = sqlx::query(
-        "-- create_aggregation_jobs\nSELECT claimed_seq FROM report_cursor WHERE id = 0",
+        "-- create_aggregation_jobs\n\
+         SELECT claimed_seq, (SELECT COALESCE(MAX(seq), 0) FROM reports) AS last_seq \
+         FROM report_cursor WHERE id = 0",
     )
     .fetch_one(&mut *tx)
     .await
     .map_err(db)?;
     let mut cursor: i64 = col(&row, "claimed_seq")?;
+    let last_seq: i64 = col(&row, "last_seq")?;
     let mut created = 0;
-    loop {
-        let rows = sqlx::query(
+    while cursor < last_seq {
+        let end = last_seq.min(cursor.saturating_add(CLAIM_BATCH));
+        let fresh = sqlx::query(
             "-- create_aggregation_jobs\n\
-             SELECT seq, task_id FROM reports WHERE seq > ? ORDER BY seq LIMIT ?",
+             INSERT OR IGNORE INTO report_ids (task_id, report_id, seq) \
+             SELECT task_id, report_id, seq FROM reports WHERE seq > ?1 AND seq <= ?2 \
+             ORDER BY task_id, report_id, seq",
         )
         .bind(cursor)
-        .bind(CLAIM_BATCH)
-        .fetch_all(&mut *tx)
+        .bind(end)
+        .execute(&mut *tx)
         .await
-        .map_err(db)?;
-        let Some(last) = rows.last() else { break };
-        let last_seq: i64 = col(last, "seq")?;
-        // Group by task in upload order; each task's run is cut into jobs of at most
-        // `max_job_size` reports, each job a seq range.
-        let mut open: HashMap<Vec<u8>, (i64, i64, usize)> = HashMap::new();
-        let mut jobs: Vec<(Vec<u8>, i64, i64, usize)> = Vec::new();
-        for row in &rows {
-            let seq: i64 = col(row, "seq")?;
-            let task_id: Vec<u8> = col(row, "task_id")?;
-            let entry = open.entry(task_id.clone()).or_insert((seq, seq, 0));
-            entry.1 = seq;
-            entry.2 += 1;
-            if entry.2 == max_job_size {
-                jobs.push((task_id.clone(), entry.0, entry.1, entry.2));
-                open.remove(&task_id);
-            }
+        .map_err(db)?
+        .rows_affected();
+        let mut rows = claimable(&mut tx, cursor, end).await?;
+        if usize::try_from(fresh).unwrap_or(usize::MAX) < rows.len() {
+            // Some IDs were known: the rows that are not their ID's first upload are replays.
+            sqlx::query(
+                "-- create_aggregation_jobs\n\
+                 DELETE FROM reports WHERE seq > ?1 AND seq <= ?2 AND NOT EXISTS ( \
+                   SELECT 1 FROM report_ids i WHERE i.task_id = reports.task_id \
+                   AND i.report_id = reports.report_id AND i.seq = reports.seq)",
+            )
+            .bind(cursor)
+            .bind(end)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            rows = claimable(&mut tx, cursor, end).await?;
         }
-        jobs.extend(
-            open.into_iter()
-                .map(|(t, (first, last, n))| (t, first, last, n)),
-        );
-        for (task_id, first_seq, last_seq, count) in jobs {
+        for job in cut_into_jobs(&rows, max_job_size)? {
             let job_id = AggregationJobId::random();
             sqlx::query(
                 "-- create_aggregation_jobs\n\
@@ -154,11 +128,11 @@ pub(super) async fn create_aggregation_jobs(
                  (task_id, job_id, state, report_count, first_seq, last_seq, created_at, retry_at) \
                  VALUES (?, ?, 'active', ?, ?, ?, ?, ?)",
             )
-            .bind(&task_id[..])
+            .bind(&job.task_id[..])
             .bind(&job_id.0[..])
-            .bind(clamp_i64(count as u64))
-            .bind(first_seq)
-            .bind(last_seq)
+            .bind(clamp_i64(job.report_count as u64))
+            .bind(job.first_seq)
+            .bind(job.last_seq)
             .bind(now)
             .bind(now)
             .execute(&mut *tx)
@@ -166,10 +140,7 @@ pub(super) async fn create_aggregation_jobs(
             .map_err(db)?;
             created += 1;
         }
-        cursor = last_seq;
-        if (rows.len() as i64) < CLAIM_BATCH {
-            break;
-        }
+        cursor = end;
     }
     sqlx::query(
         "-- create_aggregation_jobs\nUPDATE report_cursor SET claimed_seq = ? WHERE id = 0",
@@ -180,6 +151,58 @@ pub(super) async fn create_aggregation_jobs(
     .map_err(db)?;
     tx.commit().await.map_err(db)?;
     Ok(created)
+}
+
+/// The reports of a claim window, in upload order.
+async fn claimable(
+    tx: &mut sqlx::SqliteConnection,
+    after: i64,
+    end: i64,
+) -> Result<Vec<sqlx::sqlite::SqliteRow>, StoreError> {
+    sqlx::query(
+        "-- create_aggregation_jobs\n\
+         SELECT seq, task_id FROM reports WHERE seq > ? AND seq <= ? ORDER BY seq",
+    )
+    .bind(after)
+    .bind(end)
+    .fetch_all(tx)
+    .await
+    .map_err(db)
+}
+
+/// A job to create: one task's reports in `first_seq..=last_seq`.
+struct NewJob {
+    task_id: Vec<u8>,
+    first_seq: i64,
+    last_seq: i64,
+    report_count: usize,
+}
+
+/// Groups claimed reports by task in upload order and cuts each task's run into jobs of at most
+/// `max_job_size` reports.
+fn cut_into_jobs(
+    rows: &[sqlx::sqlite::SqliteRow],
+    max_job_size: usize,
+) -> Result<Vec<NewJob>, StoreError> {
+    let mut open: HashMap<Vec<u8>, NewJob> = HashMap::new();
+    let mut jobs = Vec::new();
+    for row in rows {
+        let seq: i64 = col(row, "seq")?;
+        let task_id: Vec<u8> = col(row, "task_id")?;
+        let job = open.entry(task_id.clone()).or_insert_with(|| NewJob {
+            task_id: task_id.clone(),
+            first_seq: seq,
+            last_seq: seq,
+            report_count: 0,
+        });
+        job.last_seq = seq;
+        job.report_count += 1;
+        if job.report_count == max_job_size {
+            jobs.extend(open.remove(&task_id));
+        }
+    }
+    jobs.extend(open.into_values());
+    Ok(jobs)
 }
 
 pub(super) async fn acquire_aggregation_jobs(
@@ -290,8 +313,7 @@ pub(super) async fn finish_aggregation_job(
     merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
     sqlx::query(
         "-- finish_aggregation_job\n\
-         UPDATE reports SET payload = NULL \
-         WHERE seq BETWEEN ? AND ? AND task_id = ? AND payload IS NOT NULL",
+         DELETE FROM reports WHERE seq BETWEEN ? AND ? AND task_id = ?",
     )
     .bind(first_seq)
     .bind(last_seq)
@@ -352,8 +374,7 @@ pub(super) async fn abandon_aggregation_job(
     let (first_seq, last_seq): (i64, i64) = (col(&range, "first_seq")?, col(&range, "last_seq")?);
     sqlx::query(
         "-- abandon_aggregation_job\n\
-         UPDATE reports SET payload = NULL \
-         WHERE seq BETWEEN ? AND ? AND task_id = ? AND payload IS NOT NULL",
+         DELETE FROM reports WHERE seq BETWEEN ? AND ? AND task_id = ?",
     )
     .bind(first_seq)
     .bind(last_seq)

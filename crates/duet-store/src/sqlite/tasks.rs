@@ -75,7 +75,10 @@ pub(super) async fn list_tasks(store: &SqliteDatastore) -> Result<Vec<Task>, Sto
 
 /// Statements that remove a task's rows from the tables of one role; each binds the task ID.
 const DELETE_LEADER: &[&str] = &[
-    "-- delete_task\nDELETE FROM reports WHERE task_id = ?",
+    // Every row of `reports` has its payload (a finished job deletes its rows).
+    "-- delete_task\n\
+     DELETE FROM reports INDEXED BY reports_pending WHERE task_id = ? AND payload IS NOT NULL",
+    "-- delete_task\nDELETE FROM report_ids WHERE task_id = ?",
     "-- delete_task\nDELETE FROM aggregation_jobs WHERE task_id = ?",
     "-- delete_task\nDELETE FROM collection_jobs WHERE task_id = ?",
 ];
