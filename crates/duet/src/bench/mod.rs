@@ -2,7 +2,8 @@
 //!
 //! For each backend and VDAF it measures, in one run:
 //! * the *floor*: single-threaded CPU per report of the Leader's and the Helper's cryptography
-//!   (HPKE open, VDAF preparation, accumulation), on pre-generated reports;
+//!   (HPKE open, VDAF preparation, accumulation), on pre-generated reports, the fastest of
+//!   five passes;
 //! * *upload*: reports/s the Leader accepts over HTTP from `--concurrency` connections, on its
 //!   own: the reports go to a server that runs no jobs (`run_jobs = false`), and are then
 //!   deleted again;
@@ -97,7 +98,7 @@ pub struct Args {
     /// Concurrent upload connections (a Leader serves many clients at once).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Reports used to measure the floor.
+    /// Reports used to measure the floor (in each of its five passes).
     #[arg(long, default_value_t = 500)]
     floor_reports: usize,
     /// Aggregated reports of another task to put in the database before each run, to measure
