@@ -138,7 +138,7 @@ pub(super) async fn create_aggregation_jobs(
                  WITH claimed AS ( \
                    DELETE FROM report_queue WHERE ctid = ANY(ARRAY( \
                      SELECT ctid FROM report_queue WHERE task_id = $1 \
-                     ORDER BY client_time, report_id LIMIT $2 \
+                     ORDER BY client_time LIMIT $2 \
                      FOR UPDATE SKIP LOCKED)) \
                    RETURNING client_time, report_id, payload) \
                  INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, created_at, \
