@@ -104,8 +104,8 @@ pub trait Datastore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<AcquiredAggregationJob>, StoreError>;
     /// Completes a leased job: merges `deltas` into the batch aggregations, marks the job
-    /// finished and its reports aggregated (dropping their payloads). `LeaseLost` if the lease
-    /// is no longer held.
+    /// finished and its reports aggregated (their payloads dropped; their IDs kept for replay
+    /// protection). `LeaseLost` if the lease is no longer held.
     async fn finish_aggregation_job(
         &self,
         job: &AcquiredAggregationJob,
@@ -124,7 +124,8 @@ pub trait Datastore: Send + Sync + 'static {
     async fn abandon_aggregation_job(&self, job: &AcquiredAggregationJob)
         -> Result<(), StoreError>;
     /// How many reports of a task with a timestamp in `interval` are not yet aggregated (stored
-    /// but unassigned, or in an unfinished job).
+    /// but unassigned, or in an unfinished job). A store that finds replays when jobs are
+    /// created counts a replay uploaded since the last job creation until then.
     async fn count_unaggregated_reports(
         &self,
         task_id: &TaskId,

@@ -1,7 +1,7 @@
 //! The conformance suite on a fresh SQLite file, and concurrent writers on one file.
 
 use duet_core::AggregatorRole;
-use duet_messages::dap09::{ReportId, TaskId, Time};
+use duet_messages::dap09::{AggregationJobId, ReportId, TaskId, Time};
 use duet_store::sqlite::SqliteDatastore;
 use duet_store::{conformance, Datastore, NewReport};
 
@@ -188,7 +188,9 @@ async fn upgrade_from_schema_1_keeps_reports_and_replay_protection() {
         time: Time(1000),
         encoded: payload.unwrap_or_default(),
     };
-    let (finished, pending) = (report(None), report(Some(vec![7])));
+    // A finished report (payload NULL), one in an active job, one not yet claimed.
+    let (finished, in_job, pending) = (report(None), report(Some(vec![6])), report(Some(vec![7])));
+    let in_job_id = AggregationJobId::random();
     {
         let pool = sqlx::SqlitePool::connect_with(
             sqlx::sqlite::SqliteConnectOptions::new()
@@ -203,7 +205,11 @@ async fn upgrade_from_schema_1_keeps_reports_and_replay_protection() {
             .run(&pool)
             .await
             .expect("migrate to version 1");
-        for (seq, r, payload) in [(1, &finished, None), (2, &pending, Some(&pending.encoded))] {
+        for (seq, r, payload) in [
+            (1, &finished, None),
+            (2, &in_job, Some(&in_job.encoded)),
+            (3, &pending, Some(&pending.encoded)),
+        ] {
             sqlx::query(
                 "INSERT INTO reports (seq, task_id, report_id, client_time, payload) \
                  VALUES (?, ?, ?, 1000, ?)",
@@ -216,7 +222,16 @@ async fn upgrade_from_schema_1_keeps_reports_and_replay_protection() {
             .await
             .expect("insert");
         }
-        sqlx::query("UPDATE report_cursor SET claimed_seq = 1")
+        sqlx::query(
+            "INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, first_seq, \
+             last_seq, created_at, retry_at) VALUES (?, ?, 'active', 1, 2, 2, 1000, 1000)",
+        )
+        .bind(&task_id.0[..])
+        .bind(&in_job_id.0[..])
+        .execute(&pool)
+        .await
+        .expect("job");
+        sqlx::query("UPDATE report_cursor SET claimed_seq = 2")
             .execute(&pool)
             .await
             .expect("cursor");
@@ -225,9 +240,18 @@ async fn upgrade_from_schema_1_keeps_reports_and_replay_protection() {
     let store = SqliteDatastore::connect(path.to_str().expect("UTF-8 path"))
         .await
         .expect("upgrade");
+    // Each stored ID uploaded again with other contents, and a new report.
+    let replays: Vec<NewReport> = [&finished, &in_job, &pending]
+        .into_iter()
+        .map(|r| NewReport {
+            encoded: vec![99],
+            ..r.clone()
+        })
+        .collect();
     let fresh = report(Some(vec![9]));
+    store.put_reports(&replays).await.expect("put_reports");
     store
-        .put_reports(&[finished.clone(), pending.clone(), fresh.clone()])
+        .put_reports(std::slice::from_ref(&fresh))
         .await
         .expect("put_reports");
     assert_eq!(
@@ -237,19 +261,28 @@ async fn upgrade_from_schema_1_keeps_reports_and_replay_protection() {
             .expect("create_aggregation_jobs"),
         1
     );
-    let jobs = store
+    let mut jobs = store
         .acquire_aggregation_jobs(Time(2000), 60, 10)
         .await
         .expect("acquire_aggregation_jobs");
-    let got: Vec<(ReportId, Vec<u8>)> = jobs
+    jobs.sort_by_key(|j| j.job_id != in_job_id);
+    let got: Vec<Vec<(ReportId, Vec<u8>)>> = jobs
         .iter()
-        .flat_map(|j| j.reports.iter().map(|r| (r.report_id, r.encoded.clone())))
+        .map(|j| {
+            j.reports
+                .iter()
+                .map(|r| (r.report_id, r.encoded.clone()))
+                .collect()
+        })
         .collect();
     assert_eq!(
         got,
         vec![
-            (pending.report_id, pending.encoded),
-            (fresh.report_id, fresh.encoded)
+            vec![(in_job.report_id, in_job.encoded)],
+            vec![
+                (pending.report_id, pending.encoded),
+                (fresh.report_id, fresh.encoded)
+            ]
         ]
     );
     store.close().await;

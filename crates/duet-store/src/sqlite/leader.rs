@@ -74,6 +74,16 @@ pub(super) async fn create_aggregation_jobs(
     max_job_size: usize,
     now: Time,
 ) -> Result<usize, StoreError> {
+    claim_into_jobs(store, max_job_size, now, CLAIM_BATCH).await
+}
+
+/// [`create_aggregation_jobs`] with windows of `window` `seq` values.
+async fn claim_into_jobs(
+    store: &SqliteDatastore,
+    max_job_size: usize,
+    now: Time,
+    window: i64,
+) -> Result<usize, StoreError> {
     if max_job_size == 0 {
         return Ok(0);
     }
@@ -91,7 +101,7 @@ pub(super) async fn create_aggregation_jobs(
     let last_seq: i64 = col(&row, "last_seq")?;
     let mut created = 0;
     while cursor < last_seq {
-        let end = last_seq.min(cursor.saturating_add(CLAIM_BATCH));
+        let end = last_seq.min(cursor.saturating_add(window.max(1)));
         let fresh = sqlx::query(
             "-- create_aggregation_jobs\n\
              INSERT OR IGNORE INTO report_ids (task_id, report_id, seq) \
@@ -390,8 +400,9 @@ pub(super) async fn count_unaggregated_reports(
     task_id: &TaskId,
     interval: &Interval,
 ) -> Result<u64, StoreError> {
-    // Unassigned reports and reports of unfinished jobs are exactly those that still have a
-    // payload; the partial index `reports_pending` holds only them.
+    // Unassigned reports and reports of unfinished jobs are the rows of `reports` (a finished
+    // job deletes its rows), all with a payload, so the partial index `reports_pending` holds
+    // them. Replays uploaded since the last job creation are counted until it deletes them.
     let row = sqlx::query(
         "-- count_unaggregated_reports\n\
          SELECT COUNT(*) AS n FROM reports INDEXED BY reports_pending \
@@ -404,4 +415,67 @@ pub(super) async fn count_unaggregated_reports(
     .await
     .map_err(db)?;
     col_u64(&row, "n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Datastore;
+
+    /// Replays are found across claim windows and within one, and the first upload wins.
+    #[tokio::test]
+    async fn replays_across_and_within_claim_windows() {
+        let store = SqliteDatastore::connect("sqlite::memory:")
+            .await
+            .expect("connect");
+        let task_id = TaskId::random();
+        let report = |id: ReportId, payload: u8| NewReport {
+            task_id,
+            report_id: id,
+            time: Time(1000),
+            encoded: vec![payload],
+        };
+        let ids: Vec<ReportId> = (0..5).map(|_| ReportId::random()).collect();
+        // Windows of two: (a, b), (c, a'), (d, b'), (e, e').
+        let uploads = [
+            report(ids[0], 1),
+            report(ids[1], 2),
+            report(ids[2], 3),
+            report(ids[0], 9),
+            report(ids[3], 4),
+            report(ids[1], 9),
+            report(ids[4], 5),
+            report(ids[4], 9),
+        ];
+        store.put_reports(&uploads).await.expect("put_reports");
+        let jobs = claim_into_jobs(&store, 100, Time(2000), 2)
+            .await
+            .expect("claim");
+        assert_eq!(jobs, 4, "one job per window, none empty");
+        let mut got: Vec<(ReportId, Vec<u8>)> = store
+            .acquire_aggregation_jobs(Time(2000), 60, 10)
+            .await
+            .expect("acquire")
+            .into_iter()
+            .flat_map(|j| j.reports.into_iter().map(|r| (r.report_id, r.encoded)))
+            .collect();
+        got.sort_by_key(|(id, _)| id.0);
+        let mut want: Vec<(ReportId, Vec<u8>)> =
+            ids.iter().zip(1..).map(|(id, p)| (*id, vec![p])).collect();
+        want.sort_by_key(|(id, _)| id.0);
+        assert_eq!(got, want);
+        assert_eq!(
+            store
+                .count_unaggregated_reports(
+                    &task_id,
+                    &Interval {
+                        start: Time(0),
+                        duration: duet_messages::dap09::Duration(10_000),
+                    },
+                )
+                .await
+                .expect("count"),
+            5
+        );
+    }
 }
