@@ -2,9 +2,12 @@
 
 use std::collections::HashSet;
 
-use duet_messages::dap09::{AggregationJobId, ReportId, TaskId, Time};
+use duet_messages::dap09::{AggregationJobId, ReportId, TaskId};
 
-use super::{add_shares, checksum, ciphertext, delta, interval, share_value, task, PRECISION, T0};
+use super::{
+    add_shares, checksum, ciphertext, create_jobs, delta, interval, share_value, task, PRECISION,
+    T0,
+};
 use crate::{AggregateShareJob, Datastore, HelperAggregationJob, StoreError};
 
 fn helper_job(task_id: TaskId, tag: u8) -> HelperAggregationJob {
@@ -362,13 +365,7 @@ pub async fn check_helper_delete_task(leader: &dyn Datastore, helper: &dyn Datas
     );
     // The Leader's report is still there: uploaded again, it is a replay.
     leader.put_reports(&[report]).await.expect("put_reports");
-    assert_eq!(
-        leader
-            .create_aggregation_jobs(10, Time(T0))
-            .await
-            .expect("create_aggregation_jobs"),
-        1
-    );
+    assert_eq!(create_jobs(leader, 10, T0).await, 1);
     let pending = leader
         .count_unaggregated_reports(&t.id, &bucket)
         .await

@@ -4,7 +4,9 @@ use std::collections::HashSet;
 
 use duet_messages::dap09::{AggregationJobId, CollectionJobId, ReportId, TaskId, Time};
 
-use super::{add_shares, checksum, delta, interval, report, share_value, task, PRECISION, T0};
+use super::{
+    add_shares, checksum, create_jobs, delta, interval, report, share_value, task, PRECISION, T0,
+};
 use crate::{
     AcquiredAggregationJob, CollectionJob, CollectionJobState, Datastore, HelperAggregationJob,
     NewReport, StoreError,
@@ -87,10 +89,7 @@ pub async fn check_put_reports(leader: &dyn Datastore) {
 
     // Jobs hold every report once, as first uploaded.
     let now = T0 + 5000;
-    leader
-        .create_aggregation_jobs(10_000, Time(now))
-        .await
-        .expect("create_aggregation_jobs");
+    create_jobs(leader, 10_000, now).await;
     let mut want: Vec<&NewReport> = [&r1, &r2, &r3].into_iter().chain(&batch[..1000]).collect();
     want.sort_by_key(|r| r.report_id.0);
     let jobs = leader
@@ -130,13 +129,7 @@ pub async fn check_put_reports(leader: &dyn Datastore) {
 
     // Replays of reports already in jobs make no new job.
     leader.put_reports(&[r1, r3]).await.expect("put_reports");
-    assert_eq!(
-        leader
-            .create_aggregation_jobs(10_000, Time(now))
-            .await
-            .expect("create_aggregation_jobs"),
-        0
-    );
+    assert_eq!(create_jobs(leader, 10_000, now).await, 0);
     assert_eq!(unaggregated(leader, t.id, T0, PRECISION).await, 3);
 
     for id in [t.id, other.id] {
@@ -154,20 +147,8 @@ pub async fn check_aggregation_jobs(leader: &dyn Datastore, helper: &dyn Datasto
     let reports: Vec<NewReport> = (0..10).map(|i| report(t.id, T0 + 10 * i)).collect();
     leader.put_reports(&reports).await.expect("put_reports");
     let now = T0 + 5000;
-    assert_eq!(
-        leader
-            .create_aggregation_jobs(4, Time(now))
-            .await
-            .expect("create_aggregation_jobs"),
-        3
-    );
-    assert_eq!(
-        leader
-            .create_aggregation_jobs(4, Time(now))
-            .await
-            .expect("create_aggregation_jobs"),
-        0
-    );
+    assert_eq!(create_jobs(leader, 4, now).await, 3);
+    assert_eq!(create_jobs(leader, 4, now).await, 0);
 
     // One job at a time while leased.
     let first = acquire(leader, t.id, now, 1).await;
@@ -332,13 +313,7 @@ pub async fn check_aggregation_jobs(leader: &dyn Datastore, helper: &dyn Datasto
     // unaggregated once jobs are created, and makes no new job.
     assert!(acquire(leader, t.id, now + 100_000, 10).await.is_empty());
     leader.put_reports(&reports).await.expect("put_reports");
-    assert_eq!(
-        leader
-            .create_aggregation_jobs(4, Time(now))
-            .await
-            .expect("create_aggregation_jobs"),
-        0
-    );
+    assert_eq!(create_jobs(leader, 4, now).await, 0);
     assert_eq!(unaggregated(leader, t.id, T0, PRECISION).await, 0);
 
     // A job never mixes tasks.
@@ -346,13 +321,7 @@ pub async fn check_aggregation_jobs(leader: &dyn Datastore, helper: &dyn Datasto
     leader.put_task(&u).await.expect("put_task");
     let mixed = [report(t.id, T0), report(u.id, T0), report(t.id, T0 + 1)];
     leader.put_reports(&mixed).await.expect("put_reports");
-    assert_eq!(
-        leader
-            .create_aggregation_jobs(10, Time(now))
-            .await
-            .expect("create_aggregation_jobs"),
-        2
-    );
+    assert_eq!(create_jobs(leader, 10, now).await, 2);
     let all = leader
         .acquire_aggregation_jobs(Time(now + 200_000), 100, 100)
         .await
@@ -367,13 +336,7 @@ pub async fn check_aggregation_jobs(leader: &dyn Datastore, helper: &dyn Datasto
     for j in all.iter().filter(|j| j.task_id == u.id) {
         assert_eq!(j.reports[0].report_id, mixed[1].report_id);
     }
-    assert_eq!(
-        leader
-            .create_aggregation_jobs(0, Time(now))
-            .await
-            .expect("create_aggregation_jobs"),
-        0
-    );
+    assert_eq!(create_jobs(leader, 0, now).await, 0);
 
     for id in [t.id, u.id] {
         assert!(leader.delete_task(&id).await.expect("delete_task"));
@@ -388,10 +351,7 @@ pub async fn check_leader_delete_task(leader: &dyn Datastore, helper: &dyn Datas
     helper.put_task(&t).await.expect("helper put_task");
     let reports: Vec<NewReport> = (0..6).map(|i| report(t.id, T0 + i)).collect();
     leader.put_reports(&reports).await.expect("put_reports");
-    leader
-        .create_aggregation_jobs(3, Time(T0))
-        .await
-        .expect("create_aggregation_jobs");
+    create_jobs(leader, 3, T0).await;
     let jobs = acquire(leader, t.id, T0, 10).await;
     assert_eq!(jobs.len(), 2);
     let d = delta(t.id, T0, 3, &ids(&jobs[0]));

@@ -83,6 +83,14 @@ fn report(task_id: TaskId, time: u64) -> NewReport {
     }
 }
 
+/// Creates aggregation jobs of at most `max_job_size` reports at `now`; how many were created.
+async fn create_jobs(store: &dyn Datastore, max_job_size: usize, now: u64) -> usize {
+    store
+        .create_aggregation_jobs(max_job_size, Time(now))
+        .await
+        .expect("create_aggregation_jobs")
+}
+
 fn interval(start: u64, duration: u64) -> Interval {
     Interval {
         start: Time(start),

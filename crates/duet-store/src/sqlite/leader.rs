@@ -198,16 +198,18 @@ fn cut_into_jobs(
     let mut jobs = Vec::new();
     for row in rows {
         let seq: i64 = col(row, "seq")?;
-        let task_id: Vec<u8> = col(row, "task_id")?;
-        let job = open.entry(task_id.clone()).or_insert_with(|| NewJob {
-            task_id: task_id.clone(),
-            first_seq: seq,
-            last_seq: seq,
-            report_count: 0,
-        });
+        let job = open
+            .entry(col(row, "task_id")?)
+            .or_insert_with_key(|task_id| NewJob {
+                task_id: task_id.clone(),
+                first_seq: seq,
+                last_seq: seq,
+                report_count: 0,
+            });
         job.last_seq = seq;
         job.report_count += 1;
         if job.report_count == max_job_size {
+            let task_id = job.task_id.clone();
             jobs.extend(open.remove(&task_id));
         }
     }

@@ -94,7 +94,8 @@ impl UploadTarget {
     /// Uploads one report, on `conn` or a new connection; a connection the server closed is
     /// replaced once.
     async fn put(&self, conn: &mut Option<UploadConnection>, body: &[u8]) -> Result<()> {
-        for attempt in 0..2 {
+        let mut reconnected = false;
+        loop {
             let c = match conn {
                 Some(c) => c,
                 None => {
@@ -111,12 +112,14 @@ impl UploadTarget {
             };
             match c.round_trip(&self.head, body).await {
                 Ok(()) => return Ok(()),
-                Err(UploadError::Closed) if attempt == 0 => *conn = None,
+                Err(UploadError::Closed) if !reconnected => {
+                    reconnected = true;
+                    *conn = None;
+                }
                 Err(UploadError::Closed) => bail!("the Leader closed the connection"),
                 Err(UploadError::Failed(e)) => return Err(e),
             }
         }
-        Ok(())
     }
 }
 
@@ -136,12 +139,12 @@ impl From<std::io::Error> for UploadError {
 
 impl UploadConnection {
     async fn round_trip(&mut self, head: &[u8], body: &[u8]) -> Result<(), UploadError> {
+        use std::io::Write as _;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         self.request.clear();
         self.request.extend_from_slice(head);
-        self.request
-            .extend_from_slice(format!("{}\r\n\r\n", body.len()).as_bytes());
+        write!(self.request, "{}\r\n\r\n", body.len())?;
         self.request.extend_from_slice(body);
         if let Err(e) = self.stream.write_all(&self.request).await {
             return Err(match e.kind() {
