@@ -185,7 +185,9 @@ pub trait Datastore: Send + Sync + 'static {
         task_id: &TaskId,
         id: &AggregationJobId,
     ) -> Result<Option<HelperAggregationJob>, StoreError>;
-    /// Which of these report IDs the Helper has already aggregated for the task.
+    /// Which of these report IDs the Helper has already aggregated for the task. An ID stored
+    /// by another process very recently may be missed; `put_helper_aggregation_job` never
+    /// misses one (it answers `Conflict`, and the caller looks again).
     async fn seen_report_ids(
         &self,
         task_id: &TaskId,

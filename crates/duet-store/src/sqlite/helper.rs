@@ -8,11 +8,9 @@ use duet_messages::dap09::{
 use duet_messages::{Decode, Encode};
 use sqlx::sqlite::SqliteRow;
 
+use super::replay::Entry;
 use super::tasks::merge_batch_aggregations;
-use super::{
-    col, col_array, col_interval, col_u64, db, to_i64, values_placeholders, SqliteDatastore,
-    MAX_BIND_PARAMS,
-};
+use super::{col, col_array, col_interval, col_u64, db, to_i64, SqliteDatastore};
 use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, StoreError};
 
 pub(super) async fn get_helper_aggregation_job(
@@ -48,26 +46,8 @@ pub(super) async fn seen_report_ids(
     task_id: &TaskId,
     ids: &[ReportId],
 ) -> Result<HashSet<ReportId>, StoreError> {
-    let mut seen = HashSet::new();
-    // One parameter is the task ID.
-    let chunk_len = MAX_BIND_PARAMS - 1;
-    for chunk in ids.chunks(chunk_len) {
-        let sql = format!(
-            "-- seen_report_ids\n\
-             SELECT report_id FROM helper_report_ids WHERE task_id = ? AND report_id IN ({})",
-            vec!["?"; chunk.len()].join(", ")
-        );
-        let mut query = sqlx::query(&sql)
-            .persistent(chunk.len() == chunk_len)
-            .bind(&task_id.0[..]);
-        for id in chunk {
-            query = query.bind(&id.0[..]);
-        }
-        for row in query.fetch_all(&store.pool).await.map_err(db)? {
-            seen.insert(ReportId(col_array(&row, "report_id")?));
-        }
-    }
-    Ok(seen)
+    let mut conn = store.pool.acquire().await.map_err(db)?;
+    store.replay.helper.known(&mut conn, task_id, ids).await
 }
 
 pub(super) async fn put_helper_aggregation_job(
@@ -96,29 +76,27 @@ pub(super) async fn put_helper_aggregation_job(
         tx.rollback().await.map_err(db)?;
         return Err(StoreError::Conflict);
     }
-    // Two columns per report ID.
-    let chunk_len = MAX_BIND_PARAMS / 2;
-    let mut inserted_ids = 0;
-    for chunk in report_ids.chunks(chunk_len) {
-        let sql = format!(
-            "-- put_helper_aggregation_job\n\
-             INSERT INTO helper_report_ids (task_id, report_id) VALUES {} ON CONFLICT DO NOTHING",
-            values_placeholders(chunk.len(), 2)
-        );
-        let mut query = sqlx::query(&sql).persistent(chunk.len() == chunk_len);
-        for id in chunk {
-            query = query.bind(&job.task_id.0[..]).bind(&id.0[..]);
-        }
-        inserted_ids += query.execute(&mut *tx).await.map_err(db)?.rows_affected();
-    }
-    // Any report ID already stored (by another job, or twice in this one) is a replay that a
-    // concurrent request got in first: the caller must recompute.
-    if inserted_ids != report_ids.len() as u64 {
+    let entries: Vec<Entry> = report_ids
+        .iter()
+        .map(|id| Entry {
+            task_id: job.task_id,
+            report_id: *id,
+            seq: 0,
+        })
+        .collect();
+    let mut intake = store.replay.helper.begin(&mut tx).await?;
+    // Any report ID already taken in (by another job, or twice in this one) is a replay that a
+    // concurrent request got in first, or that `seen_report_ids` did not know of yet: the
+    // caller must recompute.
+    if intake.admit(&mut tx, &entries).await?.contains(&false) {
         tx.rollback().await.map_err(db)?;
         return Err(StoreError::Conflict);
     }
     merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
-    tx.commit().await.map_err(db)
+    let admitted = intake.finish(&mut tx).await?;
+    tx.commit().await.map_err(db)?;
+    admitted.remember();
+    Ok(())
 }
 
 fn share_job_from_row(task_id: &TaskId, row: &SqliteRow) -> Result<AggregateShareJob, StoreError> {

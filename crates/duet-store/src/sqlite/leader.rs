@@ -2,10 +2,10 @@
 //!
 //! A report is one row from upload until its job ends, appended in upload order (`seq`). The
 //! job creator claims the reports uploaded since its last run by advancing one cursor row; in the
-//! same transaction it records their IDs in `report_ids` (replay protection, one sorted bulk
-//! insert), deletes replays, and cuts each task's run into jobs, each a contiguous `seq` range.
-//! Finishing or abandoning a job deletes its reports with one range delete; their IDs stay in
-//! `report_ids`. There is no per-report state row.
+//! same transaction it admits their IDs to the Leader's replay set ([`super::replay`]), deletes
+//! replays, and cuts each task's run into jobs, each a contiguous `seq` range. Finishing or
+//! abandoning a job deletes its reports with one range delete; their IDs stay in the replay set.
+//! There is no per-report state row.
 //!
 //! Job statements reach `reports` through `seq` ranges of the primary key; the time-based count
 //! names its partial index (`INDEXED BY`), so that a missing index is an error rather than a
@@ -15,6 +15,7 @@ use std::collections::HashMap;
 
 use duet_messages::dap09::{AggregationJobId, Interval, ReportId, TaskId, Time};
 
+use super::replay::Entry;
 use super::tasks::merge_batch_aggregations;
 use super::{
     clamp_i64, col, col_array, col_u64, db, lease_token, to_i64, values_placeholders,
@@ -65,10 +66,9 @@ pub(super) async fn put_reports(
 /// Reports (by `seq`) claimed per round of statements when creating jobs.
 const CLAIM_BATCH: i64 = 50_000;
 
-/// Claims the reports uploaded since the last call, in `seq` windows: the window's report IDs go
-/// into `report_ids` in key order (one sorted bulk insert, where a per-upload unique index would
-/// write a random page per report); a report whose ID was there already, or came earlier in the
-/// window, is a replay and is deleted; the rest are cut into jobs.
+/// Claims the reports uploaded since the last call, in `seq` windows: the window's report IDs
+/// are admitted to the replay set (see [`super::replay`]); a report whose ID was there already,
+/// or came earlier in the window, is a replay and is deleted; the rest are cut into jobs.
 pub(super) async fn create_aggregation_jobs(
     store: &SqliteDatastore,
     max_job_size: usize,
@@ -99,38 +99,45 @@ async fn claim_into_jobs(
     .map_err(db)?;
     let mut cursor: i64 = col(&row, "claimed_seq")?;
     let last_seq: i64 = col(&row, "last_seq")?;
+    if cursor >= last_seq {
+        return Ok(0);
+    }
+    let mut intake = store.replay.leader.begin(&mut tx).await?;
     let mut created = 0;
     while cursor < last_seq {
         let end = last_seq.min(cursor.saturating_add(window.max(1)));
-        let fresh = sqlx::query(
+        let entries = sqlx::query(
             "-- create_aggregation_jobs\n\
-             INSERT OR IGNORE INTO report_ids (task_id, report_id, seq) \
-             SELECT task_id, report_id, seq FROM reports WHERE seq > ?1 AND seq <= ?2 \
-             ORDER BY task_id, report_id, seq",
+             SELECT seq, task_id, report_id FROM reports WHERE seq > ? AND seq <= ? ORDER BY seq",
         )
         .bind(cursor)
         .bind(end)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db)?
-        .rows_affected();
-        let mut rows = claimable(&mut tx, cursor, end).await?;
-        if usize::try_from(fresh).unwrap_or(usize::MAX) < rows.len() {
-            // Some IDs were known: the rows that are not their ID's first upload are replays.
-            sqlx::query(
-                "-- create_aggregation_jobs\n\
-                 DELETE FROM reports WHERE seq > ?1 AND seq <= ?2 AND NOT EXISTS ( \
-                   SELECT 1 FROM report_ids i WHERE i.task_id = reports.task_id \
-                   AND i.report_id = reports.report_id AND i.seq = reports.seq)",
-            )
-            .bind(cursor)
-            .bind(end)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-            rows = claimable(&mut tx, cursor, end).await?;
-        }
-        for job in cut_into_jobs(&rows, max_job_size)? {
+        .iter()
+        .map(|row| {
+            Ok(Entry {
+                task_id: TaskId(col_array(row, "task_id")?),
+                report_id: ReportId(col_array(row, "report_id")?),
+                seq: col(row, "seq")?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        let fresh = intake.admit(&mut tx, &entries).await?;
+        let replays: Vec<i64> = entries
+            .iter()
+            .zip(&fresh)
+            .filter(|(_, fresh)| !**fresh)
+            .map(|(entry, _)| entry.seq)
+            .collect();
+        delete_reports(&mut tx, &replays).await?;
+        let claimed = entries
+            .iter()
+            .zip(&fresh)
+            .filter(|(_, fresh)| **fresh)
+            .map(|(entry, _)| entry);
+        for job in cut_into_jobs(claimed, max_job_size) {
             let job_id = AggregationJobId::random();
             sqlx::query(
                 "-- create_aggregation_jobs\n\
@@ -138,7 +145,7 @@ async fn claim_into_jobs(
                  (task_id, job_id, state, report_count, first_seq, last_seq, created_at, retry_at) \
                  VALUES (?, ?, 'active', ?, ?, ?, ?, ?)",
             )
-            .bind(&job.task_id[..])
+            .bind(&job.task_id.0[..])
             .bind(&job_id.0[..])
             .bind(clamp_i64(job.report_count as u64))
             .bind(job.first_seq)
@@ -159,30 +166,32 @@ async fn claim_into_jobs(
     .execute(&mut *tx)
     .await
     .map_err(db)?;
+    let admitted = intake.finish(&mut tx).await?;
     tx.commit().await.map_err(db)?;
+    admitted.remember();
     Ok(created)
 }
 
-/// The reports of a claim window, in upload order.
-async fn claimable(
-    tx: &mut sqlx::SqliteConnection,
-    after: i64,
-    end: i64,
-) -> Result<Vec<sqlx::sqlite::SqliteRow>, StoreError> {
-    sqlx::query(
-        "-- create_aggregation_jobs\n\
-         SELECT seq, task_id FROM reports WHERE seq > ? AND seq <= ? ORDER BY seq",
-    )
-    .bind(after)
-    .bind(end)
-    .fetch_all(tx)
-    .await
-    .map_err(db)
+/// Deletes the reports with these `seq`s.
+async fn delete_reports(tx: &mut sqlx::SqliteConnection, seqs: &[i64]) -> Result<(), StoreError> {
+    let chunk_len = MAX_BIND_PARAMS;
+    for chunk in seqs.chunks(chunk_len) {
+        let sql = format!(
+            "-- create_aggregation_jobs\nDELETE FROM reports WHERE seq IN ({})",
+            vec!["?"; chunk.len()].join(", ")
+        );
+        let mut query = sqlx::query(&sql).persistent(chunk.len() == chunk_len);
+        for seq in chunk {
+            query = query.bind(*seq);
+        }
+        query.execute(&mut *tx).await.map_err(db)?;
+    }
+    Ok(())
 }
 
 /// A job to create: one task's reports in `first_seq..=last_seq`.
 struct NewJob {
-    task_id: Vec<u8>,
+    task_id: TaskId,
     first_seq: i64,
     last_seq: i64,
     report_count: usize,
@@ -190,31 +199,24 @@ struct NewJob {
 
 /// Groups claimed reports by task in upload order and cuts each task's run into jobs of at most
 /// `max_job_size` reports.
-fn cut_into_jobs(
-    rows: &[sqlx::sqlite::SqliteRow],
-    max_job_size: usize,
-) -> Result<Vec<NewJob>, StoreError> {
-    let mut open: HashMap<Vec<u8>, NewJob> = HashMap::new();
+fn cut_into_jobs<'a>(claimed: impl Iterator<Item = &'a Entry>, max_job_size: usize) -> Vec<NewJob> {
+    let mut open: HashMap<TaskId, NewJob> = HashMap::new();
     let mut jobs = Vec::new();
-    for row in rows {
-        let seq: i64 = col(row, "seq")?;
-        let job = open
-            .entry(col(row, "task_id")?)
-            .or_insert_with_key(|task_id| NewJob {
-                task_id: task_id.clone(),
-                first_seq: seq,
-                last_seq: seq,
-                report_count: 0,
-            });
-        job.last_seq = seq;
+    for entry in claimed {
+        let job = open.entry(entry.task_id).or_insert_with(|| NewJob {
+            task_id: entry.task_id,
+            first_seq: entry.seq,
+            last_seq: entry.seq,
+            report_count: 0,
+        });
+        job.last_seq = entry.seq;
         job.report_count += 1;
         if job.report_count == max_job_size {
-            let task_id = job.task_id.clone();
-            jobs.extend(open.remove(&task_id));
+            jobs.extend(open.remove(&entry.task_id));
         }
     }
     jobs.extend(open.into_values());
-    Ok(jobs)
+    jobs
 }
 
 pub(super) async fn acquire_aggregation_jobs(

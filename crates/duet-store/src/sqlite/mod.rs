@@ -5,11 +5,13 @@
 //! (`BEGIN IMMEDIATE`) and wait for it (busy timeout) instead of failing a lock upgrade half-way.
 //! Readers never block thanks to WAL. The schema is in `migrations/sqlite/`; the module split
 //! follows it: [`tasks`] (tasks, keys, batch aggregations), [`leader`] (reports and aggregation
-//! jobs), [`collection`] (collection jobs), [`helper`] (Helper jobs and aggregate shares).
+//! jobs), [`collection`] (collection jobs), [`helper`] (Helper jobs and aggregate shares), and
+//! [`replay`] (both roles' sets of report IDs taken in).
 
 mod collection;
 mod helper;
 mod leader;
+mod replay;
 mod tasks;
 
 use std::collections::HashSet;
@@ -63,6 +65,8 @@ pub struct SqliteDatastore {
     /// time); queueing writers here instead hands the lock over as soon as it is free. Other
     /// processes on the same file still wait through the busy timeout.
     write_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The report IDs each role has taken in (see [`replay`]).
+    replay: Arc<replay::ReplaySets>,
 }
 
 /// A write transaction and this process's write lock, released together.
@@ -155,6 +159,7 @@ impl SqliteDatastore {
             writer,
             role: AggregatorRole::Leader,
             write_lock: Arc::new(tokio::sync::Mutex::new(())),
+            replay: Arc::default(),
         })
     }
 
@@ -165,6 +170,7 @@ impl SqliteDatastore {
             writer: self.writer.clone(),
             role,
             write_lock: Arc::clone(&self.write_lock),
+            replay: Arc::clone(&self.replay),
         }
     }
 

@@ -5,6 +5,7 @@ use duet_core::{AggregatorRole, Task, TaskParameters};
 use duet_messages::dap09::{Interval, ReportIdChecksum, TaskId};
 use sqlx::sqlite::SqliteRow;
 
+use super::replay;
 use super::{clamp_i64, col, col_array, col_interval, col_u64, db, to_i64, SqliteDatastore};
 use crate::{BatchAggregation, MergeFn, StoreError};
 
@@ -79,12 +80,14 @@ const DELETE_LEADER: &[&str] = &[
     "-- delete_task\n\
      DELETE FROM reports INDEXED BY reports_pending WHERE task_id = ? AND payload IS NOT NULL",
     "-- delete_task\nDELETE FROM report_ids WHERE task_id = ?",
+    "-- delete_task\nDELETE FROM report_id_log WHERE task_id = ?",
     "-- delete_task\nDELETE FROM aggregation_jobs WHERE task_id = ?",
     "-- delete_task\nDELETE FROM collection_jobs WHERE task_id = ?",
 ];
 const DELETE_HELPER: &[&str] = &[
     "-- delete_task\nDELETE FROM helper_aggregation_jobs WHERE task_id = ?",
     "-- delete_task\nDELETE FROM helper_report_ids WHERE task_id = ?",
+    "-- delete_task\nDELETE FROM helper_report_id_log WHERE task_id = ?",
     "-- delete_task\nDELETE FROM aggregate_share_jobs WHERE task_id = ?",
 ];
 
@@ -104,6 +107,8 @@ pub(super) async fn delete_task(
             .await
             .map_err(db)?;
     }
+    // Every process drops the task's IDs from its copy of the log.
+    replay::bump_generation(&mut tx, store.role_str()).await?;
     sqlx::query("-- delete_task\nDELETE FROM batch_aggregations WHERE role = ? AND task_id = ?")
         .bind(store.role_str())
         .bind(&task_id.0[..])
@@ -118,6 +123,10 @@ pub(super) async fn delete_task(
         .map_err(db)?
         .rows_affected();
     tx.commit().await.map_err(db)?;
+    match store.role {
+        AggregatorRole::Leader => store.replay.leader.forget_task(task_id),
+        AggregatorRole::Helper => store.replay.helper.forget_task(task_id),
+    }
     Ok(deleted > 0)
 }
 

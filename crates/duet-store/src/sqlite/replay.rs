@@ -1,0 +1,598 @@
+//! Replay sets: the report IDs a role has taken in, kept as a sorted table plus a log of recent
+//! IDs that this process also holds in memory.
+//!
+//! Report IDs are random, so inserting each batch of new IDs straight into one large B-tree
+//! writes about one page per ID once the tree outgrows a transaction's worth of pages. Instead a
+//! new ID is appended to the role's log table (an integer key, so appends fill pages in order)
+//! and added to an in-memory set. When the log reaches [`MERGE_AT`] IDs, one statement moves it
+//! into the sorted table in key order, which writes each touched page once per merge. A check
+//! looks in the memory set, then probes the sorted table, which only reads.
+//!
+//! Several processes may write one file. The memory set is a cache of the log: every write
+//! transaction that admits IDs first reads the log rows above its watermark, and starts over
+//! when the log's generation has changed (a merge empties the log and bumps it; so does
+//! deleting a task). That happens under SQLite's write lock, so the check sees every committed
+//! ID. The set only ever holds IDs some transaction committed, so a stale set can miss a replay
+//! (outside a write transaction, where callers re-check) but never invent one.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use duet_messages::dap09::{ReportId, TaskId};
+use sqlx::SqliteConnection;
+
+use super::{col, col_array, db, values_placeholders, MAX_BIND_PARAMS};
+use crate::StoreError;
+
+/// Log length (in IDs) at which the log is merged into the sorted table. Larger merges write
+/// fewer pages per ID; the set in memory holds up to this many IDs (about 5 MB).
+const MERGE_AT: i64 = 100_000;
+
+/// Both roles' replay sets, shared by every handle on one pool.
+#[derive(Debug)]
+pub(super) struct ReplaySets {
+    pub leader: ReplayLog,
+    pub helper: ReplayLog,
+}
+
+impl Default for ReplaySets {
+    fn default() -> Self {
+        ReplaySets {
+            leader: ReplayLog::new("leader", "report_id_log", "report_ids", true),
+            helper: ReplayLog::new("helper", "helper_report_id_log", "helper_report_ids", false),
+        }
+    }
+}
+
+/// One role's replay set.
+pub(super) struct ReplayLog {
+    /// The `replay_logs` row naming this log.
+    name: &'static str,
+    /// The log table: `id INTEGER PRIMARY KEY, task_id, report_id` and, if `with_seq`, `seq`.
+    log: &'static str,
+    /// The sorted table: `PRIMARY KEY (task_id, report_id)` and, if `with_seq`, `seq`.
+    table: &'static str,
+    /// Whether rows carry the `seq` of the report's first upload (the Leader's do).
+    with_seq: bool,
+    merge_at: AtomicI64,
+    recent: Mutex<Recent>,
+}
+
+impl std::fmt::Debug for ReplayLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayLog").field("log", &self.log).finish()
+    }
+}
+
+/// The log rows this process has read, as of `generation` and up to `watermark`.
+#[derive(Default)]
+struct Recent {
+    generation: Option<i64>,
+    watermark: i64,
+    ids: HashMap<TaskId, HashSet<ReportId>>,
+}
+
+impl Recent {
+    fn contains(&self, task_id: &TaskId, id: &ReportId) -> bool {
+        self.ids.get(task_id).is_some_and(|ids| ids.contains(id))
+    }
+}
+
+/// A report ID to admit, with the `seq` of its upload (ignored by logs without one).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Entry {
+    pub task_id: TaskId,
+    pub report_id: ReportId,
+    pub seq: i64,
+}
+
+impl ReplayLog {
+    fn new(name: &'static str, log: &'static str, table: &'static str, with_seq: bool) -> Self {
+        ReplayLog {
+            name,
+            log,
+            table,
+            with_seq,
+            merge_at: AtomicI64::new(MERGE_AT),
+            recent: Mutex::new(Recent::default()),
+        }
+    }
+
+    /// Merges the log at `ids` IDs instead of [`MERGE_AT`] (for tests of merging).
+    #[cfg(test)]
+    pub(super) fn set_merge_at(&self, ids: i64) {
+        self.merge_at.store(ids, Ordering::Relaxed);
+    }
+
+    fn recent(&self) -> MutexGuard<'_, Recent> {
+        // The set is only ever added to or cleared whole, so a panic elsewhere while it was
+        // locked cannot leave it inconsistent.
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops a deleted task's IDs from the memory set (other processes reread the log, whose
+    /// generation the deletion bumped).
+    pub(super) fn forget_task(&self, task_id: &TaskId) {
+        self.recent().ids.remove(task_id);
+    }
+
+    /// Which of `ids` the set holds, as far as this process knows: the memory set, then the
+    /// sorted table. Outside a write transaction IDs committed by another process since this
+    /// one last admitted IDs may be missed; [`Intake::admit`] never misses one.
+    pub(super) async fn known(
+        &self,
+        conn: &mut SqliteConnection,
+        task_id: &TaskId,
+        ids: &[ReportId],
+    ) -> Result<HashSet<ReportId>, StoreError> {
+        let mut known = HashSet::new();
+        let mut probe = Vec::with_capacity(ids.len());
+        {
+            let recent = self.recent();
+            for id in ids {
+                if recent.contains(task_id, id) {
+                    known.insert(*id);
+                } else {
+                    probe.push(*id);
+                }
+            }
+        }
+        // In key order, so that consecutive probes share the upper pages of the tree.
+        probe.sort_unstable_by_key(|id| id.0);
+        probe.dedup();
+        let chunk_len = MAX_BIND_PARAMS - 1;
+        for chunk in probe.chunks(chunk_len) {
+            let sql = format!(
+                "-- replay_probe\n\
+                 SELECT report_id FROM {} WHERE task_id = ? AND report_id IN ({})",
+                self.table,
+                vec!["?"; chunk.len()].join(", ")
+            );
+            let mut query = sqlx::query(&sql)
+                .persistent(chunk.len() == chunk_len)
+                .bind(&task_id.0[..]);
+            for id in chunk {
+                query = query.bind(&id.0[..]);
+            }
+            for row in query.fetch_all(&mut *conn).await.map_err(db)? {
+                known.insert(ReportId(col_array(&row, "report_id")?));
+            }
+        }
+        Ok(known)
+    }
+
+    /// Starts admitting IDs in a write transaction: brings the memory set up to date with the
+    /// log first.
+    pub(super) async fn begin(
+        &self,
+        conn: &mut SqliteConnection,
+    ) -> Result<Intake<'_>, StoreError> {
+        let row = sqlx::query("-- replay_sync\nSELECT generation FROM replay_logs WHERE name = ?")
+            .bind(self.name)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)?;
+        let generation: i64 = col(&row, "generation")?;
+        let watermark = {
+            let mut recent = self.recent();
+            if recent.generation != Some(generation) {
+                *recent = Recent {
+                    generation: Some(generation),
+                    ..Recent::default()
+                };
+            }
+            recent.watermark
+        };
+        let rows = sqlx::query(&format!(
+            "-- replay_sync\nSELECT id, task_id, report_id FROM {} WHERE id > ? ORDER BY id",
+            self.log
+        ))
+        .bind(watermark)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        let mut recent = self.recent();
+        for row in &rows {
+            let id: i64 = col(row, "id")?;
+            recent
+                .ids
+                .entry(TaskId(col_array(row, "task_id")?))
+                .or_default()
+                .insert(ReportId(col_array(row, "report_id")?));
+            recent.watermark = recent.watermark.max(id);
+        }
+        let synced_to = recent.watermark;
+        drop(recent);
+        Ok(Intake {
+            log: self,
+            generation,
+            synced_to,
+            appended_to: synced_to,
+            admitted: HashMap::new(),
+        })
+    }
+}
+
+/// IDs being admitted in one write transaction. Call [`Intake::finish`] before committing and
+/// [`Admitted::remember`] after.
+pub(super) struct Intake<'a> {
+    log: &'a ReplayLog,
+    generation: i64,
+    /// The log's last row when the transaction started.
+    synced_to: i64,
+    /// The log's last row after this transaction's appends.
+    appended_to: i64,
+    admitted: HashMap<TaskId, HashSet<ReportId>>,
+}
+
+impl<'a> Intake<'a> {
+    /// Admits `entries`: returns, for each, whether its ID is new (not in the set, and not
+    /// earlier in `entries` or in this transaction), and appends the new ones to the log.
+    pub(super) async fn admit(
+        &mut self,
+        conn: &mut SqliteConnection,
+        entries: &[Entry],
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut by_task: HashMap<TaskId, Vec<ReportId>> = HashMap::new();
+        for entry in entries {
+            by_task
+                .entry(entry.task_id)
+                .or_default()
+                .push(entry.report_id);
+        }
+        let mut known: HashMap<TaskId, HashSet<ReportId>> = HashMap::with_capacity(by_task.len());
+        for (task_id, ids) in &by_task {
+            known.insert(*task_id, self.log.known(conn, task_id, ids).await?);
+        }
+        let mut fresh = Vec::with_capacity(entries.len());
+        let mut appends = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let is_new = !known[&entry.task_id].contains(&entry.report_id)
+                && self
+                    .admitted
+                    .entry(entry.task_id)
+                    .or_default()
+                    .insert(entry.report_id);
+            fresh.push(is_new);
+            if is_new {
+                appends.push(*entry);
+            }
+        }
+        self.append(conn, &appends).await?;
+        Ok(fresh)
+    }
+
+    async fn append(
+        &mut self,
+        conn: &mut SqliteConnection,
+        entries: &[Entry],
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let columns = if self.log.with_seq { 3 } else { 2 };
+        let chunk_len = MAX_BIND_PARAMS / columns;
+        for chunk in entries.chunks(chunk_len) {
+            let sql = format!(
+                "-- replay_append\nINSERT INTO {} (task_id, report_id{}) VALUES {}",
+                self.log.log,
+                if self.log.with_seq { ", seq" } else { "" },
+                values_placeholders(chunk.len(), columns)
+            );
+            let mut query = sqlx::query(&sql).persistent(chunk.len() == chunk_len);
+            for entry in chunk {
+                query = query
+                    .bind(&entry.task_id.0[..])
+                    .bind(&entry.report_id.0[..]);
+                if self.log.with_seq {
+                    query = query.bind(entry.seq);
+                }
+            }
+            query.execute(&mut *conn).await.map_err(db)?;
+        }
+        let row = sqlx::query(&format!(
+            "-- replay_append\nSELECT COALESCE(MAX(id), 0) AS last FROM {}",
+            self.log.log
+        ))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        self.appended_to = col(&row, "last")?;
+        Ok(())
+    }
+
+    /// Ends admission: merges the log into the sorted table if it has grown to the merge size.
+    pub(super) async fn finish(
+        self,
+        conn: &mut SqliteConnection,
+    ) -> Result<Admitted<'a>, StoreError> {
+        let log = self.log;
+        let merged = self.appended_to >= log.merge_at.load(Ordering::Relaxed);
+        if merged {
+            let columns = if log.with_seq {
+                "task_id, report_id, seq"
+            } else {
+                "task_id, report_id"
+            };
+            // Every logged ID was checked against the table when admitted; OR IGNORE keeps the
+            // merge from failing on a row some older version of Duet left in both.
+            let statements = [
+                format!(
+                    "-- replay_merge\nINSERT OR IGNORE INTO {} ({columns}) \
+                     SELECT {columns} FROM {} ORDER BY task_id, report_id",
+                    log.table, log.log
+                ),
+                format!("-- replay_merge\nDELETE FROM {}", log.log),
+            ];
+            for sql in &statements {
+                sqlx::query(sql).execute(&mut *conn).await.map_err(db)?;
+            }
+            bump_generation(conn, log.name).await?;
+        }
+        Ok(Admitted {
+            log,
+            generation: self.generation,
+            synced_to: self.synced_to,
+            appended_to: self.appended_to,
+            admitted: self.admitted,
+            merged,
+        })
+    }
+}
+
+/// Starts a new generation of the log named `name`: every process rereads it before its next
+/// admission. Called in the transaction that merged or deleted log rows.
+pub(super) async fn bump_generation(
+    conn: &mut SqliteConnection,
+    name: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "-- replay_generation\nUPDATE replay_logs SET generation = generation + 1 WHERE name = ?",
+    )
+    .bind(name)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// IDs admitted by a transaction, to add to the memory set once it has committed.
+pub(super) struct Admitted<'a> {
+    log: &'a ReplayLog,
+    generation: i64,
+    synced_to: i64,
+    appended_to: i64,
+    admitted: HashMap<TaskId, HashSet<ReportId>>,
+    merged: bool,
+}
+
+impl Admitted<'_> {
+    /// Adds the committed IDs to the memory set. If nothing else read the log since this
+    /// transaction began, the log rows it appended are exactly these IDs, so the watermark moves
+    /// past them; otherwise the next transaction rereads them. Skipping this (say, on a
+    /// cancelled future) only costs that reread.
+    pub(super) fn remember(self) {
+        let mut recent = self.log.recent();
+        if self.merged {
+            // The log is empty and its IDs are in the sorted table.
+            *recent = Recent::default();
+            return;
+        }
+        if recent.generation != Some(self.generation) {
+            return;
+        }
+        if recent.watermark == self.synced_to {
+            recent.watermark = self.appended_to;
+        }
+        for (task_id, ids) in self.admitted {
+            recent.ids.entry(task_id).or_default().extend(ids);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use duet_core::AggregatorRole;
+    use duet_messages::dap09::{AggregationJobId, Time};
+
+    use super::*;
+    use crate::sqlite::SqliteDatastore;
+    use crate::{Datastore, HelperAggregationJob, NewReport};
+
+    /// Two handles with their own memory sets on one file, as two processes would have, both
+    /// merging after `merge_at` IDs.
+    async fn two_processes(
+        dir: &tempfile::TempDir,
+        merge_at: i64,
+    ) -> (SqliteDatastore, SqliteDatastore) {
+        let path = dir.path().join("duet.sqlite");
+        let path = path.to_str().expect("UTF-8 path");
+        let a = SqliteDatastore::connect(path).await.expect("connect");
+        let b = SqliteDatastore::connect(path).await.expect("connect");
+        for store in [&a, &b] {
+            store.replay.leader.set_merge_at(merge_at);
+            store.replay.helper.set_merge_at(merge_at);
+        }
+        (a, b)
+    }
+
+    async fn log_state(store: &SqliteDatastore, log: &ReplayLog) -> (i64, i64, i64) {
+        let row = sqlx::query(&format!(
+            "SELECT (SELECT COUNT(*) FROM {}) AS logged, (SELECT COUNT(*) FROM {}) AS merged, \
+             (SELECT generation FROM replay_logs WHERE name = ?) AS generation",
+            log.log, log.table
+        ))
+        .bind(log.name)
+        .fetch_one(&store.pool)
+        .await
+        .expect("log state");
+        (
+            col(&row, "logged").expect("logged"),
+            col(&row, "merged").expect("merged"),
+            col(&row, "generation").expect("generation"),
+        )
+    }
+
+    /// The Leader's job creators in two processes drop every replay, whether its first upload
+    /// is in the log the other process wrote or already merged into the sorted table, and keep
+    /// each report's first upload.
+    #[tokio::test]
+    async fn leader_replays_across_processes_and_merges() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let (a, b) = two_processes(&dir, 4).await;
+        let task_id = TaskId::random();
+        let ids: Vec<ReportId> = (0..5).map(|_| ReportId::random()).collect();
+        let report = |i: usize, payload: u8| NewReport {
+            task_id,
+            report_id: ids[i],
+            time: Time(1000),
+            encoded: vec![payload],
+        };
+        let mut jobs = 0;
+
+        a.put_reports(&[report(0, 0), report(1, 1), report(2, 2)])
+            .await
+            .expect("put_reports");
+        jobs += a
+            .create_aggregation_jobs(100, Time(2000))
+            .await
+            .expect("claim");
+        assert_eq!(log_state(&a, &a.replay.leader).await, (3, 0, 0));
+
+        // B has never read the log: it must find report 0 there. Its new ID fills the log,
+        // which B merges.
+        b.put_reports(&[report(0, 9), report(3, 3)])
+            .await
+            .expect("put_reports");
+        jobs += b
+            .create_aggregation_jobs(100, Time(2000))
+            .await
+            .expect("claim");
+        assert_eq!(log_state(&b, &b.replay.leader).await, (0, 4, 1));
+
+        // A's memory set is of the old generation: replays of IDs merged since are found in the
+        // sorted table, and repeats within one claim keep the first.
+        a.put_reports(&[report(3, 9), report(1, 9), report(4, 4), report(4, 9)])
+            .await
+            .expect("put_reports");
+        jobs += a
+            .create_aggregation_jobs(100, Time(2000))
+            .await
+            .expect("claim");
+        assert_eq!(log_state(&a, &a.replay.leader).await, (1, 4, 1));
+        // And B, which merged, finds the one logged since.
+        b.put_reports(&[report(4, 9)]).await.expect("put_reports");
+        assert_eq!(
+            b.create_aggregation_jobs(100, Time(2000))
+                .await
+                .expect("claim"),
+            0
+        );
+
+        assert_eq!(jobs, 3);
+        let mut got: Vec<(ReportId, Vec<u8>)> = a
+            .acquire_aggregation_jobs(Time(2000), 60, 10)
+            .await
+            .expect("acquire")
+            .into_iter()
+            .flat_map(|j| j.reports.into_iter().map(|r| (r.report_id, r.encoded)))
+            .collect();
+        got.sort_by_key(|(id, _)| id.0);
+        let mut want: Vec<(ReportId, Vec<u8>)> =
+            ids.iter().zip(0..).map(|(id, p)| (*id, vec![p])).collect();
+        want.sort_by_key(|(id, _)| id.0);
+        assert_eq!(got, want);
+
+        // Deleting the task empties its log rows and bumps the generation.
+        // No task row was stored: only the IDs go.
+        a.delete_task(&task_id).await.expect("delete_task");
+        assert_eq!(log_state(&a, &a.replay.leader).await, (0, 0, 2));
+        a.close().await;
+        b.close().await;
+    }
+
+    fn helper_job(task_id: TaskId) -> HelperAggregationJob {
+        HelperAggregationJob {
+            task_id,
+            id: AggregationJobId::random(),
+            request_hash: [1; 32],
+            step: 1,
+            response: vec![1],
+        }
+    }
+
+    fn no_merge(_: &[u8], _: &[u8]) -> Result<Vec<u8>, String> {
+        Err("no aggregates in this test".into())
+    }
+
+    /// Helpers in two processes turn away a report ID the other one took in, from its log or
+    /// after a merge; `seen_report_ids` knows the IDs once a write has read the log.
+    #[tokio::test]
+    async fn helper_replays_across_processes_and_merges() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let (a, b) = two_processes(&dir, 4).await;
+        let (a, b) = (
+            a.with_role(AggregatorRole::Helper),
+            b.with_role(AggregatorRole::Helper),
+        );
+        let task_id = TaskId::random();
+        let ids: Vec<ReportId> = (0..5).map(|_| ReportId::random()).collect();
+        let put = |store: SqliteDatastore, job_ids: Vec<ReportId>| async move {
+            store
+                .put_helper_aggregation_job(&helper_job(task_id), &job_ids, &[], &no_merge)
+                .await
+        };
+
+        put(a.clone(), ids[0..2].to_vec()).await.expect("put");
+        assert_eq!(
+            a.seen_report_ids(&task_id, &ids).await.expect("seen"),
+            ids[0..2].iter().copied().collect()
+        );
+        assert!(matches!(
+            put(b.clone(), vec![ids[1], ids[2]]).await,
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(
+            b.seen_report_ids(&task_id, &ids).await.expect("seen"),
+            ids[0..2].iter().copied().collect()
+        );
+        // Fills the log; B merges it.
+        put(b.clone(), ids[2..4].to_vec()).await.expect("put");
+        assert_eq!(log_state(&b, &b.replay.helper).await, (0, 4, 1));
+        assert_eq!(
+            a.seen_report_ids(&task_id, &ids).await.expect("seen"),
+            ids[0..4].iter().copied().collect()
+        );
+        assert!(matches!(
+            put(a.clone(), vec![ids[4], ids[3]]).await,
+            Err(StoreError::Conflict)
+        ));
+        put(a.clone(), vec![ids[4]]).await.expect("put");
+        assert_eq!(log_state(&a, &a.replay.helper).await, (1, 4, 1));
+        assert_eq!(
+            b.seen_report_ids(&task_id, &ids).await.expect("seen").len(),
+            4,
+            "B has not read the log since A's write: the fifth is caught at write time"
+        );
+        assert!(matches!(
+            put(b.clone(), vec![ids[4]]).await,
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(
+            b.seen_report_ids(&task_id, &ids).await.expect("seen").len(),
+            5
+        );
+
+        // No task row was stored: only the IDs go.
+        a.delete_task(&task_id).await.expect("delete_task");
+        assert!(a
+            .seen_report_ids(&task_id, &ids)
+            .await
+            .expect("seen")
+            .is_empty());
+        assert_eq!(log_state(&a, &a.replay.helper).await, (0, 0, 2));
+        a.close().await;
+        b.close().await;
+    }
+}
