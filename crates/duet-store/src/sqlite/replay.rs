@@ -3,17 +3,20 @@
 //!
 //! Report IDs are random, so inserting each batch of new IDs straight into one large B-tree
 //! writes about one page per ID once the tree outgrows a transaction's worth of pages. Instead a
-//! new ID is appended to the role's log table (an integer key, so appends fill pages in order)
-//! and added to an in-memory set. When the log reaches [`MERGE_AT`] IDs, one statement moves it
-//! into the sorted table in key order, which writes each touched page once per merge. A check
-//! looks in the memory set, then probes the sorted table, which only reads.
+//! new ID is appended to the role's log table (an increasing integer key, so appends fill pages
+//! in order) and added to an in-memory set. When [`MERGE_AT`] IDs have been logged since the
+//! last merge, the log is moved into the sorted table in key order, which writes each touched
+//! page once per merge. The move is cut into [`MERGE_SLICES`] slices by the ID's first byte, one
+//! per admitting transaction, so that no single transaction holds the write lock for long. A
+//! check looks in the memory set, then probes the sorted table, which only reads.
 //!
 //! Several processes may write one file. The memory set is a cache of the log: every write
-//! transaction that admits IDs first reads the log rows above its watermark, and starts over
-//! when the log's generation has changed (a merge empties the log and bumps it; so does
-//! deleting a task). That happens under SQLite's write lock, so the check sees every committed
-//! ID. The set only ever holds IDs some transaction committed, so a stale set can miss a replay
-//! (outside a write transaction, where callers re-check) but never invent one.
+//! transaction that admits IDs first reads the log rows above its watermark (log keys are never
+//! reused), and starts over when the log's generation has changed (bumped when a merge ends, so
+//! that the set sheds the merged IDs, and when a task is deleted). That happens under SQLite's
+//! write lock, so the check sees every committed ID. The set only ever holds IDs some
+//! transaction committed, so a stale set can miss a replay (outside a write transaction, where
+//! callers re-check) but never invent one.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -25,9 +28,11 @@ use sqlx::SqliteConnection;
 use super::{col, col_array, db, values_placeholders, MAX_BIND_PARAMS};
 use crate::StoreError;
 
-/// Log length (in IDs) at which the log is merged into the sorted table. Larger merges write
-/// fewer pages per ID; the set in memory holds up to this many IDs (about 5 MB).
+/// IDs logged since the last merge at which a merge starts. Larger merges write fewer pages
+/// per ID; the set in memory holds about this many IDs (about 5 MB).
 const MERGE_AT: i64 = 100_000;
+/// Transactions a merge is spread over, each moving the IDs whose first byte is in one slice.
+const MERGE_SLICES: i64 = 8;
 
 /// Both roles' replay sets, shared by every handle on one pool.
 #[derive(Debug)]
@@ -56,6 +61,7 @@ pub(super) struct ReplayLog {
     /// Whether rows carry the `seq` of the report's first upload (the Leader's do).
     with_seq: bool,
     merge_at: AtomicI64,
+    merge_slices: AtomicI64,
     recent: Mutex<Recent>,
 }
 
@@ -95,14 +101,17 @@ impl ReplayLog {
             table,
             with_seq,
             merge_at: AtomicI64::new(MERGE_AT),
+            merge_slices: AtomicI64::new(MERGE_SLICES),
             recent: Mutex::new(Recent::default()),
         }
     }
 
-    /// Merges the log at `ids` IDs instead of [`MERGE_AT`] (for tests of merging).
+    /// Merges the log every `ids` IDs in `slices` transactions instead of [`MERGE_AT`] and
+    /// [`MERGE_SLICES`] (for tests of merging).
     #[cfg(test)]
-    pub(super) fn set_merge_at(&self, ids: i64) {
+    pub(super) fn set_merge(&self, ids: i64, slices: i64) {
         self.merge_at.store(ids, Ordering::Relaxed);
+        self.merge_slices.store(slices, Ordering::Relaxed);
     }
 
     fn recent(&self) -> MutexGuard<'_, Recent> {
@@ -168,11 +177,14 @@ impl ReplayLog {
         &self,
         conn: &mut SqliteConnection,
     ) -> Result<Intake<'_>, StoreError> {
-        let row = sqlx::query("-- replay_sync\nSELECT generation FROM replay_logs WHERE name = ?")
-            .bind(self.name)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(db)?;
+        let row = sqlx::query(
+            "-- replay_sync\n\
+             SELECT generation, merge_slice, merge_mark FROM replay_logs WHERE name = ?",
+        )
+        .bind(self.name)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
         let generation: i64 = col(&row, "generation")?;
         let watermark = {
             let mut recent = self.recent();
@@ -207,6 +219,8 @@ impl ReplayLog {
         Ok(Intake {
             log: self,
             generation,
+            merge_slice: col(&row, "merge_slice")?,
+            merge_mark: col(&row, "merge_mark")?,
             synced_to,
             appended_to: synced_to,
             admitted: HashMap::new(),
@@ -219,6 +233,10 @@ impl ReplayLog {
 pub(super) struct Intake<'a> {
     log: &'a ReplayLog,
     generation: i64,
+    /// The slice a merge in progress moves next, from 1; 0 when no merge is under way.
+    merge_slice: i64,
+    /// The log's last row when the last merge started.
+    merge_mark: i64,
     /// The log's last row when the transaction started.
     synced_to: i64,
     /// The log's last row after this transaction's appends.
@@ -302,33 +320,68 @@ impl<'a> Intake<'a> {
         Ok(())
     }
 
-    /// Ends admission: merges the log into the sorted table if it has grown to the merge size.
+    /// Ends admission: moves one slice of the log into the sorted table if a merge is under way
+    /// or due.
     pub(super) async fn finish(
-        self,
+        mut self,
         conn: &mut SqliteConnection,
     ) -> Result<Admitted<'a>, StoreError> {
         let log = self.log;
-        let merged = self.appended_to >= log.merge_at.load(Ordering::Relaxed);
-        if merged {
+        let slices = log.merge_slices.load(Ordering::Relaxed).clamp(1, 256);
+        if self.merge_slice == 0
+            && self.appended_to - self.merge_mark >= log.merge_at.load(Ordering::Relaxed)
+        {
+            self.merge_slice = 1;
+            self.merge_mark = self.appended_to;
+        }
+        let mut ended = false;
+        if self.merge_slice > 0 {
+            // Slice k (from 1) holds the IDs whose first byte is in [lo, hi); the last slice is
+            // unbounded above.
+            let slice = self.merge_slice.min(slices);
+            let lo = [u8::try_from((slice - 1) * 256 / slices).unwrap_or(u8::MAX)];
+            let hi = u8::try_from(slice * 256 / slices).ok().map(|b| [b]);
+            let range = if hi.is_some() {
+                "report_id >= ?1 AND report_id < ?2"
+            } else {
+                "report_id >= ?1"
+            };
             let columns = if log.with_seq {
                 "task_id, report_id, seq"
             } else {
                 "task_id, report_id"
             };
-            // Every logged ID was checked against the table when admitted; OR IGNORE keeps the
-            // merge from failing on a row some older version of Duet left in both.
+            // Every logged ID was checked against the table when admitted; OR IGNORE keeps a
+            // merge from failing on an ID that a task deletion raced with.
             let statements = [
                 format!(
                     "-- replay_merge\nINSERT OR IGNORE INTO {} ({columns}) \
-                     SELECT {columns} FROM {} ORDER BY task_id, report_id",
+                     SELECT {columns} FROM {} WHERE {range} ORDER BY task_id, report_id",
                     log.table, log.log
                 ),
-                format!("-- replay_merge\nDELETE FROM {}", log.log),
+                format!("-- replay_merge\nDELETE FROM {} WHERE {range}", log.log),
             ];
             for sql in &statements {
-                sqlx::query(sql).execute(&mut *conn).await.map_err(db)?;
+                let mut query = sqlx::query(sql).bind(&lo[..]);
+                if let Some(hi) = &hi {
+                    query = query.bind(&hi[..]);
+                }
+                query.execute(&mut *conn).await.map_err(db)?;
             }
-            bump_generation(conn, log.name).await?;
+            ended = slice == slices;
+            self.merge_slice = if ended { 0 } else { slice + 1 };
+            sqlx::query(
+                "-- replay_merge\n\
+                 UPDATE replay_logs SET merge_slice = ?, merge_mark = ?, \
+                   generation = generation + ? WHERE name = ?",
+            )
+            .bind(self.merge_slice)
+            .bind(self.merge_mark)
+            .bind(i64::from(ended))
+            .bind(log.name)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
         }
         Ok(Admitted {
             log,
@@ -336,13 +389,13 @@ impl<'a> Intake<'a> {
             synced_to: self.synced_to,
             appended_to: self.appended_to,
             admitted: self.admitted,
-            merged,
+            merged: ended,
         })
     }
 }
 
 /// Starts a new generation of the log named `name`: every process rereads it before its next
-/// admission. Called in the transaction that merged or deleted log rows.
+/// admission. Called in the transaction that deleted a task's log rows.
 pub(super) async fn bump_generation(
     conn: &mut SqliteConnection,
     name: &str,
@@ -364,6 +417,7 @@ pub(super) struct Admitted<'a> {
     synced_to: i64,
     appended_to: i64,
     admitted: HashMap<TaskId, HashSet<ReportId>>,
+    /// Whether this transaction ended a merge (and bumped the generation).
     merged: bool,
 }
 
@@ -375,7 +429,7 @@ impl Admitted<'_> {
     pub(super) fn remember(self) {
         let mut recent = self.log.recent();
         if self.merged {
-            // The log is empty and its IDs are in the sorted table.
+            // The merged IDs are in the sorted table: start over from what is left of the log.
             *recent = Recent::default();
             return;
         }
@@ -400,21 +454,26 @@ mod tests {
     use crate::sqlite::SqliteDatastore;
     use crate::{Datastore, HelperAggregationJob, NewReport};
 
-    /// Two handles with their own memory sets on one file, as two processes would have, both
-    /// merging after `merge_at` IDs.
+    /// A handle with its own memory sets on the file in `dir`, as a process would have, merging
+    /// every `merge_at` IDs in `slices` transactions.
+    async fn process(dir: &tempfile::TempDir, merge_at: i64, slices: i64) -> SqliteDatastore {
+        let path = dir.path().join("duet.sqlite");
+        let store = SqliteDatastore::connect(path.to_str().expect("UTF-8 path"))
+            .await
+            .expect("connect");
+        store.replay.leader.set_merge(merge_at, slices);
+        store.replay.helper.set_merge(merge_at, slices);
+        store
+    }
+
     async fn two_processes(
         dir: &tempfile::TempDir,
         merge_at: i64,
     ) -> (SqliteDatastore, SqliteDatastore) {
-        let path = dir.path().join("duet.sqlite");
-        let path = path.to_str().expect("UTF-8 path");
-        let a = SqliteDatastore::connect(path).await.expect("connect");
-        let b = SqliteDatastore::connect(path).await.expect("connect");
-        for store in [&a, &b] {
-            store.replay.leader.set_merge_at(merge_at);
-            store.replay.helper.set_merge_at(merge_at);
-        }
-        (a, b)
+        (
+            process(dir, merge_at, 1).await,
+            process(dir, merge_at, 1).await,
+        )
     }
 
     async fn log_state(store: &SqliteDatastore, log: &ReplayLog) -> (i64, i64, i64) {
@@ -594,5 +653,61 @@ mod tests {
         assert_eq!(log_state(&a, &a.replay.helper).await, (0, 0, 2));
         a.close().await;
         b.close().await;
+    }
+
+    /// A merge spread over two transactions moves one half of the key space in each, and IDs
+    /// logged while it is under way are merged with their half or stay logged; every ID stays
+    /// known to every process throughout.
+    #[tokio::test]
+    async fn merges_in_slices() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let a = process(&dir, 4, 2).await.with_role(AggregatorRole::Helper);
+        let b = process(&dir, 4, 2).await.with_role(AggregatorRole::Helper);
+        let task_id = TaskId::random();
+        let id = |first: u8| {
+            let mut id = ReportId::random();
+            id.0[0] = first;
+            id
+        };
+        let (low, high): (Vec<ReportId>, Vec<ReportId>) = (
+            (0..3).map(|i| id(i * 0x30)).collect(),
+            (0..3).map(|i| id(0x80 + i * 0x30)).collect(),
+        );
+        let put = |store: &SqliteDatastore, ids: Vec<ReportId>| {
+            let store = store.clone();
+            async move {
+                store
+                    .put_helper_aggregation_job(&helper_job(task_id), &ids, &[], &no_merge)
+                    .await
+            }
+        };
+        let all_known = |store: &SqliteDatastore, ids: Vec<ReportId>| {
+            let store = store.clone();
+            async move {
+                for id in ids {
+                    assert!(
+                        matches!(put(&store, vec![id]).await, Err(StoreError::Conflict)),
+                        "{id:?} is a replay"
+                    );
+                }
+            }
+        };
+
+        // The fourth ID starts a merge: the low half moves now.
+        put(&a, vec![low[0], low[1], high[0], high[1]])
+            .await
+            .expect("put");
+        assert_eq!(log_state(&a, &a.replay.helper).await, (2, 2, 0));
+        all_known(&b, vec![low[0], low[1], high[0], high[1]]).await;
+        // B's next write moves the high half, with the high ID it logs; its low ID stays logged.
+        put(&b, vec![low[2], high[2]]).await.expect("put");
+        assert_eq!(log_state(&b, &b.replay.helper).await, (1, 5, 1));
+        let everything: Vec<ReportId> = low.iter().chain(&high).copied().collect();
+        all_known(&a, everything.clone()).await;
+        let fresh = process(&dir, 4, 2).await.with_role(AggregatorRole::Helper);
+        all_known(&fresh, everything).await;
+        a.close().await;
+        b.close().await;
+        fresh.close().await;
     }
 }
