@@ -586,6 +586,47 @@ async fn wakeups_reach_other_replicas() {
     .await;
 }
 
+/// Upload batches in quick succession share `ReportsStored` wake-ups instead of sending one each,
+/// and a batch after a quiet spell still wakes the other replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_stored_wakeups_are_coalesced() {
+    with_fresh_database("reports_stored_wakeups_are_coalesced", |url| async move {
+        let writer = PostgresDatastore::connect(&url).await.expect("connect");
+        let listener = PostgresDatastore::connect(&url).await.expect("connect");
+        let mut rx = listener.wakeups().expect("PostgreSQL has wake-ups");
+        assert_eq!(next_wakeup(&mut rx).await, Wakeup::Listening);
+        let task_id = TaskId::random();
+        let batches = 40;
+        for i in 0..batches {
+            writer
+                .put_reports(&[report(task_id, T0 + i)])
+                .await
+                .expect("put_reports");
+        }
+        // Everything sent has arrived by now.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let mut woken = 0;
+        while let Ok(wakeup) = rx.try_recv() {
+            assert_eq!(wakeup, Wakeup::ReportsStored);
+            woken += 1;
+        }
+        assert!(
+            (1..batches).contains(&woken),
+            "{woken} wake-ups for {batches} batches"
+        );
+        writer
+            .put_reports(&[report(task_id, T0 + batches)])
+            .await
+            .expect("put_reports");
+        assert_eq!(next_wakeup(&mut rx).await, Wakeup::ReportsStored);
+        tokio::time::timeout(std::time::Duration::from_secs(10), listener.close())
+            .await
+            .expect("close returns");
+        writer.close().await;
+    })
+    .await;
+}
+
 /// A database written by schema version 1 (reports as one row each, assigned by `job_id`)
 /// keeps every report when it is upgraded: IDs stay replay-protected, unassigned reports are
 /// queued, and an active job keeps its reports in order.

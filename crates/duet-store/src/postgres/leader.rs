@@ -30,7 +30,8 @@ use crate::{
 
 /// One statement (READ COMMITTED), whatever the batch size: the reports go in as four arrays
 /// unnested into rows; the primary key of `report_ids` turns replays into no-ops that
-/// `RETURNING` leaves out, and only the reports it returns are queued. If any report is new, the first returned row sends the `ReportsStored` wake-up (once).
+/// `RETURNING` leaves out, and only the reports it returns are queued. If any report is new,
+/// the `ReportsStored` wake-up follows (coalesced with other batches').
 pub(super) async fn put_reports(
     store: &PostgresDatastore,
     reports: &[NewReport],
@@ -71,18 +72,17 @@ pub(super) async fn put_reports(
              AS u(task_id, report_id, client_time, payload) \
            JOIN fresh ON fresh.task_id = u.task_id AND fresh.report_id = u.report_id \
            RETURNING task_id, report_id) \
-         SELECT task_id, report_id, \
-           CASE WHEN row_number() OVER () = 1 THEN pg_notify($5, $6)::text END AS woke \
-         FROM queued",
+         SELECT task_id, report_id FROM queued",
     )
     .bind(&task_ids)
     .bind(&report_ids)
     .bind(&times)
     .bind(&payloads)
-    .bind(notify::CHANNEL)
-    .bind(notify::payload(Wakeup::ReportsStored))
     .fetch_all(&store.pool)
     .await?;
+    if !rows.is_empty() {
+        store.wakeups.reports_stored(&store.pool);
+    }
     let mut inserted: HashSet<(TaskId, ReportId)> = HashSet::with_capacity(rows.len());
     for row in &rows {
         inserted.insert((

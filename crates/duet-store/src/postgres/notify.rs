@@ -2,7 +2,11 @@
 //!
 //! Writes that give a Leader's background jobs work call `pg_notify` on one channel inside their
 //! transaction (at most once per transaction; PostgreSQL delivers at commit and drops the
-//! notifications of a rolled-back transaction). The first [`Datastore::wakeups`] call on a pool
+//! notifications of a rolled-back transaction). Uploads are the exception: batches of reports
+//! commit hundreds of times a second, and a notification each woke every listening replica (and
+//! its server process) as often, so `ReportsStored` goes out after the commit, at most once per
+//! [`REPORTS_STORED_INTERVAL`] per pool, and always within that interval of the batch it
+//! announces ([`Wakeups::reports_stored`]). The first [`Datastore::wakeups`] call on a pool
 //! starts one listener task, which holds one of the pool's connections, `LISTEN`s, and forwards
 //! each notification into a broadcast channel. It reconnects with backoff after errors and stops
 //! when the pool closes or the last handle on it is dropped.
@@ -11,6 +15,7 @@
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
@@ -24,6 +29,9 @@ use crate::Wakeup;
 pub(super) const CHANNEL: &str = "duet_wakeup";
 /// Wake-ups a slow subscriber may fall behind by before it sees `Lagged` (then it wakes all).
 const CAPACITY: usize = 64;
+/// The shortest time between two `ReportsStored` wake-ups from one pool, and the longest a
+/// stored batch waits for its wake-up.
+pub(super) const REPORTS_STORED_INTERVAL: Duration = Duration::from_millis(25);
 /// The first and the longest pause before reconnecting the listener after an error.
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -67,6 +75,10 @@ pub(super) async fn notify(
 pub(super) struct Wakeups {
     tx: broadcast::Sender<Wakeup>,
     started: AtomicBool,
+    /// Reports were stored since the last `ReportsStored` wake-up went out.
+    reports_pending: Arc<AtomicBool>,
+    /// A task sending `ReportsStored` wake-ups is running.
+    reports_sender: Arc<AtomicBool>,
     /// Stops the listener when sent to ([`Wakeups::stop`]) or dropped (with the last handle).
     stop: watch::Sender<()>,
 }
@@ -76,6 +88,8 @@ impl Wakeups {
         Wakeups {
             tx: broadcast::channel(CAPACITY).0,
             started: AtomicBool::new(false),
+            reports_pending: Arc::new(AtomicBool::new(false)),
+            reports_sender: Arc::new(AtomicBool::new(false)),
             stop: watch::channel(()).0,
         }
     }
@@ -95,9 +109,58 @@ impl Wakeups {
         Some(rx)
     }
 
+    /// Announces reports stored by a committed write: the wake-up goes out now if none did in
+    /// the last [`REPORTS_STORED_INTERVAL`], else when that interval ends (one for every write
+    /// meanwhile).
+    pub(super) fn reports_stored(&self, pool: &PgPool) {
+        self.reports_pending.store(true, Ordering::SeqCst);
+        if self.reports_sender.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.reports_sender.store(false, Ordering::SeqCst);
+            tracing::warn!("no Tokio runtime: the ReportsStored wake-up is not sent");
+            return;
+        };
+        runtime.spawn(send_reports_stored(
+            pool.clone(),
+            Arc::clone(&self.reports_pending),
+            Arc::clone(&self.reports_sender),
+        ));
+    }
+
     /// Stops the listener (before the pool is closed, which waits for its connection).
     pub(super) fn stop(&self) {
         self.stop.send_replace(());
+    }
+}
+
+/// Sends `ReportsStored` while writes keep announcing reports, at most once per interval; exits
+/// after an interval with none.
+async fn send_reports_stored(pool: PgPool, pending: Arc<AtomicBool>, running: Arc<AtomicBool>) {
+    loop {
+        if !pending.swap(false, Ordering::SeqCst) {
+            running.store(false, Ordering::SeqCst);
+            // A write that announced reports after the swap, but still saw this task running,
+            // left them to it: carry on unless another task has started meanwhile.
+            if pending.load(Ordering::SeqCst) && !running.swap(true, Ordering::SeqCst) {
+                continue;
+            }
+            return;
+        }
+        if pool.is_closed() {
+            running.store(false, Ordering::SeqCst);
+            return;
+        }
+        let sent = sqlx::query("-- put_reports\nSELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(payload(Wakeup::ReportsStored))
+            .execute(&pool)
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "sending the ReportsStored wake-up failed");
+        }
+        tokio::time::sleep(REPORTS_STORED_INTERVAL).await;
     }
 }
 
