@@ -77,6 +77,8 @@ struct Recent {
     generation: Option<i64>,
     watermark: i64,
     ids: HashMap<TaskId, HashSet<ReportId>>,
+    /// IDs a read outside a write transaction found missing from the sorted table.
+    probed: Probed,
 }
 
 impl Recent {
@@ -84,6 +86,24 @@ impl Recent {
         self.ids.get(task_id).is_some_and(|ids| ids.contains(id))
     }
 }
+
+/// The merge state of a log: its generation and the next slice of a merge under way. Only a
+/// merge slice adds IDs to the sorted table, and each changes this pair, which never repeats.
+type MergeState = (i64, i64);
+
+/// Report IDs that the sorted table did not hold when the log's merge state was `state`: while
+/// it still is, they are not there, and admitting them needs no second probe (a Helper checks
+/// its IDs with `seen_report_ids` before it stores the job).
+#[derive(Default)]
+struct Probed {
+    state: Option<MergeState>,
+    ids: HashMap<TaskId, HashSet<ReportId>>,
+    len: usize,
+}
+
+/// IDs kept in [`Probed`] at most; beyond that it starts over (jobs that fail between the check
+/// and the write leave their IDs behind).
+const MAX_PROBED: usize = 1_000_000;
 
 /// A report ID to admit, with the `seq` of its upload (ignored by logs without one).
 #[derive(Clone, Copy, Debug)]
@@ -135,14 +155,32 @@ impl ReplayLog {
         task_id: &TaskId,
         ids: &[ReportId],
     ) -> Result<HashSet<ReportId>, StoreError> {
+        self.lookup(conn, task_id, ids, None).await
+    }
+
+    /// [`ReplayLog::known`]; `writing` is the merge state read by the write transaction this
+    /// runs in, if it does. Outside one, the IDs missing from the table are remembered in
+    /// [`Probed`]; inside one, IDs remembered under the same state are not probed again.
+    async fn lookup(
+        &self,
+        conn: &mut SqliteConnection,
+        task_id: &TaskId,
+        ids: &[ReportId],
+        writing: Option<MergeState>,
+    ) -> Result<HashSet<ReportId>, StoreError> {
         let mut known = HashSet::new();
         let mut probe = Vec::with_capacity(ids.len());
         {
             let recent = self.recent();
+            let probed = recent
+                .probed
+                .ids
+                .get(task_id)
+                .filter(|_| writing.is_some() && recent.probed.state == writing);
             for id in ids {
                 if recent.contains(task_id, id) {
                     known.insert(*id);
-                } else {
+                } else if !probed.is_some_and(|probed| probed.contains(id)) {
                     probe.push(*id);
                 }
             }
@@ -150,22 +188,49 @@ impl ReplayLog {
         // In key order, so that consecutive probes share the upper pages of the tree.
         probe.sort_unstable_by_key(|id| id.0);
         probe.dedup();
-        let chunk_len = MAX_BIND_PARAMS - 1;
+        // One statement per chunk reads the merge state and probes the table in one snapshot.
+        let mut states = HashSet::new();
+        let chunk_len = MAX_BIND_PARAMS - 2;
         for chunk in probe.chunks(chunk_len) {
             let sql = format!(
                 "-- replay_probe\n\
-                 SELECT report_id FROM {} WHERE task_id = ? AND report_id IN ({})",
+                 SELECT NULL AS report_id, generation, merge_slice FROM replay_logs WHERE name = ? \
+                 UNION ALL \
+                 SELECT report_id, NULL, NULL FROM {} WHERE task_id = ? AND report_id IN ({})",
                 self.table,
                 vec!["?"; chunk.len()].join(", ")
             );
             let mut query = sqlx::query(&sql)
                 .persistent(chunk.len() == chunk_len)
+                .bind(self.name)
                 .bind(&task_id.0[..]);
             for id in chunk {
                 query = query.bind(&id.0[..]);
             }
             for row in query.fetch_all(&mut *conn).await.map_err(db)? {
-                known.insert(ReportId(col_array(&row, "report_id")?));
+                let found: Option<Vec<u8>> = col(&row, "report_id")?;
+                if found.is_some() {
+                    known.insert(ReportId(col_array(&row, "report_id")?));
+                } else {
+                    states.insert((col(&row, "generation")?, col(&row, "merge_slice")?));
+                }
+            }
+        }
+        if writing.is_none() && states.len() == 1 {
+            let state = states.into_iter().next();
+            let mut recent = self.recent();
+            let probed = &mut recent.probed;
+            if probed.state != state || probed.len > MAX_PROBED {
+                *probed = Probed {
+                    state,
+                    ..Probed::default()
+                };
+            }
+            let absent = probed.ids.entry(*task_id).or_default();
+            for id in probe.iter().filter(|id| !known.contains(id)) {
+                if absent.insert(*id) {
+                    probed.len += 1;
+                }
             }
         }
         Ok(known)
@@ -186,11 +251,14 @@ impl ReplayLog {
         .await
         .map_err(db)?;
         let generation: i64 = col(&row, "generation")?;
+        let merge_slice: i64 = col(&row, "merge_slice")?;
         let watermark = {
             let mut recent = self.recent();
             if recent.generation != Some(generation) {
+                let probed = std::mem::take(&mut recent.probed);
                 *recent = Recent {
                     generation: Some(generation),
+                    probed,
                     ..Recent::default()
                 };
             }
@@ -219,7 +287,8 @@ impl ReplayLog {
         Ok(Intake {
             log: self,
             generation,
-            merge_slice: col(&row, "merge_slice")?,
+            merge_slice,
+            merge_state: (generation, merge_slice),
             merge_mark: col(&row, "merge_mark")?,
             synced_to,
             appended_to: synced_to,
@@ -235,6 +304,8 @@ pub(super) struct Intake<'a> {
     generation: i64,
     /// The slice a merge in progress moves next, from 1; 0 when no merge is under way.
     merge_slice: i64,
+    /// The merge state when the transaction started.
+    merge_state: MergeState,
     /// The log's last row when the last merge started.
     merge_mark: i64,
     /// The log's last row when the transaction started.
@@ -261,7 +332,25 @@ impl<'a> Intake<'a> {
         }
         let mut known: HashMap<TaskId, HashSet<ReportId>> = HashMap::with_capacity(by_task.len());
         for (task_id, ids) in &by_task {
-            known.insert(*task_id, self.log.known(conn, task_id, ids).await?);
+            let found = self
+                .log
+                .lookup(conn, task_id, ids, Some(self.merge_state))
+                .await?;
+            known.insert(*task_id, found);
+        }
+        {
+            // Admitted or not, these IDs are decided: the check's note on them is spent.
+            let mut recent = self.log.recent();
+            let probed = &mut recent.probed;
+            for (task_id, ids) in &by_task {
+                if let Some(absent) = probed.ids.get_mut(task_id) {
+                    for id in ids {
+                        if absent.remove(id) {
+                            probed.len -= 1;
+                        }
+                    }
+                }
+            }
         }
         let mut fresh = Vec::with_capacity(entries.len());
         let mut appends = Vec::with_capacity(entries.len());
@@ -709,5 +798,40 @@ mod tests {
         a.close().await;
         b.close().await;
         fresh.close().await;
+    }
+
+    /// A Helper's check notes which IDs the sorted table lacked, so that storing the job does
+    /// not probe for them again; a merge by another process in between voids the note, or an
+    /// ID merged meanwhile (no longer in the log) would get in twice.
+    #[tokio::test]
+    async fn a_merge_between_check_and_write_voids_the_check() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        // Every admission merges the whole log.
+        let a = process(&dir, 1, 1).await.with_role(AggregatorRole::Helper);
+        let b = process(&dir, 1, 1).await.with_role(AggregatorRole::Helper);
+        let task_id = TaskId::random();
+        let ids: Vec<ReportId> = (0..2).map(|_| ReportId::random()).collect();
+        let put = |store: &SqliteDatastore, ids: Vec<ReportId>| {
+            let store = store.clone();
+            async move {
+                store
+                    .put_helper_aggregation_job(&helper_job(task_id), &ids, &[], &no_merge)
+                    .await
+            }
+        };
+        assert!(a
+            .seen_report_ids(&task_id, &ids)
+            .await
+            .expect("seen")
+            .is_empty());
+        put(&b, vec![ids[0]]).await.expect("put");
+        assert_eq!(log_state(&b, &b.replay.helper).await, (0, 1, 1));
+        assert!(matches!(
+            put(&a, ids.clone()).await,
+            Err(StoreError::Conflict)
+        ));
+        put(&a, vec![ids[1]]).await.expect("put");
+        a.close().await;
+        b.close().await;
     }
 }
