@@ -1,0 +1,300 @@
+//! Replay sets across processes, merges and task deletion.
+
+use duet_core::AggregatorRole;
+use duet_messages::dap09::{AggregationJobId, Time};
+
+use super::*;
+use crate::sqlite::SqliteDatastore;
+use crate::{Datastore, HelperAggregationJob, NewReport};
+
+/// A handle with its own memory sets on the file in `dir`, as a process would have, merging
+/// every `merge_at` IDs in `slices` transactions.
+async fn process(dir: &tempfile::TempDir, merge_at: i64, slices: i64) -> SqliteDatastore {
+    let path = dir.path().join("duet.sqlite");
+    let store = SqliteDatastore::connect(path.to_str().expect("UTF-8 path"))
+        .await
+        .expect("connect");
+    store.replay.leader.set_merge(merge_at, slices);
+    store.replay.helper.set_merge(merge_at, slices);
+    store
+}
+
+async fn two_processes(
+    dir: &tempfile::TempDir,
+    merge_at: i64,
+) -> (SqliteDatastore, SqliteDatastore) {
+    (
+        process(dir, merge_at, 1).await,
+        process(dir, merge_at, 1).await,
+    )
+}
+
+async fn log_state(store: &SqliteDatastore, log: &ReplayLog) -> (i64, i64, i64) {
+    let row = sqlx::query(&format!(
+        "SELECT (SELECT COUNT(*) FROM {}) AS logged, (SELECT COUNT(*) FROM {}) AS merged, \
+         (SELECT generation FROM replay_logs WHERE name = ?) AS generation",
+        log.log, log.table
+    ))
+    .bind(log.name)
+    .fetch_one(&store.pool)
+    .await
+    .expect("log state");
+    (
+        col(&row, "logged").expect("logged"),
+        col(&row, "merged").expect("merged"),
+        col(&row, "generation").expect("generation"),
+    )
+}
+
+/// The Leader's job creators in two processes drop every replay, whether its first upload
+/// is in the log the other process wrote or already merged into the sorted table, and keep
+/// each report's first upload.
+#[tokio::test]
+async fn leader_replays_across_processes_and_merges() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let (a, b) = two_processes(&dir, 4).await;
+    let task_id = TaskId::random();
+    let ids: Vec<ReportId> = (0..5).map(|_| ReportId::random()).collect();
+    let report = |i: usize, payload: u8| NewReport {
+        task_id,
+        report_id: ids[i],
+        time: Time(1000),
+        encoded: vec![payload],
+    };
+    let mut jobs = 0;
+
+    a.put_reports(&[report(0, 0), report(1, 1), report(2, 2)])
+        .await
+        .expect("put_reports");
+    jobs += a
+        .create_aggregation_jobs(100, Time(2000))
+        .await
+        .expect("claim");
+    assert_eq!(log_state(&a, &a.replay.leader).await, (3, 0, 0));
+
+    // B has never read the log: it must find report 0 there. Its new ID fills the log,
+    // which B merges.
+    b.put_reports(&[report(0, 9), report(3, 3)])
+        .await
+        .expect("put_reports");
+    jobs += b
+        .create_aggregation_jobs(100, Time(2000))
+        .await
+        .expect("claim");
+    assert_eq!(log_state(&b, &b.replay.leader).await, (0, 4, 1));
+
+    // A's memory set is of the old generation: replays of IDs merged since are found in the
+    // sorted table, and repeats within one claim keep the first.
+    a.put_reports(&[report(3, 9), report(1, 9), report(4, 4), report(4, 9)])
+        .await
+        .expect("put_reports");
+    jobs += a
+        .create_aggregation_jobs(100, Time(2000))
+        .await
+        .expect("claim");
+    assert_eq!(log_state(&a, &a.replay.leader).await, (1, 4, 1));
+    // And B, which merged, finds the one logged since.
+    b.put_reports(&[report(4, 9)]).await.expect("put_reports");
+    assert_eq!(
+        b.create_aggregation_jobs(100, Time(2000))
+            .await
+            .expect("claim"),
+        0
+    );
+
+    assert_eq!(jobs, 3);
+    let mut got: Vec<(ReportId, Vec<u8>)> = a
+        .acquire_aggregation_jobs(Time(2000), 60, 10)
+        .await
+        .expect("acquire")
+        .into_iter()
+        .flat_map(|j| j.reports.into_iter().map(|r| (r.report_id, r.encoded)))
+        .collect();
+    got.sort_by_key(|(id, _)| id.0);
+    let mut want: Vec<(ReportId, Vec<u8>)> =
+        ids.iter().zip(0..).map(|(id, p)| (*id, vec![p])).collect();
+    want.sort_by_key(|(id, _)| id.0);
+    assert_eq!(got, want);
+
+    // Deleting the task empties its log rows and bumps the generation.
+    // No task row was stored: only the IDs go.
+    a.delete_task(&task_id).await.expect("delete_task");
+    assert_eq!(log_state(&a, &a.replay.leader).await, (0, 0, 2));
+    a.close().await;
+    b.close().await;
+}
+
+fn helper_job(task_id: TaskId) -> HelperAggregationJob {
+    HelperAggregationJob {
+        task_id,
+        id: AggregationJobId::random(),
+        request_hash: [1; 32],
+        step: 1,
+        response: vec![1],
+    }
+}
+
+fn no_merge(_: &[u8], _: &[u8]) -> Result<Vec<u8>, String> {
+    Err("no aggregates in this test".into())
+}
+
+/// Helpers in two processes turn away a report ID the other one took in, from its log or
+/// after a merge; `seen_report_ids` knows the IDs once a write has read the log.
+#[tokio::test]
+async fn helper_replays_across_processes_and_merges() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let (a, b) = two_processes(&dir, 4).await;
+    let (a, b) = (
+        a.with_role(AggregatorRole::Helper),
+        b.with_role(AggregatorRole::Helper),
+    );
+    let task_id = TaskId::random();
+    let ids: Vec<ReportId> = (0..5).map(|_| ReportId::random()).collect();
+    let put = |store: SqliteDatastore, job_ids: Vec<ReportId>| async move {
+        store
+            .put_helper_aggregation_job(&helper_job(task_id), &job_ids, &[], &no_merge)
+            .await
+    };
+
+    put(a.clone(), ids[0..2].to_vec()).await.expect("put");
+    assert_eq!(
+        a.seen_report_ids(&task_id, &ids).await.expect("seen"),
+        ids[0..2].iter().copied().collect()
+    );
+    assert!(matches!(
+        put(b.clone(), vec![ids[1], ids[2]]).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        b.seen_report_ids(&task_id, &ids).await.expect("seen"),
+        ids[0..2].iter().copied().collect()
+    );
+    // Fills the log; B merges it.
+    put(b.clone(), ids[2..4].to_vec()).await.expect("put");
+    assert_eq!(log_state(&b, &b.replay.helper).await, (0, 4, 1));
+    assert_eq!(
+        a.seen_report_ids(&task_id, &ids).await.expect("seen"),
+        ids[0..4].iter().copied().collect()
+    );
+    assert!(matches!(
+        put(a.clone(), vec![ids[4], ids[3]]).await,
+        Err(StoreError::Conflict)
+    ));
+    put(a.clone(), vec![ids[4]]).await.expect("put");
+    assert_eq!(log_state(&a, &a.replay.helper).await, (1, 4, 1));
+    assert_eq!(
+        b.seen_report_ids(&task_id, &ids).await.expect("seen").len(),
+        4,
+        "B has not read the log since A's write: the fifth is caught at write time"
+    );
+    assert!(matches!(
+        put(b.clone(), vec![ids[4]]).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        b.seen_report_ids(&task_id, &ids).await.expect("seen").len(),
+        5
+    );
+
+    // No task row was stored: only the IDs go.
+    a.delete_task(&task_id).await.expect("delete_task");
+    assert!(a
+        .seen_report_ids(&task_id, &ids)
+        .await
+        .expect("seen")
+        .is_empty());
+    assert_eq!(log_state(&a, &a.replay.helper).await, (0, 0, 2));
+    a.close().await;
+    b.close().await;
+}
+
+/// A merge spread over two transactions moves one half of the key space in each, and IDs
+/// logged while it is under way are merged with their half or stay logged; every ID stays
+/// known to every process throughout.
+#[tokio::test]
+async fn merges_in_slices() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let a = process(&dir, 4, 2).await.with_role(AggregatorRole::Helper);
+    let b = process(&dir, 4, 2).await.with_role(AggregatorRole::Helper);
+    let task_id = TaskId::random();
+    let id = |first: u8| {
+        let mut id = ReportId::random();
+        id.0[0] = first;
+        id
+    };
+    let (low, high): (Vec<ReportId>, Vec<ReportId>) = (
+        (0..3).map(|i| id(i * 0x30)).collect(),
+        (0..3).map(|i| id(0x80 + i * 0x30)).collect(),
+    );
+    let put = |store: &SqliteDatastore, ids: Vec<ReportId>| {
+        let store = store.clone();
+        async move {
+            store
+                .put_helper_aggregation_job(&helper_job(task_id), &ids, &[], &no_merge)
+                .await
+        }
+    };
+    let all_known = |store: &SqliteDatastore, ids: Vec<ReportId>| {
+        let store = store.clone();
+        async move {
+            for id in ids {
+                assert!(
+                    matches!(put(&store, vec![id]).await, Err(StoreError::Conflict)),
+                    "{id:?} is a replay"
+                );
+            }
+        }
+    };
+
+    // The fourth ID starts a merge: the low half moves now.
+    put(&a, vec![low[0], low[1], high[0], high[1]])
+        .await
+        .expect("put");
+    assert_eq!(log_state(&a, &a.replay.helper).await, (2, 2, 0));
+    all_known(&b, vec![low[0], low[1], high[0], high[1]]).await;
+    // B's next write moves the high half, with the high ID it logs; its low ID stays logged.
+    put(&b, vec![low[2], high[2]]).await.expect("put");
+    assert_eq!(log_state(&b, &b.replay.helper).await, (1, 5, 1));
+    let everything: Vec<ReportId> = low.iter().chain(&high).copied().collect();
+    all_known(&a, everything.clone()).await;
+    let fresh = process(&dir, 4, 2).await.with_role(AggregatorRole::Helper);
+    all_known(&fresh, everything).await;
+    a.close().await;
+    b.close().await;
+    fresh.close().await;
+}
+
+/// A Helper's check notes which IDs the sorted table lacked, so that storing the job does
+/// not probe for them again; a merge by another process in between voids the note, or an
+/// ID merged meanwhile (no longer in the log) would get in twice.
+#[tokio::test]
+async fn a_merge_between_check_and_write_voids_the_check() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    // Every admission merges the whole log.
+    let a = process(&dir, 1, 1).await.with_role(AggregatorRole::Helper);
+    let b = process(&dir, 1, 1).await.with_role(AggregatorRole::Helper);
+    let task_id = TaskId::random();
+    let ids: Vec<ReportId> = (0..2).map(|_| ReportId::random()).collect();
+    let put = |store: &SqliteDatastore, ids: Vec<ReportId>| {
+        let store = store.clone();
+        async move {
+            store
+                .put_helper_aggregation_job(&helper_job(task_id), &ids, &[], &no_merge)
+                .await
+        }
+    };
+    assert!(a
+        .seen_report_ids(&task_id, &ids)
+        .await
+        .expect("seen")
+        .is_empty());
+    put(&b, vec![ids[0]]).await.expect("put");
+    assert_eq!(log_state(&b, &b.replay.helper).await, (0, 1, 1));
+    assert!(matches!(
+        put(&a, ids.clone()).await,
+        Err(StoreError::Conflict)
+    ));
+    put(&a, vec![ids[1]]).await.expect("put");
+    a.close().await;
+    b.close().await;
+}
