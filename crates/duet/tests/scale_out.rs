@@ -20,6 +20,7 @@ use duet_core::hpke::{HpkeKeypair, HpkeKeypairSerde};
 use duet_core::task::parse_endpoint;
 use duet_core::{AggregateResult, Measurement, TaskParameters};
 use duet_messages::dap09::{Interval, Query, Time};
+use duet_messages::problem::DapProblemType;
 use sqlx::{Connection, PgConnection, SqliteConnection};
 
 /// Tunables every server of these tests runs with: short leases, quick polling, small jobs.
@@ -457,6 +458,30 @@ async fn api_replica_leaves_jobs_to_a_worker_replica() {
             let worker =
                 Server::start(dir.path(), "leader-worker", "127.0.0.1:0", &db, LEADER_ONLY).await;
             collect_and_check(&p, &format!("{}/", api.base), N, &[&api, &worker, &helper]).await;
+            // The worker ran the collection; the API replica learns of it within about a second
+            // and then refuses reports for the collected interval (unless the clock has just
+            // crossed into a new, uncollected one).
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let window = || {
+                std::time::SystemTime::UNIX_EPOCH
+                    .elapsed()
+                    .expect("clock")
+                    .as_secs()
+                    / p.params.time_precision
+            };
+            let before = window();
+            let late = client(&p, &format!("{}/", api.base))
+                .await
+                .upload(&Measurement::Count(true))
+                .await;
+            if window() == before {
+                let e = late.expect_err("a report for a collected interval is refused");
+                assert_eq!(
+                    e.problem_type(),
+                    Some(DapProblemType::ReportRejected),
+                    "{e}"
+                );
+            }
             finished_all(&db, started).await;
             drop((api, worker, helper));
         },

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use duet_core::Clock;
-use duet_messages::dap09::{Interval, TaskId};
+use duet_messages::dap09::{Interval, TaskId, Time};
 use duet_store::{Datastore, Wakeup};
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 
@@ -32,8 +32,12 @@ pub struct Leader {
     pub(crate) wake_aggregation: Notify,
     /// Woken when reports are aggregated or collection jobs created.
     pub(crate) wake_collection: Notify,
-    collected: RwLock<HashMap<TaskId, Arc<Vec<Interval>>>>,
+    /// Each task's collected intervals and the second they were read at.
+    collected: RwLock<HashMap<TaskId, CollectedIntervals>>,
 }
+
+/// A task's collected intervals as read from the store at the given second.
+type CollectedIntervals = (Time, Arc<Vec<Interval>>);
 
 impl Leader {
     /// A Leader over `store`, with metrics of its own.
@@ -118,22 +122,25 @@ impl Leader {
         self.shared.hpke_config_list()
     }
 
-    /// Intervals already collected for a task (cached; refreshed when a collection finishes).
+    /// Intervals already collected for a task. Cached for the rest of the second it was read in
+    /// (replicas sharing a database collect too, so a cached list goes stale), and dropped when
+    /// this process finishes a collection.
     pub(crate) async fn collected_intervals(
         &self,
         task_id: &TaskId,
     ) -> Result<Arc<Vec<Interval>>, Error> {
+        let now = self.shared.clock.now();
         if let Some(c) = self
             .collected
             .read()
             .ok()
-            .and_then(|m| m.get(task_id).cloned())
+            .and_then(|m| m.get(task_id).filter(|(read, _)| *read == now).cloned())
         {
-            return Ok(c);
+            return Ok(c.1);
         }
         let c = Arc::new(self.shared.store.collected_intervals(task_id).await?);
         if let Ok(mut m) = self.collected.write() {
-            m.insert(*task_id, Arc::clone(&c));
+            m.insert(*task_id, (now, Arc::clone(&c)));
         }
         Ok(c)
     }
