@@ -17,6 +17,7 @@ use duet_store::{
     conformance, BatchAggregation, CollectionJob, CollectionJobState, Datastore,
     HelperAggregationJob, NewReport, StoreError, Wakeup,
 };
+use sqlx::{Connection, PgConnection};
 
 /// The bucket width of these tests.
 const PRECISION: u64 = 3600;
@@ -582,6 +583,44 @@ async fn wakeups_reach_other_replicas() {
             .await
             .expect("close returns");
         writer.close().await;
+    })
+    .await;
+}
+
+/// Pooled connections are pinged only after they sat idle for a while, so a connection the
+/// server dropped (a restart, an administrator) can fail the one call that finds it; the pool then
+/// replaces it, and the store works again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_are_replaced() {
+    with_fresh_database("dropped_connections_are_replaced", |url| async move {
+        let store = PostgresDatastore::connect(&url).await.expect("connect");
+        store.health_check().await.expect("health_check");
+        let mut admin = PgConnection::connect(&url).await.expect("admin connection");
+        let ended = sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(&mut admin)
+        .await
+        .expect("terminate the store's connections");
+        assert!(!ended.is_empty(), "the store had a connection open");
+        let mut failed = 0;
+        for _ in 0..40 {
+            if store.health_check().await.is_err() {
+                failed += 1;
+            }
+        }
+        assert!(
+            failed <= ended.len(),
+            "{failed} calls failed for {} dropped connections",
+            ended.len()
+        );
+        store
+            .health_check()
+            .await
+            .expect("health_check after the drop");
+        admin.close().await.expect("close");
+        store.close().await;
     })
     .await;
 }

@@ -45,6 +45,10 @@ use crate::{
 const MAX_CONNECTIONS: u32 = 16;
 /// How long a caller waits for a free connection before failing.
 const ACQUIRE_TIMEOUT: StdDuration = StdDuration::from_secs(30);
+/// A pooled connection idle for longer than this is pinged before use (a server restart or a
+/// dropped TCP connection shows there, not in the caller's statement). Busy connections are not:
+/// a ping is a round trip to the server before every transaction.
+const PING_IF_IDLE_FOR: StdDuration = StdDuration::from_secs(10);
 /// How many times a transaction runs before a retryable failure is returned as an error.
 const MAX_ATTEMPTS: u32 = 6;
 /// The first retry's backoff; it doubles with each attempt and is jittered.
@@ -76,6 +80,15 @@ impl PostgresDatastore {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > PING_IF_IDLE_FOR {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|e| StoreError::Database(e.to_string()))?;
