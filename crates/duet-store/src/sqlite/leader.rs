@@ -18,8 +18,8 @@ use duet_messages::dap09::{AggregationJobId, Interval, ReportId, TaskId, Time};
 use super::replay::Entry;
 use super::tasks::merge_batch_aggregations;
 use super::{
-    clamp_i64, col, col_array, col_u64, db, lease_token, to_i64, values_placeholders,
-    SqliteDatastore, MAX_BIND_PARAMS,
+    clamp_i64, col, col_array, col_u64, db, lease_token, list_placeholders, to_i64,
+    values_placeholders, SqliteDatastore, MAX_BIND_PARAMS,
 };
 use crate::{
     AcquiredAggregationJob, BatchAggregation, JobReport, Lease, MergeFn, NewReport, StoreError,
@@ -178,7 +178,7 @@ async fn delete_reports(tx: &mut sqlx::SqliteConnection, seqs: &[i64]) -> Result
     for chunk in seqs.chunks(chunk_len) {
         let sql = format!(
             "-- create_aggregation_jobs\nDELETE FROM reports WHERE seq IN ({})",
-            vec!["?"; chunk.len()].join(", ")
+            list_placeholders(chunk.len())
         );
         let mut query = sqlx::query(&sql).persistent(chunk.len() == chunk_len);
         for seq in chunk {
@@ -421,6 +421,22 @@ pub(super) async fn count_unaggregated_reports(
     col_u64(&row, "n")
 }
 
+/// The reports of every job `store` can lease at `now`, as (ID, contents), in ID order.
+#[cfg(test)]
+pub(super) async fn acquired_reports(
+    store: &SqliteDatastore,
+    now: Time,
+) -> Vec<(ReportId, Vec<u8>)> {
+    let mut reports: Vec<(ReportId, Vec<u8>)> = acquire_aggregation_jobs(store, now, 60, 100)
+        .await
+        .expect("acquire")
+        .into_iter()
+        .flat_map(|j| j.reports.into_iter().map(|r| (r.report_id, r.encoded)))
+        .collect();
+    reports.sort_by_key(|(id, _)| id.0);
+    reports
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,14 +472,7 @@ mod tests {
             .await
             .expect("claim");
         assert_eq!(jobs, 4, "one job per window, none empty");
-        let mut got: Vec<(ReportId, Vec<u8>)> = store
-            .acquire_aggregation_jobs(Time(2000), 60, 10)
-            .await
-            .expect("acquire")
-            .into_iter()
-            .flat_map(|j| j.reports.into_iter().map(|r| (r.report_id, r.encoded)))
-            .collect();
-        got.sort_by_key(|(id, _)| id.0);
+        let got = acquired_reports(&store, Time(2000)).await;
         let mut want: Vec<(ReportId, Vec<u8>)> =
             ids.iter().zip(1..).map(|(id, p)| (*id, vec![p])).collect();
         want.sort_by_key(|(id, _)| id.0);

@@ -245,8 +245,13 @@ fn clamp_i64(v: u64) -> i64 {
 
 /// `(?, ?, …), (?, ?, …), …`: placeholders for a multi-row INSERT.
 fn values_placeholders(rows: usize, columns: usize) -> String {
-    let row = format!("({})", vec!["?"; columns].join(", "));
+    let row = format!("({})", list_placeholders(columns));
     vec![row; rows].join(", ")
+}
+
+/// `?, ?, …`: `n` parameters, for an `IN (…)` list or one row of `VALUES`.
+fn list_placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
 }
 
 /// A fresh lease token.

@@ -25,7 +25,7 @@ use std::sync::{Mutex, MutexGuard};
 use duet_messages::dap09::{ReportId, TaskId};
 use sqlx::SqliteConnection;
 
-use super::{col, col_array, db, values_placeholders, MAX_BIND_PARAMS};
+use super::{col, col_array, db, list_placeholders, values_placeholders, MAX_BIND_PARAMS};
 use crate::StoreError;
 
 /// IDs logged since the last merge at which a merge starts. Larger merges write fewer pages
@@ -198,7 +198,7 @@ impl ReplayLog {
                  UNION ALL \
                  SELECT report_id, NULL, NULL FROM {} WHERE task_id = ? AND report_id IN ({})",
                 self.table,
-                vec!["?"; chunk.len()].join(", ")
+                list_placeholders(chunk.len())
             );
             let mut query = sqlx::query(&sql)
                 .persistent(chunk.len() == chunk_len)
@@ -288,7 +288,6 @@ impl ReplayLog {
             log: self,
             generation,
             merge_slice,
-            merge_state: (generation, merge_slice),
             merge_mark: col(&row, "merge_mark")?,
             synced_to,
             appended_to: synced_to,
@@ -302,10 +301,9 @@ impl ReplayLog {
 pub(super) struct Intake<'a> {
     log: &'a ReplayLog,
     generation: i64,
-    /// The slice a merge in progress moves next, from 1; 0 when no merge is under way.
+    /// The slice a merge in progress moves next, from 1; 0 when no merge is under way. With
+    /// `generation`, the merge state until [`Intake::finish`] moves a slice.
     merge_slice: i64,
-    /// The merge state when the transaction started.
-    merge_state: MergeState,
     /// The log's last row when the last merge started.
     merge_mark: i64,
     /// The log's last row when the transaction started.
@@ -334,7 +332,12 @@ impl<'a> Intake<'a> {
         for (task_id, ids) in &by_task {
             let found = self
                 .log
-                .lookup(conn, task_id, ids, Some(self.merge_state))
+                .lookup(
+                    conn,
+                    task_id,
+                    ids,
+                    Some((self.generation, self.merge_slice)),
+                )
                 .await?;
             known.insert(*task_id, found);
         }
@@ -396,16 +399,14 @@ impl<'a> Intake<'a> {
                     query = query.bind(entry.seq);
                 }
             }
-            query.execute(&mut *conn).await.map_err(db)?;
+            // Keys are AUTOINCREMENT and this transaction holds the write lock: the last row
+            // inserted is the log's last.
+            self.appended_to = query
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?
+                .last_insert_rowid();
         }
-        let row = sqlx::query(&format!(
-            "-- replay_append\nSELECT COALESCE(MAX(id), 0) AS last FROM {}",
-            self.log.log
-        ))
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
-        self.appended_to = col(&row, "last")?;
         Ok(())
     }
 

@@ -103,14 +103,7 @@ async fn leader_replays_across_processes_and_merges() {
     );
 
     assert_eq!(jobs, 3);
-    let mut got: Vec<(ReportId, Vec<u8>)> = a
-        .acquire_aggregation_jobs(Time(2000), 60, 10)
-        .await
-        .expect("acquire")
-        .into_iter()
-        .flat_map(|j| j.reports.into_iter().map(|r| (r.report_id, r.encoded)))
-        .collect();
-    got.sort_by_key(|(id, _)| id.0);
+    let got = crate::sqlite::leader::acquired_reports(&a, Time(2000)).await;
     let mut want: Vec<(ReportId, Vec<u8>)> =
         ids.iter().zip(0..).map(|(id, p)| (*id, vec![p])).collect();
     want.sort_by_key(|(id, _)| id.0);
@@ -138,6 +131,17 @@ fn no_merge(_: &[u8], _: &[u8]) -> Result<Vec<u8>, String> {
     Err("no aggregates in this test".into())
 }
 
+/// Stores a Helper aggregation job of these report IDs (and no aggregates) for the task.
+async fn put(
+    store: &SqliteDatastore,
+    task_id: TaskId,
+    ids: Vec<ReportId>,
+) -> Result<(), StoreError> {
+    store
+        .put_helper_aggregation_job(&helper_job(task_id), &ids, &[], &no_merge)
+        .await
+}
+
 /// Helpers in two processes turn away a report ID the other one took in, from its log or
 /// after a merge; `seen_report_ids` knows the IDs once a write has read the log.
 #[tokio::test]
@@ -150,19 +154,14 @@ async fn helper_replays_across_processes_and_merges() {
     );
     let task_id = TaskId::random();
     let ids: Vec<ReportId> = (0..5).map(|_| ReportId::random()).collect();
-    let put = |store: SqliteDatastore, job_ids: Vec<ReportId>| async move {
-        store
-            .put_helper_aggregation_job(&helper_job(task_id), &job_ids, &[], &no_merge)
-            .await
-    };
 
-    put(a.clone(), ids[0..2].to_vec()).await.expect("put");
+    put(&a, task_id, ids[0..2].to_vec()).await.expect("put");
     assert_eq!(
         a.seen_report_ids(&task_id, &ids).await.expect("seen"),
         ids[0..2].iter().copied().collect()
     );
     assert!(matches!(
-        put(b.clone(), vec![ids[1], ids[2]]).await,
+        put(&b, task_id, vec![ids[1], ids[2]]).await,
         Err(StoreError::Conflict)
     ));
     assert_eq!(
@@ -170,17 +169,17 @@ async fn helper_replays_across_processes_and_merges() {
         ids[0..2].iter().copied().collect()
     );
     // Fills the log; B merges it.
-    put(b.clone(), ids[2..4].to_vec()).await.expect("put");
+    put(&b, task_id, ids[2..4].to_vec()).await.expect("put");
     assert_eq!(log_state(&b, &b.replay.helper).await, (0, 4, 1));
     assert_eq!(
         a.seen_report_ids(&task_id, &ids).await.expect("seen"),
         ids[0..4].iter().copied().collect()
     );
     assert!(matches!(
-        put(a.clone(), vec![ids[4], ids[3]]).await,
+        put(&a, task_id, vec![ids[4], ids[3]]).await,
         Err(StoreError::Conflict)
     ));
-    put(a.clone(), vec![ids[4]]).await.expect("put");
+    put(&a, task_id, vec![ids[4]]).await.expect("put");
     assert_eq!(log_state(&a, &a.replay.helper).await, (1, 4, 1));
     assert_eq!(
         b.seen_report_ids(&task_id, &ids).await.expect("seen").len(),
@@ -188,7 +187,7 @@ async fn helper_replays_across_processes_and_merges() {
         "B has not read the log since A's write: the fifth is caught at write time"
     );
     assert!(matches!(
-        put(b.clone(), vec![ids[4]]).await,
+        put(&b, task_id, vec![ids[4]]).await,
         Err(StoreError::Conflict)
     ));
     assert_eq!(
@@ -206,6 +205,19 @@ async fn helper_replays_across_processes_and_merges() {
     assert_eq!(log_state(&a, &a.replay.helper).await, (0, 0, 2));
     a.close().await;
     b.close().await;
+}
+
+/// Asserts that `store` turns away each of `ids` as a replay.
+async fn all_known(store: &SqliteDatastore, task_id: TaskId, ids: Vec<ReportId>) {
+    for id in ids {
+        assert!(
+            matches!(
+                put(store, task_id, vec![id]).await,
+                Err(StoreError::Conflict)
+            ),
+            "{id:?} is a replay"
+        );
+    }
 }
 
 /// A merge spread over two transactions moves one half of the key space in each, and IDs
@@ -226,39 +238,20 @@ async fn merges_in_slices() {
         (0..3).map(|i| id(i * 0x30)).collect(),
         (0..3).map(|i| id(0x80 + i * 0x30)).collect(),
     );
-    let put = |store: &SqliteDatastore, ids: Vec<ReportId>| {
-        let store = store.clone();
-        async move {
-            store
-                .put_helper_aggregation_job(&helper_job(task_id), &ids, &[], &no_merge)
-                .await
-        }
-    };
-    let all_known = |store: &SqliteDatastore, ids: Vec<ReportId>| {
-        let store = store.clone();
-        async move {
-            for id in ids {
-                assert!(
-                    matches!(put(&store, vec![id]).await, Err(StoreError::Conflict)),
-                    "{id:?} is a replay"
-                );
-            }
-        }
-    };
 
     // The fourth ID starts a merge: the low half moves now.
-    put(&a, vec![low[0], low[1], high[0], high[1]])
+    put(&a, task_id, vec![low[0], low[1], high[0], high[1]])
         .await
         .expect("put");
     assert_eq!(log_state(&a, &a.replay.helper).await, (2, 2, 0));
-    all_known(&b, vec![low[0], low[1], high[0], high[1]]).await;
+    all_known(&b, task_id, vec![low[0], low[1], high[0], high[1]]).await;
     // B's next write moves the high half, with the high ID it logs; its low ID stays logged.
-    put(&b, vec![low[2], high[2]]).await.expect("put");
+    put(&b, task_id, vec![low[2], high[2]]).await.expect("put");
     assert_eq!(log_state(&b, &b.replay.helper).await, (1, 5, 1));
     let everything: Vec<ReportId> = low.iter().chain(&high).copied().collect();
-    all_known(&a, everything.clone()).await;
+    all_known(&a, task_id, everything.clone()).await;
     let fresh = process(&dir, 4, 2).await.with_role(AggregatorRole::Helper);
-    all_known(&fresh, everything).await;
+    all_known(&fresh, task_id, everything).await;
     a.close().await;
     b.close().await;
     fresh.close().await;
@@ -275,26 +268,18 @@ async fn a_merge_between_check_and_write_voids_the_check() {
     let b = process(&dir, 1, 1).await.with_role(AggregatorRole::Helper);
     let task_id = TaskId::random();
     let ids: Vec<ReportId> = (0..2).map(|_| ReportId::random()).collect();
-    let put = |store: &SqliteDatastore, ids: Vec<ReportId>| {
-        let store = store.clone();
-        async move {
-            store
-                .put_helper_aggregation_job(&helper_job(task_id), &ids, &[], &no_merge)
-                .await
-        }
-    };
     assert!(a
         .seen_report_ids(&task_id, &ids)
         .await
         .expect("seen")
         .is_empty());
-    put(&b, vec![ids[0]]).await.expect("put");
+    put(&b, task_id, vec![ids[0]]).await.expect("put");
     assert_eq!(log_state(&b, &b.replay.helper).await, (0, 1, 1));
     assert!(matches!(
-        put(&a, ids.clone()).await,
+        put(&a, task_id, ids.clone()).await,
         Err(StoreError::Conflict)
     ));
-    put(&a, vec![ids[1]]).await.expect("put");
+    put(&a, task_id, vec![ids[1]]).await.expect("put");
     a.close().await;
     b.close().await;
 }
