@@ -41,26 +41,61 @@ pub(super) async fn put_reports(
         .iter()
         .map(|r| to_i64(r.time.0, "report time"))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut tx = store.begin_write().await?;
     let chunk_rows = MAX_BIND_PARAMS / REPORT_COLUMNS;
+    if reports.len() <= chunk_rows {
+        // One statement is atomic on its own: no BEGIN and COMMIT round trips to the
+        // connection's thread. Batches of up to `PREPARED_UPLOAD_ROWS` reports keep a prepared
+        // statement (an upload batch's size varies with the load).
+        let sql = insert_reports_sql(reports.len());
+        let mut conn = store.write_statement().await?;
+        bind_reports(sqlx::query(&sql), reports, &times)
+            .persistent(reports.len() <= PREPARED_UPLOAD_ROWS || reports.len() == chunk_rows)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        return Ok(vec![true; reports.len()]);
+    }
+    let mut tx = store.begin_write().await?;
     for (chunk, chunk_times) in reports.chunks(chunk_rows).zip(times.chunks(chunk_rows)) {
-        let sql = format!(
-            "-- put_reports\n\
-             INSERT INTO reports (task_id, report_id, client_time, payload) VALUES {}",
-            values_placeholders(chunk.len(), REPORT_COLUMNS)
-        );
-        let mut query = sqlx::query(&sql).persistent(chunk.len() == chunk_rows);
-        for (report, time) in chunk.iter().zip(chunk_times) {
-            query = query
-                .bind(&report.task_id.0[..])
-                .bind(&report.report_id.0[..])
-                .bind(*time)
-                .bind(&report.encoded[..]);
-        }
-        query.execute(&mut *tx).await.map_err(db)?;
+        let sql = insert_reports_sql(chunk.len());
+        bind_reports(sqlx::query(&sql), chunk, chunk_times)
+            .persistent(chunk.len() == chunk_rows)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
     }
     tx.commit().await.map_err(db)?;
     Ok(vec![true; reports.len()])
+}
+
+/// Upload batches up to this many reports keep a prepared statement for their size.
+const PREPARED_UPLOAD_ROWS: usize = 64;
+
+type ReportsQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// `INSERT INTO reports` of `rows` reports.
+fn insert_reports_sql(rows: usize) -> String {
+    format!(
+        "-- put_reports\n\
+         INSERT INTO reports (task_id, report_id, client_time, payload) VALUES {}",
+        values_placeholders(rows, REPORT_COLUMNS)
+    )
+}
+
+/// Binds `reports` and their `times` (as SQLite's integers) to [`insert_reports_sql`].
+fn bind_reports<'q>(
+    mut query: ReportsQuery<'q>,
+    reports: &'q [NewReport],
+    times: &'q [i64],
+) -> ReportsQuery<'q> {
+    for (report, time) in reports.iter().zip(times) {
+        query = query
+            .bind(&report.task_id.0[..])
+            .bind(&report.report_id.0[..])
+            .bind(*time)
+            .bind(&report.encoded[..]);
+    }
+    query
 }
 
 /// Reports (by `seq`) claimed per round of statements when creating jobs.

@@ -37,6 +37,8 @@ use crate::{
 const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(10);
 /// Connections in the read pool (readers run in parallel). Writes have a connection of their own.
 const MAX_CONNECTIONS: u32 = 8;
+/// Prepared statements the writer connection keeps (sqlx's default is 100).
+const WRITER_STATEMENT_CACHE: usize = 256;
 /// Bytes of the database file read through a memory map instead of `pread` copies (about 5% more
 /// reports/s). Mapped pages are the kernel's page cache, but they count in the process's RSS, so
 /// the map is bounded.
@@ -150,7 +152,8 @@ impl SqliteDatastore {
                 .min_connections(1)
                 .idle_timeout(None)
                 .max_lifetime(None)
-                .connect_with(options)
+                // Room for an upload statement per batch size besides the job statements.
+                .connect_with(options.statement_cache_capacity(WRITER_STATEMENT_CACHE))
                 .await
                 .map_err(db)?
         };
@@ -202,6 +205,33 @@ impl SqliteDatastore {
             .await
             .map_err(db)?;
         Ok(WriteTx { tx, _lock: lock })
+    }
+
+    /// The writer connection, for one statement outside a transaction.
+    async fn write_statement(&self) -> Result<WriteStatement, StoreError> {
+        let lock = Arc::clone(&self.write_lock).lock_owned().await;
+        let conn = self.writer.acquire().await.map_err(db)?;
+        Ok(WriteStatement { conn, _lock: lock })
+    }
+}
+
+/// The writer connection and this process's write lock, for one statement that is atomic on its
+/// own (SQLite's autocommit): no `BEGIN` and `COMMIT` round trips to the connection's thread.
+pub(crate) struct WriteStatement {
+    conn: sqlx::pool::PoolConnection<Sqlite>,
+    _lock: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl std::ops::Deref for WriteStatement {
+    type Target = sqlx::SqliteConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriteStatement {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.conn
     }
 }
 
