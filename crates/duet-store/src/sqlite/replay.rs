@@ -56,9 +56,10 @@ pub(super) struct ReplayLog {
     name: &'static str,
     /// The log table: `id INTEGER PRIMARY KEY, task_id, report_id` and, if `with_seq`, `seq`.
     log: &'static str,
-    /// The sorted table: `PRIMARY KEY (task_id, report_id)` and, if `with_seq`, `seq`.
+    /// The sorted table: `PRIMARY KEY (task_key, report_id)`, the task's key from
+    /// `replay_tasks`.
     table: &'static str,
-    /// Whether rows carry the `seq` of the report's first upload (the Leader's do).
+    /// Whether log rows carry the `seq` of the report's first upload (the Leader's do).
     with_seq: bool,
     merge_at: AtomicI64,
     merge_slices: AtomicI64,
@@ -196,7 +197,9 @@ impl ReplayLog {
                 "-- replay_probe\n\
                  SELECT NULL AS report_id, generation, merge_slice FROM replay_logs WHERE name = ? \
                  UNION ALL \
-                 SELECT report_id, NULL, NULL FROM {} WHERE task_id = ? AND report_id IN ({})",
+                 SELECT report_id, NULL, NULL FROM {} \
+                 WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = ?) \
+                   AND report_id IN ({})",
                 self.table,
                 list_placeholders(chunk.len())
             );
@@ -436,17 +439,21 @@ impl<'a> Intake<'a> {
             } else {
                 "report_id >= ?1"
             };
-            let columns = if log.with_seq {
-                "task_id, report_id, seq"
-            } else {
-                "task_id, report_id"
-            };
             // Every logged ID was checked against the table when admitted; OR IGNORE keeps a
-            // merge from failing on an ID that a task deletion raced with.
+            // merge from failing on an ID that a task deletion raced with. The slice's tasks get
+            // their keys first (keys are never deleted, so the join finds every row).
             let statements = [
                 format!(
-                    "-- replay_merge\nINSERT OR IGNORE INTO {} ({columns}) \
-                     SELECT {columns} FROM {} WHERE {range} ORDER BY task_id, report_id",
+                    "-- replay_merge\nINSERT OR IGNORE INTO replay_tasks (task_id) \
+                     SELECT DISTINCT task_id FROM {} WHERE {range}",
+                    log.log
+                ),
+                format!(
+                    "-- replay_merge\nINSERT OR IGNORE INTO {} (task_key, report_id) \
+                     SELECT k.task_key, l.report_id \
+                     FROM (SELECT task_id, report_id FROM {} WHERE {range}) AS l \
+                     JOIN replay_tasks AS k ON k.task_id = l.task_id \
+                     ORDER BY k.task_key, l.report_id",
                     log.table, log.log
                 ),
                 format!("-- replay_merge\nDELETE FROM {} WHERE {range}", log.log),

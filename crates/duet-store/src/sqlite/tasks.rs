@@ -79,14 +79,18 @@ const DELETE_LEADER: &[&str] = &[
     // Every row of `reports` has its payload (a finished job deletes its rows).
     "-- delete_task\n\
      DELETE FROM reports INDEXED BY reports_pending WHERE task_id = ? AND payload IS NOT NULL",
-    "-- delete_task\nDELETE FROM report_ids WHERE task_id = ?",
+    "-- delete_task\n\
+     DELETE FROM report_ids \
+     WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = ?)",
     "-- delete_task\nDELETE FROM report_id_log WHERE task_id = ?",
     "-- delete_task\nDELETE FROM aggregation_jobs WHERE task_id = ?",
     "-- delete_task\nDELETE FROM collection_jobs WHERE task_id = ?",
 ];
 const DELETE_HELPER: &[&str] = &[
     "-- delete_task\nDELETE FROM helper_aggregation_jobs WHERE task_id = ?",
-    "-- delete_task\nDELETE FROM helper_report_ids WHERE task_id = ?",
+    "-- delete_task\n\
+     DELETE FROM helper_report_ids \
+     WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = ?)",
     "-- delete_task\nDELETE FROM helper_report_id_log WHERE task_id = ?",
     "-- delete_task\nDELETE FROM aggregate_share_jobs WHERE task_id = ?",
 ];

@@ -113,6 +113,31 @@ async fn leader_replays_across_processes_and_merges() {
     // No task row was stored: only the IDs go.
     a.delete_task(&task_id).await.expect("delete_task");
     assert_eq!(log_state(&a, &a.replay.leader).await, (0, 0, 2));
+    // The merged IDs went too: a task created again under the same ID takes them all in anew,
+    // through either process.
+    let again: Vec<NewReport> = (0..5).map(|i| report(i, 7)).collect();
+    b.put_reports(&again).await.expect("put_reports");
+    assert_eq!(
+        b.create_aggregation_jobs(100, Time(2000))
+            .await
+            .expect("claim"),
+        1
+    );
+    // Another task's replay set is its own, in the log and in the sorted table.
+    let other = TaskId::random();
+    let elsewhere: Vec<NewReport> = (0..5)
+        .map(|i| NewReport {
+            task_id: other,
+            ..report(i, 8)
+        })
+        .collect();
+    a.put_reports(&elsewhere).await.expect("put_reports");
+    assert_eq!(
+        a.create_aggregation_jobs(100, Time(2000))
+            .await
+            .expect("claim"),
+        1
+    );
     a.close().await;
     b.close().await;
 }
