@@ -9,7 +9,9 @@ use duet_messages::{Decode, Encode};
 use sqlx::postgres::PgRow;
 
 use super::tasks::merge_batch_aggregations;
-use super::{col, col_array, col_interval, col_u64, to_i64, PostgresDatastore, TxError};
+use super::{
+    col, col_array, col_interval, col_u64, is_unique_violation, to_i64, PostgresDatastore, TxError,
+};
 use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, StoreError};
 
 pub(super) async fn get_helper_aggregation_job(
@@ -75,8 +77,9 @@ pub(super) async fn seen_report_ids(
 }
 
 /// READ COMMITTED: the primary keys of the job and of the report IDs decide between concurrent
-/// writers (an insert that meets an uncommitted duplicate waits for it, then does nothing, and
-/// the missing row count turns into `Conflict`); the merged buckets are row-locked. The report
+/// writers (an insert that meets an uncommitted duplicate waits for it; then the job's insert
+/// does nothing, and the missing row count turns into `Conflict`, and the IDs' insert fails with
+/// a unique violation, which turns into `Conflict` too); the merged buckets are row-locked. The report
 /// IDs go in as one array, in order, so that concurrent jobs sharing IDs queue rather than
 /// deadlock.
 pub(super) async fn put_helper_aggregation_job(
@@ -107,21 +110,24 @@ pub(super) async fn put_helper_aggregation_job(
     if !report_ids.is_empty() {
         let mut ids: Vec<[u8; 16]> = report_ids.iter().map(|id| id.0).collect();
         ids.sort_unstable();
-        let inserted_ids = sqlx::query(
+        // Any report ID already stored (by another job, or twice in this one) is a replay that a
+        // concurrent request got in first: the caller must recompute. A plain insert finds it
+        // with the unique index's own probe, one descent per ID where `ON CONFLICT` takes two.
+        let inserted = sqlx::query(
             "-- put_helper_aggregation_job\n\
-             INSERT INTO helper_report_ids (task_id, report_id) \
-             SELECT $1, * FROM UNNEST($2::bytea[]) ON CONFLICT DO NOTHING",
+             INSERT INTO helper_report_ids (task_id, report_id) SELECT $1, * FROM UNNEST($2::bytea[])",
         )
         .bind(&job.task_id.0[..])
         .bind(&ids)
         .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        // Any report ID already stored (by another job, or twice in this one) is a replay that a
-        // concurrent request got in first: the caller must recompute.
-        if inserted_ids != report_ids.len() as u64 {
-            tx.rollback().await?;
-            return Err(StoreError::Conflict.into());
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => {
+                tx.rollback().await?;
+                return Err(StoreError::Conflict.into());
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     merge_batch_aggregations(store, &mut tx, deltas, merge).await?;

@@ -20,17 +20,17 @@ use sqlx::PgConnection;
 use super::notify;
 use super::tasks::merge_batch_aggregations;
 use super::{
-    clamp_i64, col, col_array, col_u32, col_u64, lease_token, limit_i64, to_i64, PostgresDatastore,
-    TxError,
+    clamp_i64, col, col_array, col_u32, col_u64, is_unique_violation, lease_token, limit_i64,
+    to_i64, PostgresDatastore, TxError,
 };
 use crate::{
     AcquiredAggregationJob, BatchAggregation, JobReport, Lease, MergeFn, NewReport, StoreError,
     Wakeup,
 };
 
-/// One statement (READ COMMITTED), whatever the batch size: the reports go in as four arrays
-/// unnested into rows; the primary key of `report_ids` turns replays into no-ops that
-/// `RETURNING` leaves out, and only the reports it returns are queued. If any report is new,
+/// One statement (READ COMMITTED), whatever the batch size, two if the batch holds a replay: the
+/// reports go in as four arrays unnested into rows; the primary key of `report_ids` turns
+/// replays into no-ops that `RETURNING` leaves out, and only the reports it returns are queued. If any report is new,
 /// the `ReportsStored` wake-up follows (coalesced with other batches').
 pub(super) async fn put_reports(
     store: &PostgresDatastore,
@@ -58,6 +58,38 @@ pub(super) async fn put_reports(
         report_ids.push(report.report_id.0);
         times.push(to_i64(report.time.0, "report time")?);
         payloads.push(&report.encoded[..]);
+    }
+    // Usually no ID is stored yet: plain inserts, whose unique index makes the only probe per
+    // ID (`ON CONFLICT` probes it once more before inserting). A replay, here or in a concurrent
+    // batch, fails the statement as a whole, and the batch goes again through the statement
+    // that skips stored IDs.
+    let plain = sqlx::query(
+        "-- put_reports\n\
+         WITH ids AS ( \
+           INSERT INTO report_ids (task_id, report_id, client_time) \
+           SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[])) \
+         INSERT INTO report_queue (task_id, client_time, report_id, payload) \
+         SELECT u.task_id, u.client_time, u.report_id, u.payload \
+         FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[], $4::bytea[]) \
+           AS u(task_id, report_id, client_time, payload)",
+    )
+    .bind(&task_ids)
+    .bind(&report_ids)
+    .bind(&times)
+    .bind(&payloads)
+    .execute(&store.pool)
+    .await;
+    match plain {
+        Ok(_) => {
+            store.wakeups.reports_stored(&store.pool);
+            // `remove`, so that only the first occurrence of a key is reported new.
+            return Ok(reports
+                .iter()
+                .map(|r| keys.remove(&(r.task_id, r.report_id)))
+                .collect());
+        }
+        Err(e) if !is_unique_violation(&e) => return Err(e.into()),
+        Err(_) => {}
     }
     let rows = sqlx::query(
         "-- put_reports\n\

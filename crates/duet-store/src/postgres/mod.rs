@@ -202,6 +202,11 @@ impl From<StoreError> for TxError {
 /// `deadlock_detected`.
 const RETRYABLE_SQLSTATES: &[&str] = &["40001", "40P01"];
 
+/// Whether `e` is a `unique_violation` (SQLSTATE 23505).
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(e) if e.code().is_some_and(|code| code == "23505"))
+}
+
 impl TxError {
     fn is_retryable(&self) -> bool {
         match self {
