@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use duet_core::Clock;
 use duet_store::Datastore;
@@ -170,6 +171,12 @@ pub async fn run_with(
         );
     let mut rx = shutdown_rx;
     let server = tokio::spawn(async move {
+        // Answers go out at once rather than waiting on Nagle's algorithm for the peer's ACK.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
+            }
+        });
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 let _ = rx.wait_for(|v| *v).await;
