@@ -14,6 +14,10 @@ use super::now;
 /// The bench client shares the machine with the servers, so it is kept lean, like a load
 /// generator (`wrk`, `h2load`): each connection writes a whole HTTP/1.1 request with one system
 /// call and reads the answer with as few as it can, one request in flight at a time.
+///
+/// The connections run on one thread of their own with a single-threaded runtime, as `wrk`
+/// runs each of its threads' connections: no task wakes another thread, so the client's share
+/// of the cores goes on its requests rather than on thread wake-ups.
 pub(super) async fn upload_all(
     url: &url::Url,
     bodies: &Arc<[bytes::Bytes]>,
@@ -21,6 +25,29 @@ pub(super) async fn upload_all(
     label: &'static str,
 ) -> Result<f64> {
     let target = UploadTarget::new(url)?;
+    let bodies = Arc::clone(bodies);
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-upload".into())
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("could not start the upload client's runtime")
+                .and_then(|rt| rt.block_on(upload_on(target, bodies, concurrency, label)));
+            let _ = done.send(outcome);
+        })
+        .context("could not start the upload client's thread")?;
+    result.await.context("the upload client's thread stopped")?
+}
+
+/// [`upload_all`] on the current (single-threaded) runtime.
+async fn upload_on(
+    target: Arc<UploadTarget>,
+    bodies: Arc<[bytes::Bytes]>,
+    concurrency: usize,
+    label: &'static str,
+) -> Result<f64> {
     let next = Arc::new(AtomicUsize::new(0));
     let pb = crate::upload::progress_bar(bodies.len() as u64, label);
     let t0 = now();
@@ -29,7 +56,7 @@ pub(super) async fn upload_all(
         let (target, next, bodies, pb) = (
             Arc::clone(&target),
             Arc::clone(&next),
-            Arc::clone(bodies),
+            Arc::clone(&bodies),
             pb.clone(),
         );
         workers.spawn(async move {
