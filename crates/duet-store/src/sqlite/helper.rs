@@ -86,7 +86,8 @@ pub(super) async fn put_helper_aggregation_job(
         .collect();
     let mut intake = store.replay.helper.begin(&mut tx).await?;
     // Any report ID already taken in (by another job, or twice in this one) is a replay that a
-    // concurrent request got in first, or that `seen_report_ids` did not know of yet: the
+    // concurrent request got in first, or that the caller did not look up (`seen_report_ids`,
+    // which the Helper skips on its first attempt, or which did not know of it yet): the
     // caller must recompute.
     if intake.admit(&mut tx, &entries).await?.contains(&false) {
         tx.rollback().await.map_err(db)?;

@@ -93,8 +93,8 @@ impl Recent {
 type MergeState = (i64, i64);
 
 /// Report IDs that the sorted table did not hold when the log's merge state was `state`: while
-/// it still is, they are not there, and admitting them needs no second probe (a Helper checks
-/// its IDs with `seen_report_ids` before it stores the job).
+/// it still is, they are not there, and admitting them needs no second probe (a Helper that
+/// checked its IDs with `seen_report_ids`, as it does when it retries a job, then stores it).
 #[derive(Default)]
 struct Probed {
     state: Option<MergeState>,
