@@ -77,11 +77,10 @@ pub(super) async fn seen_report_ids(
 }
 
 /// READ COMMITTED: the primary keys of the job and of the report IDs decide between concurrent
-/// writers (an insert that meets an uncommitted duplicate waits for it; then the job's insert
-/// does nothing, and the missing row count turns into `Conflict`, and the IDs' insert fails with
-/// a unique violation, which turns into `Conflict` too); the merged buckets are row-locked. The report
-/// IDs go in as one array, in order, so that concurrent jobs sharing IDs queue rather than
-/// deadlock.
+/// writers. An insert that meets an uncommitted duplicate waits for it; then the job's insert
+/// does nothing (no row inserted: `Conflict`) and the IDs' insert fails with a unique violation
+/// (`Conflict` too). The merged buckets are row-locked. The report IDs go in as one array, in
+/// order, so that concurrent jobs sharing IDs queue rather than deadlock.
 pub(super) async fn put_helper_aggregation_job(
     store: &PostgresDatastore,
     job: &HelperAggregationJob,

@@ -29,9 +29,10 @@ use crate::{
 };
 
 /// One statement (READ COMMITTED), whatever the batch size, two if the batch holds a replay: the
-/// reports go in as four arrays unnested into rows; the primary key of `report_ids` turns
-/// replays into no-ops that `RETURNING` leaves out, and only the reports it returns are queued. If any report is new,
-/// the `ReportsStored` wake-up follows (coalesced with other batches').
+/// reports go in as four arrays unnested into rows. The first statement inserts them all; if an
+/// ID is stored already, the second one lets the primary key of `report_ids` turn replays into
+/// no-ops that `RETURNING` leaves out, and queues only the reports it returns. If any report is
+/// new, the `ReportsStored` wake-up follows (coalesced with other batches').
 pub(super) async fn put_reports(
     store: &PostgresDatastore,
     reports: &[NewReport],
