@@ -152,11 +152,16 @@ async fn send_reports_stored(pool: PgPool, pending: Arc<AtomicBool>, running: Ar
             running.store(false, Ordering::SeqCst);
             return;
         }
-        let sent = sqlx::query("-- put_reports\nSELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(payload(Wakeup::ReportsStored))
-            .execute(&pool)
-            .await;
+        let sent = match pool.acquire().await {
+            Ok(mut conn) => notify(
+                &mut conn,
+                "-- put_reports\nSELECT pg_notify($1, $2)",
+                Wakeup::ReportsStored,
+            )
+            .await
+            .map_err(|e| e.describe()),
+            Err(e) => Err(e.to_string()),
+        };
         if let Err(e) = sent {
             tracing::warn!(error = %e, "sending the ReportsStored wake-up failed");
         }

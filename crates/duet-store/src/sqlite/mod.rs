@@ -71,34 +71,41 @@ pub struct SqliteDatastore {
     replay: Arc<replay::ReplaySets>,
 }
 
-/// A write transaction and this process's write lock, released together.
-pub(crate) struct WriteTx {
-    tx: Transaction<'static, Sqlite>,
+/// A connection held together with this process's write lock, both released on drop.
+pub(crate) struct Locked<C> {
+    conn: C,
     _lock: tokio::sync::OwnedMutexGuard<()>,
 }
+
+/// A write transaction under the write lock.
+pub(crate) type WriteTx = Locked<Transaction<'static, Sqlite>>;
+
+/// The writer connection under the write lock, for one statement that is atomic on its own
+/// (SQLite's autocommit): no `BEGIN` and `COMMIT` round trips to the connection's thread.
+pub(crate) type WriteStatement = Locked<sqlx::pool::PoolConnection<Sqlite>>;
 
 impl WriteTx {
     /// Commits the transaction.
     pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+        self.conn.commit().await
     }
 
     /// Rolls the transaction back.
     pub(crate) async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.tx.rollback().await
+        self.conn.rollback().await
     }
 }
 
-impl std::ops::Deref for WriteTx {
+impl<C: std::ops::DerefMut<Target = sqlx::SqliteConnection>> std::ops::Deref for Locked<C> {
     type Target = sqlx::SqliteConnection;
     fn deref(&self) -> &Self::Target {
-        &self.tx
+        &self.conn
     }
 }
 
-impl std::ops::DerefMut for WriteTx {
+impl<C: std::ops::DerefMut<Target = sqlx::SqliteConnection>> std::ops::DerefMut for Locked<C> {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.tx
+        &mut self.conn
     }
 }
 
@@ -204,34 +211,17 @@ impl SqliteDatastore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db)?;
-        Ok(WriteTx { tx, _lock: lock })
+        Ok(Locked {
+            conn: tx,
+            _lock: lock,
+        })
     }
 
     /// The writer connection, for one statement outside a transaction.
     async fn write_statement(&self) -> Result<WriteStatement, StoreError> {
         let lock = Arc::clone(&self.write_lock).lock_owned().await;
         let conn = self.writer.acquire().await.map_err(db)?;
-        Ok(WriteStatement { conn, _lock: lock })
-    }
-}
-
-/// The writer connection and this process's write lock, for one statement that is atomic on its
-/// own (SQLite's autocommit): no `BEGIN` and `COMMIT` round trips to the connection's thread.
-pub(crate) struct WriteStatement {
-    conn: sqlx::pool::PoolConnection<Sqlite>,
-    _lock: tokio::sync::OwnedMutexGuard<()>,
-}
-
-impl std::ops::Deref for WriteStatement {
-    type Target = sqlx::SqliteConnection;
-    fn deref(&self) -> &Self::Target {
-        &self.conn
-    }
-}
-
-impl std::ops::DerefMut for WriteStatement {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.conn
+        Ok(Locked { conn, _lock: lock })
     }
 }
 

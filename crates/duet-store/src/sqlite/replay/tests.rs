@@ -46,6 +46,15 @@ async fn log_state(store: &SqliteDatastore, log: &ReplayLog) -> (i64, i64, i64) 
     )
 }
 
+/// Uploads `reports` through `store` and creates jobs from them: the number of jobs created.
+async fn put_and_claim(store: &SqliteDatastore, reports: &[NewReport]) -> usize {
+    store.put_reports(reports).await.expect("put_reports");
+    store
+        .create_aggregation_jobs(100, Time(2000))
+        .await
+        .expect("claim")
+}
+
 /// The Leader's job creators in two processes drop every replay, whether its first upload
 /// is in the log the other process wrote or already merged into the sorted table, and keep
 /// each report's first upload.
@@ -63,44 +72,24 @@ async fn leader_replays_across_processes_and_merges() {
     };
     let mut jobs = 0;
 
-    a.put_reports(&[report(0, 0), report(1, 1), report(2, 2)])
-        .await
-        .expect("put_reports");
-    jobs += a
-        .create_aggregation_jobs(100, Time(2000))
-        .await
-        .expect("claim");
+    jobs += put_and_claim(&a, &[report(0, 0), report(1, 1), report(2, 2)]).await;
     assert_eq!(log_state(&a, &a.replay.leader).await, (3, 0, 0));
 
     // B has never read the log: it must find report 0 there. Its new ID fills the log,
     // which B merges.
-    b.put_reports(&[report(0, 9), report(3, 3)])
-        .await
-        .expect("put_reports");
-    jobs += b
-        .create_aggregation_jobs(100, Time(2000))
-        .await
-        .expect("claim");
+    jobs += put_and_claim(&b, &[report(0, 9), report(3, 3)]).await;
     assert_eq!(log_state(&b, &b.replay.leader).await, (0, 4, 1));
 
     // A's memory set is of the old generation: replays of IDs merged since are found in the
     // sorted table, and repeats within one claim keep the first.
-    a.put_reports(&[report(3, 9), report(1, 9), report(4, 4), report(4, 9)])
-        .await
-        .expect("put_reports");
-    jobs += a
-        .create_aggregation_jobs(100, Time(2000))
-        .await
-        .expect("claim");
+    jobs += put_and_claim(
+        &a,
+        &[report(3, 9), report(1, 9), report(4, 4), report(4, 9)],
+    )
+    .await;
     assert_eq!(log_state(&a, &a.replay.leader).await, (1, 4, 1));
     // And B, which merged, finds the one logged since.
-    b.put_reports(&[report(4, 9)]).await.expect("put_reports");
-    assert_eq!(
-        b.create_aggregation_jobs(100, Time(2000))
-            .await
-            .expect("claim"),
-        0
-    );
+    assert_eq!(put_and_claim(&b, &[report(4, 9)]).await, 0);
 
     assert_eq!(jobs, 3);
     let got = crate::sqlite::leader::acquired_reports(&a, Time(2000)).await;
@@ -116,13 +105,7 @@ async fn leader_replays_across_processes_and_merges() {
     // The merged IDs went too: a task created again under the same ID takes them all in anew,
     // through either process.
     let again: Vec<NewReport> = (0..5).map(|i| report(i, 7)).collect();
-    b.put_reports(&again).await.expect("put_reports");
-    assert_eq!(
-        b.create_aggregation_jobs(100, Time(2000))
-            .await
-            .expect("claim"),
-        1
-    );
+    assert_eq!(put_and_claim(&b, &again).await, 1);
     // Another task's replay set is its own, in the log and in the sorted table.
     let other = TaskId::random();
     let elsewhere: Vec<NewReport> = (0..5)
@@ -131,13 +114,7 @@ async fn leader_replays_across_processes_and_merges() {
             ..report(i, 8)
         })
         .collect();
-    a.put_reports(&elsewhere).await.expect("put_reports");
-    assert_eq!(
-        a.create_aggregation_jobs(100, Time(2000))
-            .await
-            .expect("claim"),
-        1
-    );
+    assert_eq!(put_and_claim(&a, &elsewhere).await, 1);
     a.close().await;
     b.close().await;
 }
