@@ -87,6 +87,18 @@ pub async fn check_put_reports(leader: &dyn Datastore) {
         vec![true]
     );
 
+    // Queued reports count as unaggregated, by time. [start, end): a report at the end of an
+    // interval is not in it. (Before job creation, a backend may still count replays.)
+    assert_eq!(unaggregated(leader, t.id, T0 + 20, 10).await, 1);
+    assert_eq!(
+        unaggregated(leader, t.id, T0 + PRECISION + 99, PRECISION).await,
+        10
+    );
+    assert_eq!(
+        unaggregated(leader, t.id, T0 + PRECISION + 100, PRECISION).await,
+        0
+    );
+
     // Jobs hold every report once, as first uploaded.
     let now = T0 + 5000;
     create_jobs(leader, 10_000, now).await;
@@ -136,6 +148,41 @@ pub async fn check_put_reports(leader: &dyn Datastore) {
         assert!(leader.delete_task(&id).await.expect("delete_task"));
     }
     assert_eq!(unaggregated(leader, t.id, T0, 2 * PRECISION).await, 0);
+}
+
+/// Reports uploaded in several batches are each taken once, in jobs of at most `max_job_size`;
+/// the part of a batch past a job's size waits for the next job.
+pub async fn check_jobs_across_uploads(leader: &dyn Datastore) {
+    let t = task(TaskId::random());
+    leader.put_task(&t).await.expect("put_task");
+    let newer: Vec<NewReport> = [120, 100, 110].map(|dt| report(t.id, T0 + dt)).into();
+    let older: Vec<NewReport> = [10, 0].map(|dt| report(t.id, T0 + dt)).into();
+    leader.put_reports(&newer).await.expect("put_reports");
+    leader.put_reports(&older).await.expect("put_reports");
+    let now = T0 + 5000;
+    assert_eq!(create_jobs(leader, 2, now).await, 3);
+    assert_eq!(create_jobs(leader, 2, now).await, 0);
+    let jobs = acquire(leader, t.id, now, 10).await;
+    let mut sizes: Vec<usize> = jobs.iter().map(|j| j.reports.len()).collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![1, 2, 2]);
+    let mut got: Vec<_> = jobs
+        .iter()
+        .flat_map(|j| {
+            j.reports
+                .iter()
+                .map(|r| (r.report_id.0, r.time, r.encoded.clone()))
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<_> = newer
+        .iter()
+        .chain(&older)
+        .map(|r| (r.report_id.0, r.time, r.encoded.clone()))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(leader.delete_task(&t.id).await.expect("delete_task"));
 }
 
 /// Aggregation jobs: creation in bounded sizes oldest first, one task per job; leases (exclusive

@@ -25,7 +25,9 @@ pub use collection::check_collection_jobs;
 pub use helper::{
     check_aggregate_share_jobs, check_helper_aggregation_jobs, check_helper_delete_task,
 };
-pub use leader::{check_aggregation_jobs, check_leader_delete_task, check_put_reports};
+pub use leader::{
+    check_aggregation_jobs, check_jobs_across_uploads, check_leader_delete_task, check_put_reports,
+};
 pub use tasks::{check_health, check_hpke_keypairs, check_tasks};
 
 /// Runs every check; `leader` and `helper` are handles on the same fresh database.
@@ -35,6 +37,7 @@ pub async fn run_all(leader: &dyn Datastore, helper: &dyn Datastore) {
     check_hpke_keypairs(leader, helper).await;
     check_put_reports(leader).await;
     check_aggregation_jobs(leader, helper).await;
+    check_jobs_across_uploads(leader).await;
     check_leader_delete_task(leader, helper).await;
     check_collection_jobs(leader).await;
     check_helper_aggregation_jobs(leader, helper).await;
