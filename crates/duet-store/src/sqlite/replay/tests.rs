@@ -159,7 +159,7 @@ async fn helper_replays_across_processes_and_merges() {
 
     put(&a, task_id, ids[0..2].to_vec()).await.expect("put");
     assert_eq!(
-        a.seen_report_ids(&task_id, &ids).await.expect("seen"),
+        seen(&a, task_id, &ids).await,
         ids[0..2].iter().copied().collect()
     );
     assert!(matches!(
@@ -167,14 +167,14 @@ async fn helper_replays_across_processes_and_merges() {
         Err(StoreError::Conflict)
     ));
     assert_eq!(
-        b.seen_report_ids(&task_id, &ids).await.expect("seen"),
+        seen(&b, task_id, &ids).await,
         ids[0..2].iter().copied().collect()
     );
     // Fills the log; B merges it.
     put(&b, task_id, ids[2..4].to_vec()).await.expect("put");
     assert_eq!(log_state(&b, &b.replay.helper).await, (0, 4, 1));
     assert_eq!(
-        a.seen_report_ids(&task_id, &ids).await.expect("seen"),
+        seen(&a, task_id, &ids).await,
         ids[0..4].iter().copied().collect()
     );
     assert!(matches!(
@@ -184,7 +184,7 @@ async fn helper_replays_across_processes_and_merges() {
     put(&a, task_id, vec![ids[4]]).await.expect("put");
     assert_eq!(log_state(&a, &a.replay.helper).await, (1, 4, 1));
     assert_eq!(
-        b.seen_report_ids(&task_id, &ids).await.expect("seen").len(),
+        seen(&b, task_id, &ids).await.len(),
         4,
         "B has not read the log since A's write: the fifth is caught at write time"
     );
@@ -192,21 +192,22 @@ async fn helper_replays_across_processes_and_merges() {
         put(&b, task_id, vec![ids[4]]).await,
         Err(StoreError::Conflict)
     ));
-    assert_eq!(
-        b.seen_report_ids(&task_id, &ids).await.expect("seen").len(),
-        5
-    );
+    assert_eq!(seen(&b, task_id, &ids).await.len(), 5);
 
     // No task row was stored: only the IDs go.
     a.delete_task(&task_id).await.expect("delete_task");
-    assert!(a
-        .seen_report_ids(&task_id, &ids)
-        .await
-        .expect("seen")
-        .is_empty());
+    assert!(seen(&a, task_id, &ids).await.is_empty());
     assert_eq!(log_state(&a, &a.replay.helper).await, (0, 0, 2));
     a.close().await;
     b.close().await;
+}
+
+/// The IDs among `ids` that `store` knows for `task_id`.
+async fn seen(store: &SqliteDatastore, task_id: TaskId, ids: &[ReportId]) -> HashSet<ReportId> {
+    store
+        .seen_report_ids(&task_id, ids)
+        .await
+        .expect("seen_report_ids")
 }
 
 /// Asserts that `store` turns away each of `ids` as a replay.
@@ -270,11 +271,7 @@ async fn a_merge_between_check_and_write_voids_the_check() {
     let b = process(&dir, 1, 1).await.with_role(AggregatorRole::Helper);
     let task_id = TaskId::random();
     let ids: Vec<ReportId> = (0..2).map(|_| ReportId::random()).collect();
-    assert!(a
-        .seen_report_ids(&task_id, &ids)
-        .await
-        .expect("seen")
-        .is_empty());
+    assert!(seen(&a, task_id, &ids).await.is_empty());
     put(&b, task_id, vec![ids[0]]).await.expect("put");
     assert_eq!(log_state(&b, &b.replay.helper).await, (0, 1, 1));
     assert!(matches!(
