@@ -791,3 +791,76 @@ async fn version_1_data_survives_the_upgrade() {
     })
     .await;
 }
+
+/// Queued payloads are stored as they are: never compressed (ciphertexts do not compress, so
+/// trying only costs), in their row up to nearly a page, out of line only beyond that. Zeros
+/// would compress well, so a compression attempt would show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_payloads_stay_in_line_uncompressed() {
+    with_fresh_database("queued_payloads_stay_in_line", |url| async move {
+        let store = PostgresDatastore::connect(&url).await.expect("connect");
+        let task_id = TaskId::random();
+        let mut reports = Vec::new();
+        for (size, offset) in [(3_000, 0), (6_000, 1), (20_000, 2)] {
+            let mut r = report(task_id, T0 + offset);
+            r.encoded = vec![0; size];
+            r.encoded[..16].copy_from_slice(&r.report_id.0);
+            reports.push(r);
+        }
+        store.put_reports(&reports).await.expect("put_reports");
+
+        let mut conn = PgConnection::connect(&url).await.expect("connect");
+        let stored: Vec<(i32, Option<String>)> = sqlx::query_as(
+            "SELECT octet_length(payload), pg_column_compression(payload) \
+             FROM report_queue ORDER BY client_time",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .expect("read the queue");
+        assert_eq!(
+            stored,
+            vec![(3_000, None), (6_000, None), (20_000, None)],
+            "stored uncompressed"
+        );
+        let toast: String = sqlx::query_scalar(
+            "SELECT reltoastrelid::regclass::text FROM pg_class WHERE relname = 'report_queue'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("find the TOAST table");
+        let out_of_line: i64 =
+            sqlx::query_scalar(&format!("SELECT count(DISTINCT chunk_id) FROM {toast}"))
+                .fetch_one(&mut conn)
+                .await
+                .expect("read the TOAST table");
+        assert_eq!(
+            out_of_line, 1,
+            "only the payload larger than a page is out of line"
+        );
+        conn.close().await.expect("close");
+
+        assert_eq!(
+            store
+                .create_aggregation_jobs(10, Time(T0))
+                .await
+                .expect("create"),
+            1
+        );
+        let jobs = store
+            .acquire_aggregation_jobs(Time(T0), 600, 10)
+            .await
+            .expect("acquire");
+        let held: Vec<_> = jobs[0]
+            .reports
+            .iter()
+            .map(|r| (r.report_id, r.encoded.clone()))
+            .collect();
+        let sent: Vec<_> = reports
+            .iter()
+            .map(|r| (r.report_id, r.encoded.clone()))
+            .collect();
+        assert_eq!(held, sent, "the job gets every payload back intact");
+        store.close().await;
+    })
+    .await;
+}
