@@ -49,6 +49,10 @@ const MAX_BIND_PARAMS: usize = 900;
 /// How often `connect` re-runs migrations that lost a race with another process migrating the
 /// same file.
 const MIGRATION_ATTEMPTS: usize = 5;
+/// How often `connect` tries to open a connection that found the file busy, and the pause
+/// before the first retry (it doubles each time).
+const OPEN_ATTEMPTS: u32 = 6;
+const OPEN_BACKOFF: StdDuration = StdDuration::from_millis(10);
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -143,26 +147,28 @@ impl SqliteDatastore {
         // whose table locks don't wait on the busy timeout: one connection avoids them.
         // No ping before each use of a pooled connection: a ping is a round trip to the
         // connection's worker thread, and a local file's connection does not go stale.
-        let pool = SqlitePoolOptions::new()
-            .test_before_acquire(false)
-            .max_connections(if in_memory { 1 } else { MAX_CONNECTIONS })
-            .connect_with(options.clone())
-            .await
-            .map_err(db)?;
+        let pool = open_pool(
+            SqlitePoolOptions::new()
+                .test_before_acquire(false)
+                .max_connections(if in_memory { 1 } else { MAX_CONNECTIONS }),
+            options.clone(),
+        )
+        .await?;
         run_migrations(&pool).await?;
         let writer = if in_memory {
             pool.clone()
         } else {
-            SqlitePoolOptions::new()
-                .test_before_acquire(false)
-                .max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None)
+            open_pool(
+                SqlitePoolOptions::new()
+                    .test_before_acquire(false)
+                    .max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None),
                 // Room for an upload statement per batch size besides the job statements.
-                .connect_with(options.statement_cache_capacity(WRITER_STATEMENT_CACHE))
-                .await
-                .map_err(db)?
+                options.statement_cache_capacity(WRITER_STATEMENT_CACHE),
+            )
+            .await?
         };
         Ok(SqliteDatastore {
             pool,
@@ -222,6 +228,38 @@ impl SqliteDatastore {
         let lock = Arc::clone(&self.write_lock).lock_owned().await;
         let conn = self.writer.acquire().await.map_err(db)?;
         Ok(Locked { conn, _lock: lock })
+    }
+}
+
+/// Opens a pool, retrying while the file is busy: a connection to a new file switches it to WAL
+/// mode, and while another process does the same, SQLite can refuse with `SQLITE_BUSY` without
+/// waiting out the busy timeout.
+async fn open_pool(
+    pool: SqlitePoolOptions,
+    options: SqliteConnectOptions,
+) -> Result<SqlitePool, StoreError> {
+    let mut backoff = OPEN_BACKOFF;
+    for _ in 1..OPEN_ATTEMPTS {
+        match pool.clone().connect_with(options.clone()).await {
+            Err(e) if is_busy(&e) => {
+                tracing::debug!(error = %e, "opening the SQLite database found it busy; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            opened => return opened.map_err(db),
+        }
+    }
+    pool.connect_with(options).await.map_err(db)
+}
+
+/// Whether an error is `SQLITE_BUSY` (or one of its extended codes).
+fn is_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(e) => e
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| code & 0xff == 5),
+        _ => false,
     }
 }
 
@@ -482,5 +520,79 @@ impl Datastore for SqliteDatastore {
             .await
             .map_err(db)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, SqliteConnection};
+
+    use super::*;
+
+    /// A connection holding an exclusive lock on a new rollback-journal file, so that a
+    /// connection that wants to switch it to WAL gets `SQLITE_BUSY`.
+    async fn locked_file(dir: &tempfile::TempDir) -> (SqliteConnectOptions, SqliteConnection) {
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("busy.sqlite"))
+            .create_if_missing(true);
+        let mut holder = SqliteConnection::connect_with(
+            &options.clone().journal_mode(SqliteJournalMode::Delete),
+        )
+        .await
+        .expect("open");
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut holder)
+            .await
+            .expect("lock");
+        let wal = options
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(StdDuration::ZERO);
+        (wal, holder)
+    }
+
+    #[tokio::test]
+    async fn busy_errors_are_recognised() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let (wal, holder) = locked_file(&dir).await;
+        let e = SqliteConnection::connect_with(&wal)
+            .await
+            .expect_err("the file is locked");
+        assert!(is_busy(&e), "{e}");
+        holder.close().await.expect("close");
+        let mut conn = SqliteConnection::connect_with(&wal).await.expect("open");
+        let e = sqlx::query("SELEKT 1")
+            .execute(&mut conn)
+            .await
+            .expect_err("a syntax error");
+        assert!(!is_busy(&e), "{e}");
+    }
+
+    #[tokio::test]
+    async fn opening_waits_out_a_busy_file() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let (wal, mut holder) = locked_file(&dir).await;
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(OPEN_BACKOFF * 2).await;
+            sqlx::query("COMMIT")
+                .execute(&mut holder)
+                .await
+                .expect("unlock");
+            holder
+        });
+        let pool = open_pool(SqlitePoolOptions::new().max_connections(1), wal)
+            .await
+            .expect("opened once the lock was released");
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&pool)
+            .await
+            .expect("journal mode");
+        assert_eq!(mode, "wal");
+        pool.close().await;
+        release
+            .await
+            .expect("release")
+            .close()
+            .await
+            .expect("close");
     }
 }
