@@ -45,7 +45,7 @@ const WRITER_STATEMENT_CACHE: usize = 256;
 const MMAP_SIZE: &str = "268435456";
 /// Rows a connection's thread may hand over before the reading task takes them (sqlx's default
 /// is 50). Every statement here reads its whole result, so this only bounds how often the two
-/// threads wait for each other: a job's 1,000 reports came over in at least 20 hand-offs, each a
+/// threads wait for each other: at 50, a job's 1,000 reports take at least 20 hand-offs, each a
 /// wait for the other thread to be scheduled on a busy machine.
 const ROW_BUFFER: usize = 4096;
 /// Bound parameters per statement in bulk statements; well under SQLite's limit (32766 since
