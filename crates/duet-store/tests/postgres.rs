@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use duet_core::AggregatorRole;
 use duet_messages::dap09::{
-    AggregationJobId, CollectionJobId, Duration, Interval, ReportId, ReportIdChecksum, TaskId, Time,
+    AggregationJobId, CollectionJobId, ReportId, ReportIdChecksum, TaskId, Time,
 };
 use duet_store::conformance::postgres::with_fresh_database;
 use duet_store::postgres::PostgresDatastore;
@@ -19,27 +19,9 @@ use duet_store::{
 };
 use sqlx::{Connection, PgConnection};
 
-/// The bucket width of these tests.
-const PRECISION: u64 = 3600;
-/// A `PRECISION`-aligned start time.
-const T0: u64 = 470_000 * PRECISION;
+mod common;
 
-fn interval(start: u64, duration: u64) -> Interval {
-    Interval {
-        start: Time(start),
-        duration: Duration(duration),
-    }
-}
-
-fn report(task_id: TaskId, time: u64) -> NewReport {
-    let report_id = ReportId::random();
-    NewReport {
-        task_id,
-        report_id,
-        time: Time(time),
-        encoded: report_id.0.to_vec(),
-    }
-}
+use common::{interval, report, PRECISION, T0};
 
 /// These tests' toy VDAF: a share is a little-endian `u64` count.
 fn add_shares(a: &[u8], b: &[u8]) -> Result<Vec<u8>, String> {
@@ -662,205 +644,6 @@ async fn reports_stored_wakeups_are_coalesced() {
             .await
             .expect("close returns");
         writer.close().await;
-    })
-    .await;
-}
-
-/// A database written by schema version 1 (reports as one row each, assigned by `job_id`)
-/// keeps every report when it is upgraded: IDs stay replay-protected, unassigned reports are
-/// queued, and an active job keeps its reports in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn version_1_data_survives_the_upgrade() {
-    with_fresh_database("version_1_data_survives_the_upgrade", |url| async move {
-        let migrations_dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
-        let all = sqlx::migrate::Migrator::new(migrations_dir)
-            .await
-            .expect("read migrations");
-        let version_1 = sqlx::migrate::Migrator {
-            migrations: all
-                .migrations
-                .iter()
-                .filter(|m| m.version == 1)
-                .cloned()
-                .collect::<Vec<_>>()
-                .into(),
-            ..sqlx::migrate::Migrator::DEFAULT
-        };
-        let pool = sqlx::PgPool::connect(&url).await.expect("connect");
-        version_1.run(&pool).await.expect("migrate to version 1");
-
-        let task_id = TaskId::random();
-        let (active, finished) = (AggregationJobId::random(), AggregationJobId::random());
-        // (report, job, still has its payload)
-        let rows = [
-            (report(task_id, T0 + 5), None, true),
-            (report(task_id, T0 + 1), None, true),
-            (report(task_id, T0 + 3), Some(active), true),
-            (report(task_id, T0 + 2), Some(active), true),
-            (report(task_id, T0), Some(finished), false),
-        ];
-        for (r, job, has_payload) in &rows {
-            sqlx::query(
-                "INSERT INTO reports (task_id, report_id, client_time, payload, job_id) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(&r.task_id.0[..])
-            .bind(&r.report_id.0[..])
-            .bind(r.time.0 as i64)
-            .bind(has_payload.then_some(&r.encoded[..]))
-            .bind(job.map(|j| j.0.to_vec()))
-            .execute(&pool)
-            .await
-            .expect("insert a version 1 report");
-        }
-        for (job, state, count) in [(active, "active", 2i64), (finished, "finished", 1)] {
-            sqlx::query(
-                "INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, created_at, \
-                 retry_at) VALUES ($1, $2, $3, $4, 0, 0)",
-            )
-            .bind(&task_id.0[..])
-            .bind(&job.0[..])
-            .bind(state)
-            .bind(count)
-            .execute(&pool)
-            .await
-            .expect("insert a version 1 job");
-        }
-        pool.close().await;
-
-        let store = PostgresDatastore::connect(&url).await.expect("upgrade");
-        let everything = interval(T0, PRECISION);
-        assert_eq!(
-            store
-                .count_unaggregated_reports(&task_id, &everything)
-                .await
-                .expect("count"),
-            4,
-            "two queued and two in the active job"
-        );
-        let fresh = store
-            .put_reports(&rows.iter().map(|(r, _, _)| r.clone()).collect::<Vec<_>>())
-            .await
-            .expect("put_reports");
-        assert_eq!(fresh, vec![false; 5], "every old ID is still a replay");
-
-        let jobs = store
-            .acquire_aggregation_jobs(Time(T0), 600, 10)
-            .await
-            .expect("acquire");
-        assert_eq!(jobs.len(), 1);
-        assert_eq!(jobs[0].job_id, active);
-        let held: Vec<_> = jobs[0]
-            .reports
-            .iter()
-            .map(|r| (r.report_id, r.time, r.encoded.clone()))
-            .collect();
-        assert_eq!(
-            held,
-            vec![
-                (
-                    rows[3].0.report_id,
-                    rows[3].0.time,
-                    rows[3].0.encoded.clone()
-                ),
-                (
-                    rows[2].0.report_id,
-                    rows[2].0.time,
-                    rows[2].0.encoded.clone()
-                ),
-            ],
-            "the active job keeps its reports, oldest first"
-        );
-
-        assert_eq!(
-            store
-                .create_aggregation_jobs(10, Time(T0))
-                .await
-                .expect("create"),
-            1
-        );
-        let jobs = store
-            .acquire_aggregation_jobs(Time(T0), 600, 10)
-            .await
-            .expect("acquire");
-        assert_eq!(jobs.len(), 1);
-        let queued: Vec<_> = jobs[0].reports.iter().map(|r| r.report_id).collect();
-        assert_eq!(queued, vec![rows[1].0.report_id, rows[0].0.report_id]);
-        store.close().await;
-    })
-    .await;
-}
-
-/// Queued payloads are stored as they are: never compressed (ciphertexts do not compress, so
-/// trying only costs), in their row up to nearly a page, out of line only beyond that. Zeros
-/// would compress well, so a compression attempt would show.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_payloads_stay_in_line_uncompressed() {
-    with_fresh_database("queued_payloads_stay_in_line", |url| async move {
-        let store = PostgresDatastore::connect(&url).await.expect("connect");
-        let task_id = TaskId::random();
-        let mut reports = Vec::new();
-        for (size, offset) in [(3_000, 0), (6_000, 1), (20_000, 2)] {
-            let mut r = report(task_id, T0 + offset);
-            r.encoded = vec![0; size];
-            r.encoded[..16].copy_from_slice(&r.report_id.0);
-            reports.push(r);
-        }
-        store.put_reports(&reports).await.expect("put_reports");
-
-        let mut conn = PgConnection::connect(&url).await.expect("connect");
-        let stored: Vec<(i32, Option<String>)> = sqlx::query_as(
-            "SELECT octet_length(payload), pg_column_compression(payload) \
-             FROM report_queue ORDER BY client_time",
-        )
-        .fetch_all(&mut conn)
-        .await
-        .expect("read the queue");
-        assert_eq!(
-            stored,
-            vec![(3_000, None), (6_000, None), (20_000, None)],
-            "stored uncompressed"
-        );
-        let toast: String = sqlx::query_scalar(
-            "SELECT reltoastrelid::regclass::text FROM pg_class WHERE relname = 'report_queue'",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .expect("find the TOAST table");
-        let out_of_line: i64 =
-            sqlx::query_scalar(&format!("SELECT count(DISTINCT chunk_id) FROM {toast}"))
-                .fetch_one(&mut conn)
-                .await
-                .expect("read the TOAST table");
-        assert_eq!(
-            out_of_line, 1,
-            "only the payload larger than a page is out of line"
-        );
-        conn.close().await.expect("close");
-
-        assert_eq!(
-            store
-                .create_aggregation_jobs(10, Time(T0))
-                .await
-                .expect("create"),
-            1
-        );
-        let jobs = store
-            .acquire_aggregation_jobs(Time(T0), 600, 10)
-            .await
-            .expect("acquire");
-        let held: Vec<_> = jobs[0]
-            .reports
-            .iter()
-            .map(|r| (r.report_id, r.encoded.clone()))
-            .collect();
-        let sent: Vec<_> = reports
-            .iter()
-            .map(|r| (r.report_id, r.encoded.clone()))
-            .collect();
-        assert_eq!(held, sent, "the job gets every payload back intact");
-        store.close().await;
     })
     .await;
 }

@@ -1,0 +1,27 @@
+//! Helpers the PostgreSQL test files share.
+
+use duet_messages::dap09::{Duration, Interval, ReportId, TaskId, Time};
+use duet_store::NewReport;
+
+/// The bucket width of these tests.
+pub const PRECISION: u64 = 3600;
+/// A `PRECISION`-aligned start time.
+pub const T0: u64 = 470_000 * PRECISION;
+
+pub fn interval(start: u64, duration: u64) -> Interval {
+    Interval {
+        start: Time(start),
+        duration: Duration(duration),
+    }
+}
+
+/// A report at `time` whose payload is its ID.
+pub fn report(task_id: TaskId, time: u64) -> NewReport {
+    let report_id = ReportId::random();
+    NewReport {
+        task_id,
+        report_id,
+        time: Time(time),
+        encoded: report_id.0.to_vec(),
+    }
+}
