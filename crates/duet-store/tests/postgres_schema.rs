@@ -8,8 +8,26 @@ use common::{interval, report, PRECISION, T0};
 use duet_messages::dap09::{AggregationJobId, TaskId, Time};
 use duet_store::conformance::postgres::with_fresh_database;
 use duet_store::postgres::PostgresDatastore;
-use duet_store::Datastore;
+use duet_store::{AcquiredAggregationJob, Datastore};
 use sqlx::{Connection, PgConnection};
+
+/// Puts every queued report (at most 10) into one new job and leases it.
+async fn queued_into_one_job(store: &PostgresDatastore) -> AcquiredAggregationJob {
+    assert_eq!(
+        store
+            .create_aggregation_jobs(10, Time(T0))
+            .await
+            .expect("create"),
+        1,
+        "one job"
+    );
+    let mut jobs = store
+        .acquire_aggregation_jobs(Time(T0), 600, 10)
+        .await
+        .expect("acquire");
+    assert_eq!(jobs.len(), 1, "one job to lease");
+    jobs.remove(0)
+}
 
 /// A database written by schema version 1 (reports as one row each, assigned by `job_id`)
 /// keeps every report when it is upgraded: IDs stay replay-protected, unassigned reports are
@@ -118,19 +136,8 @@ async fn version_1_data_survives_the_upgrade() {
             "the active job keeps its reports, oldest first"
         );
 
-        assert_eq!(
-            store
-                .create_aggregation_jobs(10, Time(T0))
-                .await
-                .expect("create"),
-            1
-        );
-        let jobs = store
-            .acquire_aggregation_jobs(Time(T0), 600, 10)
-            .await
-            .expect("acquire");
-        assert_eq!(jobs.len(), 1);
-        let queued: Vec<_> = jobs[0].reports.iter().map(|r| r.report_id).collect();
+        let job = queued_into_one_job(&store).await;
+        let queued: Vec<_> = job.reports.iter().map(|r| r.report_id).collect();
         assert_eq!(queued, vec![rows[1].0.report_id, rows[0].0.report_id]);
         store.close().await;
     })
@@ -184,18 +191,8 @@ async fn queued_payloads_stay_in_line_uncompressed() {
         );
         conn.close().await.expect("close");
 
-        assert_eq!(
-            store
-                .create_aggregation_jobs(10, Time(T0))
-                .await
-                .expect("create"),
-            1
-        );
-        let jobs = store
-            .acquire_aggregation_jobs(Time(T0), 600, 10)
+        let held: Vec<_> = queued_into_one_job(&store)
             .await
-            .expect("acquire");
-        let held: Vec<_> = jobs[0]
             .reports
             .iter()
             .map(|r| (r.report_id, r.encoded.clone()))
