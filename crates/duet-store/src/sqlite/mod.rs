@@ -260,13 +260,8 @@ async fn open_pool(
 
 /// Whether an error is `SQLITE_BUSY` (or one of its extended codes).
 fn is_busy(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(e) => e
-            .code()
-            .and_then(|code| code.parse::<i32>().ok())
-            .is_some_and(|code| code & 0xff == 5),
-        _ => false,
-    }
+    matches!(e, sqlx::Error::Database(e)
+        if e.code().and_then(|code| code.parse::<i32>().ok()).is_some_and(|code| code & 0xff == 5))
 }
 
 /// Runs the embedded migrations, retrying when another connection migrated the same file at the
