@@ -84,10 +84,10 @@ pub trait Datastore: Send + Sync + 'static {
     // ---- Leader: reports and aggregation jobs ----
 
     /// Stores uploaded reports in one transaction. A report whose ID was seen before for its
-    /// task is a replay and is never aggregated; a store finds replays either here or when
-    /// `create_aggregation_jobs` claims the reports (SQLite, which keeps the upload path free of
-    /// a random-key index), keeping the first upload. Returns, per report, `false` for a replay
-    /// found here, `true` otherwise.
+    /// task is a replay and is never aggregated; a store may find replays here, but both
+    /// backends find them when `create_aggregation_jobs` claims the reports, which keeps the
+    /// upload path free of a random-key index, and keep the first upload. Returns, per report,
+    /// `false` for a replay found here (a repeat within `reports`), `true` otherwise.
     async fn put_reports(&self, reports: &[NewReport]) -> Result<Vec<bool>, StoreError>;
     /// Groups unassigned reports into new aggregation jobs of at most `max_job_size` reports
     /// each. Returns how many jobs were created.

@@ -1,10 +1,12 @@
 //! Leader: reports and aggregation jobs.
 //!
-//! Every row a report causes is written once. On upload a report gets a row in `report_ids`
-//! (replay protection, never updated) and one in `report_queue`. Job creation moves a batch of
-//! queued reports into the new job's row, as arrays, by deleting them from the queue: a delete
-//! writes no new row version and no index entry, and the job row is written once per job. When
-//! the job ends, its arrays are cleared in the same update that ends its lease.
+//! Every row a report causes is written once. On upload a report gets one row in
+//! `report_queue`, nothing else: the upload path, which clients wait on, touches no random-key
+//! index. Job creation moves a batch of queued reports into the new job's row, as arrays, by
+//! deleting them from the queue (a delete writes no new row version and no index entry), and in
+//! the same statement admits their IDs, in key order, to `claimed_report_ids` (replay
+//! protection, never updated); the job row is written once per job. When the job ends, its
+//! arrays are cleared in the same update that ends its lease.
 //!
 //! Replicas share the work through row locks that never wait: job creation claims queued
 //! reports, and acquisition claims runnable jobs, with `FOR UPDATE SKIP LOCKED`, so two replicas
@@ -28,11 +30,10 @@ use crate::{
     Wakeup,
 };
 
-/// One statement (READ COMMITTED), whatever the batch size, two if the batch holds a replay: the
-/// reports go in as four arrays unnested into rows. The first statement inserts them all; if an
-/// ID is stored already, the second one lets the primary key of `report_ids` turn replays into
-/// no-ops that `RETURNING` leaves out, and queues only the reports it returns. If any report is
-/// new, the `ReportsStored` wake-up follows (coalesced with other batches').
+/// One statement (READ COMMITTED), whatever the batch size: the reports go in as four arrays
+/// unnested into rows of `report_queue`. Replays of stored IDs are found by job creation; a repeat
+/// within the batch is dropped here. The `ReportsStored` wake-up follows (coalesced with other
+/// batches').
 pub(super) async fn put_reports(
     store: &PostgresDatastore,
     reports: &[NewReport],
@@ -40,8 +41,7 @@ pub(super) async fn put_reports(
     if reports.is_empty() {
         return Ok(Vec::new());
     }
-    // Only the first occurrence of a key in the batch can be new; later ones are not sent. Rows
-    // go in key order so that concurrent batches sharing keys queue instead of deadlocking.
+    // Only the first occurrence of a key in the batch is queued.
     let mut first: Vec<&NewReport> = Vec::with_capacity(reports.len());
     let mut keys: HashSet<(TaskId, ReportId)> = HashSet::with_capacity(reports.len());
     for report in reports {
@@ -49,7 +49,6 @@ pub(super) async fn put_reports(
             first.push(report);
         }
     }
-    first.sort_by_key(|r| (r.task_id.0, r.report_id.0));
     let mut task_ids = Vec::with_capacity(first.len());
     let mut report_ids = Vec::with_capacity(first.len());
     let mut times = Vec::with_capacity(first.len());
@@ -60,80 +59,94 @@ pub(super) async fn put_reports(
         times.push(to_i64(report.time.0, "report time")?);
         payloads.push(&report.encoded[..]);
     }
-    // Usually no ID is stored yet: plain inserts, whose unique index makes the only probe per
-    // ID (`ON CONFLICT` probes it once more before inserting). A replay, here or in a concurrent
-    // batch, fails the statement as a whole, and the batch goes again through the statement
-    // that skips stored IDs.
-    let plain = sqlx::query(
+    sqlx::query(
         "-- put_reports\n\
-         WITH ids AS ( \
-           INSERT INTO report_ids (task_id, report_id, client_time) \
-           SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[])) \
          INSERT INTO report_queue (task_id, client_time, report_id, payload) \
-         SELECT u.task_id, u.client_time, u.report_id, u.payload \
-         FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[], $4::bytea[]) \
-           AS u(task_id, report_id, client_time, payload)",
+         SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::bytea[], $4::bytea[])",
     )
     .bind(&task_ids)
-    .bind(&report_ids)
     .bind(&times)
+    .bind(&report_ids)
     .bind(&payloads)
     .execute(&store.pool)
-    .await;
-    match plain {
-        Ok(_) => {
-            store.wakeups.reports_stored(&store.pool);
-            // `remove`, so that only the first occurrence of a key is reported new.
-            return Ok(reports
-                .iter()
-                .map(|r| keys.remove(&(r.task_id, r.report_id)))
-                .collect());
-        }
-        Err(e) if !is_unique_violation(&e) => return Err(e.into()),
-        Err(_) => {}
-    }
-    let rows = sqlx::query(
-        "-- put_reports\n\
-         WITH fresh AS ( \
-           INSERT INTO report_ids (task_id, report_id, client_time) \
-           SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[]) \
-           ON CONFLICT DO NOTHING RETURNING task_id, report_id), \
-         queued AS ( \
-           INSERT INTO report_queue (task_id, client_time, report_id, payload) \
-           SELECT u.task_id, u.client_time, u.report_id, u.payload \
-           FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[], $4::bytea[]) \
-             AS u(task_id, report_id, client_time, payload) \
-           JOIN fresh ON fresh.task_id = u.task_id AND fresh.report_id = u.report_id \
-           RETURNING task_id, report_id) \
-         SELECT task_id, report_id FROM queued",
-    )
-    .bind(&task_ids)
-    .bind(&report_ids)
-    .bind(&times)
-    .bind(&payloads)
-    .fetch_all(&store.pool)
     .await?;
-    if !rows.is_empty() {
-        store.wakeups.reports_stored(&store.pool);
-    }
-    let mut inserted: HashSet<(TaskId, ReportId)> = HashSet::with_capacity(rows.len());
-    for row in &rows {
-        inserted.insert((
-            TaskId(col_array(row, "task_id")?),
-            ReportId(col_array(row, "report_id")?),
-        ));
-    }
+    store.wakeups.reports_stored(&store.pool);
     // `remove`, so that only the first occurrence of a key is reported new.
     Ok(reports
         .iter()
-        .map(|r| inserted.remove(&(r.task_id, r.report_id)))
+        .map(|r| keys.remove(&(r.task_id, r.report_id)))
         .collect())
 }
 
+/// The queued reports a job claims, oldest first (so that early buckets complete first): up to
+/// `$2` of task `$1`, deleted from the queue, each with the age of the transaction that uploaded
+/// it.
+macro_rules! claimed {
+    () => {
+        "WITH claimed AS ( \
+           DELETE FROM report_queue WHERE ctid = ANY(ARRAY( \
+             SELECT ctid FROM report_queue WHERE task_id = $1 \
+             ORDER BY client_time LIMIT $2 \
+             FOR UPDATE SKIP LOCKED)) \
+           RETURNING client_time, report_id, payload, age(xmin) AS upload_age), "
+    };
+}
+
+/// The job `$3` (created at `$4`) holding the reports of `$from`, and the statement's result:
+/// how many reports it claimed and how many jobs it created (0 or 1).
+macro_rules! job_from {
+    ($from:literal) => {
+        concat!(
+            "job AS ( \
+               INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, created_at, \
+                 retry_at, report_ids, client_times, payloads) \
+               SELECT $1, $3, 'active', COUNT(*), $4, $4, \
+                 array_agg(report_id ORDER BY client_time, report_id), \
+                 array_agg(client_time ORDER BY client_time, report_id), \
+                 array_agg(payload ORDER BY client_time, report_id) \
+               FROM ",
+            $from,
+            " HAVING COUNT(*) > 0 \
+               RETURNING report_count) \
+             SELECT (SELECT COUNT(*) FROM claimed) AS claimed, (SELECT COUNT(*) FROM job) AS jobs"
+        )
+    };
+}
+
+/// Claims the reports of a job and admits their IDs, expecting no replay: a plain insert into
+/// `claimed_report_ids`, one unique-index probe per ID, which fails the statement on a replay.
+const CREATE_JOB: &str = concat!(
+    "-- create_aggregation_jobs\n",
+    claimed!(),
+    "ids AS ( \
+       INSERT INTO claimed_report_ids (task_id, report_id, client_time) \
+       SELECT $1, report_id, client_time FROM claimed ORDER BY report_id), ",
+    job_from!("claimed")
+);
+
+/// Claims the reports of a job and drops the replays among them: of an ID claimed more than once
+/// the first upload is kept (the oldest transaction), and an ID already in `claimed_report_ids`
+/// (claimed before, or by a concurrent creator that has committed since) is dropped.
+const CREATE_JOB_DROPPING_REPLAYS: &str = concat!(
+    "-- create_aggregation_jobs\n",
+    claimed!(),
+    "once AS ( \
+       SELECT DISTINCT ON (report_id) client_time, report_id, payload FROM claimed \
+       ORDER BY report_id, upload_age DESC), \
+     fresh AS ( \
+       INSERT INTO claimed_report_ids (task_id, report_id, client_time) \
+       SELECT $1, report_id, client_time FROM once ORDER BY report_id \
+       ON CONFLICT DO NOTHING RETURNING report_id), \
+     kept AS (SELECT once.* FROM once JOIN fresh USING (report_id)), ",
+    job_from!("kept")
+);
+
 /// READ COMMITTED plus `FOR UPDATE SKIP LOCKED` on the queued reports a job takes: concurrent
-/// creators skip each other's claimed reports (never waiting, so never deadlocking). One
-/// statement per job deletes up to `max_job_size` reports from the queue and inserts the job row
-/// holding them.
+/// creators skip each other's claimed reports (never waiting for them). One statement per job
+/// deletes up to `max_job_size` reports from the queue, admits their IDs to
+/// `claimed_report_ids` and inserts the job row holding them. Replays are rare, so the first
+/// attempt expects none; if one fails it with a unique violation, the creation runs again,
+/// dropping replays.
 pub(super) async fn create_aggregation_jobs(
     store: &PostgresDatastore,
     max_job_size: usize,
@@ -142,8 +155,23 @@ pub(super) async fn create_aggregation_jobs(
     if max_job_size == 0 {
         return Ok(0);
     }
+    match create_jobs(store, max_job_size, now, CREATE_JOB).await {
+        Err(TxError::Sql(e)) if is_unique_violation(&e) => {
+            create_jobs(store, max_job_size, now, CREATE_JOB_DROPPING_REPLAYS).await
+        }
+        other => other,
+    }
+}
+
+/// One transaction: a job per `create_job` statement for each task with queued reports, until its
+/// queue is empty.
+async fn create_jobs(
+    store: &PostgresDatastore,
+    max_job_size: usize,
+    now: Time,
+    create_job: &'static str,
+) -> Result<usize, TxError> {
     let now = to_i64(now.0, "time")?;
-    let job_size = limit_i64(max_job_size);
     let mut tx = store.begin().await?;
     // The tasks that have queued reports, read as a skip scan of `report_queue_order` (one index
     // probe per task, not one row per queued report).
@@ -164,36 +192,26 @@ pub(super) async fn create_aggregation_jobs(
     for task_row in task_rows {
         let task_id: Vec<u8> = col(&task_row, "task_id")?;
         loop {
-            let job_id = AggregationJobId::random();
-            // Oldest first, so that early buckets complete first.
-            let job = sqlx::query(
-                "-- create_aggregation_jobs\n\
-                 WITH claimed AS ( \
-                   DELETE FROM report_queue WHERE ctid = ANY(ARRAY( \
-                     SELECT ctid FROM report_queue WHERE task_id = $1 \
-                     ORDER BY client_time LIMIT $2 \
-                     FOR UPDATE SKIP LOCKED)) \
-                   RETURNING client_time, report_id, payload) \
-                 INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, created_at, \
-                   retry_at, report_ids, client_times, payloads) \
-                 SELECT $1, $3, 'active', COUNT(*), $4, $4, \
-                   array_agg(report_id ORDER BY client_time, report_id), \
-                   array_agg(client_time ORDER BY client_time, report_id), \
-                   array_agg(payload ORDER BY client_time, report_id) \
-                 FROM claimed HAVING COUNT(*) > 0 \
-                 RETURNING report_count",
-            )
-            .bind(&task_id[..])
-            .bind(job_size)
-            .bind(&job_id.0[..])
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(job) = job else {
-                break;
+            let row = sqlx::query(create_job)
+                .bind(&task_id[..])
+                .bind(limit_i64(max_job_size))
+                .bind(&AggregationJobId::random().0[..])
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await;
+            let row = match row {
+                Ok(row) => row,
+                Err(e) => {
+                    // At once, not when the pool next uses the connection: until then the claimed
+                    // reports stay locked, and a creation run again at once would skip them.
+                    tx.rollback().await?;
+                    return Err(e.into());
+                }
             };
-            created += 1;
-            if col_u64(&job, "report_count")? < max_job_size as u64 {
+            if col_u64(&row, "jobs")? > 0 {
+                created += 1;
+            }
+            if col_u64(&row, "claimed")? < max_job_size as u64 {
                 break;
             }
         }

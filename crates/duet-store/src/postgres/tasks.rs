@@ -83,7 +83,7 @@ pub(super) async fn list_tasks(store: &PostgresDatastore) -> Result<Vec<Task>, T
 /// One statement per role removing a task and everything under it ($1: role, $2: task ID); the
 /// data-modifying CTEs run to completion whether or not their output is read.
 const DELETE_LEADER_TASK: &str = "-- delete_task\n\
-     WITH ids_gone AS (DELETE FROM report_ids WHERE task_id = $2), \
+     WITH ids_gone AS (DELETE FROM claimed_report_ids WHERE task_id = $2), \
           queue_gone AS (DELETE FROM report_queue WHERE task_id = $2), \
           jobs_gone AS (DELETE FROM aggregation_jobs WHERE task_id = $2), \
           collections_gone AS (DELETE FROM collection_jobs WHERE task_id = $2), \
