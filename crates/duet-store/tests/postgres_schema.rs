@@ -4,8 +4,11 @@
 
 mod common;
 
+use std::collections::HashSet;
+
 use common::{interval, report, PRECISION, T0};
-use duet_messages::dap09::{AggregationJobId, TaskId, Time};
+use duet_core::AggregatorRole;
+use duet_messages::dap09::{AggregationJobId, ReportId, TaskId, Time};
 use duet_store::conformance::postgres::with_fresh_database;
 use duet_store::postgres::PostgresDatastore;
 use duet_store::{AcquiredAggregationJob, Datastore};
@@ -30,8 +33,9 @@ async fn queued_into_one_job(store: &PostgresDatastore) -> AcquiredAggregationJo
 }
 
 /// A database written by schema version 1 (reports as one row each, assigned by `job_id`)
-/// keeps every report when it is upgraded: IDs stay replay-protected, unassigned reports are
-/// queued (and aggregated once), and an active job keeps its reports in order.
+/// keeps every report when it is upgraded: IDs (the Leader's and the Helper's) stay
+/// replay-protected, unassigned reports are queued (and aggregated once), and an active job keeps
+/// its reports in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_1_data_survives_the_upgrade() {
     with_fresh_database("version_1_data_survives_the_upgrade", |url| async move {
@@ -90,6 +94,14 @@ async fn version_1_data_survives_the_upgrade() {
             .await
             .expect("insert a version 1 job");
         }
+        // The Helper's side of another task: one report ID it has aggregated.
+        let (helper_task, helper_seen) = (TaskId::random(), ReportId::random());
+        sqlx::query("INSERT INTO helper_report_ids (task_id, report_id) VALUES ($1, $2)")
+            .bind(&helper_task.0[..])
+            .bind(&helper_seen.0[..])
+            .execute(&pool)
+            .await
+            .expect("insert a version 1 Helper report ID");
         pool.close().await;
 
         let store = PostgresDatastore::connect(&url).await.expect("upgrade");
@@ -145,6 +157,18 @@ async fn version_1_data_survives_the_upgrade() {
         let job = queued_into_one_job(&store).await;
         let queued: Vec<_> = job.reports.iter().map(|r| r.report_id).collect();
         assert_eq!(queued, vec![rows[1].0.report_id, rows[0].0.report_id]);
+
+        let helper = store.with_role(AggregatorRole::Helper);
+        let other = ReportId::random();
+        let seen = helper
+            .seen_report_ids(&helper_task, &[helper_seen, other])
+            .await
+            .expect("seen_report_ids");
+        assert_eq!(
+            seen,
+            HashSet::from([helper_seen]),
+            "the Helper's IDs stay replay-protected"
+        );
         store.close().await;
     })
     .await;

@@ -53,6 +53,7 @@ pub(super) async fn seen_report_ids(
         return Ok(HashSet::new());
     }
     let ids: Vec<[u8; 16]> = ids.iter().map(|id| id.0).collect();
+    let task_key = store.task_key(task_id).await?;
     // One primary-key probe per ID. With `task_id = $1 AND report_id = ANY($2)` the planner may
     // match only the task ID in the index and filter the task's every report ID through the
     // array, when its statistics predate the task's growth (one job took up to 120 ms at
@@ -63,9 +64,9 @@ pub(super) async fn seen_report_ids(
          SELECT u.id AS report_id FROM UNNEST($2::bytea[]) AS u(id) \
          CROSS JOIN LATERAL ( \
            SELECT 1 FROM helper_report_ids h \
-           WHERE h.task_id = $1 AND h.report_id = u.id LIMIT 1) AS seen",
+           WHERE h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen",
     )
-    .bind(&task_id.0[..])
+    .bind(task_key)
     .bind(&ids)
     .fetch_all(&store.pool)
     .await?;
@@ -88,6 +89,7 @@ pub(super) async fn put_helper_aggregation_job(
     deltas: &[BatchAggregation],
     merge: MergeFn<'_>,
 ) -> Result<(), TxError> {
+    let task_key = store.task_key(&job.task_id).await?;
     let mut tx = store.begin().await?;
     let inserted = sqlx::query(
         "-- put_helper_aggregation_job\n\
@@ -114,9 +116,10 @@ pub(super) async fn put_helper_aggregation_job(
         // with the unique index's own probe, one descent per ID where `ON CONFLICT` takes two.
         let inserted = sqlx::query(
             "-- put_helper_aggregation_job\n\
-             INSERT INTO helper_report_ids (task_id, report_id) SELECT $1, * FROM UNNEST($2::bytea[])",
+             INSERT INTO helper_report_ids (task_key, report_id) \
+             SELECT $1, * FROM UNNEST($2::bytea[])",
         )
-        .bind(&job.task_id.0[..])
+        .bind(task_key)
         .bind(&ids)
         .execute(&mut *tx)
         .await;

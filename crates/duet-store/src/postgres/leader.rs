@@ -93,7 +93,8 @@ macro_rules! claimed {
 }
 
 /// The job `$3` (created at `$4`) holding the reports of `$from`, and the statement's result:
-/// how many reports it claimed and how many jobs it created (0 or 1).
+/// how many reports it claimed and how many jobs it created (0 or 1). The arrays are built from
+/// one sorted input, in (time, ID) order, rather than each sorting its own copy.
 macro_rules! job_from {
     ($from:literal) => {
         concat!(
@@ -101,12 +102,10 @@ macro_rules! job_from {
                INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, created_at, \
                  retry_at, report_ids, client_times, payloads) \
                SELECT $1, $3, 'active', COUNT(*), $4, $4, \
-                 array_agg(report_id ORDER BY client_time, report_id), \
-                 array_agg(client_time ORDER BY client_time, report_id), \
-                 array_agg(payload ORDER BY client_time, report_id) \
-               FROM ",
+                 array_agg(report_id), array_agg(client_time), array_agg(payload) \
+               FROM (SELECT report_id, client_time, payload FROM ",
             $from,
-            " HAVING COUNT(*) > 0 \
+            " ORDER BY client_time, report_id) AS sorted HAVING COUNT(*) > 0 \
                RETURNING report_count) \
              SELECT (SELECT COUNT(*) FROM claimed) AS claimed, (SELECT COUNT(*) FROM job) AS jobs"
         )
@@ -119,8 +118,8 @@ const CREATE_JOB: &str = concat!(
     "-- create_aggregation_jobs\n",
     claimed!(),
     "ids AS ( \
-       INSERT INTO claimed_report_ids (task_id, report_id, client_time) \
-       SELECT $1, report_id, client_time FROM claimed ORDER BY report_id), ",
+       INSERT INTO claimed_report_ids (task_key, report_id, client_time) \
+       SELECT $5, report_id, client_time FROM claimed ORDER BY report_id), ",
     job_from!("claimed")
 );
 
@@ -134,8 +133,8 @@ const CREATE_JOB_DROPPING_REPLAYS: &str = concat!(
        SELECT DISTINCT ON (report_id) client_time, report_id, payload FROM claimed \
        ORDER BY report_id, upload_age DESC), \
      fresh AS ( \
-       INSERT INTO claimed_report_ids (task_id, report_id, client_time) \
-       SELECT $1, report_id, client_time FROM once ORDER BY report_id \
+       INSERT INTO claimed_report_ids (task_key, report_id, client_time) \
+       SELECT $5, report_id, client_time FROM once ORDER BY report_id \
        ON CONFLICT DO NOTHING RETURNING report_id), \
      kept AS (SELECT once.* FROM once JOIN fresh USING (report_id)), ",
     job_from!("kept")
@@ -190,13 +189,15 @@ async fn create_jobs(
     .await?;
     let mut created = 0;
     for task_row in task_rows {
-        let task_id: Vec<u8> = col(&task_row, "task_id")?;
+        let task_id: [u8; 32] = col_array(&task_row, "task_id")?;
+        let task_key = store.task_key(&TaskId(task_id)).await?;
         loop {
             let row = sqlx::query(create_job)
                 .bind(&task_id[..])
                 .bind(limit_i64(max_job_size))
                 .bind(&AggregationJobId::random().0[..])
                 .bind(now)
+                .bind(task_key)
                 .fetch_one(&mut *tx)
                 .await;
             let row = match row {

@@ -21,10 +21,10 @@ mod leader;
 mod notify;
 mod tasks;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
@@ -65,6 +65,8 @@ pub struct PostgresDatastore {
     pool: PgPool,
     role: AggregatorRole,
     wakeups: Arc<notify::Wakeups>,
+    /// The replay tables' keys of the tasks seen so far (`replay_tasks`; a key never changes).
+    task_keys: Arc<Mutex<HashMap<TaskId, i32>>>,
 }
 
 impl PostgresDatastore {
@@ -101,6 +103,7 @@ impl PostgresDatastore {
             pool,
             role: AggregatorRole::Leader,
             wakeups: Arc::new(notify::Wakeups::new()),
+            task_keys: Arc::default(),
         })
     }
 
@@ -110,6 +113,7 @@ impl PostgresDatastore {
             pool: self.pool.clone(),
             role,
             wakeups: Arc::clone(&self.wakeups),
+            task_keys: Arc::clone(&self.task_keys),
         }
     }
 
@@ -123,6 +127,46 @@ impl PostgresDatastore {
     pub async fn close(&self) {
         self.wakeups.stop();
         self.pool.close().await;
+    }
+
+    /// The task's key in the replay tables, created if it has none. A new key is committed on
+    /// its own, outside any caller's transaction, so that a key in use always exists: two keys
+    /// for one task would split its replay protection.
+    async fn task_key(&self, task_id: &TaskId) -> Result<i32, TxError> {
+        let known = self
+            .task_keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(task_id)
+            .copied();
+        if let Some(key) = known {
+            return Ok(key);
+        }
+        let select = "-- task_key\nSELECT task_key FROM replay_tasks WHERE task_id = $1";
+        let mut key: Option<i32> = sqlx::query_scalar(select)
+            .bind(&task_id.0[..])
+            .fetch_optional(&self.pool)
+            .await?;
+        if key.is_none() {
+            // A concurrent insert of the same ID makes this one wait for it and do nothing; the
+            // next statement's snapshot sees whichever row won.
+            sqlx::query(
+                "-- task_key\nINSERT INTO replay_tasks (task_id) VALUES ($1) ON CONFLICT DO NOTHING",
+            )
+            .bind(&task_id.0[..])
+            .execute(&self.pool)
+            .await?;
+            key = sqlx::query_scalar(select)
+                .bind(&task_id.0[..])
+                .fetch_optional(&self.pool)
+                .await?;
+        }
+        let key = key.ok_or(TxError::Raced("a task key was not stored"))?;
+        self.task_keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(*task_id, key);
+        Ok(key)
     }
 
     /// The role as stored in `role` columns.

@@ -83,7 +83,8 @@ pub(super) async fn list_tasks(store: &PostgresDatastore) -> Result<Vec<Task>, T
 /// One statement per role removing a task and everything under it ($1: role, $2: task ID); the
 /// data-modifying CTEs run to completion whether or not their output is read.
 const DELETE_LEADER_TASK: &str = "-- delete_task\n\
-     WITH ids_gone AS (DELETE FROM claimed_report_ids WHERE task_id = $2), \
+     WITH ids_gone AS (DELETE FROM claimed_report_ids WHERE task_key = \
+            (SELECT task_key FROM replay_tasks WHERE task_id = $2)), \
           queue_gone AS (DELETE FROM report_queue WHERE task_id = $2), \
           jobs_gone AS (DELETE FROM aggregation_jobs WHERE task_id = $2), \
           collections_gone AS (DELETE FROM collection_jobs WHERE task_id = $2), \
@@ -91,7 +92,8 @@ const DELETE_LEADER_TASK: &str = "-- delete_task\n\
      DELETE FROM tasks WHERE role = $1 AND task_id = $2";
 const DELETE_HELPER_TASK: &str = "-- delete_task\n\
      WITH jobs_gone AS (DELETE FROM helper_aggregation_jobs WHERE task_id = $2), \
-          ids_gone AS (DELETE FROM helper_report_ids WHERE task_id = $2), \
+          ids_gone AS (DELETE FROM helper_report_ids WHERE task_key = \
+            (SELECT task_key FROM replay_tasks WHERE task_id = $2)), \
           shares_gone AS (DELETE FROM aggregate_share_jobs WHERE task_id = $2), \
           aggregations_gone AS (DELETE FROM batch_aggregations WHERE role = $1 AND task_id = $2) \
      DELETE FROM tasks WHERE role = $1 AND task_id = $2";
