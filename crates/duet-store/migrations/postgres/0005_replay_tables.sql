@@ -12,6 +12,10 @@
 --   reports still queued are not carried over: job creation admits them when it claims those
 --   reports.
 -- * `helper_report_ids` is rebuilt on the new key.
+-- * Queued reports carry the ID of the transaction that uploaded them (`upload_xid`, which
+--   grows with each upload batch), and jobs claim them in that order rather than by time, so
+--   that of two uploads of one ID the first is claimed first and the second is the replay.
+--   Uploads append to the new index as they did to the old one.
 --
 -- A replica of an earlier version then fails its uploads and Helper jobs instead of recording IDs
 -- where job creation would take its reports for replays.
@@ -49,3 +53,7 @@ CREATE TABLE helper_report_ids (
 INSERT INTO helper_report_ids (task_key, report_id)
 SELECT k.task_key, h.report_id FROM helper_report_ids_v4 AS h JOIN replay_tasks AS k USING (task_id);
 DROP TABLE helper_report_ids_v4;
+
+ALTER TABLE report_queue ADD COLUMN upload_xid XID8 NOT NULL DEFAULT pg_current_xact_id();
+DROP INDEX report_queue_order;
+CREATE INDEX report_queue_order ON report_queue (task_id, upload_xid);

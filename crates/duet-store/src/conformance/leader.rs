@@ -148,6 +148,27 @@ pub async fn check_put_reports(leader: &dyn Datastore) {
         assert!(leader.delete_task(&id).await.expect("delete_task"));
     }
     assert_eq!(unaggregated(leader, t.id, T0, 2 * PRECISION).await, 0);
+
+    // A second upload of an ID is the replay even when it carries an earlier time and the
+    // reports go into jobs one at a time.
+    let t = task(TaskId::random());
+    leader.put_task(&t).await.expect("put_task");
+    let first = report(t.id, T0 + 50);
+    let mut second = report(t.id, T0 + 10);
+    second.report_id = first.report_id;
+    leader
+        .put_reports(std::slice::from_ref(&first))
+        .await
+        .expect("put_reports");
+    leader.put_reports(&[second]).await.expect("put_reports");
+    assert_eq!(create_jobs(leader, 1, now).await, 1);
+    let jobs = acquire(leader, t.id, now, 10).await;
+    let held: Vec<_> = jobs
+        .iter()
+        .flat_map(|j| j.reports.iter().map(|r| (r.time, r.encoded.clone())))
+        .collect();
+    assert_eq!(held, vec![(first.time, first.encoded)]);
+    assert!(leader.delete_task(&t.id).await.expect("delete_task"));
 }
 
 /// Reports uploaded in several batches are each taken once, in jobs of at most `max_job_size`;

@@ -1,12 +1,13 @@
 //! Leader: reports and aggregation jobs.
 //!
 //! Every row a report causes is written once. On upload a report gets one row in
-//! `report_queue`, nothing else: the upload path, which clients wait on, touches no random-key
-//! index. Job creation moves a batch of queued reports into the new job's row, as arrays, by
-//! deleting them from the queue (a delete writes no new row version and no index entry), and in
-//! the same statement admits their IDs, in key order, to `claimed_report_ids` (replay
-//! protection, never updated); the job row is written once per job. When the job ends, its
-//! arrays are cleared in the same update that ends its lease.
+//! `report_queue`, stamped with the uploading transaction's ID, and nothing else: the upload
+//! path, which clients wait on, touches no random-key index. Job creation moves queued reports,
+//! in upload order, into the new job's row, as arrays, by deleting them from the queue (a delete
+//! writes no new row version and no index entry), and in the same statement admits their IDs,
+//! in key order, to `claimed_report_ids` (replay protection, never updated): of two uploads of
+//! one ID the first is claimed first, and the second is the replay. The job row is written once
+//! per job; when the job ends, its arrays are cleared in the same update that ends its lease.
 //!
 //! Replicas share the work through row locks that never wait: job creation claims queued
 //! reports, and acquisition claims runnable jobs, with `FOR UPDATE SKIP LOCKED`, so two replicas
@@ -78,17 +79,18 @@ pub(super) async fn put_reports(
         .collect())
 }
 
-/// The queued reports a job claims, oldest first (so that early buckets complete first): up to
-/// `$2` of task `$1`, deleted from the queue, each with the age of the transaction that uploaded
-/// it.
+/// The queued reports a job claims, in upload order: up to `$2` of task `$1`, deleted from the
+/// queue. Of two uploads of one ID, the first is claimed first (by this statement, an earlier
+/// one, or a concurrent creator that skipped none of the rows before it), so the second is the
+/// replay that job creation drops.
 macro_rules! claimed {
     () => {
         "WITH claimed AS ( \
            DELETE FROM report_queue WHERE ctid = ANY(ARRAY( \
              SELECT ctid FROM report_queue WHERE task_id = $1 \
-             ORDER BY client_time LIMIT $2 \
+             ORDER BY upload_xid LIMIT $2 \
              FOR UPDATE SKIP LOCKED)) \
-           RETURNING client_time, report_id, payload, age(xmin) AS upload_age), "
+           RETURNING upload_xid, client_time, report_id, payload), "
     };
 }
 
@@ -124,14 +126,14 @@ const CREATE_JOB: &str = concat!(
 );
 
 /// Claims the reports of a job and drops the replays among them: of an ID claimed more than once
-/// the first upload is kept (the oldest transaction), and an ID already in `claimed_report_ids`
-/// (claimed before, or by a concurrent creator that has committed since) is dropped.
+/// the first upload is kept, and an ID already in `claimed_report_ids` (claimed before, or by a
+/// concurrent creator that has committed since) is dropped.
 const CREATE_JOB_DROPPING_REPLAYS: &str = concat!(
     "-- create_aggregation_jobs\n",
     claimed!(),
     "once AS ( \
        SELECT DISTINCT ON (report_id) client_time, report_id, payload FROM claimed \
-       ORDER BY report_id, upload_age DESC), \
+       ORDER BY report_id, upload_xid), \
      fresh AS ( \
        INSERT INTO claimed_report_ids (task_key, report_id, client_time) \
        SELECT $5, report_id, client_time FROM once ORDER BY report_id \
@@ -141,11 +143,12 @@ const CREATE_JOB_DROPPING_REPLAYS: &str = concat!(
 );
 
 /// READ COMMITTED plus `FOR UPDATE SKIP LOCKED` on the queued reports a job takes: concurrent
-/// creators skip each other's claimed reports (never waiting for them). One statement per job
-/// deletes up to `max_job_size` reports from the queue, admits their IDs to
-/// `claimed_report_ids` and inserts the job row holding them. Replays are rare, so the first
-/// attempt expects none; if one fails it with a unique violation, the creation runs again,
-/// dropping replays.
+/// creators skip each other's claimed reports (never waiting for them). Each job is one statement
+/// and its own transaction: it deletes up to `max_job_size` reports from the queue, admits their
+/// IDs to `claimed_report_ids` (sorted, so that creators inserting the same IDs wait for each
+/// other in one order and never deadlock) and inserts the job row holding them. Replays are rare,
+/// so a job's first attempt expects none; if one fails it with a unique violation, the job runs
+/// again, dropping replays. The `AggregationJobsCreated` wake-up follows the last job.
 pub(super) async fn create_aggregation_jobs(
     store: &PostgresDatastore,
     max_job_size: usize,
@@ -154,24 +157,8 @@ pub(super) async fn create_aggregation_jobs(
     if max_job_size == 0 {
         return Ok(0);
     }
-    match create_jobs(store, max_job_size, now, CREATE_JOB).await {
-        Err(TxError::Sql(e)) if is_unique_violation(&e) => {
-            create_jobs(store, max_job_size, now, CREATE_JOB_DROPPING_REPLAYS).await
-        }
-        other => other,
-    }
-}
-
-/// One transaction: a job per `create_job` statement for each task with queued reports, until its
-/// queue is empty.
-async fn create_jobs(
-    store: &PostgresDatastore,
-    max_job_size: usize,
-    now: Time,
-    create_job: &'static str,
-) -> Result<usize, TxError> {
     let now = to_i64(now.0, "time")?;
-    let mut tx = store.begin().await?;
+    let mut conn = store.pool.acquire().await?;
     // The tasks that have queued reports, read as a skip scan of `report_queue_order` (one index
     // probe per task, not one row per queued report).
     let task_rows = sqlx::query(
@@ -185,29 +172,28 @@ async fn create_jobs(
            FROM pending WHERE pending.task_id IS NOT NULL) \
          SELECT task_id FROM pending WHERE task_id IS NOT NULL",
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *conn)
     .await?;
     let mut created = 0;
     for task_row in task_rows {
         let task_id: [u8; 32] = col_array(&task_row, "task_id")?;
         let task_key = store.task_key(&TaskId(task_id)).await?;
         loop {
-            let row = sqlx::query(create_job)
-                .bind(&task_id[..])
-                .bind(limit_i64(max_job_size))
-                .bind(&AggregationJobId::random().0[..])
-                .bind(now)
-                .bind(task_key)
-                .fetch_one(&mut *tx)
-                .await;
-            let row = match row {
-                Ok(row) => row,
-                Err(e) => {
-                    // At once, not when the pool next uses the connection: until then the claimed
-                    // reports stay locked, and a creation run again at once would skip them.
-                    tx.rollback().await?;
-                    return Err(e.into());
+            let job = |sql| {
+                sqlx::query(sql)
+                    .bind(task_id.to_vec())
+                    .bind(limit_i64(max_job_size))
+                    .bind(AggregationJobId::random().0.to_vec())
+                    .bind(now)
+                    .bind(task_key)
+            };
+            let row = match job(CREATE_JOB).fetch_one(&mut *conn).await {
+                Err(e) if is_unique_violation(&e) => {
+                    job(CREATE_JOB_DROPPING_REPLAYS)
+                        .fetch_one(&mut *conn)
+                        .await?
                 }
+                row => row?,
             };
             if col_u64(&row, "jobs")? > 0 {
                 created += 1;
@@ -219,13 +205,12 @@ async fn create_jobs(
     }
     if created > 0 {
         notify::notify(
-            &mut tx,
+            &mut conn,
             "-- create_aggregation_jobs\nSELECT pg_notify($1, $2)",
             Wakeup::AggregationJobsCreated,
         )
         .await?;
     }
-    tx.commit().await?;
     Ok(created)
 }
 
@@ -451,8 +436,9 @@ pub(super) async fn abandon_aggregation_job(
     .await
 }
 
-/// One statement: the task's queued reports in the interval (through `report_queue_order`) plus
-/// those its active jobs hold (through `aggregation_jobs_active`).
+/// One statement: the task's queued reports in the interval (its queue, through
+/// `report_queue_order`, filtered by time: a queue holds what the next job creations will claim)
+/// plus those its active jobs hold (through `aggregation_jobs_active`).
 pub(super) async fn count_unaggregated_reports(
     store: &PostgresDatastore,
     task_id: &TaskId,

@@ -151,7 +151,8 @@ impl PostgresDatastore {
             // A concurrent insert of the same ID makes this one wait for it and do nothing; the
             // next statement's snapshot sees whichever row won.
             sqlx::query(
-                "-- task_key\nINSERT INTO replay_tasks (task_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                "-- task_key\n\
+                 INSERT INTO replay_tasks (task_id) VALUES ($1) ON CONFLICT DO NOTHING",
             )
             .bind(&task_id.0[..])
             .execute(&self.pool)
