@@ -236,3 +236,42 @@ async fn queued_payloads_stay_in_line_uncompressed() {
     })
     .await;
 }
+
+/// Columns holding ciphertexts, random IDs or secret shares are stored without a compression
+/// attempt (`STORAGE EXTERNAL`): such bytes never compress, so trying only costs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incompressible_columns_skip_compression() {
+    with_fresh_database(
+        "incompressible_columns_skip_compression",
+        |url| async move {
+            let store = PostgresDatastore::connect(&url).await.expect("connect");
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            let mut columns: Vec<(String, String)> = sqlx::query_as(
+                "SELECT c.relname::text, a.attname::text FROM pg_attribute AS a \
+             JOIN pg_class AS c ON c.oid = a.attrelid \
+             JOIN pg_namespace AS n ON n.oid = c.relnamespace \
+             WHERE n.nspname = current_schema() AND c.relkind = 'r' AND a.attnum > 0 \
+               AND a.attstorage = 'e'",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .expect("read the catalog");
+            columns.sort();
+            let expected = [
+                ("aggregation_jobs", "client_times"),
+                ("aggregation_jobs", "payloads"),
+                ("aggregation_jobs", "report_ids"),
+                ("batch_aggregations", "aggregate_share"),
+                ("helper_aggregation_jobs", "response"),
+                ("report_queue", "payload"),
+            ];
+            assert_eq!(
+                columns,
+                expected.map(|(t, c)| (t.to_string(), c.to_string())),
+            );
+            conn.close().await.expect("close");
+            store.close().await;
+        },
+    )
+    .await;
+}

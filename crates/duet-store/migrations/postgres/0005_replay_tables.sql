@@ -12,6 +12,9 @@
 --   reports still queued are not carried over: job creation admits them when it claims those
 --   reports.
 -- * `helper_report_ids` is rebuilt on the new key.
+-- * The Helper's stored responses and the aggregate shares, like the queued payloads (version
+--   4), are stored without a compression attempt: they hold ciphertexts, random report IDs and
+--   secret shares, which do not compress.
 -- * Queued reports carry the ID of the transaction that uploaded them (`upload_xid`, which
 --   grows with each upload batch), and jobs claim them in that order rather than by time, so
 --   that of two uploads of one ID the first is claimed first and the second is the replay.
@@ -57,3 +60,6 @@ DROP TABLE helper_report_ids_v4;
 ALTER TABLE report_queue ADD COLUMN upload_xid XID8 NOT NULL DEFAULT pg_current_xact_id();
 DROP INDEX report_queue_order;
 CREATE INDEX report_queue_order ON report_queue (task_id, upload_xid);
+
+ALTER TABLE helper_aggregation_jobs ALTER COLUMN response SET STORAGE EXTERNAL;
+ALTER TABLE batch_aggregations ALTER COLUMN aggregate_share SET STORAGE EXTERNAL;
