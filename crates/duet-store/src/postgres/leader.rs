@@ -9,11 +9,10 @@
 //! one ID the first is claimed first, and the second is the replay. The job row is written once
 //! per job; when the job ends, its arrays are cleared in the same update that ends its lease.
 //!
-//! Replicas share the work through row locks that never wait: job creation claims queued
-//! reports, and acquisition claims runnable jobs, with `FOR UPDATE SKIP LOCKED`, so two replicas
-//! running either at once take disjoint rows. A queued report locked and then found deleted by a
-//! transaction that committed after this one's snapshot is skipped, so no report is taken twice;
-//! reports inserted concurrently are simply left for the next pass.
+//! Replicas share the work through locks that never wait: job creation takes a task's queue
+//! for one job at a time with an advisory lock it only tries, and acquisition claims runnable
+//! jobs with `FOR UPDATE SKIP LOCKED`, so two replicas running either at once take disjoint
+//! rows. Reports inserted concurrently are simply left for the next pass.
 
 use std::collections::{HashMap, HashSet};
 
@@ -79,17 +78,19 @@ pub(super) async fn put_reports(
         .collect())
 }
 
-/// The queued reports a job claims, in upload order: up to `$2` of task `$1`, deleted from the
-/// queue. Of two uploads of one ID, the first is claimed first (by this statement, an earlier
-/// one, or a concurrent creator that skipped none of the rows before it), so the second is the
-/// replay that job creation drops.
+/// The queued reports a job claims, in upload order: up to `$2` of task `$1` (replay key `$5`),
+/// deleted from the queue; none if another creator holds the task's job-creation lock (an
+/// advisory lock held until the statement's transaction ends, taken without waiting). So a
+/// task's jobs are created one statement after another, each claiming the oldest uploads left,
+/// and of two uploads of one ID the first is claimed first: the second is the replay that job
+/// creation drops.
 macro_rules! claimed {
     () => {
         "WITH claimed AS ( \
            DELETE FROM report_queue WHERE ctid = ANY(ARRAY( \
-             SELECT ctid FROM report_queue WHERE task_id = $1 \
-             ORDER BY upload_xid LIMIT $2 \
-             FOR UPDATE SKIP LOCKED)) \
+             SELECT ctid FROM report_queue \
+             WHERE task_id = $1 AND (SELECT pg_try_advisory_xact_lock(1685415284, $5)) \
+             ORDER BY upload_xid LIMIT $2)) \
            RETURNING upload_xid, client_time, report_id, payload), "
     };
 }
@@ -142,13 +143,13 @@ const CREATE_JOB_DROPPING_REPLAYS: &str = concat!(
     job_from!("kept")
 );
 
-/// READ COMMITTED plus `FOR UPDATE SKIP LOCKED` on the queued reports a job takes: concurrent
-/// creators skip each other's claimed reports (never waiting for them). Each job is one statement
-/// and its own transaction: it deletes up to `max_job_size` reports from the queue, admits their
-/// IDs to `claimed_report_ids` (sorted, so that creators inserting the same IDs wait for each
-/// other in one order and never deadlock) and inserts the job row holding them. Replays are rare,
-/// so a job's first attempt expects none; if one fails it with a unique violation, the job runs
-/// again, dropping replays. The `AggregationJobsCreated` wake-up follows the last job.
+/// READ COMMITTED plus a per-task advisory lock, tried without waiting: a creator skips a task
+/// whose job another creator is creating. Each job is one statement and its own transaction: it
+/// deletes up to `max_job_size` reports from the queue, admits their IDs to `claimed_report_ids`
+/// (in key order, so that consecutive inserts share the index's upper pages) and inserts the job
+/// row holding them. Replays are rare, so a job's first attempt expects none;
+/// if one fails it with a unique violation, the job runs again, dropping replays. The
+/// `AggregationJobsCreated` wake-up follows the last job.
 pub(super) async fn create_aggregation_jobs(
     store: &PostgresDatastore,
     max_job_size: usize,
