@@ -180,11 +180,12 @@ pub(super) async fn create_aggregation_jobs(
         let task_id: [u8; 32] = col_array(&task_row, "task_id")?;
         let task_key = store.task_key(&TaskId(task_id)).await?;
         loop {
+            let job_id = AggregationJobId::random();
             let job = |sql| {
                 sqlx::query(sql)
-                    .bind(task_id.to_vec())
+                    .bind(&task_id[..])
                     .bind(limit_i64(max_job_size))
-                    .bind(AggregationJobId::random().0.to_vec())
+                    .bind(&job_id.0[..])
                     .bind(now)
                     .bind(task_key)
             };
