@@ -12,7 +12,10 @@ pub struct AggregatorConfig {
     pub lease_duration_s: u64,
     /// How often job drivers look for work when nothing wakes them, in milliseconds.
     pub polling_interval_ms: u64,
-    /// How long the job creator waits after a wake-up for more reports, in milliseconds.
+    /// How long the job creator waits after a wake-up for more reports, in milliseconds. Longer
+    /// waits make fuller passes (more reports, and jobs, per pass) at the cost of latency: on
+    /// PostgreSQL, 300 ms gave 5–7 % more reports per second end to end than 100 ms, for about
+    /// 0.15 s more from the last upload to the collection (BENCHMARKS.md).
     pub job_creation_delay_ms: u64,
     /// Largest number of uploaded reports written in one transaction.
     pub upload_batch_size: usize,
@@ -34,7 +37,7 @@ impl Default for AggregatorConfig {
             max_aggregation_job_size: 1000,
             lease_duration_s: 600,
             polling_interval_ms: 5000,
-            job_creation_delay_ms: 100,
+            job_creation_delay_ms: 300,
             upload_batch_size: 1000,
             upload_queue_capacity: 50_000,
             max_concurrent_jobs: 4,
