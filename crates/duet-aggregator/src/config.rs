@@ -12,11 +12,7 @@ pub struct AggregatorConfig {
     pub lease_duration_s: u64,
     /// How often job drivers look for work when nothing wakes them, in milliseconds.
     pub polling_interval_ms: u64,
-    /// Longest the job creator waits after a wake-up for more reports, in milliseconds; it stops
-    /// early once a quarter of it passes with no report stored. While uploads keep coming, longer
-    /// waits make fuller passes (more reports, and jobs, per pass): on PostgreSQL, 300 ms with the
-    /// early stop gave about 4 % more reports per second end to end than a fixed 100 ms
-    /// (BENCHMARKS.md).
+    /// How long the job creator waits after a wake-up for more reports, in milliseconds.
     pub job_creation_delay_ms: u64,
     /// Largest number of uploaded reports written in one transaction.
     pub upload_batch_size: usize,
@@ -38,7 +34,7 @@ impl Default for AggregatorConfig {
             max_aggregation_job_size: 1000,
             lease_duration_s: 600,
             polling_interval_ms: 5000,
-            job_creation_delay_ms: 300,
+            job_creation_delay_ms: 100,
             upload_batch_size: 1000,
             upload_queue_capacity: 50_000,
             max_concurrent_jobs: 4,

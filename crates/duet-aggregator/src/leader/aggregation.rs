@@ -31,7 +31,8 @@ pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Re
     loop {
         tokio::select! {
             _ = leader.wake_job_creator.notified() => {
-                settle(|| leader.stored_count(), cfg.job_creation_delay_ms).await;
+                // Let a burst of uploads land so jobs come out full.
+                tokio::time::sleep(std::time::Duration::from_millis(cfg.job_creation_delay_ms)).await;
             }
             _ = tokio::time::sleep(cfg.polling_interval()) => {}
             _ = shutdown.changed() => return,
@@ -51,23 +52,6 @@ pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Re
                 leader.wake_aggregation.notify_one();
             }
             Err(e) => tracing::error!(error = %e, "creating aggregation jobs failed"),
-        }
-    }
-}
-
-/// Steps of the job creator's wait after a wake-up.
-const SETTLE_STEPS: u64 = 4;
-
-/// Lets a burst of uploads land so that jobs come out full: waits up to `delay_ms`, in
-/// [`SETTLE_STEPS`] steps, and stops at the first step in which no report was stored (`stored`
-/// did not change), so that the last reports of a burst wait a step rather than the whole delay.
-async fn settle(stored: impl Fn() -> u64, delay_ms: u64) {
-    let step = std::time::Duration::from_millis(delay_ms / SETTLE_STEPS);
-    for _ in 0..SETTLE_STEPS {
-        let seen = stored();
-        tokio::time::sleep(step).await;
-        if stored() == seen {
-            return;
         }
     }
 }
@@ -356,60 +340,4 @@ fn leader_init_all(
         });
     }
     (initialized, inits)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use super::settle;
-
-    /// Time spent by `settle` on tokio's paused clock, which jumps to each timer.
-    async fn settle_time(stored: Arc<AtomicU64>) -> Duration {
-        #[allow(clippy::disallowed_methods)] // the paused test clock, not the system's
-        let start = tokio::time::Instant::now();
-        settle(move || stored.load(Ordering::Relaxed), 400).await;
-        start.elapsed()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn settle_stops_after_a_quiet_step() {
-        let stored = Arc::new(AtomicU64::new(7));
-        assert_eq!(settle_time(stored).await, Duration::from_millis(100));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn settle_waits_the_whole_delay_while_reports_arrive() {
-        let stored = Arc::new(AtomicU64::new(0));
-        let uploads = {
-            let stored = Arc::clone(&stored);
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                    stored.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        };
-        assert_eq!(settle_time(stored).await, Duration::from_millis(400));
-        uploads.abort();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn settle_stops_once_uploads_pause() {
-        let stored = Arc::new(AtomicU64::new(0));
-        let uploads = {
-            let stored = Arc::clone(&stored);
-            tokio::spawn(async move {
-                // Uploads for 150 ms, then none.
-                for _ in 0..5 {
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                    stored.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        };
-        assert_eq!(settle_time(stored).await, Duration::from_millis(300));
-        uploads.await.unwrap();
-    }
 }

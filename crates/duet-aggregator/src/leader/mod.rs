@@ -5,7 +5,6 @@ mod collection;
 mod upload;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use duet_core::Clock;
@@ -29,9 +28,6 @@ pub struct Leader {
     /// Woken when reports are stored (by this process, or by another one sharing the database if
     /// the store has [`Datastore::wakeups`]).
     pub(crate) wake_job_creator: Notify,
-    /// Counts the wake-ups for stored reports, so that the job creator can tell whether uploads
-    /// are still arriving.
-    reports_stored: AtomicU64,
     /// Woken when aggregation jobs are created.
     pub(crate) wake_aggregation: Notify,
     /// Woken when reports are aggregated or collection jobs created.
@@ -70,7 +66,6 @@ impl Leader {
             upload_tx,
             upload_rx: std::sync::Mutex::new(Some(upload_rx)),
             wake_job_creator: Notify::new(),
-            reports_stored: AtomicU64::new(0),
             wake_aggregation: Notify::new(),
             wake_collection: Notify::new(),
             collected: RwLock::new(HashMap::new()),
@@ -150,17 +145,6 @@ impl Leader {
         Ok(c)
     }
 
-    /// Reports were stored: wakes the job creator.
-    pub(crate) fn reports_stored(&self) {
-        self.reports_stored.fetch_add(1, Ordering::Relaxed);
-        self.wake_job_creator.notify_one();
-    }
-
-    /// How many times reports were stored so far (a count to compare, not a report count).
-    pub(crate) fn stored_count(&self) -> u64 {
-        self.reports_stored.load(Ordering::Relaxed)
-    }
-
     pub(crate) fn invalidate_collected(&self, task_id: &TaskId) {
         if let Ok(mut m) = self.collected.write() {
             m.remove(task_id);
@@ -181,7 +165,7 @@ async fn forward_wakeups(
             _ = shutdown.changed() => return,
         };
         match wakeup {
-            Ok(Wakeup::ReportsStored) => leader.reports_stored(),
+            Ok(Wakeup::ReportsStored) => leader.wake_job_creator.notify_one(),
             Ok(Wakeup::AggregationJobsCreated) => leader.wake_aggregation.notify_one(),
             Ok(Wakeup::CollectionWorkReady) => leader.wake_collection.notify_one(),
             // Wake-ups may have been missed: wake everything.

@@ -136,6 +136,6 @@ pub(super) async fn run_report_writer(
             // A client that went away doesn't need an answer.
             let _ = done.send(outcome.clone());
         }
-        leader.reports_stored();
+        leader.wake_job_creator.notify_one();
     }
 }
