@@ -147,9 +147,9 @@ const CREATE_JOB_DROPPING_REPLAYS: &str = concat!(
 /// whose job another creator is creating. Each job is one statement and its own transaction: it
 /// deletes up to `max_job_size` reports from the queue, admits their IDs to `claimed_report_ids`
 /// (in key order, so that consecutive inserts share the index's upper pages) and inserts the job
-/// row holding them. Replays are rare, so a job's first attempt expects none;
-/// if one fails it with a unique violation, the job runs again, dropping replays. The
-/// `AggregationJobsCreated` wake-up follows the last job.
+/// row holding them. Replays are rare, so a job's first attempt expects none; if one fails it
+/// with a unique violation, the job runs again, dropping replays. The `AggregationJobsCreated`
+/// wake-up follows the last job.
 pub(super) async fn create_aggregation_jobs(
     store: &PostgresDatastore,
     max_job_size: usize,
