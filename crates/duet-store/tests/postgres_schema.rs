@@ -35,7 +35,7 @@ async fn queued_into_one_job(store: &PostgresDatastore) -> AcquiredAggregationJo
 /// A database written by schema version 1 (reports as one row each, assigned by `job_id`)
 /// keeps every report when it is upgraded: IDs (the Leader's and the Helper's) stay
 /// replay-protected, unassigned reports are queued (and aggregated once), and an active job keeps
-/// its reports in order.
+/// its reports in order until it ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_1_data_survives_the_upgrade() {
     with_fresh_database("version_1_data_survives_the_upgrade", |url| async move {
@@ -150,6 +150,20 @@ async fn version_1_data_survives_the_upgrade() {
                 ),
             ],
             "the active job keeps its reports, oldest first"
+        );
+        // Ending it (it carries its reports itself, from before schema version 6) leaves the
+        // queued reports alone.
+        store
+            .abandon_aggregation_job(&jobs[0])
+            .await
+            .expect("abandon");
+        assert_eq!(
+            store
+                .count_unaggregated_reports(&task_id, &everything)
+                .await
+                .expect("count"),
+            7,
+            "the queued: two, and the five uploaded again"
         );
 
         // The old IDs are replays: the queued reports are aggregated once (their IDs, recorded

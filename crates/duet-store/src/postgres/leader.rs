@@ -2,12 +2,17 @@
 //!
 //! Every row a report causes is written once. On upload a report gets one row in
 //! `report_queue`, stamped with the uploading transaction's ID, and nothing else: the upload
-//! path, which clients wait on, touches no random-key index. Job creation moves queued reports,
-//! in upload order, into the new job's row, as arrays, by deleting them from the queue (a delete
-//! writes no new row version and no index entry), and in the same statement admits their IDs,
-//! in key order, to `claimed_report_ids` (replay protection, never updated): of two uploads of
-//! one ID the first is claimed first, and the second is the replay. The job row is written once
-//! per job; when the job ends, its arrays are cleared in the same update that ends its lease.
+//! path, which clients wait on, touches no random-key index (the queue's index is in claim
+//! order, (upload transaction, time, ID), so uploads append to it). The report stays in that row
+//! until its job ends. Job creation claims the next queued reports in claim order after the
+//! task's claim cursor (in `replay_tasks`), only those uploaded by transactions older than every
+//! transaction still running, so that no upload commits behind the cursor; it admits their IDs,
+//! in key order, to `claimed_report_ids` (replay protection, never updated), moves the cursor
+//! past them and inserts the job row, which names them as a range of the claim order: of two
+//! uploads of one ID the first is claimed first, and the second is the replay, deleted from the
+//! queue. The job row is written once per job; when the job ends, its reports are deleted from
+//! the queue in the statement that ends its lease (a delete writes no new row version and no
+//! index entry). Jobs created before schema version 6 carry their reports as arrays instead.
 //!
 //! Replicas share the work through locks that never wait: job creation takes a task's queue
 //! for one job at a time with an advisory lock it only tries, and acquisition claims runnable
@@ -15,6 +20,7 @@
 //! rows. Reports inserted concurrently are simply left for the next pass.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use duet_messages::dap09::{AggregationJobId, Interval, ReportId, TaskId, Time};
 use sqlx::PgConnection;
@@ -53,7 +59,13 @@ pub(super) async fn put_reports(
     let mut report_ids = Vec::with_capacity(first.len());
     let mut times = Vec::with_capacity(first.len());
     let mut payloads = Vec::with_capacity(first.len());
+    let mut last_task = None;
     for report in first {
+        // Job creation finds the tasks with queued reports by their claim cursors.
+        if last_task != Some(report.task_id) {
+            store.task_key(&report.task_id).await?;
+            last_task = Some(report.task_id);
+        }
         task_ids.push(report.task_id.0);
         report_ids.push(report.report_id.0);
         times.push(to_i64(report.time.0, "report time")?);
@@ -78,39 +90,82 @@ pub(super) async fn put_reports(
         .collect())
 }
 
-/// The queued reports a job claims, in upload order: up to `$2` of task `$1` (replay key `$5`),
-/// deleted from the queue; none if another creator holds the task's job-creation lock (an
-/// advisory lock held until the statement's transaction ends, taken without waiting). So a
-/// task's jobs are created one statement after another, each claiming the oldest uploads left,
-/// and of two uploads of one ID the first is claimed first: the second is the replay that job
-/// creation drops.
-macro_rules! claimed {
+/// The condition that row `q` of `report_queue` lies in the queue range of job `j` (a row of
+/// `aggregation_jobs` or of its `RETURNING`): after `from_*`, up to and including `to_*`, in claim
+/// order (upload transaction, time, ID), which is the order of `report_queue_order`.
+macro_rules! in_range {
     () => {
-        "WITH claimed AS ( \
-           DELETE FROM report_queue WHERE ctid = ANY(ARRAY( \
-             SELECT ctid FROM report_queue \
-             WHERE task_id = $1 AND (SELECT pg_try_advisory_xact_lock(1685415284, $5)) \
-             ORDER BY upload_xid LIMIT $2)) \
-           RETURNING upload_xid, client_time, report_id, payload), "
+        "(q.upload_xid, q.client_time, q.report_id) > (j.from_xid, j.from_time, j.from_id) \
+         AND (q.upload_xid, q.client_time, q.report_id) <= (j.to_xid, j.to_time, j.to_id)"
     };
 }
 
-/// The job `$3` (created at `$4`) holding the reports of `$from`, and the statement's result:
-/// how many reports it claimed and how many jobs it created (0 or 1). The arrays are built from
-/// one sorted input, in (time, ID) order, rather than each sorting its own copy.
-macro_rules! job_from {
-    ($from:literal) => {
+/// The reports the job of task `$1` (replay key `$5`) claims: up to `$2` reports in claim order
+/// (upload transaction, time, ID) after the task's claim cursor, read from the index in that
+/// order (`next` reads one more, to see whether later uploads are held back). Only reports
+/// uploaded by transactions older than every transaction still running are claimed (`horizon`),
+/// so no upload can commit behind the cursor later; in claim order they come before all others.
+/// None are claimed if another creator holds the task's job-creation lock (an advisory lock held
+/// until the statement's transaction ends, taken without waiting), and none if fewer than `$2`
+/// are claimable while later uploads are held back (`waiting`), unless `$6`: the caller waits for
+/// the horizon instead of creating a partial job. `moved` advances the cursor past the claimed
+/// reports, unless a concurrent creator moved it since this statement's snapshot; everything
+/// else the statement writes depends on `moved`. So a task's jobs are created one statement
+/// after another, each claiming the oldest uploads left, and of two uploads of one ID the first
+/// is claimed first: the second is the replay that job creation drops.
+macro_rules! claim {
+    () => {
+        "WITH cursor AS ( \
+           SELECT claimed_xid, claimed_time, claimed_id FROM replay_tasks \
+           WHERE task_key = $5 AND (SELECT pg_try_advisory_xact_lock(1685415284, $5))), \
+         horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin), \
+         next AS ( \
+           SELECT ctid AS pos, upload_xid, client_time, report_id FROM report_queue \
+           WHERE task_id = $1 AND (upload_xid, client_time, report_id) > ( \
+             (SELECT claimed_xid FROM cursor), (SELECT claimed_time FROM cursor), \
+             (SELECT claimed_id FROM cursor)) \
+           ORDER BY upload_xid, client_time, report_id LIMIT $2 + 1), \
+         picked AS ( \
+           SELECT * FROM next WHERE upload_xid < (SELECT xmin FROM horizon) \
+           ORDER BY upload_xid, client_time, report_id LIMIT $2), \
+         held AS ( \
+           SELECT EXISTS ( \
+             SELECT 1 FROM next WHERE upload_xid >= (SELECT xmin FROM horizon)) AS back), \
+         waiting AS ( \
+           SELECT EXISTS (SELECT 1 FROM cursor) AND (SELECT COUNT(*) FROM picked) < $2 \
+             AND back AND NOT $6 AS wait FROM held), \
+         moved AS ( \
+           UPDATE replay_tasks AS t SET claimed_xid = l.upload_xid, \
+             claimed_time = l.client_time, claimed_id = l.report_id \
+           FROM (SELECT upload_xid, client_time, report_id FROM picked \
+                 ORDER BY upload_xid DESC, client_time DESC, report_id DESC LIMIT 1) AS l, \
+             cursor AS c, waiting AS w \
+           WHERE t.task_key = $5 AND NOT w.wait AND t.claimed_xid = c.claimed_xid \
+             AND t.claimed_time = c.claimed_time AND t.claimed_id = c.claimed_id \
+           RETURNING c.claimed_xid AS from_xid, c.claimed_time AS from_time, \
+             c.claimed_id AS from_id, t.claimed_xid AS to_xid, t.claimed_time AS to_time, \
+             t.claimed_id AS to_id), "
+    };
+}
+
+/// The job `$3` (created at `$4`) holding the claimed reports in `$kept` (a CTE of `pos`
+/// values), and the statement's result: how many reports it claimed, how many jobs it created
+/// (0 or 1), whether it waited, and whether later uploads are held back.
+macro_rules! job_of {
+    ($kept:literal) => {
         concat!(
             "job AS ( \
                INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, created_at, \
-                 retry_at, report_ids, client_times, payloads) \
-               SELECT $1, $3, 'active', COUNT(*), $4, $4, \
-                 array_agg(report_id), array_agg(client_time), array_agg(payload) \
-               FROM (SELECT report_id, client_time, payload FROM ",
-            $from,
-            " ORDER BY client_time, report_id) AS sorted HAVING COUNT(*) > 0 \
-               RETURNING report_count) \
-             SELECT (SELECT COUNT(*) FROM claimed) AS claimed, (SELECT COUNT(*) FROM job) AS jobs"
+                 retry_at, from_xid, from_time, from_id, to_xid, to_time, to_id) \
+               SELECT $1, $3, 'active', (SELECT COUNT(*) FROM ",
+            $kept,
+            "), $4, $4, from_xid, from_time, from_id, to_xid, to_time, to_id FROM moved \
+               WHERE EXISTS (SELECT 1 FROM ",
+            $kept,
+            ") RETURNING 1) \
+             SELECT (SELECT COUNT(*) FROM picked) * (SELECT COUNT(*) FROM moved) AS claimed, \
+               (SELECT COUNT(*) FROM job) AS jobs, (SELECT wait FROM waiting) AS waiting, \
+               (SELECT back FROM held) AS held_back"
         )
     };
 }
@@ -119,37 +174,52 @@ macro_rules! job_from {
 /// `claimed_report_ids`, one unique-index probe per ID, which fails the statement on a replay.
 const CREATE_JOB: &str = concat!(
     "-- create_aggregation_jobs\n",
-    claimed!(),
+    claim!(),
     "ids AS ( \
        INSERT INTO claimed_report_ids (task_key, report_id, client_time) \
-       SELECT $5, report_id, client_time FROM claimed ORDER BY report_id), ",
-    job_from!("claimed")
+       SELECT $5, report_id, client_time FROM picked WHERE EXISTS (SELECT 1 FROM moved) \
+       ORDER BY report_id), ",
+    job_of!("picked")
 );
 
-/// Claims the reports of a job and drops the replays among them: of an ID claimed more than once
-/// the first upload is kept, and an ID already in `claimed_report_ids` (claimed before, or by a
-/// concurrent creator that has committed since) is dropped.
+/// Claims the reports of a job and drops the replays among them from the queue: of an ID claimed
+/// more than once the first upload is kept, and an ID already in `claimed_report_ids` (claimed
+/// before, or by a concurrent creator that has committed since) is dropped.
 const CREATE_JOB_DROPPING_REPLAYS: &str = concat!(
     "-- create_aggregation_jobs\n",
-    claimed!(),
+    claim!(),
     "once AS ( \
-       SELECT DISTINCT ON (report_id) client_time, report_id, payload FROM claimed \
-       ORDER BY report_id, upload_xid), \
+       SELECT DISTINCT ON (report_id) pos, report_id, client_time FROM picked \
+       WHERE EXISTS (SELECT 1 FROM moved) ORDER BY report_id, upload_xid), \
      fresh AS ( \
        INSERT INTO claimed_report_ids (task_key, report_id, client_time) \
        SELECT $5, report_id, client_time FROM once ORDER BY report_id \
        ON CONFLICT DO NOTHING RETURNING report_id), \
-     kept AS (SELECT once.* FROM once JOIN fresh USING (report_id)), ",
-    job_from!("kept")
+     kept AS (SELECT once.pos FROM once JOIN fresh USING (report_id)), \
+     dropped AS ( \
+       DELETE FROM report_queue WHERE ctid = ANY(ARRAY( \
+         SELECT pos FROM picked \
+         WHERE EXISTS (SELECT 1 FROM moved) AND pos NOT IN (SELECT pos FROM kept)))), ",
+    job_of!("kept")
 );
+
+/// The first wait for older transactions to end, when they hold back uploads a partial job
+/// would claim; each next wait is twice as long, up to `MAX_HORIZON_WAIT` in all.
+const FIRST_HORIZON_WAIT: Duration = Duration::from_millis(1);
+/// How long job creation waits for a task's held-back uploads before it creates a partial job
+/// without them.
+const MAX_HORIZON_WAIT: Duration = Duration::from_secs(1);
 
 /// READ COMMITTED plus a per-task advisory lock, tried without waiting: a creator skips a task
 /// whose job another creator is creating. Each job is one statement and its own transaction: it
-/// deletes up to `max_job_size` reports from the queue, admits their IDs to `claimed_report_ids`
-/// (in key order, so that consecutive inserts share the index's upper pages) and inserts the job
-/// row holding them. Replays are rare, so a job's first attempt expects none; if one fails it
-/// with a unique violation, the job runs again, dropping replays. The `AggregationJobsCreated`
-/// wake-up follows the last job.
+/// claims up to `max_job_size` reports, admits their IDs to `claimed_report_ids` (in key order,
+/// so that consecutive inserts share the index's upper pages), moves the task's claim cursor
+/// past them and inserts the job row naming their range. Replays are rare, so a job's first
+/// attempt expects none; if one fails it with a unique violation, the job runs again, dropping
+/// replays. Uploads held back by an older running transaction are waited for (briefly) rather
+/// than left out of a partial job; if some are still held back at the end, a `ReportsStored`
+/// wake-up brings the creators back for them. The `AggregationJobsCreated` wake-up follows the
+/// last job.
 pub(super) async fn create_aggregation_jobs(
     store: &PostgresDatastore,
     max_job_size: usize,
@@ -160,27 +230,29 @@ pub(super) async fn create_aggregation_jobs(
     }
     let now = to_i64(now.0, "time")?;
     let mut conn = store.pool.acquire().await?;
-    // The tasks that have queued reports, read as a skip scan of `report_queue_order` (one index
-    // probe per task, not one row per queued report).
+    // The tasks that have unclaimed reports (every task with queued reports has a cursor:
+    // `put_reports` creates it): one index probe per task, at its claim cursor, past the reports
+    // of its active jobs and the index entries of deleted ones.
     let task_rows = sqlx::query(
         "-- create_aggregation_jobs\n\
-         WITH RECURSIVE pending (task_id) AS ( \
-           (SELECT task_id FROM report_queue ORDER BY task_id LIMIT 1) \
-           UNION ALL \
-           SELECT (SELECT q.task_id FROM report_queue q \
-                   WHERE q.task_id > pending.task_id \
-                   ORDER BY q.task_id LIMIT 1) \
-           FROM pending WHERE pending.task_id IS NOT NULL) \
-         SELECT task_id FROM pending WHERE task_id IS NOT NULL",
+         SELECT k.task_id FROM replay_tasks AS k CROSS JOIN LATERAL ( \
+           SELECT 1 FROM report_queue AS q \
+           WHERE q.task_id = k.task_id AND (q.upload_xid, q.client_time, q.report_id) \
+             > (k.claimed_xid, k.claimed_time, k.claimed_id) \
+           ORDER BY q.upload_xid, q.client_time, q.report_id LIMIT 1) AS unclaimed",
     )
     .fetch_all(&mut *conn)
     .await?;
     let mut created = 0;
+    let mut held_back = false;
     for task_row in task_rows {
         let task_id: [u8; 32] = col_array(&task_row, "task_id")?;
         let task_key = store.task_key(&TaskId(task_id)).await?;
+        let mut waited = Duration::ZERO;
+        let mut wait = FIRST_HORIZON_WAIT;
         loop {
             let job_id = AggregationJobId::random();
+            let partial_ok = waited >= MAX_HORIZON_WAIT;
             let job = |sql| {
                 sqlx::query(sql)
                     .bind(&task_id[..])
@@ -188,6 +260,7 @@ pub(super) async fn create_aggregation_jobs(
                     .bind(&job_id.0[..])
                     .bind(now)
                     .bind(task_key)
+                    .bind(partial_ok)
             };
             let row = match job(CREATE_JOB).fetch_one(&mut *conn).await {
                 Err(e) if is_unique_violation(&e) => {
@@ -200,9 +273,17 @@ pub(super) async fn create_aggregation_jobs(
             if col_u64(&row, "jobs")? > 0 {
                 created += 1;
             }
-            if col_u64(&row, "claimed")? < max_job_size as u64 {
-                break;
+            if col_u64(&row, "claimed")? >= max_job_size as u64 {
+                continue;
             }
+            if col::<_, bool>(&row, "waiting")? {
+                tokio::time::sleep(wait).await;
+                waited += wait;
+                wait = (wait * 2).min(MAX_HORIZON_WAIT.saturating_sub(waited));
+                continue;
+            }
+            held_back |= col::<_, bool>(&row, "held_back")?;
+            break;
         }
     }
     if created > 0 {
@@ -210,6 +291,14 @@ pub(super) async fn create_aggregation_jobs(
             &mut conn,
             "-- create_aggregation_jobs\nSELECT pg_notify($1, $2)",
             Wakeup::AggregationJobsCreated,
+        )
+        .await?;
+    }
+    if held_back {
+        notify::notify(
+            &mut conn,
+            "-- create_aggregation_jobs\nSELECT pg_notify($1, $2)",
+            Wakeup::ReportsStored,
         )
         .await?;
     }
@@ -276,6 +365,20 @@ pub(super) async fn acquire_aggregation_jobs(
     .bind(clamp_i64(expiry.0))
     .fetch_all(&mut *tx)
     .await?;
+    // The reports of the jobs that name a range of the queue (those created before schema
+    // version 6 carry arrays instead, read above).
+    let queued = sqlx::query(concat!(
+        "-- acquire_aggregation_jobs\n\
+         SELECT j.task_id, j.job_id, q.report_id, q.client_time, q.payload \
+         FROM UNNEST($1::bytea[], $2::bytea[]) AS u(task_id, job_id) \
+         JOIN aggregation_jobs AS j ON j.task_id = u.task_id AND j.job_id = u.job_id \
+         JOIN report_queue AS q ON q.task_id = j.task_id AND ",
+        in_range!()
+    ))
+    .bind(&task_ids)
+    .bind(&job_ids)
+    .fetch_all(&mut *tx)
+    .await?;
     tx.commit().await?;
     let mut leased_jobs: HashMap<JobKey, (Lease, Vec<JobReport>)> =
         HashMap::with_capacity(leased.len());
@@ -290,12 +393,25 @@ pub(super) async fn acquire_aggregation_jobs(
             (lease, job_reports(row)?),
         );
     }
+    for row in &queued {
+        let key = (col_array(row, "task_id")?, col_array(row, "job_id")?);
+        let (_, reports) = leased_jobs
+            .get_mut(&key)
+            .ok_or_else(|| StoreError::Database("a report of a job that was not leased".into()))?;
+        reports.push(job_report(
+            col(row, "report_id")?,
+            col(row, "client_time")?,
+            col(row, "payload")?,
+        )?);
+    }
     // In the order picked: the longest-waiting jobs first.
     let mut acquired = Vec::with_capacity(order.len());
     for key in order {
-        let (lease, reports) = leased_jobs
+        let (lease, mut reports) = leased_jobs
             .remove(&key)
             .ok_or_else(|| StoreError::Database("a picked job was not leased".into()))?;
+        // Job order: by time, then ID (a range is read in no particular order).
+        reports.sort_unstable_by_key(|r| (r.time, r.report_id.0));
         acquired.push(AcquiredAggregationJob {
             task_id: TaskId(key.0),
             job_id: AggregationJobId(key.1),
@@ -325,20 +441,48 @@ fn job_reports(row: &sqlx::postgres::PgRow) -> Result<Vec<JobReport>, StoreError
         .into_iter()
         .zip(times)
         .zip(payloads)
-        .map(|((id, time), encoded)| {
-            Ok(JobReport {
-                report_id: ReportId(id.try_into().map_err(|_| {
-                    StoreError::Corrupt("a stored report ID is not 16 bytes".into())
-                })?),
-                time: Time(
-                    u64::try_from(time).map_err(|_| {
-                        StoreError::Corrupt("a stored report time is negative".into())
-                    })?,
-                ),
-                encoded,
-            })
-        })
+        .map(|((id, time), encoded)| job_report(id, time, encoded))
         .collect()
+}
+
+/// One stored report of a job.
+fn job_report(id: Vec<u8>, time: i64, encoded: Vec<u8>) -> Result<JobReport, StoreError> {
+    Ok(JobReport {
+        report_id: ReportId(
+            id.try_into()
+                .map_err(|_| StoreError::Corrupt("a stored report ID is not 16 bytes".into()))?,
+        ),
+        time: Time(
+            u64::try_from(time)
+                .map_err(|_| StoreError::Corrupt("a stored report time is negative".into()))?,
+        ),
+        encoded,
+    })
+}
+
+/// Ends job `$2` of task `$1` if its lease token is still `$3`: moves it to `$state`, clears its
+/// arrays (jobs created before schema version 6) and deletes the reports of its queue range. The
+/// statement returns one row if the job was ended.
+macro_rules! end_sql {
+    ($name:literal, $state:literal) => {
+        concat!(
+            "-- ",
+            $name,
+            "\n\
+             WITH ended AS ( \
+               UPDATE aggregation_jobs SET state = '",
+            $state,
+            "', lease_token = NULL, \
+                 lease_expiry = 0, report_ids = NULL, client_times = NULL, payloads = NULL \
+               WHERE task_id = $1 AND job_id = $2 AND state = 'active' AND lease_token = $3 \
+               RETURNING from_xid, from_time, from_id, to_xid, to_time, to_id), \
+             gone AS ( \
+               DELETE FROM report_queue AS q USING ended AS j WHERE q.task_id = $1 AND ",
+            in_range!(),
+            ") \
+             SELECT 1 FROM ended"
+        )
+    };
 }
 
 /// Takes the job's row lock by updating it only if the lease is still ours; a concurrent
@@ -363,7 +507,7 @@ async fn end_lease(
 }
 
 /// Ends a leased job for good, READ COMMITTED plus the job's row lock (held from the lease check
-/// to commit): `end_sql` moves it to its final state and clears its reports, `deltas` (if any)
+/// to commit): `end_sql` moves it to its final state and deletes its reports, `deltas` (if any)
 /// are merged under the buckets' row locks, and the `CollectionWorkReady` wake-up is sent.
 async fn end_job(
     store: &PostgresDatastore,
@@ -391,10 +535,7 @@ pub(super) async fn finish_aggregation_job(
     end_job(
         store,
         job,
-        "-- finish_aggregation_job\n\
-         UPDATE aggregation_jobs SET state = 'finished', lease_token = NULL, lease_expiry = 0, \
-           report_ids = NULL, client_times = NULL, payloads = NULL \
-         WHERE task_id = $1 AND job_id = $2 AND state = 'active' AND lease_token = $3",
+        end_sql!("finish_aggregation_job", "finished"),
         "-- finish_aggregation_job\nSELECT pg_notify($1, $2)",
         Some((deltas, merge)),
     )
@@ -428,10 +569,7 @@ pub(super) async fn abandon_aggregation_job(
     end_job(
         store,
         job,
-        "-- abandon_aggregation_job\n\
-         UPDATE aggregation_jobs SET state = 'abandoned', lease_token = NULL, lease_expiry = 0, \
-           report_ids = NULL, client_times = NULL, payloads = NULL \
-         WHERE task_id = $1 AND job_id = $2 AND state = 'active' AND lease_token = $3",
+        end_sql!("abandon_aggregation_job", "abandoned"),
         "-- abandon_aggregation_job\nSELECT pg_notify($1, $2)",
         None,
     )
@@ -439,8 +577,9 @@ pub(super) async fn abandon_aggregation_job(
 }
 
 /// One statement: the task's queued reports in the interval (its queue, through
-/// `report_queue_order`, filtered by time: a queue holds what the next job creations will claim)
-/// plus those its active jobs hold (through `aggregation_jobs_active`).
+/// `report_queue_order`, filtered by time: a queue holds the reports of its active jobs and what
+/// the next job creations will claim) plus those its active jobs from before schema version 6
+/// hold (through `aggregation_jobs_active`).
 pub(super) async fn count_unaggregated_reports(
     store: &PostgresDatastore,
     task_id: &TaskId,
