@@ -477,6 +477,19 @@ pub async fn check_leader_delete_task(leader: &dyn Datastore, helper: &dyn Datas
         .finish_aggregation_job(&jobs[1], &[], &add_shares)
         .await;
     assert!(matches!(lost, Err(StoreError::LeaseLost)));
+    // The task added again takes new reports into new jobs.
+    leader.put_task(&t).await.expect("put_task again");
+    let again: Vec<NewReport> = (0..2).map(|i| report(t.id, T0 + i)).collect();
+    leader.put_reports(&again).await.expect("put_reports");
+    assert_eq!(create_jobs(leader, 3, T0).await, 1);
+    let jobs = acquire(leader, t.id, T0, 10).await;
+    assert_eq!(jobs.len(), 1);
+    let mut got = ids(&jobs[0]);
+    got.sort_unstable_by_key(|id| id.0);
+    let mut want: Vec<ReportId> = again.iter().map(|r| r.report_id).collect();
+    want.sort_unstable_by_key(|id| id.0);
+    assert_eq!(got, want);
+    assert!(leader.delete_task(&t.id).await.expect("delete_task again"));
 
     assert_eq!(
         helper.get_task(&t.id).await.expect("get_task"),

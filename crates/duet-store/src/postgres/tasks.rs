@@ -81,11 +81,22 @@ pub(super) async fn list_tasks(store: &PostgresDatastore) -> Result<Vec<Task>, T
 }
 
 /// One statement per role removing a task and everything under it ($1: role, $2: task ID); the
-/// data-modifying CTEs run to completion whether or not their output is read.
+/// data-modifying CTEs run to completion whether or not their output is read. The Leader's claim
+/// cursor moves past the deleted queue, so that job creation does not walk its deleted entries
+/// (the task's key stays: other processes may hold it).
 const DELETE_LEADER_TASK: &str = "-- delete_task\n\
      WITH ids_gone AS (DELETE FROM claimed_report_ids WHERE task_key = \
             (SELECT task_key FROM replay_tasks WHERE task_id = $2)), \
           queue_gone AS (DELETE FROM report_queue WHERE task_id = $2), \
+          queue_end AS (SELECT upload_xid, client_time, report_id FROM report_queue \
+            WHERE task_id = $2 ORDER BY upload_xid DESC, client_time DESC, report_id DESC \
+            LIMIT 1), \
+          cursor_moved AS (UPDATE replay_tasks AS k \
+            SET claimed_xid = e.upload_xid, claimed_time = e.client_time, \
+              claimed_id = e.report_id \
+            FROM queue_end AS e WHERE k.task_id = $2 \
+              AND (e.upload_xid, e.client_time, e.report_id) \
+                > (k.claimed_xid, k.claimed_time, k.claimed_id)), \
           jobs_gone AS (DELETE FROM aggregation_jobs WHERE task_id = $2), \
           collections_gone AS (DELETE FROM collection_jobs WHERE task_id = $2), \
           aggregations_gone AS (DELETE FROM batch_aggregations WHERE role = $1 AND task_id = $2) \
