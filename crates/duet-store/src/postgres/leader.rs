@@ -369,8 +369,8 @@ pub(super) async fn acquire_aggregation_jobs(
     // version 6 carry arrays instead, read above).
     let queued = sqlx::query(concat!(
         "-- acquire_aggregation_jobs\n\
-         SELECT j.task_id, j.job_id, q.report_id, q.client_time, q.payload \
-         FROM UNNEST($1::bytea[], $2::bytea[]) AS u(task_id, job_id) \
+         SELECT u.i, q.report_id, q.client_time, q.payload \
+         FROM UNNEST($1::bytea[], $2::bytea[]) WITH ORDINALITY AS u(task_id, job_id, i) \
          JOIN aggregation_jobs AS j ON j.task_id = u.task_id AND j.job_id = u.job_id \
          JOIN report_queue AS q ON q.task_id = j.task_id AND ",
         in_range!()
@@ -394,9 +394,12 @@ pub(super) async fn acquire_aggregation_jobs(
         );
     }
     for row in &queued {
-        let key = (col_array(row, "task_id")?, col_array(row, "job_id")?);
-        let (_, reports) = leased_jobs
-            .get_mut(&key)
+        // The job's place in `order` (which the arrays bound above follow), from 1.
+        let i: i64 = col(row, "i")?;
+        let (_, reports) = usize::try_from(i - 1)
+            .ok()
+            .and_then(|i| order.get(i))
+            .and_then(|key| leased_jobs.get_mut(key))
             .ok_or_else(|| StoreError::Database("a report of a job that was not leased".into()))?;
         reports.push(job_report(
             col(row, "report_id")?,
