@@ -16,6 +16,9 @@
 --   deleted from the queue in the transaction that ends it.
 -- * `report_queue_order` is in claim order, so that job creation reads the next reports after
 --   the cursor, and a job its range, straight from the index.
+-- * Queued reports name their task by its key (`replay_tasks.task_key`, which every task with
+--   queued reports now has) instead of its 32-byte ID: rows and index entries are about 30 bytes
+--   shorter, which pays for the index's longer claim order.
 --
 -- Jobs created before this version keep their arrays (and NULL ranges) until they end. The
 -- reports still queued were never claimed, so the cursor starts before all of them.
@@ -36,5 +39,9 @@ ALTER TABLE aggregation_jobs
     ADD COLUMN to_time   BIGINT,
     ADD COLUMN to_id     BYTEA;
 
+ALTER TABLE report_queue ADD COLUMN task_key INTEGER;
+UPDATE report_queue AS q SET task_key = k.task_key FROM replay_tasks AS k WHERE k.task_id = q.task_id;
+ALTER TABLE report_queue ALTER COLUMN task_key SET NOT NULL;
 DROP INDEX report_queue_order;
-CREATE INDEX report_queue_order ON report_queue (task_id, upload_xid, client_time, report_id);
+ALTER TABLE report_queue DROP COLUMN task_id;
+CREATE INDEX report_queue_order ON report_queue (task_key, upload_xid, client_time, report_id);

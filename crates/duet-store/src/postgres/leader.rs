@@ -1,9 +1,10 @@
 //! Leader: reports and aggregation jobs.
 //!
 //! Every row a report causes is written once. On upload a report gets one row in
-//! `report_queue`, stamped with the uploading transaction's ID, and nothing else: the upload
-//! path, which clients wait on, touches no random-key index (the queue's index is in claim
-//! order, (upload transaction, time, ID), so uploads append to it). The report stays in that row
+//! `report_queue`, stamped with the uploading transaction's ID and naming its task by its key
+//! (`replay_tasks`), and nothing else: the upload path, which clients wait on, touches no
+//! random-key index (the queue's index is by task key in claim order, (upload transaction, time,
+//! ID), so uploads append to it). The report stays in that row
 //! until its job ends. Job creation claims the next queued reports in claim order after the
 //! task's claim cursor (in `replay_tasks`), only those uploaded by transactions older than every
 //! transaction still running, so that no upload commits behind the cursor; it admits their IDs,
@@ -37,9 +38,9 @@ use crate::{
 };
 
 /// One statement (READ COMMITTED), whatever the batch size: the reports go in as four arrays
-/// unnested into rows of `report_queue`. Replays of stored IDs are found by job creation; a repeat
-/// within the batch is dropped here. The `ReportsStored` wake-up follows (coalesced with other
-/// batches').
+/// unnested into rows of `report_queue` (a task's key is read, or created, once per process and
+/// then cached). Replays of stored IDs are found by job creation; a repeat within the batch is
+/// dropped here. The `ReportsStored` wake-up follows (coalesced with other batches').
 pub(super) async fn put_reports(
     store: &PostgresDatastore,
     reports: &[NewReport],
@@ -55,28 +56,28 @@ pub(super) async fn put_reports(
             first.push(report);
         }
     }
-    let mut task_ids = Vec::with_capacity(first.len());
+    let mut task_keys = Vec::with_capacity(first.len());
     let mut report_ids = Vec::with_capacity(first.len());
     let mut times = Vec::with_capacity(first.len());
     let mut payloads = Vec::with_capacity(first.len());
     let mut last_task = None;
     for report in first {
-        // Job creation finds the tasks with queued reports by their claim cursors.
-        if last_task != Some(report.task_id) {
-            store.task_key(&report.task_id).await?;
-            last_task = Some(report.task_id);
-        }
-        task_ids.push(report.task_id.0);
+        let key = match last_task {
+            Some((task_id, key)) if task_id == report.task_id => key,
+            _ => store.task_key(&report.task_id).await?,
+        };
+        last_task = Some((report.task_id, key));
+        task_keys.push(key);
         report_ids.push(report.report_id.0);
         times.push(to_i64(report.time.0, "report time")?);
         payloads.push(&report.encoded[..]);
     }
     sqlx::query(
         "-- put_reports\n\
-         INSERT INTO report_queue (task_id, client_time, report_id, payload) \
-         SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::bytea[], $4::bytea[])",
+         INSERT INTO report_queue (task_key, client_time, report_id, payload) \
+         SELECT * FROM UNNEST($1::int4[], $2::int8[], $3::bytea[], $4::bytea[])",
     )
-    .bind(&task_ids)
+    .bind(&task_keys)
     .bind(&times)
     .bind(&report_ids)
     .bind(&payloads)
@@ -121,7 +122,7 @@ macro_rules! claim {
          horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin), \
          next AS ( \
            SELECT ctid AS pos, upload_xid, client_time, report_id FROM report_queue \
-           WHERE task_id = $1 AND (upload_xid, client_time, report_id) > ( \
+           WHERE task_key = $5 AND (upload_xid, client_time, report_id) > ( \
              (SELECT claimed_xid FROM cursor), (SELECT claimed_time FROM cursor), \
              (SELECT claimed_id FROM cursor)) \
            ORDER BY upload_xid, client_time, report_id LIMIT $2 + 1), \
@@ -237,7 +238,7 @@ pub(super) async fn create_aggregation_jobs(
         "-- create_aggregation_jobs\n\
          SELECT k.task_id FROM replay_tasks AS k CROSS JOIN LATERAL ( \
            SELECT 1 FROM report_queue AS q \
-           WHERE q.task_id = k.task_id AND (q.upload_xid, q.client_time, q.report_id) \
+           WHERE q.task_key = k.task_key AND (q.upload_xid, q.client_time, q.report_id) \
              > (k.claimed_xid, k.claimed_time, k.claimed_id) \
            ORDER BY q.upload_xid, q.client_time, q.report_id LIMIT 1) AS unclaimed",
     )
@@ -372,7 +373,8 @@ pub(super) async fn acquire_aggregation_jobs(
          SELECT u.i, q.report_id, q.client_time, q.payload \
          FROM UNNEST($1::bytea[], $2::bytea[]) WITH ORDINALITY AS u(task_id, job_id, i) \
          JOIN aggregation_jobs AS j ON j.task_id = u.task_id AND j.job_id = u.job_id \
-         JOIN report_queue AS q ON q.task_id = j.task_id AND ",
+         JOIN replay_tasks AS k ON k.task_id = j.task_id \
+         JOIN report_queue AS q ON q.task_key = k.task_key AND ",
         in_range!()
     ))
     .bind(&task_ids)
@@ -480,7 +482,8 @@ macro_rules! end_sql {
                WHERE task_id = $1 AND job_id = $2 AND state = 'active' AND lease_token = $3 \
                RETURNING from_xid, from_time, from_id, to_xid, to_time, to_id), \
              gone AS ( \
-               DELETE FROM report_queue AS q USING ended AS j WHERE q.task_id = $1 AND ",
+               DELETE FROM report_queue AS q USING ended AS j \
+               WHERE q.task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $1) AND ",
             in_range!(),
             ") \
              SELECT 1 FROM ended"
@@ -591,7 +594,8 @@ pub(super) async fn count_unaggregated_reports(
     let row = sqlx::query(
         "-- count_unaggregated_reports\n\
          SELECT (SELECT COUNT(*) FROM report_queue \
-                 WHERE task_id = $1 AND client_time >= $2 AND client_time < $3) \
+                 WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $1) \
+                   AND client_time >= $2 AND client_time < $3) \
               + (SELECT COUNT(*) FROM aggregation_jobs AS j, UNNEST(j.client_times) AS t \
                  WHERE j.task_id = $1 AND j.state = 'active' AND t >= $2 AND t < $3) AS n",
     )

@@ -87,10 +87,11 @@ pub(super) async fn list_tasks(store: &PostgresDatastore) -> Result<Vec<Task>, T
 const DELETE_LEADER_TASK: &str = "-- delete_task\n\
      WITH ids_gone AS (DELETE FROM claimed_report_ids WHERE task_key = \
             (SELECT task_key FROM replay_tasks WHERE task_id = $2)), \
-          queue_gone AS (DELETE FROM report_queue WHERE task_id = $2), \
+          queue_gone AS (DELETE FROM report_queue WHERE task_key = \
+            (SELECT task_key FROM replay_tasks WHERE task_id = $2)), \
           queue_end AS (SELECT upload_xid, client_time, report_id FROM report_queue \
-            WHERE task_id = $2 ORDER BY upload_xid DESC, client_time DESC, report_id DESC \
-            LIMIT 1), \
+            WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $2) \
+            ORDER BY upload_xid DESC, client_time DESC, report_id DESC LIMIT 1), \
           cursor_moved AS (UPDATE replay_tasks AS k \
             SET claimed_xid = e.upload_xid, claimed_time = e.client_time, \
               claimed_id = e.report_id \
