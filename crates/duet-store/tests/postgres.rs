@@ -21,7 +21,7 @@ use sqlx::{Connection, PgConnection};
 
 mod common;
 
-use common::{interval, report, PRECISION, T0};
+use common::{interval, next_wakeup, report, PRECISION, T0};
 
 /// These tests' toy VDAF: a share is a little-endian `u64` count.
 fn add_shares(a: &[u8], b: &[u8]) -> Result<Vec<u8>, String> {
@@ -465,14 +465,6 @@ async fn out_of_range_times_are_errors() {
     .await;
 }
 
-/// The next wake-up, which must come within two seconds.
-async fn next_wakeup(rx: &mut tokio::sync::broadcast::Receiver<Wakeup>) -> Wakeup {
-    tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv())
-        .await
-        .expect("a wake-up within 2 s")
-        .expect("the wake-up channel is open")
-}
-
 /// Writes on one replica (pool) wake another's background jobs through `LISTEN`/`NOTIFY`: one
 /// wake-up per transaction that gave work, none for writes that gave none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -642,109 +634,5 @@ async fn reports_stored_wakeups_are_coalesced() {
             .expect("close returns");
         writer.close().await;
     })
-    .await;
-}
-
-/// Job creation claims only uploads older than every running transaction: a report committed
-/// after an older transaction began could otherwise be passed by the claim cursor while an upload
-/// of that older transaction was still to commit behind it. Held-back uploads make no partial
-/// job (full ones still go ahead), bring a `ReportsStored` wake-up for a later pass, and are
-/// claimed, each once, when the older transaction has ended.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_claim_only_uploads_older_than_running_transactions() {
-    with_fresh_database(
-        "jobs_claim_only_uploads_older_than_running_transactions",
-        |url| async move {
-            let store = PostgresDatastore::connect(&url).await.expect("connect");
-            let listener = PostgresDatastore::connect(&url).await.expect("connect");
-            let mut rx = listener.wakeups().expect("PostgreSQL has wake-ups");
-            assert_eq!(next_wakeup(&mut rx).await, Wakeup::Listening);
-            let task_id = TaskId::random();
-            let before: Vec<NewReport> = (0..4).map(|i| report(task_id, T0 + i)).collect();
-            store.put_reports(&before).await.expect("put_reports");
-            assert_eq!(next_wakeup(&mut rx).await, Wakeup::ReportsStored);
-
-            // An older transaction, with an ID, still running while later reports are uploaded.
-            let mut older = PgConnection::connect(&url).await.expect("connect");
-            sqlx::query("BEGIN")
-                .execute(&mut older)
-                .await
-                .expect("begin");
-            sqlx::query("SELECT pg_current_xact_id()")
-                .execute(&mut older)
-                .await
-                .expect("take a transaction ID");
-            let after: Vec<NewReport> = (4..7).map(|i| report(task_id, T0 + i)).collect();
-            store.put_reports(&after).await.expect("put_reports");
-            assert_eq!(next_wakeup(&mut rx).await, Wakeup::ReportsStored);
-
-            let now = Time(T0 + PRECISION);
-            assert_eq!(
-                store.create_aggregation_jobs(2, now).await.expect("create"),
-                2,
-                "the two full jobs of the earlier uploads, no partial one of the later"
-            );
-            let mut woken = Vec::new();
-            while woken.len() < 2 {
-                woken.push(next_wakeup(&mut rx).await);
-            }
-            assert!(woken.contains(&Wakeup::AggregationJobsCreated), "{woken:?}");
-            assert!(
-                woken.contains(&Wakeup::ReportsStored),
-                "held-back uploads bring the creators back: {woken:?}"
-            );
-            assert_eq!(
-                store
-                    .count_unaggregated_reports(&task_id, &interval(T0, PRECISION))
-                    .await
-                    .expect("count"),
-                7
-            );
-
-            sqlx::query("COMMIT")
-                .execute(&mut older)
-                .await
-                .expect("commit");
-            older.close().await.expect("close");
-            assert_eq!(
-                store.create_aggregation_jobs(2, now).await.expect("create"),
-                2,
-                "the later uploads, once the older transaction has ended"
-            );
-            assert_eq!(
-                store.create_aggregation_jobs(2, now).await.expect("create"),
-                0
-            );
-            let jobs = store
-                .acquire_aggregation_jobs(now, 300, 10)
-                .await
-                .expect("acquire");
-            let mut sizes: Vec<usize> = jobs.iter().map(|j| j.reports.len()).collect();
-            sizes.sort_unstable();
-            assert_eq!(sizes, vec![1, 2, 2, 2]);
-            let mut claimed: Vec<ReportId> = jobs
-                .iter()
-                .flat_map(|j| j.reports.iter().map(|r| r.report_id))
-                .collect();
-            claimed.sort_unstable_by_key(|id| id.0);
-            let mut all: Vec<ReportId> = before.iter().chain(&after).map(|r| r.report_id).collect();
-            all.sort_unstable_by_key(|id| id.0);
-            assert_eq!(claimed, all, "every report in exactly one job");
-
-            // Ending a job deletes its reports (and no others) from the queue.
-            for job in &jobs {
-                store.abandon_aggregation_job(job).await.expect("abandon");
-            }
-            assert_eq!(
-                store
-                    .count_unaggregated_reports(&task_id, &interval(T0, PRECISION))
-                    .await
-                    .expect("count"),
-                0
-            );
-            listener.close().await;
-            store.close().await;
-        },
-    )
     .await;
 }

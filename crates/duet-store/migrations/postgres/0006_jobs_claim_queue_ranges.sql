@@ -40,7 +40,8 @@ ALTER TABLE aggregation_jobs
     ADD COLUMN to_id     BYTEA;
 
 ALTER TABLE report_queue ADD COLUMN task_key INTEGER;
-UPDATE report_queue AS q SET task_key = k.task_key FROM replay_tasks AS k WHERE k.task_id = q.task_id;
+UPDATE report_queue AS q SET task_key = k.task_key
+FROM replay_tasks AS k WHERE k.task_id = q.task_id;
 ALTER TABLE report_queue ALTER COLUMN task_key SET NOT NULL;
 DROP INDEX report_queue_order;
 ALTER TABLE report_queue DROP COLUMN task_id;

@@ -207,8 +207,8 @@ const CREATE_JOB_DROPPING_REPLAYS: &str = concat!(
 /// The first wait for older transactions to end, when they hold back uploads a partial job
 /// would claim; each next wait is twice as long, up to `MAX_HORIZON_WAIT` in all.
 const FIRST_HORIZON_WAIT: Duration = Duration::from_millis(1);
-/// How long job creation waits for a task's held-back uploads before it creates a partial job
-/// without them.
+/// How long a job-creation pass waits, over all tasks, for held-back uploads before it creates
+/// partial jobs without them.
 const MAX_HORIZON_WAIT: Duration = Duration::from_secs(1);
 
 /// READ COMMITTED plus a per-task advisory lock, tried without waiting: a creator skips a task
@@ -217,10 +217,10 @@ const MAX_HORIZON_WAIT: Duration = Duration::from_secs(1);
 /// so that consecutive inserts share the index's upper pages), moves the task's claim cursor
 /// past them and inserts the job row naming their range. Replays are rare, so a job's first
 /// attempt expects none; if one fails it with a unique violation, the job runs again, dropping
-/// replays. Uploads held back by an older running transaction are waited for (briefly) rather
-/// than left out of a partial job; if some are still held back at the end, a `ReportsStored`
-/// wake-up brings the creators back for them. The `AggregationJobsCreated` wake-up follows the
-/// last job.
+/// replays. Uploads held back by an older running transaction are waited for (up to 1 s per
+/// pass) rather than left out of a partial job; if some are still held back at the end, a
+/// `ReportsStored` wake-up brings the creators back for them (with a warning if the wait ran
+/// out). The `AggregationJobsCreated` wake-up follows the last job.
 pub(super) async fn create_aggregation_jobs(
     store: &PostgresDatastore,
     max_job_size: usize,
@@ -246,18 +246,21 @@ pub(super) async fn create_aggregation_jobs(
     .await?;
     let mut created = 0;
     let mut held_back = false;
+    // One budget for the pass, whatever the number of tasks.
+    let mut waited = Duration::ZERO;
+    let mut wait = FIRST_HORIZON_WAIT;
+    // The limit plus one must fit a BIGINT (`next` reads one more).
+    let limit = limit_i64(max_job_size).min(i64::MAX - 1);
     for task_row in task_rows {
         let task_id: [u8; 32] = col_array(&task_row, "task_id")?;
         let task_key = store.task_key(&TaskId(task_id)).await?;
-        let mut waited = Duration::ZERO;
-        let mut wait = FIRST_HORIZON_WAIT;
         loop {
             let job_id = AggregationJobId::random();
             let partial_ok = waited >= MAX_HORIZON_WAIT;
             let job = |sql| {
                 sqlx::query(sql)
                     .bind(&task_id[..])
-                    .bind(limit_i64(max_job_size))
+                    .bind(limit)
                     .bind(&job_id.0[..])
                     .bind(now)
                     .bind(task_key)
@@ -296,6 +299,13 @@ pub(super) async fn create_aggregation_jobs(
         .await?;
     }
     if held_back {
+        if waited >= MAX_HORIZON_WAIT {
+            tracing::warn!(
+                "queued reports are held back from aggregation jobs by a transaction older than \
+                 their uploads that has run for more than a second (an idle transaction holding \
+                 a transaction ID, or a long one, anywhere on the database server)"
+            );
+        }
         notify::notify(
             &mut conn,
             "-- create_aggregation_jobs\nSELECT pg_notify($1, $2)",
@@ -310,8 +320,9 @@ pub(super) async fn create_aggregation_jobs(
 type JobKey = ([u8; 32], [u8; 16]);
 
 /// READ COMMITTED plus `FOR UPDATE SKIP LOCKED` on the jobs leased: a replica leasing at the same
-/// time skips them, and one leasing after this commits sees the new lease. Two statements
-/// whatever the number of jobs: pick, then lease and read the jobs' reports.
+/// time skips them, and one leasing after this commits sees the new lease. Three statements
+/// whatever the number of jobs: pick, lease (reading the reports of jobs from before schema
+/// version 6), and read the queue ranges of the others.
 pub(super) async fn acquire_aggregation_jobs(
     store: &PostgresDatastore,
     now: Time,

@@ -82,8 +82,10 @@ pub(super) async fn list_tasks(store: &PostgresDatastore) -> Result<Vec<Task>, T
 
 /// One statement per role removing a task and everything under it ($1: role, $2: task ID); the
 /// data-modifying CTEs run to completion whether or not their output is read. The Leader's claim
-/// cursor moves past the deleted queue, so that job creation does not walk its deleted entries
-/// (the task's key stays: other processes may hold it).
+/// cursor moves past the deleted queue, so that job creation does not walk its deleted entries,
+/// but, as in job creation, only past uploads older than every running transaction: an upload
+/// still running may commit later, and must not fall behind the cursor (the task's key stays:
+/// other processes may hold it).
 const DELETE_LEADER_TASK: &str = "-- delete_task\n\
      WITH ids_gone AS (DELETE FROM claimed_report_ids WHERE task_key = \
             (SELECT task_key FROM replay_tasks WHERE task_id = $2)), \
@@ -91,6 +93,7 @@ const DELETE_LEADER_TASK: &str = "-- delete_task\n\
             (SELECT task_key FROM replay_tasks WHERE task_id = $2)), \
           queue_end AS (SELECT upload_xid, client_time, report_id FROM report_queue \
             WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $2) \
+              AND upload_xid < pg_snapshot_xmin(pg_current_snapshot()) \
             ORDER BY upload_xid DESC, client_time DESC, report_id DESC LIMIT 1), \
           cursor_moved AS (UPDATE replay_tasks AS k \
             SET claimed_xid = e.upload_xid, claimed_time = e.client_time, \

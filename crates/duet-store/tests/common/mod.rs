@@ -1,7 +1,8 @@
-//! Helpers the PostgreSQL test files share.
+//! Helpers the PostgreSQL test files share (each uses some of them).
+#![allow(dead_code)]
 
 use duet_messages::dap09::{Duration, Interval, ReportId, TaskId, Time};
-use duet_store::NewReport;
+use duet_store::{NewReport, Wakeup};
 
 /// The bucket width of these tests.
 pub const PRECISION: u64 = 3600;
@@ -24,4 +25,12 @@ pub fn report(task_id: TaskId, time: u64) -> NewReport {
         time: Time(time),
         encoded: report_id.0.to_vec(),
     }
+}
+
+/// The next wake-up, which must come within two seconds.
+pub async fn next_wakeup(rx: &mut tokio::sync::broadcast::Receiver<Wakeup>) -> Wakeup {
+    tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv())
+        .await
+        .expect("a wake-up within 2 s")
+        .expect("the wake-up channel is open")
 }

@@ -1,0 +1,190 @@
+//! The Leader's claim cursor on PostgreSQL: job creation claims only uploads older than every
+//! running transaction, so that no upload commits behind the cursor.
+//!
+//! Like `postgres.rs`, these tests need `DATABASE_URL` and pass with a note without it.
+
+mod common;
+
+use common::{interval, next_wakeup, report, PRECISION, T0};
+use duet_messages::dap09::{ReportId, TaskId, Time};
+use duet_store::conformance::postgres::with_fresh_database;
+use duet_store::postgres::PostgresDatastore;
+use duet_store::{Datastore, NewReport, Wakeup};
+use sqlx::{Connection, PgConnection};
+
+/// Job creation claims only uploads older than every running transaction: a report committed
+/// after an older transaction began could otherwise be passed by the claim cursor while an upload
+/// of that older transaction was still to commit behind it. Held-back uploads make no partial
+/// job (full ones still go ahead), bring a `ReportsStored` wake-up for a later pass, and are
+/// claimed, each once, when the older transaction has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_claim_only_uploads_older_than_running_transactions() {
+    with_fresh_database(
+        "jobs_claim_only_uploads_older_than_running_transactions",
+        |url| async move {
+            let store = PostgresDatastore::connect(&url).await.expect("connect");
+            let listener = PostgresDatastore::connect(&url).await.expect("connect");
+            let mut rx = listener.wakeups().expect("PostgreSQL has wake-ups");
+            assert_eq!(next_wakeup(&mut rx).await, Wakeup::Listening);
+            let task_id = TaskId::random();
+            let before: Vec<NewReport> = (0..4).map(|i| report(task_id, T0 + i)).collect();
+            store.put_reports(&before).await.expect("put_reports");
+            assert_eq!(next_wakeup(&mut rx).await, Wakeup::ReportsStored);
+
+            // An older transaction, with an ID, still running while later reports are uploaded.
+            let mut older = PgConnection::connect(&url).await.expect("connect");
+            sqlx::query("BEGIN")
+                .execute(&mut older)
+                .await
+                .expect("begin");
+            sqlx::query("SELECT pg_current_xact_id()")
+                .execute(&mut older)
+                .await
+                .expect("take a transaction ID");
+            let after: Vec<NewReport> = (4..7).map(|i| report(task_id, T0 + i)).collect();
+            store.put_reports(&after).await.expect("put_reports");
+            assert_eq!(next_wakeup(&mut rx).await, Wakeup::ReportsStored);
+
+            let now = Time(T0 + PRECISION);
+            assert_eq!(
+                store.create_aggregation_jobs(2, now).await.expect("create"),
+                2,
+                "the two full jobs of the earlier uploads, no partial one of the later"
+            );
+            let mut woken = Vec::new();
+            while woken.len() < 2 {
+                woken.push(next_wakeup(&mut rx).await);
+            }
+            assert!(woken.contains(&Wakeup::AggregationJobsCreated), "{woken:?}");
+            assert!(
+                woken.contains(&Wakeup::ReportsStored),
+                "held-back uploads bring the creators back: {woken:?}"
+            );
+            assert_eq!(
+                store
+                    .count_unaggregated_reports(&task_id, &interval(T0, PRECISION))
+                    .await
+                    .expect("count"),
+                7
+            );
+
+            sqlx::query("COMMIT")
+                .execute(&mut older)
+                .await
+                .expect("commit");
+            older.close().await.expect("close");
+            assert_eq!(
+                store.create_aggregation_jobs(2, now).await.expect("create"),
+                2,
+                "the later uploads, once the older transaction has ended"
+            );
+            assert_eq!(
+                store.create_aggregation_jobs(2, now).await.expect("create"),
+                0
+            );
+            let jobs = store
+                .acquire_aggregation_jobs(now, 300, 10)
+                .await
+                .expect("acquire");
+            let mut sizes: Vec<usize> = jobs.iter().map(|j| j.reports.len()).collect();
+            sizes.sort_unstable();
+            assert_eq!(sizes, vec![1, 2, 2, 2]);
+            let mut claimed: Vec<ReportId> = jobs
+                .iter()
+                .flat_map(|j| j.reports.iter().map(|r| r.report_id))
+                .collect();
+            claimed.sort_unstable_by_key(|id| id.0);
+            let mut all: Vec<ReportId> = before.iter().chain(&after).map(|r| r.report_id).collect();
+            all.sort_unstable_by_key(|id| id.0);
+            assert_eq!(claimed, all, "every report in exactly one job");
+
+            // Ending a job deletes its reports (and no others) from the queue.
+            for job in &jobs {
+                store.abandon_aggregation_job(job).await.expect("abandon");
+            }
+            assert_eq!(
+                store
+                    .count_unaggregated_reports(&task_id, &interval(T0, PRECISION))
+                    .await
+                    .expect("count"),
+                0
+            );
+            listener.close().await;
+            store.close().await;
+        },
+    )
+    .await;
+}
+
+/// Deleting a task moves its claim cursor past its deleted reports, but not past an upload still
+/// running: committed later, that upload is claimed (as it would be for the task added again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_task_strands_no_running_upload() {
+    with_fresh_database(
+        "deleting_a_task_strands_no_running_upload",
+        |url| async move {
+            let store = PostgresDatastore::connect(&url).await.expect("connect");
+            // The store needs no task row for its queue; `delete_task` deletes the queue either way.
+            let task_id = TaskId::random();
+            store
+                .put_reports(&[report(task_id, T0)])
+                .await
+                .expect("put_reports");
+            let task_key: i32 =
+                sqlx::query_scalar("SELECT task_key FROM replay_tasks WHERE task_id = $1")
+                    .bind(&task_id.0[..])
+                    .fetch_one(&mut PgConnection::connect(&url).await.expect("connect"))
+                    .await
+                    .expect("the task's key");
+
+            // An upload still running (older) while a later one commits and the task is deleted.
+            let mut running = PgConnection::connect(&url).await.expect("connect");
+            sqlx::query("BEGIN")
+                .execute(&mut running)
+                .await
+                .expect("begin");
+            let late = report(task_id, T0 + 1);
+            sqlx::query(
+                "INSERT INTO report_queue (task_key, client_time, report_id, payload) \
+             VALUES ($1, $2, $3, $4)",
+            )
+            .bind(task_key)
+            .bind(i64::try_from(late.time.0).expect("time"))
+            .bind(&late.report_id.0[..])
+            .bind(&late.encoded[..])
+            .execute(&mut running)
+            .await
+            .expect("upload");
+            store
+                .put_reports(&[report(task_id, T0 + 2)])
+                .await
+                .expect("put_reports");
+            store.delete_task(&task_id).await.expect("delete_task");
+            sqlx::query("COMMIT")
+                .execute(&mut running)
+                .await
+                .expect("commit");
+            running.close().await.expect("close");
+
+            let now = Time(T0 + PRECISION);
+            assert_eq!(
+                store
+                    .create_aggregation_jobs(10, now)
+                    .await
+                    .expect("create"),
+                1
+            );
+            let jobs = store
+                .acquire_aggregation_jobs(now, 300, 10)
+                .await
+                .expect("acquire");
+            let claimed: Vec<ReportId> = jobs
+                .iter()
+                .flat_map(|j| j.reports.iter().map(|r| r.report_id))
+                .collect();
+            assert_eq!(claimed, vec![late.report_id], "the upload that was running");
+            store.close().await;
+        },
+    )
+    .await;
+}
