@@ -11,7 +11,8 @@
 -- * `replay_tasks.claimed_*`: the Leader's claim cursor per task, the position of the last
 --   report a job has claimed (both roles share the table; the Helper never moves its cursor).
 --   Job creation claims only reports uploaded by transactions older than every transaction
---   still running (`pg_snapshot_xmin`), so no upload can later commit behind the cursor.
+--   still running (`pg_snapshot_xmin`), so no upload can later commit behind the cursor (a
+--   write transaction left open anywhere on the server holds newer uploads back until it ends).
 -- * `aggregation_jobs.from_*` / `to_*`: the job's range. When the job ends, its reports are
 --   deleted from the queue in the transaction that ends it.
 -- * `report_queue_order` is in claim order, so that job creation reads the next reports after
