@@ -12,6 +12,10 @@ use duet_store::postgres::PostgresDatastore;
 use duet_store::{Datastore, NewReport, Wakeup};
 use sqlx::{Connection, PgConnection};
 
+/// These tests hold transactions open, which holds back job creation on the whole server (the
+/// horizon is the server's): they run one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Job creation claims only uploads older than every running transaction: a report committed
 /// after an older transaction began could otherwise be passed by the claim cursor while an upload
 /// of that older transaction was still to commit behind it. Held-back uploads make no partial
@@ -19,6 +23,7 @@ use sqlx::{Connection, PgConnection};
 /// claimed, each once, when the older transaction has ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_claim_only_uploads_older_than_running_transactions() {
+    let _one = ONE_AT_A_TIME.lock().await;
     with_fresh_database(
         "jobs_claim_only_uploads_older_than_running_transactions",
         |url| async move {
@@ -120,6 +125,7 @@ async fn jobs_claim_only_uploads_older_than_running_transactions() {
 /// running: committed later, that upload is claimed (as it would be for the task added again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_task_strands_no_running_upload() {
+    let _one = ONE_AT_A_TIME.lock().await;
     with_fresh_database(
         "deleting_a_task_strands_no_running_upload",
         |url| async move {

@@ -4,10 +4,10 @@
 //! `report_queue`, stamped with the uploading transaction's ID and naming its task by its key
 //! (`replay_tasks`), and nothing else: the upload path, which clients wait on, touches no
 //! random-key index (the queue's index is by task key in claim order, (upload transaction, time,
-//! ID), so uploads append to it). The report stays in that row
-//! until its job ends. Job creation claims the next queued reports in claim order after the
-//! task's claim cursor (in `replay_tasks`), only those uploaded by transactions older than every
-//! transaction still running, so that no upload commits behind the cursor; it admits their IDs,
+//! ID), so uploads append to it). The report stays in that row until its job ends. Job creation
+//! claims the next queued reports in claim order after the task's claim cursor (in
+//! `replay_tasks`), only those uploaded by transactions older than every transaction still
+//! running, so that no upload commits behind the cursor; it admits their IDs,
 //! in key order, to `claimed_report_ids` (replay protection, never updated), moves the cursor
 //! past them and inserts the job row, which names them as a range of the claim order: of two
 //! uploads of one ID the first is claimed first, and the second is the replay, deleted from the

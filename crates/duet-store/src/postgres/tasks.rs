@@ -87,12 +87,12 @@ pub(super) async fn list_tasks(store: &PostgresDatastore) -> Result<Vec<Task>, T
 /// still running may commit later, and must not fall behind the cursor (the task's key stays:
 /// other processes may hold it).
 const DELETE_LEADER_TASK: &str = "-- delete_task\n\
-     WITH ids_gone AS (DELETE FROM claimed_report_ids WHERE task_key = \
-            (SELECT task_key FROM replay_tasks WHERE task_id = $2)), \
-          queue_gone AS (DELETE FROM report_queue WHERE task_key = \
-            (SELECT task_key FROM replay_tasks WHERE task_id = $2)), \
+     WITH key AS (SELECT task_key FROM replay_tasks WHERE task_id = $2), \
+          ids_gone AS (DELETE FROM claimed_report_ids \
+            WHERE task_key = (SELECT task_key FROM key)), \
+          queue_gone AS (DELETE FROM report_queue WHERE task_key = (SELECT task_key FROM key)), \
           queue_end AS (SELECT upload_xid, client_time, report_id FROM report_queue \
-            WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $2) \
+            WHERE task_key = (SELECT task_key FROM key) \
               AND upload_xid < pg_snapshot_xmin(pg_current_snapshot()) \
             ORDER BY upload_xid DESC, client_time DESC, report_id DESC LIMIT 1), \
           cursor_moved AS (UPDATE replay_tasks AS k \
