@@ -11,7 +11,8 @@ use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 use aws_lc_rs::agreement::{self, UnparsedPublicKey, X25519};
 use aws_lc_rs::hmac;
 use duet_messages::dap09::{
-    HpkeAeadId, HpkeCiphertext, HpkeConfig, HpkeConfigId, HpkeKdfId, HpkeKemId, HpkePublicKey, Role,
+    HpkeAeadId, HpkeCiphertext, HpkeCiphertextRef, HpkeConfig, HpkeConfigId, HpkeKdfId, HpkeKemId,
+    HpkePublicKey, Role,
 };
 use serde::{Deserialize, Serialize};
 
@@ -312,28 +313,29 @@ pub fn seal(
     })
 }
 
-/// Decrypts a ciphertext sealed to `keypair`.
-pub fn open(
+/// Decrypts a ciphertext sealed to `keypair`: an owned [`HpkeCiphertext`] or one decoded in
+/// place ([`HpkeCiphertextRef`]). The payload is copied once, into the plaintext's buffer.
+pub fn open<'a>(
     keypair: &HpkeKeypair,
     info: &HpkeApplicationInfo,
-    ciphertext: &HpkeCiphertext,
+    ciphertext: impl Into<HpkeCiphertextRef<'a>>,
     aad: &[u8],
 ) -> Result<Vec<u8>, CoreError> {
-    open_with_info(keypair, &info.bytes(), ciphertext, aad)
+    open_with_info(keypair, &info.bytes(), ciphertext.into(), aad)
 }
 
 fn open_with_info(
     keypair: &HpkeKeypair,
     info: &[u8],
-    ciphertext: &HpkeCiphertext,
+    ciphertext: HpkeCiphertextRef<'_>,
     aad: &[u8],
 ) -> Result<Vec<u8>, CoreError> {
     check_suite(&keypair.config)?;
     let sk = keypair.parsed_private_key()?;
-    let enc = &ciphertext.encapsulated_key;
+    let enc = ciphertext.encapsulated_key;
     let shared = kem_shared_secret(&dh(&sk, enc)?, enc, &keypair.config.public_key.0)?;
     let (key, nonce) = key_schedule(&shared, info);
-    let mut buf = ciphertext.payload.clone();
+    let mut buf = ciphertext.payload.to_vec();
     let len = aead_key(&key)?
         .open_in_place(
             Nonce::assume_unique_for_key(nonce),
@@ -425,7 +427,7 @@ mod tests {
             payload: hex_field(e, "ct"),
         };
         let info = hex_field(&v, "info");
-        let pt = open_with_info(&kp, &info, &ct, &hex_field(e, "aad")).expect("open");
+        let pt = open_with_info(&kp, &info, (&ct).into(), &hex_field(e, "aad")).expect("open");
         assert_eq!(pt, hex_field(e, "pt"));
     }
 

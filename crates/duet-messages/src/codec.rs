@@ -277,8 +277,12 @@ pub fn encode_opaque(out: &mut Vec<u8>, bounds: VecBounds, data: &[u8]) {
 
 /// Reads `opaque data<min..max>`, enforcing both bounds.
 pub fn decode_opaque(r: &mut Reader<'_>, bounds: VecBounds) -> Result<Vec<u8>, CodecError> {
-    let body = bounds.read_body(r)?;
-    Ok(body.rest.to_vec())
+    read_opaque(r, bounds).map(<[u8]>::to_vec)
+}
+
+/// Reads `opaque data<min..max>` as a slice of the input, enforcing both bounds.
+pub fn read_opaque<'a>(r: &mut Reader<'a>, bounds: VecBounds) -> Result<&'a [u8], CodecError> {
+    Ok(bounds.read_body(r)?.rest)
 }
 
 /// Writes `T items<min..max>`: a prefix holding the byte length of the encoded items, then the items.

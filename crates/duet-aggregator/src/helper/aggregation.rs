@@ -8,7 +8,7 @@ use duet_core::hpke::{open, HpkeApplicationInfo, HpkeKeypair};
 use duet_core::vdaf::PrepFailure;
 use duet_messages::dap09::{
     AggregationJobId, AggregationJobInitReq, AggregationJobResp, InputShareAad, Interval,
-    PartialBatchSelector, PlaintextInputShare, PrepareError, PrepareInit, PrepareResp,
+    PartialBatchSelector, PlaintextInputShareRef, PrepareError, PrepareInit, PrepareResp,
     PrepareStepResult, ReportId, Role, TaskId, Time,
 };
 use duet_messages::problem::DapProblemType;
@@ -258,12 +258,7 @@ fn prepare_one(
     }
     let key = find_key(keys, share.encrypted_input_share.config_id)
         .ok_or(PrepareError::HpkeUnknownConfigId)?;
-    let aad = InputShareAad {
-        task_id: task.id,
-        metadata: share.metadata,
-        public_share: share.public_share.clone(),
-    }
-    .get_encoded();
+    let aad = InputShareAad::encode_parts(&task.id, &share.metadata, &share.public_share);
     let plaintext = open(
         key,
         &HpkeApplicationInfo::InputShare {
@@ -273,8 +268,8 @@ fn prepare_one(
         &aad,
     )
     .map_err(|_| PrepareError::HpkeDecryptError)?;
-    let input =
-        PlaintextInputShare::get_decoded(&plaintext).map_err(|_| PrepareError::InvalidMessage)?;
+    let input = PlaintextInputShareRef::get_decoded(&plaintext)
+        .map_err(|_| PrepareError::InvalidMessage)?;
     if !input.extensions.is_empty() {
         // No extensions are defined for Duet's tasks (taskprov is not enabled).
         return Err(PrepareError::InvalidMessage);
@@ -285,7 +280,7 @@ fn prepare_one(
             &task.vdaf_verify_key,
             &share.metadata.id,
             &share.public_share,
-            &input.payload,
+            input.payload,
             &init.message,
         )
         .map_err(|e| match e {

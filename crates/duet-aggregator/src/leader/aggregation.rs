@@ -12,7 +12,8 @@ use duet_core::vdaf::LeaderPrepState;
 use duet_messages::dap09::media_type;
 use duet_messages::dap09::{
     AggregationJobInitReq, AggregationJobResp, InputShareAad, Interval, PartialBatchSelector,
-    PlaintextInputShare, PrepareInit, PrepareStepResult, Report, ReportId, ReportShare, Role, Time,
+    PlaintextInputShareRef, PrepareInit, PrepareStepResult, ReportId, ReportRef, ReportShare, Role,
+    Time,
 };
 use duet_messages::{Decode, Encode};
 use duet_store::AcquiredAggregationJob;
@@ -271,7 +272,9 @@ fn leader_init_all(
     let mut inits = Vec::with_capacity(reports.len());
     for stored in reports {
         let drop = |why: &str| tracing::debug!(report = %stored.report_id, why, "report dropped");
-        let Ok(report) = Report::get_decoded(&stored.encoded) else {
+        // Read in place: of the report's bytes only the Leader's share is copied (to be
+        // decrypted), and the parts the Helper gets.
+        let Ok(report) = ReportRef::get_decoded(&stored.encoded) else {
             drop("stored report does not decode");
             continue;
         };
@@ -294,17 +297,12 @@ fn leader_init_all(
             drop("unknown HPKE config");
             continue;
         };
-        let aad = InputShareAad {
-            task_id: task.id,
-            metadata: report.metadata,
-            public_share: report.public_share.clone(),
-        }
-        .get_encoded();
-        let Ok(plaintext) = open(key, &info, &report.leader_encrypted_input_share, &aad) else {
+        let aad = InputShareAad::encode_parts(&task.id, &report.metadata, report.public_share);
+        let Ok(plaintext) = open(key, &info, report.leader_encrypted_input_share, &aad) else {
             drop("HPKE decryption failed");
             continue;
         };
-        let Ok(share) = PlaintextInputShare::get_decoded(&plaintext) else {
+        let Ok(share) = PlaintextInputShareRef::get_decoded(&plaintext) else {
             drop("plaintext input share does not decode");
             continue;
         };
@@ -316,8 +314,8 @@ fn leader_init_all(
         let (state, message) = match entry.vdaf.leader_init(
             &task.vdaf_verify_key,
             &report.metadata.id,
-            &report.public_share,
-            &share.payload,
+            report.public_share,
+            share.payload,
         ) {
             Ok(x) => x,
             Err(e) => {
@@ -333,8 +331,8 @@ fn leader_init_all(
         inits.push(PrepareInit {
             report_share: ReportShare {
                 metadata: report.metadata,
-                public_share: report.public_share,
-                encrypted_input_share: report.helper_encrypted_input_share,
+                public_share: report.public_share.to_vec(),
+                encrypted_input_share: report.helper_encrypted_input_share.to_owned(),
             },
             message,
         });

@@ -2,9 +2,8 @@
 
 use std::sync::Arc;
 
-use duet_messages::dap09::{Report, TaskId};
+use duet_messages::dap09::{ReportRef, TaskId};
 use duet_messages::problem::DapProblemType;
-use duet_messages::Decode;
 use duet_store::NewReport;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -25,7 +24,8 @@ impl Leader {
     pub async fn upload(&self, task_id: TaskId, body: &[u8]) -> Result<(), Error> {
         let entry = self.shared.require_task(&task_id).await?;
         let task = &entry.task;
-        let report = Report::get_decoded(body).map_err(|e| {
+        // Checked in place: the body is stored as it came, so nothing needs copying out of it.
+        let report = ReportRef::get_decoded(body).map_err(|e| {
             Error::abort(
                 DapProblemType::InvalidMessage,
                 Some(task_id),

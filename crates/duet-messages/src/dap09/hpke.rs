@@ -1,8 +1,8 @@
 //! HPKE configuration and ciphertext messages (§4, §4.4.1).
 
 use crate::codec::{
-    decode_items, decode_opaque, encode_items, encode_opaque, CodecError, Decode, Encode,
-    PrefixWidth, Reader, VecBounds,
+    decode_items, decode_opaque, encode_items, encode_opaque, read_opaque, CodecError, Decode,
+    Encode, PrefixWidth, Reader, VecBounds,
 };
 use std::fmt;
 
@@ -160,14 +160,22 @@ pub struct HpkeCiphertext {
 }
 
 impl fmt::Debug for HpkeCiphertext {
-    // Ciphertexts are long and say nothing to a human; print their sizes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HpkeCiphertext")
-            .field("config_id", &self.config_id)
-            .field("encapsulated_key_len", &self.encapsulated_key.len())
-            .field("payload_len", &self.payload.len())
-            .finish()
+        debug_ciphertext(f, "HpkeCiphertext", self.into())
     }
+}
+
+/// Ciphertexts are long and say nothing to a human: their `Debug` prints their sizes.
+fn debug_ciphertext(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    ct: HpkeCiphertextRef<'_>,
+) -> fmt::Result {
+    f.debug_struct(name)
+        .field("config_id", &ct.config_id)
+        .field("encapsulated_key_len", &ct.encapsulated_key.len())
+        .field("payload_len", &ct.payload.len())
+        .finish()
 }
 
 impl Encode for HpkeCiphertext {
@@ -180,11 +188,55 @@ impl Encode for HpkeCiphertext {
 
 impl Decode for HpkeCiphertext {
     fn decode(r: &mut Reader<'_>) -> Result<Self, CodecError> {
+        HpkeCiphertextRef::decode(r).map(HpkeCiphertextRef::to_owned)
+    }
+}
+
+impl<'a> From<&'a HpkeCiphertext> for HpkeCiphertextRef<'a> {
+    fn from(ct: &'a HpkeCiphertext) -> Self {
+        HpkeCiphertextRef {
+            config_id: ct.config_id,
+            encapsulated_key: &ct.encapsulated_key,
+            payload: &ct.payload,
+        }
+    }
+}
+
+/// An [`HpkeCiphertext`] decoded in place: its fields are slices of the input.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HpkeCiphertextRef<'a> {
+    /// The config the message was sealed to.
+    pub config_id: HpkeConfigId,
+    /// The encapsulated key, `opaque enc<1..2^16-1>`.
+    pub encapsulated_key: &'a [u8],
+    /// The AEAD ciphertext, `opaque payload<1..2^32-1>`.
+    pub payload: &'a [u8],
+}
+
+impl fmt::Debug for HpkeCiphertextRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        debug_ciphertext(f, "HpkeCiphertextRef", *self)
+    }
+}
+
+impl<'a> HpkeCiphertextRef<'a> {
+    /// Decodes one ciphertext from the front of `r`, with the same checks as
+    /// [`HpkeCiphertext`]'s decoder.
+    pub fn decode(r: &mut Reader<'a>) -> Result<Self, CodecError> {
         Ok(Self {
             config_id: HpkeConfigId::decode(r)?,
-            encapsulated_key: decode_opaque(r, ENC)?,
-            payload: decode_opaque(r, PAYLOAD)?,
+            encapsulated_key: read_opaque(r, ENC)?,
+            payload: read_opaque(r, PAYLOAD)?,
         })
+    }
+
+    /// An owned copy.
+    pub fn to_owned(self) -> HpkeCiphertext {
+        HpkeCiphertext {
+            config_id: self.config_id,
+            encapsulated_key: self.encapsulated_key.to_vec(),
+            payload: self.payload.to_vec(),
+        }
     }
 }
 

@@ -21,14 +21,15 @@ pub use collect::{
     ReportIdChecksum,
 };
 pub use hpke::{
-    HpkeAeadId, HpkeCiphertext, HpkeConfig, HpkeConfigId, HpkeConfigList, HpkeKdfId, HpkeKemId,
-    HpkePublicKey,
+    HpkeAeadId, HpkeCiphertext, HpkeCiphertextRef, HpkeConfig, HpkeConfigId, HpkeConfigList,
+    HpkeKdfId, HpkeKemId, HpkePublicKey,
 };
 pub use ids::{AggregationJobId, BatchId, CollectionJobId, ParseIdError, ReportId, TaskId};
 pub use query::{BatchSelector, FixedSizeQuery, PartialBatchSelector, Query, QueryType};
 pub use time::{Duration, Interval, Time, TimeOverflow};
 pub use upload::{
-    Extension, ExtensionType, InputShareAad, PlaintextInputShare, Report, ReportMetadata,
+    Extension, ExtensionType, InputShareAad, PlaintextInputShare, PlaintextInputShareRef, Report,
+    ReportMetadata, ReportRef,
 };
 
 use crate::codec::{CodecError, Decode, Encode, Reader};

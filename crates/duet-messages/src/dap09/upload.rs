@@ -1,9 +1,9 @@
 //! Upload messages (§4.4): what a Client sends and what the Aggregators decrypt.
 
-use super::{HpkeCiphertext, ReportId, TaskId, Time};
+use super::{HpkeCiphertext, HpkeCiphertextRef, ReportId, TaskId, Time};
 use crate::codec::{
-    decode_items, decode_opaque, encode_items, encode_opaque, CodecError, Decode, Encode,
-    PrefixWidth, Reader, VecBounds,
+    decode_items, decode_opaque, encode_items, encode_opaque, read_opaque, CodecError, Decode,
+    Encode, PrefixWidth, Reader, VecBounds,
 };
 
 const PUBLIC_SHARE: VecBounds = VecBounds::new("public_share", PrefixWidth::U32, 0);
@@ -60,12 +60,51 @@ impl Encode for Report {
 
 impl Decode for Report {
     fn decode(r: &mut Reader<'_>) -> Result<Self, CodecError> {
+        ReportRef::decode(r).map(ReportRef::to_owned)
+    }
+}
+
+/// A [`Report`] decoded in place: its variable-length fields are slices of the input, so that
+/// checking or reading a report copies none of its shares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReportRef<'a> {
+    /// Report ID and timestamp.
+    pub metadata: ReportMetadata,
+    /// The VDAF public share.
+    pub public_share: &'a [u8],
+    /// `PlaintextInputShare` sealed to the Leader.
+    pub leader_encrypted_input_share: HpkeCiphertextRef<'a>,
+    /// `PlaintextInputShare` sealed to the Helper.
+    pub helper_encrypted_input_share: HpkeCiphertextRef<'a>,
+}
+
+impl<'a> ReportRef<'a> {
+    /// Decodes one report from the front of `r`, with the same checks as [`Report`]'s decoder.
+    pub fn decode(r: &mut Reader<'a>) -> Result<Self, CodecError> {
         Ok(Self {
             metadata: ReportMetadata::decode(r)?,
-            public_share: decode_opaque(r, PUBLIC_SHARE)?,
-            leader_encrypted_input_share: HpkeCiphertext::decode(r)?,
-            helper_encrypted_input_share: HpkeCiphertext::decode(r)?,
+            public_share: read_opaque(r, PUBLIC_SHARE)?,
+            leader_encrypted_input_share: HpkeCiphertextRef::decode(r)?,
+            helper_encrypted_input_share: HpkeCiphertextRef::decode(r)?,
         })
+    }
+
+    /// Strict: decodes the whole slice, trailing bytes are an error.
+    pub fn get_decoded(bytes: &'a [u8]) -> Result<Self, CodecError> {
+        let mut r = Reader::new(bytes);
+        let report = Self::decode(&mut r)?;
+        r.expect_empty()?;
+        Ok(report)
+    }
+
+    /// An owned copy.
+    pub fn to_owned(self) -> Report {
+        Report {
+            metadata: self.metadata,
+            public_share: self.public_share.to_vec(),
+            leader_encrypted_input_share: self.leader_encrypted_input_share.to_owned(),
+            helper_encrypted_input_share: self.helper_encrypted_input_share.to_owned(),
+        }
     }
 }
 
@@ -138,10 +177,39 @@ impl Encode for PlaintextInputShare {
 
 impl Decode for PlaintextInputShare {
     fn decode(r: &mut Reader<'_>) -> Result<Self, CodecError> {
+        let share = PlaintextInputShareRef::decode(r)?;
+        Ok(Self {
+            extensions: share.extensions,
+            payload: share.payload.to_vec(),
+        })
+    }
+}
+
+/// A [`PlaintextInputShare`] whose payload is a slice of the decrypted bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlaintextInputShareRef<'a> {
+    /// Report extensions.
+    pub extensions: Vec<Extension>,
+    /// The VDAF input share.
+    pub payload: &'a [u8],
+}
+
+impl<'a> PlaintextInputShareRef<'a> {
+    /// Decodes one share from the front of `r`, with the same checks as
+    /// [`PlaintextInputShare`]'s decoder.
+    pub fn decode(r: &mut Reader<'a>) -> Result<Self, CodecError> {
         Ok(Self {
             extensions: decode_items(r, EXTENSIONS)?,
-            payload: decode_opaque(r, INPUT_SHARE)?,
+            payload: read_opaque(r, INPUT_SHARE)?,
         })
+    }
+
+    /// Strict: decodes the whole slice, trailing bytes are an error.
+    pub fn get_decoded(bytes: &'a [u8]) -> Result<Self, CodecError> {
+        let mut r = Reader::new(bytes);
+        let share = Self::decode(&mut r)?;
+        r.expect_empty()?;
+        Ok(share)
     }
 }
 
@@ -158,9 +226,32 @@ pub struct InputShareAad {
 
 impl Encode for InputShareAad {
     fn encode(&self, out: &mut Vec<u8>) {
-        self.task_id.encode(out);
-        self.metadata.encode(out);
-        encode_opaque(out, PUBLIC_SHARE, &self.public_share);
+        Self::write_parts(out, &self.task_id, &self.metadata, &self.public_share);
+    }
+}
+
+impl InputShareAad {
+    /// The encoding of the `InputShareAad` these parts make, without copying the public share
+    /// into a value first.
+    pub fn encode_parts(
+        task_id: &TaskId,
+        metadata: &ReportMetadata,
+        public_share: &[u8],
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + 24 + 4 + public_share.len());
+        Self::write_parts(&mut out, task_id, metadata, public_share);
+        out
+    }
+
+    fn write_parts(
+        out: &mut Vec<u8>,
+        task_id: &TaskId,
+        metadata: &ReportMetadata,
+        public_share: &[u8],
+    ) {
+        task_id.encode(out);
+        metadata.encode(out);
+        encode_opaque(out, PUBLIC_SHARE, public_share);
     }
 }
 
@@ -216,12 +307,27 @@ mod tests {
             helper_encrypted_input_share: ct(2, &[0xe2, 0xe3], &[0xf3]),
         };
         assert_eq!(report.get_encoded(), bytes);
-        assert_eq!(Report::get_decoded(&bytes), Ok(report));
+        assert_eq!(Report::get_decoded(&bytes), Ok(report.clone()));
+
+        // The in-place view points into the input and holds the same fields.
+        let view = ReportRef::get_decoded(&bytes).expect("decodes in place");
+        assert_eq!(view.public_share, &[0xab, 0xcd]);
+        assert_eq!(
+            view.leader_encrypted_input_share,
+            HpkeCiphertextRef::from(&report.leader_encrypted_input_share)
+        );
+        let payload = view.helper_encrypted_input_share.payload;
+        assert!(bytes.as_ptr_range().contains(&payload.as_ptr()));
+        assert_eq!(view.to_owned(), report);
 
         // Every strict prefix is truncated input, and one byte more is trailing.
         for cut in 0..bytes.len() {
             assert_eq!(
                 Report::get_decoded(&bytes[..cut]),
+                Err(CodecError::UnexpectedEnd)
+            );
+            assert_eq!(
+                ReportRef::get_decoded(&bytes[..cut]),
                 Err(CodecError::UnexpectedEnd)
             );
         }
@@ -231,6 +337,27 @@ mod tests {
             Report::get_decoded(&long),
             Err(CodecError::TrailingBytes(1))
         );
+        assert_eq!(
+            ReportRef::get_decoded(&long),
+            Err(CodecError::TrailingBytes(1))
+        );
+    }
+
+    #[test]
+    fn report_view_enforces_ciphertext_bounds() {
+        // The Leader's `enc` is empty, which `opaque enc<1..2^16-1>` forbids.
+        let bytes = hex(concat!(
+            "0102030405060708090a0b0c0d0e0f10", // metadata.id
+            "0000000000000000",                 // metadata.time
+            "00000000",                         // public_share length
+            "01",                               // leader share: config_id
+            "0000",                             //   enc length: empty
+            "00000001",                         //   payload length
+            "aa",                               //   payload
+        ));
+        let err = ReportRef::get_decoded(&bytes).expect_err("empty enc");
+        assert!(matches!(err, CodecError::LengthOutOfRange { len: 0, .. }));
+        assert_eq!(Report::get_decoded(&bytes), Err(err));
     }
 
     #[test]
@@ -258,7 +385,16 @@ mod tests {
             payload: vec![1, 2, 3],
         };
         assert_eq!(share.get_encoded(), bytes);
-        assert_eq!(PlaintextInputShare::get_decoded(&bytes), Ok(share));
+        assert_eq!(PlaintextInputShare::get_decoded(&bytes), Ok(share.clone()));
+        let view = PlaintextInputShareRef::get_decoded(&bytes).expect("decodes in place");
+        assert_eq!(view.extensions, share.extensions);
+        assert_eq!(view.payload, &bytes[bytes.len() - 3..]);
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(
+            PlaintextInputShareRef::get_decoded(&long),
+            Err(CodecError::TrailingBytes(1))
+        );
     }
 
     #[test]
@@ -288,6 +424,10 @@ mod tests {
             "00000000",         // public_share length (empty is allowed)
         ));
         assert_eq!(aad.get_encoded(), bytes);
+        assert_eq!(
+            InputShareAad::encode_parts(&aad.task_id, &aad.metadata, &aad.public_share),
+            bytes
+        );
         assert_eq!(InputShareAad::get_decoded(&bytes), Ok(aad));
     }
 }

@@ -4,8 +4,7 @@
 use anyhow::Result;
 use duet_core::hpke::{open, HpkeApplicationInfo, HpkeKeypair};
 use duet_core::{AggregatorRole, Clock, Measurement, RealClock, VdafInstance};
-use duet_messages::dap09::{InputShareAad, PlaintextInputShare, Report, Role};
-use duet_messages::{Decode, Encode};
+use duet_messages::dap09::{InputShareAad, PlaintextInputShareRef, Report, Role};
 use rand::{Rng, SeedableRng};
 
 use super::now;
@@ -118,12 +117,7 @@ fn floor_pass(
     let mut leader_agg = vdaf.empty_aggregate()?;
     let mut helper_agg = vdaf.empty_aggregate()?;
     for r in reports {
-        let aad = InputShareAad {
-            task_id: task.id,
-            metadata: r.metadata,
-            public_share: r.public_share.clone(),
-        }
-        .get_encoded();
+        let aad = InputShareAad::encode_parts(&task.id, &r.metadata, &r.public_share);
         let t = now();
         let pt = open(
             leader_key,
@@ -134,12 +128,12 @@ fn floor_pass(
             &aad,
         )?;
         opens += t.elapsed();
-        let share = PlaintextInputShare::get_decoded(&pt)?;
+        let share = PlaintextInputShareRef::get_decoded(&pt)?;
         let (state, msg) = vdaf.leader_init(
             &task.vdaf_verify_key,
             &r.metadata.id,
             &r.public_share,
-            &share.payload,
+            share.payload,
         )?;
         leader += t.elapsed();
 
@@ -152,12 +146,12 @@ fn floor_pass(
             &r.helper_encrypted_input_share,
             &aad,
         )?;
-        let share = PlaintextInputShare::get_decoded(&pt)?;
+        let share = PlaintextInputShareRef::get_decoded(&pt)?;
         let (out, reply) = vdaf.helper_init(
             &task.vdaf_verify_key,
             &r.metadata.id,
             &r.public_share,
-            &share.payload,
+            share.payload,
             &msg,
         )?;
         vdaf.accumulate(&mut helper_agg, &out)?;
