@@ -332,7 +332,7 @@ fn leader_init_all(
             report_share: ReportShare {
                 metadata: report.metadata,
                 public_share: report.public_share.to_vec(),
-                encrypted_input_share: report.helper_encrypted_input_share.to_owned(),
+                encrypted_input_share: report.helper_encrypted_input_share.into_owned(),
             },
             message,
         });

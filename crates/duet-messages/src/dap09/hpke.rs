@@ -188,7 +188,7 @@ impl Encode for HpkeCiphertext {
 
 impl Decode for HpkeCiphertext {
     fn decode(r: &mut Reader<'_>) -> Result<Self, CodecError> {
-        HpkeCiphertextRef::decode(r).map(HpkeCiphertextRef::to_owned)
+        HpkeCiphertextRef::decode(r).map(HpkeCiphertextRef::into_owned)
     }
 }
 
@@ -231,7 +231,7 @@ impl<'a> HpkeCiphertextRef<'a> {
     }
 
     /// An owned copy.
-    pub fn to_owned(self) -> HpkeCiphertext {
+    pub fn into_owned(self) -> HpkeCiphertext {
         HpkeCiphertext {
             config_id: self.config_id,
             encapsulated_key: self.encapsulated_key.to_vec(),

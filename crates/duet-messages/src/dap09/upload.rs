@@ -60,7 +60,7 @@ impl Encode for Report {
 
 impl Decode for Report {
     fn decode(r: &mut Reader<'_>) -> Result<Self, CodecError> {
-        ReportRef::decode(r).map(ReportRef::to_owned)
+        ReportRef::decode(r).map(ReportRef::into_owned)
     }
 }
 
@@ -98,12 +98,12 @@ impl<'a> ReportRef<'a> {
     }
 
     /// An owned copy.
-    pub fn to_owned(self) -> Report {
+    pub fn into_owned(self) -> Report {
         Report {
             metadata: self.metadata,
             public_share: self.public_share.to_vec(),
-            leader_encrypted_input_share: self.leader_encrypted_input_share.to_owned(),
-            helper_encrypted_input_share: self.helper_encrypted_input_share.to_owned(),
+            leader_encrypted_input_share: self.leader_encrypted_input_share.into_owned(),
+            helper_encrypted_input_share: self.helper_encrypted_input_share.into_owned(),
         }
     }
 }
@@ -318,7 +318,7 @@ mod tests {
         );
         let payload = view.helper_encrypted_input_share.payload;
         assert!(bytes.as_ptr_range().contains(&payload.as_ptr()));
-        assert_eq!(view.to_owned(), report);
+        assert_eq!(view.into_owned(), report);
 
         // Every strict prefix is truncated input, and one byte more is trailing.
         for cut in 0..bytes.len() {
