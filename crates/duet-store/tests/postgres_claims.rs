@@ -12,6 +12,16 @@ use duet_store::postgres::PostgresDatastore;
 use duet_store::{Datastore, NewReport, Wakeup};
 use sqlx::{Connection, PgConnection};
 
+/// A connection of its own with a transaction begun on it.
+async fn begin(url: &str) -> PgConnection {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    sqlx::query("BEGIN")
+        .execute(&mut conn)
+        .await
+        .expect("begin");
+    conn
+}
+
 /// These tests hold transactions open, which holds back job creation on the whole server (the
 /// horizon is the server's): they run one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -37,11 +47,7 @@ async fn jobs_claim_only_uploads_older_than_running_transactions() {
             assert_eq!(next_wakeup(&mut rx).await, Wakeup::ReportsStored);
 
             // An older transaction, with an ID, still running while later reports are uploaded.
-            let mut older = PgConnection::connect(&url).await.expect("connect");
-            sqlx::query("BEGIN")
-                .execute(&mut older)
-                .await
-                .expect("begin");
+            let mut older = begin(&url).await;
             sqlx::query("SELECT pg_current_xact_id()")
                 .execute(&mut older)
                 .await
@@ -144,11 +150,7 @@ async fn deleting_a_task_strands_no_running_upload() {
                     .expect("the task's key");
 
             // An upload still running (older) while a later one commits and the task is deleted.
-            let mut running = PgConnection::connect(&url).await.expect("connect");
-            sqlx::query("BEGIN")
-                .execute(&mut running)
-                .await
-                .expect("begin");
+            let mut running = begin(&url).await;
             let late = report(task_id, T0 + 1);
             sqlx::query(
                 "INSERT INTO report_queue (task_key, client_time, report_id, payload) \

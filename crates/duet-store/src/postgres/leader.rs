@@ -476,9 +476,9 @@ fn job_report(id: Vec<u8>, time: i64, encoded: Vec<u8>) -> Result<JobReport, Sto
     })
 }
 
-/// Ends job `$2` of task `$1` if its lease token is still `$3`: moves it to `$state`, clears its
-/// arrays (jobs created before schema version 6) and deletes the reports of its queue range. The
-/// statement returns one row if the job was ended.
+/// Ends job `$2` of task `$1` (task key `$4`) if its lease token is still `$3`: moves it to
+/// `$state`, clears its arrays (jobs created before schema version 6) and deletes the reports of
+/// its queue range. The statement returns one row if the job was ended.
 macro_rules! end_sql {
     ($name:literal, $state:literal) => {
         concat!(
@@ -494,7 +494,7 @@ macro_rules! end_sql {
                RETURNING from_xid, from_time, from_id, to_xid, to_time, to_id), \
              gone AS ( \
                DELETE FROM report_queue AS q USING ended AS j \
-               WHERE q.task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $1) AND ",
+               WHERE q.task_key = $4 AND ",
             in_range!(),
             ") \
              SELECT 1 FROM ended"
@@ -502,21 +502,19 @@ macro_rules! end_sql {
     };
 }
 
-/// Takes the job's row lock by updating it only if the lease is still ours; a concurrent
-/// acquisition either skipped the row or already changed its token (then `LeaseLost`).
-async fn end_lease(
-    conn: &mut PgConnection,
-    sql: &'static str,
-    job: &AcquiredAggregationJob,
-    retry_at: Option<i64>,
-) -> Result<(), TxError> {
-    let mut query = sqlx::query(sql)
+/// `sql` with the job's task ID, job ID and lease token bound as `$1`–`$3`, for [`end_lease`].
+fn lease_query<'q>(sql: &'static str, job: &'q AcquiredAggregationJob) -> PgQuery<'q> {
+    sqlx::query(sql)
         .bind(&job.task_id.0[..])
         .bind(&job.job_id.0[..])
-        .bind(&job.lease.token[..]);
-    if let Some(retry_at) = retry_at {
-        query = query.bind(retry_at);
-    }
+        .bind(&job.lease.token[..])
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Takes the job's row lock by updating it only if the lease is still ours; a concurrent
+/// acquisition either skipped the row or already changed its token (then `LeaseLost`).
+async fn end_lease(conn: &mut PgConnection, query: PgQuery<'_>) -> Result<(), TxError> {
     if query.execute(conn).await?.rows_affected() == 0 {
         return Err(StoreError::LeaseLost.into());
     }
@@ -533,8 +531,9 @@ async fn end_job(
     notify_sql: &'static str,
     deltas: Option<(&[BatchAggregation], MergeFn<'_>)>,
 ) -> Result<(), TxError> {
+    let task_key = store.task_key(&job.task_id).await?;
     let mut tx = store.begin().await?;
-    end_lease(&mut tx, end_sql, job, None).await?;
+    end_lease(&mut tx, lease_query(end_sql, job).bind(task_key)).await?;
     if let Some((deltas, merge)) = deltas {
         merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
     }
@@ -567,15 +566,10 @@ pub(super) async fn release_aggregation_job(
 ) -> Result<(), TxError> {
     let retry_at = to_i64(retry_at.0, "retry time")?;
     let mut conn = store.pool.acquire().await?;
-    end_lease(
-        &mut conn,
-        "-- release_aggregation_job\n\
+    let sql = "-- release_aggregation_job\n\
          UPDATE aggregation_jobs SET lease_token = NULL, lease_expiry = 0, retry_at = $4 \
-         WHERE task_id = $1 AND job_id = $2 AND state = 'active' AND lease_token = $3",
-        job,
-        Some(retry_at),
-    )
-    .await
+         WHERE task_id = $1 AND job_id = $2 AND state = 'active' AND lease_token = $3";
+    end_lease(&mut conn, lease_query(sql, job).bind(retry_at)).await
 }
 
 /// Marks the job abandoned: its reports count as aggregated (dropped).
