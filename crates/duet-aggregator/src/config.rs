@@ -18,7 +18,7 @@ pub struct AggregatorConfig {
     pub upload_batch_size: usize,
     /// Uploads waiting to be written before new uploads are refused with 429.
     pub upload_queue_capacity: usize,
-    /// Aggregation jobs one driver pass leases and runs concurrently.
+    /// Aggregation jobs the driver keeps in flight at once (a freed slot is leased again at once).
     pub max_concurrent_jobs: usize,
     /// Attempts before a failing job is abandoned.
     pub max_job_attempts: u32,

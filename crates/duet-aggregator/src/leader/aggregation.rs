@@ -57,43 +57,58 @@ pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Re
     }
 }
 
-/// Leases and runs aggregation jobs whenever jobs are created.
+/// Leases and runs aggregation jobs whenever jobs are created, keeping up to
+/// `max_concurrent_jobs` in flight: a slot that frees is filled at once, so one slow job does not
+/// hold back the next lease. On shutdown it leases nothing more and lets the running jobs finish.
 pub(super) async fn run_aggregation_driver(
     leader: Arc<Leader>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let cfg = leader.shared.config.clone();
+    let limit = cfg.max_concurrent_jobs.max(1);
+    let mut running = tokio::task::JoinSet::new();
+    // Whether the last lease found every job there was; then only a wake-up, a poll or shutdown
+    // leads to the next one, not a finished job.
+    let mut drained = false;
+    // An interval, not a sleep per pass: finished jobs do not put off the next poll.
+    let period = cfg
+        .polling_interval()
+        .max(std::time::Duration::from_millis(1));
+    let mut poll = tokio::time::interval(period);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let now = leader.shared.clock.now();
-        let acquired = leader.shared.metrics.time(
-            StoreOp::AcquireAggregationJobs,
-            leader.shared.store.acquire_aggregation_jobs(
-                now,
-                cfg.lease_duration_s,
-                cfg.max_concurrent_jobs.max(1),
-            ),
-        );
-        let jobs = match acquired.await {
-            Ok(jobs) => jobs,
-            Err(e) => {
-                tracing::error!(error = %e, "acquiring aggregation jobs failed");
-                Vec::new()
+        if !drained && running.len() < limit {
+            let wanted = limit - running.len();
+            let now = leader.shared.clock.now();
+            let acquired = leader.shared.metrics.time(
+                StoreOp::AcquireAggregationJobs,
+                leader
+                    .shared
+                    .store
+                    .acquire_aggregation_jobs(now, cfg.lease_duration_s, wanted),
+            );
+            let jobs = match acquired.await {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    tracing::error!(error = %e, "acquiring aggregation jobs failed");
+                    Vec::new()
+                }
+            };
+            drained = jobs.len() < wanted;
+            for job in jobs {
+                let leader = Arc::clone(&leader);
+                running.spawn(async move { step_job(&leader, job).await });
             }
-        };
-        let full = jobs.len() >= cfg.max_concurrent_jobs.max(1);
-        let mut set = tokio::task::JoinSet::new();
-        for job in jobs {
-            let leader = Arc::clone(&leader);
-            set.spawn(async move { step_job(&leader, job).await });
-        }
-        while set.join_next().await.is_some() {}
-        if full {
             continue;
         }
         tokio::select! {
-            _ = leader.wake_aggregation.notified() => {}
-            _ = tokio::time::sleep(cfg.polling_interval()) => {}
-            _ = shutdown.changed() => return,
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+            _ = leader.wake_aggregation.notified() => drained = false,
+            _ = poll.tick() => drained = false,
+            _ = shutdown.changed() => {
+                while running.join_next().await.is_some() {}
+                return;
+            }
         }
     }
 }

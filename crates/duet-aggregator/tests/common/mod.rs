@@ -23,6 +23,15 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start() -> Self {
+        Self::start_with(AggregatorConfig {
+            polling_interval_ms: 200,
+            ..AggregatorConfig::default()
+        })
+        .await
+    }
+
+    /// Starts the server with the given tunables.
+    pub async fn start_with(config: AggregatorConfig) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("duet.sqlite");
         let store = SqliteDatastore::connect(path.to_str().expect("utf-8 path"))
@@ -43,10 +52,6 @@ impl Harness {
                 path_prefix: "/helper".into(),
             }),
         };
-        let config = AggregatorConfig {
-            polling_interval_ms: 200,
-            ..AggregatorConfig::default()
-        };
         let server = run(listener, roles, config, Arc::new(RealClock))
             .await
             .expect("server");
@@ -63,11 +68,30 @@ impl Harness {
 
     /// Provisions a task on both aggregators; returns it (Leader copy) and the collector's key.
     pub async fn task(&self, vdaf: VdafInstance, min_batch_size: u64) -> (Task, HpkeKeypair) {
+        let (task, collector_key) = self
+            .leader_task(vdaf, min_batch_size, &self.helper_url)
+            .await;
+        let mut helper_task = task.clone();
+        helper_task.collector_auth_token = None;
+        self.helper_store
+            .put_task(&helper_task)
+            .await
+            .expect("helper task");
+        (task, collector_key)
+    }
+
+    /// Provisions a task on the Leader only, whose Helper is at `helper_endpoint`.
+    pub async fn leader_task(
+        &self,
+        vdaf: VdafInstance,
+        min_batch_size: u64,
+        helper_endpoint: &url::Url,
+    ) -> (Task, HpkeKeypair) {
         let collector_key = HpkeKeypair::generate(HpkeConfigId(1));
         let task = Task {
             id: TaskId::random(),
             leader_endpoint: self.leader_url.clone(),
-            helper_endpoint: self.helper_url.clone(),
+            helper_endpoint: helper_endpoint.clone(),
             query_type: QueryTypeConfig::TimeInterval,
             vdaf,
             vdaf_verify_key: rand::random(),
@@ -85,12 +109,6 @@ impl Harness {
             .put_task(&task)
             .await
             .expect("leader task");
-        let mut helper_task = task.clone();
-        helper_task.collector_auth_token = None;
-        self.helper_store
-            .put_task(&helper_task)
-            .await
-            .expect("helper task");
         (task, collector_key)
     }
 
