@@ -199,31 +199,68 @@ impl Leader {
     }
 }
 
+/// Collection jobs one Leader process runs at once.
+const COLLECTION_SLOTS: usize = 16;
+
 /// Runs collection jobs when woken (new job, reports aggregated) or on the polling interval.
+/// Each job runs on its own task: one whose Helper is slow to answer holds its slot, not the
+/// others, and wake-ups while it runs still lease the jobs that are free. On shutdown it leases
+/// nothing more and lets the running jobs finish.
 pub(super) async fn run_collection_driver(
     leader: Arc<Leader>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let cfg = leader.shared.config.clone();
+    // Each running job yields the wake-up count at its lease. A job that ends not ready may have
+    // missed a wake-up that came while it held its lease; then one more pass looks at it again.
+    let mut running = tokio::task::JoinSet::new();
+    let mut wakeups: u64 = 0;
+    let mut pass = true;
+    let period = cfg
+        .polling_interval()
+        .max(std::time::Duration::from_millis(1));
+    let mut poll = tokio::time::interval(period);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll.reset();
     loop {
-        let now = leader.shared.clock.now();
-        match leader
-            .shared
-            .store
-            .acquire_collection_jobs(now, cfg.lease_duration_s, 16)
-            .await
-        {
-            Ok(jobs) => {
-                for job in jobs {
-                    step_job(&leader, job).await;
+        let free = COLLECTION_SLOTS.saturating_sub(running.len());
+        if pass && free > 0 {
+            pass = false;
+            let now = leader.shared.clock.now();
+            match leader
+                .shared
+                .store
+                .acquire_collection_jobs(now, cfg.lease_duration_s, free)
+                .await
+            {
+                Ok(jobs) => {
+                    for job in jobs {
+                        let leader = Arc::clone(&leader);
+                        let leased_at = wakeups;
+                        running.spawn(async move {
+                            step_job(&leader, job).await;
+                            leased_at
+                        });
+                    }
                 }
+                Err(e) => tracing::error!(error = %e, "acquiring collection jobs failed"),
             }
-            Err(e) => tracing::error!(error = %e, "acquiring collection jobs failed"),
         }
         tokio::select! {
-            _ = leader.wake_collection.notified() => {}
-            _ = tokio::time::sleep(cfg.polling_interval()) => {}
-            _ = shutdown.changed() => return,
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                if done.map_or(true, |leased_at| leased_at < wakeups) {
+                    pass = true;
+                }
+            }
+            _ = leader.wake_collection.notified() => {
+                wakeups += 1;
+                pass = true;
+            }
+            _ = poll.tick() => pass = true,
+            _ = shutdown.changed() => {
+                while running.join_next().await.is_some() {}
+                return;
+            }
         }
     }
 }

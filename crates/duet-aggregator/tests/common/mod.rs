@@ -68,8 +68,20 @@ impl Harness {
 
     /// Provisions a task on both aggregators; returns it (Leader copy) and the collector's key.
     pub async fn task(&self, vdaf: VdafInstance, min_batch_size: u64) -> (Task, HpkeKeypair) {
+        let helper = self.helper_url.clone();
+        self.task_via(vdaf, min_batch_size, &helper).await
+    }
+
+    /// Provisions a task on both aggregators, with the Leader reaching the Helper at
+    /// `helper_endpoint` (a proxy in front of it, say).
+    pub async fn task_via(
+        &self,
+        vdaf: VdafInstance,
+        min_batch_size: u64,
+        helper_endpoint: &url::Url,
+    ) -> (Task, HpkeKeypair) {
         let (task, collector_key) = self
-            .leader_task(vdaf, min_batch_size, &self.helper_url)
+            .leader_task(vdaf, min_batch_size, helper_endpoint)
             .await;
         let mut helper_task = task.clone();
         helper_task.collector_auth_token = None;

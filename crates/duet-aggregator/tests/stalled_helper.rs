@@ -1,0 +1,227 @@
+//! A Helper that stops answering for one task holds back that task's work only: the Leader's
+//! aggregation and collection drivers go on with the other tasks' jobs meanwhile.
+
+mod common;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::IntoResponse;
+use common::Harness;
+use duet_aggregator::AggregatorConfig;
+use duet_client::{Client, ClientParameters};
+use duet_collector::{Collector, CollectorParameters};
+use duet_core::hpke::HpkeKeypair;
+use duet_core::task::parse_endpoint;
+use duet_core::{Clock, RealClock, Task, VdafInstance};
+use duet_messages::dap09::{Duration, Interval, Query, Time};
+use tokio::sync::{mpsc, watch};
+
+/// A Helper endpoint on its own port that forwards requests to the real Helper, except the
+/// ones whose path contains `stall_on`: those it holds without answering until it stops. Each
+/// held request is announced on `held`.
+struct StallingHelper {
+    url: url::Url,
+    held: mpsc::UnboundedReceiver<()>,
+    stopped: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl StallingHelper {
+    async fn start(helper: &url::Url, stall_on: &'static str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = parse_endpoint(&format!(
+            "http://{}/helper/",
+            listener.local_addr().expect("addr")
+        ))
+        .expect("url");
+        let (held_tx, held) = mpsc::unbounded_channel();
+        let helper = helper.clone();
+        let http = reqwest::Client::new();
+        let (stopped, stop_rx) = watch::channel(false);
+        let forward = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let (helper, http, held_tx) = (helper.clone(), http.clone(), held_tx.clone());
+            let mut stop_rx = stop_rx.clone();
+            async move {
+                let path = uri.path().trim_start_matches("/helper/");
+                if path.contains(stall_on) {
+                    let _ = held_tx.send(());
+                    let _ = stop_rx.wait_for(|stop| *stop).await;
+                    return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                }
+                let url = helper.join(path).expect("path");
+                let mut req = http.request(method, url).body(body);
+                for name in ["content-type", "dap-auth-token", "authorization"] {
+                    if let Some(v) = headers.get(name) {
+                        req = req.header(name, v);
+                    }
+                }
+                let resp = req.send().await.expect("the real Helper answers");
+                let status = StatusCode::from_u16(resp.status().as_u16()).expect("status");
+                let content_type = resp
+                    .headers()
+                    .get("content-type")
+                    .map(|v| v.to_str().expect("ascii").to_string())
+                    .unwrap_or_default();
+                let body = resp.bytes().await.expect("body");
+                (status, [("content-type", content_type)], body).into_response()
+            }
+        };
+        let app = axum::Router::new().fallback(forward);
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            url,
+            held,
+            stopped,
+            server,
+        }
+    }
+
+    /// Waits until a request is being held.
+    async fn wait_held(&mut self) {
+        tokio::time::timeout(std::time::Duration::from_secs(30), self.held.recv())
+            .await
+            .expect("a request reached the stalled path")
+            .expect("signal");
+    }
+
+    /// Whether it is still holding the requests it holds.
+    fn is_holding(&self) -> bool {
+        !*self.stopped.borrow()
+    }
+
+    /// Answers the held requests with 503 and closes the listener: the Leader releases their
+    /// jobs for a retry, which finds no server.
+    async fn stop(self) {
+        let _ = self.stopped.send(true);
+        self.server.abort();
+        let _ = self.server.await;
+    }
+}
+
+fn client(task: &Task, vdaf: &VdafInstance) -> impl std::future::Future<Output = Client> {
+    let params = ClientParameters {
+        task_id: task.id,
+        leader_endpoint: task.leader_endpoint.clone(),
+        helper_endpoint: task.helper_endpoint.clone(),
+        time_precision: task.time_precision,
+    };
+    let vdaf = vdaf.clone();
+    async move {
+        Client::new(params, vdaf, reqwest::Client::new())
+            .await
+            .expect("client")
+    }
+}
+
+fn collector(task: &Task, key: HpkeKeypair, vdaf: &VdafInstance) -> Collector {
+    Collector::new(
+        CollectorParameters {
+            task_id: task.id,
+            leader_endpoint: task.leader_endpoint.clone(),
+            auth_token: task.collector_auth_token.clone().expect("token"),
+            hpke_keypair: key,
+        },
+        vdaf.clone(),
+        reqwest::Client::new(),
+    )
+    .expect("collector")
+}
+
+fn two_hours_from(start: Time) -> Query {
+    Query::TimeInterval {
+        batch_interval: Interval {
+            start,
+            duration: Duration(7200),
+        },
+    }
+}
+
+/// How long a collection may take here: well inside the Leader's 120 s timeout for Helper
+/// requests, which is what would free a stalled job otherwise.
+const COLLECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A job stuck on one task's unresponsive Helper holds one of the aggregation driver's slots,
+/// not all of them: another task's jobs lease the free slot and are collected while it hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_aggregation_job_does_not_hold_back_other_jobs() {
+    let h = Harness::start_with(AggregatorConfig {
+        polling_interval_ms: 200,
+        max_concurrent_jobs: 2,
+        max_aggregation_job_size: 1,
+        ..AggregatorConfig::default()
+    })
+    .await;
+    let vdaf = VdafInstance::Prio3Count;
+    let mut stalling = StallingHelper::start(&h.helper_url, "aggregation_jobs").await;
+    let (stuck_task, _) = h.task_via(vdaf.clone(), 1, &stalling.url).await;
+    let (task, collector_key) = h.task(vdaf.clone(), 3).await;
+    let start = RealClock.now().round_down(task.time_precision);
+    let one = vdaf.parse_measurement("1").expect("measurement");
+    client(&stuck_task, &vdaf)
+        .await
+        .upload(&one)
+        .await
+        .expect("upload");
+    stalling.wait_held().await;
+
+    // Three more jobs, one report each, for the other task while the first one hangs.
+    let client = client(&task, &vdaf).await;
+    for _ in 0..3 {
+        client.upload(&one).await.expect("upload");
+    }
+    let result = collector(&task, collector_key, &vdaf)
+        .collect(two_hours_from(start), COLLECT_TIMEOUT)
+        .await
+        .expect("collected while the other job hangs");
+    assert_eq!(result.report_count, 3);
+    assert!(stalling.is_holding(), "the stuck job was held throughout");
+    stalling.stop().await;
+    h.stop().await;
+}
+
+/// A collection whose Helper does not answer the aggregate-share request does not hold back
+/// another task's collection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_collection_does_not_hold_back_other_collections() {
+    let h = Harness::start().await;
+    let vdaf = VdafInstance::Prio3Count;
+    let mut stalling = StallingHelper::start(&h.helper_url, "aggregate_shares").await;
+    let (stuck_task, stuck_key) = h.task_via(vdaf.clone(), 1, &stalling.url).await;
+    let (task, collector_key) = h.task(vdaf.clone(), 2).await;
+    let start = RealClock.now().round_down(task.time_precision);
+    let one = vdaf.parse_measurement("1").expect("measurement");
+
+    // The stuck task's report is aggregated through the forwarding Helper; its aggregate-share
+    // request is held.
+    client(&stuck_task, &vdaf)
+        .await
+        .upload(&one)
+        .await
+        .expect("upload");
+    let stuck_collector = collector(&stuck_task, stuck_key, &vdaf);
+    stuck_collector
+        .start_collection(two_hours_from(start))
+        .await
+        .expect("start the stuck collection");
+    stalling.wait_held().await;
+
+    let client = client(&task, &vdaf).await;
+    for _ in 0..2 {
+        client.upload(&one).await.expect("upload");
+    }
+    let result = collector(&task, collector_key, &vdaf)
+        .collect(two_hours_from(start), COLLECT_TIMEOUT)
+        .await
+        .expect("collected while the other collection hangs");
+    assert_eq!(result.report_count, 2);
+    assert!(
+        stalling.is_holding(),
+        "the stuck collection was held throughout"
+    );
+    stalling.stop().await;
+    h.stop().await;
+}
