@@ -3,6 +3,9 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
@@ -18,12 +21,30 @@ use tokio::sync::{mpsc, watch};
 
 /// A Helper endpoint on its own port that forwards requests to the real Helper, except the
 /// ones whose path contains `stall_on`: those it holds without answering until it stops. Each
-/// held request is announced on `held`.
+/// held request is announced on `held` and counted in `holding` while it is outstanding (until
+/// it is answered, or the Leader gives up on it and closes the connection).
 struct StallingHelper {
     url: url::Url,
     held: mpsc::UnboundedReceiver<()>,
+    holding: Arc<AtomicUsize>,
     stopped: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
+}
+
+/// Counts one held request for as long as it lives.
+struct Held(Arc<AtomicUsize>);
+
+impl Held {
+    fn new(holding: &Arc<AtomicUsize>) -> Self {
+        holding.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(holding))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl StallingHelper {
@@ -40,12 +61,16 @@ impl StallingHelper {
         let helper = helper.clone();
         let http = reqwest::Client::new();
         let (stopped, stop_rx) = watch::channel(false);
+        let holding = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&holding);
         let forward = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
             let (helper, http, held_tx) = (helper.clone(), http.clone(), held_tx.clone());
             let mut stop_rx = stop_rx.clone();
+            let counter = Arc::clone(&counter);
             async move {
                 let path = uri.path().trim_start_matches("/helper/");
                 if path.contains(stall_on) {
+                    let _held = Held::new(&counter);
                     let _ = held_tx.send(());
                     let _ = stop_rx.wait_for(|stop| *stop).await;
                     return StatusCode::SERVICE_UNAVAILABLE.into_response();
@@ -75,6 +100,7 @@ impl StallingHelper {
         Self {
             url,
             held,
+            holding,
             stopped,
             server,
         }
@@ -88,9 +114,9 @@ impl StallingHelper {
             .expect("signal");
     }
 
-    /// Whether it is still holding the requests it holds.
-    fn is_holding(&self) -> bool {
-        !*self.stopped.borrow()
+    /// How many held requests are still outstanding.
+    fn holding(&self) -> usize {
+        self.holding.load(Ordering::SeqCst)
     }
 
     /// Answers the held requests with 503 and closes the listener: the Leader releases their
@@ -178,7 +204,11 @@ async fn a_stalled_aggregation_job_does_not_hold_back_other_jobs() {
         .await
         .expect("collected while the other job hangs");
     assert_eq!(result.report_count, 3);
-    assert!(stalling.is_holding(), "the stuck job was held throughout");
+    assert_eq!(
+        stalling.holding(),
+        1,
+        "the stuck job's request is still outstanding"
+    );
     stalling.stop().await;
     h.stop().await;
 }
@@ -218,9 +248,10 @@ async fn a_stalled_collection_does_not_hold_back_other_collections() {
         .await
         .expect("collected while the other collection hangs");
     assert_eq!(result.report_count, 2);
-    assert!(
-        stalling.is_holding(),
-        "the stuck collection was held throughout"
+    assert_eq!(
+        stalling.holding(),
+        1,
+        "the stuck collection's request is still outstanding"
     );
     stalling.stop().await;
     h.stop().await;
