@@ -131,6 +131,14 @@ pub trait Datastore: Send + Sync + 'static {
         task_id: &TaskId,
         interval: &Interval,
     ) -> Result<u64, StoreError>;
+    /// Whether [`Datastore::count_unaggregated_reports`] would be above zero. It stops at the
+    /// first such report, where a count reads them all: a collection driver asks this each time
+    /// a job finishes, while its batch may still hold many.
+    async fn has_unaggregated_reports(
+        &self,
+        task_id: &TaskId,
+        interval: &Interval,
+    ) -> Result<bool, StoreError>;
 
     // ---- Leader: collection jobs ----
 

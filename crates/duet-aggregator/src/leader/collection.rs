@@ -329,9 +329,8 @@ async fn run_job(leader: &Leader, acquired: &AcquiredCollectionJob) -> Result<St
     let task = &entry.task;
     let store = &shared.store;
     if store
-        .count_unaggregated_reports(&job.task_id, &job.batch_interval)
+        .has_unaggregated_reports(&job.task_id, &job.batch_interval)
         .await?
-        > 0
     {
         return Ok(Step::NotReady);
     }

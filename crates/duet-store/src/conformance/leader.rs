@@ -28,11 +28,19 @@ async fn acquire(
         .collect()
 }
 
+/// The count of unaggregated reports, checked against `has_unaggregated_reports`.
 async fn unaggregated(store: &dyn Datastore, task_id: TaskId, start: u64, duration: u64) -> u64 {
-    store
-        .count_unaggregated_reports(&task_id, &interval(start, duration))
+    let within = interval(start, duration);
+    let count = store
+        .count_unaggregated_reports(&task_id, &within)
         .await
-        .expect("count_unaggregated_reports")
+        .expect("count_unaggregated_reports");
+    let any = store
+        .has_unaggregated_reports(&task_id, &within)
+        .await
+        .expect("has_unaggregated_reports");
+    assert_eq!(any, count > 0, "{count} unaggregated reports in {within:?}");
+    count
 }
 
 fn ids(job: &AcquiredAggregationJob) -> Vec<ReportId> {

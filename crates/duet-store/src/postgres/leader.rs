@@ -611,3 +611,25 @@ pub(super) async fn count_unaggregated_reports(
     .await?;
     Ok(col_u64(&row, "n")?)
 }
+
+/// [`count_unaggregated_reports`]'s question, answered at the first such report.
+pub(super) async fn has_unaggregated_reports(
+    store: &PostgresDatastore,
+    task_id: &TaskId,
+    interval: &Interval,
+) -> Result<bool, TxError> {
+    let row = sqlx::query(
+        "-- has_unaggregated_reports\n\
+         SELECT EXISTS (SELECT 1 FROM report_queue \
+                 WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $1) \
+                   AND client_time >= $2 AND client_time < $3) \
+             OR EXISTS (SELECT 1 FROM aggregation_jobs AS j, UNNEST(j.client_times) AS t \
+                 WHERE j.task_id = $1 AND j.state = 'active' AND t >= $2 AND t < $3) AS found",
+    )
+    .bind(&task_id.0[..])
+    .bind(clamp_i64(interval.start.0))
+    .bind(clamp_i64(interval.end().0))
+    .fetch_one(&store.pool)
+    .await?;
+    Ok(col(&row, "found")?)
+}

@@ -444,6 +444,17 @@ impl Datastore for PostgresDatastore {
         .await
     }
 
+    async fn has_unaggregated_reports(
+        &self,
+        task_id: &TaskId,
+        interval: &Interval,
+    ) -> Result<bool, StoreError> {
+        self.run("has_unaggregated_reports", || {
+            leader::has_unaggregated_reports(self, task_id, interval)
+        })
+        .await
+    }
+
     async fn put_collection_job(&self, job: &CollectionJob) -> Result<(), StoreError> {
         self.run("put_collection_job", || {
             collection::put_collection_job(self, job)

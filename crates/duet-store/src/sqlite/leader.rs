@@ -456,6 +456,27 @@ pub(super) async fn count_unaggregated_reports(
     col_u64(&row, "n")
 }
 
+/// [`count_unaggregated_reports`]'s question, answered at the first such report.
+pub(super) async fn has_unaggregated_reports(
+    store: &SqliteDatastore,
+    task_id: &TaskId,
+    interval: &Interval,
+) -> Result<bool, StoreError> {
+    let row = sqlx::query(
+        "-- has_unaggregated_reports\n\
+         SELECT EXISTS (SELECT 1 FROM reports INDEXED BY reports_pending \
+           WHERE task_id = ? AND payload IS NOT NULL AND client_time >= ? AND client_time < ?) \
+         AS found",
+    )
+    .bind(&task_id.0[..])
+    .bind(clamp_i64(interval.start.0))
+    .bind(clamp_i64(interval.end().0))
+    .fetch_one(&store.pool)
+    .await
+    .map_err(db)?;
+    col(&row, "found")
+}
+
 /// The reports of every job `store` can lease at `now`, as (ID, contents), in ID order.
 #[cfg(test)]
 pub(super) async fn acquired_reports(

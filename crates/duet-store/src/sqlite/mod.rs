@@ -413,6 +413,14 @@ impl Datastore for SqliteDatastore {
         leader::count_unaggregated_reports(self, task_id, interval).await
     }
 
+    async fn has_unaggregated_reports(
+        &self,
+        task_id: &TaskId,
+        interval: &Interval,
+    ) -> Result<bool, StoreError> {
+        leader::has_unaggregated_reports(self, task_id, interval).await
+    }
+
     async fn put_collection_job(&self, job: &CollectionJob) -> Result<(), StoreError> {
         collection::put_collection_job(self, job).await
     }
