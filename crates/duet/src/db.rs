@@ -8,10 +8,15 @@ use duet_store::postgres::PostgresDatastore;
 use duet_store::sqlite::SqliteDatastore;
 use duet_store::Datastore;
 
+/// Whether `database` names PostgreSQL (a `postgres://` or `postgresql://` URL).
+pub fn is_postgres(database: &str) -> bool {
+    database.starts_with("postgres://") || database.starts_with("postgresql://")
+}
+
 /// Opens a database bound to `role`: a `postgres://` or `postgresql://` URL opens PostgreSQL;
 /// anything else is a SQLite path or `sqlite://` URL.
 pub async fn open(database: &str, role: AggregatorRole) -> Result<Arc<dyn Datastore>> {
-    if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+    if is_postgres(database) {
         let store = PostgresDatastore::connect(database).await.with_context(|| {
             format!(
                 "could not open the PostgreSQL database '{}' (is the server up and the database created?)",
