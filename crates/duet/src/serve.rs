@@ -78,7 +78,7 @@ fn default_listen() -> String {
 /// The job creator's wait after a wake-up on PostgreSQL, when the config does not set
 /// `job_creation_delay_ms`. There each job costs more (a few commits), so letting more reports
 /// arrive before a pass, which then cuts fewer partial jobs, pays: in BENCHMARKS.md's eighth set,
-/// Prio3Count +10.6 % for 0.1–0.2 s more latency. On SQLite the default stays (it lost 3.7 %).
+/// Prio3Count +9–11 % for 0.2–0.3 s more latency. On SQLite the default stays (it lost 3.7 %).
 const POSTGRES_JOB_CREATION_DELAY_MS: u64 = 300;
 
 /// Whether the config text sets `[aggregator] job_creation_delay_ms` itself.
