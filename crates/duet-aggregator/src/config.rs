@@ -14,7 +14,7 @@ pub struct AggregatorConfig {
     pub polling_interval_ms: u64,
     /// How long the job creator waits after a wake-up for more reports, in milliseconds. Longer
     /// waits cut fewer partial jobs: on PostgreSQL, 300 gave Prio3Count about 10 % more
-    /// throughput for 0.1–0.2 s more latency (on SQLite it cost a few percent), so `duet serve`
+    /// throughput for 0.2–0.3 s more latency (on SQLite it cost a few percent), so `duet serve`
     /// uses 300 there unless its config sets this.
     pub job_creation_delay_ms: u64,
     /// Largest number of uploaded reports written in one transaction.
