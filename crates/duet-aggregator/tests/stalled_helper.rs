@@ -170,6 +170,37 @@ fn two_hours_from(start: Time) -> Query {
 /// requests, which is what would free a stalled job otherwise.
 const COLLECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// While the stalling Helper holds one request: uploads `n` Prio3Count reports for `task` and
+/// collects them, checking that the held request was still outstanding when they were
+/// collected; then stops the stalling Helper and the server.
+async fn collect_while_held(
+    h: Harness,
+    stalling: StallingHelper,
+    task: &Task,
+    collector_key: HpkeKeypair,
+    start: Time,
+    n: u64,
+) {
+    let vdaf = VdafInstance::Prio3Count;
+    let one = vdaf.parse_measurement("1").expect("measurement");
+    let client = client(task, &vdaf).await;
+    for _ in 0..n {
+        client.upload(&one).await.expect("upload");
+    }
+    let result = collector(task, collector_key, &vdaf)
+        .collect(two_hours_from(start), COLLECT_TIMEOUT)
+        .await
+        .expect("collected while the other task's request hangs");
+    assert_eq!(result.report_count, n);
+    assert_eq!(
+        stalling.holding(),
+        1,
+        "the stuck task's request is still outstanding"
+    );
+    stalling.stop().await;
+    h.stop().await;
+}
+
 /// A job stuck on one task's unresponsive Helper holds one of the aggregation driver's slots,
 /// not all of them: another task's jobs lease the free slot and are collected while it hangs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,22 +226,7 @@ async fn a_stalled_aggregation_job_does_not_hold_back_other_jobs() {
     stalling.wait_held().await;
 
     // Three more jobs, one report each, for the other task while the first one hangs.
-    let client = client(&task, &vdaf).await;
-    for _ in 0..3 {
-        client.upload(&one).await.expect("upload");
-    }
-    let result = collector(&task, collector_key, &vdaf)
-        .collect(two_hours_from(start), COLLECT_TIMEOUT)
-        .await
-        .expect("collected while the other job hangs");
-    assert_eq!(result.report_count, 3);
-    assert_eq!(
-        stalling.holding(),
-        1,
-        "the stuck job's request is still outstanding"
-    );
-    stalling.stop().await;
-    h.stop().await;
+    collect_while_held(h, stalling, &task, collector_key, start, 3).await;
 }
 
 /// A collection whose Helper does not answer the aggregate-share request does not hold back
@@ -239,20 +255,5 @@ async fn a_stalled_collection_does_not_hold_back_other_collections() {
         .expect("start the stuck collection");
     stalling.wait_held().await;
 
-    let client = client(&task, &vdaf).await;
-    for _ in 0..2 {
-        client.upload(&one).await.expect("upload");
-    }
-    let result = collector(&task, collector_key, &vdaf)
-        .collect(two_hours_from(start), COLLECT_TIMEOUT)
-        .await
-        .expect("collected while the other collection hangs");
-    assert_eq!(result.report_count, 2);
-    assert_eq!(
-        stalling.holding(),
-        1,
-        "the stuck collection's request is still outstanding"
-    );
-    stalling.stop().await;
-    h.stop().await;
+    collect_while_held(h, stalling, &task, collector_key, start, 2).await;
 }

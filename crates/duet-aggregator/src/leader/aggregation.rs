@@ -70,12 +70,7 @@ pub(super) async fn run_aggregation_driver(
     // Whether the last lease found every job there was; then only a wake-up, a poll or shutdown
     // leads to the next one, not a finished job.
     let mut drained = false;
-    // An interval, not a sleep per pass: finished jobs do not put off the next poll.
-    let period = cfg
-        .polling_interval()
-        .max(std::time::Duration::from_millis(1));
-    let mut poll = tokio::time::interval(period);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = super::poll_timer(&cfg);
     loop {
         if !drained && running.len() < limit {
             let wanted = limit - running.len();

@@ -216,12 +216,7 @@ pub(super) async fn run_collection_driver(
     let mut running = tokio::task::JoinSet::new();
     let mut wakeups: u64 = 0;
     let mut pass = true;
-    let period = cfg
-        .polling_interval()
-        .max(std::time::Duration::from_millis(1));
-    let mut poll = tokio::time::interval(period);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    poll.reset();
+    let mut poll = super::poll_timer(&cfg);
     loop {
         let free = COLLECTION_SLOTS.saturating_sub(running.len());
         if pass && free > 0 {

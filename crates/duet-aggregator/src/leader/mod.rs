@@ -152,6 +152,19 @@ impl Leader {
     }
 }
 
+/// The drivers' polling timer, first due one polling interval from now. An interval rather than
+/// a sleep per pass, so that jobs finishing all the time do not put off the next poll.
+pub(super) fn poll_timer(cfg: &AggregatorConfig) -> tokio::time::Interval {
+    let period = cfg
+        .polling_interval()
+        .max(std::time::Duration::from_millis(1));
+    let mut timer = tokio::time::interval(period);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Not due at once: each driver makes its first pass without waiting for a tick.
+    timer.reset();
+    timer
+}
+
 /// Turns the store's wake-ups (writes by any process sharing the database) into the in-process
 /// ones; polling still covers whatever gets lost.
 async fn forward_wakeups(

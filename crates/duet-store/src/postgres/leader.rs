@@ -587,28 +587,54 @@ pub(super) async fn abandon_aggregation_job(
     .await
 }
 
-/// One statement: the task's queued reports in the interval (its queue, through
-/// `report_queue_order`, filtered by time: a queue holds the reports of its active jobs and what
-/// the next job creations will claim) plus those its active jobs from before schema version 6
-/// hold (through `aggregation_jobs_active`).
+/// The task's unaggregated reports with a timestamp in `[$2, $3)`, in two parts: its queued
+/// reports (through `report_queue_order`, filtered by time: a queue holds the reports of its
+/// active jobs and what the next job creations will claim), and the ones its active jobs from
+/// before schema version 6 hold (through `aggregation_jobs_active`). `$1` is the task ID.
+macro_rules! queued_unaggregated {
+    () => {
+        "FROM report_queue \
+         WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $1) \
+           AND client_time >= $2 AND client_time < $3"
+    };
+}
+macro_rules! held_unaggregated {
+    () => {
+        "FROM aggregation_jobs AS j, UNNEST(j.client_times) AS t \
+         WHERE j.task_id = $1 AND j.state = 'active' AND t >= $2 AND t < $3"
+    };
+}
+
+/// Runs one statement over the task's unaggregated reports in `interval`.
+async fn unaggregated_row(
+    store: &PostgresDatastore,
+    sql: &'static str,
+    task_id: &TaskId,
+    interval: &Interval,
+) -> Result<sqlx::postgres::PgRow, TxError> {
+    Ok(sqlx::query(sql)
+        .bind(&task_id.0[..])
+        .bind(clamp_i64(interval.start.0))
+        .bind(clamp_i64(interval.end().0))
+        .fetch_one(&store.pool)
+        .await?)
+}
+
+/// One statement: both parts (`queued_unaggregated!` and `held_unaggregated!`), counted.
 pub(super) async fn count_unaggregated_reports(
     store: &PostgresDatastore,
     task_id: &TaskId,
     interval: &Interval,
 ) -> Result<u64, TxError> {
-    let row = sqlx::query(
+    const SQL: &str = concat!(
         "-- count_unaggregated_reports\n\
-         SELECT (SELECT COUNT(*) FROM report_queue \
-                 WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $1) \
-                   AND client_time >= $2 AND client_time < $3) \
-              + (SELECT COUNT(*) FROM aggregation_jobs AS j, UNNEST(j.client_times) AS t \
-                 WHERE j.task_id = $1 AND j.state = 'active' AND t >= $2 AND t < $3) AS n",
-    )
-    .bind(&task_id.0[..])
-    .bind(clamp_i64(interval.start.0))
-    .bind(clamp_i64(interval.end().0))
-    .fetch_one(&store.pool)
-    .await?;
+         SELECT (SELECT COUNT(*) ",
+        queued_unaggregated!(),
+        ") + (SELECT COUNT(*) ",
+        held_unaggregated!(),
+        ") AS n"
+    );
+    let row = unaggregated_row(store, SQL, task_id, interval).await?;
     Ok(col_u64(&row, "n")?)
 }
 
@@ -618,18 +644,14 @@ pub(super) async fn has_unaggregated_reports(
     task_id: &TaskId,
     interval: &Interval,
 ) -> Result<bool, TxError> {
-    let row = sqlx::query(
+    const SQL: &str = concat!(
         "-- has_unaggregated_reports\n\
-         SELECT EXISTS (SELECT 1 FROM report_queue \
-                 WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $1) \
-                   AND client_time >= $2 AND client_time < $3) \
-             OR EXISTS (SELECT 1 FROM aggregation_jobs AS j, UNNEST(j.client_times) AS t \
-                 WHERE j.task_id = $1 AND j.state = 'active' AND t >= $2 AND t < $3) AS found",
-    )
-    .bind(&task_id.0[..])
-    .bind(clamp_i64(interval.start.0))
-    .bind(clamp_i64(interval.end().0))
-    .fetch_one(&store.pool)
-    .await?;
+         SELECT EXISTS (SELECT 1 ",
+        queued_unaggregated!(),
+        ") OR EXISTS (SELECT 1 ",
+        held_unaggregated!(),
+        ") AS found"
+    );
+    let row = unaggregated_row(store, SQL, task_id, interval).await?;
     Ok(col(&row, "found")?)
 }

@@ -434,26 +434,43 @@ pub(super) async fn abandon_aggregation_job(
     tx.commit().await.map_err(db)
 }
 
+/// The task's unaggregated reports with a timestamp in `[?, ?)`: unassigned reports and reports
+/// of unfinished jobs are the rows of `reports` (a finished job deletes its rows), all with a
+/// payload, so the partial index `reports_pending` holds them. Replays uploaded since the last job
+/// creation are among them until it deletes them.
+macro_rules! unaggregated {
+    () => {
+        "FROM reports INDEXED BY reports_pending \
+         WHERE task_id = ? AND payload IS NOT NULL AND client_time >= ? AND client_time < ?"
+    };
+}
+
+/// Runs one statement over the task's unaggregated reports in `interval`.
+async fn unaggregated_row(
+    store: &SqliteDatastore,
+    sql: &'static str,
+    task_id: &TaskId,
+    interval: &Interval,
+) -> Result<sqlx::sqlite::SqliteRow, StoreError> {
+    sqlx::query(sql)
+        .bind(&task_id.0[..])
+        .bind(clamp_i64(interval.start.0))
+        .bind(clamp_i64(interval.end().0))
+        .fetch_one(&store.pool)
+        .await
+        .map_err(db)
+}
+
 pub(super) async fn count_unaggregated_reports(
     store: &SqliteDatastore,
     task_id: &TaskId,
     interval: &Interval,
 ) -> Result<u64, StoreError> {
-    // Unassigned reports and reports of unfinished jobs are the rows of `reports` (a finished
-    // job deletes its rows), all with a payload, so the partial index `reports_pending` holds
-    // them. Replays uploaded since the last job creation are counted until it deletes them.
-    let row = sqlx::query(
-        "-- count_unaggregated_reports\n\
-         SELECT COUNT(*) AS n FROM reports INDEXED BY reports_pending \
-         WHERE task_id = ? AND payload IS NOT NULL AND client_time >= ? AND client_time < ?",
-    )
-    .bind(&task_id.0[..])
-    .bind(clamp_i64(interval.start.0))
-    .bind(clamp_i64(interval.end().0))
-    .fetch_one(&store.pool)
-    .await
-    .map_err(db)?;
-    col_u64(&row, "n")
+    const SQL: &str = concat!(
+        "-- count_unaggregated_reports\nSELECT COUNT(*) AS n ",
+        unaggregated!()
+    );
+    col_u64(&unaggregated_row(store, SQL, task_id, interval).await?, "n")
 }
 
 /// [`count_unaggregated_reports`]'s question, answered at the first such report.
@@ -462,19 +479,15 @@ pub(super) async fn has_unaggregated_reports(
     task_id: &TaskId,
     interval: &Interval,
 ) -> Result<bool, StoreError> {
-    let row = sqlx::query(
-        "-- has_unaggregated_reports\n\
-         SELECT EXISTS (SELECT 1 FROM reports INDEXED BY reports_pending \
-           WHERE task_id = ? AND payload IS NOT NULL AND client_time >= ? AND client_time < ?) \
-         AS found",
+    const SQL: &str = concat!(
+        "-- has_unaggregated_reports\nSELECT EXISTS (SELECT 1 ",
+        unaggregated!(),
+        ") AS found"
+    );
+    col(
+        &unaggregated_row(store, SQL, task_id, interval).await?,
+        "found",
     )
-    .bind(&task_id.0[..])
-    .bind(clamp_i64(interval.start.0))
-    .bind(clamp_i64(interval.end().0))
-    .fetch_one(&store.pool)
-    .await
-    .map_err(db)?;
-    col(&row, "found")
 }
 
 /// The reports of every job `store` can lease at `now`, as (ID, contents), in ID order.
