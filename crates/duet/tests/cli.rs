@@ -296,6 +296,35 @@ fn serve_task_upload_collect() {
     );
 }
 
+/// `duet bench` with a verbose `RUST_LOG`: the servers it starts log before they serve, and the
+/// bench still finds their addresses.
+#[test]
+fn bench_runs_with_verbose_server_logs() {
+    let out = duet()
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "debug")
+        .args([
+            "bench",
+            "--json",
+            "--reports",
+            "20",
+            "--floor-reports",
+            "5",
+            "--vdaf",
+            "count",
+        ])
+        .output()
+        .expect("run duet bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+    assert_eq!(v["runs"][0]["reports"], 20);
+}
+
 /// `duet bench --json` on SQLite: one JSON object with every figure of every run. The bench
 /// itself fails if the collected aggregate differs from the sum of the measurements.
 #[test]

@@ -62,6 +62,9 @@ pub(super) fn peak_rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Lines of a server's output kept to explain why it did not start.
+const SERVER_LINES_KEPT: usize = 10;
+
 /// Which role a bench server plays.
 #[derive(Clone, Copy)]
 pub(super) enum ServerRole {
@@ -105,12 +108,22 @@ pub(super) fn start_server(
     let stderr = child.stderr.take().context("no stderr")?;
     let server = ServerProcess(child);
     let mut reader = BufReader::new(stderr);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let Some(base) = line.trim().strip_prefix("duet serving on ") else {
-        bail!("the server did not start: {line}");
+    // The server may log before it serves (at whatever level `RUST_LOG` asks for): skip to the
+    // line naming its address, keeping the last few others for the error if it never comes.
+    let mut before: Vec<String> = Vec::new();
+    let base = loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            bail!("the server did not start:\n{}", before.join("\n"));
+        }
+        if let Some(base) = line.trim().strip_prefix("duet serving on ") {
+            break base.to_string();
+        }
+        if before.len() == SERVER_LINES_KEPT {
+            before.remove(0);
+        }
+        before.push(line.trim_end().to_string());
     };
-    let base = base.to_string();
     // Keep draining the server's log so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in reader.lines() {});
     Ok((server, base))
