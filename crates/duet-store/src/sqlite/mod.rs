@@ -13,6 +13,7 @@ mod helper;
 mod leader;
 mod replay;
 mod tasks;
+mod writer;
 
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -24,7 +25,7 @@ use duet_core::hpke::HpkeKeypair;
 use duet_core::{AggregatorRole, Task};
 use duet_messages::dap09::{AggregationJobId, CollectionJobId, Interval, ReportId, TaskId, Time};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::SqlitePool;
 
 use crate::rows::{col, col_array, col_interval, col_u64};
 use crate::{
@@ -32,6 +33,8 @@ use crate::{
     CollectionJob, CollectionJobState, Datastore, HelperAggregationJob, MergeFn, NewReport,
     StoreError,
 };
+use writer::Writer;
+pub(crate) use writer::{WriteTx, WriterGuard};
 
 /// How long a statement waits for the write lock before failing.
 const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(10);
@@ -66,57 +69,19 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 pub struct SqliteDatastore {
     /// Reads outside write transactions.
     pool: SqlitePool,
-    /// The one connection that writes: SQLite has one writer at a time anyway, and a connection
-    /// that no other connection of this process writes behind keeps its page cache across
-    /// transactions (a write by another connection empties every other connection's cache).
-    writer: SqlitePool,
+    /// Where writes go: one connection that writes, since SQLite has one writer at a time
+    /// anyway, and a connection that no other connection of this process writes behind keeps
+    /// its page cache across transactions (a write by another connection empties every other
+    /// connection's cache).
+    writer: Writer,
     role: AggregatorRole,
-    /// Serializes this process's write transactions. SQLite allows one writer at a time, and a
-    /// writer that finds the lock taken sleeps in SQLite's busy handler (milliseconds at a
-    /// time); queueing writers here instead hands the lock over as soon as it is free. Other
-    /// processes on the same file still wait through the busy timeout.
-    write_lock: Arc<tokio::sync::Mutex<()>>,
     /// The report IDs each role has taken in (see [`replay`]).
     replay: Arc<replay::ReplaySets>,
 }
 
-/// A connection held together with this process's write lock, both released on drop.
-pub(crate) struct Locked<C> {
-    conn: C,
-    _lock: tokio::sync::OwnedMutexGuard<()>,
-}
-
-/// A write transaction under the write lock.
-pub(crate) type WriteTx = Locked<Transaction<'static, Sqlite>>;
-
-/// The writer connection under the write lock, for one statement that is atomic on its own
-/// (SQLite's autocommit): no `BEGIN` and `COMMIT` round trips to the connection's thread.
-pub(crate) type WriteStatement = Locked<sqlx::pool::PoolConnection<Sqlite>>;
-
-impl WriteTx {
-    /// Commits the transaction.
-    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
-        self.conn.commit().await
-    }
-
-    /// Rolls the transaction back.
-    pub(crate) async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.conn.rollback().await
-    }
-}
-
-impl<C: std::ops::DerefMut<Target = sqlx::SqliteConnection>> std::ops::Deref for Locked<C> {
-    type Target = sqlx::SqliteConnection;
-    fn deref(&self) -> &Self::Target {
-        &self.conn
-    }
-}
-
-impl<C: std::ops::DerefMut<Target = sqlx::SqliteConnection>> std::ops::DerefMut for Locked<C> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.conn
-    }
-}
+/// The writer connection for one statement that is atomic on its own (SQLite's autocommit): no
+/// `BEGIN` and `COMMIT` round trips to the connection's thread.
+pub(crate) type WriteStatement = WriterGuard;
 
 impl SqliteDatastore {
     /// Opens (creating if missing) and migrates the database at a file path or a `sqlite:` URL
@@ -162,25 +127,15 @@ impl SqliteDatastore {
         .await?;
         run_migrations(&pool).await?;
         let writer = if in_memory {
-            pool.clone()
+            Writer::Pooled(pool.clone(), Arc::default())
         } else {
-            open_pool(
-                SqlitePoolOptions::new()
-                    .test_before_acquire(false)
-                    .max_connections(1)
-                    .min_connections(1)
-                    .idle_timeout(None)
-                    .max_lifetime(None),
-                // Room for an upload statement per batch size besides the job statements.
-                options.statement_cache_capacity(WRITER_STATEMENT_CACHE),
-            )
-            .await?
+            // Room for an upload statement per batch size besides the job statements.
+            Writer::open(&options.statement_cache_capacity(WRITER_STATEMENT_CACHE)).await?
         };
         Ok(SqliteDatastore {
             pool,
             writer,
             role: AggregatorRole::Leader,
-            write_lock: Arc::new(tokio::sync::Mutex::new(())),
             replay: Arc::default(),
         })
     }
@@ -191,7 +146,6 @@ impl SqliteDatastore {
             pool: self.pool.clone(),
             writer: self.writer.clone(),
             role,
-            write_lock: Arc::clone(&self.write_lock),
             replay: Arc::clone(&self.replay),
         }
     }
@@ -217,23 +171,12 @@ impl SqliteDatastore {
 
     /// Starts a write transaction holding SQLite's write lock from its first statement.
     async fn begin_write(&self) -> Result<WriteTx, StoreError> {
-        let lock = Arc::clone(&self.write_lock).lock_owned().await;
-        let tx = self
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db)?;
-        Ok(Locked {
-            conn: tx,
-            _lock: lock,
-        })
+        self.writer.begin().await
     }
 
     /// The writer connection, for one statement outside a transaction.
     async fn write_statement(&self) -> Result<WriteStatement, StoreError> {
-        let lock = Arc::clone(&self.write_lock).lock_owned().await;
-        let conn = self.writer.acquire().await.map_err(db)?;
-        Ok(Locked { conn, _lock: lock })
+        self.writer.lock().await
     }
 }
 

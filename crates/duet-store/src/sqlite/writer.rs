@@ -1,0 +1,232 @@
+//! The one connection that writes, and write transactions on it.
+//!
+//! A file database's writer is a connection of its own, kept for the life of the store rather
+//! than checked out of a pool for each write: sqlx pings a connection every time it goes back to
+//! its pool, a round trip to the connection's thread and back that cost the upload path a
+//! thread wake-up per batch, and held the next batch until it was done. An in-memory database
+//! has only the read pool's one connection, so its writes take that.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteTransactionManager};
+use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool, TransactionManager};
+use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
+
+use super::{db, is_busy, OPEN_ATTEMPTS, OPEN_BACKOFF};
+use crate::StoreError;
+
+/// Where writes go. Either way a process writes one transaction at a time: SQLite allows one
+/// writer at a time, and a writer that finds the lock taken sleeps in SQLite's busy handler
+/// (milliseconds at a time); queueing writers here instead hands the lock over as soon as it is
+/// free. Other processes on the same file still wait through the busy timeout.
+#[derive(Clone, Debug)]
+pub(super) enum Writer {
+    /// A file database's own writer connection; `None` once the store is closed.
+    Own(Arc<Mutex<Option<SqliteConnection>>>),
+    /// An in-memory database: the read pool's connection, taken under this lock.
+    Pooled(SqlitePool, Arc<Mutex<()>>),
+}
+
+impl Writer {
+    /// Opens a file database's writer connection, retrying while the file is busy (see
+    /// [`super::open_pool`]).
+    pub(super) async fn open(options: &SqliteConnectOptions) -> Result<Writer, StoreError> {
+        let mut backoff = OPEN_BACKOFF;
+        for _ in 1..OPEN_ATTEMPTS {
+            match SqliteConnection::connect_with(options).await {
+                Err(e) if is_busy(&e) => {
+                    tracing::debug!(error = %e, "opening the SQLite writer found the file busy");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                opened => return Ok(Writer::Own(Arc::new(Mutex::new(Some(opened.map_err(db)?))))),
+            }
+        }
+        let conn = SqliteConnection::connect_with(options).await.map_err(db)?;
+        Ok(Writer::Own(Arc::new(Mutex::new(Some(conn)))))
+    }
+
+    /// The writer connection, once every earlier write of this process is done.
+    pub(super) async fn lock(&self) -> Result<WriterGuard, StoreError> {
+        match self {
+            Writer::Own(conn) => {
+                OwnedMutexGuard::try_map(Arc::clone(conn).lock_owned().await, |c| c.as_mut())
+                    .map(WriterGuard::Own)
+                    .map_err(|_| StoreError::Database("the database is closed".into()))
+            }
+            Writer::Pooled(pool, lock) => {
+                let lock = Arc::clone(lock).lock_owned().await;
+                let conn = pool.acquire().await.map_err(db)?;
+                Ok(WriterGuard::Pooled { conn, _lock: lock })
+            }
+        }
+    }
+
+    /// Closes the writer connection (waiting for a write under way); later writes fail.
+    pub(super) async fn close(&self) {
+        if let Writer::Own(conn) = self {
+            if let Some(conn) = conn.lock().await.take() {
+                if let Err(e) = conn.close().await {
+                    tracing::warn!(error = %e, "closing the SQLite writer connection failed");
+                }
+            }
+        }
+    }
+
+    /// Starts a write transaction holding SQLite's write lock from its first statement.
+    pub(super) async fn begin(&self) -> Result<WriteTx, StoreError> {
+        let mut conn = self.lock().await?;
+        SqliteTransactionManager::begin(&mut conn, Some("BEGIN IMMEDIATE".into()))
+            .await
+            .map_err(db)?;
+        Ok(WriteTx { conn, open: true })
+    }
+}
+
+/// The writer connection under this process's write lock, released on drop.
+pub(crate) enum WriterGuard {
+    /// The file database's writer connection.
+    Own(OwnedMappedMutexGuard<Option<SqliteConnection>, SqliteConnection>),
+    /// The in-memory database's connection, and the lock that makes it this process's writer.
+    Pooled {
+        conn: PoolConnection<Sqlite>,
+        _lock: OwnedMutexGuard<()>,
+    },
+}
+
+impl Deref for WriterGuard {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        match self {
+            WriterGuard::Own(conn) => conn,
+            WriterGuard::Pooled { conn, .. } => conn,
+        }
+    }
+}
+
+impl DerefMut for WriterGuard {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        match self {
+            WriterGuard::Own(conn) => conn,
+            WriterGuard::Pooled { conn, .. } => conn,
+        }
+    }
+}
+
+/// A write transaction on the writer connection, rolled back if dropped before `commit` (as
+/// sqlx's own transactions are: the rollback is queued on the connection and runs before its
+/// next statement).
+pub(crate) struct WriteTx {
+    conn: WriterGuard,
+    open: bool,
+}
+
+impl WriteTx {
+    /// Commits the transaction.
+    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
+        SqliteTransactionManager::commit(&mut self.conn).await?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Rolls the transaction back.
+    pub(crate) async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        SqliteTransactionManager::rollback(&mut self.conn).await?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if self.open {
+            SqliteTransactionManager::start_rollback(&mut self.conn);
+        }
+    }
+}
+
+impl Deref for WriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::SqliteDatastore;
+    use super::*;
+
+    async fn count(store: &SqliteDatastore) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM replay_tasks")
+            .fetch_one(&store.pool)
+            .await
+            .expect("count")
+    }
+
+    async fn insert(tx: &mut SqliteConnection, id: u8) {
+        sqlx::query("INSERT INTO replay_tasks (task_id) VALUES (?)")
+            .bind(vec![id; 32])
+            .execute(tx)
+            .await
+            .expect("insert");
+    }
+
+    /// A file database's own writer: a committed transaction stays, one dropped or rolled back
+    /// leaves nothing and the next write goes on as usual, a failed statement leaves the
+    /// transaction to its owner, and after `close` writes fail with an error, not a panic.
+    #[tokio::test]
+    async fn write_transactions_on_the_own_writer() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let path = dir.path().join("w.db");
+        let store = SqliteDatastore::connect(&path.display().to_string())
+            .await
+            .expect("connect");
+        assert!(matches!(store.writer, Writer::Own(_)));
+        let before = count(&store).await;
+
+        let mut tx = store.begin_write().await.expect("begin");
+        insert(&mut tx, 1).await;
+        tx.commit().await.expect("commit");
+        assert_eq!(count(&store).await, before + 1);
+
+        let mut tx = store.begin_write().await.expect("begin");
+        insert(&mut tx, 2).await;
+        drop(tx);
+        let mut tx = store
+            .begin_write()
+            .await
+            .expect("begin after a dropped transaction");
+        insert(&mut tx, 3).await;
+        tx.rollback().await.expect("rollback");
+        assert_eq!(count(&store).await, before + 1);
+
+        let mut tx = store.begin_write().await.expect("begin");
+        insert(&mut tx, 4).await;
+        // The same key again: the statement fails, the transaction is still the caller's.
+        let again = sqlx::query("INSERT INTO replay_tasks (task_id) VALUES (?)")
+            .bind(vec![4u8; 32])
+            .execute(&mut *tx)
+            .await;
+        assert!(again.is_err());
+        tx.commit().await.expect("commit");
+        assert_eq!(count(&store).await, before + 2);
+
+        let mut one = store.write_statement().await.expect("statement");
+        insert(&mut one, 5).await;
+        drop(one);
+        assert_eq!(count(&store).await, before + 3);
+
+        store.close().await;
+        assert!(store.begin_write().await.is_err());
+        assert!(store.write_statement().await.is_err());
+    }
+}
