@@ -85,7 +85,8 @@ pub(crate) type WriteStatement = WriterGuard;
 
 impl SqliteDatastore {
     /// Opens (creating if missing) and migrates the database at a file path or a `sqlite:` URL
-    /// (`sqlite::memory:` for a private in-memory database); the handle is bound to the Leader role.
+    /// (`sqlite::memory:` for a private in-memory database); the handle is bound to the Leader
+    /// role.
     pub async fn connect(path_or_url: &str) -> Result<SqliteDatastore, StoreError> {
         let options = if path_or_url.starts_with("sqlite:") {
             SqliteConnectOptions::from_str(path_or_url).map_err(db)?
