@@ -170,6 +170,43 @@ fn two_hours_from(start: Time) -> Query {
 /// requests, which is what would free a stalled job otherwise.
 const COLLECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Two Prio3Count tasks: a stuck one, whose Helper requests go through a stalling Helper that
+/// holds those on `stall_on` and which has one report uploaded, and another one of
+/// `min_batch_size` on the real Helper.
+struct Stalled {
+    stalling: StallingHelper,
+    stuck_task: Task,
+    stuck_key: HpkeKeypair,
+    task: Task,
+    collector_key: HpkeKeypair,
+    /// The start of the current time bucket, where both tasks' reports fall.
+    start: Time,
+}
+
+impl Stalled {
+    async fn upload(h: &Harness, stall_on: &'static str, min_batch_size: u64) -> Self {
+        let vdaf = VdafInstance::Prio3Count;
+        let stalling = StallingHelper::start(&h.helper_url, stall_on).await;
+        let (stuck_task, stuck_key) = h.task_via(vdaf.clone(), 1, &stalling.url).await;
+        let (task, collector_key) = h.task(vdaf.clone(), min_batch_size).await;
+        let start = RealClock.now().round_down(task.time_precision);
+        let one = vdaf.parse_measurement("1").expect("measurement");
+        client(&stuck_task, &vdaf)
+            .await
+            .upload(&one)
+            .await
+            .expect("upload");
+        Self {
+            stalling,
+            stuck_task,
+            stuck_key,
+            task,
+            collector_key,
+            start,
+        }
+    }
+}
+
 /// While the stalling Helper holds one request: uploads `n` Prio3Count reports for `task` and
 /// collects them, checking that the held request was still outstanding when they were
 /// collected; then stops the stalling Helper and the server.
@@ -212,21 +249,11 @@ async fn a_stalled_aggregation_job_does_not_hold_back_other_jobs() {
         ..AggregatorConfig::default()
     })
     .await;
-    let vdaf = VdafInstance::Prio3Count;
-    let mut stalling = StallingHelper::start(&h.helper_url, "aggregation_jobs").await;
-    let (stuck_task, _) = h.task_via(vdaf.clone(), 1, &stalling.url).await;
-    let (task, collector_key) = h.task(vdaf.clone(), 3).await;
-    let start = RealClock.now().round_down(task.time_precision);
-    let one = vdaf.parse_measurement("1").expect("measurement");
-    client(&stuck_task, &vdaf)
-        .await
-        .upload(&one)
-        .await
-        .expect("upload");
-    stalling.wait_held().await;
+    let mut s = Stalled::upload(&h, "aggregation_jobs", 3).await;
+    s.stalling.wait_held().await;
 
     // Three more jobs, one report each, for the other task while the first one hangs.
-    collect_while_held(h, stalling, &task, collector_key, start, 3).await;
+    collect_while_held(h, s.stalling, &s.task, s.collector_key, s.start, 3).await;
 }
 
 /// A collection whose Helper does not answer the aggregate-share request does not hold back
@@ -234,26 +261,15 @@ async fn a_stalled_aggregation_job_does_not_hold_back_other_jobs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_collection_does_not_hold_back_other_collections() {
     let h = Harness::start().await;
-    let vdaf = VdafInstance::Prio3Count;
-    let mut stalling = StallingHelper::start(&h.helper_url, "aggregate_shares").await;
-    let (stuck_task, stuck_key) = h.task_via(vdaf.clone(), 1, &stalling.url).await;
-    let (task, collector_key) = h.task(vdaf.clone(), 2).await;
-    let start = RealClock.now().round_down(task.time_precision);
-    let one = vdaf.parse_measurement("1").expect("measurement");
-
     // The stuck task's report is aggregated through the forwarding Helper; its aggregate-share
     // request is held.
-    client(&stuck_task, &vdaf)
-        .await
-        .upload(&one)
-        .await
-        .expect("upload");
-    let stuck_collector = collector(&stuck_task, stuck_key, &vdaf);
+    let mut s = Stalled::upload(&h, "aggregate_shares", 2).await;
+    let stuck_collector = collector(&s.stuck_task, s.stuck_key, &VdafInstance::Prio3Count);
     stuck_collector
-        .start_collection(two_hours_from(start))
+        .start_collection(two_hours_from(s.start))
         .await
         .expect("start the stuck collection");
-    stalling.wait_held().await;
+    s.stalling.wait_held().await;
 
-    collect_while_held(h, stalling, &task, collector_key, start, 2).await;
+    collect_while_held(h, s.stalling, &s.task, s.collector_key, s.start, 2).await;
 }

@@ -296,30 +296,33 @@ fn serve_task_upload_collect() {
     );
 }
 
-/// `duet bench` with a verbose `RUST_LOG`: the servers it starts log before they serve, and the
-/// bench still finds their addresses.
-#[test]
-fn bench_runs_with_verbose_server_logs() {
-    let out = duet()
+/// Runs `duet bench --json` with `args` on SQLite through `command`, asserts that it succeeded and
+/// returns its standard output.
+fn bench_json(mut command: Command, args: &[&str]) -> String {
+    let out = command
         .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "debug")
-        .args([
-            "bench",
-            "--json",
-            "--reports",
-            "20",
-            "--floor-reports",
-            "5",
-            "--vdaf",
-            "count",
-        ])
+        .args(["bench", "--json"])
+        .args(args)
         .output()
         .expect("run duet bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "bench failed: {}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// `duet bench` with a verbose `RUST_LOG`: the servers it starts log before they serve, and the
+/// bench still finds their addresses.
+#[test]
+fn bench_runs_with_verbose_server_logs() {
+    let mut bench = duet();
+    bench.env("RUST_LOG", "debug");
+    let stdout = bench_json(
+        bench,
+        &["--reports", "20", "--floor-reports", "5", "--vdaf", "count"],
     );
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
     assert_eq!(v["runs"][0]["reports"], 20);
@@ -329,11 +332,9 @@ fn bench_runs_with_verbose_server_logs() {
 /// itself fails if the collected aggregate differs from the sum of the measurements.
 #[test]
 fn bench_prints_one_json_object_with_every_figure() {
-    let out = duet()
-        .env_remove("DATABASE_URL")
-        .args([
-            "bench",
-            "--json",
+    let stdout = bench_json(
+        duet(),
+        &[
             "--reports",
             "300",
             "--floor-reports",
@@ -342,14 +343,7 @@ fn bench_prints_one_json_object_with_every_figure() {
             "count",
             "--vdaf",
             "histogram",
-        ])
-        .output()
-        .expect("run duet bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     assert_eq!(
         stdout.lines().count(),

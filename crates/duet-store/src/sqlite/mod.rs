@@ -181,16 +181,25 @@ impl SqliteDatastore {
     }
 }
 
-/// Opens a pool, retrying while the file is busy: a connection to a new file switches it to WAL
-/// mode, and while another process does the same, SQLite can refuse with `SQLITE_BUSY` without
-/// waiting out the busy timeout.
+/// Opens a pool, retrying while the file is busy (see [`retry_busy`]).
 async fn open_pool(
     pool: SqlitePoolOptions,
     options: SqliteConnectOptions,
 ) -> Result<SqlitePool, StoreError> {
+    retry_busy(|| pool.clone().connect_with(options.clone())).await
+}
+
+/// Runs `open` again while it finds the file busy: a connection to a new file switches it to WAL
+/// mode, and while another process does the same, SQLite can refuse with `SQLITE_BUSY` without
+/// waiting out the busy timeout.
+async fn retry_busy<T, F, Fut>(mut open: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
     let mut backoff = OPEN_BACKOFF;
     for _ in 1..OPEN_ATTEMPTS {
-        match pool.clone().connect_with(options.clone()).await {
+        match open().await {
             Err(e) if is_busy(&e) => {
                 tracing::debug!(error = %e, "opening the SQLite database found it busy; retrying");
                 tokio::time::sleep(backoff).await;
@@ -199,7 +208,7 @@ async fn open_pool(
             opened => return opened.map_err(db),
         }
     }
-    pool.connect_with(options).await.map_err(db)
+    open().await.map_err(db)
 }
 
 /// Whether an error is `SQLITE_BUSY` (or one of its extended codes).

@@ -14,7 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteTransactionManager};
 use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool, TransactionManager};
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
-use super::{db, is_busy, OPEN_ATTEMPTS, OPEN_BACKOFF};
+use super::{db, retry_busy};
 use crate::StoreError;
 
 /// Where writes go. Either way a process writes one transaction at a time: SQLite allows one
@@ -30,21 +30,9 @@ pub(super) enum Writer {
 }
 
 impl Writer {
-    /// Opens a file database's writer connection, retrying while the file is busy (see
-    /// [`super::open_pool`]).
+    /// Opens a file database's writer connection, retrying while the file is busy.
     pub(super) async fn open(options: &SqliteConnectOptions) -> Result<Writer, StoreError> {
-        let mut backoff = OPEN_BACKOFF;
-        for _ in 1..OPEN_ATTEMPTS {
-            match SqliteConnection::connect_with(options).await {
-                Err(e) if is_busy(&e) => {
-                    tracing::debug!(error = %e, "opening the SQLite writer found the file busy");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                }
-                opened => return Ok(Writer::Own(Arc::new(Mutex::new(Some(opened.map_err(db)?))))),
-            }
-        }
-        let conn = SqliteConnection::connect_with(options).await.map_err(db)?;
+        let conn = retry_busy(|| SqliteConnection::connect_with(options)).await?;
         Ok(Writer::Own(Arc::new(Mutex::new(Some(conn)))))
     }
 
