@@ -232,6 +232,11 @@ pub trait Datastore: Send + Sync + 'static {
     /// Checks that the database answers.
     async fn health_check(&self) -> Result<(), StoreError>;
 
+    /// The database's engine and version, and the settings that bear on its speed and its
+    /// durability, as (name, value) pairs: for benchmark reports, which are only comparable
+    /// between equally configured databases.
+    async fn settings(&self) -> Result<Vec<(String, String)>, StoreError>;
+
     /// Closes the connections (of every handle on the same pool), waiting for them to finish.
     /// Operations after it fail.
     async fn close(&self);

@@ -357,6 +357,10 @@ fn bench_prints_one_json_object_with_every_figure() {
         assert_eq!(run["backend"], "sqlite");
         assert_eq!(run["vdaf"], vdaf);
         assert_eq!(run["reports"], 300);
+        // The database the figures were measured on, and how durable its commits were.
+        assert_eq!(run["database"]["engine"], "sqlite", "{run}");
+        assert_eq!(run["database"]["journal_mode"], "wal", "{run}");
+        assert_eq!(run["database"]["synchronous"], "NORMAL", "{run}");
         for rate in [
             "floor_reports_per_s",
             "upload_reports_per_s",

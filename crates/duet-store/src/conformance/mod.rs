@@ -28,11 +28,12 @@ pub use helper::{
 pub use leader::{
     check_aggregation_jobs, check_jobs_across_uploads, check_leader_delete_task, check_put_reports,
 };
-pub use tasks::{check_health, check_hpke_keypairs, check_tasks};
+pub use tasks::{check_health, check_hpke_keypairs, check_settings, check_tasks};
 
 /// Runs every check; `leader` and `helper` are handles on the same fresh database.
 pub async fn run_all(leader: &dyn Datastore, helper: &dyn Datastore) {
     check_health(leader, helper).await;
+    check_settings(leader).await;
     check_tasks(leader, helper).await;
     check_hpke_keypairs(leader, helper).await;
     check_put_reports(leader).await;

@@ -12,6 +12,37 @@ pub async fn check_health(leader: &dyn Datastore, helper: &dyn Datastore) {
     helper.health_check().await.expect("helper health check");
 }
 
+/// The settings name the engine first, then its version and how durable its commits are.
+pub async fn check_settings(store: &dyn Datastore) {
+    let settings = store.settings().await.expect("settings");
+    let get = |name: &str| {
+        settings
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("no {name} in {settings:?}"))
+    };
+    assert!(settings.iter().all(|(n, v)| !n.is_empty() && !v.is_empty()));
+    match get("engine") {
+        "sqlite" => {
+            assert!(get("sqlite_version").starts_with('3'), "{settings:?}");
+            assert_eq!(get("synchronous"), "NORMAL");
+            assert!(
+                ["wal", "memory"].contains(&get("journal_mode")),
+                "{settings:?}"
+            );
+        }
+        "postgresql" => {
+            assert!(!get("server_version").is_empty());
+            for name in ["fsync", "synchronous_commit", "shared_buffers"] {
+                get(name);
+            }
+        }
+        other => panic!("unknown engine {other}"),
+    }
+    assert_eq!(settings[0].0, "engine");
+}
+
 /// Tasks: put is idempotent for the same task and refuses a different one; roles are isolated;
 /// delete reports whether the task existed.
 pub async fn check_tasks(leader: &dyn Datastore, helper: &dyn Datastore) {

@@ -604,7 +604,39 @@ impl Datastore for PostgresDatastore {
         Ok(())
     }
 
+    async fn settings(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let names: Vec<&str> = SETTINGS.to_vec();
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "-- settings\n\
+             SELECT n, current_setting(n) FROM UNNEST($1::text[]) WITH ORDINALITY AS s(n, i) \
+             ORDER BY i",
+        )
+        .bind(&names)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| StoreError::Database(e.to_string()))?;
+        Ok(
+            std::iter::once(("engine".to_string(), "postgresql".to_string()))
+                .chain(rows)
+                .collect(),
+        )
+    }
+
     fn wakeups(&self) -> Option<tokio::sync::broadcast::Receiver<Wakeup>> {
         self.wakeups.subscribe(&self.pool)
     }
 }
+
+/// The server settings `settings` reports: its version, and what decides the cost of a commit
+/// and of writing pages (durability first).
+const SETTINGS: [&str; 9] = [
+    "server_version",
+    "fsync",
+    "synchronous_commit",
+    "full_page_writes",
+    "wal_sync_method",
+    "shared_buffers",
+    "max_wal_size",
+    "checkpoint_timeout",
+    "wal_compression",
+];

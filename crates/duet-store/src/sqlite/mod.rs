@@ -25,7 +25,7 @@ use duet_core::hpke::HpkeKeypair;
 use duet_core::{AggregatorRole, Task};
 use duet_messages::dap09::{AggregationJobId, CollectionJobId, Interval, ReportId, TaskId, Time};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::{Row, SqlitePool};
 
 use crate::rows::{col, col_array, col_interval, col_u64};
 use crate::{
@@ -482,6 +482,50 @@ impl Datastore for SqliteDatastore {
             .await
             .map_err(db)?;
         Ok(())
+    }
+
+    async fn settings(&self) -> Result<Vec<(String, String)>, StoreError> {
+        // Every connection, the writer's too, is opened with the same options.
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let version: String = sqlx::query_scalar("SELECT sqlite_version()")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)?;
+        let mut settings = vec![
+            ("engine".to_string(), "sqlite".to_string()),
+            ("sqlite_version".to_string(), version),
+        ];
+        for pragma in [
+            "journal_mode",
+            "synchronous",
+            "page_size",
+            "cache_size",
+            "mmap_size",
+            "wal_autocheckpoint",
+        ] {
+            // An in-memory database has no memory map: that pragma returns no row.
+            let Some(value): Option<sqlx::sqlite::SqliteRow> =
+                sqlx::query(&format!("PRAGMA {pragma}"))
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db)?
+            else {
+                continue;
+            };
+            let value = match value.try_get::<i64, _>(0) {
+                Ok(n) if pragma == "synchronous" => match n {
+                    0 => "OFF".to_string(),
+                    1 => "NORMAL".to_string(),
+                    2 => "FULL".to_string(),
+                    3 => "EXTRA".to_string(),
+                    n => n.to_string(),
+                },
+                Ok(n) => n.to_string(),
+                Err(_) => value.try_get::<String, _>(0).map_err(db)?,
+            };
+            settings.push((pragma.to_string(), value));
+        }
+        Ok(settings)
     }
 }
 

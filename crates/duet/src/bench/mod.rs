@@ -133,6 +133,33 @@ struct Run {
     leader_process_cpu_us_per_report: f64,
     helper_process_cpu_us_per_report: f64,
     client_cpu_us_per_report: f64,
+    /// The Leader's database: its engine, version, and the settings that decide the cost of a
+    /// commit (`Datastore::settings`).
+    #[serde(serialize_with = "pairs_as_map")]
+    database: Vec<(String, String)>,
+}
+
+/// (name, value) pairs as a JSON object.
+fn pairs_as_map<S: serde::Serializer>(
+    pairs: &[(String, String)],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(pairs.iter().map(|(name, value)| (name, value)))
+}
+
+/// Settings under which a commit is not durable: a run with them measures another system.
+fn non_durable(settings: &[(String, String)]) -> Vec<String> {
+    settings
+        .iter()
+        .filter(|(name, value)| match name.as_str() {
+            "fsync" | "full_page_writes" => value == "off",
+            // `local`, `remote_write` and `remote_apply` wait for the local flush too.
+            "synchronous_commit" => value == "off",
+            "synchronous" => value == "OFF",
+            _ => false,
+        })
+        .map(|(name, value)| format!("{name} = {value}"))
+        .collect()
 }
 
 #[allow(clippy::disallowed_methods)] // Benchmarks measure elapsed wall and CPU time.
@@ -189,6 +216,15 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     let leader_store = crate::db::open(&leader_db, AggregatorRole::Leader).await?;
     let helper_store = crate::db::open(&helper_db, AggregatorRole::Helper).await?;
     leader_store.put_task(&task).await?;
+    let settings = leader_store.settings().await?;
+    let unsafe_settings = non_durable(&settings);
+    if !unsafe_settings.is_empty() {
+        eprintln!(
+            "warning: the database runs with {}: commits are not durable, so these figures are \
+             not comparable with a durable setup",
+            unsafe_settings.join(", ")
+        );
+    }
     let helper_task = |task: &duet_core::Task| {
         let mut t = task.clone();
         t.collector_auth_token = None;
@@ -325,6 +361,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         leader_process_cpu_us_per_report: cpu_us(0),
         helper_process_cpu_us_per_report: cpu_us(1),
         client_cpu_us_per_report: cpu_us(2),
+        database: settings,
     })
 }
 
@@ -398,6 +435,60 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
                 r.client_cpu_us_per_report
             );
         }
+        let mut shown = Vec::new();
+        for r in &runs {
+            if !shown.contains(&r.backend) {
+                shown.push(r.backend);
+                let settings: Vec<String> = r
+                    .database
+                    .iter()
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect();
+                println!("{} database: {}", r.backend, settings.join(" "));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::non_durable;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Only the settings that let a commit return before its data is on disk are flagged.
+    #[test]
+    fn flags_settings_that_make_commits_not_durable() {
+        let durable = pairs(&[
+            ("engine", "postgresql"),
+            ("fsync", "on"),
+            ("synchronous_commit", "on"),
+            ("full_page_writes", "on"),
+            ("shared_buffers", "128MB"),
+        ]);
+        assert!(non_durable(&durable).is_empty());
+        for waits in ["local", "remote_write", "remote_apply"] {
+            assert!(non_durable(&pairs(&[("synchronous_commit", waits)])).is_empty());
+        }
+        assert!(non_durable(&pairs(&[("synchronous", "NORMAL")])).is_empty());
+        assert_eq!(
+            non_durable(&pairs(&[
+                ("fsync", "off"),
+                ("synchronous_commit", "off"),
+                ("full_page_writes", "off"),
+                ("synchronous", "OFF"),
+            ])),
+            [
+                "fsync = off",
+                "synchronous_commit = off",
+                "full_page_writes = off",
+                "synchronous = OFF"
+            ]
+        );
+    }
 }
