@@ -315,17 +315,40 @@ fn bench_json(mut command: Command, args: &[&str]) -> String {
 }
 
 /// `duet bench` with a verbose `RUST_LOG`: the servers it starts log before they serve, and the
-/// bench still finds their addresses.
+/// bench still finds their addresses. With `--server-logs` (a directory it creates) each
+/// server's whole log goes to a file of its own.
 #[test]
 fn bench_runs_with_verbose_server_logs() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let logs = dir.path().join("logs").join("run");
     let mut bench = duet();
     bench.env("RUST_LOG", "debug");
     let stdout = bench_json(
         bench,
-        &["--reports", "20", "--floor-reports", "5", "--vdaf", "count"],
+        &[
+            "--reports",
+            "20",
+            "--floor-reports",
+            "5",
+            "--vdaf",
+            "count",
+            "--server-logs",
+            logs.to_str().expect("utf-8 path"),
+        ],
     );
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
     assert_eq!(v["runs"][0]["reports"], 20);
+    for role in ["helper", "leader-api", "leader"] {
+        let path = logs.join(format!("sqlite-count-{role}.log"));
+        let log =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            log.contains("duet serving on http://127.0.0.1:"),
+            "{role}: {log}"
+        );
+        // Debug lines from before and after the server started serving.
+        assert!(log.lines().count() > 2, "{role}: {log}");
+    }
 }
 
 /// `duet bench --json` on SQLite: one JSON object with every figure of every run. The bench

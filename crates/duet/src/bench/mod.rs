@@ -78,6 +78,23 @@ impl BenchVdaf {
             Self::Sumvec => "Prio3SumVec(1000)",
         }
     }
+
+    /// The VDAF as its `--vdaf` value, for file names.
+    fn file_name(self) -> &'static str {
+        match self {
+            Self::Count => "count",
+            Self::Histogram => "histogram",
+            Self::Sumvec => "sumvec",
+        }
+    }
+}
+
+/// The backend as its `--backend` value.
+fn backend_name(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    }
 }
 
 /// `duet bench` flags.
@@ -105,6 +122,10 @@ pub struct Args {
     /// whether cost grows with history.
     #[arg(long, default_value_t = 0)]
     history: usize,
+    /// Append each server's log (its standard error, at the level `RUST_LOG` sets) to files in
+    /// this directory, named by backend, VDAF and role.
+    #[arg(long)]
+    server_logs: Option<std::path::PathBuf>,
     /// Print exactly one JSON object.
     #[arg(long)]
     json: bool,
@@ -195,9 +216,28 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     // The Helper for the whole run, and first a Leader that only serves uploads: the task names
     // it, and the client reads the Leader's HPKE config from it (the full Leader started later
     // has the same keys, from the same database).
-    let (helper_server, helper_base) = start_server(dir.path(), &helper_db, ServerRole::Helper)?;
-    let (api_server, base) =
-        start_server(dir.path(), &leader_db, ServerRole::Leader { jobs: false })?;
+    let log = |role: &str| {
+        args.server_logs.as_ref().map(|dir| {
+            dir.join(format!(
+                "{}-{}-{role}.log",
+                backend_name(backend),
+                which.file_name()
+            ))
+        })
+    };
+    let (helper_log, api_log, leader_log) = (log("helper"), log("leader-api"), log("leader"));
+    let (helper_server, helper_base) = start_server(
+        dir.path(),
+        &helper_db,
+        ServerRole::Helper,
+        helper_log.as_deref(),
+    )?;
+    let (api_server, base) = start_server(
+        dir.path(),
+        &leader_db,
+        ServerRole::Leader { jobs: false },
+        api_log.as_deref(),
+    )?;
     let leader_url = format!("{base}/leader/");
     let helper_url = format!("{helper_base}/helper/");
 
@@ -298,7 +338,12 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
 
     // The same reports, end to end, through a full Leader. (The Helper's copy of the task still
     // names the first Leader, which the Helper never contacts.)
-    let (server, base) = start_server(dir.path(), &leader_db, ServerRole::Leader { jobs: true })?;
+    let (server, base) = start_server(
+        dir.path(),
+        &leader_db,
+        ServerRole::Leader { jobs: true },
+        leader_log.as_deref(),
+    )?;
     let mut task = task;
     task.leader_endpoint = format!("{base}/leader/").parse()?;
     leader_store.put_task(&task).await?;
@@ -341,10 +386,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     drop((server, helper_server));
     let e2e = n as f64 / total;
     Ok(Run {
-        backend: match backend {
-            Backend::Sqlite => "sqlite",
-            Backend::Postgres => "postgres",
-        },
+        backend: backend_name(backend),
         vdaf: which.name(),
         reports: n,
         history: args.history,
@@ -375,6 +417,14 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
     }
     if args.reports == 0 {
         bail!("--reports must be at least 1");
+    }
+    if let Some(dir) = &args.server_logs {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create the --server-logs directory {}",
+                dir.display()
+            )
+        })?;
     }
     let mut runs = Vec::new();
     for &backend in &args.backend {

@@ -1,7 +1,7 @@
 //! The bench's two servers: `duet serve` child processes for the Leader and the Helper, and what
 //! `/proc` says about their CPU time and memory.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::Stdio;
 
@@ -74,11 +74,13 @@ pub(super) enum ServerRole {
     Helper,
 }
 
-/// Starts `duet serve` in `role` on `database`; returns it and its base URL.
+/// Starts `duet serve` in `role` on `database`; returns it and its base URL. With `log`, every
+/// line the server writes to its standard error is appended to that file.
 pub(super) fn start_server(
     dir: &Path,
     database: &str,
     role: ServerRole,
+    log: Option<&Path>,
 ) -> Result<(ServerProcess, String)> {
     let (name, section) = match role {
         ServerRole::Leader { jobs } => (
@@ -107,6 +109,16 @@ pub(super) fn start_server(
         .context("could not start `duet serve`")?;
     let stderr = child.stderr.take().context("no stderr")?;
     let server = ServerProcess(child);
+    let mut log = match log {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open the server log {}", path.display()))?,
+        ),
+        None => None,
+    };
     let mut reader = BufReader::new(stderr);
     // The server may log before it serves (at whatever level `RUST_LOG` asks for): skip to the
     // line naming its address, keeping the last few others for the error if it never comes.
@@ -115,6 +127,9 @@ pub(super) fn start_server(
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
             bail!("the server did not start:\n{}", before.join("\n"));
+        }
+        if let Some(log) = log.as_mut() {
+            log.write_all(line.as_bytes())?;
         }
         if let Some(base) = line.trim().strip_prefix("duet serving on ") {
             break base.to_string();
@@ -125,6 +140,31 @@ pub(super) fn start_server(
         before.push(line.trim_end().to_string());
     };
     // Keep draining the server's log so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in reader.lines() {});
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+            if let Some(log) = log.as_mut() {
+                // A log that can no longer be written is dropped; the server runs on.
+                if log.write_all(&buf).is_err() {
+                    log_failed();
+                    return drain(reader);
+                }
+            }
+            buf.clear();
+        }
+    });
     Ok((server, base))
+}
+
+/// Reports, once per server, that its log file could not be written.
+fn log_failed() {
+    eprintln!("warning: could not write a server log; the rest of it is discarded");
+}
+
+/// Reads a server's output to its end, discarding it.
+fn drain(mut reader: BufReader<std::process::ChildStderr>) {
+    let mut buf = Vec::new();
+    while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+        buf.clear();
+    }
 }
