@@ -1,6 +1,6 @@
 //! A Helper that stops answering for one task holds back that task's work only: the Leader's
-//! aggregation and collection drivers go on with the other tasks' jobs meanwhile.
-
+//! aggregation and collection drivers go on with the other tasks' jobs meanwhile. A Helper that
+//! fails a request once has it retried when the job's backoff ends, not at the next poll.
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,10 +19,19 @@ use duet_core::{Clock, RealClock, Task, VdafInstance};
 use duet_messages::dap09::{Duration, Interval, Query, Time};
 use tokio::sync::{mpsc, watch};
 
+/// What a [`StallingHelper`] does with the requests on its path.
+#[derive(Clone, Copy, PartialEq)]
+enum Stall {
+    /// Holds them without answering until it stops.
+    Hold,
+    /// Answers the first one with 503 at once, and forwards the others.
+    FailOnce,
+}
+
 /// A Helper endpoint on its own port that forwards requests to the real Helper, except the
-/// ones whose path contains `stall_on`: those it holds without answering until it stops. Each
-/// held request is announced on `held` and counted in `holding` while it is outstanding (until
-/// it is answered, or the Leader gives up on it and closes the connection).
+/// ones whose path contains `stall_on`, which it treats as its [`Stall`] says. Each held request
+/// is announced on `held` and counted in `holding` while it is outstanding (until it is
+/// answered, or the Leader gives up on it and closes the connection).
 struct StallingHelper {
     url: url::Url,
     held: mpsc::UnboundedReceiver<()>,
@@ -49,6 +58,10 @@ impl Drop for Held {
 
 impl StallingHelper {
     async fn start(helper: &url::Url, stall_on: &'static str) -> Self {
+        Self::start_with(helper, stall_on, Stall::Hold).await
+    }
+
+    async fn start_with(helper: &url::Url, stall_on: &'static str, stall: Stall) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -63,13 +76,22 @@ impl StallingHelper {
         let (stopped, stop_rx) = watch::channel(false);
         let holding = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&holding);
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let forward = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
             let (helper, http, held_tx) = (helper.clone(), http.clone(), held_tx.clone());
             let mut stop_rx = stop_rx.clone();
             let counter = Arc::clone(&counter);
+            let failed = Arc::clone(&failed);
             async move {
                 let path = uri.path().trim_start_matches("/helper/");
-                if path.contains(stall_on) {
+                if path.contains(stall_on)
+                    && stall == Stall::FailOnce
+                    && !failed.swap(true, Ordering::SeqCst)
+                {
+                    let _ = held_tx.send(());
+                    return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                }
+                if path.contains(stall_on) && stall == Stall::Hold {
                     let _held = Held::new(&counter);
                     let _ = held_tx.send(());
                     let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -272,4 +294,46 @@ async fn a_stalled_collection_does_not_hold_back_other_collections() {
     s.stalling.wait_held().await;
 
     collect_while_held(h, s.stalling, &s.task, s.collector_key, s.start, 2).await;
+}
+
+/// A Leader that never polls (a ten-minute interval), so that only wake-ups and the retry
+/// timers drive its jobs, and a task whose Helper fails the first request on `fail_on`; returns
+/// the collected result of two Prio3Count reports, each a 1.
+async fn collect_after_one_failure(fail_on: &'static str) -> u64 {
+    let h = Harness::start_with(AggregatorConfig {
+        polling_interval_ms: 600_000,
+        ..AggregatorConfig::default()
+    })
+    .await;
+    let vdaf = VdafInstance::Prio3Count;
+    let mut flaky = StallingHelper::start_with(&h.helper_url, fail_on, Stall::FailOnce).await;
+    let (task, collector_key) = h.task_via(vdaf.clone(), 2, &flaky.url).await;
+    let start = RealClock.now().round_down(task.time_precision);
+    let one = vdaf.parse_measurement("1").expect("measurement");
+    let client = client(&task, &vdaf).await;
+    for _ in 0..2 {
+        client.upload(&one).await.expect("upload");
+    }
+    let result = collector(&task, collector_key, &vdaf)
+        .collect(two_hours_from(start), COLLECT_TIMEOUT)
+        .await
+        .expect("collected once the failed request was retried");
+    flaky.wait_held().await;
+    flaky.stop().await;
+    h.stop().await;
+    assert_eq!(result.report_count, 2);
+    result.report_count
+}
+
+/// An aggregation job whose Helper request failed is leased again when its backoff ends: the
+/// driver does not wait for its next poll, which here never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_aggregation_job_is_retried_when_its_backoff_ends() {
+    assert_eq!(collect_after_one_failure("aggregation_jobs").await, 2);
+}
+
+/// Likewise a collection job whose aggregate-share request failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_collection_job_is_retried_when_its_backoff_ends() {
+    assert_eq!(collect_after_one_failure("aggregate_shares").await, 2);
 }

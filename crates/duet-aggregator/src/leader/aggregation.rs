@@ -71,6 +71,7 @@ pub(super) async fn run_aggregation_driver(
     // leads to the next one, not a finished job.
     let mut drained = false;
     let mut poll = super::poll_timer(&cfg);
+    let mut retry = super::RetryTimer::default();
     loop {
         if !drained && running.len() < limit {
             let wanted = limit - running.len();
@@ -97,8 +98,13 @@ pub(super) async fn run_aggregation_driver(
             continue;
         }
         tokio::select! {
-            Some(_) = running.join_next(), if !running.is_empty() => {}
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                if let Ok(Some(at)) = done {
+                    retry.retry_at(at, leader.shared.clock.now());
+                }
+            }
             _ = leader.wake_aggregation.notified() => drained = false,
+            _ = retry.due() => drained = false,
             _ = poll.tick() => drained = false,
             _ = shutdown.changed() => {
                 while running.join_next().await.is_some() {}
@@ -108,15 +114,18 @@ pub(super) async fn run_aggregation_driver(
     }
 }
 
-async fn step_job(leader: &Leader, mut job: AcquiredAggregationJob) {
+/// Runs one leased job to its end, a retry or its abandonment; returns when a job released for a
+/// retry is due again.
+async fn step_job(leader: &Leader, mut job: AcquiredAggregationJob) -> Option<Time> {
     let store = &leader.shared.store;
     let metrics = &leader.shared.metrics;
     let result = run_job(leader, &mut job).await;
+    let mut retry = None;
     let (outcome, counted) = match result {
         Ok(()) => {
             metrics.aggregation_job(AggregationOutcome::Finished);
             leader.wake_collection.notify_one();
-            return;
+            return None;
         }
         Err(JobFailure::Retry(reason))
             if job.lease.attempts < leader.shared.config.max_job_attempts =>
@@ -124,10 +133,11 @@ async fn step_job(leader: &Leader, mut job: AcquiredAggregationJob) {
             let backoff = 1u64 << job.lease.attempts.min(6);
             tracing::warn!(job = %job.job_id, %reason, attempt = job.lease.attempts, "aggregation job will be retried");
             let retry_at = Time(leader.shared.clock.now().0 + backoff);
-            (
-                store.release_aggregation_job(&job, retry_at).await,
-                AggregationOutcome::Retried,
-            )
+            let released = store.release_aggregation_job(&job, retry_at).await;
+            if released.is_ok() {
+                retry = Some(retry_at);
+            }
+            (released, AggregationOutcome::Retried)
         }
         Err(JobFailure::Retry(reason)) | Err(JobFailure::Abandon(reason)) => {
             tracing::error!(job = %job.job_id, %reason, "abandoning aggregation job");
@@ -144,6 +154,7 @@ async fn step_job(leader: &Leader, mut job: AcquiredAggregationJob) {
         }
     }
     leader.wake_collection.notify_one();
+    retry
 }
 
 enum JobFailure {

@@ -217,6 +217,7 @@ pub(super) async fn run_collection_driver(
     let mut wakeups: u64 = 0;
     let mut pass = true;
     let mut poll = super::poll_timer(&cfg);
+    let mut retry = super::RetryTimer::default();
     loop {
         let free = COLLECTION_SLOTS.saturating_sub(running.len());
         if pass && free > 0 {
@@ -232,10 +233,7 @@ pub(super) async fn run_collection_driver(
                     for job in jobs {
                         let leader = Arc::clone(&leader);
                         let leased_at = wakeups;
-                        running.spawn(async move {
-                            step_job(&leader, job).await;
-                            leased_at
-                        });
+                        running.spawn(async move { (leased_at, step_job(&leader, job).await) });
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "acquiring collection jobs failed"),
@@ -243,7 +241,10 @@ pub(super) async fn run_collection_driver(
         }
         tokio::select! {
             Some(done) = running.join_next(), if !running.is_empty() => {
-                if done.map_or(true, |leased_at| leased_at < wakeups) {
+                if let Ok((_, Some(at))) = done {
+                    retry.retry_at(at, leader.shared.clock.now());
+                }
+                if done.map_or(true, |(leased_at, _)| leased_at < wakeups) {
                     pass = true;
                 }
             }
@@ -251,6 +252,7 @@ pub(super) async fn run_collection_driver(
                 wakeups += 1;
                 pass = true;
             }
+            _ = retry.due() => pass = true,
             _ = poll.tick() => pass = true,
             _ = shutdown.changed() => {
                 while running.join_next().await.is_some() {}
@@ -271,10 +273,13 @@ enum Step {
     Finished(Collection),
 }
 
-async fn step_job(leader: &Leader, job: AcquiredCollectionJob) {
+/// Takes one step of a leased collection job; returns when a job released for a retry is due
+/// again.
+async fn step_job(leader: &Leader, job: AcquiredCollectionJob) -> Option<Time> {
     let store = &leader.shared.store;
     let now = leader.shared.clock.now();
     let metrics = &leader.shared.metrics;
+    let mut retry = None;
     let outcome = match run_job(leader, &job).await {
         Ok(Step::Finished(c)) => {
             let r = store
@@ -289,9 +294,9 @@ async fn step_job(leader: &Leader, job: AcquiredCollectionJob) {
         Ok(Step::NotReady) => store.release_collection_job(&job, now).await,
         Ok(Step::Retry(reason)) if job.lease.attempts < leader.shared.config.max_job_attempts => {
             tracing::warn!(job = %job.job.id, %reason, "collection job will be retried");
-            store
-                .release_collection_job(&job, Time(now.0 + (1u64 << job.lease.attempts.min(6))))
-                .await
+            let at = Time(now.0 + (1u64 << job.lease.attempts.min(6)));
+            retry = Some(at);
+            store.release_collection_job(&job, at).await
         }
         Ok(Step::Retry(reason) | Step::Abandon(reason)) => {
             tracing::error!(job = %job.job.id, %reason, "abandoning collection job");
@@ -305,12 +310,15 @@ async fn step_job(leader: &Leader, job: AcquiredCollectionJob) {
         }
         Err(e) => {
             tracing::error!(job = %job.job.id, error = %e, "collection job step failed");
+            retry = Some(Time(now.0 + 1));
             store.release_collection_job(&job, Time(now.0 + 1)).await
         }
     };
     if let Err(e) = outcome {
         tracing::error!(job = %job.job.id, error = %e, "recording a collection job's state failed");
+        return None;
     }
+    retry
 }
 
 async fn run_job(leader: &Leader, acquired: &AcquiredCollectionJob) -> Result<Step, StoreError> {

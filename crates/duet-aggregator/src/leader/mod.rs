@@ -152,6 +152,37 @@ impl Leader {
     }
 }
 
+/// When the earliest job a driver released for a retry becomes due again, so that the driver
+/// leases it then rather than at its next poll (which may be much later). Jobs other replicas
+/// release are still found by the poll.
+#[derive(Default)]
+pub(super) struct RetryTimer {
+    due: Option<(Time, std::pin::Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl RetryTimer {
+    /// Notes a job released until `at`; the timer keeps the earliest.
+    pub(super) fn retry_at(&mut self, at: Time, now: Time) {
+        if self.due.as_ref().is_some_and(|(due, _)| *due <= at) {
+            return;
+        }
+        // Job times are whole seconds: a job released until `at` is leased from `at.0` on.
+        let wait = std::time::Duration::from_secs(at.0.saturating_sub(now.0));
+        self.due = Some((at, Box::pin(tokio::time::sleep(wait))));
+    }
+
+    /// Resolves when the earliest noted retry is due (never, if none is), and forgets it.
+    pub(super) async fn due(&mut self) {
+        match self.due.as_mut() {
+            Some((_, sleep)) => {
+                sleep.await;
+                self.due = None;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// The drivers' polling timer, first due one polling interval from now. An interval rather than
 /// a sleep per pass, so that jobs finishing all the time do not put off the next poll.
 pub(super) fn poll_timer(cfg: &AggregatorConfig) -> tokio::time::Interval {
