@@ -8,6 +8,7 @@
 //! jobs), [`collection`] (collection jobs), [`helper`] (Helper jobs and aggregate shares), and
 //! [`replay`] (both roles' sets of report IDs taken in).
 
+mod checkpoint;
 mod collection;
 mod helper;
 mod leader;
@@ -77,6 +78,8 @@ pub struct SqliteDatastore {
     role: AggregatorRole,
     /// The report IDs each role has taken in (see [`replay`]).
     replay: Arc<replay::ReplaySets>,
+    /// A file database's checkpoints of its write-ahead log (see [`checkpoint`]).
+    checkpointer: Option<Arc<checkpoint::Checkpointer>>,
 }
 
 /// The writer connection for one statement that is atomic on its own (SQLite's autocommit): no
@@ -104,9 +107,12 @@ impl SqliteDatastore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true)
-            // Checkpoint the WAL less often: hot pages (job rows, aggregates, index pages) are
-            // then copied back once per checkpoint instead of many times.
-            .pragma("wal_autocheckpoint", "16384")
+            // The log is checkpointed by a task of its own (see [`checkpoint`]); the writer only
+            // if that task falls far behind.
+            .pragma("wal_autocheckpoint", checkpoint::WRITER_FALLBACK_PAGES)
+            // Once the log starts over, its file is cut back to 64 MiB: a burst of large
+            // reports does not leave a log file of a second's writes behind for good.
+            .pragma("journal_size_limit", "67108864")
             // A small page cache (8 MiB per connection): reads of the database file go through
             // the memory map, a write by one connection empties every other connection's cache
             // anyway, and each commit walks the writer's whole cache (a 64 MiB cache cost about
@@ -127,17 +133,27 @@ impl SqliteDatastore {
         )
         .await?;
         run_migrations(&pool).await?;
-        let writer = if in_memory {
-            Writer::Pooled(pool.clone(), Arc::default())
+        let (writer, checkpointer) = if in_memory {
+            (Writer::Pooled(pool.clone(), Arc::default()), None)
         } else {
             // Room for an upload statement per batch size besides the job statements.
-            Writer::open(&options.statement_cache_capacity(WRITER_STATEMENT_CACHE)).await?
+            let writer = Writer::open(
+                &options
+                    .clone()
+                    .statement_cache_capacity(WRITER_STATEMENT_CACHE),
+            )
+            .await?;
+            (
+                writer,
+                Some(checkpoint::Checkpointer::start(&options).await?),
+            )
         };
         Ok(SqliteDatastore {
             pool,
             writer,
             role: AggregatorRole::Leader,
             replay: Arc::default(),
+            checkpointer,
         })
     }
 
@@ -148,6 +164,7 @@ impl SqliteDatastore {
             writer: self.writer.clone(),
             role,
             replay: Arc::clone(&self.replay),
+            checkpointer: self.checkpointer.clone(),
         }
     }
 
@@ -158,6 +175,9 @@ impl SqliteDatastore {
 
     /// Closes the pool (all handles on it), waiting for connections to finish.
     pub async fn close(&self) {
+        if let Some(checkpointer) = &self.checkpointer {
+            checkpointer.close().await;
+        }
         self.writer.close().await;
         self.pool.close().await;
     }
@@ -502,6 +522,7 @@ impl Datastore for SqliteDatastore {
             "cache_size",
             "mmap_size",
             "wal_autocheckpoint",
+            "journal_size_limit",
         ] {
             // An in-memory database has no memory map: that pragma returns no row.
             let Some(value): Option<sqlx::sqlite::SqliteRow> =
