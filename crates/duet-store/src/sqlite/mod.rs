@@ -111,7 +111,7 @@ impl SqliteDatastore {
             // if that task falls far behind.
             .pragma("wal_autocheckpoint", checkpoint::WRITER_FALLBACK_PAGES)
             // Once the log starts over, its file is cut back to 64 MiB: a burst of large
-            // reports does not leave a log file of a second's writes behind for good.
+            // reports does not leave a large log file behind for good.
             .pragma("journal_size_limit", "67108864")
             // A small page cache (8 MiB per connection): reads of the database file go through
             // the memory map, a write by one connection empties every other connection's cache
