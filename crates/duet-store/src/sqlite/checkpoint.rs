@@ -4,11 +4,18 @@
 //! threshold: here the writer, which then copies the log's pages back into the database file and
 //! syncs the file while every other write of the process waits for it. With large reports that
 //! was most of the writer's time (a Prio3SumVec(1000) report is about 17 kB). Instead a task of
-//! its own runs a `PASSIVE` checkpoint on a connection of its own every [`INTERVAL`]: it copies
-//! the pages no reader still needs and syncs the file without taking the write lock, so writes
-//! go on meanwhile. The writer keeps an automatic checkpoint at [`WRITER_FALLBACK_PAGES`], far
-//! above what the task leaves, in case the task falls behind.
+//! its own runs a `PASSIVE` checkpoint on a connection of its own once the log holds
+//! [`THRESHOLD_PAGES`] pages not yet copied back, as the writer did (hot pages, such as job rows
+//! and index pages, are then copied once per that much writing), or once [`IDLE`] has passed
+//! with some left. A `PASSIVE` checkpoint copies the pages no reader still needs and syncs the
+//! file without taking the write lock, so writes go on meanwhile. The task reads the log's
+//! length every [`TICK`] from the header of SQLite's WAL index (the `-shm` file, whose layout
+//! the SQLite file-format documentation specifies); if that cannot be read, it checkpoints every
+//! [`IDLE`]. The writer keeps an automatic checkpoint at [`WRITER_FALLBACK_PAGES`], far above
+//! what the task leaves, in case the task falls behind.
 
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,11 +27,12 @@ use tokio::task::JoinHandle;
 use super::retry_busy;
 use crate::StoreError;
 
-/// How often the task checkpoints. Each checkpoint copies the pages written since the last one
-/// (a page written many times in between is copied once) and syncs the database file. Every
-/// second instead took about 10 % more uploads a second of the larger reports, but end to end
-/// lost 2–5 % with them (larger bursts of copying, a longer log for readers to search).
-const INTERVAL: Duration = Duration::from_millis(250);
+/// Pages not yet copied back at which the task checkpoints (64 MiB of 4 KiB pages).
+const THRESHOLD_PAGES: u32 = 16_384;
+/// How often the task reads the log's length.
+const TICK: Duration = Duration::from_millis(50);
+/// How long pages may wait, below the threshold, before the task copies them back anyway.
+const IDLE: Duration = Duration::from_secs(2);
 
 /// The log's length, in pages, at which the writer checkpoints by itself (SQLite's automatic
 /// checkpoint): only if the task has fallen this far behind (1 GiB of 4 KiB pages).
@@ -42,8 +50,10 @@ impl Checkpointer {
     /// Opens the task's connection (retrying while the file is busy) and starts it.
     pub(super) async fn start(options: &SqliteConnectOptions) -> Result<Arc<Self>, StoreError> {
         let conn = retry_busy(|| SqliteConnection::connect_with(options)).await?;
+        let mut shm = options.get_filename().as_os_str().to_owned();
+        shm.push("-shm");
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(conn, stopped));
+        let task = tokio::spawn(run(conn, PathBuf::from(shm), stopped));
         Ok(Arc::new(Checkpointer {
             stop,
             task: Mutex::new(Some(task)),
@@ -67,15 +77,51 @@ impl Drop for Checkpointer {
     }
 }
 
-/// Checkpoints every [`INTERVAL`] until told to stop (or the sender is gone).
-async fn run(mut conn: SqliteConnection, mut stopped: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(INTERVAL);
+/// Pages in the log not yet copied back into the database file, from the WAL index's header:
+/// `mxFrame` (the log's last valid frame) at byte 16 of the header, which is stored twice (bytes
+/// 0–47 and 48–95; they differ while a writer updates them), and `nBackfill` (frames already
+/// copied back) at byte 96, all in the machine's byte order. `None` if the file cannot be read,
+/// is not a version 3007000 index, or is being updated.
+fn pending_pages(shm: &std::fs::File) -> Option<u32> {
+    let mut header = [0u8; 100];
+    shm.read_exact_at(&mut header, 0).ok()?;
+    let word = |at: usize| {
+        let mut bytes = [0u8; 4];
+        bytes.copy_from_slice(&header[at..at + 4]);
+        u32::from_ne_bytes(bytes)
+    };
+    if word(0) != 3_007_000 || header[..48] != header[48..96] {
+        return None;
+    }
+    Some(word(16).saturating_sub(word(96)))
+}
+
+/// Checkpoints as the module docs say, until told to stop (or the sender is gone).
+async fn run(mut conn: SqliteConnection, shm: PathBuf, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut index = None;
+    // Ticks since the last checkpoint.
+    let mut waited: u32 = 0;
+    let idle_ticks = (IDLE.as_millis() / TICK.as_millis()) as u32;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stopped.wait_for(|stop| *stop) => break,
         }
+        waited = waited.saturating_add(1);
+        if index.is_none() {
+            index = std::fs::File::open(&shm).ok();
+        }
+        let pending = index.as_ref().and_then(pending_pages);
+        let due = match pending {
+            Some(pages) => pages >= THRESHOLD_PAGES || (pages > 0 && waited >= idle_ticks),
+            None => waited >= idle_ticks,
+        };
+        if !due {
+            continue;
+        }
+        waited = 0;
         // `PASSIVE` never waits for readers or the writer: it copies what it can. A busy
         // checkpoint lock (another process checkpointing the same file) is reported in the
         // result row, not as an error.
@@ -126,10 +172,13 @@ mod tests {
             .expect("fill");
         }
         assert!(wal.exists(), "the writes went to the log");
-        // The task checkpoints once a second; allow it many times that.
+        let shm = std::fs::File::open(dir.path().join("checkpointed.sqlite-shm")).expect("shm");
+        let pending = super::pending_pages(&shm).expect("the WAL index's header");
+        assert!(pending >= PAGES as u32, "{pending} pages in the log");
+        // Below the threshold, the task copies the pages back after `IDLE`; allow it much more.
         let grown = (before + (PAGES as u64) * 4000).min(before + 3_000_000);
         let mut copied = false;
-        for _ in 0..200 {
+        for _ in 0..300 {
             if std::fs::metadata(&path).expect("file").len() >= grown {
                 copied = true;
                 break;
