@@ -143,28 +143,13 @@ pub(super) fn start_server(
     std::thread::spawn(move || {
         let mut buf = Vec::new();
         while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-            if let Some(log) = log.as_mut() {
-                // A log that can no longer be written is dropped; the server runs on.
-                if log.write_all(&buf).is_err() {
-                    log_failed();
-                    return drain(reader);
-                }
+            // A log that can no longer be written is dropped; the server runs on.
+            if log.as_mut().is_some_and(|log| log.write_all(&buf).is_err()) {
+                eprintln!("warning: could not write a server log; the rest of it is discarded");
+                log = None;
             }
             buf.clear();
         }
     });
     Ok((server, base))
-}
-
-/// Reports, once per server, that its log file could not be written.
-fn log_failed() {
-    eprintln!("warning: could not write a server log; the rest of it is discarded");
-}
-
-/// Reads a server's output to its end, discarding it.
-fn drain(mut reader: BufReader<std::process::ChildStderr>) {
-    let mut buf = Vec::new();
-    while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-        buf.clear();
-    }
 }
