@@ -20,7 +20,7 @@ use duet_messages::dap09::{Duration, Interval, Query, Time};
 use tokio::sync::{mpsc, watch};
 
 /// What a [`StallingHelper`] does with the requests on its path.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Stall {
     /// Holds them without answering until it stops.
     Hold,
@@ -84,18 +84,20 @@ impl StallingHelper {
             let failed = Arc::clone(&failed);
             async move {
                 let path = uri.path().trim_start_matches("/helper/");
-                if path.contains(stall_on)
-                    && stall == Stall::FailOnce
-                    && !failed.swap(true, Ordering::SeqCst)
-                {
-                    let _ = held_tx.send(());
-                    return StatusCode::SERVICE_UNAVAILABLE.into_response();
-                }
-                if path.contains(stall_on) && stall == Stall::Hold {
-                    let _held = Held::new(&counter);
-                    let _ = held_tx.send(());
-                    let _ = stop_rx.wait_for(|stop| *stop).await;
-                    return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                if path.contains(stall_on) {
+                    match stall {
+                        Stall::Hold => {
+                            let _held = Held::new(&counter);
+                            let _ = held_tx.send(());
+                            let _ = stop_rx.wait_for(|stop| *stop).await;
+                            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                        }
+                        Stall::FailOnce if !failed.swap(true, Ordering::SeqCst) => {
+                            let _ = held_tx.send(());
+                            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                        }
+                        Stall::FailOnce => {}
+                    }
                 }
                 let url = helper.join(path).expect("path");
                 let mut req = http.request(method, url).body(body);

@@ -310,8 +310,9 @@ async fn step_job(leader: &Leader, job: AcquiredCollectionJob) -> Option<Time> {
         }
         Err(e) => {
             tracing::error!(job = %job.job.id, error = %e, "collection job step failed");
-            retry = Some(Time(now.0 + 1));
-            store.release_collection_job(&job, Time(now.0 + 1)).await
+            let at = Time(now.0 + 1);
+            retry = Some(at);
+            store.release_collection_job(&job, at).await
         }
     };
     if let Err(e) = outcome {

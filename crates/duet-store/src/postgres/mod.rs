@@ -605,13 +605,12 @@ impl Datastore for PostgresDatastore {
     }
 
     async fn settings(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let names: Vec<&str> = SETTINGS.to_vec();
         let rows: Vec<(String, String)> = sqlx::query_as(
             "-- settings\n\
              SELECT n, current_setting(n) FROM UNNEST($1::text[]) WITH ORDINALITY AS s(n, i) \
              ORDER BY i",
         )
-        .bind(&names)
+        .bind(&SETTINGS[..])
         .fetch_all(&self.pool)
         .await
         .map_err(|e| StoreError::Database(e.to_string()))?;

@@ -78,23 +78,13 @@ impl BenchVdaf {
             Self::Sumvec => "Prio3SumVec(1000)",
         }
     }
-
-    /// The VDAF as its `--vdaf` value, for file names.
-    fn file_name(self) -> &'static str {
-        match self {
-            Self::Count => "count",
-            Self::Histogram => "histogram",
-            Self::Sumvec => "sumvec",
-        }
-    }
 }
 
-/// The backend as its `--backend` value.
-fn backend_name(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Sqlite => "sqlite",
-        Backend::Postgres => "postgres",
-    }
+/// A flag value as written on the command line (`sqlite`, `sumvec`, …).
+fn flag_value(value: impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_owned())
 }
 
 /// `duet bench` flags.
@@ -134,7 +124,7 @@ pub struct Args {
 /// One run's figures.
 #[derive(serde::Serialize)]
 struct Run {
-    backend: &'static str,
+    backend: String,
     vdaf: &'static str,
     reports: usize,
     history: usize,
@@ -216,28 +206,14 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     // The Helper for the whole run, and first a Leader that only serves uploads: the task names
     // it, and the client reads the Leader's HPKE config from it (the full Leader started later
     // has the same keys, from the same database).
-    let log = |role: &str| {
-        args.server_logs.as_ref().map(|dir| {
-            dir.join(format!(
-                "{}-{}-{role}.log",
-                backend_name(backend),
-                which.file_name()
-            ))
-        })
-    };
-    let (helper_log, api_log, leader_log) = (log("helper"), log("leader-api"), log("leader"));
-    let (helper_server, helper_base) = start_server(
-        dir.path(),
-        &helper_db,
-        ServerRole::Helper,
-        helper_log.as_deref(),
-    )?;
-    let (api_server, base) = start_server(
-        dir.path(),
-        &leader_db,
-        ServerRole::Leader { jobs: false },
-        api_log.as_deref(),
-    )?;
+    let prefix = format!("{}-{}", flag_value(backend), flag_value(which));
+    let logs = args
+        .server_logs
+        .as_deref()
+        .map(|dir| (dir, prefix.as_str()));
+    let start = |database: &str, role| start_server(dir.path(), database, role, logs);
+    let (helper_server, helper_base) = start(&helper_db, ServerRole::Helper)?;
+    let (api_server, base) = start(&leader_db, ServerRole::Leader { jobs: false })?;
     let leader_url = format!("{base}/leader/");
     let helper_url = format!("{helper_base}/helper/");
 
@@ -338,12 +314,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
 
     // The same reports, end to end, through a full Leader. (The Helper's copy of the task still
     // names the first Leader, which the Helper never contacts.)
-    let (server, base) = start_server(
-        dir.path(),
-        &leader_db,
-        ServerRole::Leader { jobs: true },
-        leader_log.as_deref(),
-    )?;
+    let (server, base) = start(&leader_db, ServerRole::Leader { jobs: true })?;
     let mut task = task;
     task.leader_endpoint = format!("{base}/leader/").parse()?;
     leader_store.put_task(&task).await?;
@@ -386,7 +357,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     drop((server, helper_server));
     let e2e = n as f64 / total;
     Ok(Run {
-        backend: backend_name(backend),
+        backend: flag_value(backend),
         vdaf: which.name(),
         reports: n,
         history: args.history,
@@ -487,8 +458,8 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
         }
         let mut shown = Vec::new();
         for r in &runs {
-            if !shown.contains(&r.backend) {
-                shown.push(r.backend);
+            if !shown.contains(&&r.backend) {
+                shown.push(&r.backend);
                 let settings: Vec<String> = r
                     .database
                     .iter()

@@ -74,13 +74,16 @@ pub(super) enum ServerRole {
     Helper,
 }
 
-/// Starts `duet serve` in `role` on `database`; returns it and its base URL. With `log`, every
-/// line the server writes to its standard error is appended to that file.
+/// Where a run's servers keep their logs: a directory, and the run's prefix for file names.
+pub(super) type ServerLogs<'a> = Option<(&'a Path, &'a str)>;
+
+/// Starts `duet serve` in `role` on `database`; returns it and its base URL. With `logs`, every
+/// line the server writes to its standard error is appended to `<prefix>-<role>.log` there.
 pub(super) fn start_server(
     dir: &Path,
     database: &str,
     role: ServerRole,
-    log: Option<&Path>,
+    logs: ServerLogs<'_>,
 ) -> Result<(ServerProcess, String)> {
     let (name, section) = match role {
         ServerRole::Leader { jobs } => (
@@ -109,14 +112,17 @@ pub(super) fn start_server(
         .context("could not start `duet serve`")?;
     let stderr = child.stderr.take().context("no stderr")?;
     let server = ServerProcess(child);
-    let mut log = match log {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open the server log {}", path.display()))?,
-        ),
+    let mut log = match logs {
+        Some((logs, prefix)) => {
+            let path = logs.join(format!("{prefix}-{name}.log"));
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("cannot open the server log {}", path.display()))?,
+            )
+        }
         None => None,
     };
     let mut reader = BufReader::new(stderr);
