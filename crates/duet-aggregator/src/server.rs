@@ -109,6 +109,12 @@ pub async fn run_with(
     let mut leader_handle = None;
     // One set of counters for both roles.
     let metrics = Arc::new(Metrics::default());
+    for rc in roles.leader.iter().chain(&roles.helper) {
+        // Only an optimisation: a store that fails to warm up still serves.
+        if let Err(e) = rc.store.warm_up().await {
+            tracing::warn!(error = %e, "warming up the datastore failed");
+        }
+    }
     if let Some(rc) = roles.leader {
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(120))

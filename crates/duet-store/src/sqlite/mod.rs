@@ -148,11 +148,13 @@ impl SqliteDatastore {
                 Some(checkpoint::Checkpointer::start(&options).await?),
             )
         };
+        // An in-memory database has one connection, which a filter's build would hold.
+        let replay = Arc::new(replay::ReplaySets::new((!in_memory).then_some(&pool)));
         Ok(SqliteDatastore {
             pool,
             writer,
             role: AggregatorRole::Leader,
-            replay: Arc::default(),
+            replay,
             checkpointer,
         })
     }
@@ -175,6 +177,7 @@ impl SqliteDatastore {
 
     /// Closes the pool (all handles on it), waiting for connections to finish.
     pub async fn close(&self) {
+        self.replay.stop();
         if let Some(checkpointer) = &self.checkpointer {
             checkpointer.close().await;
         }
@@ -494,6 +497,13 @@ impl Datastore for SqliteDatastore {
 
     async fn close(&self) {
         SqliteDatastore::close(self).await;
+    }
+
+    async fn warm_up(&self) -> Result<(), StoreError> {
+        match self.role {
+            AggregatorRole::Leader => self.replay.leader.warm_up().await,
+            AggregatorRole::Helper => self.replay.helper.warm_up().await,
+        }
     }
 
     async fn health_check(&self) -> Result<(), StoreError> {

@@ -17,13 +17,16 @@
 //! write lock, so the check sees every committed ID. The set only ever holds IDs some
 //! transaction committed, so a stale set can miss a replay (outside a write transaction, where
 //! callers re-check) but never invent one.
+//!
+//! In a write transaction, a Bloom filter of the sorted table (see [`filter`]) spares the probe
+//! of an ID the table cannot hold.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use duet_messages::dap09::{ReportId, TaskId};
-use sqlx::SqliteConnection;
+use sqlx::{SqliteConnection, SqlitePool};
 
 use super::{col, col_array, db, list_placeholders, values_placeholders, MAX_BIND_PARAMS};
 use crate::StoreError;
@@ -41,12 +44,25 @@ pub(super) struct ReplaySets {
     pub helper: ReplayLog,
 }
 
-impl Default for ReplaySets {
-    fn default() -> Self {
+impl ReplaySets {
+    /// Both roles' sets; their filters are built from `pool`, or (`None`) never used.
+    pub(super) fn new(pool: Option<&SqlitePool>) -> Self {
         ReplaySets {
-            leader: ReplayLog::new("leader", "report_id_log", "report_ids", true),
-            helper: ReplayLog::new("helper", "helper_report_id_log", "helper_report_ids", false),
+            leader: ReplayLog::new("leader", "report_id_log", "report_ids", true, pool),
+            helper: ReplayLog::new(
+                "helper",
+                "helper_report_id_log",
+                "helper_report_ids",
+                false,
+                pool,
+            ),
         }
+    }
+
+    /// Stops the filters' background builds.
+    pub(super) fn stop(&self) {
+        self.leader.filter.stop();
+        self.helper.filter.stop();
     }
 }
 
@@ -64,6 +80,11 @@ pub(super) struct ReplayLog {
     merge_at: AtomicI64,
     merge_slices: AtomicI64,
     recent: Mutex<Recent>,
+    /// The sorted table's filter.
+    filter: filter::Filter,
+    /// IDs probed in the sorted table so far.
+    #[cfg(test)]
+    probed: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for ReplayLog {
@@ -115,7 +136,13 @@ pub(super) struct Entry {
 }
 
 impl ReplayLog {
-    fn new(name: &'static str, log: &'static str, table: &'static str, with_seq: bool) -> Self {
+    fn new(
+        name: &'static str,
+        log: &'static str,
+        table: &'static str,
+        with_seq: bool,
+        pool: Option<&SqlitePool>,
+    ) -> Self {
         ReplayLog {
             name,
             log,
@@ -124,6 +151,13 @@ impl ReplayLog {
             merge_at: AtomicI64::new(MERGE_AT),
             merge_slices: AtomicI64::new(MERGE_SLICES),
             recent: Mutex::new(Recent::default()),
+            filter: filter::Filter::new(pool.map(|pool| filter::Source {
+                pool: pool.clone(),
+                name,
+                table,
+            })),
+            #[cfg(test)]
+            probed: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -139,6 +173,11 @@ impl ReplayLog {
         // The set is only ever added to or cleared whole, so a panic elsewhere while it was
         // locked cannot leave it inconsistent.
         self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Builds the sorted table's filter now (see [`filter::Filter::warm_up`]).
+    pub(super) async fn warm_up(&self) -> Result<(), StoreError> {
+        self.filter.warm_up().await
     }
 
     /// Drops a deleted task's IDs from the memory set (other processes reread the log, whose
@@ -161,7 +200,8 @@ impl ReplayLog {
 
     /// [`ReplayLog::known`]; `writing` is the merge state read by the write transaction this
     /// runs in, if it does. Outside one, the IDs missing from the table are remembered in
-    /// [`Probed`]; inside one, IDs remembered under the same state are not probed again.
+    /// [`Probed`]; inside one, IDs remembered under the same state are not probed again, nor
+    /// IDs the filter does not hold if it covers that state.
     async fn lookup(
         &self,
         conn: &mut SqliteConnection,
@@ -186,9 +226,14 @@ impl ReplayLog {
                 }
             }
         }
+        if let Some(state) = writing {
+            self.filter.may_contain(state, &mut probe);
+        }
         // In key order, so that consecutive probes share the upper pages of the tree.
         probe.sort_unstable_by_key(|id| id.0);
         probe.dedup();
+        #[cfg(test)]
+        self.probed.fetch_add(probe.len(), Ordering::Relaxed);
         // One statement per chunk reads the merge state and probes the table in one snapshot.
         let mut states = HashSet::new();
         let chunk_len = MAX_BIND_PARAMS - 2;
@@ -255,6 +300,7 @@ impl ReplayLog {
         .map_err(db)?;
         let generation: i64 = col(&row, "generation")?;
         let merge_slice: i64 = col(&row, "merge_slice")?;
+        self.filter.observe((generation, merge_slice));
         let watermark = {
             let mut recent = self.recent();
             if recent.generation != Some(generation) {
@@ -421,6 +467,8 @@ impl<'a> Intake<'a> {
     ) -> Result<Admitted<'a>, StoreError> {
         let log = self.log;
         let slices = log.merge_slices.load(Ordering::Relaxed).clamp(1, 256);
+        // The merge state this transaction found.
+        let from = (self.generation, self.merge_slice);
         if self.merge_slice == 0
             && self.appended_to - self.merge_mark >= log.merge_at.load(Ordering::Relaxed)
         {
@@ -428,6 +476,7 @@ impl<'a> Intake<'a> {
             self.merge_mark = self.appended_to;
         }
         let mut ended = false;
+        let mut filter_step = None;
         if self.merge_slice > 0 {
             // Slice k (from 1) holds the IDs whose first byte is in [lo, hi); the last slice is
             // unbounded above.
@@ -467,6 +516,23 @@ impl<'a> Intake<'a> {
             }
             ended = slice == slices;
             self.merge_slice = if ended { 0 } else { slice + 1 };
+            if log.filter.wants_merge_from(from) {
+                // The slice moved the log's IDs in its range, all of which the memory set (synced
+                // when this transaction began) or this transaction's admissions hold.
+                let in_slice =
+                    |id: &&ReportId| id.0[0] >= lo[0] && hi.is_none_or(|hi| id.0[0] < hi[0]);
+                let recent = log.recent();
+                let moved: Vec<ReportId> = recent
+                    .ids
+                    .values()
+                    .chain(self.admitted.values())
+                    .flatten()
+                    .filter(in_slice)
+                    .copied()
+                    .collect();
+                let to = (self.generation + i64::from(ended), self.merge_slice);
+                filter_step = Some((from, to, moved));
+            }
             sqlx::query(
                 "-- replay_merge\n\
                  UPDATE replay_logs SET merge_slice = ?, merge_mark = ?, \
@@ -487,6 +553,7 @@ impl<'a> Intake<'a> {
             appended_to: self.appended_to,
             admitted: self.admitted,
             merged: ended,
+            filter_step,
         })
     }
 }
@@ -516,6 +583,9 @@ pub(super) struct Admitted<'a> {
     admitted: HashMap<TaskId, HashSet<ReportId>>,
     /// Whether this transaction ended a merge (and bumped the generation).
     merged: bool,
+    /// The merge slice it moved, if the filter wanted it: the state it moved from, the state
+    /// after it, and the moved IDs.
+    filter_step: Option<(MergeState, MergeState, Vec<ReportId>)>,
 }
 
 impl Admitted<'_> {
@@ -524,10 +594,16 @@ impl Admitted<'_> {
     /// past them; otherwise the next transaction rereads them. Skipping this (say, on a
     /// cancelled future) only costs that reread.
     pub(super) fn remember(self) {
+        if let Some((from, to, moved)) = self.filter_step {
+            self.log.filter.advance(from, to, moved);
+        }
         let mut recent = self.log.recent();
         if self.merged {
-            // The merged IDs are in the sorted table: start over from what is left of the log.
-            *recent = Recent::default();
+            // The merged IDs are in the sorted table: start over from what is left of the log,
+            // unless a transaction that began since did so already.
+            if recent.generation == Some(self.generation) {
+                *recent = Recent::default();
+            }
             return;
         }
         if recent.generation != Some(self.generation) {
@@ -542,5 +618,6 @@ impl Admitted<'_> {
     }
 }
 
+mod filter;
 #[cfg(test)]
 mod tests;

@@ -282,3 +282,80 @@ async fn a_merge_between_check_and_write_voids_the_check() {
     a.close().await;
     b.close().await;
 }
+
+/// With its filter warm, a process takes in fresh IDs without probing the sorted table, and
+/// still finds every replay of an ID there: merged by this process, slice by slice (the filter
+/// gains each slice's IDs once it commits), merged by another process (the merge state moved,
+/// so every ID is probed until the filter is built again), or read by a build, in chunks.
+#[tokio::test]
+async fn the_filter_spares_probes_and_hides_no_merged_id() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let a = process(&dir, 4, 2).await;
+    let b = process(&dir, 4, 2).await;
+    let filter = &a.replay.leader.filter;
+    filter.set_build_chunk(2);
+    a.warm_up().await.expect("warm up");
+    let task_id = TaskId::random();
+    // Even-numbered IDs in the low half of the key space (the first slice of a merge), odd ones
+    // in the high half.
+    let ids: Vec<ReportId> = (0..12u8)
+        .map(|i| {
+            let mut id = ReportId::random();
+            id.0[0] = if i % 2 == 0 { i } else { 0x80 | i };
+            id
+        })
+        .collect();
+    let reports = |which: &[usize], payload: u8| -> Vec<NewReport> {
+        which
+            .iter()
+            .map(|&i| NewReport {
+                task_id,
+                report_id: ids[i],
+                time: Time(1000),
+                encoded: vec![payload],
+            })
+            .collect()
+    };
+    let probed = || a.replay.leader.probed.load(Ordering::Relaxed);
+
+    // Nothing is probed in an empty table's filter. The fourth ID starts a merge, whose first
+    // slice moves the low half.
+    assert_eq!(put_and_claim(&a, &reports(&[0, 1, 2, 3], 0)).await, 1);
+    assert_eq!(log_state(&a, &a.replay.leader).await, (2, 2, 0));
+    assert_eq!(probed(), 0);
+    // The next write moves the high half and ends the merge; ID 4 (low) stays logged. The
+    // replays are in the memory set, and the fresh ID is not probed.
+    assert_eq!(put_and_claim(&a, &reports(&[0, 1, 2, 3, 4], 9)).await, 1);
+    assert_eq!(log_state(&a, &a.replay.leader).await, (1, 4, 1));
+    assert_eq!(probed(), 0);
+    assert!(filter.covers((1, 0)));
+    // The memory set starts over after a merge: the merged IDs are found by probing the
+    // table, since the filter holds them; the fresh ID 5 is not probed.
+    assert_eq!(put_and_claim(&a, &reports(&[0, 1, 2, 3, 4, 5], 9)).await, 1);
+    assert_eq!(probed(), 4);
+
+    // B's writes start a merge and move the low half (IDs 4, 6 and 8).
+    assert_eq!(put_and_claim(&b, &reports(&[6, 7, 8], 0)).await, 1);
+    assert_eq!(log_state(&b, &b.replay.leader).await, (2, 7, 1));
+    // A's filter does not cover the state B left: A probes, and finds ID 6 there. (Its write
+    // moves the high half and ends the merge.)
+    assert_eq!(put_and_claim(&a, &reports(&[6], 9)).await, 0);
+    assert_eq!(probed(), 5);
+    assert_eq!(log_state(&a, &a.replay.leader).await, (0, 9, 2));
+    assert!(!filter.covers((2, 0)));
+
+    // Built again, from the table, two IDs a statement: every merged ID is a replay, and
+    // fresh IDs are not probed.
+    filter.settle().await;
+    filter.rebuild().await.expect("rebuild");
+    assert!(filter.covers((2, 0)));
+    assert_eq!(
+        put_and_claim(&a, &reports(&[0, 1, 2, 3, 4, 5, 6, 7, 8], 9)).await,
+        0
+    );
+    let before = probed();
+    assert_eq!(put_and_claim(&a, &reports(&[9, 10, 11], 0)).await, 1);
+    assert_eq!(probed(), before);
+    a.close().await;
+    b.close().await;
+}
