@@ -314,9 +314,10 @@ fn bench_json(mut command: Command, args: &[&str]) -> String {
     stdout
 }
 
-/// `duet bench` with a verbose `RUST_LOG`: the servers it starts log before they serve, and the
-/// bench still finds their addresses. With `--server-logs` (a directory it creates) each
-/// server's whole log goes to a file of its own.
+/// `duet bench` with a verbose `RUST_LOG` and older reports (`--history`): the servers it starts
+/// log before they serve (each warms its replay filter up first), and the bench still finds
+/// their addresses. With `--server-logs` (a directory it creates) each server's whole log goes
+/// to a file of its own.
 #[test]
 fn bench_runs_with_verbose_server_logs() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -332,12 +333,15 @@ fn bench_runs_with_verbose_server_logs() {
             "5",
             "--vdaf",
             "count",
+            "--history",
+            "300",
             "--server-logs",
             logs.to_str().expect("utf-8 path"),
         ],
     );
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
     assert_eq!(v["runs"][0]["reports"], 20);
+    assert_eq!(v["runs"][0]["history"], 300);
     for role in ["helper", "leader-api", "leader"] {
         let path = logs.join(format!("sqlite-count-{role}.log"));
         let log =
@@ -348,6 +352,9 @@ fn bench_runs_with_verbose_server_logs() {
         );
         // Debug lines from before and after the server started serving.
         assert!(log.lines().count() > 2, "{role}: {log}");
+        // Each server warmed its replay filter up before it served.
+        let (built, serving) = (log.find("replay filter built"), log.find("duet serving on"));
+        assert!(built.is_some() && built < serving, "{role}: {log}");
     }
 }
 

@@ -28,12 +28,12 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use duet_core::hpke::HpkeKeypair;
 use duet_core::{AggregatorRole, VdafInstance};
-use duet_messages::dap09::{Duration, HpkeConfigId, Query, Report};
+use duet_messages::dap09::{Duration, HpkeConfigId, Query, Report, TaskId};
 use duet_messages::Encode;
 
 use servers::{cpu_snapshot, peak_rss_bytes, start_server, ServerRole};
 use uploader::upload_all;
-use workload::{add_history, floor, generate};
+use workload::{add_helper_history, add_leader_history, floor, generate};
 
 /// Backends to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -108,8 +108,8 @@ pub struct Args {
     /// Reports used to measure the floor (in each of its five passes).
     #[arg(long, default_value_t = 500)]
     floor_reports: usize,
-    /// Aggregated reports of another task to put in the database before each run, to measure
-    /// whether cost grows with history.
+    /// Reports of the measured task, aggregated long ago, to put in both databases before each
+    /// run's end-to-end phase, to measure whether cost grows with history.
     #[arg(long, default_value_t = 0)]
     history: usize,
     /// Append each server's log (its standard error, at the level `RUST_LOG` sets) to files in
@@ -197,11 +197,11 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
             (url.clone(), url)
         }
     };
+    // The task's ID comes first: its history goes in before its servers start. (The Leader's
+    // part goes in after the uploads-alone phase, whose reports are deleted with the task.)
+    let task_id = TaskId::random();
     if args.history > 0 {
-        add_history(&leader_db, &helper_db, args.history).await?;
-        // Write the history's dirty pages out now, not during the measurement. (`sync` for the
-        // whole system: opening and closing a SQLite file here would drop SQLite's POSIX locks.)
-        let _ = std::process::Command::new("sync").status();
+        add_helper_history(&helper_db, task_id, args.history).await?;
     }
     // The Helper for the whole run, and first a Leader that only serves uploads: the task names
     // it, and the client reads the Leader's HPKE config from it (the full Leader started later
@@ -219,7 +219,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
 
     let collector_key = HpkeKeypair::generate(HpkeConfigId(1));
     let n = args.reports;
-    let task = crate::task::new_task(
+    let mut task = crate::task::new_task(
         &leader_url,
         &helper_url,
         vdaf.clone(),
@@ -231,6 +231,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     )?;
     let leader_store = crate::db::open(&leader_db, AggregatorRole::Leader).await?;
     let helper_store = crate::db::open(&helper_db, AggregatorRole::Helper).await?;
+    task.id = task_id;
     leader_store.put_task(&task).await?;
     let settings = leader_store.settings().await?;
     let unsafe_settings = non_durable(&settings);
@@ -311,11 +312,16 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     let upload_alone_s = upload_all(&url, &bodies, args.concurrency, "uploading").await?;
     drop(api_server);
     leader_store.delete_task(&task.id).await?;
+    if args.history > 0 {
+        add_leader_history(&leader_db, task_id, args.history).await?;
+        // Write the history's dirty pages out now, not during the measurement. (`sync` for the
+        // whole system: opening and closing a SQLite file here would drop SQLite's POSIX locks.)
+        let _ = std::process::Command::new("sync").status();
+    }
 
     // The same reports, end to end, through a full Leader. (The Helper's copy of the task still
     // names the first Leader, which the Helper never contacts.)
     let (server, base) = start(&leader_db, ServerRole::Leader { jobs: true })?;
-    let mut task = task;
     task.leader_endpoint = format!("{base}/leader/").parse()?;
     leader_store.put_task(&task).await?;
     let url = task

@@ -4,7 +4,9 @@
 use anyhow::Result;
 use duet_core::hpke::{open, HpkeApplicationInfo, HpkeKeypair};
 use duet_core::{AggregatorRole, Clock, Measurement, RealClock, VdafInstance};
-use duet_messages::dap09::{InputShareAad, PlaintextInputShareRef, Report, Role};
+use duet_messages::dap09::{
+    AggregationJobId, InputShareAad, PlaintextInputShareRef, Report, ReportId, Role, TaskId, Time,
+};
 use rand::{Rng, SeedableRng};
 
 use super::now;
@@ -26,20 +28,51 @@ pub(super) fn generate(vdaf: &VdafInstance, n: usize) -> Vec<Measurement> {
         .collect()
 }
 
-/// Fills the databases with `n` already-aggregated reports of another task, through the stores'
-/// own job lifecycles (the Leader's reports and jobs, the Helper's jobs and report IDs), as a
-/// long-running deployment would have.
-pub(super) async fn add_history(leader_db: &str, helper_db: &str, n: usize) -> Result<()> {
-    use duet_messages::dap09::{AggregationJobId, ReportId, TaskId, Time};
-    let store = crate::db::open(leader_db, AggregatorRole::Leader).await?;
+/// Reports per history batch: each is stored, then aggregated.
+const HISTORY_BATCH: usize = 10_000;
+/// Reports per history aggregation job.
+const HISTORY_JOB: usize = 1_000;
+
+/// Fills the Helper's database with `n` report IDs of task `task_id` taken in by aggregation
+/// jobs long finished, through the store's own job lifecycle, as a long-running deployment of
+/// that task would have.
+pub(super) async fn add_helper_history(helper_db: &str, task_id: TaskId, n: usize) -> Result<()> {
     let helper = crate::db::open(helper_db, AggregatorRole::Helper).await?;
     let keep_first = |a: &[u8], _: &[u8]| Ok(a.to_vec());
-    let task_id = TaskId::random();
-    let pb = crate::upload::progress_bar(n as u64, "history");
+    let pb = crate::upload::progress_bar(n as u64, "Helper history");
+    let mut done = 0;
+    while done < n {
+        let ids: Vec<ReportId> = (done..n.min(done + HISTORY_JOB))
+            .map(|_| ReportId::random())
+            .collect();
+        done += ids.len();
+        let job = duet_store::HelperAggregationJob {
+            task_id,
+            id: AggregationJobId::random(),
+            request_hash: [0; 32],
+            step: 0,
+            response: Vec::new(),
+        };
+        helper
+            .put_helper_aggregation_job(&job, &ids, &[], &keep_first)
+            .await?;
+        pb.set_position(done as u64);
+    }
+    pb.finish_and_clear();
+    helper.close().await;
+    Ok(())
+}
+
+/// Fills the Leader's database with `n` reports of task `task_id`, uploaded a month ago and
+/// aggregated since, through the store's own job lifecycle (uploads, jobs, finished jobs).
+pub(super) async fn add_leader_history(leader_db: &str, task_id: TaskId, n: usize) -> Result<()> {
+    let store = crate::db::open(leader_db, AggregatorRole::Leader).await?;
+    let keep_first = |a: &[u8], _: &[u8]| Ok(a.to_vec());
+    let pb = crate::upload::progress_bar(n as u64, "Leader history");
     let t0 = RealClock.now().0.saturating_sub(30 * 86_400);
     let mut done = 0;
     while done < n {
-        let batch: Vec<duet_store::NewReport> = (done..n.min(done + 10_000))
+        let batch: Vec<duet_store::NewReport> = (done..n.min(done + HISTORY_BATCH))
             .map(|i| duet_store::NewReport {
                 task_id,
                 report_id: ReportId::random(),
@@ -49,20 +82,9 @@ pub(super) async fn add_history(leader_db: &str, helper_db: &str, n: usize) -> R
             .collect();
         done += batch.len();
         store.put_reports(&batch).await?;
-        for jobs_reports in batch.chunks(1000) {
-            let ids: Vec<ReportId> = jobs_reports.iter().map(|r| r.report_id).collect();
-            let job = duet_store::HelperAggregationJob {
-                task_id,
-                id: AggregationJobId::random(),
-                request_hash: [0; 32],
-                step: 0,
-                response: Vec::new(),
-            };
-            helper
-                .put_helper_aggregation_job(&job, &ids, &[], &keep_first)
-                .await?;
-        }
-        store.create_aggregation_jobs(1000, RealClock.now()).await?;
+        store
+            .create_aggregation_jobs(HISTORY_JOB, RealClock.now())
+            .await?;
         loop {
             let jobs = store
                 .acquire_aggregation_jobs(RealClock.now(), 600, 100)
@@ -78,7 +100,6 @@ pub(super) async fn add_history(leader_db: &str, helper_db: &str, n: usize) -> R
     }
     pb.finish_and_clear();
     store.close().await;
-    helper.close().await;
     Ok(())
 }
 
