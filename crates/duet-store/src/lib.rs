@@ -49,6 +49,24 @@ pub enum StoreError {
 /// stored ones without knowing the VDAF.
 pub type MergeFn<'a> = &'a (dyn Fn(&[u8], &[u8]) -> Result<Vec<u8>, String> + Send + Sync);
 
+/// When writes are durable (see [`Datastore::put_reports_pipelined`]).
+pub enum Durable {
+    /// They are already.
+    Now,
+    /// Once this completes (successfully).
+    Later(std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>),
+}
+
+impl Durable {
+    /// Waits until the writes are durable.
+    pub async fn wait(self) -> Result<(), StoreError> {
+        match self {
+            Durable::Now => Ok(()),
+            Durable::Later(flushed) => flushed.await,
+        }
+    }
+}
+
 /// Everything Duet persists. Each method is one transaction.
 #[async_trait]
 pub trait Datastore: Send + Sync + 'static {
@@ -89,6 +107,17 @@ pub trait Datastore: Send + Sync + 'static {
     /// upload path free of a random-key index, and keep the first upload. Returns, per report,
     /// `false` for a replay found here (a repeat within `reports`), `true` otherwise.
     async fn put_reports(&self, reports: &[NewReport]) -> Result<Vec<bool>, StoreError>;
+    /// [`Datastore::put_reports`], except that it may return once the reports are written and
+    /// visible, before they are durable: the returned [`Durable`] completes once they are, and
+    /// only then may their uploads be acknowledged. A caller can write its next batch meanwhile.
+    /// (PostgreSQL does so for large batches, where a commit's flush would otherwise hold up
+    /// the next write; a store that only writes durably returns [`Durable::Now`].)
+    async fn put_reports_pipelined(
+        &self,
+        reports: &[NewReport],
+    ) -> Result<(Vec<bool>, Durable), StoreError> {
+        Ok((self.put_reports(reports).await?, Durable::Now))
+    }
     /// Groups unassigned reports into new aggregation jobs of at most `max_job_size` reports
     /// each. Returns how many jobs were created.
     async fn create_aggregation_jobs(

@@ -636,3 +636,37 @@ async fn reports_stored_wakeups_are_coalesced() {
     })
     .await;
 }
+
+/// A large batch of uploads is written without waiting for the log's flush, and its
+/// `Durable` waits for a flush of its own; a small one waits for the flush in its commit. Both
+/// are stored once durable.
+#[tokio::test]
+async fn large_upload_batches_commit_before_their_flush() {
+    with_fresh_database("large_upload_batches", |url| async move {
+        let store = PostgresDatastore::connect(&url).await.expect("connect");
+        let task_id = TaskId::random();
+        let small: Vec<NewReport> = (0..3).map(|i| report(task_id, T0 + i)).collect();
+        let large: Vec<NewReport> = (0..20)
+            .map(|i| {
+                let mut r = report(task_id, T0 + i);
+                r.encoded.resize(17_000, 7);
+                r
+            })
+            .collect();
+        let (_, durable) = store.put_reports_pipelined(&small).await.expect("small");
+        assert!(matches!(durable, duet_store::Durable::Now));
+        let (fresh, durable) = store.put_reports_pipelined(&large).await.expect("large");
+        assert!(fresh.iter().all(|f| *f));
+        assert!(matches!(durable, duet_store::Durable::Later(_)));
+        durable.wait().await.expect("flushed");
+        let mut conn = PgConnection::connect(&url).await.expect("connect");
+        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM report_queue")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+        assert_eq!(stored, 23);
+        conn.close().await.expect("close");
+        store.close().await;
+    })
+    .await;
+}

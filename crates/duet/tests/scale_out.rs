@@ -591,3 +591,45 @@ async fn quickstart_on_postgres() {
     })
     .await;
 }
+
+/// `duet bench` on PostgreSQL with Prio3SumVec(1000) reports (about 17 kB each): the Leader's
+/// upload batches are large enough to be written before their flush and acknowledged after it,
+/// and the collected aggregate, which the bench checks against the measurements, is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_on_postgres_with_large_reports() {
+    with_fresh_database("bench_large_reports", |url| async move {
+        let out = tokio::task::spawn_blocking(move || {
+            duet()
+                .args([
+                    "bench",
+                    "--json",
+                    "--backend",
+                    "postgres",
+                    "--database",
+                    &url,
+                ])
+                .args([
+                    "--vdaf",
+                    "sumvec",
+                    "--reports",
+                    "200",
+                    "--floor-reports",
+                    "5",
+                ])
+                .output()
+                .expect("run duet bench")
+        })
+        .await
+        .expect("bench thread");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "bench failed: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+        assert_eq!(v["runs"][0]["reports"], 200);
+        assert_eq!(v["runs"][0]["backend"], "postgres");
+    })
+    .await;
+}

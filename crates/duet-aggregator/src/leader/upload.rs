@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use duet_messages::dap09::{ReportRef, TaskId};
 use duet_messages::problem::DapProblemType;
-use duet_store::NewReport;
+use duet_store::{Durable, NewReport};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Leader;
@@ -98,8 +98,14 @@ impl Leader {
     }
 }
 
-/// Drains the upload queue, writing up to `upload_batch_size` reports per transaction.
-/// On shutdown it stops taking new uploads and writes the ones already queued.
+/// Batches the writer may have written but not yet seen durable while it writes the next.
+const MAX_UNFLUSHED_BATCHES: usize = 4;
+
+/// Drains the upload queue, writing up to `upload_batch_size` reports per transaction, and
+/// answers each batch's uploads once the store says they are durable: a store may return before
+/// then (see `Datastore::put_reports_pipelined`), and the writer goes on with the next batch
+/// meanwhile. On shutdown it stops taking new uploads, writes the ones already queued and waits
+/// for all of them to be durable.
 pub(super) async fn run_report_writer(
     leader: Arc<Leader>,
     mut rx: mpsc::Receiver<PendingUpload>,
@@ -107,6 +113,7 @@ pub(super) async fn run_report_writer(
 ) {
     let max = leader.shared.config.upload_batch_size.max(1);
     let mut batch: Vec<PendingUpload> = Vec::with_capacity(max);
+    let mut unflushed = tokio::task::JoinSet::new();
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, max) => n,
@@ -116,7 +123,7 @@ pub(super) async fn run_report_writer(
             }
         };
         if n == 0 {
-            return;
+            break;
         }
         let (reports, waiters): (Vec<NewReport>, Vec<_>) =
             batch.drain(..).map(|p| (p.report, p.done)).unzip();
@@ -125,17 +132,38 @@ pub(super) async fn run_report_writer(
             .metrics
             .time(
                 StoreOp::PutReports,
-                leader.shared.store.put_reports(&reports),
+                leader.shared.store.put_reports_pipelined(&reports),
             )
             .await;
-        let outcome = result.map(|_| ()).map_err(|e| {
-            tracing::error!(error = %e, "storing uploaded reports failed");
-            e.to_string()
-        });
-        for done in waiters {
-            // A client that went away doesn't need an answer.
-            let _ = done.send(outcome.clone());
+        match result {
+            Ok((_, Durable::Now)) => answer(waiters, Ok(())),
+            Ok((_, durable)) => {
+                while unflushed.len() >= MAX_UNFLUSHED_BATCHES {
+                    unflushed.join_next().await;
+                }
+                unflushed.spawn(async move {
+                    answer(waiters, durable.wait().await.map_err(failed));
+                });
+            }
+            Err(e) => answer(waiters, Err(failed(e))),
         }
+        // Written reports are visible to job creation, durable or not yet: anything that reads
+        // them commits after them.
         leader.wake_job_creator.notify_one();
+    }
+    while unflushed.join_next().await.is_some() {}
+}
+
+/// Logs a failure to store uploads, as the answer to give them.
+fn failed(e: duet_store::StoreError) -> String {
+    tracing::error!(error = %e, "storing uploaded reports failed");
+    e.to_string()
+}
+
+/// Answers a batch's uploads.
+fn answer(waiters: Vec<oneshot::Sender<Result<(), String>>>, outcome: Result<(), String>) {
+    for done in waiters {
+        // A client that went away doesn't need an answer.
+        let _ = done.send(outcome.clone());
     }
 }

@@ -214,6 +214,49 @@ pub async fn check_jobs_across_uploads(leader: &dyn Datastore) {
     assert!(leader.delete_task(&t.id).await.expect("delete_task"));
 }
 
+/// Pipelined uploads (`put_reports_pipelined`): small and large batches (a large one is about
+/// 17 kB a report, like Prio3SumVec(1000)) are stored once they are durable, with their
+/// contents, and a repeat within a batch or of an earlier batch is aggregated once.
+pub async fn check_pipelined_uploads(leader: &dyn Datastore) {
+    let t = task(TaskId::random());
+    leader.put_task(&t).await.expect("put_task");
+    let small: Vec<NewReport> = (0..3).map(|i| report(t.id, T0 + i)).collect();
+    let large: Vec<NewReport> = (0..30)
+        .map(|i| {
+            let mut r = report(t.id, T0 + 10 + i);
+            r.encoded.resize(17_000, i as u8);
+            r
+        })
+        .collect();
+    let mut batches = vec![small.clone(), large.clone()];
+    // The first of the large batch again, within a batch and across batches.
+    batches.push(vec![large[0].clone(), large[0].clone(), small[0].clone()]);
+    for batch in &batches {
+        let (fresh, durable) = leader
+            .put_reports_pipelined(batch)
+            .await
+            .expect("put_reports_pipelined");
+        assert_eq!(fresh.len(), batch.len());
+        durable.wait().await.expect("durable");
+    }
+    let now = T0 + 5000;
+    assert_eq!(create_jobs(leader, 1000, now).await, 1);
+    let mut got: Vec<_> = acquire(leader, t.id, now, 10)
+        .await
+        .iter()
+        .flat_map(|j| j.reports.iter().map(|r| (r.report_id.0, r.encoded.clone())))
+        .collect();
+    got.sort();
+    let mut want: Vec<_> = small
+        .iter()
+        .chain(&large)
+        .map(|r| (r.report_id.0, r.encoded.clone()))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(leader.delete_task(&t.id).await.expect("delete_task"));
+}
+
 /// Aggregation jobs: creation in bounded sizes oldest first, one task per job; leases (exclusive
 /// until expiry, attempts counted, a stale lease refused); finish merges deltas and drops the
 /// reports; release delays; abandon drops.

@@ -26,7 +26,8 @@ pub use helper::{
     check_aggregate_share_jobs, check_helper_aggregation_jobs, check_helper_delete_task,
 };
 pub use leader::{
-    check_aggregation_jobs, check_jobs_across_uploads, check_leader_delete_task, check_put_reports,
+    check_aggregation_jobs, check_jobs_across_uploads, check_leader_delete_task,
+    check_pipelined_uploads, check_put_reports,
 };
 pub use tasks::{check_health, check_hpke_keypairs, check_settings, check_tasks};
 
@@ -37,6 +38,7 @@ pub async fn run_all(leader: &dyn Datastore, helper: &dyn Datastore) {
     check_tasks(leader, helper).await;
     check_hpke_keypairs(leader, helper).await;
     check_put_reports(leader).await;
+    check_pipelined_uploads(leader).await;
     check_aggregation_jobs(leader, helper).await;
     check_jobs_across_uploads(leader).await;
     check_leader_delete_task(leader, helper).await;

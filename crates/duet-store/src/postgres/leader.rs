@@ -40,10 +40,12 @@ use crate::{
 /// One statement (READ COMMITTED), whatever the batch size: the reports go in as four arrays
 /// unnested into rows of `report_queue` (a task's key is read, or created, once per process and
 /// then cached). Replays of stored IDs are found by job creation; a repeat within the batch is
-/// dropped here. The `ReportsStored` wake-up follows (coalesced with other batches').
+/// dropped here. The `ReportsStored` wake-up follows (coalesced with other batches'). The
+/// statement runs on `pool`: the store's, or the one that commits without waiting for the flush.
 pub(super) async fn put_reports(
     store: &PostgresDatastore,
     reports: &[NewReport],
+    pool: &sqlx::PgPool,
 ) -> Result<Vec<bool>, TxError> {
     if reports.is_empty() {
         return Ok(Vec::new());
@@ -81,7 +83,7 @@ pub(super) async fn put_reports(
     .bind(&times)
     .bind(&report_ids)
     .bind(&payloads)
-    .execute(&store.pool)
+    .execute(pool)
     .await?;
     store.wakeups.reports_stored(&store.pool);
     // `remove`, so that only the first occurrence of a key is reported new.

@@ -17,6 +17,7 @@
 //! [`notify`] wakes other replicas' background jobs with `LISTEN`/`NOTIFY`.
 
 mod collection;
+mod flush;
 mod helper;
 mod leader;
 mod notify;
@@ -64,6 +65,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Clone, Debug)]
 pub struct PostgresDatastore {
     pool: PgPool,
+    /// One connection with `synchronous_commit = off`, for large upload batches (see
+    /// [`flush`]); connected on first use.
+    unflushed: PgPool,
     role: AggregatorRole,
     wakeups: Arc<notify::Wakeups>,
     /// The replay tables' keys of the tasks seen so far (`replay_tasks`; a key never changes).
@@ -92,9 +96,14 @@ impl PostgresDatastore {
                     Ok(true)
                 })
             })
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Database(e.to_string()))?;
+        let unflushed = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
         if let Err(e) = MIGRATOR.run(&pool).await {
             // Closing releases the migrator's advisory lock if it failed while holding it.
             pool.close().await;
@@ -102,6 +111,7 @@ impl PostgresDatastore {
         }
         Ok(PostgresDatastore {
             pool,
+            unflushed,
             role: AggregatorRole::Leader,
             wakeups: Arc::new(notify::Wakeups::new()),
             task_keys: Arc::default(),
@@ -112,6 +122,7 @@ impl PostgresDatastore {
     pub fn with_role(&self, role: AggregatorRole) -> PostgresDatastore {
         PostgresDatastore {
             pool: self.pool.clone(),
+            unflushed: self.unflushed.clone(),
             role,
             wakeups: Arc::clone(&self.wakeups),
             task_keys: Arc::clone(&self.task_keys),
@@ -127,6 +138,7 @@ impl PostgresDatastore {
     /// wake-up listener, if any.
     pub async fn close(&self) {
         self.wakeups.stop();
+        self.unflushed.close().await;
         self.pool.close().await;
     }
 
@@ -373,8 +385,30 @@ impl Datastore for PostgresDatastore {
     }
 
     async fn put_reports(&self, reports: &[NewReport]) -> Result<Vec<bool>, StoreError> {
-        self.run("put_reports", || leader::put_reports(self, reports))
-            .await
+        self.run("put_reports", || {
+            leader::put_reports(self, reports, &self.pool)
+        })
+        .await
+    }
+
+    async fn put_reports_pipelined(
+        &self,
+        reports: &[NewReport],
+    ) -> Result<(Vec<bool>, crate::Durable), StoreError> {
+        let bytes: usize = reports.iter().map(|r| r.encoded.len()).sum();
+        if bytes < flush::UNFLUSHED_MIN_BYTES {
+            return Ok((self.put_reports(reports).await?, crate::Durable::Now));
+        }
+        let fresh = self
+            .run("put_reports", || {
+                leader::put_reports(self, reports, &self.unflushed)
+            })
+            .await?;
+        let pool = self.pool.clone();
+        Ok((
+            fresh,
+            crate::Durable::Later(Box::pin(async move { flush::flushed(&pool).await })),
+        ))
     }
 
     async fn create_aggregation_jobs(
