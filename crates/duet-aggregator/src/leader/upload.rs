@@ -101,7 +101,8 @@ impl Leader {
 /// Batches the writer may have written but not yet seen durable while it writes the next.
 const MAX_UNFLUSHED_BATCHES: usize = 4;
 
-/// Drains the upload queue, writing up to `upload_batch_size` reports per transaction, and
+/// Drains the upload queue, writing up to `upload_batch_size` reports and `upload_batch_bytes`
+/// per transaction, and
 /// answers each batch's uploads once the store says they are durable: a store may return before
 /// then (see `Datastore::put_reports_pipelined`), and the writer goes on with the next batch
 /// meanwhile. On shutdown it stops taking new uploads, writes the ones already queued and waits
@@ -112,19 +113,29 @@ pub(super) async fn run_report_writer(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let max = leader.shared.config.upload_batch_size.max(1);
+    let max_bytes = leader.shared.config.upload_batch_bytes;
     let mut batch: Vec<PendingUpload> = Vec::with_capacity(max);
+    // An upload taken from the queue that did not fit the last batch: the next one's first.
+    let mut carried = None;
     let mut unflushed = tokio::task::JoinSet::new();
     loop {
-        let n = tokio::select! {
-            n = rx.recv_many(&mut batch, max) => n,
-            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
-                rx.close();
-                rx.recv_many(&mut batch, max).await
+        let first = match carried.take() {
+            Some(first) => first,
+            None => {
+                let next = tokio::select! {
+                    next = rx.recv() => next,
+                    _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                        rx.close();
+                        rx.recv().await
+                    }
+                };
+                match next {
+                    Some(first) => first,
+                    None => break,
+                }
             }
         };
-        if n == 0 {
-            break;
-        }
+        carried = fill_batch(&mut rx, &mut batch, first, max, max_bytes);
         let (reports, waiters): (Vec<NewReport>, Vec<_>) =
             batch.drain(..).map(|p| (p.report, p.done)).unzip();
         let result = leader
@@ -154,6 +165,31 @@ pub(super) async fn run_report_writer(
     while unflushed.join_next().await.is_some() {}
 }
 
+/// Puts `first` and then the uploads already queued into `batch`, up to `max` of them and
+/// `max_bytes` of reports (`first` goes in whatever its size). Returns the upload taken that
+/// did not fit, if any.
+fn fill_batch(
+    rx: &mut mpsc::Receiver<PendingUpload>,
+    batch: &mut Vec<PendingUpload>,
+    first: PendingUpload,
+    max: usize,
+    max_bytes: usize,
+) -> Option<PendingUpload> {
+    let mut bytes = first.report.encoded.len();
+    batch.push(first);
+    while batch.len() < max {
+        let Ok(next) = rx.try_recv() else {
+            return None;
+        };
+        bytes = bytes.saturating_add(next.report.encoded.len());
+        if bytes > max_bytes {
+            return Some(next);
+        }
+        batch.push(next);
+    }
+    None
+}
+
 /// Logs a failure to store uploads, as the answer to give them.
 fn failed(e: duet_store::StoreError) -> String {
     tracing::error!(error = %e, "storing uploaded reports failed");
@@ -165,5 +201,57 @@ fn answer(waiters: Vec<oneshot::Sender<Result<(), String>>>, outcome: Result<(),
     for done in waiters {
         // A client that went away doesn't need an answer.
         let _ = done.send(outcome.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use duet_messages::dap09::{ReportId, Time};
+
+    use super::*;
+
+    fn upload(bytes: usize) -> PendingUpload {
+        PendingUpload {
+            report: NewReport {
+                task_id: TaskId([0; 32]),
+                report_id: ReportId::random(),
+                time: Time(0),
+                encoded: vec![0; bytes],
+            },
+            done: oneshot::channel().0,
+        }
+    }
+
+    /// Batches stop before the report that would take them past the byte or count limit; that
+    /// report starts the next batch, and a report over the byte limit goes alone.
+    #[tokio::test]
+    async fn batches_hold_to_their_byte_and_count_limits() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for bytes in [100, 100, 100, 250, 300, 10, 10, 10] {
+            tx.try_send(upload(bytes)).expect("queue");
+        }
+        let mut sizes = Vec::new();
+        let mut carried = None;
+        while let Some(first) = carried.take().or_else(|| rx.try_recv().ok()) {
+            let mut batch = Vec::new();
+            carried = fill_batch(&mut rx, &mut batch, first, 2, 250);
+            sizes.push(
+                batch
+                    .iter()
+                    .map(|p| p.report.encoded.len())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        assert_eq!(
+            sizes,
+            vec![
+                vec![100, 100],
+                vec![100],
+                vec![250],
+                vec![300],
+                vec![10, 10],
+                vec![10]
+            ]
+        );
     }
 }

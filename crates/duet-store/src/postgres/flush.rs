@@ -19,12 +19,14 @@ use sqlx::PgPool;
 
 use crate::StoreError;
 
-/// Payload bytes from which a batch of uploads commits without waiting for the flush. A batch
-/// of the bench's 30 or so Prio3SumVec(1000) reports is about 500 kB; one of Prio3Count or
-/// Histogram(100) reports is a few to 80 kB, inserted faster than a flush, and cheaper with its
-/// flush in its own commit (an extra flush transaction per small batch cost Prio3Count more CPU
-/// per report than the wait it saved).
-pub(super) const UNFLUSHED_MIN_BYTES: usize = 256 * 1024;
+/// Payload bytes from which a batch of uploads commits without waiting for the flush. The
+/// Leader's writer fills batches up to 384 KiB; the bench's Prio3SumVec(1000) batches (about
+/// 17 kB a report) reach this, and take about as long to insert as a flush. Batches of
+/// Prio3Count or Histogram(100) reports (up to 64 in flight in the bench, a few to 160 kB) are
+/// inserted faster than a flush and are cheaper with the flush in their own commit (an extra
+/// flush transaction per small batch cost Prio3Count more CPU per report than the wait it
+/// saved).
+pub(super) const UNFLUSHED_MIN_BYTES: usize = 192 * 1024;
 
 /// Returns once everything committed before this call is durable. Concurrent calls share the
 /// server's flushes: a commit that finds the log being flushed waits for that flush, and if it
