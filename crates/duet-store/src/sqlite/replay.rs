@@ -507,13 +507,22 @@ impl<'a> Intake<'a> {
                 ),
                 format!("-- replay_merge\nDELETE FROM {} WHERE {range}", log.log),
             ];
-            for sql in &statements {
+            let started = filter::now();
+            let mut rows = [0; 3];
+            for (sql, rows) in statements.iter().zip(&mut rows) {
                 let mut query = sqlx::query(sql).bind(&lo[..]);
                 if let Some(hi) = &hi {
                     query = query.bind(&hi[..]);
                 }
-                query.execute(&mut *conn).await.map_err(db)?;
+                *rows = query.execute(&mut *conn).await.map_err(db)?.rows_affected();
             }
+            tracing::debug!(
+                log = log.name,
+                slice,
+                ids = rows[1],
+                ms = filter::now().saturating_duration_since(started).as_millis() as u64,
+                "replay log merge slice"
+            );
             ended = slice == slices;
             self.merge_slice = if ended { 0 } else { slice + 1 };
             if log.filter.wants_merge_from(from) {

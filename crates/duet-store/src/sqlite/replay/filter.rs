@@ -320,9 +320,9 @@ fn catch_up(
     state
 }
 
-/// The time, for pacing builds (not a timestamp anything stores).
+/// The time, for pacing builds and timing merges (not a timestamp anything stores).
 #[allow(clippy::disallowed_methods)] // Measures a build's duration.
-fn now() -> Instant {
+pub(super) fn now() -> Instant {
     Instant::now()
 }
 
