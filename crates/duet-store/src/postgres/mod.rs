@@ -68,6 +68,8 @@ pub struct PostgresDatastore {
     /// One connection with `synchronous_commit = off`, for large upload batches (see
     /// [`flush`]); connected on first use.
     unflushed: PgPool,
+    /// The server instance the `unflushed` connection is on (see [`flush::unflushed_pool`]).
+    unflushed_server: Arc<Mutex<Option<String>>>,
     role: AggregatorRole,
     wakeups: Arc<notify::Wakeups>,
     /// The replay tables' keys of the tasks seen so far (`replay_tasks`; a key never changes).
@@ -99,11 +101,23 @@ impl PostgresDatastore {
             .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Database(e.to_string()))?;
-        let unflushed = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .test_before_acquire(false)
-            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
+        let server = Arc::new(Mutex::new(None));
+        let unflushed = flush::unflushed_pool(
+            PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for > PING_IF_IDLE_FOR {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                }),
+            options,
+            Arc::clone(&server),
+        );
         if let Err(e) = MIGRATOR.run(&pool).await {
             // Closing releases the migrator's advisory lock if it failed while holding it.
             pool.close().await;
@@ -112,6 +126,7 @@ impl PostgresDatastore {
         Ok(PostgresDatastore {
             pool,
             unflushed,
+            unflushed_server: server,
             role: AggregatorRole::Leader,
             wakeups: Arc::new(notify::Wakeups::new()),
             task_keys: Arc::default(),
@@ -123,6 +138,7 @@ impl PostgresDatastore {
         PostgresDatastore {
             pool: self.pool.clone(),
             unflushed: self.unflushed.clone(),
+            unflushed_server: Arc::clone(&self.unflushed_server),
             role,
             wakeups: Arc::clone(&self.wakeups),
             task_keys: Arc::clone(&self.task_keys),
@@ -404,10 +420,17 @@ impl Datastore for PostgresDatastore {
                 leader::put_reports(self, reports, &self.unflushed)
             })
             .await?;
+        // The connection that wrote the batch is the pool's only one, and it is replaced only
+        // when the pool is next used: this is the server the batch went to.
+        let server = self
+            .unflushed_server
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let pool = self.pool.clone();
         Ok((
             fresh,
-            crate::Durable::Later(Box::pin(async move { flush::flushed(&pool).await })),
+            crate::Durable::Later(Box::pin(async move { flush::flushed(&pool, server).await })),
         ))
     }
 

@@ -38,6 +38,9 @@ const BUILD_CHUNK: i64 = 65_536;
 /// core.
 const BUILD_PAUSE_FACTOR: u32 = 9;
 
+/// How long after a failed background build the next may start.
+const BUILD_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Odd multipliers, one per word of a block: each picks the bit an ID sets in its word.
 const SALTS: [u32; 8] = [
     0x428a_2f99,
@@ -211,6 +214,7 @@ impl Filter {
         inner.build = Some(tokio::spawn(async move {
             if let Err(e) = filter.rebuild().await {
                 tracing::warn!(error = %e, "building a replay filter failed; probing instead");
+                filter.lock().next_build = Some(now() + BUILD_RETRY);
             }
         }));
     }
