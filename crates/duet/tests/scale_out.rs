@@ -47,6 +47,21 @@ fn run_ok(args: &[&str]) {
     );
 }
 
+/// Runs a `duet` command that prints one JSON object (off the async runtime), fails the test if
+/// it fails, and returns the object.
+async fn json_of(args: Vec<String>) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || duet().args(&args).output().expect("run duet"))
+        .await
+        .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).expect("one JSON object")
+}
+
 /// Runs `body` on a fresh PostgreSQL database (dropped afterwards), within `TEST_TIMEOUT`; the
 /// servers it started die with its task, before the database is dropped.
 async fn with_fresh_database<F, Fut>(test: &str, body: F)
@@ -560,32 +575,19 @@ async fn restart_mid_aggregation_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quickstart_on_postgres() {
     with_fresh_database("quickstart_on_postgres", |db| async move {
-        let out = tokio::task::spawn_blocking(move || {
-            duet()
-                .args([
-                    "quickstart",
-                    "--vdaf",
-                    "histogram",
-                    "--length",
-                    "5",
-                    "--reports",
-                    "300",
-                    "--json",
-                    "--db",
-                    &db,
-                ])
-                .output()
-                .expect("run duet")
-        })
-        .await
-        .expect("join");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}\n{stdout}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+        let v = json_of(vec![
+            "quickstart".into(),
+            "--vdaf".into(),
+            "histogram".into(),
+            "--length".into(),
+            "5".into(),
+            "--reports".into(),
+            "300".into(),
+            "--json".into(),
+            "--db".into(),
+            db,
+        ])
+        .await;
         assert_eq!(v["report_count"], 300);
         assert_eq!(v["result"], v["plaintext"]);
     })
@@ -598,36 +600,22 @@ async fn quickstart_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_on_postgres_with_large_reports() {
     with_fresh_database("bench_large_reports", |url| async move {
-        let out = tokio::task::spawn_blocking(move || {
-            duet()
-                .args([
-                    "bench",
-                    "--json",
-                    "--backend",
-                    "postgres",
-                    "--database",
-                    &url,
-                ])
-                .args([
-                    "--vdaf",
-                    "sumvec",
-                    "--reports",
-                    "200",
-                    "--floor-reports",
-                    "5",
-                ])
-                .output()
-                .expect("run duet bench")
-        })
-        .await
-        .expect("bench thread");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "bench failed: {}\n{stdout}",
-            String::from_utf8_lossy(&out.stderr)
+        let mut args: Vec<String> = ["bench", "--json", "--backend", "postgres", "--database"]
+            .map(String::from)
+            .into();
+        args.push(url);
+        args.extend(
+            [
+                "--vdaf",
+                "sumvec",
+                "--reports",
+                "200",
+                "--floor-reports",
+                "5",
+            ]
+            .map(String::from),
         );
-        let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+        let v = json_of(args).await;
         assert_eq!(v["runs"][0]["reports"], 200);
         assert_eq!(v["runs"][0]["backend"], "postgres");
     })

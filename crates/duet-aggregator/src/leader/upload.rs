@@ -102,11 +102,10 @@ impl Leader {
 const MAX_UNFLUSHED_BATCHES: usize = 4;
 
 /// Drains the upload queue, writing up to `upload_batch_size` reports and `upload_batch_bytes`
-/// per transaction, and
-/// answers each batch's uploads once the store says they are durable: a store may return before
-/// then (see `Datastore::put_reports_pipelined`), and the writer goes on with the next batch
-/// meanwhile. On shutdown it stops taking new uploads, writes the ones already queued and waits
-/// for all of them to be durable.
+/// per transaction, and answers each batch's uploads once the store says they are durable: a
+/// store may return before then (see `Datastore::put_reports_pipelined`), and the writer goes on
+/// with the next batch meanwhile. On shutdown it stops taking new uploads, writes the ones
+/// already queued and waits for all of them to be durable.
 pub(super) async fn run_report_writer(
     leader: Arc<Leader>,
     mut rx: mpsc::Receiver<PendingUpload>,

@@ -716,14 +716,12 @@ mod plans {
             let task_id = TaskId::random();
             let key = store.task_key(&task_id).await.expect("task key");
             let mut conn = PgConnection::connect(&url).await.expect("connect");
-            sqlx::query("ALTER TABLE report_queue SET (autovacuum_enabled = false)")
-                .execute(&mut conn)
-                .await
-                .expect("no autovacuum");
-            sqlx::query("ANALYZE report_queue")
-                .execute(&mut conn)
-                .await
-                .expect("analyze");
+            for sql in [
+                "ALTER TABLE report_queue SET (autovacuum_enabled = false)",
+                "ANALYZE report_queue",
+            ] {
+                sqlx::query(sql).execute(&mut conn).await.expect(sql);
+            }
             // One transaction (so one upload transaction ID) per 1,000 reports.
             for _ in 0..20 {
                 sqlx::query(

@@ -76,6 +76,23 @@ pub struct PostgresDatastore {
     task_keys: Arc<Mutex<HashMap<TaskId, i32>>>,
 }
 
+/// Pool settings for up to `connections` connections, each pinged before use only after idling
+/// ([`PING_IF_IDLE_FOR`]).
+fn pool_options(connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 impl PostgresDatastore {
     /// Connects to a `postgres://` or `postgresql://` URL and runs the embedded migrations; the
     /// handle is bound to the Leader role. Several processes may connect to a new database at
@@ -86,38 +103,12 @@ impl PostgresDatastore {
         if options.get_application_name().is_none() {
             options = options.application_name(APPLICATION_NAME);
         }
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for > PING_IF_IDLE_FOR {
-                        sqlx::Connection::ping(conn).await?;
-                    }
-                    Ok(true)
-                })
-            })
+        let pool = pool_options(MAX_CONNECTIONS)
             .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Database(e.to_string()))?;
         let server = Arc::new(Mutex::new(None));
-        let unflushed = flush::unflushed_pool(
-            PgPoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
-                .test_before_acquire(false)
-                .before_acquire(|conn, meta| {
-                    Box::pin(async move {
-                        if meta.idle_for > PING_IF_IDLE_FOR {
-                            sqlx::Connection::ping(conn).await?;
-                        }
-                        Ok(true)
-                    })
-                }),
-            options,
-            Arc::clone(&server),
-        );
+        let unflushed = flush::unflushed_pool(pool_options(1), options, Arc::clone(&server));
         if let Err(e) = MIGRATOR.run(&pool).await {
             // Closing releases the migrator's advisory lock if it failed while holding it.
             pool.close().await;
@@ -133,7 +124,7 @@ impl PostgresDatastore {
         })
     }
 
-    /// A handle on the same pool bound to `role`.
+    /// A handle on the same pools bound to `role`.
     pub fn with_role(&self, role: AggregatorRole) -> PostgresDatastore {
         PostgresDatastore {
             pool: self.pool.clone(),

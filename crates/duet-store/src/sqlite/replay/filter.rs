@@ -22,7 +22,7 @@ use std::time::Instant;
 use duet_messages::dap09::ReportId;
 use sqlx::{Connection, SqlitePool};
 
-use super::MergeState;
+use super::{now, MergeState};
 use crate::rows::col;
 use crate::sqlite::db;
 use crate::StoreError;
@@ -132,9 +132,8 @@ struct Inner {
     /// Where to build from; `None` (an in-memory database, whose one connection a build would
     /// hold) leaves the filter unused.
     source: Option<Source>,
-    /// The merge state the filter covers, once built.
-    state: Option<MergeState>,
-    bloom: Option<Bloom>,
+    /// Once built: the merge state the filter covers, and the filter.
+    built: Option<(MergeState, Bloom)>,
     /// A background build under way.
     build: Option<tokio::task::JoinHandle<()>>,
     /// Merges this process committed while a build ran: `(from, to, IDs)`, to add to the
@@ -146,6 +145,21 @@ struct Inner {
     next_build: Option<Instant>,
     /// IDs read per statement while building (0: [`BUILD_CHUNK`]).
     chunk: i64,
+}
+
+impl Inner {
+    /// The filter, if it covers `state`.
+    fn covering(&self, state: MergeState) -> Option<&Bloom> {
+        self.built
+            .as_ref()
+            .filter(|(covered, _)| *covered == state)
+            .map(|(_, bloom)| bloom)
+    }
+
+    /// Whether a background build is under way.
+    fn building(&self) -> bool {
+        self.build.as_ref().is_some_and(|b| !b.is_finished())
+    }
 }
 
 impl Filter {
@@ -166,8 +180,7 @@ impl Filter {
     /// Which of `ids` may be in the sorted table at merge state `state` (all of them if the
     /// filter does not cover that state).
     pub(super) fn may_contain(&self, state: MergeState, ids: &mut Vec<ReportId>) {
-        let inner = self.lock();
-        if let (Some(bloom), true) = (&inner.bloom, inner.state == Some(state)) {
+        if let Some(bloom) = self.lock().covering(state) {
             ids.retain(|id| bloom.may_contain(&id.0));
         }
     }
@@ -175,16 +188,14 @@ impl Filter {
     /// Whether the filter covers `state`.
     #[cfg(test)]
     pub(super) fn covers(&self, state: MergeState) -> bool {
-        let inner = self.lock();
-        inner.bloom.is_some() && inner.state == Some(state)
+        self.lock().covering(state).is_some()
     }
 
     /// Whether a merge from `state` should tell [`Filter::advance`] which IDs it moved: the
     /// filter covers that state, or a build under way may need them.
     pub(super) fn wants_merge_from(&self, state: MergeState) -> bool {
         let inner = self.lock();
-        (inner.bloom.is_some() && inner.state == Some(state))
-            || inner.build.as_ref().is_some_and(|b| !b.is_finished())
+        inner.covering(state).is_some() || inner.building()
     }
 
     /// Notes the state a write transaction found: a filter that missed it twice in a row (the
@@ -192,19 +203,20 @@ impl Filter {
     /// rebuilt in the background.
     pub(super) fn observe(&self, state: MergeState) {
         let mut inner = self.lock();
-        if inner.bloom.is_some() && inner.state == Some(state) {
+        if let Some(bloom) = inner.covering(state) {
+            let overfull = bloom.overfull();
             inner.stale = 0;
-            if !inner.bloom.as_ref().is_some_and(Bloom::overfull) {
+            if !overfull {
                 return;
             }
         } else {
             inner.stale = inner.stale.saturating_add(1);
-            if inner.bloom.is_some() && inner.stale < 2 {
+            if inner.built.is_some() && inner.stale < 2 {
                 return;
             }
         }
         if inner.source.is_none()
-            || inner.build.as_ref().is_some_and(|b| !b.is_finished())
+            || inner.building()
             || inner.next_build.is_some_and(|at| now() < at)
         {
             return;
@@ -223,15 +235,11 @@ impl Filter {
     /// `from` to `to`.
     pub(super) fn advance(&self, from: MergeState, to: MergeState, ids: Vec<ReportId>) {
         let mut inner = self.lock();
-        let inner = &mut *inner;
-        if inner.build.as_ref().is_some_and(|b| !b.is_finished()) {
-            inner.during_build.push((from, to, ids.clone()));
+        if let Some((state, bloom)) = &mut inner.built {
+            apply(state, bloom, from, to, &ids);
         }
-        if let (Some(bloom), true) = (&mut inner.bloom, inner.state == Some(from)) {
-            for id in &ids {
-                bloom.insert(&id.0);
-            }
-            inner.state = Some(to);
+        if inner.building() {
+            inner.during_build.push((from, to, ids));
         }
     }
 
@@ -240,7 +248,7 @@ impl Filter {
     pub(super) async fn warm_up(&self) -> Result<(), StoreError> {
         let unbuilt = {
             let inner = self.lock();
-            inner.source.is_some() && inner.bloom.is_none()
+            inner.source.is_some() && inner.built.is_none()
         };
         if unbuilt {
             self.rebuild().await?;
@@ -275,8 +283,7 @@ impl Filter {
         );
         let mut inner = self.lock();
         let state = catch_up(state, &mut bloom, std::mem::take(&mut inner.during_build));
-        inner.state = Some(state);
-        inner.bloom = Some(bloom);
+        inner.built = Some((state, bloom));
         inner.stale = 0;
         inner.next_build = Some(now() + took * BUILD_PAUSE_FACTOR);
         Ok(())
@@ -314,20 +321,26 @@ fn catch_up(
     steps: Vec<(MergeState, MergeState, Vec<ReportId>)>,
 ) -> MergeState {
     for (from, to, ids) in steps {
-        if state == from {
-            for id in &ids {
-                bloom.insert(&id.0);
-            }
-            state = to;
-        }
+        apply(&mut state, bloom, from, to, &ids);
     }
     state
 }
 
-/// The time, for pacing builds and timing merges (not a timestamp anything stores).
-#[allow(clippy::disallowed_methods)] // Measures a build's duration.
-pub(super) fn now() -> Instant {
-    Instant::now()
+/// Adds a merge that took the log from `from` to `to`, moving `ids`, to a filter covering
+/// `state`, if that is `from` (a filter at another state is left alone).
+fn apply(
+    state: &mut MergeState,
+    bloom: &mut Bloom,
+    from: MergeState,
+    to: MergeState,
+    ids: &[ReportId],
+) {
+    if *state == from {
+        for id in ids {
+            bloom.insert(&id.0);
+        }
+        *state = to;
+    }
 }
 
 /// Reads the sorted table in one snapshot: its merge state and a filter of its IDs, sized for
