@@ -272,7 +272,8 @@ pub trait Datastore: Send + Sync + 'static {
 
     /// Loads what the store keeps in memory to make its hot paths cheap, before a server takes
     /// requests (SQLite: the filter in front of its role's replay set, read from the whole set;
-    /// about 0.3 s per million report IDs). Everything works without it, only slower at first.
+    /// about 0.3–0.4 s per million report IDs). Everything works without it, only slower at
+    /// first.
     async fn warm_up(&self) -> Result<(), StoreError> {
         Ok(())
     }

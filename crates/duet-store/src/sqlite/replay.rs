@@ -5,10 +5,13 @@
 //! writes about one page per ID once the tree outgrows a transaction's worth of pages. Instead a
 //! new ID is appended to the role's log table (an increasing integer key, so appends fill pages
 //! in order) and added to an in-memory set. When [`MERGE_AT`] IDs have been logged since the
-//! last merge, the log is moved into the sorted table in key order, which writes each touched
-//! page once per merge. The move is cut into [`MERGE_SLICES`] slices by the ID's first byte, one
-//! per admitting transaction, so that no single transaction holds the write lock for long. A
-//! check looks in the memory set, then probes the sorted table, which only reads.
+//! last merge, the log's IDs go into the sorted table as a new *run*: the table's key is (run,
+//! task key, report ID), and each merge's run number is larger than any before, so a merge
+//! only appends, whatever the table's size (merging into one sorted tree instead rewrote about
+//! every leaf page of it). The IDs come from the memory set, sorted, so a merge reads nothing of
+//! the log; it ends by deleting the log rows it moved. Runs are compacted level by level (see
+//! [`runs`]), which bounds their number. A check looks in the memory set, then probes each run
+//! of the sorted table (listed in `replay_runs`), which only reads.
 //!
 //! Several processes may write one file. The memory set is a cache of the log: every write
 //! transaction that admits IDs first reads the log rows above its watermark (log keys are never
@@ -19,7 +22,8 @@
 //! callers re-check) but never invent one.
 //!
 //! In a write transaction, a Bloom filter of the sorted table (see [`filter`]) spares the probe
-//! of an ID the table cannot hold.
+//! of an ID the table cannot hold, so the number of runs costs only the probes of the few IDs
+//! the filter lets through.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -31,11 +35,13 @@ use sqlx::{SqliteConnection, SqlitePool};
 use super::{col, col_array, db, list_placeholders, values_placeholders, MAX_BIND_PARAMS};
 use crate::StoreError;
 
-/// IDs logged since the last merge at which a merge starts. Larger merges write fewer pages
-/// per ID; the set in memory holds about this many IDs (about 5 MB).
+/// IDs logged since the last merge at which a merge starts. The set in memory holds about this
+/// many IDs (about 5 MB); the sorted table gains a run per merge.
 const MERGE_AT: i64 = 100_000;
 /// Transactions a merge is spread over, each moving the IDs whose first byte is in one slice.
-const MERGE_SLICES: i64 = 8;
+/// With more than one, an ID logged while a merge is under way may be merged by a slice still
+/// to come and stay logged; the next merge then puts it in its run too.
+const MERGE_SLICES: i64 = 1;
 
 /// Both roles' replay sets, shared by every handle on one pool.
 #[derive(Debug)]
@@ -79,6 +85,9 @@ pub(super) struct ReplayLog {
     with_seq: bool,
     merge_at: AtomicI64,
     merge_slices: AtomicI64,
+    /// Runs per level compacted together, and IDs per compaction slice.
+    fanout: AtomicI64,
+    slice_ids: AtomicI64,
     recent: Mutex<Recent>,
     /// The sorted table's filter.
     filter: filter::Filter,
@@ -150,6 +159,8 @@ impl ReplayLog {
             with_seq,
             merge_at: AtomicI64::new(MERGE_AT),
             merge_slices: AtomicI64::new(MERGE_SLICES),
+            fanout: AtomicI64::new(runs::FANOUT),
+            slice_ids: AtomicI64::new(runs::SLICE_IDS),
             recent: Mutex::new(Recent::default()),
             filter: filter::Filter::new(pool.map(|pool| filter::Source {
                 pool: pool.clone(),
@@ -167,6 +178,23 @@ impl ReplayLog {
     pub(super) fn set_merge(&self, ids: i64, slices: i64) {
         self.merge_at.store(ids, Ordering::Relaxed);
         self.merge_slices.store(slices, Ordering::Relaxed);
+    }
+
+    /// Compacts `fanout` runs of a level together, `slice_ids` IDs a slice, instead of
+    /// [`runs::FANOUT`] and [`runs::SLICE_IDS`] (for tests of compaction).
+    #[cfg(test)]
+    pub(super) fn set_compaction(&self, fanout: i64, slice_ids: i64) {
+        self.fanout.store(fanout, Ordering::Relaxed);
+        self.slice_ids.store(slice_ids, Ordering::Relaxed);
+    }
+
+    /// The merge size, the runs per level compacted together and the IDs per compaction slice.
+    fn compaction_settings(&self) -> (i64, i64, i64) {
+        (
+            self.merge_at.load(Ordering::Relaxed),
+            self.fanout.load(Ordering::Relaxed),
+            self.slice_ids.load(Ordering::Relaxed),
+        )
     }
 
     fn recent(&self) -> MutexGuard<'_, Recent> {
@@ -236,20 +264,23 @@ impl ReplayLog {
         self.probed.fetch_add(probe.len(), Ordering::Relaxed);
         // One statement per chunk reads the merge state and probes the table in one snapshot.
         let mut states = HashSet::new();
-        let chunk_len = MAX_BIND_PARAMS - 2;
+        let chunk_len = MAX_BIND_PARAMS - 3;
         for chunk in probe.chunks(chunk_len) {
             let sql = format!(
                 "-- replay_probe\n\
-                 SELECT NULL AS report_id, generation, merge_slice FROM replay_logs WHERE name = ? \
+                 SELECT NULL AS report_id, generation, merge_slice FROM replay_logs \
+                 WHERE name = ? \
                  UNION ALL \
                  SELECT report_id, NULL, NULL FROM {} \
-                 WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = ?) \
+                 WHERE run IN (SELECT run FROM replay_runs WHERE name = ?) \
+                   AND task_key = (SELECT task_key FROM replay_tasks WHERE task_id = ?) \
                    AND report_id IN ({})",
                 self.table,
                 list_placeholders(chunk.len())
             );
             let mut query = sqlx::query(&sql)
                 .persistent(chunk.len() == chunk_len)
+                .bind(self.name)
                 .bind(self.name)
                 .bind(&task_id.0[..]);
             for id in chunk {
@@ -292,7 +323,8 @@ impl ReplayLog {
     ) -> Result<Intake<'_>, StoreError> {
         let row = sqlx::query(
             "-- replay_sync\n\
-             SELECT generation, merge_slice, merge_mark FROM replay_logs WHERE name = ?",
+             SELECT generation, merge_slice, merge_mark, compact_run, compact_slice, compact_slices \
+             FROM replay_logs WHERE name = ?",
         )
         .bind(self.name)
         .fetch_one(&mut *conn)
@@ -338,6 +370,7 @@ impl ReplayLog {
             generation,
             merge_slice,
             merge_mark: col(&row, "merge_mark")?,
+            compaction: runs::from_row(&row)?,
             synced_to,
             appended_to: synced_to,
             admitted: HashMap::new(),
@@ -355,6 +388,8 @@ pub(super) struct Intake<'a> {
     merge_slice: i64,
     /// The log's last row when the last merge started.
     merge_mark: i64,
+    /// The compaction of the sorted table's runs under way (run 0: none).
+    compaction: runs::Compaction,
     /// The log's last row when the transaction started.
     synced_to: i64,
     /// The log's last row after this transaction's appends.
@@ -466,9 +501,9 @@ impl<'a> Intake<'a> {
         conn: &mut SqliteConnection,
     ) -> Result<Admitted<'a>, StoreError> {
         let log = self.log;
-        let slices = log.merge_slices.load(Ordering::Relaxed).clamp(1, 256);
         // The merge state this transaction found.
         let from = (self.generation, self.merge_slice);
+        let slices = log.merge_slices.load(Ordering::Relaxed).clamp(1, 256);
         if self.merge_slice == 0
             && self.appended_to - self.merge_mark >= log.merge_at.load(Ordering::Relaxed)
         {
@@ -478,67 +513,54 @@ impl<'a> Intake<'a> {
         let mut ended = false;
         let mut filter_step = None;
         if self.merge_slice > 0 {
-            // Slice k (from 1) holds the IDs whose first byte is in [lo, hi); the last slice is
-            // unbounded above.
             let slice = self.merge_slice.min(slices);
-            let lo = [u8::try_from((slice - 1) * 256 / slices).unwrap_or(u8::MAX)];
-            let hi = u8::try_from(slice * 256 / slices).ok().map(|b| [b]);
-            let range = if hi.is_some() {
-                "report_id >= ?1 AND report_id < ?2"
-            } else {
-                "report_id >= ?1"
-            };
-            // Every logged ID was checked against the table when admitted; OR IGNORE keeps a
-            // merge from failing on an ID that a task deletion raced with. The slice's tasks get
-            // their keys first (keys are never deleted, so the join finds every row).
-            let statements = [
-                format!(
-                    "-- replay_merge\nINSERT OR IGNORE INTO replay_tasks (task_id) \
-                     SELECT DISTINCT task_id FROM {} WHERE {range}",
-                    log.log
-                ),
-                format!(
-                    "-- replay_merge\nINSERT OR IGNORE INTO {} (task_key, report_id) \
-                     SELECT k.task_key, l.report_id \
-                     FROM (SELECT task_id, report_id FROM {} WHERE {range}) AS l \
-                     JOIN replay_tasks AS k ON k.task_id = l.task_id \
-                     ORDER BY k.task_key, l.report_id",
-                    log.table, log.log
-                ),
-                format!("-- replay_merge\nDELETE FROM {} WHERE {range}", log.log),
-            ];
-            let started = now();
-            let mut rows = [0; 3];
-            for (sql, rows) in statements.iter().zip(&mut rows) {
-                let mut query = sqlx::query(sql).bind(&lo[..]);
-                if let Some(hi) = &hi {
-                    query = query.bind(&hi[..]);
+            let (lo, hi) = runs::slice_range(slice, slices);
+            // The slice's IDs are the log's IDs in its range, all of which the memory set (synced
+            // when this transaction began) or this transaction's admissions hold: taken from
+            // there, sorted, the slice reads nothing of the log.
+            let in_slice = |id: &&ReportId| id.0[0] >= lo[0] && hi.is_none_or(|hi| id.0[0] < hi[0]);
+            let mut moving: Vec<(TaskId, Vec<ReportId>)> = Vec::new();
+            {
+                let recent = log.recent();
+                for (task_id, ids) in recent.ids.iter().chain(&self.admitted) {
+                    let ids = ids.iter().filter(in_slice).copied();
+                    match moving.iter_mut().find(|(t, _)| t == task_id) {
+                        Some((_, moved)) => moved.extend(ids),
+                        None => moving.push((*task_id, ids.collect())),
+                    }
                 }
-                *rows = query.execute(&mut *conn).await.map_err(db)?.rows_affected();
+            }
+            let started = now();
+            for (_, ids) in &mut moving {
+                ids.sort_unstable_by_key(|id| id.0);
+                ids.dedup();
+            }
+            let merged = runs::write_run(conn, log, &moving).await?;
+            if slice == slices {
+                // Every row logged before the merge started is in the table now; rows logged
+                // since stay logged (the slices that took them in too have them twice, which
+                // the next merge ignores).
+                sqlx::query(&format!(
+                    "-- replay_merge\nDELETE FROM {} WHERE id <= ?",
+                    log.log
+                ))
+                .bind(self.merge_mark)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
             }
             tracing::debug!(
                 log = log.name,
                 slice,
-                ids = rows[1],
+                slices,
+                ids = merged,
                 ms = now().saturating_duration_since(started).as_millis() as u64,
                 "replay log merge slice"
             );
             ended = slice == slices;
             self.merge_slice = if ended { 0 } else { slice + 1 };
             if log.filter.wants_merge_from(from) {
-                // The slice moved the log's IDs in its range, all of which the memory set (synced
-                // when this transaction began) or this transaction's admissions hold.
-                let in_slice =
-                    |id: &&ReportId| id.0[0] >= lo[0] && hi.is_none_or(|hi| id.0[0] < hi[0]);
-                let recent = log.recent();
-                let moved: Vec<ReportId> = recent
-                    .ids
-                    .values()
-                    .chain(self.admitted.values())
-                    .flatten()
-                    .filter(in_slice)
-                    .copied()
-                    .collect();
+                let moved = moving.into_iter().flat_map(|(_, ids)| ids).collect();
                 let to = (self.generation + i64::from(ended), self.merge_slice);
                 filter_step = Some((from, to, moved));
             }
@@ -554,6 +576,11 @@ impl<'a> Intake<'a> {
             .execute(&mut *conn)
             .await
             .map_err(db)?;
+            if ended && self.compaction.run == 0 {
+                runs::plan(conn, log).await?;
+            }
+        } else if self.compaction.run != 0 && runs::step(conn, log, self.compaction).await? {
+            runs::plan(conn, log).await?;
         }
         Ok(Admitted {
             log,
@@ -567,20 +594,33 @@ impl<'a> Intake<'a> {
     }
 }
 
-/// Starts a new generation of the log named `name`: every process rereads it before its next
-/// admission. Called in the transaction that deleted a task's log rows.
-pub(super) async fn bump_generation(
-    conn: &mut SqliteConnection,
-    name: &str,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "-- replay_generation\nUPDATE replay_logs SET generation = generation + 1 WHERE name = ?",
-    )
-    .bind(name)
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    Ok(())
+impl ReplayLog {
+    /// Deletes a task's IDs from the sorted table and the log, and starts a new generation of
+    /// the log: every process rereads it before its next admission. Call
+    /// [`ReplayLog::forget_task`] once the transaction has committed.
+    pub(super) async fn delete_task(
+        &self,
+        conn: &mut SqliteConnection,
+        task_id: &TaskId,
+    ) -> Result<(), StoreError> {
+        runs::delete_task(conn, self, task_id).await?;
+        sqlx::query(&format!(
+            "-- delete_task\nDELETE FROM {} WHERE task_id = ?",
+            self.log
+        ))
+        .bind(&task_id.0[..])
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "-- delete_task\nUPDATE replay_logs SET generation = generation + 1 WHERE name = ?",
+        )
+        .bind(self.name)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
 }
 
 /// IDs admitted by a transaction, to add to the memory set once it has committed.
@@ -634,5 +674,6 @@ fn now() -> std::time::Instant {
 }
 
 mod filter;
+mod runs;
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,6 @@ use duet_core::{AggregatorRole, Task, TaskParameters};
 use duet_messages::dap09::{Interval, ReportIdChecksum, TaskId};
 use sqlx::sqlite::SqliteRow;
 
-use super::replay;
 use super::{clamp_i64, col, col_array, col_interval, col_u64, db, to_i64, SqliteDatastore};
 use crate::{BatchAggregation, MergeFn, StoreError};
 
@@ -79,19 +78,11 @@ const DELETE_LEADER: &[&str] = &[
     // Every row of `reports` has its payload (a finished job deletes its rows).
     "-- delete_task\n\
      DELETE FROM reports INDEXED BY reports_pending WHERE task_id = ? AND payload IS NOT NULL",
-    "-- delete_task\n\
-     DELETE FROM report_ids \
-     WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = ?)",
-    "-- delete_task\nDELETE FROM report_id_log WHERE task_id = ?",
     "-- delete_task\nDELETE FROM aggregation_jobs WHERE task_id = ?",
     "-- delete_task\nDELETE FROM collection_jobs WHERE task_id = ?",
 ];
 const DELETE_HELPER: &[&str] = &[
     "-- delete_task\nDELETE FROM helper_aggregation_jobs WHERE task_id = ?",
-    "-- delete_task\n\
-     DELETE FROM helper_report_ids \
-     WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = ?)",
-    "-- delete_task\nDELETE FROM helper_report_id_log WHERE task_id = ?",
     "-- delete_task\nDELETE FROM aggregate_share_jobs WHERE task_id = ?",
 ];
 
@@ -112,7 +103,11 @@ pub(super) async fn delete_task(
             .map_err(db)?;
     }
     // Every process drops the task's IDs from its copy of the log.
-    replay::bump_generation(&mut tx, store.role_str()).await?;
+    let replay = match store.role {
+        AggregatorRole::Leader => &store.replay.leader,
+        AggregatorRole::Helper => &store.replay.helper,
+    };
+    replay.delete_task(&mut tx, task_id).await?;
     sqlx::query("-- delete_task\nDELETE FROM batch_aggregations WHERE role = ? AND task_id = ?")
         .bind(store.role_str())
         .bind(&task_id.0[..])
@@ -127,10 +122,7 @@ pub(super) async fn delete_task(
         .map_err(db)?
         .rows_affected();
     tx.commit().await.map_err(db)?;
-    match store.role {
-        AggregatorRole::Leader => store.replay.leader.forget_task(task_id),
-        AggregatorRole::Helper => store.replay.helper.forget_task(task_id),
-    }
+    replay.forget_task(task_id);
     Ok(deleted > 0)
 }
 

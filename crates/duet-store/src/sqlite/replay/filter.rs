@@ -344,8 +344,8 @@ fn apply(
 }
 
 /// Reads the sorted table in one snapshot: its merge state and a filter of its IDs, sized for
-/// twice as many. Each statement reads up to `chunk` IDs of one task in key order as one
-/// hexadecimal string (a row per ID would cost several times as much).
+/// twice as many. Each statement reads up to `chunk` IDs of one task in one run in key order as
+/// one hexadecimal string (a row per ID would cost several times as much).
 async fn build(source: &Source, chunk: i64) -> Result<(MergeState, Bloom), StoreError> {
     let mut conn = source.pool.acquire().await.map_err(db)?;
     // A deferred transaction: its first read fixes the snapshot every later read sees.
@@ -367,18 +367,29 @@ async fn build(source: &Source, chunk: i64) -> Result<(MergeState, Bloom), Store
         .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
+    let runs: Vec<i64> =
+        sqlx::query_scalar("-- replay_filter\nSELECT run FROM replay_runs WHERE name = ?")
+            .bind(source.name)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
     let sql = format!(
         "-- replay_filter\n\
          SELECT COUNT(*) AS n, COALESCE(group_concat(hex(report_id), ''), '') AS ids, \
            MAX(report_id) AS last \
-         FROM (SELECT report_id FROM {} WHERE task_key = ? AND report_id > ? \
+         FROM (SELECT report_id FROM {} WHERE run = ? AND task_key = ? AND report_id > ? \
                ORDER BY report_id LIMIT ?)",
         source.table
     );
-    for key in keys {
+    let pairs: Vec<(i64, i64)> = runs
+        .iter()
+        .flat_map(|&run| keys.iter().map(move |&key| (run, key)))
+        .collect();
+    for (run, key) in pairs {
         let mut after = Vec::new();
         loop {
             let row = sqlx::query(&sql)
+                .bind(run)
                 .bind(key)
                 .bind(&after)
                 .bind(chunk)

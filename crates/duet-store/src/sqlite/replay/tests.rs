@@ -223,9 +223,10 @@ async fn all_known(store: &SqliteDatastore, task_id: TaskId, ids: Vec<ReportId>)
     }
 }
 
-/// A merge spread over two transactions moves one half of the key space in each, and IDs
-/// logged while it is under way are merged with their half or stay logged; every ID stays
-/// known to every process throughout.
+/// A merge spread over two transactions moves one half of the key space in each, and the log
+/// rows from before it started go when it ends; IDs logged while it is under way are merged
+/// with their half if it is still to come, and stay logged either way. Every ID stays known to
+/// every process throughout.
 #[tokio::test]
 async fn merges_in_slices() {
     let dir = tempfile::TempDir::new().expect("temp dir");
@@ -246,11 +247,12 @@ async fn merges_in_slices() {
     put(&a, task_id, vec![low[0], low[1], high[0], high[1]])
         .await
         .expect("put");
-    assert_eq!(log_state(&a, &a.replay.helper).await, (2, 2, 0));
+    assert_eq!(log_state(&a, &a.replay.helper).await, (4, 2, 0));
     all_known(&b, task_id, vec![low[0], low[1], high[0], high[1]]).await;
-    // B's next write moves the high half, with the high ID it logs; its low ID stays logged.
+    // B's next write moves the high half, with the high ID it logs, and ends the merge: the
+    // two IDs it logs stay logged.
     put(&b, task_id, vec![low[2], high[2]]).await.expect("put");
-    assert_eq!(log_state(&b, &b.replay.helper).await, (1, 5, 1));
+    assert_eq!(log_state(&b, &b.replay.helper).await, (2, 5, 1));
     let everything: Vec<ReportId> = low.iter().chain(&high).copied().collect();
     all_known(&a, task_id, everything.clone()).await;
     let fresh = process(&dir, 4, 2).await.with_role(AggregatorRole::Helper);
@@ -321,7 +323,7 @@ async fn the_filter_spares_probes_and_hides_no_merged_id() {
     // Nothing is probed in an empty table's filter. The fourth ID starts a merge, whose first
     // slice moves the low half.
     assert_eq!(put_and_claim(&a, &reports(&[0, 1, 2, 3], 0)).await, 1);
-    assert_eq!(log_state(&a, &a.replay.leader).await, (2, 2, 0));
+    assert_eq!(log_state(&a, &a.replay.leader).await, (4, 2, 0));
     assert_eq!(probed(), 0);
     // The next write moves the high half and ends the merge; ID 4 (low) stays logged. The
     // replays are in the memory set, and the fresh ID is not probed.
@@ -336,10 +338,10 @@ async fn the_filter_spares_probes_and_hides_no_merged_id() {
 
     // B's writes start a merge and move the low half (IDs 4, 6 and 8).
     assert_eq!(put_and_claim(&b, &reports(&[6, 7, 8], 0)).await, 1);
-    assert_eq!(log_state(&b, &b.replay.leader).await, (2, 7, 1));
-    // A's filter does not cover the state B left: A probes, and finds ID 6 there. (Its write
-    // moves the high half and ends the merge.)
-    assert_eq!(put_and_claim(&a, &reports(&[6], 9)).await, 0);
+    assert_eq!(log_state(&b, &b.replay.leader).await, (5, 7, 1));
+    // A's filter does not cover the state B left: A probes, and finds ID 0 there (B's IDs are
+    // still logged). Its write moves the high half and ends the merge.
+    assert_eq!(put_and_claim(&a, &reports(&[0], 9)).await, 0);
     assert_eq!(probed(), 5);
     assert_eq!(log_state(&a, &a.replay.leader).await, (0, 9, 2));
     assert!(!filter.covers((2, 0)));
@@ -356,6 +358,215 @@ async fn the_filter_spares_probes_and_hides_no_merged_id() {
     let before = probed();
     assert_eq!(put_and_claim(&a, &reports(&[9, 10, 11], 0)).await, 1);
     assert_eq!(probed(), before);
+    a.close().await;
+    b.close().await;
+}
+
+/// The runs of `log`'s sorted table, each with its row count, and the runs `replay_runs` lists.
+async fn runs(store: &SqliteDatastore, log: &ReplayLog) -> (Vec<(i64, i64)>, Vec<i64>) {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(&format!(
+        "SELECT run, COUNT(*) FROM {} GROUP BY run ORDER BY run",
+        log.table
+    ))
+    .fetch_all(&store.pool)
+    .await
+    .expect("runs");
+    let listed: Vec<i64> =
+        sqlx::query_scalar("SELECT run FROM replay_runs WHERE name = ? ORDER BY run")
+            .bind(log.name)
+            .fetch_all(&store.pool)
+            .await
+            .expect("replay_runs");
+    (rows, listed)
+}
+
+/// Each merge appends a run of its own; a check finds IDs in every run, and deleting a task
+/// drops the runs it leaves empty.
+#[tokio::test]
+async fn each_merge_appends_a_run() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let a = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let log = &a.replay.helper;
+    let (task_id, other) = (TaskId::random(), TaskId::random());
+    let new_ids = |n: usize| -> Vec<ReportId> { (0..n).map(|_| ReportId::random()).collect() };
+
+    // Run 0 comes from the schema (the IDs merged before runs), empty here.
+    assert_eq!(runs(&a, log).await, (vec![], vec![0]));
+    let first = new_ids(4);
+    put(&a, task_id, first.clone()).await.expect("put");
+    assert_eq!(runs(&a, log).await, (vec![(1, 4)], vec![0, 1]));
+    let (second, third) = (new_ids(2), new_ids(2));
+    put(&a, task_id, second.clone()).await.expect("put");
+    put(&a, other, third.clone()).await.expect("put");
+    assert_eq!(runs(&a, log).await, (vec![(1, 4), (2, 4)], vec![0, 1, 2]));
+    assert_eq!(log_state(&a, log).await, (0, 8, 2));
+
+    // Another process, with no filter, finds every ID by probing each run.
+    let b = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    all_known(&b, task_id, first.iter().chain(&second).copied().collect()).await;
+    all_known(&b, other, third.clone()).await;
+    assert!(
+        seen(&b, task_id, &third).await.is_empty(),
+        "IDs are per task"
+    );
+
+    // Deleting the task empties run 1, which goes with the empty run 0; run 2 keeps the other
+    // task's IDs.
+    a.delete_task(&task_id).await.expect("delete_task");
+    assert_eq!(runs(&a, log).await, (vec![(2, 2)], vec![2]));
+    assert!(seen(&b, task_id, &first).await.is_empty());
+    all_known(&b, other, third).await;
+    a.close().await;
+    b.close().await;
+}
+
+/// Version 5 of the schema keeps the IDs a database already has, as run 0.
+#[tokio::test]
+async fn the_schema_keeps_merged_ids_as_run_zero() {
+    let pool = sqlx::SqlitePool::connect("sqlite::memory:")
+        .await
+        .expect("connect");
+    let migrations: Vec<_> = crate::sqlite::MIGRATOR.iter().collect();
+    assert_eq!(migrations.last().map(|m| m.version), Some(5));
+    for migration in &migrations[..4] {
+        sqlx::raw_sql(&migration.sql)
+            .execute(&pool)
+            .await
+            .expect("migration");
+    }
+    sqlx::raw_sql(
+        "INSERT INTO replay_tasks (task_key, task_id) VALUES (1, x'01'), (2, x'02');
+         INSERT INTO report_ids (task_key, report_id) VALUES (1, x'0a'), (1, x'0b'), (2, x'0a');
+         INSERT INTO helper_report_ids (task_key, report_id) VALUES (2, x'0c');",
+    )
+    .execute(&pool)
+    .await
+    .expect("rows");
+    sqlx::raw_sql(&migrations[4].sql)
+        .execute(&pool)
+        .await
+        .expect("migration 5");
+    let rows: Vec<(i64, i64, Vec<u8>)> =
+        sqlx::query_as("SELECT run, task_key, report_id FROM report_ids ORDER BY 1, 2, 3")
+            .fetch_all(&pool)
+            .await
+            .expect("report_ids");
+    assert_eq!(
+        rows,
+        [(0, 1, vec![0x0a]), (0, 1, vec![0x0b]), (0, 2, vec![0x0a])]
+    );
+    let rows: Vec<(i64, i64, Vec<u8>)> =
+        sqlx::query_as("SELECT run, task_key, report_id FROM helper_report_ids")
+            .fetch_all(&pool)
+            .await
+            .expect("helper_report_ids");
+    assert_eq!(rows, [(0, 2, vec![0x0c])]);
+    let runs: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, run FROM replay_runs ORDER BY name")
+            .fetch_all(&pool)
+            .await
+            .expect("replay_runs");
+    assert_eq!(runs, [("helper".into(), 0), ("leader".into(), 0)]);
+}
+
+/// `(compact_run, compact_slice, compact_slices)` of `log`.
+async fn compaction(store: &SqliteDatastore, log: &ReplayLog) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT compact_run, compact_slice, compact_slices FROM replay_logs WHERE name = ?",
+    )
+    .bind(log.name)
+    .fetch_one(&store.pool)
+    .await
+    .expect("compaction")
+}
+
+/// Once a level holds `fanout` runs they are compacted into one run of the next level, a slice
+/// per write that merges nothing; every ID stays known throughout, to a process that probes.
+#[tokio::test]
+async fn runs_are_compacted_by_level() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let a = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let b = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let log = &a.replay.helper;
+    // Two runs per level, 4 IDs a slice; runs of 8 IDs or more are of level 1, 16 or more of
+    // level 2.
+    log.set_compaction(2, 4);
+    b.replay.helper.set_compaction(2, 4);
+    let task_id = TaskId::random();
+    let mut taken: Vec<ReportId> = Vec::new();
+    // Puts `n` new IDs through `store`: each put is a write transaction, which merges the log or
+    // moves a slice of a compaction under way.
+    let mut put_new = async |store: &SqliteDatastore, n: usize| {
+        let ids: Vec<ReportId> = (0..n).map(|_| ReportId::random()).collect();
+        taken.extend(&ids);
+        put(store, task_id, ids).await.expect("put");
+        taken.clone()
+    };
+    // B probes the sorted table for the IDs merged into it (outside a write transaction it may
+    // miss IDs only logged since its last write).
+    let known_to_b = async |ids: &[ReportId]| {
+        assert_eq!(
+            seen(&b, task_id, ids).await.len(),
+            ids.len(),
+            "every ID is known"
+        );
+    };
+
+    // One run of level 0 is not enough; the empty run 0 does not count.
+    let merged = put_new(&a, 4).await;
+    assert_eq!(compaction(&a, log).await, (0, 0, 0));
+    assert_eq!(runs(&a, log).await, (vec![(1, 4)], vec![0, 1]));
+    known_to_b(&merged).await;
+    // A second one (B merges it) starts a compaction of 8 IDs into run 3, in three slices.
+    let merged = put_new(&b, 4).await;
+    assert_eq!(compaction(&a, log).await, (3, 1, 3));
+    assert_eq!(
+        runs(&a, log).await,
+        (vec![(1, 4), (2, 4)], vec![0, 1, 2, 3])
+    );
+    known_to_b(&merged).await;
+    for slice in 2..=4 {
+        put_new(&a, 1).await;
+        assert_eq!(
+            compaction(&a, log).await.1,
+            if slice < 4 { slice } else { 0 }
+        );
+        known_to_b(&merged).await;
+    }
+    assert_eq!(runs(&a, log).await, (vec![(3, 8)], vec![3]));
+
+    // Two more merges make two runs of level 0 (4 and 5), compacted into run 6, of level 1,
+    // which makes two of level 1: run 7, of level 2, takes them in as the next compaction.
+    put_new(&a, 1).await;
+    let merged = put_new(&a, 4).await;
+    assert_eq!(runs(&a, log).await.1, vec![3, 4, 5, 6]);
+    while compaction(&a, log).await.0 == 6 {
+        put_new(&a, 1).await;
+        known_to_b(&merged).await;
+    }
+    assert_eq!(compaction(&a, log).await.0, 7);
+    let merged = put_new(&a, 1).await;
+    while compaction(&a, log).await.0 != 0 {
+        put_new(&a, 1).await;
+        known_to_b(&merged[..16]).await;
+    }
+    assert_eq!(runs(&a, log).await.0[0], (7, 16));
+    all_known(&a, task_id, taken.clone()).await;
+
+    // A task deleted while a compaction is under way: its runs go, but not the compaction's.
+    let other = TaskId::random();
+    let kept: Vec<ReportId> = (0..8).map(|_| ReportId::random()).collect();
+    put(&a, other, kept.clone()).await.expect("put");
+    put(&a, other, vec![ReportId::random()]).await.expect("put");
+    let compacting = compaction(&a, log).await.0;
+    assert_ne!(compacting, 0, "a compaction is under way");
+    a.delete_task(&task_id).await.expect("delete_task");
+    assert!(runs(&a, log).await.1.contains(&compacting));
+    while compaction(&a, log).await.0 != 0 {
+        put(&a, other, vec![ReportId::random()]).await.expect("put");
+    }
+    assert!(seen(&b, task_id, &taken).await.is_empty());
+    all_known(&b, other, kept).await;
     a.close().await;
     b.close().await;
 }
