@@ -78,8 +78,8 @@ pub(super) struct ReplayLog {
     name: &'static str,
     /// The log table: `id INTEGER PRIMARY KEY, task_id, report_id` and, if `with_seq`, `seq`.
     log: &'static str,
-    /// The sorted table: `PRIMARY KEY (task_key, report_id)`, the task's key from
-    /// `replay_tasks`.
+    /// The sorted table: `PRIMARY KEY (run, task_key, report_id)`, the run from `replay_runs`
+    /// and the task's key from `replay_tasks`.
     table: &'static str,
     /// Whether log rows carry the `seq` of the report's first upload (the Leader's do).
     with_seq: bool,
@@ -208,10 +208,15 @@ impl ReplayLog {
         self.filter.warm_up().await
     }
 
-    /// Drops a deleted task's IDs from the memory set (other processes reread the log, whose
-    /// generation the deletion bumped).
-    pub(super) fn forget_task(&self, task_id: &TaskId) {
-        self.recent().ids.remove(task_id);
+    /// Drops the memory set if it predates `generation`, the one a task deletion started (other
+    /// processes reread the log when they see it). A set that a transaction resynchronised since
+    /// is left alone: it may hold IDs of the task committed after the deletion, which a merge
+    /// would otherwise take out of the log without moving them.
+    pub(super) fn forget_task(&self, generation: i64) {
+        let mut recent = self.recent();
+        if recent.generation.is_some_and(|g| g < generation) {
+            *recent = Recent::default();
+        }
     }
 
     /// Which of `ids` the set holds, as far as this process knows: the memory set, then the
@@ -495,7 +500,8 @@ impl<'a> Intake<'a> {
     }
 
     /// Ends admission: moves one slice of the log into the sorted table if a merge is under way
-    /// or due.
+    /// or due, and starts a compaction of the table's runs if the merge's run completes a level;
+    /// a transaction that merges nothing moves a slice of a compaction under way instead.
     pub(super) async fn finish(
         mut self,
         conn: &mut SqliteConnection,
@@ -519,17 +525,15 @@ impl<'a> Intake<'a> {
             // when this transaction began) or this transaction's admissions hold: taken from
             // there, sorted, the slice reads nothing of the log.
             let in_slice = |id: &&ReportId| id.0[0] >= lo[0] && hi.is_none_or(|hi| id.0[0] < hi[0]);
-            let mut moving: Vec<(TaskId, Vec<ReportId>)> = Vec::new();
+            let mut by_task: HashMap<TaskId, Vec<ReportId>> = HashMap::new();
             {
                 let recent = log.recent();
                 for (task_id, ids) in recent.ids.iter().chain(&self.admitted) {
                     let ids = ids.iter().filter(in_slice).copied();
-                    match moving.iter_mut().find(|(t, _)| t == task_id) {
-                        Some((_, moved)) => moved.extend(ids),
-                        None => moving.push((*task_id, ids.collect())),
-                    }
+                    by_task.entry(*task_id).or_default().extend(ids);
                 }
             }
+            let mut moving: Vec<(TaskId, Vec<ReportId>)> = by_task.into_iter().collect();
             let started = now();
             for (_, ids) in &mut moving {
                 ids.sort_unstable_by_key(|id| id.0);
@@ -538,8 +542,10 @@ impl<'a> Intake<'a> {
             let merged = runs::write_run(conn, log, &moving).await?;
             if slice == slices {
                 // Every row logged before the merge started is in the table now; rows logged
-                // since stay logged (the slices that took them in too have them twice, which
-                // the next merge ignores).
+                // since stay logged. (With several slices, those that took such rows in too
+                // hold them twice: the next merge writes them to its run again, and a
+                // compaction keeps one. Every process must slice alike, or this deletes rows
+                // of ranges no slice moved.)
                 sqlx::query(&format!(
                     "-- replay_merge\nDELETE FROM {} WHERE id <= ?",
                     log.log
@@ -596,13 +602,13 @@ impl<'a> Intake<'a> {
 
 impl ReplayLog {
     /// Deletes a task's IDs from the sorted table and the log, and starts a new generation of
-    /// the log: every process rereads it before its next admission. Call
-    /// [`ReplayLog::forget_task`] once the transaction has committed.
+    /// the log, which it returns: every process rereads the log before its next admission.
+    /// Call [`ReplayLog::forget_task`] with it once the transaction has committed.
     pub(super) async fn delete_task(
         &self,
         conn: &mut SqliteConnection,
         task_id: &TaskId,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         runs::delete_task(conn, self, task_id).await?;
         sqlx::query(&format!(
             "-- delete_task\nDELETE FROM {} WHERE task_id = ?",
@@ -612,14 +618,15 @@ impl ReplayLog {
         .execute(&mut *conn)
         .await
         .map_err(db)?;
-        sqlx::query(
-            "-- delete_task\nUPDATE replay_logs SET generation = generation + 1 WHERE name = ?",
+        sqlx::query_scalar(
+            "-- delete_task\n\
+             UPDATE replay_logs SET generation = generation + 1 WHERE name = ? \
+             RETURNING generation",
         )
         .bind(self.name)
-        .execute(&mut *conn)
+        .fetch_one(&mut *conn)
         .await
-        .map_err(db)?;
-        Ok(())
+        .map_err(db)
     }
 }
 

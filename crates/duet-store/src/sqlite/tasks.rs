@@ -107,7 +107,7 @@ pub(super) async fn delete_task(
         AggregatorRole::Leader => &store.replay.leader,
         AggregatorRole::Helper => &store.replay.helper,
     };
-    replay.delete_task(&mut tx, task_id).await?;
+    let generation = replay.delete_task(&mut tx, task_id).await?;
     sqlx::query("-- delete_task\nDELETE FROM batch_aggregations WHERE role = ? AND task_id = ?")
         .bind(store.role_str())
         .bind(&task_id.0[..])
@@ -122,7 +122,7 @@ pub(super) async fn delete_task(
         .map_err(db)?
         .rows_affected();
     tx.commit().await.map_err(db)?;
-    replay.forget_task(task_id);
+    replay.forget_task(generation);
     Ok(deleted > 0)
 }
 

@@ -3,7 +3,8 @@
 //!
 //! A run's *level* is how many times its ID count holds [`FANOUT`] times a merge's: merges write
 //! runs of level 0, and once a level has [`FANOUT`] runs they are compacted into one run of the
-//! next level. A table of n IDs thus has fewer than [`FANOUT`] runs per level and about
+//! next level. A table of n IDs thus has fewer than [`FANOUT`] runs per level (outside a
+//! compaction under way, and as long as task deletions do not shrink runs) and about
 //! log_FANOUT(n / merge size) levels, and each ID is rewritten about once per level. Like a
 //! merge, a compaction writes a run numbered above every other, so it only appends. It moves one
 //! slice of the key space (by the report ID's first byte, about [`SLICE_IDS`] IDs) per write
@@ -126,6 +127,7 @@ pub(super) async fn plan(
     log: &ReplayLog,
 ) -> Result<Option<Compaction>, StoreError> {
     let (merge_at, fanout, slice_ids) = log.compaction_settings();
+    let fanout = fanout.max(2);
     let runs: Vec<(i64, i64)> = sqlx::query_as(
         "-- replay_compact\nSELECT run, ids FROM replay_runs WHERE name = ? ORDER BY run",
     )

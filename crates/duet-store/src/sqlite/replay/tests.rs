@@ -401,7 +401,8 @@ async fn each_merge_appends_a_run() {
     assert_eq!(runs(&a, log).await, (vec![(1, 4), (2, 4)], vec![0, 1, 2]));
     assert_eq!(log_state(&a, log).await, (0, 8, 2));
 
-    // Another process, with no filter, finds every ID by probing each run.
+    // Another process, whose filter does not cover this state yet, finds every ID by probing
+    // each run.
     let b = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
     all_known(&b, task_id, first.iter().chain(&second).copied().collect()).await;
     all_known(&b, other, third.clone()).await;
@@ -461,12 +462,22 @@ async fn the_schema_keeps_merged_ids_as_run_zero() {
             .await
             .expect("helper_report_ids");
     assert_eq!(rows, [(0, 2, vec![0x0c])]);
-    let runs: Vec<(String, i64)> =
-        sqlx::query_as("SELECT name, run FROM replay_runs ORDER BY name")
+    let runs: Vec<(String, i64, i64, i64)> =
+        sqlx::query_as("SELECT name, run, ids, into_run FROM replay_runs ORDER BY name")
             .fetch_all(&pool)
             .await
             .expect("replay_runs");
-    assert_eq!(runs, [("helper".into(), 0), ("leader".into(), 0)]);
+    assert_eq!(
+        runs,
+        [("helper".into(), 0, 1, 0), ("leader".into(), 0, 3, 0)]
+    );
+    let compactions: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT compact_run, compact_slice, compact_slices FROM replay_logs ORDER BY name",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("replay_logs");
+    assert_eq!(compactions, [(0, 0, 0), (0, 0, 0)]);
 }
 
 /// `(compact_run, compact_slice, compact_slices)` of `log`.
@@ -553,20 +564,64 @@ async fn runs_are_compacted_by_level() {
     assert_eq!(runs(&a, log).await.0[0], (7, 16));
     all_known(&a, task_id, taken.clone()).await;
 
-    // A task deleted while a compaction is under way: its runs go, but not the compaction's.
-    let other = TaskId::random();
-    let kept: Vec<ReportId> = (0..8).map(|_| ReportId::random()).collect();
-    put(&a, other, kept.clone()).await.expect("put");
-    put(&a, other, vec![ReportId::random()]).await.expect("put");
-    let compacting = compaction(&a, log).await.0;
-    assert_ne!(compacting, 0, "a compaction is under way");
-    a.delete_task(&task_id).await.expect("delete_task");
-    assert!(runs(&a, log).await.1.contains(&compacting));
-    while compaction(&a, log).await.0 != 0 {
-        put(&a, other, vec![ReportId::random()]).await.expect("put");
-    }
-    assert!(seen(&b, task_id, &taken).await.is_empty());
-    all_known(&b, other, kept).await;
     a.close().await;
     b.close().await;
+}
+
+/// A task deleted just as a compaction starts empties the runs it moves, which go; the
+/// compaction's own run, still empty, stays listed, and the other task's IDs it then takes in
+/// stay known.
+#[tokio::test]
+async fn a_task_deletion_keeps_the_run_a_compaction_writes() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let a = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let log = &a.replay.helper;
+    log.set_compaction(2, 4);
+    let (task_id, other) = (TaskId::random(), TaskId::random());
+    let new_ids = |n: usize| -> Vec<ReportId> { (0..n).map(|_| ReportId::random()).collect() };
+    let deleted = new_ids(4);
+    put(&a, task_id, deleted.clone()).await.expect("put");
+    let kept = new_ids(4);
+    put(&a, other, kept.clone()).await.expect("put");
+    // The second run of level 0 started a compaction into run 3, which has moved nothing yet.
+    assert_eq!(compaction(&a, log).await, (3, 1, 3));
+    assert_eq!(
+        runs(&a, log).await,
+        (vec![(1, 4), (2, 4)], vec![0, 1, 2, 3])
+    );
+
+    a.delete_task(&task_id).await.expect("delete_task");
+    assert_eq!(runs(&a, log).await, (vec![(2, 4)], vec![2, 3]));
+    while compaction(&a, log).await.0 != 0 {
+        put(&a, other, new_ids(1)).await.expect("put");
+    }
+    assert_eq!(runs(&a, log).await.0[0], (3, 4));
+    let b = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    assert_eq!(seen(&b, other, &kept).await.len(), 4, "run 3 is probed");
+    assert!(seen(&b, task_id, &deleted).await.is_empty());
+    a.close().await;
+    b.close().await;
+}
+
+/// A task deletion drops a memory set older than itself, not one a transaction has
+/// resynchronised since (which may hold IDs committed after the deletion).
+#[tokio::test]
+async fn a_deletion_forgets_only_older_memory_sets() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let a = process(&dir, 1_000, 1)
+        .await
+        .with_role(AggregatorRole::Helper);
+    let log = &a.replay.helper;
+    let task_id = TaskId::random();
+    let ids: Vec<ReportId> = (0..2).map(|_| ReportId::random()).collect();
+    put(&a, task_id, ids.clone()).await.expect("put");
+    let generation = log.recent().generation.expect("synchronised");
+    log.forget_task(generation);
+    assert!(ids.iter().all(|id| log.recent().contains(&task_id, id)));
+    log.forget_task(generation + 1);
+    assert!(log.recent().generation.is_none());
+    assert!(!ids.iter().any(|id| log.recent().contains(&task_id, id)));
+    // The log still has them: the next write reads them back.
+    all_known(&a, task_id, ids).await;
+    a.close().await;
 }
