@@ -91,9 +91,12 @@ pub(super) struct ReplayLog {
     recent: Mutex<Recent>,
     /// The sorted table's filter.
     filter: filter::Filter,
-    /// IDs probed in the sorted table so far.
+    /// IDs probed in every run of the sorted table so far, and in the runs a stale filter
+    /// does not cover.
     #[cfg(test)]
     probed: std::sync::atomic::AtomicUsize,
+    #[cfg(test)]
+    probed_later: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for ReplayLog {
@@ -169,6 +172,8 @@ impl ReplayLog {
             })),
             #[cfg(test)]
             probed: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(test)]
+            probed_later: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -234,7 +239,8 @@ impl ReplayLog {
     /// [`ReplayLog::known`]; `writing` is the merge state read by the write transaction this
     /// runs in, if it does. Outside one, the IDs missing from the table are remembered in
     /// [`Probed`]; inside one, IDs remembered under the same state are not probed again, nor
-    /// IDs the filter does not hold if it covers that state.
+    /// IDs the filter does not hold if it covers that state (if it covers an older one, those
+    /// are probed only in the runs written since its snapshot).
     async fn lookup(
         &self,
         conn: &mut SqliteConnection,
@@ -259,49 +265,21 @@ impl ReplayLog {
                 }
             }
         }
+        // IDs to probe in every run, then IDs to probe only in the runs after a given one.
+        let mut passes = vec![(-1, probe)];
         if let Some(state) = writing {
-            self.filter.may_contain(state, &mut probe);
+            if let Some(later) = self.filter.triage(state, &mut passes[0].1) {
+                passes.push(later);
+            }
         }
-        // In key order, so that consecutive probes share the upper pages of the tree.
-        probe.sort_unstable_by_key(|id| id.0);
-        probe.dedup();
-        #[cfg(test)]
-        self.probed.fetch_add(probe.len(), Ordering::Relaxed);
-        // One statement per chunk reads the merge state and probes the table in one snapshot.
         let mut states = HashSet::new();
-        let chunk_len = MAX_BIND_PARAMS - 3;
-        for chunk in probe.chunks(chunk_len) {
-            let sql = format!(
-                "-- replay_probe\n\
-                 SELECT NULL AS report_id, generation, merge_slice FROM replay_logs \
-                 WHERE name = ? \
-                 UNION ALL \
-                 SELECT report_id, NULL, NULL FROM {} \
-                 WHERE run IN (SELECT run FROM replay_runs WHERE name = ?) \
-                   AND task_key = (SELECT task_key FROM replay_tasks WHERE task_id = ?) \
-                   AND report_id IN ({})",
-                self.table,
-                list_placeholders(chunk.len())
-            );
-            let mut query = sqlx::query(&sql)
-                .persistent(chunk.len() == chunk_len)
-                .bind(self.name)
-                .bind(self.name)
-                .bind(&task_id.0[..]);
-            for id in chunk {
-                query = query.bind(&id.0[..]);
-            }
-            for row in query.fetch_all(&mut *conn).await.map_err(db)? {
-                let found: Option<Vec<u8>> = col(&row, "report_id")?;
-                if found.is_some() {
-                    known.insert(ReportId(col_array(&row, "report_id")?));
-                } else {
-                    states.insert((col(&row, "generation")?, col(&row, "merge_slice")?));
-                }
-            }
+        for (after_run, probe) in &mut passes {
+            self.probe(conn, task_id, probe, *after_run, &mut known, &mut states)
+                .await?;
         }
         if writing.is_none() && states.len() == 1 {
             let state = states.into_iter().next();
+            let probe = &passes[0].1;
             let mut recent = self.recent();
             let probed = &mut recent.probed;
             if probed.state != state || probed.len > MAX_PROBED {
@@ -318,6 +296,62 @@ impl ReplayLog {
             }
         }
         Ok(known)
+    }
+
+    /// Probes the sorted table's runs numbered above `after_run` for `probe` (sorted in place):
+    /// adds those found to `known`, and the merge states the statements read to `states`.
+    async fn probe(
+        &self,
+        conn: &mut SqliteConnection,
+        task_id: &TaskId,
+        probe: &mut Vec<ReportId>,
+        after_run: i64,
+        known: &mut HashSet<ReportId>,
+        states: &mut HashSet<MergeState>,
+    ) -> Result<(), StoreError> {
+        // In key order, so that consecutive probes share the upper pages of the tree.
+        probe.sort_unstable_by_key(|id| id.0);
+        probe.dedup();
+        #[cfg(test)]
+        if after_run < 0 {
+            self.probed.fetch_add(probe.len(), Ordering::Relaxed);
+        } else {
+            self.probed_later.fetch_add(probe.len(), Ordering::Relaxed);
+        }
+        // One statement per chunk reads the merge state and probes the table in one snapshot.
+        let chunk_len = MAX_BIND_PARAMS - 4;
+        for chunk in probe.chunks(chunk_len) {
+            let sql = format!(
+                "-- replay_probe\n\
+                 SELECT NULL AS report_id, generation, merge_slice FROM replay_logs \
+                 WHERE name = ? \
+                 UNION ALL \
+                 SELECT report_id, NULL, NULL FROM {} \
+                 WHERE run IN (SELECT run FROM replay_runs WHERE name = ? AND run > ?) \
+                   AND task_key = (SELECT task_key FROM replay_tasks WHERE task_id = ?) \
+                   AND report_id IN ({})",
+                self.table,
+                list_placeholders(chunk.len())
+            );
+            let mut query = sqlx::query(&sql)
+                .persistent(chunk.len() == chunk_len)
+                .bind(self.name)
+                .bind(self.name)
+                .bind(after_run)
+                .bind(&task_id.0[..]);
+            for id in chunk {
+                query = query.bind(&id.0[..]);
+            }
+            for row in query.fetch_all(&mut *conn).await.map_err(db)? {
+                let found: Option<Vec<u8>> = col(&row, "report_id")?;
+                if found.is_some() {
+                    known.insert(ReportId(col_array(&row, "report_id")?));
+                } else {
+                    states.insert((col(&row, "generation")?, col(&row, "merge_slice")?));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Starts admitting IDs in a write transaction: brings the memory set up to date with the

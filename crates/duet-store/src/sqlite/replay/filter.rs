@@ -7,6 +7,12 @@
 //! transaction reads the state before it checks IDs, so it uses the filter only when the two
 //! states match, and otherwise probes every ID, as it would without a filter.
 //!
+//! A filter that covers an older state still rules IDs out of the runs its snapshot listed: an
+//! ID it lacks was in none of them, and since then those runs have only lost IDs, or (a
+//! compaction's run) gained IDs from runs numbered below them, which the snapshot held. Run
+//! numbers only grow (the highest run is never dropped), so such an ID can only be in a run
+//! numbered above the snapshot's highest, and only those are probed for it.
+//!
 //! The filter is built from the table in one read snapshot, with the state read in the same
 //! snapshot: when a server warms its store up, and in the background when the state has moved
 //! without this process (another process merged, or a task was deleted). This process's own
@@ -134,6 +140,8 @@ struct Inner {
     source: Option<Source>,
     /// Once built: the merge state the filter covers, and the filter.
     built: Option<(MergeState, Bloom)>,
+    /// The highest run its snapshot listed (-1: none).
+    last_run: i64,
     /// A background build under way.
     build: Option<tokio::task::JoinHandle<()>>,
     /// Merges this process committed while a build ran: `(from, to, IDs)`, to add to the
@@ -177,12 +185,23 @@ impl Filter {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Which of `ids` may be in the sorted table at merge state `state` (all of them if the
-    /// filter does not cover that state).
-    pub(super) fn may_contain(&self, state: MergeState, ids: &mut Vec<ReportId>) {
-        if let Some(bloom) = self.lock().covering(state) {
+    /// Sorts `ids` for probing at merge state `state`: leaves in `ids` those that may be in any
+    /// run. If the filter covers `state` the others are in none; if it covers an older state,
+    /// they are returned, with the run after which they may be (see the module's note).
+    pub(super) fn triage(
+        &self,
+        state: MergeState,
+        ids: &mut Vec<ReportId>,
+    ) -> Option<(i64, Vec<ReportId>)> {
+        let inner = self.lock();
+        if let Some(bloom) = inner.covering(state) {
             ids.retain(|id| bloom.may_contain(&id.0));
+            return None;
         }
+        let (_, bloom) = inner.built.as_ref()?;
+        let (maybe, later) = ids.drain(..).partition(|id| bloom.may_contain(&id.0));
+        *ids = maybe;
+        Some((inner.last_run, later))
     }
 
     /// Whether the filter covers `state`.
@@ -273,7 +292,7 @@ impl Filter {
             )
         };
         let started = now();
-        let (state, mut bloom) = build(&source, chunk).await?;
+        let (state, last_run, mut bloom) = build(&source, chunk).await?;
         let took = now().saturating_duration_since(started);
         tracing::debug!(
             log = source.name,
@@ -284,6 +303,7 @@ impl Filter {
         let mut inner = self.lock();
         let state = catch_up(state, &mut bloom, std::mem::take(&mut inner.during_build));
         inner.built = Some((state, bloom));
+        inner.last_run = last_run;
         inner.stale = 0;
         inner.next_build = Some(now() + took * BUILD_PAUSE_FACTOR);
         Ok(())
@@ -343,10 +363,11 @@ fn apply(
     }
 }
 
-/// Reads the sorted table in one snapshot: its merge state and a filter of its IDs, sized for
+/// Reads the sorted table in one snapshot: its merge state, its highest run and a filter of its
+/// IDs, sized for
 /// twice as many. Each statement reads up to `chunk` IDs of one task in one run in key order as
 /// one hexadecimal string (a row per ID would cost several times as much).
-async fn build(source: &Source, chunk: i64) -> Result<(MergeState, Bloom), StoreError> {
+async fn build(source: &Source, chunk: i64) -> Result<(MergeState, i64, Bloom), StoreError> {
     let mut conn = source.pool.acquire().await.map_err(db)?;
     // A deferred transaction: its first read fixes the snapshot every later read sees.
     let mut tx = conn.begin().await.map_err(db)?;
@@ -408,7 +429,7 @@ async fn build(source: &Source, chunk: i64) -> Result<(MergeState, Bloom), Store
         }
     }
     tx.rollback().await.map_err(db)?;
-    Ok((state, bloom))
+    Ok((state, runs.iter().copied().max().unwrap_or(-1), bloom))
 }
 
 /// A report ID from SQLite's `hex()` of it: 32 upper-case hexadecimal digits.

@@ -277,8 +277,9 @@ pub(super) async fn step(
     Ok(ended)
 }
 
-/// Deletes a task's IDs from `log`'s table, and the runs that leaves empty (except a
-/// compaction's, which it may still fill).
+/// Deletes a task's IDs from `log`'s table, and the runs that leaves empty, except a
+/// compaction's (which it may still fill) and the highest (so that run numbers only grow, which
+/// a stale filter relies on).
 pub(super) async fn delete_task(
     conn: &mut SqliteConnection,
     log: &ReplayLog,
@@ -299,6 +300,7 @@ pub(super) async fn delete_task(
         "-- delete_task\n\
          DELETE FROM replay_runs WHERE name = ?1 \
            AND run NOT IN (SELECT compact_run FROM replay_logs WHERE name = ?1 AND compact_run > 0) \
+           AND run < (SELECT MAX(run) FROM replay_runs WHERE name = ?1) \
            AND NOT EXISTS (SELECT 1 FROM {} WHERE run = replay_runs.run)",
         log.table
     ))

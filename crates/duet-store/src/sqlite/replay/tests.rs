@@ -625,3 +625,73 @@ async fn a_deletion_forgets_only_older_memory_sets() {
     all_known(&a, task_id, ids).await;
     a.close().await;
 }
+
+/// A filter that another process's merge left behind still rules its IDs out of the runs it
+/// was built from: the IDs it lacks are probed only in the runs written since, where that
+/// merge's IDs are found; an ID it holds is probed in every run.
+#[tokio::test]
+async fn a_stale_filter_probes_only_the_runs_written_since() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let a = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let b = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let log = &a.replay.helper;
+    let task_id = TaskId::random();
+    let new_ids = |n: usize| -> Vec<ReportId> { (0..n).map(|_| ReportId::random()).collect() };
+    let ours = new_ids(4);
+    put(&a, task_id, ours.clone()).await.expect("put");
+    a.warm_up().await.expect("warm up");
+    // B merges its IDs into run 2: A's filter does not cover the state that leaves.
+    let theirs = new_ids(4);
+    put(&b, task_id, theirs.clone()).await.expect("put");
+    let probed = || {
+        (
+            log.probed.load(Ordering::Relaxed),
+            log.probed_later.load(Ordering::Relaxed),
+        )
+    };
+    let before = probed();
+    assert!(matches!(
+        put(&a, task_id, vec![theirs[0], ReportId::random()]).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(probed(), (before.0, before.1 + 2), "both only in run 2");
+    assert!(matches!(
+        put(&a, task_id, vec![ours[0]]).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        probed().0,
+        before.0 + 1,
+        "an ID the filter holds, in every run"
+    );
+    a.close().await;
+    b.close().await;
+}
+
+/// Run numbers only grow, even when a task deletion empties the highest run: a stale filter
+/// probes only the runs numbered above those it was built from, so a reused number would hide
+/// the IDs of the run that took it.
+#[tokio::test]
+async fn run_numbers_are_never_reused() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let a = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let b = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let log = &a.replay.helper;
+    let (deleted, task_id) = (TaskId::random(), TaskId::random());
+    let new_ids = |n: usize| -> Vec<ReportId> { (0..n).map(|_| ReportId::random()).collect() };
+    put(&a, deleted, new_ids(4)).await.expect("put");
+    a.warm_up().await.expect("warm up");
+    // Run 1, the highest, is emptied but stays; B's merge writes run 2.
+    a.delete_task(&deleted).await.expect("delete_task");
+    assert_eq!(runs(&a, log).await, (vec![], vec![1]));
+    let theirs = new_ids(4);
+    put(&b, task_id, theirs.clone()).await.expect("put");
+    assert_eq!(runs(&a, log).await, (vec![(2, 4)], vec![1, 2]));
+    // A's filter, built when run 1 was the highest, lacks B's IDs: run 2 is probed for them.
+    assert!(matches!(
+        put(&a, task_id, vec![theirs[0]]).await,
+        Err(StoreError::Conflict)
+    ));
+    a.close().await;
+    b.close().await;
+}
