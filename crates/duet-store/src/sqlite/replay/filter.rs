@@ -4,13 +4,13 @@
 //! The filter holds every ID the sorted table held at one merge state of the log, and maybe
 //! more: while the log is at that state, an ID the filter lacks is not in the table, since only a
 //! merge slice adds IDs to the table and each changes the state, which never repeats. A write
-//! transaction reads the state before it checks IDs, so it uses the filter only when the two
-//! states match, and otherwise probes every ID, as it would without a filter.
+//! transaction reads the state before it checks IDs, so it uses the filter fully only when the
+//! two states match.
 //!
 //! A filter that covers an older state still rules IDs out of the runs its snapshot listed: an
 //! ID it lacks was in none of them, and since then those runs have only lost IDs, or (a
 //! compaction's run) gained IDs from runs numbered below them, which the snapshot held. Run
-//! numbers only grow (the highest run is never dropped), so such an ID can only be in a run
+//! numbers come from a counter and are never used twice, so such an ID can only be in a run
 //! numbered above the snapshot's highest, and only those are probed for it.
 //!
 //! The filter is built from the table in one read snapshot, with the state read in the same
@@ -140,7 +140,7 @@ struct Inner {
     source: Option<Source>,
     /// Once built: the merge state the filter covers, and the filter.
     built: Option<(MergeState, Bloom)>,
-    /// The highest run its snapshot listed (-1: none).
+    /// The highest run its snapshot listed (-1: none; meaningful once built).
     last_run: i64,
     /// A background build under way.
     build: Option<tokio::task::JoinHandle<()>>,

@@ -6,7 +6,8 @@
 //! next level. A table of n IDs thus has fewer than [`FANOUT`] runs per level (outside a
 //! compaction under way, and as long as task deletions do not shrink runs) and about
 //! log_FANOUT(n / merge size) levels, and each ID is rewritten about once per level. Like a
-//! merge, a compaction writes a run numbered above every other, so it only appends. It moves one
+//! merge, a compaction writes a run numbered above every other (from a counter, so no number is
+//! used twice), so it only appends. It moves one
 //! slice of the key space (by the report ID's first byte, about [`SLICE_IDS`] IDs) per write
 //! transaction that moves no slice of a merge, inserting the slice's IDs into the new run and
 //! deleting them from the old ones in that transaction, so a check finds each ID in one listed
@@ -58,10 +59,12 @@ fn level(ids: i64, merge_at: i64, fanout: i64) -> u32 {
     level
 }
 
-/// A number for a new run of `log`'s table, above every other.
+/// A number for a new run of `log`'s table, above every other run's ever (from the counter in
+/// `replay_logs`: a stale filter relies on numbers never being used twice).
 async fn next_run(conn: &mut SqliteConnection, log: &ReplayLog) -> Result<i64, StoreError> {
     sqlx::query_scalar(
-        "-- replay_runs\nSELECT COALESCE(MAX(run), 0) + 1 FROM replay_runs WHERE name = ?",
+        "-- replay_runs\n\
+         UPDATE replay_logs SET next_run = next_run + 1 WHERE name = ? RETURNING next_run - 1",
     )
     .bind(log.name)
     .fetch_one(&mut *conn)
@@ -278,8 +281,7 @@ pub(super) async fn step(
 }
 
 /// Deletes a task's IDs from `log`'s table, and the runs that leaves empty, except a
-/// compaction's (which it may still fill) and the highest (so that run numbers only grow, which
-/// a stale filter relies on).
+/// compaction's (which it may still fill).
 pub(super) async fn delete_task(
     conn: &mut SqliteConnection,
     log: &ReplayLog,
@@ -300,7 +302,6 @@ pub(super) async fn delete_task(
         "-- delete_task\n\
          DELETE FROM replay_runs WHERE name = ?1 \
            AND run NOT IN (SELECT compact_run FROM replay_logs WHERE name = ?1 AND compact_run > 0) \
-           AND run < (SELECT MAX(run) FROM replay_runs WHERE name = ?1) \
            AND NOT EXISTS (SELECT 1 FROM {} WHERE run = replay_runs.run)",
         log.table
     ))

@@ -288,7 +288,8 @@ async fn a_merge_between_check_and_write_voids_the_check() {
 /// With its filter warm, a process takes in fresh IDs without probing the sorted table, and
 /// still finds every replay of an ID there: merged by this process, slice by slice (the filter
 /// gains each slice's IDs once it commits), merged by another process (the merge state moved,
-/// so every ID is probed until the filter is built again), or read by a build, in chunks.
+/// so the IDs the filter holds are probed in every run until it is built again), or read by a
+/// build, in chunks.
 #[tokio::test]
 async fn the_filter_spares_probes_and_hides_no_merged_id() {
     let dir = tempfile::TempDir::new().expect("temp dir");
@@ -421,14 +422,15 @@ async fn each_merge_appends_a_run() {
     b.close().await;
 }
 
-/// Version 5 of the schema keeps the IDs a database already has, as run 0.
+/// Version 5 of the schema keeps the IDs a database already has, as run 0, and version 6 numbers
+/// the next run 1.
 #[tokio::test]
 async fn the_schema_keeps_merged_ids_as_run_zero() {
     let pool = sqlx::SqlitePool::connect("sqlite::memory:")
         .await
         .expect("connect");
     let migrations: Vec<_> = crate::sqlite::MIGRATOR.iter().collect();
-    assert_eq!(migrations.last().map(|m| m.version), Some(5));
+    assert_eq!(migrations.last().map(|m| m.version), Some(6));
     for migration in &migrations[..4] {
         sqlx::raw_sql(&migration.sql)
             .execute(&pool)
@@ -443,10 +445,12 @@ async fn the_schema_keeps_merged_ids_as_run_zero() {
     .execute(&pool)
     .await
     .expect("rows");
-    sqlx::raw_sql(&migrations[4].sql)
-        .execute(&pool)
-        .await
-        .expect("migration 5");
+    for migration in &migrations[4..] {
+        sqlx::raw_sql(&migration.sql)
+            .execute(&pool)
+            .await
+            .expect("migrations 5 and 6");
+    }
     let rows: Vec<(i64, i64, Vec<u8>)> =
         sqlx::query_as("SELECT run, task_key, report_id FROM report_ids ORDER BY 1, 2, 3")
             .fetch_all(&pool)
@@ -478,6 +482,11 @@ async fn the_schema_keeps_merged_ids_as_run_zero() {
     .await
     .expect("replay_logs");
     assert_eq!(compactions, [(0, 0, 0), (0, 0, 0)]);
+    let next: Vec<i64> = sqlx::query_scalar("SELECT next_run FROM replay_logs ORDER BY name")
+        .fetch_all(&pool)
+        .await
+        .expect("next_run");
+    assert_eq!(next, [1, 1], "after run 0");
 }
 
 /// `(compact_run, compact_slice, compact_slices)` of `log`.
@@ -639,7 +648,10 @@ async fn a_stale_filter_probes_only_the_runs_written_since() {
     let new_ids = |n: usize| -> Vec<ReportId> { (0..n).map(|_| ReportId::random()).collect() };
     let ours = new_ids(4);
     put(&a, task_id, ours.clone()).await.expect("put");
-    a.warm_up().await.expect("warm up");
+    // Built from run 1 (the first write started a build in the background: let it end first).
+    log.filter.settle().await;
+    log.filter.rebuild().await.expect("rebuild");
+    assert!(log.filter.covers((1, 0)), "built after the first merge");
     // B merges its IDs into run 2: A's filter does not cover the state that leaves.
     let theirs = new_ids(4);
     put(&b, task_id, theirs.clone()).await.expect("put");
@@ -654,7 +666,11 @@ async fn a_stale_filter_probes_only_the_runs_written_since() {
         put(&a, task_id, vec![theirs[0], ReportId::random()]).await,
         Err(StoreError::Conflict)
     ));
-    assert_eq!(probed(), (before.0, before.1 + 2), "both only in run 2");
+    assert_eq!(
+        probed(),
+        (before.0, before.1 + 2),
+        "both only in runs above 1"
+    );
     assert!(matches!(
         put(&a, task_id, vec![ours[0]]).await,
         Err(StoreError::Conflict)
@@ -668,9 +684,9 @@ async fn a_stale_filter_probes_only_the_runs_written_since() {
     b.close().await;
 }
 
-/// Run numbers only grow, even when a task deletion empties the highest run: a stale filter
-/// probes only the runs numbered above those it was built from, so a reused number would hide
-/// the IDs of the run that took it.
+/// Run numbers are never used twice, even once a task deletion has dropped the highest run: a
+/// stale filter probes only the runs numbered above those it was built from, so a reused number
+/// would hide the IDs of the run that took it.
 #[tokio::test]
 async fn run_numbers_are_never_reused() {
     let dir = tempfile::TempDir::new().expect("temp dir");
@@ -680,13 +696,15 @@ async fn run_numbers_are_never_reused() {
     let (deleted, task_id) = (TaskId::random(), TaskId::random());
     let new_ids = |n: usize| -> Vec<ReportId> { (0..n).map(|_| ReportId::random()).collect() };
     put(&a, deleted, new_ids(4)).await.expect("put");
-    a.warm_up().await.expect("warm up");
-    // Run 1, the highest, is emptied but stays; B's merge writes run 2.
+    log.filter.settle().await;
+    log.filter.rebuild().await.expect("rebuild");
+    assert!(log.filter.covers((1, 0)), "built after the first merge");
+    // Run 1, the highest, is emptied and goes; B's merge still writes run 2.
     a.delete_task(&deleted).await.expect("delete_task");
-    assert_eq!(runs(&a, log).await, (vec![], vec![1]));
+    assert_eq!(runs(&a, log).await, (vec![], vec![]));
     let theirs = new_ids(4);
     put(&b, task_id, theirs.clone()).await.expect("put");
-    assert_eq!(runs(&a, log).await, (vec![(2, 4)], vec![1, 2]));
+    assert_eq!(runs(&a, log).await, (vec![(2, 4)], vec![2]));
     // A's filter, built when run 1 was the highest, lacks B's IDs: run 2 is probed for them.
     assert!(matches!(
         put(&a, task_id, vec![theirs[0]]).await,
