@@ -500,10 +500,7 @@ impl Datastore for SqliteDatastore {
     }
 
     async fn warm_up(&self) -> Result<(), StoreError> {
-        match self.role {
-            AggregatorRole::Leader => self.replay.leader.warm_up().await,
-            AggregatorRole::Helper => self.replay.helper.warm_up().await,
-        }
+        self.replay.of(self.role).warm_up().await
     }
 
     async fn health_check(&self) -> Result<(), StoreError> {

@@ -29,6 +29,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use duet_core::AggregatorRole;
 use duet_messages::dap09::{ReportId, TaskId};
 use sqlx::{SqliteConnection, SqlitePool};
 
@@ -62,6 +63,14 @@ impl ReplaySets {
                 false,
                 pool,
             ),
+        }
+    }
+
+    /// The set of `role`.
+    pub(super) fn of(&self, role: AggregatorRole) -> &ReplayLog {
+        match role {
+            AggregatorRole::Leader => &self.leader,
+            AggregatorRole::Helper => &self.helper,
         }
     }
 
@@ -574,7 +583,8 @@ impl<'a> Intake<'a> {
                 ids.dedup();
             }
             let merged = runs::write_run(conn, log, &moving).await?;
-            if slice == slices {
+            ended = slice == slices;
+            if ended {
                 // Every row logged before the merge started is in the table now; rows logged
                 // since stay logged. (With several slices, those that took such rows in too
                 // hold them twice: the next merge writes them to its run again, and a
@@ -597,7 +607,6 @@ impl<'a> Intake<'a> {
                 ms = now().saturating_duration_since(started).as_millis() as u64,
                 "replay log merge slice"
             );
-            ended = slice == slices;
             self.merge_slice = if ended { 0 } else { slice + 1 };
             if log.filter.wants_merge_from(from) {
                 let moved = moving.into_iter().flat_map(|(_, ids)| ids).collect();

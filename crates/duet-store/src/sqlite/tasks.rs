@@ -103,10 +103,7 @@ pub(super) async fn delete_task(
             .map_err(db)?;
     }
     // Every process drops the task's IDs from its copy of the log.
-    let replay = match store.role {
-        AggregatorRole::Leader => &store.replay.leader,
-        AggregatorRole::Helper => &store.replay.helper,
-    };
+    let replay = store.replay.of(store.role);
     let generation = replay.delete_task(&mut tx, task_id).await?;
     sqlx::query("-- delete_task\nDELETE FROM batch_aggregations WHERE role = ? AND task_id = ?")
         .bind(store.role_str())

@@ -364,9 +364,8 @@ fn apply(
 }
 
 /// Reads the sorted table in one snapshot: its merge state, its highest run and a filter of its
-/// IDs, sized for
-/// twice as many. Each statement reads up to `chunk` IDs of one task in one run in key order as
-/// one hexadecimal string (a row per ID would cost several times as much).
+/// IDs, sized for twice as many. Each statement reads up to `chunk` IDs of one task in one run in
+/// key order as one hexadecimal string (a row per ID would cost several times as much).
 async fn build(source: &Source, chunk: i64) -> Result<(MergeState, i64, Bloom), StoreError> {
     let mut conn = source.pool.acquire().await.map_err(db)?;
     // A deferred transaction: its first read fixes the snapshot every later read sees.

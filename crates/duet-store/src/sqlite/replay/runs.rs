@@ -112,15 +112,26 @@ pub(super) async fn write_run(
         }
     }
     if written > 0 {
-        sqlx::query("-- replay_merge\nINSERT INTO replay_runs (name, run, ids) VALUES (?, ?, ?)")
-            .bind(log.name)
-            .bind(run)
-            .bind(i64::try_from(written).unwrap_or(i64::MAX))
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?;
+        list_run(conn, log, run, i64::try_from(written).unwrap_or(i64::MAX)).await?;
     }
     Ok(written)
+}
+
+/// Lists run `run` of `ids` IDs in `replay_runs`, so that checks probe it.
+async fn list_run(
+    conn: &mut SqliteConnection,
+    log: &ReplayLog,
+    run: i64,
+    ids: i64,
+) -> Result<(), StoreError> {
+    sqlx::query("-- replay_runs\nINSERT INTO replay_runs (name, run, ids) VALUES (?, ?, ?)")
+        .bind(log.name)
+        .bind(run)
+        .bind(ids)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    Ok(())
 }
 
 /// Starts compacting the runs of the lowest level that has [`FANOUT`] of them (none else is
@@ -160,13 +171,7 @@ pub(super) async fn plan(
         slice: 1,
         slices: (ids / slice_ids.max(1) + 1).clamp(1, 256),
     };
-    sqlx::query("-- replay_compact\nINSERT INTO replay_runs (name, run, ids) VALUES (?, ?, ?)")
-        .bind(log.name)
-        .bind(run)
-        .bind(ids)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+    list_run(conn, log, run, ids).await?;
     let list = sources
         .iter()
         .map(|(run, _)| run.to_string())

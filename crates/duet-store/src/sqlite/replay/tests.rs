@@ -19,6 +19,16 @@ async fn process(dir: &tempfile::TempDir, merge_at: i64, slices: i64) -> SqliteD
     store
 }
 
+/// A Helper's handle, as [`process`] gives, merging every 4 IDs in one transaction.
+async fn helper_process(dir: &tempfile::TempDir) -> SqliteDatastore {
+    process(dir, 4, 1).await.with_role(AggregatorRole::Helper)
+}
+
+/// `n` random report IDs.
+fn new_ids(n: usize) -> Vec<ReportId> {
+    (0..n).map(|_| ReportId::random()).collect()
+}
+
 async fn two_processes(
     dir: &tempfile::TempDir,
     merge_at: i64,
@@ -386,10 +396,9 @@ async fn runs(store: &SqliteDatastore, log: &ReplayLog) -> (Vec<(i64, i64)>, Vec
 #[tokio::test]
 async fn each_merge_appends_a_run() {
     let dir = tempfile::TempDir::new().expect("temp dir");
-    let a = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let a = helper_process(&dir).await;
     let log = &a.replay.helper;
     let (task_id, other) = (TaskId::random(), TaskId::random());
-    let new_ids = |n: usize| -> Vec<ReportId> { (0..n).map(|_| ReportId::random()).collect() };
 
     // Run 0 comes from the schema (the IDs merged before runs), empty here.
     assert_eq!(runs(&a, log).await, (vec![], vec![0]));
@@ -404,7 +413,7 @@ async fn each_merge_appends_a_run() {
 
     // Another process, whose filter does not cover this state yet, finds every ID by probing
     // each run.
-    let b = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let b = helper_process(&dir).await;
     all_known(&b, task_id, first.iter().chain(&second).copied().collect()).await;
     all_known(&b, other, third.clone()).await;
     assert!(
@@ -505,8 +514,8 @@ async fn compaction(store: &SqliteDatastore, log: &ReplayLog) -> (i64, i64, i64)
 #[tokio::test]
 async fn runs_are_compacted_by_level() {
     let dir = tempfile::TempDir::new().expect("temp dir");
-    let a = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
-    let b = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let a = helper_process(&dir).await;
+    let b = helper_process(&dir).await;
     let log = &a.replay.helper;
     // Two runs per level, 4 IDs a slice; runs of 8 IDs or more are of level 1, 16 or more of
     // level 2.
@@ -583,11 +592,10 @@ async fn runs_are_compacted_by_level() {
 #[tokio::test]
 async fn a_task_deletion_keeps_the_run_a_compaction_writes() {
     let dir = tempfile::TempDir::new().expect("temp dir");
-    let a = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let a = helper_process(&dir).await;
     let log = &a.replay.helper;
     log.set_compaction(2, 4);
     let (task_id, other) = (TaskId::random(), TaskId::random());
-    let new_ids = |n: usize| -> Vec<ReportId> { (0..n).map(|_| ReportId::random()).collect() };
     let deleted = new_ids(4);
     put(&a, task_id, deleted.clone()).await.expect("put");
     let kept = new_ids(4);
@@ -605,7 +613,7 @@ async fn a_task_deletion_keeps_the_run_a_compaction_writes() {
         put(&a, other, new_ids(1)).await.expect("put");
     }
     assert_eq!(runs(&a, log).await.0[0], (3, 4));
-    let b = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let b = helper_process(&dir).await;
     assert_eq!(seen(&b, other, &kept).await.len(), 4, "run 3 is probed");
     assert!(seen(&b, task_id, &deleted).await.is_empty());
     a.close().await;
@@ -641,11 +649,10 @@ async fn a_deletion_forgets_only_older_memory_sets() {
 #[tokio::test]
 async fn a_stale_filter_probes_only_the_runs_written_since() {
     let dir = tempfile::TempDir::new().expect("temp dir");
-    let a = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
-    let b = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let a = helper_process(&dir).await;
+    let b = helper_process(&dir).await;
     let log = &a.replay.helper;
     let task_id = TaskId::random();
-    let new_ids = |n: usize| -> Vec<ReportId> { (0..n).map(|_| ReportId::random()).collect() };
     let ours = new_ids(4);
     put(&a, task_id, ours.clone()).await.expect("put");
     // Built from run 1 (the first write started a build in the background: let it end first).
@@ -690,11 +697,10 @@ async fn a_stale_filter_probes_only_the_runs_written_since() {
 #[tokio::test]
 async fn run_numbers_are_never_reused() {
     let dir = tempfile::TempDir::new().expect("temp dir");
-    let a = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
-    let b = process(&dir, 4, 1).await.with_role(AggregatorRole::Helper);
+    let a = helper_process(&dir).await;
+    let b = helper_process(&dir).await;
     let log = &a.replay.helper;
     let (deleted, task_id) = (TaskId::random(), TaskId::random());
-    let new_ids = |n: usize| -> Vec<ReportId> { (0..n).map(|_| ReportId::random()).collect() };
     put(&a, deleted, new_ids(4)).await.expect("put");
     log.filter.settle().await;
     log.filter.rebuild().await.expect("rebuild");
