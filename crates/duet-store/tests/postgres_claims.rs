@@ -196,3 +196,76 @@ async fn deleting_a_task_strands_no_running_upload() {
     )
     .await;
 }
+
+/// Unaggregated reports are counted from the first active job's range (or the claim cursor):
+/// an active job between two ended ones still counts, behind the cursor, and so do reports not
+/// yet claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unaggregated_reports_count_from_the_first_active_range() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    with_fresh_database(
+        "unaggregated_reports_count_from_the_first_active_range",
+        |url| async move {
+            let store = PostgresDatastore::connect(&url).await.expect("connect");
+            let task_id = TaskId::random();
+            // Three uploads, each its own transaction, and each one job.
+            let mut batches = Vec::new();
+            for b in 0..3u64 {
+                let batch: Vec<NewReport> =
+                    (0..4).map(|i| report(task_id, T0 + 10 * b + i)).collect();
+                store.put_reports(&batch).await.expect("put_reports");
+                batches.push(batch);
+            }
+            let now = Time(T0 + PRECISION);
+            assert_eq!(
+                store.create_aggregation_jobs(4, now).await.expect("create"),
+                3
+            );
+            let jobs = store
+                .acquire_aggregation_jobs(now, 600, 10)
+                .await
+                .expect("acquire");
+            assert_eq!(jobs.len(), 3);
+            let keep_first = |a: &[u8], _: &[u8]| Ok(a.to_vec());
+            for job in &jobs {
+                let first = job.reports[0].report_id;
+                if first != batches[1][0].report_id {
+                    store
+                        .finish_aggregation_job(job, &[], &keep_first)
+                        .await
+                        .expect("finish");
+                }
+            }
+            let unclaimed: Vec<NewReport> = (0..2).map(|i| report(task_id, T0 + 30 + i)).collect();
+            store.put_reports(&unclaimed).await.expect("put_reports");
+
+            let count = |start, duration| {
+                let store = store.clone();
+                async move {
+                    let within = interval(start, duration);
+                    let n = store
+                        .count_unaggregated_reports(&task_id, &within)
+                        .await
+                        .expect("count");
+                    let any = store
+                        .has_unaggregated_reports(&task_id, &within)
+                        .await
+                        .expect("has");
+                    assert_eq!(any, n > 0);
+                    n
+                }
+            };
+            assert_eq!(
+                count(T0, PRECISION).await,
+                6,
+                "the active job's and the unclaimed"
+            );
+            assert_eq!(count(T0 + 10, 10).await, 4, "the active job's");
+            assert_eq!(count(T0, 10).await, 0, "an ended job's");
+            assert_eq!(count(T0 + 20, 10).await, 0, "an ended job's");
+            assert_eq!(count(T0 + 30, 10).await, 2, "the unclaimed");
+            store.close().await;
+        },
+    )
+    .await;
+}

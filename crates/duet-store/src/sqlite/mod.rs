@@ -24,7 +24,9 @@ use std::time::Duration as StdDuration;
 use async_trait::async_trait;
 use duet_core::hpke::HpkeKeypair;
 use duet_core::{AggregatorRole, Task};
-use duet_messages::dap09::{AggregationJobId, CollectionJobId, Interval, ReportId, TaskId, Time};
+use duet_messages::dap09::{
+    AggregationJobId, CollectionJobId, Interval, ReportId, ReportMetadata, TaskId, Time,
+};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
@@ -460,19 +462,21 @@ impl Datastore for SqliteDatastore {
     async fn seen_report_ids(
         &self,
         task_id: &TaskId,
-        ids: &[ReportId],
+        reports: &[ReportMetadata],
     ) -> Result<HashSet<ReportId>, StoreError> {
-        helper::seen_report_ids(self, task_id, ids).await
+        let ids: Vec<ReportId> = reports.iter().map(|r| r.id).collect();
+        helper::seen_report_ids(self, task_id, &ids).await
     }
 
     async fn put_helper_aggregation_job(
         &self,
         job: &HelperAggregationJob,
-        report_ids: &[ReportId],
+        reports: &[ReportMetadata],
         deltas: &[BatchAggregation],
         merge: MergeFn<'_>,
     ) -> Result<(), StoreError> {
-        helper::put_helper_aggregation_job(self, job, report_ids, deltas, merge).await
+        let ids: Vec<ReportId> = reports.iter().map(|r| r.id).collect();
+        helper::put_helper_aggregation_job(self, job, &ids, deltas, merge).await
     }
 
     async fn get_aggregate_share_job(
