@@ -18,9 +18,7 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use duet_core::hpke::HpkeKeypair;
 use duet_core::Task;
-use duet_messages::dap09::{
-    AggregationJobId, CollectionJobId, Interval, ReportId, ReportMetadata, TaskId, Time,
-};
+use duet_messages::dap09::{AggregationJobId, CollectionJobId, Interval, ReportId, TaskId, Time};
 
 pub use models::*;
 
@@ -224,25 +222,21 @@ pub trait Datastore: Send + Sync + 'static {
         task_id: &TaskId,
         id: &AggregationJobId,
     ) -> Result<Option<HelperAggregationJob>, StoreError>;
-    /// Which of these reports the Helper has already aggregated for the task, by ID. A report
-    /// was aggregated if its ID was stored with the same time: the DAP drafts let replays be told
-    /// apart by ID and time, since a report replayed under another time fails decryption.
-    /// (PostgreSQL keys its replay table by both, so that new IDs go next to each other; SQLite
-    /// matches the ID alone, which is stricter.) An ID stored by another process very recently
-    /// may be missed; `put_helper_aggregation_job` never misses one (it answers `Conflict`, and
-    /// the caller looks again).
+    /// Which of these report IDs the Helper has already aggregated for the task. An ID stored
+    /// by another process very recently may be missed; `put_helper_aggregation_job` never
+    /// misses one (it answers `Conflict`, and the caller looks again).
     async fn seen_report_ids(
         &self,
         task_id: &TaskId,
-        reports: &[ReportMetadata],
+        ids: &[ReportId],
     ) -> Result<HashSet<ReportId>, StoreError>;
     /// Stores a finished Helper aggregation job in one transaction: the job (with its response),
-    /// its accepted reports (for replay protection, as `seen_report_ids` matches them) and the
-    /// merged `deltas`. `Conflict` if the job ID or any of the reports is already stored.
+    /// the IDs of its accepted reports (for replay protection) and the merged `deltas`.
+    /// `Conflict` if the job ID or any report ID is already stored.
     async fn put_helper_aggregation_job(
         &self,
         job: &HelperAggregationJob,
-        reports: &[ReportMetadata],
+        report_ids: &[ReportId],
         deltas: &[BatchAggregation],
         merge: MergeFn<'_>,
     ) -> Result<(), StoreError>;

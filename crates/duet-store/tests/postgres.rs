@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use duet_core::AggregatorRole;
 use duet_messages::dap09::{
-    AggregationJobId, CollectionJobId, ReportId, ReportIdChecksum, ReportMetadata, TaskId, Time,
+    AggregationJobId, CollectionJobId, ReportId, ReportIdChecksum, TaskId, Time,
 };
 use duet_store::conformance::postgres::with_fresh_database;
 use duet_store::postgres::PostgresDatastore;
@@ -38,16 +38,6 @@ fn checksum<'a>(ids: impl IntoIterator<Item = &'a ReportId>) -> ReportIdChecksum
 }
 
 /// One delta per bucket for reports at the given times, each counting 1.
-/// The reports `ids`, all at `time`, as a Helper job names them.
-fn at(ids: &[ReportId], time: u64) -> Vec<ReportMetadata> {
-    ids.iter()
-        .map(|&id| ReportMetadata {
-            id,
-            time: Time(time),
-        })
-        .collect()
-}
-
 fn deltas(task_id: TaskId, reports: &[(ReportId, Time)]) -> Vec<BatchAggregation> {
     let mut buckets: HashMap<u64, Vec<ReportId>> = HashMap::new();
     for (id, time) in reports {
@@ -373,22 +363,21 @@ async fn helper_replicas_race_on_report_ids_and_buckets() {
                     ids.insert(r, shared);
                     let j = job(round);
                     let d = one(&ids);
-                    let reports = at(&ids, T0);
                     racers.push(tokio::spawn(async move {
                         let outcome = store
-                            .put_helper_aggregation_job(&j, &reports, &d, &add_shares)
+                            .put_helper_aggregation_job(&j, &ids, &d, &add_shares)
                             .await;
-                        (outcome, reports)
+                        (outcome, ids)
                     }));
                 }
                 let mut winners = 0;
                 for racer in racers {
-                    let (outcome, reports) = racer.await.expect("racer");
+                    let (outcome, ids) = racer.await.expect("racer");
                     match outcome {
                         Ok(()) => winners += 1,
                         Err(StoreError::Conflict) => {
                             let seen = replicas[0]
-                                .seen_report_ids(&task_id, &reports)
+                                .seen_report_ids(&task_id, &ids)
                                 .await
                                 .expect("seen_report_ids");
                             assert_eq!(seen, HashSet::from([shared]), "a loser leaves nothing");
@@ -417,10 +406,9 @@ async fn helper_replicas_race_on_report_ids_and_buckets() {
                 let timed: Vec<(ReportId, Time)> =
                     ids.iter().map(|id| (*id, Time(T0 + 1))).collect();
                 let d = deltas(fresh, &timed);
-                let reports = at(&ids, T0 + 1);
                 racers.push(tokio::spawn(async move {
                     store
-                        .put_helper_aggregation_job(&j, &reports, &d, &add_shares)
+                        .put_helper_aggregation_job(&j, &ids, &d, &add_shares)
                         .await
                 }));
             }
@@ -438,102 +426,6 @@ async fn helper_replicas_race_on_report_ids_and_buckets() {
             }
         },
     )
-    .await;
-}
-
-/// Replays are told apart by report ID and time, on both sides (the replay tables are keyed by
-/// time): an ID stored again with its time is a replay, with another time it is not (such a
-/// report fails decryption, as its time is authenticated with its shares).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replays_are_told_apart_by_id_and_time() {
-    with_fresh_database("replays_are_told_apart_by_id_and_time", |url| async move {
-        let store = PostgresDatastore::connect(&url).await.expect("connect");
-        let task_id = TaskId::random();
-        let first = report(task_id, T0);
-        let later = NewReport {
-            time: Time(T0 + PRECISION),
-            ..first.clone()
-        };
-        let now = Time(T0 + 2 * PRECISION);
-        let keep_first = |a: &[u8], _: &[u8]| Ok(a.to_vec());
-        store
-            .put_reports(std::slice::from_ref(&first))
-            .await
-            .expect("put_reports");
-        assert_eq!(
-            store
-                .create_aggregation_jobs(10, now)
-                .await
-                .expect("create"),
-            1
-        );
-        let jobs = store
-            .acquire_aggregation_jobs(now, 600, 10)
-            .await
-            .expect("acquire");
-        store
-            .finish_aggregation_job(&jobs[0], &[], &keep_first)
-            .await
-            .expect("finish");
-        store
-            .put_reports(&[first.clone(), later.clone()])
-            .await
-            .expect("put_reports");
-        assert_eq!(
-            store
-                .create_aggregation_jobs(10, now)
-                .await
-                .expect("create"),
-            1
-        );
-        let jobs = store
-            .acquire_aggregation_jobs(now, 600, 10)
-            .await
-            .expect("acquire");
-        let claimed: Vec<_> = jobs[0]
-            .reports
-            .iter()
-            .map(|r| (r.report_id, r.time))
-            .collect();
-        assert_eq!(
-            claimed,
-            vec![(later.report_id, later.time)],
-            "the Leader drops the replay"
-        );
-
-        let helper = store.with_role(AggregatorRole::Helper);
-        let job = || HelperAggregationJob {
-            task_id,
-            id: AggregationJobId::random(),
-            request_hash: [0; 32],
-            step: 0,
-            response: Vec::new(),
-        };
-        let id = [first.report_id];
-        helper
-            .put_helper_aggregation_job(&job(), &at(&id, T0), &[], &add_shares)
-            .await
-            .expect("put");
-        let seen = helper
-            .seen_report_ids(&task_id, &at(&id, T0))
-            .await
-            .expect("seen");
-        assert_eq!(seen, HashSet::from(id));
-        let unseen = helper
-            .seen_report_ids(&task_id, &at(&id, T0 + PRECISION))
-            .await
-            .expect("seen");
-        assert!(unseen.is_empty());
-        helper
-            .put_helper_aggregation_job(&job(), &at(&id, T0 + PRECISION), &[], &add_shares)
-            .await
-            .expect("another time is another report");
-        let replay = helper
-            .put_helper_aggregation_job(&job(), &at(&id, T0), &[], &add_shares)
-            .await;
-        assert!(matches!(replay, Err(StoreError::Conflict)), "{replay:?}");
-        store.close().await;
-    })
     .await;
 }
 

@@ -1,7 +1,7 @@
 //! The conformance suite on a fresh SQLite file, and concurrent writers on one file.
 
 use duet_core::AggregatorRole;
-use duet_messages::dap09::{AggregationJobId, ReportId, ReportMetadata, TaskId, Time};
+use duet_messages::dap09::{AggregationJobId, ReportId, TaskId, Time};
 use duet_store::sqlite::SqliteDatastore;
 use duet_store::{conformance, Datastore, NewReport};
 
@@ -15,84 +15,6 @@ async fn conformance_suite() {
     let helper = leader.with_role(AggregatorRole::Helper);
     assert_eq!(helper.role(), AggregatorRole::Helper);
     conformance::run_all(&leader, &helper).await;
-    leader.close().await;
-}
-
-/// SQLite tells replays apart by report ID alone (stricter than the drafts require): a second
-/// upload of an ID is the replay even when it carries an earlier time and the reports go into
-/// jobs one at a time, and the Helper turns an ID away whatever its time.
-#[tokio::test]
-async fn replays_are_told_apart_by_id_alone() {
-    let leader = SqliteDatastore::connect("sqlite::memory:")
-        .await
-        .expect("connect");
-    let task_id = TaskId::random();
-    let first = NewReport {
-        task_id,
-        report_id: ReportId::random(),
-        time: Time(1_000_000),
-        encoded: b"first".to_vec(),
-    };
-    let second = NewReport {
-        time: Time(990_000),
-        encoded: b"second".to_vec(),
-        ..first.clone()
-    };
-    for report in [&first, &second] {
-        leader
-            .put_reports(std::slice::from_ref(report))
-            .await
-            .expect("put_reports");
-    }
-    let now = Time(2_000_000);
-    assert_eq!(
-        leader
-            .create_aggregation_jobs(1, now)
-            .await
-            .expect("create"),
-        1
-    );
-    let jobs = leader
-        .acquire_aggregation_jobs(now, 600, 10)
-        .await
-        .expect("acquire");
-    let held: Vec<_> = jobs
-        .iter()
-        .flat_map(|j| j.reports.iter().map(|r| (r.time, r.encoded.clone())))
-        .collect();
-    assert_eq!(held, vec![(first.time, first.encoded.clone())]);
-
-    let helper = leader.with_role(AggregatorRole::Helper);
-    let job = || duet_store::HelperAggregationJob {
-        task_id,
-        id: AggregationJobId::random(),
-        request_hash: [0; 32],
-        step: 0,
-        response: Vec::new(),
-    };
-    let no_merge = |_: &[u8], _: &[u8]| Err("no aggregates".to_string());
-    let at = |time| {
-        [ReportMetadata {
-            id: first.report_id,
-            time,
-        }]
-    };
-    helper
-        .put_helper_aggregation_job(&job(), &at(first.time), &[], &no_merge)
-        .await
-        .expect("put");
-    let seen = helper
-        .seen_report_ids(&task_id, &at(second.time))
-        .await
-        .expect("seen");
-    assert!(seen.contains(&first.report_id));
-    let replay = helper
-        .put_helper_aggregation_job(&job(), &at(second.time), &[], &no_merge)
-        .await;
-    assert!(
-        matches!(replay, Err(duet_store::StoreError::Conflict)),
-        "{replay:?}"
-    );
     leader.close().await;
 }
 

@@ -9,7 +9,7 @@ use duet_core::vdaf::PrepFailure;
 use duet_messages::dap09::{
     AggregationJobId, AggregationJobInitReq, AggregationJobResp, InputShareAad, Interval,
     PartialBatchSelector, PlaintextInputShareRef, PrepareError, PrepareInit, PrepareResp,
-    PrepareStepResult, ReportId, ReportMetadata, Role, TaskId, Time,
+    PrepareStepResult, ReportId, Role, TaskId, Time,
 };
 use duet_messages::problem::DapProblemType;
 use duet_messages::{Decode, Encode};
@@ -74,10 +74,10 @@ impl Helper {
                     "a different aggregation job with this ID exists".into(),
                 ));
             }
-            let reports: Vec<ReportMetadata> = req
+            let report_ids: Vec<ReportId> = req
                 .prepare_inits
                 .iter()
-                .map(|p| p.report_share.metadata)
+                .map(|p| p.report_share.metadata.id)
                 .collect();
             // The first attempt expects no replays (the Leader drops them before they reach a
             // job): the job's write checks every ID anyway and answers `Conflict` if one was
@@ -88,7 +88,7 @@ impl Helper {
             } else {
                 self.shared
                     .store
-                    .seen_report_ids(&task_id, &reports)
+                    .seen_report_ids(&task_id, &report_ids)
                     .await?
             };
             let collected = self.shared.store.collected_intervals(&task_id).await?;
@@ -193,7 +193,7 @@ impl Helper {
 
 struct Prepared {
     response: AggregationJobResp,
-    accepted: Vec<ReportMetadata>,
+    accepted: Vec<ReportId>,
     deltas: Vec<duet_store::BatchAggregation>,
 }
 
@@ -214,7 +214,7 @@ fn prepare_all(
         let result = match prepare_one(entry, keys, seen, collected, now, init) {
             Ok((out, message)) => {
                 acc.add(init.report_share.metadata.time, &id, &out)?;
-                accepted.push(init.report_share.metadata);
+                accepted.push(id);
                 PrepareStepResult::Continue { message }
             }
             Err(e) => PrepareStepResult::Reject(e),

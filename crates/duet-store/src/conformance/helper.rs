@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use duet_messages::dap09::{AggregationJobId, ReportId, TaskId};
 
 use super::{
-    add_shares, at_t0, checksum, ciphertext, create_jobs, delta, interval, share_value, task,
-    PRECISION, T0,
+    add_shares, checksum, ciphertext, create_jobs, delta, interval, share_value, task, PRECISION,
+    T0,
 };
 use crate::{AggregateShareJob, Datastore, HelperAggregationJob, StoreError};
 
@@ -41,7 +41,7 @@ pub async fn check_helper_aggregation_jobs(leader: &dyn Datastore, helper: &dyn 
     let ids = random_ids(1200);
     let d = delta(t.id, T0, 40, &ids);
     helper
-        .put_helper_aggregation_job(&job, &at_t0(&ids), std::slice::from_ref(&d), &add_shares)
+        .put_helper_aggregation_job(&job, &ids, std::slice::from_ref(&d), &add_shares)
         .await
         .expect("put");
     assert_eq!(
@@ -70,7 +70,7 @@ pub async fn check_helper_aggregation_jobs(leader: &dyn Datastore, helper: &dyn 
     let mut query: Vec<ReportId> = unseen.clone();
     query.extend_from_slice(&ids);
     let seen = helper
-        .seen_report_ids(&t.id, &at_t0(&query))
+        .seen_report_ids(&t.id, &query)
         .await
         .expect("seen_report_ids");
     assert_eq!(seen, ids.iter().copied().collect::<HashSet<_>>());
@@ -81,7 +81,7 @@ pub async fn check_helper_aggregation_jobs(leader: &dyn Datastore, helper: &dyn 
         .is_empty());
     let other = TaskId::random();
     assert!(helper
-        .seen_report_ids(&other, &at_t0(&ids))
+        .seen_report_ids(&other, &ids)
         .await
         .expect("seen_report_ids")
         .is_empty());
@@ -92,12 +92,7 @@ pub async fn check_helper_aggregation_jobs(leader: &dyn Datastore, helper: &dyn 
     let fresh = random_ids(3);
     let d2 = delta(t.id, T0, 5, &fresh);
     let conflict = helper
-        .put_helper_aggregation_job(
-            &same_id,
-            &at_t0(&fresh),
-            std::slice::from_ref(&d2),
-            &add_shares,
-        )
+        .put_helper_aggregation_job(&same_id, &fresh, std::slice::from_ref(&d2), &add_shares)
         .await;
     assert!(matches!(conflict, Err(StoreError::Conflict)));
     assert_eq!(
@@ -108,7 +103,7 @@ pub async fn check_helper_aggregation_jobs(leader: &dyn Datastore, helper: &dyn 
         Some(job.clone())
     );
     assert!(helper
-        .seen_report_ids(&t.id, &at_t0(&fresh))
+        .seen_report_ids(&t.id, &fresh)
         .await
         .expect("seen_report_ids")
         .is_empty());
@@ -126,12 +121,7 @@ pub async fn check_helper_aggregation_jobs(leader: &dyn Datastore, helper: &dyn 
     replay_ids.push(ids[700]);
     let d3 = delta(t.id, T0 + PRECISION, 6, &replay_ids);
     let conflict = helper
-        .put_helper_aggregation_job(
-            &replaying,
-            &at_t0(&replay_ids),
-            &[d.clone(), d3],
-            &add_shares,
-        )
+        .put_helper_aggregation_job(&replaying, &replay_ids, &[d.clone(), d3], &add_shares)
         .await;
     assert!(matches!(conflict, Err(StoreError::Conflict)));
     assert_eq!(
@@ -142,7 +132,7 @@ pub async fn check_helper_aggregation_jobs(leader: &dyn Datastore, helper: &dyn 
         None
     );
     assert!(helper
-        .seen_report_ids(&t.id, &at_t0(&fresh))
+        .seen_report_ids(&t.id, &fresh)
         .await
         .expect("seen_report_ids")
         .is_empty());
@@ -159,7 +149,7 @@ pub async fn check_helper_aggregation_jobs(leader: &dyn Datastore, helper: &dyn 
     let doubled = helper_job(t.id, 4);
     let twice = [fresh[0], fresh[0]];
     let conflict = helper
-        .put_helper_aggregation_job(&doubled, &at_t0(&twice), &[], &add_shares)
+        .put_helper_aggregation_job(&doubled, &twice, &[], &add_shares)
         .await;
     assert!(matches!(conflict, Err(StoreError::Conflict)));
     assert_eq!(
@@ -173,7 +163,7 @@ pub async fn check_helper_aggregation_jobs(leader: &dyn Datastore, helper: &dyn 
     // A good second job merges into the bucket.
     let second = helper_job(t.id, 5);
     helper
-        .put_helper_aggregation_job(&second, &at_t0(&fresh), &[d2], &add_shares)
+        .put_helper_aggregation_job(&second, &fresh, &[d2], &add_shares)
         .await
         .expect("put");
     let merged = helper
@@ -199,7 +189,7 @@ pub async fn check_helper_aggregation_jobs(leader: &dyn Datastore, helper: &dyn 
     let mut elsewhere = helper_job(u.id, 6);
     elsewhere.id = job.id;
     helper
-        .put_helper_aggregation_job(&elsewhere, &at_t0(&ids[..3]), &[], &add_shares)
+        .put_helper_aggregation_job(&elsewhere, &ids[..3], &[], &add_shares)
         .await
         .expect("put");
 
@@ -325,7 +315,7 @@ pub async fn check_helper_delete_task(leader: &dyn Datastore, helper: &dyn Datas
     let job = helper_job(t.id, 1);
     let d = delta(t.id, T0, 4, &ids);
     helper
-        .put_helper_aggregation_job(&job, &at_t0(&ids), &[d], &add_shares)
+        .put_helper_aggregation_job(&job, &ids, &[d], &add_shares)
         .await
         .expect("put");
     helper
@@ -348,7 +338,7 @@ pub async fn check_helper_delete_task(leader: &dyn Datastore, helper: &dyn Datas
         None
     );
     assert!(helper
-        .seen_report_ids(&t.id, &at_t0(&ids))
+        .seen_report_ids(&t.id, &ids)
         .await
         .expect("seen_report_ids")
         .is_empty());

@@ -16,8 +16,7 @@ use duet_core::hpke::HpkeKeypair;
 use duet_core::task::parse_endpoint;
 use duet_core::{QueryTypeConfig, Task, VdafInstance};
 use duet_messages::dap09::{
-    Duration, HpkeCiphertext, HpkeConfigId, Interval, ReportId, ReportIdChecksum, ReportMetadata,
-    TaskId, Time,
+    Duration, HpkeCiphertext, HpkeConfigId, Interval, ReportId, ReportIdChecksum, TaskId, Time,
 };
 
 use crate::{BatchAggregation, Datastore, NewReport};
@@ -96,13 +95,6 @@ async fn create_jobs(store: &dyn Datastore, max_job_size: usize, now: u64) -> us
         .create_aggregation_jobs(max_job_size, Time(now))
         .await
         .expect("create_aggregation_jobs")
-}
-
-/// The reports `ids` at time `T0`, as a Helper job names them.
-fn at_t0(ids: &[ReportId]) -> Vec<ReportMetadata> {
-    ids.iter()
-        .map(|&id| ReportMetadata { id, time: Time(T0) })
-        .collect()
 }
 
 fn interval(start: u64, duration: u64) -> Interval {

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use duet_messages::dap09::{
-    AggregationJobId, HpkeCiphertext, Interval, ReportId, ReportIdChecksum, ReportMetadata, TaskId,
+    AggregationJobId, HpkeCiphertext, Interval, ReportId, ReportIdChecksum, TaskId,
 };
 use duet_messages::{Decode, Encode};
 use sqlx::postgres::PgRow;
@@ -43,44 +43,33 @@ pub(super) async fn get_helper_aggregation_job(
     }))
 }
 
-/// One statement, whatever the number of reports: a probe of the replay table by (time, ID) per
-/// report, and while the IDs stored before schema version 7 are kept, a probe of those by ID.
+/// One statement, whatever the number of IDs.
 pub(super) async fn seen_report_ids(
     store: &PostgresDatastore,
     task_id: &TaskId,
-    reports: &[ReportMetadata],
+    ids: &[ReportId],
 ) -> Result<HashSet<ReportId>, TxError> {
-    if reports.is_empty() {
+    if ids.is_empty() {
         return Ok(HashSet::new());
     }
-    let (times, ids) = times_and_ids(reports)?;
+    let ids: Vec<[u8; 16]> = ids.iter().map(|id| id.0).collect();
     let task_key = store.task_key(task_id).await?;
-    // One primary-key probe per report. With `report_id = ANY($2)` the planner may match only
-    // the task in the index and filter the task's every report ID through the array, when its
-    // statistics predate the task's growth (one job took up to 120 ms at 100,000 reports); a
-    // LATERAL subquery with a LIMIT is not flattened into a join, so each probe keeps every
-    // column of the key as its index condition.
-    let sql = if store.untimed_helper_ids {
+    // One primary-key probe per ID. With `task_id = $1 AND report_id = ANY($2)` the planner may
+    // match only the task ID in the index and filter the task's every report ID through the
+    // array, when its statistics predate the task's growth (one job took up to 120 ms at
+    // 100,000 reports); a LATERAL subquery with a LIMIT is not flattened into a join, so each
+    // probe keeps both columns as its index condition.
+    let rows = sqlx::query(
         "-- seen_report_ids\n\
-         SELECT u.id AS report_id FROM UNNEST($2::bigint[], $3::bytea[]) AS u(t, id) \
+         SELECT u.id AS report_id FROM UNNEST($2::bytea[]) AS u(id) \
          CROSS JOIN LATERAL ( \
            SELECT 1 FROM helper_report_ids h \
-           WHERE h.task_key = $1 AND h.client_time = u.t AND h.report_id = u.id \
-           UNION ALL SELECT 1 FROM helper_report_ids_untimed o \
-           WHERE o.task_key = $1 AND o.report_id = u.id LIMIT 1) AS seen"
-    } else {
-        "-- seen_report_ids\n\
-         SELECT u.id AS report_id FROM UNNEST($2::bigint[], $3::bytea[]) AS u(t, id) \
-         CROSS JOIN LATERAL ( \
-           SELECT 1 FROM helper_report_ids h \
-           WHERE h.task_key = $1 AND h.client_time = u.t AND h.report_id = u.id LIMIT 1) AS seen"
-    };
-    let rows = sqlx::query(sql)
-        .bind(task_key)
-        .bind(&times)
-        .bind(&ids)
-        .fetch_all(&store.pool)
-        .await?;
+           WHERE h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen",
+    )
+    .bind(task_key)
+    .bind(&ids)
+    .fetch_all(&store.pool)
+    .await?;
     let mut seen = HashSet::with_capacity(rows.len());
     for row in &rows {
         seen.insert(ReportId(col_array(row, "report_id")?));
@@ -88,25 +77,15 @@ pub(super) async fn seen_report_ids(
     Ok(seen)
 }
 
-/// The reports' times and IDs as two arrays, in key order (time, then ID).
-fn times_and_ids(reports: &[ReportMetadata]) -> Result<(Vec<i64>, Vec<[u8; 16]>), TxError> {
-    let mut keys = reports
-        .iter()
-        .map(|r| Ok((to_i64(r.time.0, "report time")?, r.id.0)))
-        .collect::<Result<Vec<_>, TxError>>()?;
-    keys.sort_unstable();
-    Ok(keys.into_iter().unzip())
-}
-
-/// READ COMMITTED: the primary keys of the job and of the reports (task, time, ID) decide between
-/// concurrent writers. An insert that meets an uncommitted duplicate waits for it; then the
-/// job's insert does nothing (no row inserted: `Conflict`) and the reports' insert fails with a
-/// unique violation (`Conflict` too). The merged buckets are row-locked. The reports go in as
-/// arrays, in key order, so that concurrent jobs sharing reports queue rather than deadlock.
+/// READ COMMITTED: the primary keys of the job and of the report IDs decide between concurrent
+/// writers. An insert that meets an uncommitted duplicate waits for it; then the job's insert
+/// does nothing (no row inserted: `Conflict`) and the IDs' insert fails with a unique violation
+/// (`Conflict` too). The merged buckets are row-locked. The report IDs go in as one array, in
+/// order, so that concurrent jobs sharing IDs queue rather than deadlock.
 pub(super) async fn put_helper_aggregation_job(
     store: &PostgresDatastore,
     job: &HelperAggregationJob,
-    reports: &[ReportMetadata],
+    report_ids: &[ReportId],
     deltas: &[BatchAggregation],
     merge: MergeFn<'_>,
 ) -> Result<(), TxError> {
@@ -129,43 +108,28 @@ pub(super) async fn put_helper_aggregation_job(
         tx.rollback().await?;
         return Err(StoreError::Conflict.into());
     }
-    if !reports.is_empty() {
-        let (times, ids) = times_and_ids(reports)?;
-        // Any report already stored (by another job, or twice in this one) is a replay that a
+    if !report_ids.is_empty() {
+        let mut ids: Vec<[u8; 16]> = report_ids.iter().map(|id| id.0).collect();
+        ids.sort_unstable();
+        // Any report ID already stored (by another job, or twice in this one) is a replay that a
         // concurrent request got in first: the caller must recompute. A plain insert finds it
-        // with the unique index's own probe, one descent per report where `ON CONFLICT` takes
-        // two. The IDs stored before schema version 7 are never written again, so a probe of
-        // them cannot race.
+        // with the unique index's own probe, one descent per ID where `ON CONFLICT` takes two.
         let inserted = sqlx::query(
             "-- put_helper_aggregation_job\n\
-             INSERT INTO helper_report_ids (task_key, client_time, report_id) \
-             SELECT $1, * FROM UNNEST($2::bigint[], $3::bytea[])",
+             INSERT INTO helper_report_ids (task_key, report_id) \
+             SELECT $1, * FROM UNNEST($2::bytea[])",
         )
         .bind(task_key)
-        .bind(&times)
         .bind(&ids)
         .execute(&mut *tx)
         .await;
-        let mut replayed = match inserted {
-            Ok(_) => false,
-            Err(e) if is_unique_violation(&e) => true,
+        match inserted {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => {
+                tx.rollback().await?;
+                return Err(StoreError::Conflict.into());
+            }
             Err(e) => return Err(e.into()),
-        };
-        if !replayed && store.untimed_helper_ids {
-            replayed = sqlx::query_scalar(
-                "-- put_helper_aggregation_job\n\
-                 SELECT EXISTS (SELECT 1 FROM UNNEST($2::bytea[]) AS u(id) \
-                   WHERE EXISTS (SELECT 1 FROM helper_report_ids_untimed o \
-                     WHERE o.task_key = $1 AND o.report_id = u.id))",
-            )
-            .bind(task_key)
-            .bind(&ids)
-            .fetch_one(&mut *tx)
-            .await?;
-        }
-        if replayed {
-            tx.rollback().await?;
-            return Err(StoreError::Conflict.into());
         }
     }
     merge_batch_aggregations(store, &mut tx, deltas, merge).await?;

@@ -7,14 +7,13 @@
 //! ID), so uploads append to it). The report stays in that row until its job ends. Job creation
 //! claims the next queued reports in claim order after the task's claim cursor (in
 //! `replay_tasks`), only those uploaded by transactions older than every transaction still
-//! running, so that no upload commits behind the cursor; it admits their IDs, in key order, to
-//! `claimed_report_ids` (replay protection, never updated; keyed by time and ID, so that new IDs
-//! go next to each other among the current times), moves the cursor past them and inserts the
-//! job row, which names them as a range of the claim order: of two uploads of one ID and time
-//! the first is claimed first, and the second is the replay, deleted from the queue. The job row
-//! is written once per job; when the job ends, its reports are deleted from the queue in the
-//! statement that ends its lease (a delete writes no new row version and no index entry). Jobs
-//! created before schema version 6 carry their reports as arrays instead.
+//! running, so that no upload commits behind the cursor; it admits their IDs,
+//! in key order, to `claimed_report_ids` (replay protection, never updated), moves the cursor
+//! past them and inserts the job row, which names them as a range of the claim order: of two
+//! uploads of one ID the first is claimed first, and the second is the replay, deleted from the
+//! queue. The job row is written once per job; when the job ends, its reports are deleted from
+//! the queue in the statement that ends its lease (a delete writes no new row version and no
+//! index entry). Jobs created before schema version 6 carry their reports as arrays instead.
 //!
 //! Replicas share the work through locks that never wait: job creation takes a task's queue
 //! for one job at a time with an advisory lock it only tries, and acquisition claims runnable
@@ -51,12 +50,11 @@ pub(super) async fn put_reports(
     if reports.is_empty() {
         return Ok(Vec::new());
     }
-    // Only the first occurrence of a key (task, ID, time: the replay tables' key) in the batch
-    // is queued.
+    // Only the first occurrence of a key in the batch is queued.
     let mut first: Vec<&NewReport> = Vec::with_capacity(reports.len());
-    let mut keys: HashSet<(TaskId, ReportId, Time)> = HashSet::with_capacity(reports.len());
+    let mut keys: HashSet<(TaskId, ReportId)> = HashSet::with_capacity(reports.len());
     for report in reports {
-        if keys.insert((report.task_id, report.report_id, report.time)) {
+        if keys.insert((report.task_id, report.report_id)) {
             first.push(report);
         }
     }
@@ -91,7 +89,7 @@ pub(super) async fn put_reports(
     // `remove`, so that only the first occurrence of a key is reported new.
     Ok(reports
         .iter()
-        .map(|r| keys.remove(&(r.task_id, r.report_id, r.time)))
+        .map(|r| keys.remove(&(r.task_id, r.report_id)))
         .collect())
 }
 
@@ -120,8 +118,8 @@ macro_rules! in_range {
 /// the horizon instead of creating a partial job. `moved` advances the cursor past the claimed
 /// reports, unless a concurrent creator moved it since this statement's snapshot; everything
 /// else the statement writes depends on `moved`. So a task's jobs are created one statement
-/// after another, each claiming the oldest uploads left, and of two uploads of one ID and time the
-/// first is claimed first: the second is the replay that job creation drops.
+/// after another, each claiming the oldest uploads left, and of two uploads of one ID the first
+/// is claimed first: the second is the replay that job creation drops.
 macro_rules! claim {
     () => {
         "WITH cursor AS ( \
@@ -187,24 +185,24 @@ const CREATE_JOB: &str = concat!(
     "ids AS ( \
        INSERT INTO claimed_report_ids (task_key, report_id, client_time) \
        SELECT $5, report_id, client_time FROM picked WHERE EXISTS (SELECT 1 FROM moved) \
-       ORDER BY client_time, report_id), ",
+       ORDER BY report_id), ",
     job_of!("picked")
 );
 
-/// Claims the reports of a job and drops the replays among them from the queue: of an ID and
-/// time claimed more than once the first upload is kept, and one already in `claimed_report_ids`
-/// (claimed before, or by a concurrent creator that has committed since) is dropped.
+/// Claims the reports of a job and drops the replays among them from the queue: of an ID claimed
+/// more than once the first upload is kept, and an ID already in `claimed_report_ids` (claimed
+/// before, or by a concurrent creator that has committed since) is dropped.
 const CREATE_JOB_DROPPING_REPLAYS: &str = concat!(
     "-- create_aggregation_jobs\n",
     claim!(),
     "once AS ( \
-       SELECT DISTINCT ON (client_time, report_id) pos, report_id, client_time FROM picked \
-       WHERE EXISTS (SELECT 1 FROM moved) ORDER BY client_time, report_id, upload_xid), \
+       SELECT DISTINCT ON (report_id) pos, report_id, client_time FROM picked \
+       WHERE EXISTS (SELECT 1 FROM moved) ORDER BY report_id, upload_xid), \
      fresh AS ( \
        INSERT INTO claimed_report_ids (task_key, report_id, client_time) \
-       SELECT $5, report_id, client_time FROM once ORDER BY client_time, report_id \
-       ON CONFLICT DO NOTHING RETURNING client_time, report_id), \
-     kept AS (SELECT once.pos FROM once JOIN fresh USING (client_time, report_id)), \
+       SELECT $5, report_id, client_time FROM once ORDER BY report_id \
+       ON CONFLICT DO NOTHING RETURNING report_id), \
+     kept AS (SELECT once.pos FROM once JOIN fresh USING (report_id)), \
      dropped AS ( \
        DELETE FROM report_queue WHERE ctid = ANY(ARRAY( \
          SELECT pos FROM picked \
@@ -618,21 +616,11 @@ pub(super) async fn abandon_aggregation_job(
 /// reports (through `report_queue_order`, filtered by time: a queue holds the reports of its
 /// active jobs and what the next job creations will claim), and the ones its active jobs from
 /// before schema version 6 hold (through `aggregation_jobs_active`). `$1` is the task ID.
-///
-/// The queue is read from the start of the first active job's range, or from the claim cursor
-/// if that comes first: every report before both was in a job that has ended, and deleted. The
-/// index entries of those deleted reports stay until the queue is vacuumed; at thousands of
-/// reports a second, that can be a million entries, which a scan from the task's first entry
-/// would walk (and whose heap pages it would prune) on every check.
 macro_rules! queued_unaggregated {
     () => {
-        "FROM replay_tasks AS k JOIN report_queue AS q ON q.task_key = k.task_key \
-         WHERE k.task_id = $1 \
-           AND q.upload_xid >= LEAST(k.claimed_xid, ( \
-             SELECT a.from_xid FROM aggregation_jobs AS a \
-             WHERE a.task_id = $1 AND a.state = 'active' AND a.from_xid IS NOT NULL \
-             ORDER BY a.from_xid LIMIT 1)) \
-           AND q.client_time >= $2 AND q.client_time < $3"
+        "FROM report_queue \
+         WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $1) \
+           AND client_time >= $2 AND client_time < $3"
     };
 }
 macro_rules! held_unaggregated {

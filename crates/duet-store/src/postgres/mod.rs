@@ -32,9 +32,7 @@ use std::time::Duration as StdDuration;
 use async_trait::async_trait;
 use duet_core::hpke::HpkeKeypair;
 use duet_core::{AggregatorRole, Task};
-use duet_messages::dap09::{
-    AggregationJobId, CollectionJobId, Interval, ReportId, ReportMetadata, TaskId, Time,
-};
+use duet_messages::dap09::{AggregationJobId, CollectionJobId, Interval, ReportId, TaskId, Time};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -76,9 +74,6 @@ pub struct PostgresDatastore {
     wakeups: Arc<notify::Wakeups>,
     /// The replay tables' keys of the tasks seen so far (`replay_tasks`; a key never changes).
     task_keys: Arc<Mutex<HashMap<TaskId, i32>>>,
-    /// Whether `helper_report_ids_untimed` (the Helper's IDs stored before schema version 7,
-    /// never written to since) held any row when the store connected.
-    untimed_helper_ids: bool,
 }
 
 /// Pool settings for up to `connections` connections, each pinged before use only after idling
@@ -119,12 +114,6 @@ impl PostgresDatastore {
             pool.close().await;
             return Err(StoreError::Database(format!("migrations failed: {e}")));
         }
-        let untimed_helper_ids = sqlx::query_scalar(
-            "-- connect\nSELECT EXISTS (SELECT 1 FROM helper_report_ids_untimed)",
-        )
-        .fetch_one(&pool)
-        .await
-        .map_err(|e| StoreError::Database(e.to_string()))?;
         Ok(PostgresDatastore {
             pool,
             unflushed,
@@ -132,7 +121,6 @@ impl PostgresDatastore {
             role: AggregatorRole::Leader,
             wakeups: Arc::new(notify::Wakeups::new()),
             task_keys: Arc::default(),
-            untimed_helper_ids,
         })
     }
 
@@ -145,7 +133,6 @@ impl PostgresDatastore {
             role,
             wakeups: Arc::clone(&self.wakeups),
             task_keys: Arc::clone(&self.task_keys),
-            untimed_helper_ids: self.untimed_helper_ids,
         }
     }
 
@@ -603,10 +590,10 @@ impl Datastore for PostgresDatastore {
     async fn seen_report_ids(
         &self,
         task_id: &TaskId,
-        reports: &[ReportMetadata],
+        ids: &[ReportId],
     ) -> Result<HashSet<ReportId>, StoreError> {
         self.run("seen_report_ids", || {
-            helper::seen_report_ids(self, task_id, reports)
+            helper::seen_report_ids(self, task_id, ids)
         })
         .await
     }
@@ -614,12 +601,12 @@ impl Datastore for PostgresDatastore {
     async fn put_helper_aggregation_job(
         &self,
         job: &HelperAggregationJob,
-        reports: &[ReportMetadata],
+        report_ids: &[ReportId],
         deltas: &[BatchAggregation],
         merge: MergeFn<'_>,
     ) -> Result<(), StoreError> {
         self.run("put_helper_aggregation_job", || {
-            helper::put_helper_aggregation_job(self, job, reports, deltas, merge)
+            helper::put_helper_aggregation_job(self, job, report_ids, deltas, merge)
         })
         .await
     }

@@ -24,9 +24,7 @@ use std::time::Duration as StdDuration;
 use async_trait::async_trait;
 use duet_core::hpke::HpkeKeypair;
 use duet_core::{AggregatorRole, Task};
-use duet_messages::dap09::{
-    AggregationJobId, CollectionJobId, Interval, ReportId, ReportMetadata, TaskId, Time,
-};
+use duet_messages::dap09::{AggregationJobId, CollectionJobId, Interval, ReportId, TaskId, Time};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
@@ -462,21 +460,19 @@ impl Datastore for SqliteDatastore {
     async fn seen_report_ids(
         &self,
         task_id: &TaskId,
-        reports: &[ReportMetadata],
+        ids: &[ReportId],
     ) -> Result<HashSet<ReportId>, StoreError> {
-        let ids: Vec<ReportId> = reports.iter().map(|r| r.id).collect();
-        helper::seen_report_ids(self, task_id, &ids).await
+        helper::seen_report_ids(self, task_id, ids).await
     }
 
     async fn put_helper_aggregation_job(
         &self,
         job: &HelperAggregationJob,
-        reports: &[ReportMetadata],
+        report_ids: &[ReportId],
         deltas: &[BatchAggregation],
         merge: MergeFn<'_>,
     ) -> Result<(), StoreError> {
-        let ids: Vec<ReportId> = reports.iter().map(|r| r.id).collect();
-        helper::put_helper_aggregation_job(self, job, &ids, deltas, merge).await
+        helper::put_helper_aggregation_job(self, job, report_ids, deltas, merge).await
     }
 
     async fn get_aggregate_share_job(

@@ -5,8 +5,7 @@ use anyhow::Result;
 use duet_core::hpke::{open, HpkeApplicationInfo, HpkeKeypair};
 use duet_core::{AggregatorRole, Clock, Measurement, RealClock, VdafInstance};
 use duet_messages::dap09::{
-    AggregationJobId, InputShareAad, PlaintextInputShareRef, Report, ReportId, ReportMetadata,
-    Role, TaskId, Time,
+    AggregationJobId, InputShareAad, PlaintextInputShareRef, Report, ReportId, Role, TaskId, Time,
 };
 use rand::{Rng, SeedableRng};
 
@@ -34,23 +33,19 @@ const HISTORY_BATCH: usize = 10_000;
 /// Reports per history aggregation job.
 const HISTORY_JOB: usize = 1_000;
 
-/// Fills the Helper's database with `n` report IDs of task `task_id`, uploaded a month ago and
-/// taken in by aggregation jobs long finished, through the store's own job lifecycle, as a long-running deployment of
+/// Fills the Helper's database with `n` report IDs of task `task_id` taken in by aggregation
+/// jobs long finished, through the store's own job lifecycle, as a long-running deployment of
 /// that task would have.
 pub(super) async fn add_helper_history(helper_db: &str, task_id: TaskId, n: usize) -> Result<()> {
     let helper = crate::db::open(helper_db, AggregatorRole::Helper).await?;
     let keep_first = |a: &[u8], _: &[u8]| Ok(a.to_vec());
     let pb = crate::upload::progress_bar(n as u64, "Helper history");
-    let t0 = RealClock.now().0.saturating_sub(30 * 86_400);
     let mut done = 0;
     while done < n {
-        let reports: Vec<ReportMetadata> = (done..n.min(done + HISTORY_JOB))
-            .map(|i| ReportMetadata {
-                id: ReportId::random(),
-                time: Time(t0 + i as u64 / 100),
-            })
+        let ids: Vec<ReportId> = (done..n.min(done + HISTORY_JOB))
+            .map(|_| ReportId::random())
             .collect();
-        done += reports.len();
+        done += ids.len();
         let job = duet_store::HelperAggregationJob {
             task_id,
             id: AggregationJobId::random(),
@@ -59,7 +54,7 @@ pub(super) async fn add_helper_history(helper_db: &str, task_id: TaskId, n: usiz
             response: Vec::new(),
         };
         helper
-            .put_helper_aggregation_job(&job, &reports, &[], &keep_first)
+            .put_helper_aggregation_job(&job, &ids, &[], &keep_first)
             .await?;
         pb.set_position(done as u64);
     }

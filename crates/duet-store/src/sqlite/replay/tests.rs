@@ -1,7 +1,7 @@
 //! Replay sets across processes, merges and task deletion.
 
 use duet_core::AggregatorRole;
-use duet_messages::dap09::{AggregationJobId, ReportMetadata, Time};
+use duet_messages::dap09::{AggregationJobId, Time};
 
 use super::*;
 use crate::sqlite::SqliteDatastore;
@@ -143,13 +143,6 @@ fn no_merge(_: &[u8], _: &[u8]) -> Result<Vec<u8>, String> {
     Err("no aggregates in this test".into())
 }
 
-/// The reports `ids`, all at one time (SQLite's replay tables match IDs alone).
-fn at(ids: &[ReportId]) -> Vec<ReportMetadata> {
-    ids.iter()
-        .map(|&id| ReportMetadata { id, time: Time(0) })
-        .collect()
-}
-
 /// Stores a Helper aggregation job of these report IDs (and no aggregates) for the task.
 async fn put(
     store: &SqliteDatastore,
@@ -157,7 +150,7 @@ async fn put(
     ids: Vec<ReportId>,
 ) -> Result<(), StoreError> {
     store
-        .put_helper_aggregation_job(&helper_job(task_id), &at(&ids), &[], &no_merge)
+        .put_helper_aggregation_job(&helper_job(task_id), &ids, &[], &no_merge)
         .await
 }
 
@@ -222,7 +215,7 @@ async fn helper_replays_across_processes_and_merges() {
 /// The IDs among `ids` that `store` knows for `task_id`.
 async fn seen(store: &SqliteDatastore, task_id: TaskId, ids: &[ReportId]) -> HashSet<ReportId> {
     store
-        .seen_report_ids(&task_id, &at(ids))
+        .seen_report_ids(&task_id, ids)
         .await
         .expect("seen_report_ids")
 }
