@@ -196,3 +196,81 @@ async fn deleting_a_task_strands_no_running_upload() {
     )
     .await;
 }
+
+/// Unaggregated reports are counted from the first active job's range (or the claim cursor):
+/// an active job between ended ones still counts, behind the cursor, from the first report of
+/// its range even when that shares its upload transaction with an ended job's last one; so do
+/// reports not yet claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unaggregated_reports_count_from_the_first_active_range() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    with_fresh_database(
+        "unaggregated_reports_count_from_the_first_active_range",
+        |url| async move {
+            let store = PostgresDatastore::connect(&url).await.expect("connect");
+            let task_id = TaskId::random();
+            // Three uploads, each its own transaction: 4 reports, 6, 4.
+            for (start, n) in [(0, 4), (10, 6), (20, 4)] {
+                let batch: Vec<NewReport> =
+                    (0..n).map(|i| report(task_id, T0 + start + i)).collect();
+                store.put_reports(&batch).await.expect("put_reports");
+            }
+            // Jobs of 5 in claim order: the first takes the second upload's first report.
+            let now = Time(T0 + PRECISION);
+            assert_eq!(
+                store.create_aggregation_jobs(5, now).await.expect("create"),
+                3
+            );
+            let jobs = store
+                .acquire_aggregation_jobs(now, 600, 10)
+                .await
+                .expect("acquire");
+            let starting_at = |t: u64| {
+                jobs.iter()
+                    .find(|j| j.reports[0].time == Time(T0 + t))
+                    .expect("a job starting there")
+            };
+            let keep_first = |a: &[u8], _: &[u8]| Ok(a.to_vec());
+            store
+                .finish_aggregation_job(starting_at(0), &[], &keep_first)
+                .await
+                .expect("finish");
+            // The second job's row is rewritten after the third's, so that it comes later in
+            // the active jobs' index.
+            store
+                .release_aggregation_job(starting_at(11), now)
+                .await
+                .expect("release");
+            let unclaimed: Vec<NewReport> = (0..2).map(|i| report(task_id, T0 + 30 + i)).collect();
+            store.put_reports(&unclaimed).await.expect("put_reports");
+
+            let count = |start, duration| {
+                let store = store.clone();
+                async move {
+                    let within = interval(start, duration);
+                    let n = store
+                        .count_unaggregated_reports(&task_id, &within)
+                        .await
+                        .expect("count");
+                    let any = store
+                        .has_unaggregated_reports(&task_id, &within)
+                        .await
+                        .expect("has");
+                    assert_eq!(any, n > 0);
+                    n
+                }
+            };
+            assert_eq!(
+                count(T0, PRECISION).await,
+                11,
+                "two active jobs and the unclaimed"
+            );
+            assert_eq!(count(T0, 11).await, 0, "the ended job's");
+            assert_eq!(count(T0 + 11, 9).await, 5, "the second job's");
+            assert_eq!(count(T0 + 20, 10).await, 4, "the third job's");
+            assert_eq!(count(T0 + 30, 10).await, 2, "the unclaimed");
+            store.close().await;
+        },
+    )
+    .await;
+}

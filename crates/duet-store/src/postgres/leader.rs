@@ -616,10 +616,22 @@ pub(super) async fn abandon_aggregation_job(
 /// reports (through `report_queue_order`, filtered by time: a queue holds the reports of its
 /// active jobs and what the next job creations will claim), and the ones its active jobs from
 /// before schema version 6 hold (through `aggregation_jobs_active`). `$1` is the task ID.
+///
+/// The queue is read from the start of the first active job's range, or from the claim cursor
+/// if that comes first: every report before both was in a job that has ended, and was deleted
+/// with it. The index entries of deleted reports stay until the queue is vacuumed; at thousands
+/// of reports a second that can be a million entries, which a scan from the task's first entry
+/// would walk (pruning their heap pages) on every check. Both bounds are computed once, before
+/// the scan, so that they are its index conditions whatever the statistics.
 macro_rules! queued_unaggregated {
     () => {
         "FROM report_queue \
          WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $1) \
+           AND upload_xid >= (SELECT LEAST(k.claimed_xid, ( \
+               SELECT a.from_xid FROM aggregation_jobs AS a \
+               WHERE a.task_id = $1 AND a.state = 'active' AND a.from_xid IS NOT NULL \
+               ORDER BY a.from_xid LIMIT 1)) \
+             FROM replay_tasks AS k WHERE k.task_id = $1) \
            AND client_time >= $2 AND client_time < $3"
     };
 }
@@ -629,6 +641,26 @@ macro_rules! held_unaggregated {
          WHERE j.task_id = $1 AND j.state = 'active' AND t >= $2 AND t < $3"
     };
 }
+
+/// Counts both parts (`queued_unaggregated!` and `held_unaggregated!`).
+const COUNT_UNAGGREGATED: &str = concat!(
+    "-- count_unaggregated_reports\n\
+     SELECT (SELECT COUNT(*) ",
+    queued_unaggregated!(),
+    ") + (SELECT COUNT(*) ",
+    held_unaggregated!(),
+    ") AS n"
+);
+
+/// Whether either part (`queued_unaggregated!` or `held_unaggregated!`) has a report.
+const HAS_UNAGGREGATED: &str = concat!(
+    "-- has_unaggregated_reports\n\
+     SELECT EXISTS (SELECT 1 ",
+    queued_unaggregated!(),
+    ") OR EXISTS (SELECT 1 ",
+    held_unaggregated!(),
+    ") AS found"
+);
 
 /// Runs one statement over the task's unaggregated reports in `interval`.
 async fn unaggregated_row(
@@ -651,15 +683,7 @@ pub(super) async fn count_unaggregated_reports(
     task_id: &TaskId,
     interval: &Interval,
 ) -> Result<u64, TxError> {
-    const SQL: &str = concat!(
-        "-- count_unaggregated_reports\n\
-         SELECT (SELECT COUNT(*) ",
-        queued_unaggregated!(),
-        ") + (SELECT COUNT(*) ",
-        held_unaggregated!(),
-        ") AS n"
-    );
-    let row = unaggregated_row(store, SQL, task_id, interval).await?;
+    let row = unaggregated_row(store, COUNT_UNAGGREGATED, task_id, interval).await?;
     Ok(col_u64(&row, "n")?)
 }
 
@@ -669,15 +693,7 @@ pub(super) async fn has_unaggregated_reports(
     task_id: &TaskId,
     interval: &Interval,
 ) -> Result<bool, TxError> {
-    const SQL: &str = concat!(
-        "-- has_unaggregated_reports\n\
-         SELECT EXISTS (SELECT 1 ",
-        queued_unaggregated!(),
-        ") OR EXISTS (SELECT 1 ",
-        held_unaggregated!(),
-        ") AS found"
-    );
-    let row = unaggregated_row(store, SQL, task_id, interval).await?;
+    let row = unaggregated_row(store, HAS_UNAGGREGATED, task_id, interval).await?;
     Ok(col(&row, "found")?)
 }
 
@@ -762,6 +778,29 @@ mod plans {
                 assert!(
                     on_queue.contains("Index Cond") && on_queue.contains("ROW(upload_xid"),
                     "{plan}"
+                );
+            }
+            // The unaggregated reports of the task are read from the first active range on.
+            for sql in [COUNT_UNAGGREGATED, HAS_UNAGGREGATED] {
+                let explain = format!("EXPLAIN {sql}");
+                let rows = sqlx::query(&explain)
+                    .bind(&task_id.0[..])
+                    .bind(0i64)
+                    .bind(i64::MAX)
+                    .fetch_all(&mut conn)
+                    .await
+                    .expect("EXPLAIN");
+                let plan: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+                let on_queue = plan
+                    .iter()
+                    .skip_while(|line| !(line.contains("Scan") && line.contains("on report_queue")))
+                    .nth(1)
+                    .cloned()
+                    .unwrap_or_default();
+                assert!(
+                    on_queue.contains("Index Cond") && on_queue.contains("upload_xid >="),
+                    "{}",
+                    plan.join("\n")
                 );
             }
             conn.close().await.expect("close");
