@@ -33,7 +33,7 @@ use duet_messages::Encode;
 
 use servers::{cpu_snapshot, peak_rss_bytes, start_server, ServerRole};
 use uploader::upload_all;
-use workload::{add_helper_history, add_leader_history, floor, generate};
+use workload::{add_helper_history, add_leader_history, floor, generate, settle_history};
 
 /// Backends to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -314,9 +314,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     leader_store.delete_task(&task.id).await?;
     if args.history > 0 {
         add_leader_history(&leader_db, task_id, args.history).await?;
-        // Write the history's dirty pages out now, not during the measurement. (`sync` for the
-        // whole system: opening and closing a SQLite file here would drop SQLite's POSIX locks.)
-        let _ = std::process::Command::new("sync").status();
+        settle_history(&leader_db).await;
     }
 
     // The same reports, end to end, through a full Leader. (The Helper's copy of the task still

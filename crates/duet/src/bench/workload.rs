@@ -103,6 +103,30 @@ pub(super) async fn add_leader_history(leader_db: &str, task_id: TaskId, n: usiz
     Ok(())
 }
 
+/// Writes the history's dirty pages out now, not during the measurement, as a database that has
+/// held its history for a while would have: `sync` for the whole system (opening and closing a
+/// SQLite file here would drop SQLite's POSIX locks), and on PostgreSQL a `CHECKPOINT` too,
+/// which writes out its own buffer cache (it needs a superuser or the `pg_checkpoint` role;
+/// without either the bench says so and goes on).
+pub(super) async fn settle_history(database: &str) {
+    let _ = std::process::Command::new("sync").status();
+    if !(database.starts_with("postgres://") || database.starts_with("postgresql://")) {
+        return;
+    }
+    let checkpoint = async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(database).await?;
+        sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+        conn.close().await
+    };
+    if let Err(e) = checkpoint.await {
+        eprintln!(
+            "warning: could not checkpoint the database after adding the history ({e}): its \
+             dirty pages will be written during the measurement"
+        );
+    }
+}
+
 /// Passes over the sample when measuring the floor; each figure is its fastest pass.
 const FLOOR_PASSES: usize = 5;
 
