@@ -7,6 +7,7 @@
 //! both roles keep (tasks, HPKE keys, batch aggregations) carry the role in their key.
 #![forbid(unsafe_code)]
 
+mod bloom;
 pub mod conformance;
 pub mod models;
 pub mod postgres;

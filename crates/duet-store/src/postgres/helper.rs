@@ -8,6 +8,7 @@ use duet_messages::dap09::{
 use duet_messages::{Decode, Encode};
 use sqlx::postgres::PgRow;
 
+use super::helper_runs;
 use super::tasks::merge_batch_aggregations;
 use super::{
     col, col_array, col_interval, col_u64, is_unique_violation, to_i64, PostgresDatastore, TxError,
@@ -64,7 +65,9 @@ pub(super) async fn seen_report_ids(
          SELECT u.id AS report_id FROM UNNEST($2::bytea[]) AS u(id) \
          CROSS JOIN LATERAL ( \
            SELECT 1 FROM helper_report_ids h \
-           WHERE h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen",
+           WHERE h.run = ANY(ARRAY(SELECT generate_series(0, \
+               (SELECT open_run FROM helper_replay_state)))) \
+             AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen",
     )
     .bind(task_key)
     .bind(&ids)
@@ -108,32 +111,67 @@ pub(super) async fn put_helper_aggregation_job(
         tx.rollback().await?;
         return Err(StoreError::Conflict.into());
     }
+    let mut open_run = None;
     if !report_ids.is_empty() {
         let mut ids: Vec<[u8; 16]> = report_ids.iter().map(|id| id.0).collect();
         ids.sort_unstable();
         // Any report ID already stored (by another job, or twice in this one) is a replay that a
-        // concurrent request got in first: the caller must recompute. A plain insert finds it
-        // with the unique index's own probe, one descent per ID where `ON CONFLICT` takes two.
-        let inserted = sqlx::query(
+        // concurrent request got in first: the caller must recompute. The IDs go into the open
+        // run with a plain insert, whose unique index finds one there with its own probe; the
+        // closed runs are probed for the IDs the filter cannot rule out (see `helper_runs`), and
+        // the others only if runs have closed since the filter was loaded.
+        // The shared lock, taken first, keeps the open run from closing until this commits.
+        sqlx::query("-- put_helper_aggregation_job\nSELECT pg_advisory_xact_lock_shared($1)")
+            .bind(helper_runs::RUNS_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let triage = store.helper_runs.triage(&ids);
+        let checked = sqlx::query(
             "-- put_helper_aggregation_job\n\
-             INSERT INTO helper_report_ids (task_key, report_id) \
-             SELECT $1, * FROM UNNEST($2::bytea[])",
+             WITH state AS (SELECT open_run FROM helper_replay_state), \
+               ids AS (INSERT INTO helper_report_ids (run, task_key, report_id) \
+                 SELECT state.open_run, $1, u.id FROM state, UNNEST($2::bytea[]) AS u(id)) \
+             SELECT (SELECT open_run FROM state) AS open_run, \
+               EXISTS (SELECT 1 FROM UNNEST($3::bytea[]) AS u(id) CROSS JOIN LATERAL ( \
+                 SELECT 1 FROM helper_report_ids h \
+                 WHERE h.run = ANY(ARRAY(SELECT generate_series(0, \
+                     (SELECT open_run FROM state) - 1))) \
+                   AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen) \
+               OR ($5 < (SELECT open_run FROM state) \
+                 AND EXISTS (SELECT 1 FROM UNNEST($4::bytea[]) AS u(id) CROSS JOIN LATERAL ( \
+                   SELECT 1 FROM helper_report_ids h \
+                   WHERE h.run = ANY(ARRAY(SELECT generate_series($5, \
+                       (SELECT open_run FROM state) - 1))) \
+                     AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen)) AS replayed",
         )
         .bind(task_key)
         .bind(&ids)
-        .execute(&mut *tx)
+        .bind(&triage.maybe)
+        .bind(&triage.fresh)
+        .bind(triage.covered)
+        .fetch_one(&mut *tx)
         .await;
-        match inserted {
-            Ok(_) => {}
-            Err(e) if is_unique_violation(&e) => {
-                tx.rollback().await?;
-                return Err(StoreError::Conflict.into());
+        let replayed = match checked {
+            Ok(row) => {
+                open_run = Some(col::<_, i32>(&row, "open_run")?);
+                col::<_, bool>(&row, "replayed")?
             }
+            Err(e) if is_unique_violation(&e) => true,
             Err(e) => return Err(e.into()),
+        };
+        if replayed {
+            tx.rollback().await?;
+            return Err(StoreError::Conflict.into());
         }
     }
     merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
-    Ok(tx.commit().await?)
+    tx.commit().await?;
+    if let Some(open_run) = open_run {
+        store
+            .helper_runs
+            .after_write(&store.pool, report_ids.len(), open_run);
+    }
+    Ok(())
 }
 
 fn share_job_from_row(task_id: &TaskId, row: &PgRow) -> Result<AggregateShareJob, StoreError> {

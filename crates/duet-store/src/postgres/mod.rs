@@ -19,6 +19,7 @@
 mod collection;
 mod flush;
 mod helper;
+mod helper_runs;
 mod leader;
 mod notify;
 mod tasks;
@@ -74,6 +75,8 @@ pub struct PostgresDatastore {
     wakeups: Arc<notify::Wakeups>,
     /// The replay tables' keys of the tasks seen so far (`replay_tasks`; a key never changes).
     task_keys: Arc<Mutex<HashMap<TaskId, i32>>>,
+    /// The Helper's filter over its closed replay runs.
+    helper_runs: Arc<helper_runs::HelperRuns>,
 }
 
 /// Pool settings for up to `connections` connections, each pinged before use only after idling
@@ -121,6 +124,7 @@ impl PostgresDatastore {
             role: AggregatorRole::Leader,
             wakeups: Arc::new(notify::Wakeups::new()),
             task_keys: Arc::default(),
+            helper_runs: Arc::default(),
         })
     }
 
@@ -133,7 +137,15 @@ impl PostgresDatastore {
             role,
             wakeups: Arc::clone(&self.wakeups),
             task_keys: Arc::clone(&self.task_keys),
+            helper_runs: Arc::clone(&self.helper_runs),
         }
+    }
+
+    /// How many report IDs this process writes into the Helper's open replay run before it
+    /// closes it (tests; the default is 100,000).
+    #[doc(hidden)]
+    pub fn set_helper_run_ids(&self, ids: i64) {
+        self.helper_runs.set_run_ids(ids);
     }
 
     /// The role this handle is bound to.
@@ -667,6 +679,14 @@ impl Datastore for PostgresDatastore {
                 .chain(rows)
                 .collect(),
         )
+    }
+
+    /// The Helper loads the filter over its closed replay runs.
+    async fn warm_up(&self) -> Result<(), StoreError> {
+        match self.role {
+            AggregatorRole::Leader => Ok(()),
+            AggregatorRole::Helper => self.helper_runs.load(&self.pool).await,
+        }
     }
 
     fn wakeups(&self) -> Option<tokio::sync::broadcast::Receiver<Wakeup>> {

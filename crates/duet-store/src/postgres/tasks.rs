@@ -107,8 +107,10 @@ const DELETE_LEADER_TASK: &str = "-- delete_task\n\
      DELETE FROM tasks WHERE role = $1 AND task_id = $2";
 const DELETE_HELPER_TASK: &str = "-- delete_task\n\
      WITH jobs_gone AS (DELETE FROM helper_aggregation_jobs WHERE task_id = $2), \
-          ids_gone AS (DELETE FROM helper_report_ids WHERE task_key = \
-            (SELECT task_key FROM replay_tasks WHERE task_id = $2)), \
+          ids_gone AS (DELETE FROM helper_report_ids \
+            WHERE run = ANY(ARRAY(SELECT generate_series(0, \
+                (SELECT open_run FROM helper_replay_state)))) \
+              AND task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $2)), \
           shares_gone AS (DELETE FROM aggregate_share_jobs WHERE task_id = $2), \
           aggregations_gone AS (DELETE FROM batch_aggregations WHERE role = $1 AND task_id = $2) \
      DELETE FROM tasks WHERE role = $1 AND task_id = $2";

@@ -20,8 +20,6 @@
 //! are hashed with a key of this process's own, so clients cannot choose IDs that collide in it
 //! (a collision would only cost a probe).
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -29,14 +27,11 @@ use duet_messages::dap09::ReportId;
 use sqlx::{Connection, SqlitePool};
 
 use super::{now, MergeState};
+use crate::bloom::Bloom;
 use crate::rows::col;
 use crate::sqlite::db;
 use crate::StoreError;
 
-/// Filter bits per ID it is sized for: about one false positive in a thousand.
-const BITS_PER_ID: usize = 16;
-/// IDs a filter is sized for at least (2 MiB of bits, mapped only as they are set).
-const MIN_CAPACITY: usize = 1 << 20;
 /// IDs read per statement while building.
 const BUILD_CHUNK: i64 = 65_536;
 /// A background build starts no sooner after the last one ended than this many times the time
@@ -46,78 +41,6 @@ const BUILD_PAUSE_FACTOR: u32 = 9;
 
 /// How long after a failed background build the next may start.
 const BUILD_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Odd multipliers, one per word of a block: each picks the bit an ID sets in its word.
-const SALTS: [u32; 8] = [
-    0x428a_2f99,
-    0x7137_4491,
-    0xb5c0_fbcf,
-    0xe9b5_dba5,
-    0x3956_c25b,
-    0x59f1_11f1,
-    0x923f_82a5,
-    0xab1c_5ed5,
-];
-
-/// A split-block Bloom filter: an ID sets one bit in each of the eight 32-bit words of one
-/// 256-bit block, so a check reads one cache line.
-pub(super) struct Bloom {
-    blocks: Vec<[u32; 8]>,
-    hasher: RandomState,
-    /// IDs added.
-    len: usize,
-    /// IDs it is sized for.
-    capacity: usize,
-}
-
-impl Bloom {
-    /// An empty filter sized for `ids` IDs (at least [`MIN_CAPACITY`]).
-    pub(super) fn with_capacity(ids: usize) -> Bloom {
-        let capacity = ids.max(MIN_CAPACITY);
-        Bloom {
-            blocks: vec![[0; 8]; capacity.saturating_mul(BITS_PER_ID).div_ceil(256)],
-            hasher: RandomState::new(),
-            len: 0,
-            capacity,
-        }
-    }
-
-    /// The block an ID falls in, and its bits in each word.
-    fn locate(&self, id: &[u8; 16]) -> (usize, [u32; 8]) {
-        let hash = self.hasher.hash_one(id);
-        // The high half picks the block (multiply and shift: no division, any block count);
-        // the low half, multiplied by each salt, the bit in each word.
-        let block = ((hash >> 32) * self.blocks.len() as u64) >> 32;
-        let low = hash as u32;
-        (
-            block as usize,
-            SALTS.map(|salt| 1 << (low.wrapping_mul(salt) >> 27)),
-        )
-    }
-
-    pub(super) fn insert(&mut self, id: &[u8; 16]) {
-        let (block, bits) = self.locate(id);
-        for (word, bit) in self.blocks[block].iter_mut().zip(bits) {
-            *word |= bit;
-        }
-        self.len += 1;
-    }
-
-    /// `false` if `id` was never added; `true` if it was, or (rarely) by chance.
-    pub(super) fn may_contain(&self, id: &[u8; 16]) -> bool {
-        let (block, bits) = self.locate(id);
-        self.blocks[block]
-            .iter()
-            .zip(bits)
-            .all(|(word, bit)| word & bit != 0)
-    }
-
-    /// Whether more IDs were added than it was sized for (it stays correct, with more false
-    /// positives).
-    fn overfull(&self) -> bool {
-        self.len > self.capacity
-    }
-}
 
 /// Where a log's filter is built from.
 #[derive(Clone)]
@@ -296,7 +219,7 @@ impl Filter {
         let took = now().saturating_duration_since(started);
         tracing::debug!(
             log = source.name,
-            ids = bloom.len,
+            ids = bloom.len(),
             ms = took.as_millis() as u64,
             "replay filter built"
         );
@@ -457,28 +380,6 @@ fn decode_id(hex: &[u8]) -> Result<[u8; 16], StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn never_misses_an_added_id_and_rarely_claims_another() {
-        let mut bloom = Bloom::with_capacity(0);
-        let added: Vec<ReportId> = (0..MIN_CAPACITY).map(|_| ReportId::random()).collect();
-        for id in &added {
-            bloom.insert(&id.0);
-        }
-        assert!(added.iter().all(|id| bloom.may_contain(&id.0)));
-        let trials = 200_000;
-        let false_positives = (0..trials)
-            .filter(|_| bloom.may_contain(&ReportId::random().0))
-            .count();
-        // About one in a thousand at its capacity; well under one in a hundred.
-        assert!(
-            false_positives < trials / 100,
-            "{false_positives} of {trials}"
-        );
-        assert!(!bloom.overfull());
-        bloom.insert(&ReportId::random().0);
-        assert!(bloom.overfull());
-    }
 
     /// Merges committed while a build read the table are added if its snapshot predates them,
     /// in order, and skipped if it saw them.

@@ -1,0 +1,197 @@
+//! The Helper's replay set on PostgreSQL, in runs: replays are found in closed runs whatever
+//! each process's filter knows, two writers never store one ID twice while runs close under
+//! them, and task deletion reaches every run.
+//!
+//! Like `postgres.rs`, these tests need `DATABASE_URL` and pass with a note without it.
+
+use std::time::Duration;
+
+use duet_core::AggregatorRole;
+use duet_messages::dap09::{AggregationJobId, ReportId, TaskId};
+use duet_store::conformance::postgres::with_fresh_database;
+use duet_store::postgres::PostgresDatastore;
+use duet_store::{Datastore, HelperAggregationJob, StoreError};
+use sqlx::{Connection, PgConnection};
+
+fn job(task_id: TaskId) -> HelperAggregationJob {
+    HelperAggregationJob {
+        task_id,
+        id: AggregationJobId::random(),
+        request_hash: [0; 32],
+        step: 0,
+        response: Vec::new(),
+    }
+}
+
+fn no_merge(_: &[u8], _: &[u8]) -> Result<Vec<u8>, String> {
+    Err("no aggregates in these tests".into())
+}
+
+fn new_ids(n: usize) -> Vec<ReportId> {
+    (0..n).map(|_| ReportId::random()).collect()
+}
+
+/// A Helper's handle on its own pool, closing its open run after every `run_ids` IDs it writes.
+async fn helper(url: &str, run_ids: i64) -> PostgresDatastore {
+    let store = PostgresDatastore::connect(url)
+        .await
+        .expect("connect")
+        .with_role(AggregatorRole::Helper);
+    store.set_helper_run_ids(run_ids);
+    store
+}
+
+/// The open run, once it is at least `at_least` (runs close in the background).
+async fn open_run(url: &str, at_least: i32) -> i32 {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    for _ in 0..200 {
+        let open: i32 = sqlx::query_scalar("SELECT open_run FROM helper_replay_state")
+            .fetch_one(&mut conn)
+            .await
+            .expect("open run");
+        if open >= at_least {
+            conn.close().await.expect("close");
+            return open;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("run {at_least} did not open");
+}
+
+/// Stores a job of `ids`; `Conflict` if any was stored before.
+async fn put(
+    store: &PostgresDatastore,
+    task_id: TaskId,
+    ids: &[ReportId],
+) -> Result<(), StoreError> {
+    store
+        .put_helper_aggregation_job(&job(task_id), ids, &[], &no_merge)
+        .await
+}
+
+/// Replays are refused whichever run holds the first copy and whatever the writer's filter
+/// knows: none yet, all the closed runs, or only some of them (another process closed more
+/// since). `seen_report_ids` finds IDs in every run, and deleting the task removes them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_are_found_in_every_run() {
+    with_fresh_database("replays_are_found_in_every_run", |url| async move {
+        let a = helper(&url, 10).await;
+        let task_id = TaskId::random();
+        // Four jobs of ten, each closing its run: runs 1 to 4.
+        let mut stored = Vec::new();
+        for run in 1..=4 {
+            let ids = new_ids(10);
+            put(&a, task_id, &ids).await.expect("fresh IDs");
+            assert_eq!(open_run(&url, run + 1).await, run + 1);
+            stored.push(ids);
+        }
+
+        // A process whose filter covers every closed run (warmed up), and one with none.
+        let b = helper(&url, 1_000_000).await;
+        b.warm_up().await.expect("warm up");
+        let c = helper(&url, 1_000_000).await;
+        for store in [&a, &b, &c] {
+            for ids in &stored {
+                let replay = put(store, task_id, &[ReportId::random(), ids[3]]).await;
+                assert!(matches!(replay, Err(StoreError::Conflict)), "{replay:?}");
+            }
+        }
+
+        // `a` closes two more runs; `b`'s filter does not know them yet.
+        for run in 5..=6 {
+            let ids = new_ids(10);
+            put(&a, task_id, &ids).await.expect("fresh IDs");
+            assert_eq!(open_run(&url, run + 1).await, run + 1);
+            stored.push(ids);
+        }
+        for ids in &stored[4..] {
+            let late = [ReportId::random(), ids[7]];
+            let replay = put(&b, task_id, &late).await;
+            assert!(matches!(replay, Err(StoreError::Conflict)), "{replay:?}");
+        }
+        // An ID in the open run.
+        let open = new_ids(3);
+        put(&a, task_id, &open).await.expect("fresh IDs");
+        let replay = put(&b, task_id, &open[1..2]).await;
+        assert!(matches!(replay, Err(StoreError::Conflict)), "{replay:?}");
+        // Fresh IDs still go in, from every process.
+        for store in [&a, &b, &c] {
+            put(store, task_id, &new_ids(5)).await.expect("fresh IDs");
+        }
+
+        let probe: Vec<ReportId> = stored
+            .iter()
+            .map(|ids| ids[0])
+            .chain([open[0], ReportId::random()])
+            .collect();
+        let seen = c.seen_report_ids(&task_id, &probe).await.expect("seen");
+        assert_eq!(seen, probe[..probe.len() - 1].iter().copied().collect());
+
+        // No task row was stored: only the IDs go.
+        c.delete_task(&task_id).await.expect("delete_task");
+        assert!(c
+            .seen_report_ids(&task_id, &probe)
+            .await
+            .expect("seen")
+            .is_empty());
+        let everything: Vec<ReportId> = stored.concat();
+        put(&a, task_id, &everything)
+            .await
+            .expect("a deleted task's IDs are gone from every run");
+        for store in [a, b, c] {
+            store.close().await;
+        }
+    })
+    .await;
+}
+
+/// Helpers on two pools race to store jobs that share one ID while their runs close every few
+/// IDs: each round exactly one job stores it, and no ID is stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_store_an_id_once_while_runs_close() {
+    with_fresh_database(
+        "racing_writers_store_an_id_once_while_runs_close",
+        |url| async move {
+            const RACERS: usize = 6;
+            let replicas = [helper(&url, 7).await, helper(&url, 7).await];
+            let task_id = TaskId::random();
+            for round in 0..20 {
+                let shared = ReportId::random();
+                let mut racers = Vec::new();
+                for r in 0..RACERS {
+                    let store = replicas[r % 2].clone();
+                    let mut ids = new_ids(3);
+                    ids.insert(r % 4, shared);
+                    racers.push(tokio::spawn(
+                        async move { put(&store, task_id, &ids).await },
+                    ));
+                }
+                let mut winners = 0;
+                for racer in racers {
+                    match racer.await.expect("racer") {
+                        Ok(()) => winners += 1,
+                        Err(StoreError::Conflict) => {}
+                        Err(e) => panic!("unexpected error: {e}"),
+                    }
+                }
+                assert_eq!(winners, 1, "round {round}");
+            }
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            let (rows, distinct, runs): (i64, i64, i64) = sqlx::query_as(
+                "SELECT COUNT(*), COUNT(DISTINCT report_id), COUNT(DISTINCT run) \
+                 FROM helper_report_ids",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+            assert_eq!(rows, distinct, "an ID stored twice");
+            assert_eq!(rows, 20 * 4);
+            assert!(runs > 3, "runs closed during the race: {runs}");
+            conn.close().await.expect("close");
+            for store in replicas {
+                store.close().await;
+            }
+        },
+    )
+    .await;
+}
