@@ -11,7 +11,7 @@ use duet_core::AggregatorRole;
 use duet_messages::dap09::{AggregationJobId, ReportId, TaskId, Time};
 use duet_store::conformance::postgres::with_fresh_database;
 use duet_store::postgres::PostgresDatastore;
-use duet_store::{AcquiredAggregationJob, Datastore};
+use duet_store::{AcquiredAggregationJob, Datastore, HelperAggregationJob, StoreError};
 use sqlx::{Connection, PgConnection};
 
 /// Puts every queued report (at most 10) into one new job and leases it.
@@ -183,6 +183,29 @@ async fn version_1_data_survives_the_upgrade() {
             HashSet::from([helper_seen]),
             "the Helper's IDs stay replay-protected"
         );
+        // A job that takes one in again is refused, before and after the filter is loaded.
+        for warm in [false, true] {
+            if warm {
+                helper.warm_up().await.expect("warm up");
+            }
+            let job = HelperAggregationJob {
+                task_id: helper_task,
+                id: AggregationJobId::random(),
+                request_hash: [0; 32],
+                step: 0,
+                response: Vec::new(),
+            };
+            let no_merge = |_: &[u8], _: &[u8]| Err("no aggregates".to_string());
+            let put = helper
+                .put_helper_aggregation_job(
+                    &job,
+                    &[ReportId::random(), helper_seen],
+                    &[],
+                    &no_merge,
+                )
+                .await;
+            assert!(matches!(put, Err(StoreError::Conflict)), "{put:?}");
+        }
         store.close().await;
     })
     .await;
