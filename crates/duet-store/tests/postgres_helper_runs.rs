@@ -109,6 +109,13 @@ async fn replays_are_found_in_every_run() {
             let replay = put(&b, task_id, &late).await;
             assert!(matches!(replay, Err(StoreError::Conflict)), "{replay:?}");
         }
+        // Once `b` has loaded them too, the same replays are IDs its filter may hold.
+        b.warm_up().await.expect("load the new runs");
+        for ids in &stored[4..] {
+            let late = [ReportId::random(), ids[8]];
+            let replay = put(&b, task_id, &late).await;
+            assert!(matches!(replay, Err(StoreError::Conflict)), "{replay:?}");
+        }
         // An ID in the open run.
         let open = new_ids(3);
         put(&a, task_id, &open).await.expect("fresh IDs");
@@ -138,7 +145,73 @@ async fn replays_are_found_in_every_run() {
         put(&a, task_id, &everything)
             .await
             .expect("a deleted task's IDs are gone from every run");
+        // `b`'s filter still holds them, from before the deletion; now they are in a run
+        // closed after its last load, and found there.
+        let reopened = open_run(&url, 0).await;
+        put(&a, task_id, &new_ids(10)).await.expect("fresh IDs");
+        open_run(&url, reopened + 1).await;
+        let replay = put(&b, task_id, &stored[2][4..5]).await;
+        assert!(matches!(replay, Err(StoreError::Conflict)), "{replay:?}");
         for store in [a, b, c] {
+            store.close().await;
+        }
+    })
+    .await;
+}
+
+/// Closing a run waits for the writers of that run: while one has not committed, the run stays
+/// open, and a writer that comes after the close finds that writer's IDs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_run_waits_for_its_writers() {
+    with_fresh_database("closing_a_run_waits_for_its_writers", |url| async move {
+        let a = helper(&url, 10).await;
+        let b = helper(&url, 1_000_000).await;
+        let task_id = TaskId::random();
+        put(&b, task_id, &new_ids(1)).await.expect("fresh IDs");
+        let mut writer = PgConnection::connect(&url).await.expect("connect");
+        let key: i32 = sqlx::query_scalar("SELECT task_key FROM replay_tasks WHERE task_id = $1")
+            .bind(&task_id.0[..])
+            .fetch_one(&mut writer)
+            .await
+            .expect("task key");
+        // A writer of the open run, as a Helper job writes, not yet committed.
+        let held = ReportId::random();
+        for sql in [
+            "BEGIN",
+            "SELECT pg_advisory_xact_lock_shared(x'6475657452554e53'::int8)",
+        ] {
+            sqlx::query(sql).execute(&mut writer).await.expect(sql);
+        }
+        sqlx::query(
+            "INSERT INTO helper_report_ids (run, task_key, report_id) \
+             SELECT open_run, $1, $2 FROM helper_replay_state",
+        )
+        .bind(key)
+        .bind(&held.0[..])
+        .execute(&mut writer)
+        .await
+        .expect("insert");
+        // `a` fills the run and tries to close it: the close waits.
+        let run = open_run(&url, 1).await;
+        put(&a, task_id, &new_ids(10)).await.expect("fresh IDs");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(open_run(&url, 1).await, run, "closed under an open writer");
+        // `b`'s write queues behind the close; the writer commits; the run closes; `b` finds
+        // the writer's ID in the closed run.
+        let late = {
+            let b = b.clone();
+            tokio::spawn(async move { put(&b, task_id, &[ReportId::random(), held]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sqlx::query("COMMIT")
+            .execute(&mut writer)
+            .await
+            .expect("commit");
+        let replay = late.await.expect("writer");
+        assert!(matches!(replay, Err(StoreError::Conflict)), "{replay:?}");
+        assert_eq!(open_run(&url, run + 1).await, run + 1);
+        writer.close().await.expect("close");
+        for store in [a, b] {
             store.close().await;
         }
     })

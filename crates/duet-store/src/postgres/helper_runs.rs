@@ -21,6 +21,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
@@ -34,24 +35,51 @@ pub(super) const RUNS_LOCK: i64 = 0x6475_6574_5255_4e53; // "duetRUNS"
 /// filter, and those it wrote since), before the process closes it.
 pub(super) const RUN_IDS: i64 = 100_000;
 
+/// IDs read per statement while loading the filter.
+const LOAD_CHUNK: i64 = 65_536;
+
+/// How long after failed background work (a load or a close) the next may start.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// How long closing a run waits for the writers of the run: they, and the writers queued behind
+/// the close, wait as long. A close that times out is tried again later.
+const CLOSE_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '1s'";
+
 /// The Helper's filter over the closed runs, and when to close the open one.
 #[derive(Debug)]
 pub(super) struct HelperRuns {
     inner: Mutex<Inner>,
-    /// Whether a load or a close is running in the background.
+    /// Whether background work (loads and closes, one after another) is running.
     busy: AtomicBool,
-    /// IDs this process writes into a run before it closes it (a test setting).
+    /// IDs the open run may hold before this process closes it (a test setting).
     run_ids: AtomicI64,
+    /// Held by a load from start to end: a load that replaced the filter with one built from
+    /// fewer runs, while another raised `covered` past them, would let IDs skip their probes.
+    loading: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// IDs of runs `0..covered`, if loaded.
+    /// IDs of runs `0..covered` (and maybe more), once loaded.
     bloom: Option<BloomDebug>,
     covered: i32,
-    /// The open run this process last saw, and how many IDs it knows it holds.
+    /// The latest open run this process has seen, and how many IDs it knows it holds.
     open_run: i32,
     written: i64,
+    /// No background work before this, after a failure.
+    retry_at: Option<Instant>,
+}
+
+impl Inner {
+    /// Notes that run `open_run` is (or was) the open one: only a later run replaces the one
+    /// known, so that late news of writes into a closed run is ignored.
+    fn see(&mut self, open_run: i32) -> bool {
+        if open_run > self.open_run {
+            self.open_run = open_run;
+            self.written = 0;
+        }
+        open_run == self.open_run
+    }
 }
 
 /// [`Bloom`] in a `Debug` struct.
@@ -73,14 +101,40 @@ pub(super) struct Triage {
     pub(super) covered: i32,
 }
 
+/// Background work.
+enum Work {
+    Close(i32),
+    Load,
+}
+
+/// Clears the `busy` flag when the background task ends, even by a panic.
+struct Busy(Arc<HelperRuns>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Ordering::Release);
+    }
+}
+
 impl Default for HelperRuns {
     fn default() -> HelperRuns {
         HelperRuns {
             inner: Mutex::default(),
             busy: AtomicBool::new(false),
             run_ids: AtomicI64::new(RUN_IDS),
+            loading: tokio::sync::Mutex::new(()),
         }
     }
+}
+
+/// The time, for pacing retries and timing loads (not a timestamp anything stores).
+#[allow(clippy::disallowed_methods)] // Measures durations.
+fn now() -> Instant {
+    Instant::now()
+}
+
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::Database(e.to_string())
 }
 
 impl HelperRuns {
@@ -102,72 +156,107 @@ impl HelperRuns {
         }
     }
 
-    /// Sets how many IDs this process writes into a run before it closes it (tests).
+    /// Sets how many IDs the open run may hold before this process closes it (tests).
     pub(super) fn set_run_ids(&self, ids: i64) {
         self.run_ids.store(ids.max(1), Ordering::Relaxed);
     }
 
-    /// After a committed write of `ids` IDs into run `open_run`: loads the runs closed since the
-    /// filter was loaded, or closes the open run once this process has written enough into it,
-    /// in the background (one task at a time).
+    /// The background work due, if any.
+    fn pending(&self) -> Option<Work> {
+        let inner = self.inner();
+        if inner.retry_at.is_some_and(|at| now() < at) {
+            return None;
+        }
+        if inner.written >= self.run_ids.load(Ordering::Relaxed) {
+            Some(Work::Close(inner.open_run))
+        } else if inner.covered < inner.open_run {
+            Some(Work::Load)
+        } else {
+            None
+        }
+    }
+
+    /// After a committed write of `ids` IDs into run `open_run`: closes the open run once this
+    /// process knows it holds enough, and loads the runs closed since the filter was loaded, in
+    /// the background (one task at a time, which runs until nothing is due).
     pub(super) fn after_write(self: &Arc<Self>, pool: &PgPool, ids: usize, open_run: i32) {
-        let close = {
+        {
             let mut inner = self.inner();
-            if inner.open_run != open_run {
-                inner.open_run = open_run;
-                inner.written = 0;
+            if inner.see(open_run) {
+                inner.written = inner.written.saturating_add(ids as i64);
             }
-            inner.written = inner.written.saturating_add(ids as i64);
-            inner.written >= self.run_ids.load(Ordering::Relaxed)
-        };
-        let load = self.inner().covered < open_run;
-        if !(close || load) || self.busy.swap(true, Ordering::AcqRel) {
+        }
+        self.kick(pool);
+    }
+
+    /// Starts the background task if work is due and none runs.
+    fn kick(self: &Arc<Self>, pool: &PgPool) {
+        if self.pending().is_none() || self.busy.swap(true, Ordering::AcqRel) {
             return;
         }
-        let this = Arc::clone(self);
+        let busy = Busy(Arc::clone(self));
         let pool = pool.clone();
         tokio::spawn(async move {
-            let result = if close {
-                this.close(&pool, open_run).await
-            } else {
-                this.load(&pool).await
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "the Helper's replay runs: background work failed");
+            let this = Arc::clone(&busy.0);
+            while let Some(work) = this.pending() {
+                let result = match work {
+                    Work::Close(run) => this.close(&pool, run).await,
+                    Work::Load => this.load(&pool).await,
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "the Helper's replay runs: background work failed");
+                    this.inner().retry_at = Some(now() + RETRY_AFTER);
+                    break;
+                }
             }
-            this.busy.store(false, Ordering::Release);
+            drop(busy);
+            // Work that came due after the last look and before the flag cleared.
+            this.kick(&pool);
         });
     }
 
     /// Closes run `open_run` (if it is still the open one) by opening the next.
     async fn close(&self, pool: &PgPool, open_run: i32) -> Result<(), StoreError> {
-        let db = |e: sqlx::Error| StoreError::Database(e.to_string());
         let mut tx = pool.begin().await.map_err(db)?;
-        sqlx::query("-- helper_replay_runs\nSELECT pg_advisory_xact_lock($1)")
-            .bind(RUNS_LOCK)
+        for sql in [
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            CLOSE_LOCK_TIMEOUT,
+        ] {
+            sqlx::query(sql).execute(&mut *tx).await.map_err(db)?;
+        }
+        // Another process may have closed it already: then no need to stop the writers.
+        let current: i32 =
+            sqlx::query_scalar("-- helper_replay_runs\nSELECT open_run FROM helper_replay_state")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+        if current == open_run {
+            sqlx::query("-- helper_replay_runs\nSELECT pg_advisory_xact_lock($1)")
+                .bind(RUNS_LOCK)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            sqlx::query(
+                "-- helper_replay_runs\n\
+                 UPDATE helper_replay_state SET open_run = open_run + 1 WHERE open_run = $1",
+            )
+            .bind(open_run)
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        let closed = sqlx::query(
-            "-- helper_replay_runs\n\
-             UPDATE helper_replay_state SET open_run = open_run + 1 WHERE open_run = $1",
-        )
-        .bind(open_run)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?
-        .rows_affected();
-        tx.commit().await.map_err(db)?;
-        if closed > 0 {
-            tracing::debug!(run = open_run, "the Helper's replay run closed");
         }
+        tx.commit().await.map_err(db)?;
+        tracing::debug!(run = open_run, "the Helper's replay run closed");
+        self.inner().see(open_run + 1);
         Ok(())
     }
 
-    /// Loads the closed runs the filter lacks (rebuilding it, larger, when it would be
-    /// overfull), and counts the IDs in the open run.
+    /// Loads the closed runs the filter lacks, and counts the IDs in the open run. New IDs go
+    /// into the filter in use, a chunk at a time (a filter only gains IDs, and until `covered`
+    /// moves, writes probe those runs anyway); when it would be overfull, a larger one is built
+    /// from all the closed runs and replaces it.
     pub(super) async fn load(&self, pool: &PgPool) -> Result<(), StoreError> {
-        let db = |e: sqlx::Error| StoreError::Database(e.to_string());
+        let _one_at_a_time = self.loading.lock().await;
         // Runs below the open one read in a statement after this one are closed and complete.
         let open_run: i32 =
             sqlx::query_scalar("-- helper_replay_runs\nSELECT open_run FROM helper_replay_state")
@@ -181,70 +270,41 @@ impl HelperRuns {
         .fetch_one(pool)
         .await
         .map_err(db)?;
-        let loaded = {
+        let from = {
             let mut inner = self.inner();
-            if inner.open_run != open_run {
-                inner.open_run = open_run;
-                inner.written = 0;
+            if inner.see(open_run) {
+                inner.written = inner.written.max(in_open);
             }
-            inner.written = inner.written.max(in_open);
             if inner.covered >= open_run {
                 return Ok(());
             }
-            // A copy: writes go on using the filter while this loads.
-            inner
-                .bloom
-                .as_ref()
-                .map(|bloom| (inner.covered, bloom.0.clone()))
+            inner.bloom.is_some().then_some(inner.covered)
         };
-        let (from, mut bloom) = match loaded {
-            Some(loaded) => loaded,
-            None => {
-                // Sized from the table's estimated row count, so that a first load rarely has
-                // to start over larger.
-                let rows: f32 = sqlx::query_scalar(
-                    "-- helper_replay_runs\n\
-                     SELECT reltuples FROM pg_class WHERE oid = 'helper_report_ids'::regclass",
-                )
-                .fetch_one(pool)
-                .await
-                .map_err(db)?;
-                (
-                    0,
-                    Bloom::with_capacity((rows.max(0.0) as usize).saturating_mul(2)),
-                )
-            }
+        let started = now();
+        let mut read = 0;
+        let complete = match from {
+            Some(from) => self.add_runs(pool, from..open_run, &mut read, None).await?,
+            None => false,
         };
-        #[allow(clippy::disallowed_methods)] // Measures how long the load took, for its log line.
-        let started = std::time::Instant::now();
-        let mut runs = from..open_run;
-        let mut read = 0usize;
-        while let Some(run) = runs.next() {
-            let ids: Vec<Vec<u8>> = sqlx::query_scalar(
-                "-- helper_replay_runs\nSELECT report_id FROM helper_report_ids WHERE run = $1",
+        if !complete {
+            // A new filter, sized from the table's estimated row count (-1 if never counted) or
+            // twice what the last one held, from all the closed runs.
+            let rows: f32 = sqlx::query_scalar(
+                "-- helper_replay_runs\n\
+                 SELECT reltuples FROM pg_class WHERE oid = 'helper_report_ids'::regclass",
             )
-            .bind(run)
-            .fetch_all(pool)
+            .fetch_one(pool)
             .await
             .map_err(db)?;
-            read += ids.len();
-            for id in &ids {
-                let id: [u8; 16] = id[..]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("a stored report ID's length".into()))?;
-                bloom.insert(&id);
-            }
-            if bloom.overfull() {
-                // Start over with room for twice as many.
-                bloom = Bloom::with_capacity(bloom.len().saturating_mul(2));
-                runs = 0..open_run;
-            }
+            let held = self.inner().bloom.as_ref().map_or(0, |b| b.0.len());
+            let capacity = (rows.max(0.0) as usize).max(held).saturating_mul(2);
+            let mut bloom = Bloom::with_capacity(capacity);
+            self.add_runs(pool, 0..open_run, &mut read, Some(&mut bloom))
+                .await?;
+            self.inner().bloom = Some(BloomDebug(bloom));
         }
         let mut inner = self.inner();
-        if inner.covered < open_run {
-            inner.bloom = Some(BloomDebug(bloom));
-            inner.covered = open_run;
-        }
+        inner.covered = inner.covered.max(open_run);
         tracing::debug!(
             runs = open_run,
             ids = read,
@@ -252,5 +312,60 @@ impl HelperRuns {
             "the Helper's replay filter loaded"
         );
         Ok(())
+    }
+
+    /// Adds the IDs of `runs` to `into`, or to the filter in use if `None`. `false` if the filter
+    /// in use became overfull (the caller builds a larger one); `into` never refuses.
+    async fn add_runs(
+        &self,
+        pool: &PgPool,
+        runs: std::ops::Range<i32>,
+        read: &mut usize,
+        mut into: Option<&mut Bloom>,
+    ) -> Result<bool, StoreError> {
+        for run in runs {
+            let mut after: (i32, Vec<u8>) = (i32::MIN, Vec::new());
+            loop {
+                let rows: Vec<(i32, Vec<u8>)> = sqlx::query_as(
+                    "-- helper_replay_runs\n\
+                     SELECT task_key, report_id FROM helper_report_ids \
+                     WHERE run = $1 AND (task_key, report_id) > ($2, $3) \
+                     ORDER BY task_key, report_id LIMIT $4",
+                )
+                .bind(run)
+                .bind(after.0)
+                .bind(&after.1)
+                .bind(LOAD_CHUNK)
+                .fetch_all(pool)
+                .await
+                .map_err(db)?;
+                *read += rows.len();
+                let mut ids = Vec::with_capacity(rows.len());
+                for (_, id) in &rows {
+                    let id: [u8; 16] = id[..]
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("a stored report ID's length".into()))?;
+                    ids.push(id);
+                }
+                match into.as_deref_mut() {
+                    Some(bloom) => ids.iter().for_each(|id| bloom.insert(id)),
+                    None => {
+                        let mut inner = self.inner();
+                        let Some(bloom) = inner.bloom.as_mut() else {
+                            return Ok(false);
+                        };
+                        ids.iter().for_each(|id| bloom.0.insert(id));
+                        if bloom.0.overfull() {
+                            return Ok(false);
+                        }
+                    }
+                }
+                match rows.into_iter().last() {
+                    Some(last) if ids.len() as i64 == LOAD_CHUNK => after = last,
+                    _ => break,
+                }
+            }
+        }
+        Ok(true)
     }
 }
