@@ -131,8 +131,10 @@ async fn replays_are_found_in_every_run() {
             .map(|ids| ids[0])
             .chain([open[0], ReportId::random()])
             .collect();
-        let seen = c.seen_report_ids(&task_id, &probe).await.expect("seen");
-        assert_eq!(seen, probe[..probe.len() - 1].iter().copied().collect());
+        for store in [&b, &c] {
+            let seen = store.seen_report_ids(&task_id, &probe).await.expect("seen");
+            assert_eq!(seen, probe[..probe.len() - 1].iter().copied().collect());
+        }
 
         // No task row was stored: only the IDs go.
         c.delete_task(&task_id).await.expect("delete_task");

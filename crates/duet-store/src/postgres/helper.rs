@@ -55,22 +55,32 @@ pub(super) async fn seen_report_ids(
     }
     let ids: Vec<[u8; 16]> = ids.iter().map(|id| id.0).collect();
     let task_key = store.task_key(task_id).await?;
-    // One primary-key probe per ID. With `task_id = $1 AND report_id = ANY($2)` the planner may
-    // match only the task ID in the index and filter the task's every report ID through the
-    // array, when its statistics predate the task's growth (one job took up to 120 ms at
-    // 100,000 reports); a LATERAL subquery with a LIMIT is not flattened into a join, so each
-    // probe keeps both columns as its index condition.
+    // One primary-key probe per ID and run. With `task_id = $1 AND report_id = ANY($2)` the
+    // planner may match only the task ID in the index and filter the task's every report ID
+    // through the array, when its statistics predate the task's growth (one job took up to
+    // 120 ms at 100,000 reports); a LATERAL subquery with a LIMIT is not flattened into a join,
+    // so each probe keeps every column as its index condition. The IDs the filter lacks are
+    // looked for only in the runs it does not cover, up to the open one (see `helper_runs`).
+    let triage = store.helper_runs.triage(&ids);
     let rows = sqlx::query(
         "-- seen_report_ids\n\
+         WITH state AS (SELECT open_run FROM helper_replay_state) \
          SELECT u.id AS report_id FROM UNNEST($2::bytea[]) AS u(id) \
          CROSS JOIN LATERAL ( \
            SELECT 1 FROM helper_report_ids h \
-           WHERE h.run = ANY(ARRAY(SELECT generate_series(0, \
-               (SELECT open_run FROM helper_replay_state)))) \
+           WHERE h.run = ANY(ARRAY(SELECT generate_series(0, (SELECT open_run FROM state)))) \
+             AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen \
+         UNION ALL \
+         SELECT u.id FROM UNNEST($3::bytea[]) AS u(id) \
+         CROSS JOIN LATERAL ( \
+           SELECT 1 FROM helper_report_ids h \
+           WHERE h.run = ANY(ARRAY(SELECT generate_series($4, (SELECT open_run FROM state)))) \
              AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen",
     )
     .bind(task_key)
-    .bind(&ids)
+    .bind(&triage.maybe)
+    .bind(&triage.fresh)
+    .bind(triage.covered)
     .fetch_all(&store.pool)
     .await?;
     let mut seen = HashSet::with_capacity(rows.len());
