@@ -44,6 +44,42 @@ pub(super) async fn get_helper_aggregation_job(
     }))
 }
 
+/// `seen_report_ids`' statement: $1 the task key, $2 the IDs the filter may hold (probed in
+/// every run), $3 the others (probed from run $4 on).
+const SEEN_REPORT_IDS: &str = "-- seen_report_ids\n\
+     WITH state AS (SELECT open_run FROM helper_replay_state) \
+     SELECT u.id AS report_id FROM UNNEST($2::bytea[]) AS u(id) \
+     CROSS JOIN LATERAL ( \
+       SELECT 1 FROM helper_report_ids h \
+       WHERE h.run = ANY(ARRAY(SELECT generate_series(0, (SELECT open_run FROM state)))) \
+         AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen \
+     UNION ALL \
+     SELECT u.id FROM UNNEST($3::bytea[]) AS u(id) \
+     CROSS JOIN LATERAL ( \
+       SELECT 1 FROM helper_report_ids h \
+       WHERE h.run = ANY(ARRAY(SELECT generate_series($4, (SELECT open_run FROM state)))) \
+         AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen";
+
+/// `put_helper_aggregation_job`'s statement for the report IDs: inserts $2 into the open run
+/// for task key $1, and answers whether any of $3 (the IDs the filter may hold) is in a closed
+/// run, or any of $4 (the others) in a run from $5 on.
+const PUT_REPORT_IDS: &str = "-- put_helper_aggregation_job\n\
+     WITH state AS (SELECT open_run FROM helper_replay_state), \
+       ids AS (INSERT INTO helper_report_ids (run, task_key, report_id) \
+         SELECT state.open_run, $1, u.id FROM state, UNNEST($2::bytea[]) AS u(id)) \
+     SELECT (SELECT open_run FROM state) AS open_run, \
+       EXISTS (SELECT 1 FROM UNNEST($3::bytea[]) AS u(id) CROSS JOIN LATERAL ( \
+         SELECT 1 FROM helper_report_ids h \
+         WHERE h.run = ANY(ARRAY(SELECT generate_series(0, \
+             (SELECT open_run FROM state) - 1))) \
+           AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen) \
+       OR ($5 < (SELECT open_run FROM state) \
+         AND EXISTS (SELECT 1 FROM UNNEST($4::bytea[]) AS u(id) CROSS JOIN LATERAL ( \
+           SELECT 1 FROM helper_report_ids h \
+           WHERE h.run = ANY(ARRAY(SELECT generate_series($5, \
+               (SELECT open_run FROM state) - 1))) \
+             AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen)) AS replayed";
+
 /// One statement, whatever the number of IDs.
 pub(super) async fn seen_report_ids(
     store: &PostgresDatastore,
@@ -62,27 +98,13 @@ pub(super) async fn seen_report_ids(
     // so each probe keeps every column as its index condition. The IDs the filter lacks are
     // looked for only in the runs it does not cover, up to the open one (see `helper_runs`).
     let triage = store.helper_runs.triage(&ids);
-    let rows = sqlx::query(
-        "-- seen_report_ids\n\
-         WITH state AS (SELECT open_run FROM helper_replay_state) \
-         SELECT u.id AS report_id FROM UNNEST($2::bytea[]) AS u(id) \
-         CROSS JOIN LATERAL ( \
-           SELECT 1 FROM helper_report_ids h \
-           WHERE h.run = ANY(ARRAY(SELECT generate_series(0, (SELECT open_run FROM state)))) \
-             AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen \
-         UNION ALL \
-         SELECT u.id FROM UNNEST($3::bytea[]) AS u(id) \
-         CROSS JOIN LATERAL ( \
-           SELECT 1 FROM helper_report_ids h \
-           WHERE h.run = ANY(ARRAY(SELECT generate_series($4, (SELECT open_run FROM state)))) \
-             AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen",
-    )
-    .bind(task_key)
-    .bind(&triage.maybe)
-    .bind(&triage.fresh)
-    .bind(triage.covered)
-    .fetch_all(&store.pool)
-    .await?;
+    let rows = sqlx::query(SEEN_REPORT_IDS)
+        .bind(task_key)
+        .bind(&triage.maybe)
+        .bind(&triage.fresh)
+        .bind(triage.covered)
+        .fetch_all(&store.pool)
+        .await?;
     let mut seen = HashSet::with_capacity(rows.len());
     for row in &rows {
         seen.insert(ReportId(col_array(row, "report_id")?));
@@ -136,31 +158,14 @@ pub(super) async fn put_helper_aggregation_job(
             .execute(&mut *tx)
             .await?;
         let triage = store.helper_runs.triage(&ids);
-        let checked = sqlx::query(
-            "-- put_helper_aggregation_job\n\
-             WITH state AS (SELECT open_run FROM helper_replay_state), \
-               ids AS (INSERT INTO helper_report_ids (run, task_key, report_id) \
-                 SELECT state.open_run, $1, u.id FROM state, UNNEST($2::bytea[]) AS u(id)) \
-             SELECT (SELECT open_run FROM state) AS open_run, \
-               EXISTS (SELECT 1 FROM UNNEST($3::bytea[]) AS u(id) CROSS JOIN LATERAL ( \
-                 SELECT 1 FROM helper_report_ids h \
-                 WHERE h.run = ANY(ARRAY(SELECT generate_series(0, \
-                     (SELECT open_run FROM state) - 1))) \
-                   AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen) \
-               OR ($5 < (SELECT open_run FROM state) \
-                 AND EXISTS (SELECT 1 FROM UNNEST($4::bytea[]) AS u(id) CROSS JOIN LATERAL ( \
-                   SELECT 1 FROM helper_report_ids h \
-                   WHERE h.run = ANY(ARRAY(SELECT generate_series($5, \
-                       (SELECT open_run FROM state) - 1))) \
-                     AND h.task_key = $1 AND h.report_id = u.id LIMIT 1) AS seen)) AS replayed",
-        )
-        .bind(task_key)
-        .bind(&ids)
-        .bind(&triage.maybe)
-        .bind(&triage.fresh)
-        .bind(triage.covered)
-        .fetch_one(&mut *tx)
-        .await;
+        let checked = sqlx::query(PUT_REPORT_IDS)
+            .bind(task_key)
+            .bind(&ids)
+            .bind(&triage.maybe)
+            .bind(&triage.fresh)
+            .bind(triage.covered)
+            .fetch_one(&mut *tx)
+            .await;
         let replayed = match checked {
             Ok(row) => {
                 open_run = Some(col::<_, i32>(&row, "open_run")?);
@@ -306,4 +311,53 @@ pub(super) async fn collected_intervals(
     .iter()
     .map(|row| col_interval(row, "batch_start", "batch_duration"))
     .collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod plans {
+    use sqlx::{Connection, PgConnection, Row};
+
+    use super::*;
+    use crate::conformance::postgres::with_fresh_database;
+
+    /// The probes of the Helper's replay runs are index descents on the primary key, with the
+    /// run array as an index condition: not a scan of a run, or of the table.
+    #[tokio::test]
+    async fn report_id_probes_descend_the_primary_key() {
+        with_fresh_database("helper_probe_plans", |url| async move {
+            let store = PostgresDatastore::connect(&url).await.expect("connect");
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            let ids = vec![[1u8; 16], [2; 16]];
+            let statements = [(SEEN_REPORT_IDS, false), (PUT_REPORT_IDS, true)];
+            for (sql, put) in statements {
+                let explain = format!("EXPLAIN {sql}");
+                let mut query = sqlx::query(&explain).bind(1i32).bind(&ids).bind(&ids);
+                query = if put {
+                    query.bind(&ids).bind(0i32)
+                } else {
+                    query.bind(0i32)
+                };
+                let rows = query.fetch_all(&mut conn).await.expect("EXPLAIN");
+                let plan: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+                let probes: Vec<&String> = plan
+                    .iter()
+                    .filter(|line| line.contains("on helper_report_ids h"))
+                    .collect();
+                assert_eq!(probes.len(), 2, "{}", plan.join("\n"));
+                for (i, line) in plan.iter().enumerate() {
+                    if line.contains("on helper_report_ids h") {
+                        assert!(line.contains("Index"), "{}", plan.join("\n"));
+                        assert!(
+                            plan[i + 1].contains("Index Cond: ((run = ANY"),
+                            "{}",
+                            plan.join("\n")
+                        );
+                    }
+                }
+            }
+            conn.close().await.expect("close");
+            store.close().await;
+        })
+        .await;
+    }
 }
