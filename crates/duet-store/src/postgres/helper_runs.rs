@@ -287,8 +287,10 @@ impl HelperRuns {
             None => false,
         };
         if !complete {
-            // A new filter, sized from the table's estimated row count (-1 if never counted) or
-            // twice what the last one held, from all the closed runs.
+            // A new filter from all the closed runs, sized for twice the IDs the table holds:
+            // its row count as last estimated, or counted if it never was (`reltuples` is then
+            // -1), and at least twice what the last filter held. Should it still fill up (the
+            // estimate was old), it starts over twice as large.
             let rows: f32 = sqlx::query_scalar(
                 "-- helper_replay_runs\n\
                  SELECT reltuples FROM pg_class WHERE oid = 'helper_report_ids'::regclass",
@@ -296,12 +298,30 @@ impl HelperRuns {
             .fetch_one(pool)
             .await
             .map_err(db)?;
+            let rows = if rows >= 0.0 {
+                rows as usize
+            } else {
+                let counted: i64 = sqlx::query_scalar(
+                    "-- helper_replay_runs\nSELECT COUNT(*) FROM helper_report_ids",
+                )
+                .fetch_one(pool)
+                .await
+                .map_err(db)?;
+                usize::try_from(counted).unwrap_or(0)
+            };
             let held = self.inner().bloom.as_ref().map_or(0, |b| b.0.len());
-            let capacity = (rows.max(0.0) as usize).max(held).saturating_mul(2);
-            let mut bloom = Bloom::with_capacity(capacity);
-            self.add_runs(pool, 0..open_run, &mut read, Some(&mut bloom))
-                .await?;
-            self.inner().bloom = Some(BloomDebug(bloom));
+            let mut capacity = rows.max(held).saturating_mul(2);
+            loop {
+                let mut bloom = Bloom::with_capacity(capacity);
+                if self
+                    .add_runs(pool, 0..open_run, &mut read, Some(&mut bloom))
+                    .await?
+                {
+                    self.inner().bloom = Some(BloomDebug(bloom));
+                    break;
+                }
+                capacity = bloom.len().saturating_mul(2);
+            }
         }
         let mut inner = self.inner();
         inner.covered = inner.covered.max(open_run);
@@ -315,7 +335,7 @@ impl HelperRuns {
     }
 
     /// Adds the IDs of `runs` to `into`, or to the filter in use if `None`. `false` if the filter
-    /// in use became overfull (the caller builds a larger one); `into` never refuses.
+    /// became overfull (the caller builds a larger one).
     async fn add_runs(
         &self,
         pool: &PgPool,
@@ -348,7 +368,12 @@ impl HelperRuns {
                     ids.push(id);
                 }
                 match into.as_deref_mut() {
-                    Some(bloom) => ids.iter().for_each(|id| bloom.insert(id)),
+                    Some(bloom) => {
+                        ids.iter().for_each(|id| bloom.insert(id));
+                        if bloom.overfull() {
+                            return Ok(false);
+                        }
+                    }
                     None => {
                         let mut inner = self.inner();
                         let Some(bloom) = inner.bloom.as_mut() else {
