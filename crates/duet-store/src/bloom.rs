@@ -35,6 +35,12 @@ pub(crate) struct Bloom {
     capacity: usize,
 }
 
+impl std::fmt::Debug for Bloom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bloom({} of {} IDs)", self.len, self.capacity)
+    }
+}
+
 impl Bloom {
     /// An empty filter sized for `ids` IDs (at least [`MIN_CAPACITY`]).
     pub(crate) fn with_capacity(ids: usize) -> Bloom {

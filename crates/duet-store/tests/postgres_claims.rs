@@ -8,6 +8,7 @@ mod common;
 use common::{interval, next_wakeup, report, PRECISION, T0};
 use duet_messages::dap09::{ReportId, TaskId, Time};
 use duet_store::conformance::postgres::with_fresh_database;
+use duet_store::conformance::unaggregated;
 use duet_store::postgres::PostgresDatastore;
 use duet_store::{Datastore, NewReport, Wakeup};
 use sqlx::{Connection, PgConnection};
@@ -244,22 +245,7 @@ async fn unaggregated_reports_count_from_the_first_active_range() {
             let unclaimed: Vec<NewReport> = (0..2).map(|i| report(task_id, T0 + 30 + i)).collect();
             store.put_reports(&unclaimed).await.expect("put_reports");
 
-            let count = |start, duration| {
-                let store = store.clone();
-                async move {
-                    let within = interval(start, duration);
-                    let n = store
-                        .count_unaggregated_reports(&task_id, &within)
-                        .await
-                        .expect("count");
-                    let any = store
-                        .has_unaggregated_reports(&task_id, &within)
-                        .await
-                        .expect("has");
-                    assert_eq!(any, n > 0);
-                    n
-                }
-            };
+            let count = |start, duration| unaggregated(&store, task_id, start, duration);
             assert_eq!(
                 count(T0, PRECISION).await,
                 11,

@@ -28,8 +28,14 @@ async fn acquire(
         .collect()
 }
 
-/// The count of unaggregated reports, checked against `has_unaggregated_reports`.
-async fn unaggregated(store: &dyn Datastore, task_id: TaskId, start: u64, duration: u64) -> u64 {
+/// The count of unaggregated reports of `task_id` in `[start, start + duration)`, checked
+/// against `has_unaggregated_reports`.
+pub async fn unaggregated(
+    store: &dyn Datastore,
+    task_id: TaskId,
+    start: u64,
+    duration: u64,
+) -> u64 {
     let within = interval(start, duration);
     let count = store
         .count_unaggregated_reports(&task_id, &within)

@@ -27,7 +27,7 @@ pub use helper::{
 };
 pub use leader::{
     check_aggregation_jobs, check_jobs_across_uploads, check_leader_delete_task,
-    check_pipelined_uploads, check_put_reports,
+    check_pipelined_uploads, check_put_reports, unaggregated,
 };
 pub use tasks::{check_health, check_hpke_keypairs, check_settings, check_tasks};
 

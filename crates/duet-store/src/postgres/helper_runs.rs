@@ -61,7 +61,7 @@ pub(super) struct HelperRuns {
 #[derive(Debug, Default)]
 struct Inner {
     /// IDs of runs `0..covered` (and maybe more), once loaded.
-    bloom: Option<BloomDebug>,
+    bloom: Option<Bloom>,
     covered: i32,
     /// The latest open run this process has seen, and how many IDs it knows it holds.
     open_run: i32,
@@ -79,15 +79,6 @@ impl Inner {
             self.written = 0;
         }
         open_run == self.open_run
-    }
-}
-
-/// [`Bloom`] in a `Debug` struct.
-struct BloomDebug(Bloom);
-
-impl std::fmt::Debug for BloomDebug {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Bloom({} IDs)", self.0.len())
     }
 }
 
@@ -146,7 +137,7 @@ impl HelperRuns {
     pub(super) fn triage(&self, ids: &[[u8; 16]]) -> Triage {
         let inner = self.inner();
         let (maybe, fresh) = match &inner.bloom {
-            Some(bloom) => ids.iter().partition(|id| bloom.0.may_contain(id)),
+            Some(bloom) => ids.iter().partition(|id| bloom.may_contain(id)),
             None => (Vec::new(), ids.to_vec()),
         };
         Triage {
@@ -309,7 +300,7 @@ impl HelperRuns {
                 .map_err(db)?;
                 usize::try_from(counted).unwrap_or(0)
             };
-            let held = self.inner().bloom.as_ref().map_or(0, |b| b.0.len());
+            let held = self.inner().bloom.as_ref().map_or(0, |b| b.len());
             let mut capacity = rows.max(held).saturating_mul(2);
             loop {
                 let mut bloom = Bloom::with_capacity(capacity);
@@ -317,7 +308,7 @@ impl HelperRuns {
                     .add_runs(pool, 0..open_run, &mut read, Some(&mut bloom))
                     .await?
                 {
-                    self.inner().bloom = Some(BloomDebug(bloom));
+                    self.inner().bloom = Some(bloom);
                     break;
                 }
                 capacity = bloom.len().saturating_mul(2);
@@ -379,8 +370,8 @@ impl HelperRuns {
                         let Some(bloom) = inner.bloom.as_mut() else {
                             return Ok(false);
                         };
-                        ids.iter().for_each(|id| bloom.0.insert(id));
-                        if bloom.0.overfull() {
+                        ids.iter().for_each(|id| bloom.insert(id));
+                        if bloom.overfull() {
                             return Ok(false);
                         }
                     }

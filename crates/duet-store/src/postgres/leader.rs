@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use duet_messages::dap09::{AggregationJobId, Interval, ReportId, TaskId, Time};
+use duet_messages::dap09::{AggregationJobId, ReportId, TaskId, Time};
 use sqlx::PgConnection;
 
 use super::notify;
@@ -612,95 +612,11 @@ pub(super) async fn abandon_aggregation_job(
     .await
 }
 
-/// The task's unaggregated reports with a timestamp in `[$2, $3)`, in two parts: its queued
-/// reports (through `report_queue_order`, filtered by time: a queue holds the reports of its
-/// active jobs and what the next job creations will claim), and the ones its active jobs from
-/// before schema version 6 hold (through `aggregation_jobs_active`). `$1` is the task ID.
-///
-/// The queue is read from the start of the first active job's range, or from the claim cursor
-/// if that comes first: every report before both was in a job that has ended, and was deleted
-/// with it. The index entries of deleted reports stay until the queue is vacuumed; at thousands
-/// of reports a second that can be a million entries, which a scan from the task's first entry
-/// would walk (pruning their heap pages) on every check. Both bounds are computed once, before
-/// the scan, so that they are its index conditions whatever the statistics.
-macro_rules! queued_unaggregated {
-    () => {
-        "FROM report_queue \
-         WHERE task_key = (SELECT task_key FROM replay_tasks WHERE task_id = $1) \
-           AND upload_xid >= (SELECT LEAST(k.claimed_xid, ( \
-               SELECT a.from_xid FROM aggregation_jobs AS a \
-               WHERE a.task_id = $1 AND a.state = 'active' AND a.from_xid IS NOT NULL \
-               ORDER BY a.from_xid LIMIT 1)) \
-             FROM replay_tasks AS k WHERE k.task_id = $1) \
-           AND client_time >= $2 AND client_time < $3"
-    };
-}
-macro_rules! held_unaggregated {
-    () => {
-        "FROM aggregation_jobs AS j, UNNEST(j.client_times) AS t \
-         WHERE j.task_id = $1 AND j.state = 'active' AND t >= $2 AND t < $3"
-    };
-}
-
-/// Counts both parts (`queued_unaggregated!` and `held_unaggregated!`).
-const COUNT_UNAGGREGATED: &str = concat!(
-    "-- count_unaggregated_reports\n\
-     SELECT (SELECT COUNT(*) ",
-    queued_unaggregated!(),
-    ") + (SELECT COUNT(*) ",
-    held_unaggregated!(),
-    ") AS n"
-);
-
-/// Whether either part (`queued_unaggregated!` or `held_unaggregated!`) has a report.
-const HAS_UNAGGREGATED: &str = concat!(
-    "-- has_unaggregated_reports\n\
-     SELECT EXISTS (SELECT 1 ",
-    queued_unaggregated!(),
-    ") OR EXISTS (SELECT 1 ",
-    held_unaggregated!(),
-    ") AS found"
-);
-
-/// Runs one statement over the task's unaggregated reports in `interval`.
-async fn unaggregated_row(
-    store: &PostgresDatastore,
-    sql: &'static str,
-    task_id: &TaskId,
-    interval: &Interval,
-) -> Result<sqlx::postgres::PgRow, TxError> {
-    Ok(sqlx::query(sql)
-        .bind(&task_id.0[..])
-        .bind(clamp_i64(interval.start.0))
-        .bind(clamp_i64(interval.end().0))
-        .fetch_one(&store.pool)
-        .await?)
-}
-
-/// One statement: both parts (`queued_unaggregated!` and `held_unaggregated!`), counted.
-pub(super) async fn count_unaggregated_reports(
-    store: &PostgresDatastore,
-    task_id: &TaskId,
-    interval: &Interval,
-) -> Result<u64, TxError> {
-    let row = unaggregated_row(store, COUNT_UNAGGREGATED, task_id, interval).await?;
-    Ok(col_u64(&row, "n")?)
-}
-
-/// [`count_unaggregated_reports`]'s question, answered at the first such report.
-pub(super) async fn has_unaggregated_reports(
-    store: &PostgresDatastore,
-    task_id: &TaskId,
-    interval: &Interval,
-) -> Result<bool, TxError> {
-    let row = unaggregated_row(store, HAS_UNAGGREGATED, task_id, interval).await?;
-    Ok(col(&row, "found")?)
-}
-
 #[cfg(test)]
 mod plans {
     use sqlx::{Connection, Row};
 
+    use super::super::unaggregated::{COUNT_UNAGGREGATED, HAS_UNAGGREGATED};
     use super::*;
     use crate::conformance::postgres::with_fresh_database;
 
@@ -720,6 +636,14 @@ mod plans {
             .map(|row| row.get::<String, _>(0))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// The line after the plan's scan of `report_queue`: its conditions.
+    fn queue_scan_condition(plan: &str) -> &str {
+        plan.lines()
+            .skip_while(|line| !(line.contains("Scan") && line.contains("on report_queue")))
+            .nth(1)
+            .unwrap_or_default()
     }
 
     /// With statistics taken while the queue was empty and 20,000 reports queued since, a job's
@@ -769,12 +693,7 @@ mod plans {
                 explain(&mut conn, &end, &[&task_id.0, &job_id.0, &[1]], false).await,
             ];
             for plan in plans {
-                let on_queue = plan
-                    .split("\n")
-                    .skip_while(|line| !(line.contains("Scan") && line.contains("on report_queue")))
-                    .nth(1)
-                    .unwrap_or_default()
-                    .to_owned();
+                let on_queue = queue_scan_condition(&plan);
                 assert!(
                     on_queue.contains("Index Cond") && on_queue.contains("ROW(upload_xid"),
                     "{plan}"
@@ -791,16 +710,11 @@ mod plans {
                     .await
                     .expect("EXPLAIN");
                 let plan: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
-                let on_queue = plan
-                    .iter()
-                    .skip_while(|line| !(line.contains("Scan") && line.contains("on report_queue")))
-                    .nth(1)
-                    .cloned()
-                    .unwrap_or_default();
+                let plan = plan.join("\n");
+                let on_queue = queue_scan_condition(&plan);
                 assert!(
                     on_queue.contains("Index Cond") && on_queue.contains("upload_xid >="),
-                    "{}",
-                    plan.join("\n")
+                    "{plan}"
                 );
             }
             conn.close().await.expect("close");

@@ -23,6 +23,7 @@ mod helper_runs;
 mod leader;
 mod notify;
 mod tasks;
+mod unaggregated;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -499,7 +500,7 @@ impl Datastore for PostgresDatastore {
         interval: &Interval,
     ) -> Result<u64, StoreError> {
         self.run("count_unaggregated_reports", || {
-            leader::count_unaggregated_reports(self, task_id, interval)
+            unaggregated::count_unaggregated_reports(self, task_id, interval)
         })
         .await
     }
@@ -510,7 +511,7 @@ impl Datastore for PostgresDatastore {
         interval: &Interval,
     ) -> Result<bool, StoreError> {
         self.run("has_unaggregated_reports", || {
-            leader::has_unaggregated_reports(self, task_id, interval)
+            unaggregated::has_unaggregated_reports(self, task_id, interval)
         })
         .await
     }
