@@ -260,3 +260,185 @@ async fn unaggregated_reports_count_from_the_first_active_range() {
     )
     .await;
 }
+
+/// Moves every stored transaction ID 2⁴⁰ past the server's, as a restore into another server
+/// leaves them (`pg_dump` keeps the values; the new server numbers its own from far below).
+async fn as_if_restored_elsewhere(url: &str) {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    let shifted = |column: &str| format!("({column}::text::numeric + 1099511627776)::text::xid8");
+    for statement in [
+        format!(
+            "UPDATE replay_tasks SET claimed_xid = {}",
+            shifted("claimed_xid")
+        ),
+        format!(
+            "UPDATE aggregation_jobs SET from_xid = {}, to_xid = {} WHERE from_xid IS NOT NULL",
+            shifted("from_xid"),
+            shifted("to_xid")
+        ),
+        format!(
+            "UPDATE report_queue SET upload_xid = {}",
+            shifted("upload_xid")
+        ),
+    ] {
+        sqlx::query(&statement)
+            .execute(&mut conn)
+            .await
+            .expect("shift the transaction IDs");
+    }
+    conn.close().await.expect("close");
+}
+
+/// Every stored transaction ID, as text, in a fixed order.
+async fn stored_xids(url: &str) -> Vec<String> {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    let xids = sqlx::query_scalar(
+        "SELECT x FROM (SELECT 1 AS t, claimed_xid::text AS x, task_key::text AS k \
+           FROM replay_tasks \
+         UNION ALL SELECT 2, from_xid::text || '-' || to_xid::text, encode(job_id, 'hex') \
+           FROM aggregation_jobs \
+         UNION ALL SELECT 3, upload_xid::text, encode(report_id, 'hex') FROM report_queue) AS a \
+         ORDER BY t, k",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("stored transaction IDs");
+    conn.close().await.expect("close");
+    xids
+}
+
+/// A database restored into another server holds transaction IDs past that server's: its uploads
+/// would sort behind every claim cursor and its queue would wait for transactions that never
+/// end. Connecting renumbers the stored IDs in their order, so that an active job still reads its
+/// own reports (its range begins and ends inside upload batches), the queued reports are claimed
+/// after it, and new uploads after them, each once, and so are reports that a version without
+/// the renumbering accepted after the restore; a later connection changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restored_into_another_server_claims_every_report() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    with_fresh_database(
+        "a_database_restored_into_another_server_claims_every_report",
+        |url| async move {
+            let before = PostgresDatastore::connect(&url).await.expect("connect");
+            let task_id = TaskId::random();
+            let mut all: Vec<ReportId> = Vec::new();
+            let mut upload = |store: PostgresDatastore, start: u64, n: u64| {
+                let batch: Vec<NewReport> =
+                    (0..n).map(|i| report(task_id, T0 + start + i)).collect();
+                all.extend(batch.iter().map(|r| r.report_id));
+                async move { store.put_reports(&batch).await.expect("put_reports") }
+            };
+            // Five uploads of two reports, cut into jobs of 5: the first job ends; the second,
+            // active, begins and ends inside an upload and spans the one between.
+            for start in [0, 10, 20, 30, 40] {
+                upload(before.clone(), start, 2).await;
+            }
+            let now = Time(T0 + PRECISION);
+            assert_eq!(
+                before
+                    .create_aggregation_jobs(5, now)
+                    .await
+                    .expect("create"),
+                2
+            );
+            let jobs = before
+                .acquire_aggregation_jobs(now, 600, 10)
+                .await
+                .expect("acquire");
+            let first = jobs
+                .iter()
+                .find(|j| j.reports[0].time == Time(T0))
+                .expect("the first job");
+            let second = jobs
+                .iter()
+                .find(|j| j.reports[0].time == Time(T0 + 21))
+                .expect("the second job");
+            let keep_first = |a: &[u8], _: &[u8]| Ok(a.to_vec());
+            before
+                .finish_aggregation_job(first, &[], &keep_first)
+                .await
+                .expect("finish");
+            before
+                .release_aggregation_job(second, now)
+                .await
+                .expect("release");
+            // Two more uploads, not yet claimed, the first with client times before the
+            // cursor's (claim order is by upload transaction first).
+            upload(before.clone(), 5, 4).await;
+            upload(before.clone(), 50, 2).await;
+
+            as_if_restored_elsewhere(&url).await;
+            assert_eq!(
+                before
+                    .create_aggregation_jobs(5, now)
+                    .await
+                    .expect("create"),
+                0,
+                "without renumbering the queue waits"
+            );
+            // An upload served before renumbering (by a version without it) sorts behind the
+            // cursor, in no job's range.
+            upload(before.clone(), 55, 2).await;
+            assert_eq!(
+                before
+                    .create_aggregation_jobs(5, now)
+                    .await
+                    .expect("create"),
+                0
+            );
+            before.close().await;
+
+            let store = PostgresDatastore::connect(&url).await.expect("connect");
+            upload(store.clone(), 60, 2).await;
+            assert_eq!(
+                store.create_aggregation_jobs(5, now).await.expect("create"),
+                2,
+                "the queued reports, the stranded ones and the new uploads"
+            );
+            let renumbered = stored_xids(&url).await;
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            let past: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM replay_tasks WHERE claimed_xid >= x) \
+                   + (SELECT count(*) FROM aggregation_jobs WHERE to_xid >= x OR from_xid >= x) \
+                   + (SELECT count(*) FROM report_queue WHERE upload_xid >= x) \
+                 FROM (SELECT pg_snapshot_xmax(pg_current_snapshot()) AS x) AS s",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+            conn.close().await.expect("close");
+            assert_eq!(past, 0, "no ID past the server's, the ended job's included");
+            let again = PostgresDatastore::connect(&url).await.expect("connect");
+            again.close().await;
+            assert_eq!(stored_xids(&url).await, renumbered, "renumbered once");
+
+            let jobs = store
+                .acquire_aggregation_jobs(now, 600, 10)
+                .await
+                .expect("acquire");
+            let mut sizes: Vec<usize> = jobs.iter().map(|j| j.reports.len()).collect();
+            sizes.sort_unstable();
+            assert_eq!(sizes, vec![5, 5, 5]);
+            let mut claimed: Vec<ReportId> = jobs
+                .iter()
+                .flat_map(|j| j.reports.iter().map(|r| r.report_id))
+                .collect();
+            claimed.sort_unstable_by_key(|id| id.0);
+            let ended: Vec<ReportId> = first.reports.iter().map(|r| r.report_id).collect();
+            all.retain(|id| !ended.contains(id));
+            all.sort_unstable_by_key(|id| id.0);
+            assert_eq!(
+                claimed, all,
+                "every report not yet aggregated, in exactly one job"
+            );
+            let count = || unaggregated(&store, task_id, T0, PRECISION);
+            assert_eq!(count().await, 15);
+            for job in &jobs {
+                store.abandon_aggregation_job(job).await.expect("abandon");
+            }
+            assert_eq!(count().await, 0);
+            store.close().await;
+        },
+    )
+    .await;
+}

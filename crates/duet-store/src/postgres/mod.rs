@@ -22,6 +22,7 @@ mod helper;
 mod helper_runs;
 mod leader;
 mod notify;
+mod restored;
 mod tasks;
 mod unaggregated;
 
@@ -98,7 +99,8 @@ fn pool_options(connections: u32) -> PgPoolOptions {
 }
 
 impl PostgresDatastore {
-    /// Connects to a `postgres://` or `postgresql://` URL and runs the embedded migrations; the
+    /// Connects to a `postgres://` or `postgresql://` URL and runs the embedded migrations, then
+    /// renumbers stored transaction IDs that came from another server (see [`restored`]); the
     /// handle is bound to the Leader role. Several processes may connect to a new database at
     /// once: the migrator serializes them with an advisory lock.
     pub async fn connect(url: &str) -> Result<PostgresDatastore, StoreError> {
@@ -118,7 +120,7 @@ impl PostgresDatastore {
             pool.close().await;
             return Err(StoreError::Database(format!("migrations failed: {e}")));
         }
-        Ok(PostgresDatastore {
+        let store = PostgresDatastore {
             pool,
             unflushed,
             unflushed_server: server,
@@ -126,7 +128,12 @@ impl PostgresDatastore {
             wakeups: Arc::new(notify::Wakeups::new()),
             task_keys: Arc::default(),
             helper_runs: Arc::default(),
-        })
+        };
+        if let Err(e) = restored::renumber_if_restored(&store).await {
+            store.close().await;
+            return Err(e);
+        }
+        Ok(store)
     }
 
     /// A handle on the same pools bound to `role`.
