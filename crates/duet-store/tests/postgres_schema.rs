@@ -171,6 +171,20 @@ async fn version_1_data_survives_the_upgrade() {
         let job = queued_into_one_job(&store).await;
         let queued: Vec<_> = job.reports.iter().map(|r| r.report_id).collect();
         assert_eq!(queued, vec![rows[1].0.report_id, rows[0].0.report_id]);
+        // Uploaded once more, they are replays through a loaded filter too.
+        store.warm_up().await.expect("warm up");
+        store
+            .put_reports(&[rows[4].0.clone(), rows[2].0.clone()])
+            .await
+            .expect("put_reports");
+        assert_eq!(
+            store
+                .create_aggregation_jobs(10, Time(T0))
+                .await
+                .expect("create"),
+            0,
+            "no job of replays"
+        );
 
         let helper = store.with_role(AggregatorRole::Helper);
         let other = ReportId::random();

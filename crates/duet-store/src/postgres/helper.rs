@@ -8,7 +8,7 @@ use duet_messages::dap09::{
 use duet_messages::{Decode, Encode};
 use sqlx::postgres::PgRow;
 
-use super::helper_runs;
+use super::runs;
 use super::tasks::merge_batch_aggregations;
 use super::{
     col, col_array, col_interval, col_u64, is_unique_violation, to_i64, PostgresDatastore, TxError,
@@ -96,7 +96,7 @@ pub(super) async fn seen_report_ids(
     // through the array, when its statistics predate the task's growth (one job took up to
     // 120 ms at 100,000 reports); a LATERAL subquery with a LIMIT is not flattened into a join,
     // so each probe keeps every column as its index condition. The IDs the filter lacks are
-    // looked for only in the runs it does not cover, up to the open one (see `helper_runs`).
+    // looked for only in the runs it does not cover, up to the open one (see `runs`).
     let triage = store.helper_runs.triage(&ids);
     let rows = sqlx::query(SEEN_REPORT_IDS)
         .bind(task_key)
@@ -150,11 +150,11 @@ pub(super) async fn put_helper_aggregation_job(
         // Any report ID already stored (by another job, or twice in this one) is a replay that a
         // concurrent request got in first: the caller must recompute. The IDs go into the open
         // run with a plain insert, whose unique index finds one there with its own probe; the
-        // closed runs are probed for the IDs the filter cannot rule out (see `helper_runs`), and
+        // closed runs are probed for the IDs the filter cannot rule out (see `runs`), and
         // the others only if runs have closed since the filter was loaded.
         // The shared lock, taken first, keeps the open run from closing until this commits.
         sqlx::query("-- put_helper_aggregation_job\nSELECT pg_advisory_xact_lock_shared($1)")
-            .bind(helper_runs::RUNS_LOCK)
+            .bind(runs::HELPER.lock)
             .execute(&mut *tx)
             .await?;
         let triage = store.helper_runs.triage(&ids);

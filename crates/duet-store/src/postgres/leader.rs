@@ -8,7 +8,8 @@
 //! claims the next queued reports in claim order after the task's claim cursor (in
 //! `replay_tasks`), only those uploaded by transactions older than every transaction still
 //! running, so that no upload commits behind the cursor; it admits their IDs,
-//! in key order, to `claimed_report_ids` (replay protection, never updated), moves the cursor
+//! in key order, to `claimed_report_ids` (replay protection in runs, never updated; see
+//! [`job_creation`](super::job_creation) and [`runs`](super::runs)), moves the cursor
 //! past them and inserts the job row, which names them as a range of the claim order: of two
 //! uploads of one ID the first is claimed first, and the second is the replay, deleted from the
 //! queue. The job row is written once per job; when the job ends, its reports are deleted from
@@ -21,7 +22,6 @@
 //! rows. Reports inserted concurrently are simply left for the next pass.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use duet_messages::dap09::{AggregationJobId, ReportId, TaskId, Time};
 use sqlx::PgConnection;
@@ -29,8 +29,7 @@ use sqlx::PgConnection;
 use super::notify;
 use super::tasks::merge_batch_aggregations;
 use super::{
-    clamp_i64, col, col_array, col_u32, col_u64, is_unique_violation, lease_token, limit_i64,
-    to_i64, PostgresDatastore, TxError,
+    clamp_i64, col, col_array, col_u32, lease_token, limit_i64, to_i64, PostgresDatastore, TxError,
 };
 use crate::{
     AcquiredAggregationJob, BatchAggregation, JobReport, Lease, MergeFn, NewReport, StoreError,
@@ -105,221 +104,6 @@ macro_rules! in_range {
          AND (q.upload_xid, q.client_time, q.report_id) > (j.from_xid, j.from_time, j.from_id) \
          AND (q.upload_xid, q.client_time, q.report_id) <= (j.to_xid, j.to_time, j.to_id)"
     };
-}
-
-/// The reports the job of task `$1` (replay key `$5`) claims: up to `$2` reports in claim order
-/// (upload transaction, time, ID) after the task's claim cursor, read from the index in that
-/// order (`next` reads one more, to see whether later uploads are held back). Only reports
-/// uploaded by transactions older than every transaction still running are claimed (`horizon`),
-/// so no upload can commit behind the cursor later; in claim order they come before all others.
-/// None are claimed if another creator holds the task's job-creation lock (an advisory lock held
-/// until the statement's transaction ends, taken without waiting), and none if fewer than `$2`
-/// are claimable while later uploads are held back (`waiting`), unless `$6`: the caller waits for
-/// the horizon instead of creating a partial job. `moved` advances the cursor past the claimed
-/// reports, unless a concurrent creator moved it since this statement's snapshot; everything
-/// else the statement writes depends on `moved`. So a task's jobs are created one statement
-/// after another, each claiming the oldest uploads left, and of two uploads of one ID the first
-/// is claimed first: the second is the replay that job creation drops.
-macro_rules! claim {
-    () => {
-        "WITH cursor AS ( \
-           SELECT claimed_xid, claimed_time, claimed_id FROM replay_tasks \
-           WHERE task_key = $5 AND (SELECT pg_try_advisory_xact_lock(1685415284, $5))), \
-         horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin), \
-         next AS ( \
-           SELECT ctid AS pos, upload_xid, client_time, report_id FROM report_queue \
-           WHERE task_key = $5 AND (upload_xid, client_time, report_id) > ( \
-             (SELECT claimed_xid FROM cursor), (SELECT claimed_time FROM cursor), \
-             (SELECT claimed_id FROM cursor)) \
-           ORDER BY upload_xid, client_time, report_id LIMIT $2 + 1), \
-         picked AS ( \
-           SELECT * FROM next WHERE upload_xid < (SELECT xmin FROM horizon) \
-           ORDER BY upload_xid, client_time, report_id LIMIT $2), \
-         held AS ( \
-           SELECT EXISTS ( \
-             SELECT 1 FROM next WHERE upload_xid >= (SELECT xmin FROM horizon)) AS back), \
-         waiting AS ( \
-           SELECT EXISTS (SELECT 1 FROM cursor) AND (SELECT COUNT(*) FROM picked) < $2 \
-             AND back AND NOT $6 AS wait FROM held), \
-         moved AS ( \
-           UPDATE replay_tasks AS t SET claimed_xid = l.upload_xid, \
-             claimed_time = l.client_time, claimed_id = l.report_id \
-           FROM (SELECT upload_xid, client_time, report_id FROM picked \
-                 ORDER BY upload_xid DESC, client_time DESC, report_id DESC LIMIT 1) AS l, \
-             cursor AS c, waiting AS w \
-           WHERE t.task_key = $5 AND NOT w.wait AND t.claimed_xid = c.claimed_xid \
-             AND t.claimed_time = c.claimed_time AND t.claimed_id = c.claimed_id \
-           RETURNING c.claimed_xid AS from_xid, c.claimed_time AS from_time, \
-             c.claimed_id AS from_id, t.claimed_xid AS to_xid, t.claimed_time AS to_time, \
-             t.claimed_id AS to_id), "
-    };
-}
-
-/// The job `$3` (created at `$4`) holding the claimed reports in `$kept` (a CTE of `pos`
-/// values), and the statement's result: how many reports it claimed, how many jobs it created
-/// (0 or 1), whether it waited, and whether later uploads are held back.
-macro_rules! job_of {
-    ($kept:literal) => {
-        concat!(
-            "job AS ( \
-               INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, created_at, \
-                 retry_at, from_xid, from_time, from_id, to_xid, to_time, to_id) \
-               SELECT $1, $3, 'active', (SELECT COUNT(*) FROM ",
-            $kept,
-            "), $4, $4, from_xid, from_time, from_id, to_xid, to_time, to_id FROM moved \
-               WHERE EXISTS (SELECT 1 FROM ",
-            $kept,
-            ") RETURNING 1) \
-             SELECT (SELECT COUNT(*) FROM picked) * (SELECT COUNT(*) FROM moved) AS claimed, \
-               (SELECT COUNT(*) FROM job) AS jobs, (SELECT wait FROM waiting) AS waiting, \
-               (SELECT back FROM held) AS held_back"
-        )
-    };
-}
-
-/// Claims the reports of a job and admits their IDs, expecting no replay: a plain insert into
-/// `claimed_report_ids`, one unique-index probe per ID, which fails the statement on a replay.
-const CREATE_JOB: &str = concat!(
-    "-- create_aggregation_jobs\n",
-    claim!(),
-    "ids AS ( \
-       INSERT INTO claimed_report_ids (task_key, report_id, client_time) \
-       SELECT $5, report_id, client_time FROM picked WHERE EXISTS (SELECT 1 FROM moved) \
-       ORDER BY report_id), ",
-    job_of!("picked")
-);
-
-/// Claims the reports of a job and drops the replays among them from the queue: of an ID claimed
-/// more than once the first upload is kept, and an ID already in `claimed_report_ids` (claimed
-/// before, or by a concurrent creator that has committed since) is dropped.
-const CREATE_JOB_DROPPING_REPLAYS: &str = concat!(
-    "-- create_aggregation_jobs\n",
-    claim!(),
-    "once AS ( \
-       SELECT DISTINCT ON (report_id) pos, report_id, client_time FROM picked \
-       WHERE EXISTS (SELECT 1 FROM moved) ORDER BY report_id, upload_xid), \
-     fresh AS ( \
-       INSERT INTO claimed_report_ids (task_key, report_id, client_time) \
-       SELECT $5, report_id, client_time FROM once ORDER BY report_id \
-       ON CONFLICT DO NOTHING RETURNING report_id), \
-     kept AS (SELECT once.pos FROM once JOIN fresh USING (report_id)), \
-     dropped AS ( \
-       DELETE FROM report_queue WHERE ctid = ANY(ARRAY( \
-         SELECT pos FROM picked \
-         WHERE EXISTS (SELECT 1 FROM moved) AND pos NOT IN (SELECT pos FROM kept)))), ",
-    job_of!("kept")
-);
-
-/// The first wait for older transactions to end, when they hold back uploads a partial job
-/// would claim; each next wait is twice as long, up to `MAX_HORIZON_WAIT` in all.
-const FIRST_HORIZON_WAIT: Duration = Duration::from_millis(1);
-/// How long a job-creation pass waits, over all tasks, for held-back uploads before it creates
-/// partial jobs without them.
-const MAX_HORIZON_WAIT: Duration = Duration::from_secs(1);
-
-/// READ COMMITTED plus a per-task advisory lock, tried without waiting: a creator skips a task
-/// whose job another creator is creating. Each job is one statement and its own transaction: it
-/// claims up to `max_job_size` reports, admits their IDs to `claimed_report_ids` (in key order,
-/// so that consecutive inserts share the index's upper pages), moves the task's claim cursor
-/// past them and inserts the job row naming their range. Replays are rare, so a job's first
-/// attempt expects none; if one fails it with a unique violation, the job runs again, dropping
-/// replays. Uploads held back by an older running transaction are waited for (up to 1 s per
-/// pass) rather than left out of a partial job; if some are still held back at the end, a
-/// `ReportsStored` wake-up brings the creators back for them (with a warning if the wait ran
-/// out). The `AggregationJobsCreated` wake-up follows the last job.
-pub(super) async fn create_aggregation_jobs(
-    store: &PostgresDatastore,
-    max_job_size: usize,
-    now: Time,
-) -> Result<usize, TxError> {
-    if max_job_size == 0 {
-        return Ok(0);
-    }
-    let now = to_i64(now.0, "time")?;
-    let mut conn = store.pool.acquire().await?;
-    // The tasks that have unclaimed reports (every task with queued reports has a cursor:
-    // `put_reports` creates it): one index probe per task, at its claim cursor, past the reports
-    // of its active jobs and the index entries of deleted ones.
-    let task_rows = sqlx::query(
-        "-- create_aggregation_jobs\n\
-         SELECT k.task_id FROM replay_tasks AS k CROSS JOIN LATERAL ( \
-           SELECT 1 FROM report_queue AS q \
-           WHERE q.task_key = k.task_key AND (q.upload_xid, q.client_time, q.report_id) \
-             > (k.claimed_xid, k.claimed_time, k.claimed_id) \
-           ORDER BY q.upload_xid, q.client_time, q.report_id LIMIT 1) AS unclaimed",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut created = 0;
-    let mut held_back = false;
-    // One budget for the pass, whatever the number of tasks.
-    let mut waited = Duration::ZERO;
-    let mut wait = FIRST_HORIZON_WAIT;
-    // The limit plus one must fit a BIGINT (`next` reads one more).
-    let limit = limit_i64(max_job_size).min(i64::MAX - 1);
-    for task_row in task_rows {
-        let task_id: [u8; 32] = col_array(&task_row, "task_id")?;
-        let task_key = store.task_key(&TaskId(task_id)).await?;
-        loop {
-            let job_id = AggregationJobId::random();
-            let partial_ok = waited >= MAX_HORIZON_WAIT;
-            let job = |sql| {
-                sqlx::query(sql)
-                    .bind(&task_id[..])
-                    .bind(limit)
-                    .bind(&job_id.0[..])
-                    .bind(now)
-                    .bind(task_key)
-                    .bind(partial_ok)
-            };
-            let row = match job(CREATE_JOB).fetch_one(&mut *conn).await {
-                Err(e) if is_unique_violation(&e) => {
-                    job(CREATE_JOB_DROPPING_REPLAYS)
-                        .fetch_one(&mut *conn)
-                        .await?
-                }
-                row => row?,
-            };
-            if col_u64(&row, "jobs")? > 0 {
-                created += 1;
-            }
-            if col_u64(&row, "claimed")? >= max_job_size as u64 {
-                continue;
-            }
-            if col::<_, bool>(&row, "waiting")? {
-                tokio::time::sleep(wait).await;
-                waited += wait;
-                wait = (wait * 2).min(MAX_HORIZON_WAIT.saturating_sub(waited));
-                continue;
-            }
-            held_back |= col::<_, bool>(&row, "held_back")?;
-            break;
-        }
-    }
-    if created > 0 {
-        notify::notify(
-            &mut conn,
-            "-- create_aggregation_jobs\nSELECT pg_notify($1, $2)",
-            Wakeup::AggregationJobsCreated,
-        )
-        .await?;
-    }
-    if held_back {
-        if waited >= MAX_HORIZON_WAIT {
-            tracing::warn!(
-                "queued reports are held back from aggregation jobs by a transaction older than \
-                 their uploads that has run for more than a second (an idle transaction holding \
-                 a transaction ID, or a long one, anywhere on the database server)"
-            );
-        }
-        notify::notify(
-            &mut conn,
-            "-- create_aggregation_jobs\nSELECT pg_notify($1, $2)",
-            Wakeup::ReportsStored,
-        )
-        .await?;
-    }
-    Ok(created)
 }
 
 /// An aggregation job's key: task ID and job ID.

@@ -19,10 +19,11 @@
 mod collection;
 mod flush;
 mod helper;
-mod helper_runs;
+mod job_creation;
 mod leader;
 mod notify;
 mod restored;
+mod runs;
 mod tasks;
 mod unaggregated;
 
@@ -78,7 +79,9 @@ pub struct PostgresDatastore {
     /// The replay tables' keys of the tasks seen so far (`replay_tasks`; a key never changes).
     task_keys: Arc<Mutex<HashMap<TaskId, i32>>>,
     /// The Helper's filter over its closed replay runs.
-    helper_runs: Arc<helper_runs::HelperRuns>,
+    helper_runs: Arc<runs::Runs>,
+    /// The Leader's filter over its closed replay runs.
+    leader_runs: Arc<runs::Runs>,
 }
 
 /// Pool settings for up to `connections` connections, each pinged before use only after idling
@@ -127,7 +130,8 @@ impl PostgresDatastore {
             role: AggregatorRole::Leader,
             wakeups: Arc::new(notify::Wakeups::new()),
             task_keys: Arc::default(),
-            helper_runs: Arc::default(),
+            helper_runs: Arc::new(runs::Runs::new(&runs::HELPER)),
+            leader_runs: Arc::new(runs::Runs::new(&runs::LEADER)),
         };
         if let Err(e) = restored::renumber_if_restored(&store).await {
             store.close().await;
@@ -146,6 +150,7 @@ impl PostgresDatastore {
             wakeups: Arc::clone(&self.wakeups),
             task_keys: Arc::clone(&self.task_keys),
             helper_runs: Arc::clone(&self.helper_runs),
+            leader_runs: Arc::clone(&self.leader_runs),
         }
     }
 
@@ -154,6 +159,13 @@ impl PostgresDatastore {
     #[doc(hidden)]
     pub fn set_helper_run_ids(&self, ids: i64) {
         self.helper_runs.set_run_ids(ids);
+    }
+
+    /// How many report IDs this process writes into the Leader's open replay run before it
+    /// closes it (tests; the default is 100,000).
+    #[doc(hidden)]
+    pub fn set_leader_run_ids(&self, ids: i64) {
+        self.leader_runs.set_run_ids(ids);
     }
 
     /// The role this handle is bound to.
@@ -451,7 +463,7 @@ impl Datastore for PostgresDatastore {
         now: Time,
     ) -> Result<usize, StoreError> {
         self.run("create_aggregation_jobs", || {
-            leader::create_aggregation_jobs(self, max_job_size, now)
+            job_creation::create_aggregation_jobs(self, max_job_size, now)
         })
         .await
     }
@@ -689,10 +701,10 @@ impl Datastore for PostgresDatastore {
         )
     }
 
-    /// The Helper loads the filter over its closed replay runs.
+    /// Loads the role's filter over its closed replay runs.
     async fn warm_up(&self) -> Result<(), StoreError> {
         match self.role {
-            AggregatorRole::Leader => Ok(()),
+            AggregatorRole::Leader => self.leader_runs.load(&self.pool).await,
             AggregatorRole::Helper => self.helper_runs.load(&self.pool).await,
         }
     }

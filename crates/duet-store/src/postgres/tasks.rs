@@ -89,7 +89,9 @@ pub(super) async fn list_tasks(store: &PostgresDatastore) -> Result<Vec<Task>, T
 const DELETE_LEADER_TASK: &str = "-- delete_task\n\
      WITH key AS (SELECT task_key FROM replay_tasks WHERE task_id = $2), \
           ids_gone AS (DELETE FROM claimed_report_ids \
-            WHERE task_key = (SELECT task_key FROM key)), \
+            WHERE run = ANY(ARRAY(SELECT generate_series(0, \
+                (SELECT open_run FROM leader_replay_state)))) \
+              AND task_key = (SELECT task_key FROM key)), \
           queue_gone AS (DELETE FROM report_queue WHERE task_key = (SELECT task_key FROM key)), \
           queue_end AS (SELECT upload_xid, client_time, report_id FROM report_queue \
             WHERE task_key = (SELECT task_key FROM key) \

@@ -1,13 +1,17 @@
-//! The Helper's replay set in runs, and a filter in front of the closed ones, so that admitting a
-//! fresh report ID costs the same whatever the history.
+//! Replay sets in runs, and a filter in front of the closed ones, so that admitting a fresh report
+//! ID costs the same whatever the history. Both roles keep one: the Leader's IDs of claimed
+//! reports (`claimed_report_ids`, runs in `leader_replay_state`) and the Helper's IDs of
+//! aggregated ones (`helper_report_ids`, runs in `helper_replay_state`); a [`Kind`] names the
+//! tables.
 //!
-//! `helper_report_ids` is keyed by (run, task key, report ID). New IDs go into the open run
-//! (`helper_replay_state.open_run`), whose unique index catches two writers of one ID. A process
-//! closes the open run, by opening the next, once it knows it holds [`RUN_IDS`] IDs: those it
-//! counted there when it last loaded its filter and those it wrote since (with several processes
-//! writing, a run can grow to a few times that). A closed run never gains an ID. A unique B-tree over all of history would take each
-//! random ID at a random leaf among the history's, a descent and a dirtied page that grow with
-//! it; here the open run stays small, and the closed runs are only read.
+//! A replay table is keyed by (run, task key, report ID). New IDs go into the open run (the
+//! state table's `open_run`), whose unique index catches two writers of one ID. A process closes
+//! the open run, by opening the next, once it knows it holds [`RUN_IDS`] IDs: those it counted
+//! there when it last loaded its filter and those it wrote since (with several processes writing,
+//! a run can grow to a few times that). A closed run never gains an ID. A unique B-tree over all
+//! of history would take each random ID at a random leaf among the history's, a descent and a
+//! dirtied page that grow with it; here the open run stays small, and the closed runs are only
+//! read.
 //!
 //! An ID must also be in no closed run. Each process keeps a Bloom filter of the closed runs it
 //! has loaded (runs `0..covered`): an ID the filter lacks is probed only in the runs closed since
@@ -28,8 +32,69 @@ use sqlx::PgPool;
 use crate::bloom::Bloom;
 use crate::StoreError;
 
-/// The advisory lock between writers of the open run (shared) and its closing (exclusive).
-pub(super) const RUNS_LOCK: i64 = 0x6475_6574_5255_4e53; // "duetRUNS"
+/// One role's replay table in runs: its advisory lock and its statements.
+#[derive(Debug)]
+pub(super) struct Kind {
+    /// Whose IDs, for logs.
+    whose: &'static str,
+    /// The advisory lock between writers of the open run (shared) and its closing (exclusive).
+    pub(super) lock: i64,
+    open_run: &'static str,
+    count_open: &'static str,
+    close: &'static str,
+    rows: &'static str,
+    count: &'static str,
+    chunk: &'static str,
+}
+
+/// The statements of a [`Kind`] over replay table `$ids` with state table `$state`.
+macro_rules! kind {
+    ($whose:literal, $lock:expr, $ids:literal, $state:literal) => {
+        Kind {
+            whose: $whose,
+            lock: $lock,
+            open_run: concat!("-- replay_runs\nSELECT open_run FROM ", $state),
+            count_open: concat!(
+                "-- replay_runs\nSELECT COUNT(*) FROM ",
+                $ids,
+                " WHERE run = $1"
+            ),
+            close: concat!(
+                "-- replay_runs\nUPDATE ",
+                $state,
+                " SET open_run = open_run + 1 WHERE open_run = $1"
+            ),
+            rows: concat!(
+                "-- replay_runs\nSELECT reltuples FROM pg_class WHERE oid = '",
+                $ids,
+                "'::regclass"
+            ),
+            count: concat!("-- replay_runs\nSELECT COUNT(*) FROM ", $ids),
+            chunk: concat!(
+                "-- replay_runs\nSELECT task_key, report_id FROM ",
+                $ids,
+                " WHERE run = $1 AND (task_key, report_id) > ($2, $3) \
+                 ORDER BY task_key, report_id LIMIT $4"
+            ),
+        }
+    };
+}
+
+/// The Helper's IDs of aggregated reports.
+pub(super) static HELPER: Kind = kind!(
+    "helper",
+    0x6475_6574_5255_4e53, // "duetRUNS"
+    "helper_report_ids",
+    "helper_replay_state"
+);
+
+/// The Leader's IDs of claimed reports.
+pub(super) static LEADER: Kind = kind!(
+    "leader",
+    0x6475_6574_434c_4d53, // "duetCLMS"
+    "claimed_report_ids",
+    "leader_replay_state"
+);
 
 /// IDs the open run holds, as far as a process knows (those it found there when it loaded its
 /// filter, and those it wrote since), before the process closes it.
@@ -45,9 +110,10 @@ const RETRY_AFTER: Duration = Duration::from_secs(10);
 /// the close, wait as long. A close that times out is tried again later.
 const CLOSE_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '1s'";
 
-/// The Helper's filter over the closed runs, and when to close the open one.
+/// A role's filter over its closed runs, and when to close the open one.
 #[derive(Debug)]
-pub(super) struct HelperRuns {
+pub(super) struct Runs {
+    kind: &'static Kind,
     inner: Mutex<Inner>,
     /// Whether background work (loads and closes, one after another) is running.
     busy: AtomicBool,
@@ -99,7 +165,7 @@ enum Work {
 }
 
 /// Clears the `busy` flag when the background task ends, even by a panic.
-struct Busy(Arc<HelperRuns>);
+struct Busy(Arc<Runs>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
@@ -107,9 +173,10 @@ impl Drop for Busy {
     }
 }
 
-impl Default for HelperRuns {
-    fn default() -> HelperRuns {
-        HelperRuns {
+impl Runs {
+    pub(super) fn new(kind: &'static Kind) -> Runs {
+        Runs {
+            kind,
             inner: Mutex::default(),
             busy: AtomicBool::new(false),
             run_ids: AtomicI64::new(RUN_IDS),
@@ -128,7 +195,7 @@ fn db(e: sqlx::Error) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
-impl HelperRuns {
+impl Runs {
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -195,7 +262,11 @@ impl HelperRuns {
                     Work::Load => this.load(&pool).await,
                 };
                 if let Err(e) = result {
-                    tracing::warn!(error = %e, "the Helper's replay runs: background work failed");
+                    tracing::warn!(
+                        ids = this.kind.whose,
+                        error = %e,
+                        "replay runs: background work failed"
+                    );
                     this.inner().retry_at = Some(now() + RETRY_AFTER);
                     break;
                 }
@@ -216,28 +287,24 @@ impl HelperRuns {
             sqlx::query(sql).execute(&mut *tx).await.map_err(db)?;
         }
         // Another process may have closed it already: then no need to stop the writers.
-        let current: i32 =
-            sqlx::query_scalar("-- helper_replay_runs\nSELECT open_run FROM helper_replay_state")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?;
+        let current: i32 = sqlx::query_scalar(self.kind.open_run)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
         if current == open_run {
-            sqlx::query("-- helper_replay_runs\nSELECT pg_advisory_xact_lock($1)")
-                .bind(RUNS_LOCK)
+            sqlx::query("-- replay_runs\nSELECT pg_advisory_xact_lock($1)")
+                .bind(self.kind.lock)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
-            sqlx::query(
-                "-- helper_replay_runs\n\
-                 UPDATE helper_replay_state SET open_run = open_run + 1 WHERE open_run = $1",
-            )
-            .bind(open_run)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            sqlx::query(self.kind.close)
+                .bind(open_run)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
-        tracing::debug!(run = open_run, "the Helper's replay run closed");
+        tracing::debug!(ids = self.kind.whose, run = open_run, "replay run closed");
         self.inner().see(open_run + 1);
         Ok(())
     }
@@ -249,18 +316,15 @@ impl HelperRuns {
     pub(super) async fn load(&self, pool: &PgPool) -> Result<(), StoreError> {
         let _one_at_a_time = self.loading.lock().await;
         // Runs below the open one read in a statement after this one are closed and complete.
-        let open_run: i32 =
-            sqlx::query_scalar("-- helper_replay_runs\nSELECT open_run FROM helper_replay_state")
-                .fetch_one(pool)
-                .await
-                .map_err(db)?;
-        let in_open: i64 = sqlx::query_scalar(
-            "-- helper_replay_runs\nSELECT COUNT(*) FROM helper_report_ids WHERE run = $1",
-        )
-        .bind(open_run)
-        .fetch_one(pool)
-        .await
-        .map_err(db)?;
+        let open_run: i32 = sqlx::query_scalar(self.kind.open_run)
+            .fetch_one(pool)
+            .await
+            .map_err(db)?;
+        let in_open: i64 = sqlx::query_scalar(self.kind.count_open)
+            .bind(open_run)
+            .fetch_one(pool)
+            .await
+            .map_err(db)?;
         let from = {
             let mut inner = self.inner();
             if inner.see(open_run) {
@@ -282,22 +346,17 @@ impl HelperRuns {
             // its row count as last estimated, or counted if it never was (`reltuples` is then
             // -1), and at least twice what the last filter held. Should it still fill up (the
             // estimate was old), it starts over twice as large.
-            let rows: f32 = sqlx::query_scalar(
-                "-- helper_replay_runs\n\
-                 SELECT reltuples FROM pg_class WHERE oid = 'helper_report_ids'::regclass",
-            )
-            .fetch_one(pool)
-            .await
-            .map_err(db)?;
-            let rows = if rows >= 0.0 {
-                rows as usize
-            } else {
-                let counted: i64 = sqlx::query_scalar(
-                    "-- helper_replay_runs\nSELECT COUNT(*) FROM helper_report_ids",
-                )
+            let rows: f32 = sqlx::query_scalar(self.kind.rows)
                 .fetch_one(pool)
                 .await
                 .map_err(db)?;
+            let rows = if rows >= 0.0 {
+                rows as usize
+            } else {
+                let counted: i64 = sqlx::query_scalar(self.kind.count)
+                    .fetch_one(pool)
+                    .await
+                    .map_err(db)?;
                 usize::try_from(counted).unwrap_or(0)
             };
             let held = self.inner().bloom.as_ref().map_or(0, |b| b.len());
@@ -317,10 +376,11 @@ impl HelperRuns {
         let mut inner = self.inner();
         inner.covered = inner.covered.max(open_run);
         tracing::debug!(
+            ids = self.kind.whose,
             runs = open_run,
             ids = read,
             ms = started.elapsed().as_millis() as u64,
-            "the Helper's replay filter loaded"
+            "replay filter loaded"
         );
         Ok(())
     }
@@ -337,19 +397,14 @@ impl HelperRuns {
         for run in runs {
             let mut after: (i32, Vec<u8>) = (i32::MIN, Vec::new());
             loop {
-                let rows: Vec<(i32, Vec<u8>)> = sqlx::query_as(
-                    "-- helper_replay_runs\n\
-                     SELECT task_key, report_id FROM helper_report_ids \
-                     WHERE run = $1 AND (task_key, report_id) > ($2, $3) \
-                     ORDER BY task_key, report_id LIMIT $4",
-                )
-                .bind(run)
-                .bind(after.0)
-                .bind(&after.1)
-                .bind(LOAD_CHUNK)
-                .fetch_all(pool)
-                .await
-                .map_err(db)?;
+                let rows: Vec<(i32, Vec<u8>)> = sqlx::query_as(self.kind.chunk)
+                    .bind(run)
+                    .bind(after.0)
+                    .bind(&after.1)
+                    .bind(LOAD_CHUNK)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(db)?;
                 *read += rows.len();
                 let mut ids = Vec::with_capacity(rows.len());
                 for (_, id) in &rows {
