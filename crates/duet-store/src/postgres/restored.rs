@@ -22,15 +22,17 @@ use super::PostgresDatastore;
 use super::TxError;
 use crate::StoreError;
 
-/// Whether a stored transaction ID is at or past the server's next one. A task's cursor and its
-/// queue's last report are read by index; an active job's range never passes its task's cursor.
+/// Whether a stored transaction ID is at or past the server's next one. Each task's queue is
+/// read by index from that ID on: nothing is there on a server that assigned its IDs itself, and
+/// the scan does not pass the entries of ended jobs' reports, which vacuum may not have removed
+/// yet (an active job's range never passes its task's cursor).
 const RESTORED: &str = "-- restored\n\
-     SELECT COALESCE(GREATEST( \
-       (SELECT claimed_xid FROM replay_tasks ORDER BY claimed_xid DESC LIMIT 1), \
-       (SELECT last FROM (SELECT (SELECT q.upload_xid FROM report_queue AS q \
-           WHERE q.task_key = k.task_key ORDER BY q.upload_xid DESC LIMIT 1) AS last \
-         FROM replay_tasks AS k) AS l ORDER BY last DESC NULLS LAST LIMIT 1) \
-     ) >= pg_snapshot_xmax(pg_current_snapshot()), false)";
+     WITH next AS (SELECT pg_snapshot_xmax(pg_current_snapshot()) AS xid) \
+     SELECT EXISTS (SELECT 1 FROM replay_tasks WHERE claimed_xid >= (SELECT xid FROM next)) \
+       OR EXISTS (SELECT 1 FROM replay_tasks AS k CROSS JOIN LATERAL ( \
+         SELECT 1 FROM report_queue AS q \
+         WHERE q.task_key = k.task_key AND q.upload_xid >= (SELECT xid FROM next) \
+         ORDER BY q.upload_xid LIMIT 1) AS past)";
 
 /// The bounds of the claim order, ascending and distinct: every task's cursor and both ends of
 /// every active job's range.
@@ -78,7 +80,7 @@ enum Attempt {
 }
 
 /// Renumbers stored transaction IDs that came from another server (see the module's
-/// documentation); does nothing, after one read by index, when none did.
+/// documentation); does nothing, after one index probe per task, when none did.
 pub(super) async fn renumber_if_restored(store: &PostgresDatastore) -> Result<(), StoreError> {
     let restored: bool = sqlx::query_scalar(RESTORED)
         .fetch_one(&store.pool)
@@ -201,4 +203,39 @@ async fn use_transaction_ids(store: &PostgresDatastore, ids: u64) -> Result<(), 
             .map_err(|e| StoreError::Database(e.to_string()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod plans {
+    use sqlx::{Connection, PgConnection, Row};
+
+    use super::*;
+    use crate::conformance::postgres::with_fresh_database;
+
+    /// The check reads each task's queue from the server's next transaction ID on, by index.
+    #[tokio::test]
+    async fn the_check_reads_the_queue_from_the_next_id() {
+        with_fresh_database("restored_check_plan", |url| async move {
+            let store = PostgresDatastore::connect(&url).await.expect("connect");
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            let rows = sqlx::query(&format!("EXPLAIN {RESTORED}"))
+                .fetch_all(&mut conn)
+                .await
+                .expect("EXPLAIN");
+            let plan: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+            let scan = plan
+                .iter()
+                .position(|line| line.contains("on report_queue q"))
+                .unwrap_or_else(|| panic!("{}", plan.join("\n")));
+            assert!(plan[scan].contains("Index"), "{}", plan.join("\n"));
+            assert!(
+                plan[scan + 1].contains("Index Cond: ((task_key = k.task_key) AND (upload_xid >="),
+                "{}",
+                plan.join("\n")
+            );
+            conn.close().await.expect("close");
+            store.close().await;
+        })
+        .await;
+    }
 }
