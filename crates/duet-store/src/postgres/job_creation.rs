@@ -65,7 +65,7 @@ macro_rules! claim {
 /// The job `$3` (created at `$4`) holding the claimed reports in `$kept` (a CTE of `pos`
 /// values), and the statement's result: how many reports it claimed, how many jobs it created
 /// (0 or 1), whether it waited, whether later uploads are held back, the IDs it inserted into
-/// the open replay run (`$ids`, a CTE of `report_id` values) and that run.
+/// the open replay run (`$ids`, rows of `report_id` values) and that run.
 macro_rules! job_of {
     ($kept:literal, $ids:literal) => {
         concat!(
@@ -97,8 +97,8 @@ const CREATE_JOB: &str = concat!(
      ids AS ( \
        INSERT INTO claimed_report_ids (run, task_key, report_id, client_time) \
        SELECT (SELECT open_run FROM open), $5, report_id, client_time FROM picked \
-       WHERE EXISTS (SELECT 1 FROM moved) ORDER BY report_id RETURNING report_id), ",
-    job_of!("picked", "ids")
+       WHERE EXISTS (SELECT 1 FROM moved) ORDER BY report_id), ",
+    job_of!("picked", "picked WHERE EXISTS (SELECT 1 FROM moved)")
 );
 
 /// Claims the reports of a job and drops the replays among them from the queue: of an ID claimed
