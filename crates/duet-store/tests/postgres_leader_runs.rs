@@ -18,6 +18,10 @@ use sqlx::{Connection, PgConnection};
 
 const NOW: Time = Time(T0 + PRECISION);
 
+/// One of these tests holds a transaction open, which holds back job creation on the whole
+/// server (the horizon is the server's): they run one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A Leader's handle on its own pool, closing its open run after every `run_ids` IDs it claims.
 async fn leader(url: &str, run_ids: i64) -> PostgresDatastore {
     let store = PostgresDatastore::connect(url).await.expect("connect");
@@ -84,6 +88,7 @@ async fn assert_replay_dropped(store: &PostgresDatastore, task_id: TaskId, repla
 /// since); and deleting the task removes its IDs from every run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_are_dropped_whatever_run_holds_them() {
+    let _one = ONE_AT_A_TIME.lock().await;
     with_fresh_database(
         "replays_are_dropped_whatever_run_holds_them",
         |url| async move {
@@ -151,6 +156,7 @@ async fn replays_are_dropped_whatever_run_holds_them() {
 /// claimed, and no ID is stored twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_creators_claim_each_id_once_while_runs_close() {
+    let _one = ONE_AT_A_TIME.lock().await;
     with_fresh_database(
         "racing_creators_claim_each_id_once_while_runs_close",
         |url| async move {
@@ -202,13 +208,17 @@ async fn racing_creators_claim_each_id_once_while_runs_close() {
                         .expect("abandon");
                 }
             }
+            for task_id in tasks {
+                assert_eq!(
+                    unaggregated(&replicas[0], task_id, T0, PRECISION).await,
+                    0,
+                    "a report left in the queue"
+                );
+            }
             assert_eq!(claimed.len(), fresh, "every fresh ID claimed, no replay");
             claimed.sort_unstable_by_key(|id| id.0);
             claimed.dedup();
             assert_eq!(claimed.len(), fresh, "an ID claimed twice");
-            for task_id in tasks {
-                assert_eq!(unaggregated(&replicas[0], task_id, T0, PRECISION).await, 0);
-            }
             let mut conn = PgConnection::connect(&url).await.expect("connect");
             let (rows, distinct, runs): (i64, i64, i64) = sqlx::query_as(
                 "SELECT COUNT(*), COUNT(DISTINCT report_id), COUNT(DISTINCT run) \
@@ -233,6 +243,7 @@ async fn racing_creators_claim_each_id_once_while_runs_close() {
 /// that its IDs go into the run that is open when it commits; then it claims the reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_creation_waits_for_a_closing_run() {
+    let _one = ONE_AT_A_TIME.lock().await;
     with_fresh_database("job_creation_waits_for_a_closing_run", |url| async move {
         let a = leader(&url, 1_000_000).await;
         let task_id = TaskId::random();

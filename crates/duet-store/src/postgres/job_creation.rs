@@ -214,12 +214,15 @@ pub(super) async fn create_aggregation_jobs(
             let mut dropping = false;
             let mut replayed: Vec<[u8; 16]> = Vec::new();
             let row = loop {
-                let mut tx = store.begin().await?;
-                // Held to the commit: the open run does not close under this job (see `runs`).
-                sqlx::query("-- create_aggregation_jobs\nSELECT pg_advisory_xact_lock_shared($1)")
-                    .bind(runs::LEADER.lock)
-                    .execute(&mut *tx)
-                    .await?;
+                // The runs' lock shared, held to the commit: the open run does not close under
+                // this job (see `runs`). Taken in the message that begins the transaction, a
+                // round trip of its own before the claim's snapshot.
+                let begin = format!(
+                    "BEGIN ISOLATION LEVEL READ COMMITTED; \
+                     SELECT pg_advisory_xact_lock_shared({})",
+                    runs::LEADER.lock
+                );
+                let mut tx = sqlx::Connection::begin_with(&mut *conn, begin).await?;
                 let created = if dropping {
                     job(CREATE_JOB_DROPPING_REPLAYS)
                         .bind(replayed.clone())
