@@ -198,6 +198,67 @@ async fn deleting_a_task_strands_no_running_upload() {
     .await;
 }
 
+/// Deleting a task waits for a creator of the task's job that has claimed but not committed
+/// (it holds the task's job-creation lock), so that the job does not outlive its task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_task_waits_for_its_job_creator() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    with_fresh_database(
+        "deleting_a_task_waits_for_its_job_creator",
+        |url| async move {
+            let store = PostgresDatastore::connect(&url).await.expect("connect");
+            let task_id = TaskId::random();
+            store
+                .put_reports(&[report(task_id, T0)])
+                .await
+                .expect("put_reports");
+            // A creator of the task's job, between its claim and its commit.
+            let mut creator = begin(&url).await;
+            let locked: bool = sqlx::query_scalar(
+                "SELECT pg_try_advisory_xact_lock(1685415284, task_key) FROM replay_tasks \
+                 WHERE task_id = $1",
+            )
+            .bind(&task_id.0[..])
+            .fetch_one(&mut creator)
+            .await
+            .expect("the job-creation lock");
+            assert!(locked);
+            sqlx::query(
+                "INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, created_at, \
+                   retry_at) VALUES ($1, $2, 'active', 1, 0, 0)",
+            )
+            .bind(&task_id.0[..])
+            .bind(&[7u8; 16][..])
+            .execute(&mut creator)
+            .await
+            .expect("the job");
+            let deleting = {
+                let store = store.clone();
+                tokio::spawn(async move { store.delete_task(&task_id).await })
+            };
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            assert!(!deleting.is_finished(), "deleted under a job creator");
+            sqlx::query("COMMIT")
+                .execute(&mut creator)
+                .await
+                .expect("commit");
+            creator.close().await.expect("close");
+            deleting.await.expect("deleting").expect("delete_task");
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            let jobs: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM aggregation_jobs WHERE task_id = $1")
+                    .bind(&task_id.0[..])
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("count");
+            assert_eq!(jobs, 0, "the creator's job outlived its task");
+            conn.close().await.expect("close");
+            store.close().await;
+        },
+    )
+    .await;
+}
+
 /// Unaggregated reports are counted from the first active job's range (or the claim cursor):
 /// an active job between ended ones still counts, behind the cursor, from the first report of
 /// its range even when that shares its upload transaction with an ended job's last one; so do

@@ -20,11 +20,11 @@ use crate::{StoreError, Wakeup};
 /// uploaded by transactions older than every transaction still running are claimed (`horizon`),
 /// so no upload can commit behind the cursor later; in claim order they come before all others.
 /// None are claimed if another creator holds the task's job-creation lock (an advisory lock held
-/// until the statement's transaction ends, taken without waiting), and none if fewer than `$2`
+/// until the statement's transaction ends, taken without waiting; task deletion waits for it), and none if fewer than `$2`
 /// are claimable while later uploads are held back (`waiting`), unless `$6`: the caller waits for
 /// the horizon instead of creating a partial job. `moved` advances the cursor past the claimed
 /// reports, unless a concurrent creator moved it since this statement's snapshot; everything
-/// else the statement writes depends on `moved`. So a task's jobs are created one statement
+/// else the statement writes depends on `moved`. So a task's jobs are created one transaction
 /// after another, each claiming the oldest uploads left, and of two uploads of one ID the first
 /// is claimed first: the second is the replay that job creation drops.
 macro_rules! claim {
@@ -214,15 +214,18 @@ pub(super) async fn create_aggregation_jobs(
             let mut dropping = false;
             let mut replayed: Vec<[u8; 16]> = Vec::new();
             let row = loop {
+                let mut tx = sqlx::Connection::begin_with(
+                    &mut *conn,
+                    "BEGIN ISOLATION LEVEL READ COMMITTED",
+                )
+                .await?;
                 // The runs' lock shared, held to the commit: the open run does not close under
-                // this job (see `runs`). Taken in the message that begins the transaction, a
-                // round trip of its own before the claim's snapshot.
-                let begin = format!(
-                    "BEGIN ISOLATION LEVEL READ COMMITTED; \
-                     SELECT pg_advisory_xact_lock_shared({})",
-                    runs::LEADER.lock
-                );
-                let mut tx = sqlx::Connection::begin_with(&mut *conn, begin).await?;
+                // this job (see `runs`). A statement of its own, before the claim's snapshot,
+                // inside the transaction (a failed or cancelled wait then rolls back with it).
+                sqlx::query("-- create_aggregation_jobs\nSELECT pg_advisory_xact_lock_shared($1)")
+                    .bind(runs::LEADER.lock)
+                    .execute(&mut *tx)
+                    .await?;
                 let created = if dropping {
                     job(CREATE_JOB_DROPPING_REPLAYS)
                         .bind(replayed.clone())
@@ -316,7 +319,7 @@ async fn in_closed_runs(
         })
         .collect::<Result<_, _>>()?;
     let triage = store.leader_runs.triage(&ids);
-    if triage.maybe.is_empty() && triage.covered >= open_run {
+    if ids.is_empty() || (triage.maybe.is_empty() && triage.covered >= open_run) {
         return Ok(Vec::new());
     }
     let rows = sqlx::query(CLOSED_RUNS)

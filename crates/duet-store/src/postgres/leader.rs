@@ -16,10 +16,12 @@
 //! the queue in the statement that ends its lease (a delete writes no new row version and no
 //! index entry). Jobs created before schema version 6 carry their reports as arrays instead.
 //!
-//! Replicas share the work through locks that never wait: job creation takes a task's queue
-//! for one job at a time with an advisory lock it only tries, and acquisition claims runnable
-//! jobs with `FOR UPDATE SKIP LOCKED`, so two replicas running either at once take disjoint
-//! rows. Reports inserted concurrently are simply left for the next pass.
+//! Replicas share the work through locks that do not wait for each other's work: job creation
+//! takes a task's queue for one job at a time with an advisory lock it only tries, and
+//! acquisition claims runnable jobs with `FOR UPDATE SKIP LOCKED`, so two replicas running
+//! either at once take disjoint rows. Reports inserted concurrently are simply left for the next
+//! pass. (Job creation waits only while a replay run is being closed, and task deletion for the
+//! task's job creators.)
 
 use std::collections::{HashMap, HashSet};
 

@@ -4,7 +4,8 @@
 //! Every write runs at READ COMMITTED and gets its safety from row locks and unique keys rather
 //! than from a stricter isolation level: leases are taken with `SELECT … FOR UPDATE SKIP LOCKED`
 //! (so replicas never wait on each other's candidates and never take the same row), job creation
-//! takes a task's queue under an advisory lock it only tries, inserts that may race use
+//! takes a task's queue under an advisory lock it only tries (task deletion waits for it), the
+//! replay runs are closed under an advisory lock that their writers hold shared, inserts that may race use
 //! `ON CONFLICT DO NOTHING` and look at what they got, and read-modify-write of batch
 //! aggregations locks the rows it merges into (`FOR UPDATE`). Each method states its level
 //! and locks; reads are single statements, each on one snapshot. A transaction that fails with a

@@ -4,7 +4,8 @@
 //! (`report_queue.upload_xid`), and the claim cursors (`replay_tasks.claimed_xid`) and the jobs'
 //! ranges (`aggregation_jobs.from_xid`, `to_xid`) hold such IDs. They compare only within the
 //! server that assigned them. A database dumped with `pg_dump` and restored into another server
-//! (or copied to one by logical replication) keeps the values, but that server numbers its own
+//! (or copied to one by logical replication, stopped before Duet first connects to the copy)
+//! keeps the values, but that server numbers its own
 //! transactions from where it stands, often far below them. Its uploads would sort behind every
 //! cursor and never be claimed, and the stored reports would wait for older transactions to end
 //! (`pg_snapshot_xmin`) until the new server had counted past them.
@@ -16,7 +17,10 @@
 //! between theirs, so that every comparison of a report with a bound keeps its result. All the new
 //! numbers lie below the renumbering transaction's own ID, so every later upload sorts after them.
 //! Reports that an older version accepted after the restore, which sort behind their cursor in
-//! no active job's range, move after every bound, to be claimed.
+//! no active job's range, move after every bound, to be claimed (one that fell inside an active
+//! job's range stays there, unchecked for replays: an older version must not serve a restored
+//! database). Two uploads of one ID between the same two bounds get one number, so which of
+//! them is kept as the first is decided by their times and not their upload order.
 
 use super::PostgresDatastore;
 use super::TxError;

@@ -117,7 +117,8 @@ const DELETE_HELPER_TASK: &str = "-- delete_task\n\
           aggregations_gone AS (DELETE FROM batch_aggregations WHERE role = $1 AND task_id = $2) \
      DELETE FROM tasks WHERE role = $1 AND task_id = $2";
 
-/// One statement (atomic on its own), READ COMMITTED.
+/// One statement, READ COMMITTED, in a transaction that on the Leader first waits for the
+/// task's job creators (its job-creation lock, taken blocking).
 pub(super) async fn delete_task(
     store: &PostgresDatastore,
     task_id: &TaskId,
@@ -126,12 +127,27 @@ pub(super) async fn delete_task(
         AggregatorRole::Leader => DELETE_LEADER_TASK,
         AggregatorRole::Helper => DELETE_HELPER_TASK,
     };
+    let mut tx = store.begin().await?;
+    if store.role == AggregatorRole::Leader {
+        // Waits for a job creator of the task (which holds this lock from its claim to its
+        // commit) and keeps the next ones out: a job committed after the deletion's snapshot
+        // would outlive its task.
+        sqlx::query(
+            "-- delete_task\n\
+             SELECT pg_advisory_xact_lock(1685415284, task_key) FROM replay_tasks \
+             WHERE task_id = $1",
+        )
+        .bind(&task_id.0[..])
+        .execute(&mut *tx)
+        .await?;
+    }
     let deleted = sqlx::query(sql)
         .bind(store.role_str())
         .bind(&task_id.0[..])
-        .execute(&store.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+    tx.commit().await?;
     Ok(deleted > 0)
 }
 
