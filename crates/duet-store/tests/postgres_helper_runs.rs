@@ -4,6 +4,8 @@
 //!
 //! Like `postgres.rs`, these tests need `DATABASE_URL` and pass with a note without it.
 
+mod common;
+
 use std::time::Duration;
 
 use duet_core::AggregatorRole;
@@ -43,19 +45,7 @@ async fn helper(url: &str, run_ids: i64) -> PostgresDatastore {
 
 /// The open run, once it is at least `at_least` (runs close in the background).
 async fn open_run(url: &str, at_least: i32) -> i32 {
-    let mut conn = PgConnection::connect(url).await.expect("connect");
-    for _ in 0..200 {
-        let open: i32 = sqlx::query_scalar("SELECT open_run FROM helper_replay_state")
-            .fetch_one(&mut conn)
-            .await
-            .expect("open run");
-        if open >= at_least {
-            conn.close().await.expect("close");
-            return open;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("run {at_least} did not open");
+    common::open_run(url, "helper_replay_state", at_least).await
 }
 
 /// Stores a job of `ids`; `Conflict` if any was stored before.

@@ -31,19 +31,7 @@ async fn leader(url: &str, run_ids: i64) -> PostgresDatastore {
 
 /// The open run, once it is at least `at_least` (runs close in the background).
 async fn open_run(url: &str, at_least: i32) -> i32 {
-    let mut conn = PgConnection::connect(url).await.expect("connect");
-    for _ in 0..200 {
-        let open: i32 = sqlx::query_scalar("SELECT open_run FROM leader_replay_state")
-            .fetch_one(&mut conn)
-            .await
-            .expect("open run");
-        if open >= at_least {
-            conn.close().await.expect("close");
-            return open;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("run {at_least} did not open");
+    common::open_run(url, "leader_replay_state", at_least).await
 }
 
 /// A new upload of `id`.

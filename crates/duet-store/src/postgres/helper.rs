@@ -315,8 +315,9 @@ pub(super) async fn collected_intervals(
 
 #[cfg(test)]
 mod plans {
-    use sqlx::{Connection, PgConnection, Row};
+    use sqlx::{Connection, PgConnection};
 
+    use super::super::plan_checks;
     use super::*;
     use crate::conformance::postgres::with_fresh_database;
 
@@ -338,22 +339,13 @@ mod plans {
                     query.bind(0i32)
                 };
                 let rows = query.fetch_all(&mut conn).await.expect("EXPLAIN");
-                let plan: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
-                let probes: Vec<&String> = plan
-                    .iter()
-                    .filter(|line| line.contains("on helper_report_ids h"))
-                    .collect();
-                assert_eq!(probes.len(), 2, "{}", plan.join("\n"));
-                for (i, line) in plan.iter().enumerate() {
-                    if line.contains("on helper_report_ids h") {
-                        assert!(line.contains("Index"), "{}", plan.join("\n"));
-                        assert!(
-                            plan[i + 1].contains("Index Cond: ((run = ANY"),
-                            "{}",
-                            plan.join("\n")
-                        );
-                    }
-                }
+                let plan = plan_checks::lines(&rows);
+                plan_checks::assert_index_scans(
+                    &plan,
+                    "on helper_report_ids h",
+                    2,
+                    "Index Cond: ((run = ANY",
+                );
             }
             conn.close().await.expect("close");
             store.close().await;

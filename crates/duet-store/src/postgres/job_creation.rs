@@ -337,8 +337,9 @@ async fn in_closed_runs(
 
 #[cfg(test)]
 mod plans {
-    use sqlx::{Connection, PgConnection, Row};
+    use sqlx::{Connection, PgConnection};
 
+    use super::super::plan_checks;
     use super::*;
     use crate::conformance::postgres::with_fresh_database;
 
@@ -359,19 +360,12 @@ mod plans {
                 .fetch_all(&mut conn)
                 .await
                 .expect("EXPLAIN");
-            let plan: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
-            let probes: Vec<usize> = (0..plan.len())
-                .filter(|&i| plan[i].contains("on claimed_report_ids c"))
-                .collect();
-            assert_eq!(probes.len(), 2, "{}", plan.join("\n"));
-            for i in probes {
-                assert!(plan[i].contains("Index"), "{}", plan.join("\n"));
-                assert!(
-                    plan[i + 1].contains("Index Cond: ((run = ANY"),
-                    "{}",
-                    plan.join("\n")
-                );
-            }
+            plan_checks::assert_index_scans(
+                &plan_checks::lines(&rows),
+                "on claimed_report_ids c",
+                2,
+                "Index Cond: ((run = ANY",
+            );
             conn.close().await.expect("close");
             store.close().await;
         })

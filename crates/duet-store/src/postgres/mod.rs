@@ -14,8 +14,11 @@
 //!
 //! The schema is in `migrations/postgres/`; the module split follows the SQLite backend's:
 //! [`tasks`] (tasks, keys, batch aggregations), [`leader`] (reports and aggregation jobs),
-//! [`collection`] (collection jobs), [`helper`] (Helper jobs and aggregate shares);
-//! [`notify`] wakes other replicas' background jobs with `LISTEN`/`NOTIFY`.
+//! [`job_creation`] (the Leader's job creation), [`unaggregated`] (the check for unaggregated
+//! reports), [`collection`] (collection jobs), [`helper`] (Helper jobs and aggregate shares),
+//! [`runs`] (both roles' replay IDs in runs); [`notify`] wakes other replicas' background jobs
+//! with `LISTEN`/`NOTIFY`, [`flush`] holds the connection for large upload batches, and
+//! [`restored`] renumbers transaction IDs that came from another server.
 
 mod collection;
 mod flush;
@@ -728,3 +731,30 @@ const SETTINGS: [&str; 9] = [
     "checkpoint_timeout",
     "wal_compression",
 ];
+
+/// What the plan tests of the submodules read in a plan.
+#[cfg(test)]
+mod plan_checks {
+    use sqlx::postgres::PgRow;
+    use sqlx::Row;
+
+    /// The lines of an `EXPLAIN`.
+    pub(super) fn lines(rows: &[PgRow]) -> Vec<String> {
+        rows.iter().map(|row| row.get(0)).collect()
+    }
+
+    /// Asserts that `plan` scans `on` (say `on report_queue q`) `scans` times, each time by
+    /// index with a condition that starts with `condition`.
+    pub(super) fn assert_index_scans(plan: &[String], on: &str, scans: usize, condition: &str) {
+        let whole = plan.join("\n");
+        let found: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].contains(on)).collect();
+        assert_eq!(found.len(), scans, "{whole}");
+        for i in found {
+            assert!(plan[i].contains("Index"), "{whole}");
+            assert!(
+                plan.get(i + 1).is_some_and(|next| next.contains(condition)),
+                "{whole}"
+            );
+        }
+    }
+}

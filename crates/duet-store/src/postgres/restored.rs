@@ -211,8 +211,9 @@ async fn use_transaction_ids(store: &PostgresDatastore, ids: u64) -> Result<(), 
 
 #[cfg(test)]
 mod plans {
-    use sqlx::{Connection, PgConnection, Row};
+    use sqlx::{Connection, PgConnection};
 
+    use super::super::plan_checks;
     use super::*;
     use crate::conformance::postgres::with_fresh_database;
 
@@ -226,16 +227,11 @@ mod plans {
                 .fetch_all(&mut conn)
                 .await
                 .expect("EXPLAIN");
-            let plan: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
-            let scan = plan
-                .iter()
-                .position(|line| line.contains("on report_queue q"))
-                .unwrap_or_else(|| panic!("{}", plan.join("\n")));
-            assert!(plan[scan].contains("Index"), "{}", plan.join("\n"));
-            assert!(
-                plan[scan + 1].contains("Index Cond: ((task_key = k.task_key) AND (upload_xid >="),
-                "{}",
-                plan.join("\n")
+            plan_checks::assert_index_scans(
+                &plan_checks::lines(&rows),
+                "on report_queue q",
+                1,
+                "Index Cond: ((task_key = k.task_key) AND (upload_xid >=",
             );
             conn.close().await.expect("close");
             store.close().await;

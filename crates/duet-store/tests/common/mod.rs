@@ -34,3 +34,22 @@ pub async fn next_wakeup(rx: &mut tokio::sync::broadcast::Receiver<Wakeup>) -> W
         .expect("a wake-up within 2 s")
         .expect("the wake-up channel is open")
 }
+
+/// The open run in replay state table `state` (`helper_replay_state` or `leader_replay_state`),
+/// once it is at least `at_least` (runs close in the background).
+pub async fn open_run(url: &str, state: &str, at_least: i32) -> i32 {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    for _ in 0..200 {
+        let open: i32 = sqlx::query_scalar(&format!("SELECT open_run FROM {state}"))
+            .fetch_one(&mut conn)
+            .await
+            .expect("open run");
+        if open >= at_least {
+            conn.close().await.expect("close");
+            return open;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("run {at_least} did not open");
+}
