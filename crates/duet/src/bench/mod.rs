@@ -55,6 +55,15 @@ pub enum BenchVdaf {
     Sumvec,
 }
 
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "SQLite",
+            Self::Postgres => "PostgreSQL",
+        }
+    }
+}
+
 impl BenchVdaf {
     fn instance(self) -> VdafInstance {
         match self {
@@ -406,14 +415,16 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
         for &vdaf in &args.vdaf {
             if !args.json {
                 eprintln!(
-                    "running {vdaf:?} on {backend:?} with {} reports…",
+                    "running {} on {} with {} reports…",
+                    vdaf.name(),
+                    backend.name(),
                     args.reports
                 );
             }
             runs.push(
                 run_one(&args, backend, vdaf)
                     .await
-                    .with_context(|| format!("{vdaf:?} on {backend:?}"))?,
+                    .with_context(|| format!("{} on {}", vdaf.name(), backend.name()))?,
             );
         }
     }
