@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use duet_core::hpke::HpkeKeypair;
-use duet_core::vdaf::Vdaf;
+use duet_core::vdaf::{ShareLengths, Vdaf};
 use duet_core::{Clock, Task};
 use duet_messages::dap09::{HpkeConfigId, HpkeConfigList, TaskId};
 use duet_messages::problem::DapProblemType;
@@ -18,6 +18,8 @@ use crate::metrics::Metrics;
 pub(crate) struct TaskEntry {
     pub task: Task,
     pub vdaf: Vdaf,
+    /// The lengths of the VDAF's shares, which bound what an upload may carry.
+    pub lengths: ShareLengths,
 }
 
 /// What every handler and driver of one role needs.
@@ -66,7 +68,12 @@ impl Shared {
             return Ok(None);
         };
         let vdaf = task.vdaf.instantiate()?;
-        let entry = Arc::new(TaskEntry { task, vdaf });
+        let lengths = vdaf.share_lengths()?;
+        let entry = Arc::new(TaskEntry {
+            task,
+            vdaf,
+            lengths,
+        });
         self.tasks
             .write()
             .map_err(poisoned)?

@@ -4,7 +4,7 @@ mod common;
 
 use common::{send, Harness};
 use duet_core::{Measurement, VdafInstance};
-use duet_messages::dap09::{media_type, HpkeConfigId, HpkeConfigList, Time};
+use duet_messages::dap09::{media_type, HpkeConfigId, HpkeConfigList, Report, Time};
 use duet_messages::{Decode, Encode};
 use reqwest::Method;
 
@@ -131,6 +131,95 @@ async fn upload_validation() {
             .status,
         405
     );
+    h.stop().await;
+}
+
+/// A report's parts must have the sizes its task's VDAF makes: the public share and the Leader's
+/// sealed share exactly, the Helper's sealed share up to a full extension list more. Anything
+/// else is refused at upload, before it is stored and sent on in a job with other reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_sizes_follow_the_vdaf() {
+    let h = Harness::start().await;
+    let vdaf = VdafInstance::Prio3Histogram {
+        length: 4,
+        chunk_length: 2,
+    };
+    let (task, _) = h.task(vdaf, 1).await;
+    let client = common::client(&task).await;
+    let url = task
+        .leader_endpoint
+        .join(&format!("tasks/{}/reports", task.id))
+        .expect("url");
+    let put = |report: Report| {
+        let url = url.clone();
+        async move {
+            send(
+                Method::PUT,
+                url,
+                Some(media_type::REPORT),
+                None,
+                report.get_encoded(),
+            )
+            .await
+        }
+    };
+    let report = || {
+        client
+            .prepare_report(&Measurement::Histogram(1))
+            .expect("report")
+    };
+    assert!(!report().public_share.is_empty());
+
+    let mut longer_public = report();
+    longer_public.public_share.push(0);
+    let mut shorter_public = report();
+    shorter_public.public_share.pop();
+    let mut longer_leader = report();
+    longer_leader.leader_encrypted_input_share.payload.push(0);
+    let mut shorter_leader = report();
+    shorter_leader.leader_encrypted_input_share.payload.pop();
+    let mut shorter_helper = report();
+    shorter_helper.helper_encrypted_input_share.payload.pop();
+    let mut swollen_helper = report();
+    swollen_helper
+        .helper_encrypted_input_share
+        .payload
+        .extend(vec![0; usize::from(u16::MAX) + 1]);
+    let mut huge_helper = report();
+    huge_helper
+        .helper_encrypted_input_share
+        .payload
+        .extend(vec![0; 8 << 20]);
+    let mut long_key = report();
+    long_key.helper_encrypted_input_share.encapsulated_key = vec![1; 134];
+    for (what, bad) in [
+        ("public share one byte long", longer_public),
+        ("public share one byte short", shorter_public),
+        ("Leader's share one byte long", longer_leader),
+        ("Leader's share one byte short", shorter_leader),
+        ("Helper's share one byte short", shorter_helper),
+        (
+            "Helper's share a byte past a full extension list",
+            swollen_helper,
+        ),
+        ("Helper's share 8 MiB long", huge_helper),
+        ("encapsulated key of 134 bytes", long_key),
+    ] {
+        let r = put(bad).await;
+        let detail = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(detail.contains(" bytes"), "{what}: {detail}");
+        r.assert_problem(400, "invalidMessage");
+    }
+
+    // Within the bounds: the report as made, and the Helper's share with a full extension list.
+    let mut with_extensions = report();
+    with_extensions
+        .helper_encrypted_input_share
+        .payload
+        .extend(vec![0; usize::from(u16::MAX)]);
+    for good in [report(), with_extensions] {
+        assert_eq!(put(good).await.status, 201);
+    }
     h.stop().await;
 }
 

@@ -276,6 +276,18 @@ pub struct Vdaf {
 /// A sharded measurement: the encoded public share, Leader input share and Helper input share.
 pub type Shards = (Vec<u8>, Vec<u8>, Vec<u8>);
 
+/// The encoded lengths of a VDAF's shares, in bytes. Prio3's shares have one length for every
+/// measurement, so any report whose shares have other lengths is malformed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShareLengths {
+    /// The public share.
+    pub public: usize,
+    /// The Leader's input share.
+    pub leader: usize,
+    /// The Helper's input share.
+    pub helper: usize,
+}
+
 /// Why preparing a report share failed; maps to a DAP `PrepareError`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PrepFailure {
@@ -541,6 +553,23 @@ impl Vdaf {
         }
     }
 
+    /// The lengths of this VDAF's encoded shares, found by sharding a measurement of zeros (a
+    /// fraction of a client's cost for one report).
+    pub fn share_lengths(&self) -> Result<ShareLengths, CoreError> {
+        let zero = match &self.instance {
+            VdafInstance::Prio3Count => Measurement::Count(false),
+            VdafInstance::Prio3Sum { .. } => Measurement::Sum(0),
+            VdafInstance::Prio3SumVec { length, .. } => Measurement::SumVec(vec![0; *length]),
+            VdafInstance::Prio3Histogram { .. } => Measurement::Histogram(0),
+        };
+        let (public, leader, helper) = self.shard(&zero, &ReportId([0; 16]))?;
+        Ok(ShareLengths {
+            public: public.len(),
+            leader: leader.len(),
+            helper: helper.len(),
+        })
+    }
+
     /// The Leader's first preparation step; returns its state and the message for the Helper.
     pub fn leader_init(
         &self,
@@ -657,9 +686,17 @@ mod tests {
             .iter()
             .map(|m| instance.parse_measurement(m).expect("parse"))
             .collect();
+        let lengths = vdaf.share_lengths().expect("share lengths");
         for m in &ms {
             let id = ReportId(rand::random());
             let (public, l, h) = vdaf.shard(m, &id).expect("shard");
+            // Every measurement's shares have the lengths the upload check expects.
+            let sharded = ShareLengths {
+                public: public.len(),
+                leader: l.len(),
+                helper: h.len(),
+            };
+            assert_eq!(sharded, lengths, "{instance}: {m:?}");
             let (state, msg) = vdaf
                 .leader_init(&vk, &id, &public, &l)
                 .expect("leader init");

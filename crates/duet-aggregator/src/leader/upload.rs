@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use duet_core::vdaf::ShareLengths;
 use duet_messages::dap09::{ReportRef, TaskId};
 use duet_messages::problem::DapProblemType;
 use duet_store::{Durable, NewReport};
@@ -31,6 +32,9 @@ impl Leader {
                 Some(task_id),
                 format!("malformed report: {e}"),
             )
+        })?;
+        check_lengths(&report, &entry.lengths).map_err(|detail| {
+            Error::abort(DapProblemType::InvalidMessage, Some(task_id), detail)
         })?;
         let keys = self.shared.keys();
         if find_key(&keys, report.leader_encrypted_input_share.config_id).is_none() {
@@ -96,6 +100,62 @@ impl Leader {
             .map_err(|_| Error::Internal("the report writer has stopped".into()))?
             .map_err(Error::Internal)
     }
+}
+
+/// Bytes a sealed `PlaintextInputShare` adds to its VDAF share: the length prefixes of its
+/// extension list (2) and payload (4), and the AEAD tag (16 for every RFC 9180 AEAD that seals).
+const SEALED_OVERHEAD: usize = 2 + 4 + 16;
+/// The most extension bytes a `PlaintextInputShare` holds (`extensions<0..2^16-1>`).
+const MAX_EXTENSIONS: usize = u16::MAX as usize;
+/// The longest encapsulated key of an RFC 9180 KEM (DHKEM(P-521)'s).
+const MAX_ENCAPSULATED_KEY: usize = 133;
+
+/// Checks the sizes of a report's parts against its task's VDAF, before it is stored and later
+/// loaded with its job's other reports: the public share has the VDAF's length, and so does the
+/// Leader's input share sealed without extensions (Duet's tasks define none, so an extension
+/// there would make the report invalid when it is prepared); the Helper's, which may carry
+/// extensions meant for the Helper alone, is at most a full extension list longer. So one
+/// client's oversized report cannot swell a job past what the Helper accepts, which would cost
+/// the job's other reports.
+fn check_lengths(report: &ReportRef<'_>, lengths: &ShareLengths) -> Result<(), String> {
+    if report.public_share.len() != lengths.public {
+        return Err(format!(
+            "the public share is {} bytes; this task's VDAF makes {}",
+            report.public_share.len(),
+            lengths.public
+        ));
+    }
+    let leader = &report.leader_encrypted_input_share;
+    let helper = &report.helper_encrypted_input_share;
+    for (whose, share) in [("Leader", leader), ("Helper", helper)] {
+        if share.encapsulated_key.len() > MAX_ENCAPSULATED_KEY {
+            return Err(format!(
+                "the {whose}'s encapsulated key is {} bytes; no HPKE KEM uses more than {}",
+                share.encapsulated_key.len(),
+                MAX_ENCAPSULATED_KEY
+            ));
+        }
+    }
+    let sealed = lengths.leader + SEALED_OVERHEAD;
+    if leader.payload.len() != sealed {
+        return Err(format!(
+            "the Leader's encrypted input share is {} bytes; this task's VDAF makes {} \
+             (its input share sealed without extensions, which this task does not use)",
+            leader.payload.len(),
+            sealed
+        ));
+    }
+    let shortest = lengths.helper + SEALED_OVERHEAD;
+    let longest = shortest + MAX_EXTENSIONS;
+    if !(shortest..=longest).contains(&helper.payload.len()) {
+        return Err(format!(
+            "the Helper's encrypted input share is {} bytes; this task's VDAF makes {shortest} \
+             to {longest} (its input share sealed with up to {MAX_EXTENSIONS} bytes of \
+             extensions)",
+            helper.payload.len(),
+        ));
+    }
+    Ok(())
 }
 
 /// Batches the writer may have written but not yet seen durable while it writes the next.
