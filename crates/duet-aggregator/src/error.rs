@@ -20,6 +20,12 @@ pub enum Error {
     /// The server is saturated; the client should retry later (429).
     #[error("the server is busy; retry later")]
     Overloaded,
+    /// The request's body is longer than the route takes (413).
+    #[error("the request body is over {limit} bytes")]
+    TooLarge {
+        /// The route's limit, in bytes.
+        limit: usize,
+    },
     /// Something else of ours failed.
     #[error("internal error: {0}")]
     Internal(String),

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -61,6 +61,20 @@ impl IntoResponse for HttpError {
                 "the server is busy; retry later",
             )
                 .into_response(),
+            Error::TooLarge { limit } => {
+                let doc = serde_json::json!({
+                    "type": "about:blank",
+                    "title": "Content Too Large",
+                    "status": 413,
+                    "detail": format!("the request body is over {limit} bytes"),
+                });
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    [(header::CONTENT_TYPE, PROBLEM_JSON)],
+                    doc.to_string(),
+                )
+                    .into_response()
+            }
             e => {
                 tracing::error!(error = %e, "request failed");
                 let doc = serde_json::json!({
@@ -116,6 +130,22 @@ fn auth(headers: &HeaderMap) -> (Option<&[u8]>, Option<&[u8]>) {
     )
 }
 
+/// Reads a request's body, up to `limit` bytes. The Helper's handlers read it only once the
+/// request has shown the Leader's token, so that no stranger makes the server hold a peer-sized
+/// body.
+async fn read_body(body: Body, limit: usize) -> HttpResult<Bytes> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // A body over the limit, or a connection that failed while sending it.
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            HttpError(Error::TooLarge { limit })
+        } else {
+            invalid(format!("could not read the request body: {e}"))
+        }
+    })
+}
+
 fn message(status: StatusCode, media_type: &'static str, body: Vec<u8>) -> Response {
     (status, [(header::CONTENT_TYPE, media_type)], body).into_response()
 }
@@ -160,7 +190,6 @@ pub fn helper_router(helper: Arc<Helper>) -> Router {
                 .delete(aggregation_job_delete),
         )
         .route("/tasks/{task_id}/aggregate_shares", post(aggregate_share))
-        .layer(DefaultBodyLimit::max(MAX_PEER_BYTES))
         .with_state(helper)
 }
 
@@ -276,10 +305,12 @@ async fn aggregation_job_init(
     State(helper): State<Arc<Helper>>,
     Path((task_id, job_id)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> HttpResult<Response> {
     let (task_id, job_id) = parse_aggregation_job(&task_id, &job_id)?;
     require_media_type(&headers, media_type::AGGREGATION_JOB_INIT_REQ)?;
+    helper.authorize(task_id, auth(&headers)).await?;
+    let body = read_body(body, MAX_PEER_BYTES).await?;
     let resp = helper
         .aggregation_job_init(task_id, job_id, auth(&headers), &body)
         .await?;
@@ -294,10 +325,12 @@ async fn aggregation_job_continue(
     State(helper): State<Arc<Helper>>,
     Path((task_id, job_id)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> HttpResult<Response> {
     let (task_id, job_id) = parse_aggregation_job(&task_id, &job_id)?;
     require_media_type(&headers, media_type::AGGREGATION_JOB_CONTINUE_REQ)?;
+    helper.authorize(task_id, auth(&headers)).await?;
+    let body = read_body(body, MAX_PEER_BYTES).await?;
     let resp = helper
         .aggregation_job_continue(task_id, job_id, auth(&headers), &body)
         .await?;
@@ -324,12 +357,40 @@ async fn aggregate_share(
     State(helper): State<Arc<Helper>>,
     Path(task_id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> HttpResult<Response> {
     let task_id = parse_task_id(&task_id)?;
     require_media_type(&headers, media_type::AGGREGATE_SHARE_REQ)?;
+    helper.authorize(task_id, auth(&headers)).await?;
+    let body = read_body(body, MAX_PEER_BYTES).await?;
     let resp = helper
         .aggregate_share(task_id, auth(&headers), &body)
         .await?;
     Ok(message(StatusCode::OK, media_type::AGGREGATE_SHARE, resp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body over the limit is a 413 problem document; one within it is read whole.
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_refused() {
+        let read = read_body(Body::from(vec![7u8; 10]), 10).await;
+        assert_eq!(read.ok().as_deref(), Some(&[7u8; 10][..]));
+        let Err(HttpError(Error::TooLarge { limit: 10 })) =
+            read_body(Body::from(vec![7u8; 11]), 10).await
+        else {
+            panic!("an 11-byte body passed a 10-byte limit");
+        };
+        let response = HttpError(Error::TooLarge { limit: 10 }).into_response();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.as_bytes()),
+            Some(PROBLEM_JSON.as_bytes())
+        );
+    }
 }

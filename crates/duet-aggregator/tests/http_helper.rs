@@ -350,3 +350,67 @@ async fn aggregation_jobs_and_aggregate_shares() {
     .assert_problem(400, "batchOverlap");
     h.stop().await;
 }
+
+/// A request without the Leader's token is answered from its headers: the Helper reads no body
+/// from a stranger, however long the body says it is (here 256 MiB, never sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_are_answered_before_their_bodies_are_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let wrong = AuthenticationToken::DapAuth("wrong".into());
+    let job = AggregationJobId::random();
+    let requests = [
+        (
+            "PUT",
+            format!("tasks/{}/aggregation_jobs/{job}", task.id),
+            media_type::AGGREGATION_JOB_INIT_REQ,
+        ),
+        (
+            "POST",
+            format!("tasks/{}/aggregation_jobs/{job}", task.id),
+            media_type::AGGREGATION_JOB_CONTINUE_REQ,
+        ),
+        (
+            "POST",
+            format!("tasks/{}/aggregate_shares", task.id),
+            media_type::AGGREGATE_SHARE_REQ,
+        ),
+    ];
+    for (method, path, content_type) in requests {
+        for token in [None, Some(&wrong)] {
+            let url = h.helper_url.join(&path).expect("url");
+            let host = url.host_str().expect("host");
+            let port = url.port().expect("port");
+            let mut conn = tokio::net::TcpStream::connect((host, port))
+                .await
+                .expect("connect");
+            let header = match token {
+                Some(AuthenticationToken::DapAuth(t)) => format!("DAP-Auth-Token: {t}\r\n"),
+                _ => String::new(),
+            };
+            let head = format!(
+                "{method} {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n\
+                 {header}Content-Length: {}\r\n\r\n",
+                url.path(),
+                256u64 << 20
+            );
+            conn.write_all(head.as_bytes()).await.expect("write");
+            conn.write_all(&[0; 1024]).await.expect("write");
+            let mut answer = vec![0; 4096];
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(30), conn.read(&mut answer))
+                    .await
+                    .expect("the Helper answered before the body was sent")
+                    .expect("read");
+            let answer = String::from_utf8_lossy(&answer[..read]);
+            assert!(
+                answer.starts_with("HTTP/1.1 403"),
+                "{method} {path}: {answer}"
+            );
+            assert!(answer.contains("unauthorizedRequest"), "{answer}");
+        }
+    }
+    h.stop().await;
+}

@@ -6,6 +6,7 @@ mod aggregation;
 use std::sync::Arc;
 
 use duet_core::Clock;
+use duet_messages::dap09::TaskId;
 use duet_messages::problem::DapProblemType;
 use duet_store::Datastore;
 
@@ -49,6 +50,19 @@ impl Helper {
     /// The HPKE configs this Helper publishes.
     pub fn hpke_config_list(&self) -> duet_messages::dap09::HpkeConfigList {
         self.shared.hpke_config_list()
+    }
+}
+
+impl Helper {
+    /// Checks that the task exists and that the request carries the Leader's token: what a
+    /// request must pass before the server reads its body.
+    pub async fn authorize(
+        &self,
+        task_id: TaskId,
+        auth: (Option<&[u8]>, Option<&[u8]>),
+    ) -> Result<(), Error> {
+        let entry = self.shared.require_task(&task_id).await?;
+        check_leader_auth(&entry, auth.0, auth.1)
     }
 }
 
