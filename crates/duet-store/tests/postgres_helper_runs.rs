@@ -260,3 +260,101 @@ async fn racing_writers_store_an_id_once_while_runs_close() {
     )
     .await;
 }
+
+/// A database that goes back in time (a failover to a replica that lagged, a restore to an
+/// earlier point) reopens a run that a process's filter had loaded as closed; other processes
+/// then write it again and close it. The first write that sees the open run behind its filter
+/// answers `Conflict` (its probe trusted the filter) and drops the filter, and a replay of an ID
+/// written into the reopened run is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_is_dropped_when_the_database_goes_back_in_time() {
+    with_fresh_database(
+        "helper_filter_dropped_when_the_database_goes_back_in_time",
+        |url| async move {
+            let a = helper(&url, 10).await;
+            let task_id = TaskId::random();
+            for run in 1..=3 {
+                put(&a, task_id, &new_ids(10)).await.expect("fresh IDs");
+                assert_eq!(open_run(&url, run + 1).await, run + 1);
+            }
+            // `b`'s filter covers runs 0 to 3.
+            let b = helper(&url, 1_000_000).await;
+            b.warm_up().await.expect("warm up");
+
+            // The database loses the close of run 3 and the IDs in it.
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            for sql in [
+                "DELETE FROM helper_report_ids WHERE run = 3",
+                "UPDATE helper_replay_state SET open_run = 3",
+            ] {
+                sqlx::query(sql).execute(&mut conn).await.expect(sql);
+            }
+            conn.close().await.expect("close");
+            let fresh = new_ids(1);
+            assert!(matches!(
+                put(&b, task_id, &fresh).await,
+                Err(StoreError::Conflict)
+            ));
+            put(&b, task_id, &fresh)
+                .await
+                .expect("fresh, once the filter is dropped");
+
+            // Another process writes run 3 again, with IDs `b` never saw, and closes it.
+            let c = helper(&url, 10).await;
+            let rewritten = new_ids(10);
+            put(&c, task_id, &rewritten).await.expect("fresh IDs");
+            assert_eq!(open_run(&url, 4).await, 4);
+            assert!(matches!(
+                put(&b, task_id, &rewritten[..1]).await,
+                Err(StoreError::Conflict)
+            ));
+            assert!(b
+                .seen_report_ids(&task_id, &rewritten[..1])
+                .await
+                .expect("seen")
+                .contains(&rewritten[0]));
+            for store in [a, b, c] {
+                store.close().await;
+            }
+        },
+    )
+    .await;
+}
+
+/// A stored ID of another length than a report's (written by hand, or by a damaged database)
+/// matches no report: loads skip it, with a warning, instead of failing every time, so the
+/// filter still covers the closed runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_stored_id_does_not_stop_loads() {
+    with_fresh_database(
+        "a_malformed_stored_id_does_not_stop_loads",
+        |url| async move {
+            let a = helper(&url, 10).await;
+            let task_id = TaskId::random();
+            let ids = new_ids(10);
+            put(&a, task_id, &ids).await.expect("fresh IDs");
+            assert_eq!(open_run(&url, 2).await, 2);
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            sqlx::query(
+                "INSERT INTO helper_report_ids (run, task_key, report_id) \
+             SELECT 1, task_key, '\\x0102'::bytea FROM helper_report_ids LIMIT 1",
+            )
+            .execute(&mut conn)
+            .await
+            .expect("insert");
+            conn.close().await.expect("close");
+
+            let b = helper(&url, 1_000_000).await;
+            b.warm_up().await.expect("a load past the malformed ID");
+            assert!(matches!(
+                put(&b, task_id, &ids[3..4]).await,
+                Err(StoreError::Conflict)
+            ));
+            put(&b, task_id, &new_ids(2)).await.expect("fresh IDs");
+            for store in [a, b] {
+                store.close().await;
+            }
+        },
+    )
+    .await;
+}

@@ -273,3 +273,59 @@ async fn job_creation_waits_for_a_closing_run() {
     })
     .await;
 }
+
+/// A database that goes back in time (a failover to a replica that lagged, a restore to an
+/// earlier point) reopens a run that a process's filter had loaded as closed; other processes
+/// then write it again and close it. A process that wrote in between, and so saw the open run
+/// behind its filter, drops the filter, and still drops a replay of an ID written into the
+/// reopened run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_is_dropped_when_the_database_goes_back_in_time() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    with_fresh_database(
+        "a_filter_is_dropped_when_the_database_goes_back_in_time",
+        |url| async move {
+            let a = leader(&url, 10).await;
+            let task_id = TaskId::random();
+            for run in 1..=3 {
+                let reports: Vec<NewReport> = (0..10).map(|i| report(task_id, T0 + i)).collect();
+                assert_eq!(claim(&a, &reports).await.len(), 10);
+                assert_eq!(open_run(&url, run + 1).await, run + 1);
+            }
+            // `b`'s filter covers runs 0 to 3.
+            let b = leader(&url, 1_000_000).await;
+            b.warm_up().await.expect("warm up");
+
+            // The database loses the close of run 3 and the IDs in it.
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            for sql in [
+                "DELETE FROM claimed_report_ids WHERE run = 3",
+                "UPDATE leader_replay_state SET open_run = 3",
+            ] {
+                sqlx::query(sql).execute(&mut conn).await.expect(sql);
+            }
+            // `b` claims a report: its open run is behind its filter.
+            assert_eq!(claim(&b, &[report(task_id, T0 + 5)]).await.len(), 1);
+            // Another process writes run 3 again, with an ID `b` never saw, and closes it.
+            let c = leader(&url, 10).await;
+            let rewritten: Vec<NewReport> = (0..10).map(|i| report(task_id, T0 + i)).collect();
+            assert_eq!(claim(&c, &rewritten).await.len(), 10);
+            assert_eq!(open_run(&url, 4).await, 4);
+            let in_run_3: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM claimed_report_ids WHERE run = 3 AND report_id = $1",
+            )
+            .bind(&rewritten[0].report_id.0[..])
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+            assert_eq!(in_run_3, 1);
+            conn.close().await.expect("close");
+
+            assert_replay_dropped(&b, task_id, rewritten[0].report_id).await;
+            for store in [a, b, c] {
+                store.close().await;
+            }
+        },
+    )
+    .await;
+}

@@ -168,8 +168,13 @@ pub(super) async fn put_helper_aggregation_job(
             .await;
         let replayed = match checked {
             Ok(row) => {
-                open_run = Some(col::<_, i32>(&row, "open_run")?);
+                let run = col::<_, i32>(&row, "open_run")?;
+                open_run = Some(run);
+                // An open run behind the filter's: the database went back in time, and the
+                // probe trusted a filter that no longer matches it. The next attempt probes
+                // every closed run.
                 col::<_, bool>(&row, "replayed")?
+                    || (run < triage.covered && store.helper_runs.check_open_run(&store.pool, run))
             }
             Err(e) if is_unique_violation(&e) => true,
             Err(e) => return Err(e.into()),

@@ -318,6 +318,9 @@ async fn in_closed_runs(
                 .map_err(|_| StoreError::Corrupt("a claimed report ID's length".into()))
         })
         .collect::<Result<_, _>>()?;
+    // The open run was read under the runs' lock, so a database that has not gone back in time
+    // has it at or past the runs the filter covers; one that has makes the filter start over.
+    store.leader_runs.check_open_run(&store.pool, open_run);
     let triage = store.leader_runs.triage(&ids);
     if ids.is_empty() || (triage.maybe.is_empty() && triage.covered >= open_run) {
         return Ok(Vec::new());

@@ -17,6 +17,13 @@
 //! has loaded (runs `0..covered`): an ID the filter lacks is probed only in the runs closed since
 //! (`covered..open_run`), and an ID it may hold in every closed run, one index descent per run.
 //!
+//! Runs only ever close, so an open run below the runs a filter covers means the database went
+//! back in time (a failover to a replica that lagged, a restore to an earlier point): the runs
+//! this process loaded may be written again with other IDs. The process then drops its filter
+//! and probes every closed run until it has loaded them again; a write that trusted the filter
+//! is retried. It sees this at its next write or load, so a run reopened, written and closed
+//! again before then is beyond it: restart the processes after a failover or a restore.
+//!
 //! Writers and the closing of a run are kept apart by an advisory lock: a writer holds it shared
 //! from before it reads the open run to its commit, and closing takes it exclusive, so it waits
 //! for every writer of the run it closes and holds back new ones until it commits. A writer's
@@ -134,6 +141,9 @@ struct Inner {
     written: i64,
     /// No background work before this, after a failure.
     retry_at: Option<Instant>,
+    /// How many times the filter was forgotten because the database went back in time; a load
+    /// that began before the last time installs nothing.
+    epoch: u64,
 }
 
 impl Inner {
@@ -145,6 +155,29 @@ impl Inner {
             self.written = 0;
         }
         open_run == self.open_run
+    }
+
+    /// Forgets the filter if `open_run`, read after the filter's `covered`, is below it. Runs only
+    /// ever close, so the database has gone back in time: failed over to a replica that lagged,
+    /// or restored to an earlier point. Runs this process loaded may then be written again with
+    /// other IDs, and closed again, so every ID is probed in every closed run until the next load.
+    fn forget_if_behind(&mut self, open_run: i32, whose: &str) -> bool {
+        if open_run >= self.covered {
+            return false;
+        }
+        tracing::warn!(
+            ids = whose,
+            open_run,
+            covered = self.covered,
+            "replay runs: the database's open run is behind the runs this process loaded (a \
+             failover or a restore?); the filter is dropped and rebuilt"
+        );
+        self.bloom = None;
+        self.covered = 0;
+        self.open_run = open_run;
+        self.written = 0;
+        self.epoch += 1;
+        true
     }
 }
 
@@ -212,6 +245,17 @@ impl Runs {
             fresh,
             covered: inner.covered,
         }
+    }
+
+    /// After a statement that read the open run once the writer held the runs' lock (or after
+    /// a triage): forgets the filter if the open run is behind the runs it covers (see
+    /// `Inner::forget_if_behind`). `true` if it did: a triage taken before must be taken again.
+    pub(super) fn check_open_run(self: &Arc<Self>, pool: &PgPool, open_run: i32) -> bool {
+        let forgot = self.inner().forget_if_behind(open_run, self.kind.whose);
+        if forgot {
+            self.kick(pool);
+        }
+        forgot
     }
 
     /// Sets how many IDs the open run may hold before this process closes it (tests).
@@ -325,20 +369,24 @@ impl Runs {
             .fetch_one(pool)
             .await
             .map_err(db)?;
-        let from = {
+        let (from, epoch) = {
             let mut inner = self.inner();
+            inner.forget_if_behind(open_run, self.kind.whose);
             if inner.see(open_run) {
                 inner.written = inner.written.max(in_open);
             }
             if inner.covered >= open_run {
                 return Ok(());
             }
-            inner.bloom.is_some().then_some(inner.covered)
+            (inner.bloom.is_some().then_some(inner.covered), inner.epoch)
         };
         let started = now();
         let mut read = 0;
         let complete = match from {
-            Some(from) => self.add_runs(pool, from..open_run, &mut read, None).await?,
+            Some(from) => {
+                self.add_runs(pool, from..open_run, &mut read, None, epoch)
+                    .await?
+            }
             None => false,
         };
         if !complete {
@@ -350,7 +398,9 @@ impl Runs {
                 .fetch_one(pool)
                 .await
                 .map_err(db)?;
-            let rows = if rows >= 0.0 {
+            // (An estimate past any real table's size is not trusted either: it would size a
+            // filter that cannot be allocated.)
+            let rows = if (0.0..1e10).contains(&rows) {
                 rows as usize
             } else {
                 let counted: i64 = sqlx::query_scalar(self.kind.count)
@@ -364,19 +414,27 @@ impl Runs {
             loop {
                 let mut bloom = Bloom::with_capacity(capacity);
                 if self
-                    .add_runs(pool, 0..open_run, &mut read, Some(&mut bloom))
+                    .add_runs(pool, 0..open_run, &mut read, Some(&mut bloom), epoch)
                     .await?
                 {
-                    self.inner().bloom = Some(bloom);
+                    let mut inner = self.inner();
+                    if inner.epoch != epoch {
+                        return Ok(());
+                    }
+                    inner.bloom = Some(bloom);
                     break;
                 }
                 capacity = bloom.len().saturating_mul(2);
             }
         }
         let mut inner = self.inner();
+        if inner.epoch != epoch {
+            // The database went back in time during the load: the next one starts over.
+            return Ok(());
+        }
         inner.covered = inner.covered.max(open_run);
         tracing::debug!(
-            ids = self.kind.whose,
+            whose = self.kind.whose,
             runs = open_run,
             ids = read,
             ms = started.elapsed().as_millis() as u64,
@@ -385,14 +443,16 @@ impl Runs {
         Ok(())
     }
 
-    /// Adds the IDs of `runs` to `into`, or to the filter in use if `None`. `false` if the filter
-    /// became overfull (the caller builds a larger one).
+    /// Adds the IDs of `runs` to `into`, or to the filter in use if `None` (as long as the
+    /// filter is still that of `epoch`). `false` if the filter became overfull, or was dropped
+    /// (the caller builds another).
     async fn add_runs(
         &self,
         pool: &PgPool,
         runs: std::ops::Range<i32>,
         read: &mut usize,
         mut into: Option<&mut Bloom>,
+        epoch: u64,
     ) -> Result<bool, StoreError> {
         for run in runs {
             let mut after: (i32, Vec<u8>) = (i32::MIN, Vec::new());
@@ -408,10 +468,18 @@ impl Runs {
                 *read += rows.len();
                 let mut ids = Vec::with_capacity(rows.len());
                 for (_, id) in &rows {
-                    let id: [u8; 16] = id[..]
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt("a stored report ID's length".into()))?;
-                    ids.push(id);
+                    // A stored ID of another length matches no report's (they are 16 bytes), so
+                    // the filter needs it no more than the probes do: it is skipped, rather than
+                    // stopping every load.
+                    match <[u8; 16]>::try_from(&id[..]) {
+                        Ok(id) => ids.push(id),
+                        Err(_) => tracing::warn!(
+                            ids = self.kind.whose,
+                            run,
+                            length = id.len(),
+                            "replay runs: a stored report ID is not 16 bytes; skipped"
+                        ),
+                    }
                 }
                 match into.as_deref_mut() {
                     Some(bloom) => {
@@ -422,6 +490,9 @@ impl Runs {
                     }
                     None => {
                         let mut inner = self.inner();
+                        if inner.epoch != epoch {
+                            return Ok(false);
+                        }
                         let Some(bloom) = inner.bloom.as_mut() else {
                             return Ok(false);
                         };
@@ -431,8 +502,9 @@ impl Runs {
                         }
                     }
                 }
+                let full = rows.len() as i64 == LOAD_CHUNK;
                 match rows.into_iter().last() {
-                    Some(last) if ids.len() as i64 == LOAD_CHUNK => after = last,
+                    Some(last) if full => after = last,
                     _ => break,
                 }
             }
