@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -193,12 +193,36 @@ pub fn helper_router(helper: Arc<Helper>) -> Router {
         .with_state(helper)
 }
 
-async fn leader_hpke_config(State(leader): State<Arc<Leader>>) -> Response {
-    hpke_config_response(leader.hpke_config_list())
+async fn leader_hpke_config(
+    State(leader): State<Arc<Leader>>,
+    RawQuery(query): RawQuery,
+) -> HttpResult<Response> {
+    let task_id = query_task_id(query.as_deref())?;
+    Ok(hpke_config_response(
+        leader.hpke_config_list(task_id).await?,
+    ))
 }
 
-async fn helper_hpke_config(State(helper): State<Arc<Helper>>) -> Response {
-    hpke_config_response(helper.hpke_config_list())
+async fn helper_hpke_config(
+    State(helper): State<Arc<Helper>>,
+    RawQuery(query): RawQuery,
+) -> HttpResult<Response> {
+    let task_id = query_task_id(query.as_deref())?;
+    Ok(hpke_config_response(
+        helper.hpke_config_list(task_id).await?,
+    ))
+}
+
+/// The `task_id` query parameter of `/hpke_config`, which a client may send to name the task
+/// whose configs it wants.
+fn query_task_id(query: Option<&str>) -> HttpResult<Option<TaskId>> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "task_id")
+        .map(|(_, value)| parse_task_id(&value))
+        .transpose()
 }
 
 async fn upload(

@@ -258,5 +258,26 @@ async fn hpke_config_lists_the_keys() {
     )
     .await;
     assert_ne!(l.body, hp.body);
+
+    // A client may name its task: known, the same list; unknown, `unrecognizedTask`.
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    for (base, list) in [(&h.leader_url, &l.body), (&h.helper_url, &hp.body)] {
+        let get = |query: String| {
+            let url = base.join(&format!("hpke_config?{query}")).expect("url");
+            async move { send(Method::GET, url, None, None, Vec::new()).await }
+        };
+        let known = get(format!("task_id={}", task.id)).await;
+        assert_eq!((known.status, &known.body), (200, list));
+        get(format!(
+            "task_id={}",
+            duet_messages::dap09::TaskId::random()
+        ))
+        .await
+        .assert_problem(400, "unrecognizedTask");
+        get("task_id=not-a-task-id".into())
+            .await
+            .assert_problem(400, "invalidMessage");
+        assert_eq!(get("other=1".into()).await.status, 200);
+    }
     h.stop().await;
 }

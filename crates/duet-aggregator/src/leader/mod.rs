@@ -117,9 +117,16 @@ impl Leader {
         &self.shared.metrics
     }
 
-    /// The HPKE configs this Leader publishes.
-    pub fn hpke_config_list(&self) -> duet_messages::dap09::HpkeConfigList {
-        self.shared.hpke_config_list()
+    /// The HPKE configs this Leader publishes, for any task; for `task_id`, only if it knows
+    /// the task (`unrecognizedTask` otherwise).
+    pub async fn hpke_config_list(
+        &self,
+        task_id: Option<duet_messages::dap09::TaskId>,
+    ) -> Result<duet_messages::dap09::HpkeConfigList, Error> {
+        if let Some(task_id) = task_id {
+            self.shared.require_task(&task_id).await?;
+        }
+        Ok(self.shared.hpke_config_list())
     }
 
     /// Intervals already collected for a task. Cached for the rest of the second it was read in
