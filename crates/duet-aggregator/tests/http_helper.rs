@@ -213,9 +213,10 @@ async fn aggregation_jobs_and_aggregate_shares() {
     )
     .await
     .assert_problem(400, "unrecognizedAggregationJob");
+    // Its reports have no preparation state left to continue (DAP-09 §4.5.2).
     send(Method::POST, job_url(job), cct, Some(&token), cont)
         .await
-        .assert_problem(400, "stepMismatch");
+        .assert_problem(400, "invalidMessage");
 
     // Aggregate shares: 3 reports were accepted over the two jobs.
     let share_url = task

@@ -142,7 +142,8 @@ impl Helper {
     }
 
     /// Handles `POST /tasks/{task}/aggregation_jobs/{id}`. Prio3 finishes in the init step, so
-    /// every continuation is out of step.
+    /// no report of a job has a preparation state left to continue, and a continuation (which
+    /// names at least one report) names reports without one: `invalidMessage` (DAP-09 §4.5.2).
     pub async fn aggregation_job_continue(
         &self,
         task_id: TaskId,
@@ -173,9 +174,9 @@ impl Helper {
             ));
         }
         Err(Error::abort(
-            DapProblemType::StepMismatch,
+            DapProblemType::InvalidMessage,
             Some(task_id),
-            "the job finished in its first step",
+            "no report of this job awaits a continuation: the job finished in its first step",
         ))
     }
 
