@@ -7,6 +7,9 @@ use subtle::ConstantTimeEq;
 /// Name of the DAP-specific authentication header.
 pub const DAP_AUTH_HEADER: &str = "DAP-Auth-Token";
 
+/// The `Authorization` header's scheme and the space after it.
+const BEARER: &[u8] = b"Bearer ";
+
 /// A shared secret presented on requests between DAP participants.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "token")]
@@ -50,16 +53,24 @@ impl AuthenticationToken {
         }
     }
 
-    /// Whether a request's headers carry this token, in either form; compared in constant time.
+    /// Whether a request's headers carry this token, in either form (the `Bearer` scheme's name
+    /// in any case, as HTTP's schemes are); compared in constant time. An empty token is never
+    /// presented: an empty header must not authenticate anyone.
     pub fn is_presented(
         &self,
         dap_auth_header: Option<&[u8]>,
         authorization: Option<&[u8]>,
     ) -> bool {
         let want = self.token().as_bytes();
+        if want.is_empty() {
+            return false;
+        }
         let by_dap = dap_auth_header.is_some_and(|got| bool::from(got.ct_eq(want)));
         let by_bearer = authorization
-            .and_then(|v| v.strip_prefix(b"Bearer "))
+            .and_then(|v| {
+                let (scheme, token) = v.split_at_checked(BEARER.len())?;
+                scheme.eq_ignore_ascii_case(BEARER).then_some(token)
+            })
             .is_some_and(|got| bool::from(got.ct_eq(want)));
         by_dap | by_bearer
     }
@@ -77,6 +88,21 @@ mod tests {
         assert!(!t.is_presented(Some(b"secreT"), None));
         assert!(!t.is_presented(None, Some(b"secret")));
         assert!(!t.is_presented(None, None));
+        assert!(t.is_presented(None, Some(b"bearer secret")));
+        assert!(t.is_presented(None, Some(b"BEARER secret")));
+        assert!(!t.is_presented(None, Some(b"Bearer")));
+        assert!(!t.is_presented(None, Some(b"Basic secret")));
         assert!(!format!("{t:?}").contains("secret"));
+    }
+
+    #[test]
+    fn an_empty_token_authenticates_nobody() {
+        for t in [
+            AuthenticationToken::DapAuth(String::new()),
+            AuthenticationToken::Bearer(String::new()),
+        ] {
+            assert!(!t.is_presented(Some(b""), None));
+            assert!(!t.is_presented(None, Some(b"Bearer ")));
+        }
     }
 }

@@ -169,6 +169,16 @@ impl Task {
         if p.max_batch_query_count == 0 {
             return Err(bad("max_batch_query_count must be at least 1".into()));
         }
+        // An empty token would let an empty header through.
+        if p.aggregator_auth_token.token().is_empty() {
+            return Err(bad("aggregator_auth_token must not be empty".into()));
+        }
+        if p.collector_auth_token
+            .as_ref()
+            .is_some_and(|t| t.token().is_empty())
+        {
+            return Err(bad("collector_auth_token must not be empty".into()));
+        }
         p.vdaf.instantiate()?;
         Ok(Self {
             id,
@@ -247,5 +257,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("16 bytes"));
+        let mut empty = p.clone();
+        empty.aggregator_auth_token = AuthenticationToken::DapAuth(String::new());
+        assert!(Task::from_parameters(&empty)
+            .unwrap_err()
+            .to_string()
+            .contains("aggregator_auth_token"));
+        let mut empty = p;
+        empty.collector_auth_token = Some(AuthenticationToken::Bearer(String::new()));
+        assert!(Task::from_parameters(&empty)
+            .unwrap_err()
+            .to_string()
+            .contains("collector_auth_token"));
     }
 }
