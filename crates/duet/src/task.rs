@@ -190,6 +190,14 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
         Command::Import { file, db, role } => {
             let params = read_task_file(&file)?;
             let mut task = Task::from_parameters(&params)?;
+            if let QueryTypeConfig::FixedSize { .. } = task.query_type {
+                // Its requests would be served as time-interval ones.
+                bail!(
+                    "the task in {} uses fixed_size batches, which Duet's aggregators do not \
+                     serve; create it with time_interval batches",
+                    file.display()
+                );
+            }
             let role: AggregatorRole = role.into();
             if role == AggregatorRole::Helper {
                 // The Helper never sees the collector; it doesn't need that secret.

@@ -219,6 +219,16 @@ fn serve_task_upload_collect() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A fixed-size copy of the task is refused: Duet's aggregators serve time intervals.
+    let mut fixed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&task).expect("read")).expect("json");
+    fixed["query_type"] = serde_json::json!({"type": "fixed_size", "max_batch_size": 10});
+    let fixed = write(dir.path(), "fixed.json", &fixed.to_string());
+    let out = run(&["task", "import", &fixed, "--db", &db, "--role", "leader"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("fixed_size"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     for role in ["leader", "helper"] {
         let out = run(&["task", "import", &task, "--db", &db, "--role", role]);
         assert!(
