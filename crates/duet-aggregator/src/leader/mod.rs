@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use duet_core::Clock;
 use duet_messages::dap09::{Interval, TaskId, Time};
+use duet_messages::problem::DapProblemType;
 use duet_store::{Datastore, Wakeup};
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 
@@ -34,6 +35,8 @@ pub struct Leader {
     pub(crate) wake_collection: Notify,
     /// Each task's collected intervals and the second they were read at.
     collected: RwLock<HashMap<TaskId, CollectedIntervals>>,
+    /// A Helper served on the same paths, whose tasks `/hpke_config` also answers for.
+    colocated_helper: std::sync::OnceLock<Arc<crate::helper::Helper>>,
 }
 
 /// A task's collected intervals as read from the store at the given second.
@@ -68,6 +71,7 @@ impl Leader {
             wake_job_creator: Notify::new(),
             wake_aggregation: Notify::new(),
             wake_collection: Notify::new(),
+            colocated_helper: std::sync::OnceLock::new(),
             collected: RwLock::new(HashMap::new()),
         }))
     }
@@ -124,9 +128,24 @@ impl Leader {
         task_id: Option<duet_messages::dap09::TaskId>,
     ) -> Result<duet_messages::dap09::HpkeConfigList, Error> {
         if let Some(task_id) = task_id {
-            self.shared.require_task(&task_id).await?;
+            let helper = self.colocated_helper.get();
+            if self.shared.task(&task_id).await?.is_none()
+                && !matches!(helper, Some(h) if h.shared.task(&task_id).await?.is_some())
+            {
+                return Err(Error::abort(
+                    DapProblemType::UnrecognizedTask,
+                    Some(task_id),
+                    "no such task",
+                ));
+            }
         }
         Ok(self.shared.hpke_config_list())
+    }
+
+    /// Makes `/hpke_config` answer for `helper`'s tasks too, for a process that serves both
+    /// roles on the same paths with one key ring (where the Leader's route answers for both).
+    pub fn share_hpke_config_with(&self, helper: Arc<crate::helper::Helper>) {
+        let _ = self.colocated_helper.set(helper);
     }
 
     /// Intervals already collected for a task. Cached for the rest of the second it was read in

@@ -3,7 +3,8 @@
 //! Both roles are served at the root of the test API's port, as Janus's interop aggregator does
 //! (its runner ignores `endpoint_for_task` and builds `http://NAME:8080/`): the Leader's routes,
 //! with the Helper's as the fallback. Their DAP paths differ except `/hpke_config`, so the two
-//! roles are given one HPKE key ring and the Leader's answer serves for both.
+//! roles are given one HPKE key ring and the Leader's answer serves for both (and knows both
+//! roles' tasks).
 
 use std::sync::Arc;
 
@@ -125,8 +126,12 @@ pub async fn run(args: Args) -> Result<()> {
         }),
         helper: None,
     };
-    let extra = router(state).fallback_service(helper_router(helper));
+
+    let extra = router(state).fallback_service(helper_router(Arc::clone(&helper)));
     let server = run_with(listener, roles, config, clock, extra).await?;
+    if let Some(leader) = &server.leader {
+        leader.share_hpke_config_with(helper);
+    }
     eprintln!("duet serving on http://{}", server.local_addr);
     super::shutdown_signal().await;
     eprintln!("shutting down");
