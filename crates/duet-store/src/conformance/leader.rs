@@ -221,8 +221,8 @@ pub async fn check_jobs_across_uploads(leader: &dyn Datastore) {
 }
 
 /// Pipelined uploads (`put_reports_pipelined`): small and large batches (a large one is about
-/// 17 kB a report, like Prio3SumVec(1000)) are stored once they are durable, with their
-/// contents, and a repeat within a batch or of an earlier batch is aggregated once.
+/// 17 kB a report, like Prio3SumVec(1000)) are stored once they are durable, with their times
+/// and contents, and a repeat within a batch or of an earlier batch is aggregated once.
 pub async fn check_pipelined_uploads(leader: &dyn Datastore) {
     let t = task(TaskId::random());
     leader.put_task(&t).await.expect("put_task");
@@ -250,13 +250,17 @@ pub async fn check_pipelined_uploads(leader: &dyn Datastore) {
     let mut got: Vec<_> = acquire(leader, t.id, now, 10)
         .await
         .iter()
-        .flat_map(|j| j.reports.iter().map(|r| (r.report_id.0, r.encoded.clone())))
+        .flat_map(|j| {
+            j.reports
+                .iter()
+                .map(|r| (r.report_id.0, r.time, r.encoded.clone()))
+        })
         .collect();
     got.sort();
     let mut want: Vec<_> = small
         .iter()
         .chain(&large)
-        .map(|r| (r.report_id.0, r.encoded.clone()))
+        .map(|r| (r.report_id.0, r.time, r.encoded.clone()))
         .collect();
     want.sort();
     assert_eq!(got, want);
