@@ -75,6 +75,16 @@ async fn run_vdaf(vdaf: VdafInstance, measurements: &[&str]) {
         "{:?}",
         result.interval
     );
+    // A second collection of the same batch, with the same aggregation parameter, is the same
+    // query: it gets the same result (the Helper answers the same aggregate-share request again).
+    let again = collector
+        .collect(query, std::time::Duration::from_secs(60))
+        .await
+        .expect("collect again");
+    assert_eq!(
+        (again.report_count, &again.aggregate, again.interval),
+        (result.report_count, &result.aggregate, result.interval)
+    );
     h.stop().await;
 }
 

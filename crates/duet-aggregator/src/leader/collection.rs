@@ -128,11 +128,19 @@ impl Leader {
                 "the batch interval overlaps one collected before",
             ));
         }
-        let queries = existing
+        // A batch is queried once per distinct aggregation parameter (DAP-09, "Batch Validation"):
+        // another
+        // job with a parameter already used on it, as every Prio3 job's empty one is, asks for
+        // the same aggregate shares again, which the Helper answers as it did.
+        let mut parameters: Vec<&[u8]> = existing
             .iter()
             .filter(|j| j.batch_interval == batch_interval)
-            .count() as u64;
-        if queries >= task.max_batch_query_count {
+            .map(|j| &j.aggregation_parameter[..])
+            .collect();
+        parameters.sort_unstable();
+        parameters.dedup();
+        let queried_before = parameters.contains(&&job.aggregation_parameter[..]);
+        if !queried_before && parameters.len() as u64 >= task.max_batch_query_count {
             return Err(Error::abort(
                 DapProblemType::BatchQueriedTooManyTimes,
                 Some(task_id),
