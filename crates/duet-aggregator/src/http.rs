@@ -281,23 +281,55 @@ async fn poll_collection_job(
                 message(StatusCode::OK, media_type::COLLECTION, c.get_encoded())
             }
             Some(PollResult::Deleted) => StatusCode::NO_CONTENT.into_response(),
-            Some(PollResult::Failed(reason)) => {
-                let doc = serde_json::json!({
-                    "type": "about:blank",
-                    "title": "The collection job failed",
-                    "status": 500,
-                    "detail": reason,
-                    "taskid": task_id.to_string(),
-                });
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    [(header::CONTENT_TYPE, PROBLEM_JSON)],
-                    doc.to_string(),
-                )
-                    .into_response()
-            }
+            Some(PollResult::Failed(reason)) => match batch_refusal(&reason) {
+                Some(problem) => HttpError(Error::abort(
+                    problem,
+                    Some(task_id),
+                    format!("the collection job failed: {reason}"),
+                ))
+                .into_response(),
+                None => {
+                    let doc = serde_json::json!({
+                        "type": "about:blank",
+                        "title": "The collection job failed",
+                        "status": 500,
+                        "detail": reason,
+                        "taskid": task_id.to_string(),
+                    });
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        [(header::CONTENT_TYPE, PROBLEM_JSON)],
+                        doc.to_string(),
+                    )
+                        .into_response()
+                }
+            },
         },
     )
+}
+
+/// The batch-validation problem a failed collection job's reason names, if the Helper refused
+/// its aggregate-share request with one (the reason quotes the Helper's problem type): the
+/// collector then gets that problem, as DAP-09 has the Leader answer a failed job's polls, rather
+/// than a server error. Other problems (a wrong token between the aggregators, say) are the
+/// aggregators' to fix, and stay server errors.
+fn batch_refusal(reason: &str) -> Option<DapProblemType> {
+    let at = reason.rfind(duet_messages::problem::TYPE_URI_PREFIX)?;
+    let uri = &reason[at..];
+    let name_len = uri[duet_messages::problem::TYPE_URI_PREFIX.len()..]
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(uri.len() - duet_messages::problem::TYPE_URI_PREFIX.len());
+    let uri = &uri[..duet_messages::problem::TYPE_URI_PREFIX.len() + name_len];
+    DapProblemType::from_type_uri(uri).filter(|p| {
+        matches!(
+            p,
+            DapProblemType::BatchInvalid
+                | DapProblemType::InvalidBatchSize
+                | DapProblemType::BatchQueriedTooManyTimes
+                | DapProblemType::BatchMismatch
+                | DapProblemType::BatchOverlap
+        )
+    })
 }
 
 async fn delete_collection_job(
@@ -396,6 +428,31 @@ async fn aggregate_share(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed collection job whose reason quotes a batch problem of the Helper's is that
+    /// problem; any other reason is not.
+    #[test]
+    fn batch_refusals_are_found_in_reasons() {
+        let uri = |p: DapProblemType| p.type_uri();
+        let reason = format!(
+            "http://helper/tasks/x/aggregate_shares answered 400 Bad Request: the batch has 2 \
+             reports; the minimum is 100, {}",
+            uri(DapProblemType::InvalidBatchSize)
+        );
+        assert_eq!(
+            batch_refusal(&reason),
+            Some(DapProblemType::InvalidBatchSize)
+        );
+        let quoted = format!("({}).", uri(DapProblemType::BatchMismatch));
+        assert_eq!(batch_refusal(&quoted), Some(DapProblemType::BatchMismatch));
+        for other in [
+            format!("refused: {}", uri(DapProblemType::UnauthorizedRequest)),
+            "request to http://helper failed: connection refused".to_string(),
+            format!("{}nosuchProblem", duet_messages::problem::TYPE_URI_PREFIX),
+        ] {
+            assert_eq!(batch_refusal(&other), None, "{other}");
+        }
+    }
 
     /// A body over the limit is a 413 problem document; one within it is read whole.
     #[tokio::test]

@@ -151,3 +151,56 @@ async fn collection_job_validation_and_lifecycle() {
     );
     h.stop().await;
 }
+
+/// A collection job the Helper refuses for a batch problem fails with that problem: here the
+/// Helper's copy of the task wants more reports than the Leader's, so the Leader finds the batch
+/// large enough and the Helper answers `invalidBatchSize`; the collector's polls get it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_helper_refuses_fails_with_its_problem() {
+    let h = Harness::start().await;
+    let (task, _) = h
+        .leader_task(VdafInstance::Prio3Count, 1, &h.helper_url)
+        .await;
+    let mut helper_task = task.clone();
+    helper_task.collector_auth_token = None;
+    helper_task.min_batch_size = 100;
+    h.helper_store
+        .put_task(&helper_task)
+        .await
+        .expect("helper task");
+    let client = common::client(&task).await;
+    for m in [true, false] {
+        client.upload(&Measurement::Count(m)).await.expect("upload");
+    }
+    let token = task.collector_auth_token.clone().expect("token");
+    let url = task
+        .leader_endpoint
+        .join(&format!(
+            "tasks/{}/collection_jobs/{}",
+            task.id,
+            CollectionJobId::random()
+        ))
+        .expect("url");
+    let hour = RealClock.now().round_down(Duration(3600)).0;
+    let created = send(
+        Method::PUT,
+        url.clone(),
+        Some(media_type::COLLECTION_REQ),
+        Some(&token),
+        req(hour - 3600, 7200),
+    )
+    .await;
+    assert_eq!(created.status, 201);
+    for _ in 0..300 {
+        let polled = send(Method::POST, url.clone(), None, Some(&token), Vec::new()).await;
+        if polled.status != 202 {
+            polled.assert_problem(400, "invalidBatchSize");
+            let body = String::from_utf8_lossy(&polled.body).into_owned();
+            assert!(body.contains("the minimum is 100"), "{body}");
+            h.stop().await;
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the collection job neither failed nor finished in 30 s");
+}
