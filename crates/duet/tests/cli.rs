@@ -286,8 +286,8 @@ fn serve_task_upload_collect() {
     assert_eq!(v["report_count"], 6);
     assert_eq!(v["result"], serde_json::json!([1, 1, 1, 3]));
 
-    // Collecting the same batch again exceeds max_batch_query_count: a readable refusal.
-    let out = run(&[
+    // Collecting the same batch again is the same query: the same result.
+    let again = run(&[
         "collect",
         "--task",
         &task,
@@ -297,13 +297,37 @@ fn serve_task_upload_collect() {
         &start,
         "--duration",
         &duration,
+        "--json",
+        "--timeout",
+        "60",
+    ]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let w: serde_json::Value = serde_json::from_slice(&again.stdout).expect("json");
+    assert_eq!(
+        (&w["report_count"], &w["result"]),
+        (&v["report_count"], &v["result"])
+    );
+    // A batch that overlaps the collected one: a readable refusal.
+    let later = (start.parse::<u64>().expect("start") + precision).to_string();
+    let out = run(&[
+        "collect",
+        "--task",
+        &task,
+        "--key",
+        &key,
+        "--start",
+        &later,
+        "--duration",
+        &duration,
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(
-        stderr.contains("batchQueriedTooManyTimes") || stderr.contains("queried"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("batchOverlap"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 
 /// Runs `duet bench --json` with `args` on SQLite through `command`, asserts that it succeeded and
