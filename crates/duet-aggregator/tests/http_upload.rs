@@ -131,6 +131,33 @@ async fn upload_validation() {
             .status,
         405
     );
+
+    // A timestamp past 2^63 seconds is too early whatever the task's clock skew, even one that
+    // would allow it: no store keeps it, and its write batch would fail with the uploads in it.
+    let mut lenient = task.clone();
+    lenient.id = duet_messages::dap09::TaskId::random();
+    lenient.tolerable_clock_skew = duet_messages::dap09::Duration(i64::MAX as u64);
+    h.leader_store.put_task(&lenient).await.expect("task");
+    let mut helper_copy = lenient.clone();
+    helper_copy.collector_auth_token = None;
+    h.helper_store.put_task(&helper_copy).await.expect("task");
+    let client = common::client(&lenient).await;
+    let beyond = client
+        .prepare_report_at(&Measurement::Count(true), Time((1 << 63) + 3600))
+        .expect("report");
+    let url = lenient
+        .leader_endpoint
+        .join(&format!("tasks/{}/reports", lenient.id))
+        .expect("url");
+    send(
+        Method::PUT,
+        url,
+        Some(media_type::REPORT),
+        None,
+        beyond.get_encoded(),
+    )
+    .await
+    .assert_problem(400, "reportTooEarly");
     h.stop().await;
 }
 

@@ -49,7 +49,9 @@ impl Leader {
         }
         let now = self.shared.clock.now();
         let t = report.metadata.time;
-        if t.0 > now.0.saturating_add(task.tolerable_clock_skew.0) {
+        // A time past 2^63 seconds is too far in the future whatever the task's clock skew (and
+        // past what a store keeps: it would fail its write batch, with the uploads in it).
+        if t.0 > now.0.saturating_add(task.tolerable_clock_skew.0) || i64::try_from(t.0).is_err() {
             return Err(Error::abort(
                 DapProblemType::ReportTooEarly,
                 Some(task_id),
