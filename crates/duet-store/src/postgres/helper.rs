@@ -144,8 +144,8 @@ pub(super) async fn put_helper_aggregation_job(
         return Err(StoreError::Conflict.into());
     }
     let mut open_run = None;
-    let mut ids: Vec<[u8; 16]> = report_ids.iter().map(|id| id.0).collect();
-    if !ids.is_empty() {
+    if !report_ids.is_empty() {
+        let mut ids: Vec<[u8; 16]> = report_ids.iter().map(|id| id.0).collect();
         ids.sort_unstable();
         // Any report ID already stored (by another job, or twice in this one) is a replay that a
         // concurrent request got in first: the caller must recompute. The IDs go into the open
@@ -187,7 +187,9 @@ pub(super) async fn put_helper_aggregation_job(
     merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
     tx.commit().await?;
     if let Some(open_run) = open_run {
-        store.helper_runs.after_write(&store.pool, &ids, open_run);
+        store
+            .helper_runs
+            .after_write(&store.pool, report_ids.len(), open_run);
     }
     Ok(())
 }

@@ -243,20 +243,14 @@ pub(super) async fn create_aggregation_jobs(
                     row => row?,
                 };
                 let ids: Vec<Vec<u8>> = col(&row, "ids")?;
-                let ids: Vec<[u8; 16]> = ids
-                    .iter()
-                    .map(|id| {
-                        id[..]
-                            .try_into()
-                            .map_err(|_| StoreError::Corrupt("a claimed report ID's length".into()))
-                    })
-                    .collect::<Result<_, _>>()?;
                 let open_run: i32 = col(&row, "open_run")?;
                 let hits = in_closed_runs(store, &mut tx, task_key, &ids, open_run).await?;
                 if hits.is_empty() {
                     tx.commit().await?;
                     if !ids.is_empty() {
-                        store.leader_runs.after_write(&store.pool, &ids, open_run);
+                        store
+                            .leader_runs
+                            .after_write(&store.pool, ids.len(), open_run);
                     }
                     break row;
                 }
@@ -313,13 +307,21 @@ async fn in_closed_runs(
     store: &PostgresDatastore,
     conn: &mut PgConnection,
     task_key: i32,
-    ids: &[[u8; 16]],
+    ids: &[Vec<u8>],
     open_run: i32,
 ) -> Result<Vec<[u8; 16]>, TxError> {
+    let ids: Vec<[u8; 16]> = ids
+        .iter()
+        .map(|id| {
+            id[..]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("a claimed report ID's length".into()))
+        })
+        .collect::<Result<_, _>>()?;
     // The open run was read under the runs' lock, so a database that has not gone back in time
     // has it at or past the runs the filter covers; one that has makes the filter start over.
     store.leader_runs.check_open_run(&store.pool, open_run);
-    let triage = store.leader_runs.triage(ids);
+    let triage = store.leader_runs.triage(&ids);
     if ids.is_empty() || (triage.maybe.is_empty() && triage.covered >= open_run) {
         return Ok(Vec::new());
     }

@@ -16,9 +16,6 @@
 //! An ID must also be in no closed run. Each process keeps a Bloom filter of the closed runs it
 //! has loaded (runs `0..covered`): an ID the filter lacks is probed only in the runs closed since
 //! (`covered..open_run`), and an ID it may hold in every closed run, one index descent per run.
-//! A process keeps the IDs it wrote into the open run; when that run has closed and holds as many
-//! rows as the process wrote into it (it was the only writer), the load fills the filter from
-//! them after one count, instead of reading the run back.
 //!
 //! Runs only ever close, so an open run below the runs a filter covers means the database went
 //! back in time (a failover to a replica that lagged, a restore to an earlier point): the runs
@@ -33,7 +30,7 @@
 //! next statement, after its lock, thus sees the open run as it is and every ID of every closed
 //! run; and no ID can commit into two runs.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -50,7 +47,7 @@ pub(super) struct Kind {
     /// The advisory lock between writers of the open run (shared) and its closing (exclusive).
     pub(super) lock: i64,
     open_run: &'static str,
-    count_run: &'static str,
+    count_open: &'static str,
     close: &'static str,
     rows: &'static str,
     count: &'static str,
@@ -64,7 +61,7 @@ macro_rules! kind {
             whose: $whose,
             lock: $lock,
             open_run: concat!("-- replay_runs\nSELECT open_run FROM ", $state),
-            count_run: concat!(
+            count_open: concat!(
                 "-- replay_runs\nSELECT COUNT(*) FROM ",
                 $ids,
                 " WHERE run = $1"
@@ -113,9 +110,6 @@ pub(super) const RUN_IDS: i64 = 100_000;
 /// IDs read per statement while loading the filter.
 const LOAD_CHUNK: i64 = 65_536;
 
-/// The most IDs a process keeps of those it wrote into the open run (see `Inner::mine`).
-const MINE_IDS: usize = 4 * RUN_IDS as usize;
-
 /// How long after failed background work (a load or a close) the next may start.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
@@ -135,8 +129,6 @@ pub(super) struct Runs {
     /// Held by a load from start to end: a load that replaced the filter with one built from
     /// fewer runs, while another raised `covered` past them, would let IDs skip their probes.
     loading: tokio::sync::Mutex<()>,
-    /// Rows loads have read back from closed runs (for the tests).
-    rows_read: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -152,13 +144,6 @@ struct Inner {
     /// How many times the filter was forgotten because the database went back in time; a load
     /// that began before the last time installs nothing.
     epoch: u64,
-    /// The IDs this process committed into `open_run` (`None` once too many to keep), and those
-    /// it committed into the run open before, once that closed: a load that finds the closed run
-    /// holding as many rows as this process wrote into it fills the filter from them instead of
-    /// reading the run back (the common case of one writer, where a load was most of a close's
-    /// cost).
-    mine: Option<Vec<[u8; 16]>>,
-    closed_mine: Option<(i32, Vec<[u8; 16]>)>,
 }
 
 impl Inner {
@@ -166,8 +151,6 @@ impl Inner {
     /// known, so that late news of writes into a closed run is ignored.
     fn see(&mut self, open_run: i32) -> bool {
         if open_run > self.open_run {
-            self.closed_mine = self.mine.take().map(|ids| (self.open_run, ids));
-            self.mine = Some(Vec::new());
             self.open_run = open_run;
             self.written = 0;
         }
@@ -193,8 +176,6 @@ impl Inner {
         self.covered = 0;
         self.open_run = open_run;
         self.written = 0;
-        self.mine = None;
-        self.closed_mine = None;
         self.epoch += 1;
         true
     }
@@ -233,7 +214,6 @@ impl Runs {
             busy: AtomicBool::new(false),
             run_ids: AtomicI64::new(RUN_IDS),
             loading: tokio::sync::Mutex::new(()),
-            rows_read: AtomicU64::new(0),
         }
     }
 }
@@ -298,29 +278,17 @@ impl Runs {
         }
     }
 
-    /// After a committed write of `ids` into run `open_run`: closes the open run once this
+    /// After a committed write of `ids` IDs into run `open_run`: closes the open run once this
     /// process knows it holds enough, and loads the runs closed since the filter was loaded, in
     /// the background (one task at a time, which runs until nothing is due).
-    pub(super) fn after_write(self: &Arc<Self>, pool: &PgPool, ids: &[[u8; 16]], open_run: i32) {
+    pub(super) fn after_write(self: &Arc<Self>, pool: &PgPool, ids: usize, open_run: i32) {
         {
             let mut inner = self.inner();
             if inner.see(open_run) {
-                inner.written = inner.written.saturating_add(ids.len() as i64);
-                let kept = inner.mine.as_ref().map_or(0, Vec::len) + ids.len();
-                if kept > MINE_IDS {
-                    inner.mine = None;
-                } else if let Some(mine) = inner.mine.as_mut() {
-                    mine.extend_from_slice(ids);
-                }
+                inner.written = inner.written.saturating_add(ids as i64);
             }
         }
         self.kick(pool);
-    }
-
-    /// Rows loads have read back from closed runs.
-    #[cfg(test)]
-    fn rows_read(&self) -> u64 {
-        self.rows_read.load(Ordering::Relaxed)
     }
 
     /// Starts the background task if work is due and none runs.
@@ -396,7 +364,7 @@ impl Runs {
             .fetch_one(pool)
             .await
             .map_err(db)?;
-        let in_open: i64 = sqlx::query_scalar(self.kind.count_run)
+        let in_open: i64 = sqlx::query_scalar(self.kind.count_open)
             .bind(open_run)
             .fetch_one(pool)
             .await
@@ -477,8 +445,7 @@ impl Runs {
 
     /// Adds the IDs of `runs` to `into`, or to the filter in use if `None` (as long as the
     /// filter is still that of `epoch`). `false` if the filter became overfull, or was dropped
-    /// (the caller builds another). A run that holds exactly the rows this process wrote into it
-    /// is filled from those (one count instead of reading it back); others are read in chunks.
+    /// (the caller builds another).
     async fn add_runs(
         &self,
         pool: &PgPool,
@@ -488,21 +455,6 @@ impl Runs {
         epoch: u64,
     ) -> Result<bool, StoreError> {
         for run in runs {
-            if let Some(mine) = self.mine_in(run) {
-                // The run is closed, so its count is final; a task's deletion since only lowers
-                // it, and then the run is read.
-                let rows: i64 = sqlx::query_scalar(self.kind.count_run)
-                    .bind(run)
-                    .fetch_one(pool)
-                    .await
-                    .map_err(db)?;
-                if rows == mine.len() as i64 {
-                    if !self.insert(&mine, into.as_deref_mut(), epoch) {
-                        return Ok(false);
-                    }
-                    continue;
-                }
-            }
             let mut after: (i32, Vec<u8>) = (i32::MIN, Vec::new());
             loop {
                 let rows: Vec<(i32, Vec<u8>)> = sqlx::query_as(self.kind.chunk)
@@ -514,8 +466,6 @@ impl Runs {
                     .await
                     .map_err(db)?;
                 *read += rows.len();
-                self.rows_read
-                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
                 let mut ids = Vec::with_capacity(rows.len());
                 for (_, id) in &rows {
                     // A stored ID of another length matches no report's (they are 16 bytes), so
@@ -531,8 +481,26 @@ impl Runs {
                         ),
                     }
                 }
-                if !self.insert(&ids, into.as_deref_mut(), epoch) {
-                    return Ok(false);
+                match into.as_deref_mut() {
+                    Some(bloom) => {
+                        ids.iter().for_each(|id| bloom.insert(id));
+                        if bloom.overfull() {
+                            return Ok(false);
+                        }
+                    }
+                    None => {
+                        let mut inner = self.inner();
+                        if inner.epoch != epoch {
+                            return Ok(false);
+                        }
+                        let Some(bloom) = inner.bloom.as_mut() else {
+                            return Ok(false);
+                        };
+                        ids.iter().for_each(|id| bloom.insert(id));
+                        if bloom.overfull() {
+                            return Ok(false);
+                        }
+                    }
                 }
                 let full = rows.len() as i64 == LOAD_CHUNK;
                 match rows.into_iter().last() {
@@ -542,122 +510,5 @@ impl Runs {
             }
         }
         Ok(true)
-    }
-
-    /// The IDs this process wrote into `run`, now closed, if it kept them (taken: a load uses
-    /// them once).
-    fn mine_in(&self, run: i32) -> Option<Vec<[u8; 16]>> {
-        let mut inner = self.inner();
-        match inner.closed_mine.take() {
-            Some((of, ids)) if of == run && !ids.is_empty() => Some(ids),
-            other => {
-                inner.closed_mine = other;
-                None
-            }
-        }
-    }
-
-    /// Adds `ids` to `into`, or to the filter in use if `None` (as long as it is that of
-    /// `epoch`). `false` if the filter became overfull, or was dropped.
-    fn insert(&self, ids: &[[u8; 16]], into: Option<&mut Bloom>, epoch: u64) -> bool {
-        match into {
-            Some(bloom) => {
-                ids.iter().for_each(|id| bloom.insert(id));
-                !bloom.overfull()
-            }
-            None => {
-                let mut inner = self.inner();
-                if inner.epoch != epoch {
-                    return false;
-                }
-                let Some(bloom) = inner.bloom.as_mut() else {
-                    return false;
-                };
-                ids.iter().for_each(|id| bloom.insert(id));
-                !bloom.overfull()
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use duet_core::AggregatorRole;
-    use duet_messages::dap09::{AggregationJobId, ReportId, TaskId};
-
-    use super::super::PostgresDatastore;
-    use crate::conformance::postgres::with_fresh_database;
-    use crate::{Datastore, HelperAggregationJob};
-
-    async fn helper(url: &str, run_ids: i64) -> PostgresDatastore {
-        let store = PostgresDatastore::connect(url)
-            .await
-            .expect("connect")
-            .with_role(AggregatorRole::Helper);
-        store.set_helper_run_ids(run_ids);
-        store
-    }
-
-    async fn put(store: &PostgresDatastore, task_id: TaskId, ids: &[ReportId]) {
-        let job = HelperAggregationJob {
-            task_id,
-            id: AggregationJobId::random(),
-            request_hash: [0; 32],
-            step: 0,
-            response: Vec::new(),
-        };
-        store
-            .put_helper_aggregation_job(&job, ids, &[], &|_, _| Err("no aggregates".into()))
-            .await
-            .expect("fresh IDs");
-    }
-
-    /// Waits until the Helper's filter covers the runs below `run` (loads run in the background).
-    async fn covered(store: &PostgresDatastore, run: i32) {
-        for _ in 0..500 {
-            if store.helper_runs.inner().covered >= run {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        panic!("the filter did not come to cover run {}", run - 1);
-    }
-
-    /// A run that only this process wrote into is filled into the filter from the IDs it kept
-    /// when the run closes, without reading it back; a run another process wrote into too is
-    /// read back.
-    #[tokio::test]
-    async fn a_run_this_process_wrote_alone_is_not_read_back() {
-        with_fresh_database("a_run_this_process_wrote_alone", |url| async move {
-            let a = helper(&url, 10).await;
-            a.warm_up().await.expect("warm up");
-            let task_id = TaskId::random();
-            let first: Vec<ReportId> = (0..10).map(|_| ReportId::random()).collect();
-            put(&a, task_id, &first).await;
-            covered(&a, 2).await;
-            assert_eq!(a.helper_runs.rows_read(), 0);
-            {
-                let inner = a.helper_runs.inner();
-                let bloom = inner.bloom.as_ref().expect("a filter");
-                assert!(first.iter().all(|id| bloom.may_contain(&id.0)));
-            }
-
-            // Another process writes into run 2 too: it is read back, all 15 rows.
-            let b = helper(&url, 1_000_000).await;
-            let theirs: Vec<ReportId> = (0..5).map(|_| ReportId::random()).collect();
-            put(&b, task_id, &theirs).await;
-            let second: Vec<ReportId> = (0..10).map(|_| ReportId::random()).collect();
-            put(&a, task_id, &second).await;
-            covered(&a, 3).await;
-            assert_eq!(a.helper_runs.rows_read(), 15);
-            {
-                let inner = a.helper_runs.inner();
-                let bloom = inner.bloom.as_ref().expect("a filter");
-                assert!(theirs.iter().all(|id| bloom.may_contain(&id.0)));
-            }
-            a.close().await;
-            b.close().await;
-        })
-        .await;
     }
 }
