@@ -173,8 +173,9 @@ pub(super) async fn put_helper_aggregation_job(
                 // An open run behind the filter's: the database went back in time, and the
                 // probe trusted a filter that no longer matches it. The next attempt probes
                 // every closed run.
-                col::<_, bool>(&row, "replayed")?
-                    || (run < triage.covered && store.helper_runs.check_open_run(&store.pool, run))
+                let behind = run < triage.covered;
+                store.helper_runs.check_open_run(&store.pool, run);
+                col::<_, bool>(&row, "replayed")? || behind
             }
             Err(e) if is_unique_violation(&e) => true,
             Err(e) => return Err(e.into()),

@@ -179,6 +179,27 @@ impl Inner {
         self.epoch += 1;
         true
     }
+
+    /// After a writer read `open_run` under the runs' lock, when no run can close: the database's
+    /// open run is at or past every one this process has seen, unless the database went back in
+    /// time. Then this process takes the database's open run as the open one (so that it counts
+    /// its writes there, and closes it in time), and drops the filter if it covers runs past it.
+    /// `true` if the filter was dropped.
+    fn check_written(&mut self, open_run: i32, whose: &str) -> bool {
+        let forgot = self.forget_if_behind(open_run, whose);
+        if open_run < self.open_run {
+            tracing::warn!(
+                ids = whose,
+                open_run,
+                known = self.open_run,
+                "replay runs: the database's open run is behind the one this process knew (a \
+                 failover or a restore?)"
+            );
+            self.open_run = open_run;
+            self.written = 0;
+        }
+        forgot
+    }
 }
 
 /// How a write checks its IDs against the closed runs.
@@ -247,15 +268,13 @@ impl Runs {
         }
     }
 
-    /// After a statement that read the open run once the writer held the runs' lock (or after
-    /// a triage): forgets the filter if the open run is behind the runs it covers (see
-    /// `Inner::forget_if_behind`). `true` if it did: a triage taken before must be taken again.
-    pub(super) fn check_open_run(self: &Arc<Self>, pool: &PgPool, open_run: i32) -> bool {
-        let forgot = self.inner().forget_if_behind(open_run, self.kind.whose);
-        if forgot {
+    /// After a statement that read the open run while the writer held the runs' lock: takes it
+    /// as the open run, and forgets the filter if it is behind the runs the filter covers, if the
+    /// database went back in time (see `Inner::check_written`).
+    pub(super) fn check_open_run(self: &Arc<Self>, pool: &PgPool, open_run: i32) {
+        if self.inner().check_written(open_run, self.kind.whose) {
             self.kick(pool);
         }
-        forgot
     }
 
     /// Sets how many IDs the open run may hold before this process closes it (tests).
@@ -303,7 +322,18 @@ impl Runs {
             while let Some(work) = this.pending() {
                 let result = match work {
                     Work::Close(run) => this.close(&pool, run).await,
-                    Work::Load => this.load(&pool).await,
+                    Work::Load => {
+                        let before = this.inner().covered;
+                        let loaded = this.load(&pool).await;
+                        if loaded.is_ok() && this.inner().covered == before {
+                            // Nothing was closed past the filter after all (the database's open
+                            // run is behind the one this process heard of, as after a failover):
+                            // look again later rather than at once.
+                            this.inner().retry_at = Some(now() + RETRY_AFTER);
+                            break;
+                        }
+                        loaded
+                    }
                 };
                 if let Err(e) = result {
                     tracing::warn!(
@@ -510,5 +540,41 @@ impl Runs {
             }
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that finds the database's open run behind the one this process knew takes the
+    /// database's (so its writes there count, and it closes that run in time), and drops the
+    /// filter only if the filter covers runs past it.
+    #[test]
+    fn a_writer_that_finds_the_database_behind_takes_its_open_run() {
+        let mut inner = Inner {
+            bloom: Some(Bloom::with_capacity(10)),
+            covered: 4,
+            open_run: 5,
+            written: 7,
+            ..Inner::default()
+        };
+        assert!(!inner.check_written(4, "helper"));
+        assert_eq!((inner.open_run, inner.written, inner.covered), (4, 0, 4));
+        assert!(inner.bloom.is_some());
+        assert!(
+            inner.see(4),
+            "writes into the database's open run count again"
+        );
+
+        assert!(inner.check_written(3, "helper"));
+        assert_eq!((inner.open_run, inner.covered), (3, 0));
+        assert!(inner.bloom.is_none());
+
+        // At or past the open run it knows, nothing changes (`see` moves it forward).
+        inner.written = 2;
+        assert!(!inner.check_written(3, "helper"));
+        assert!(!inner.check_written(6, "helper"));
+        assert_eq!((inner.open_run, inner.written), (3, 2));
     }
 }
