@@ -169,16 +169,6 @@ impl Task {
         if p.max_batch_query_count == 0 {
             return Err(bad("max_batch_query_count must be at least 1".into()));
         }
-        // An empty token would let an empty header through.
-        if p.aggregator_auth_token.token().is_empty() {
-            return Err(bad("aggregator_auth_token must not be empty".into()));
-        }
-        if p.collector_auth_token
-            .as_ref()
-            .is_some_and(|t| t.token().is_empty())
-        {
-            return Err(bad("collector_auth_token must not be empty".into()));
-        }
         p.vdaf.instantiate()?;
         Ok(Self {
             id,
@@ -197,6 +187,23 @@ impl Task {
             aggregator_auth_token: p.aggregator_auth_token.clone(),
             collector_auth_token: p.collector_auth_token.clone(),
         })
+    }
+
+    /// Checks what a new task needs beyond what a stored one is read with: tokens that are not
+    /// empty (an empty token authenticates nobody, so such a task could never be used).
+    pub fn check_new(&self) -> Result<(), CoreError> {
+        let bad = |m: &str| Err(CoreError::InvalidParameter(m.into()));
+        if self.aggregator_auth_token.token().is_empty() {
+            return bad("aggregator_auth_token must not be empty");
+        }
+        if self
+            .collector_auth_token
+            .as_ref()
+            .is_some_and(|t| t.token().is_empty())
+        {
+            return bad("collector_auth_token must not be empty");
+        }
+        Ok(())
     }
 
     /// The portable form.
@@ -257,15 +264,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("16 bytes"));
+        // Empty tokens: a stored task is still read (requests for it fail authentication), a
+        // new one is refused.
+        assert!(task.check_new().is_ok());
         let mut empty = p.clone();
         empty.aggregator_auth_token = AuthenticationToken::DapAuth(String::new());
-        assert!(Task::from_parameters(&empty)
+        let empty = Task::from_parameters(&empty).expect("read");
+        assert!(empty
+            .check_new()
             .unwrap_err()
             .to_string()
             .contains("aggregator_auth_token"));
         let mut empty = p;
         empty.collector_auth_token = Some(AuthenticationToken::Bearer(String::new()));
-        assert!(Task::from_parameters(&empty)
+        let empty = Task::from_parameters(&empty).expect("read");
+        assert!(empty
+            .check_new()
             .unwrap_err()
             .to_string()
             .contains("collector_auth_token"));

@@ -190,6 +190,7 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
         Command::Import { file, db, role } => {
             let params = read_task_file(&file)?;
             let mut task = Task::from_parameters(&params)?;
+            task.check_new()?;
             if let QueryTypeConfig::FixedSize { .. } = task.query_type {
                 // Its requests would be served as time-interval ones.
                 bail!(

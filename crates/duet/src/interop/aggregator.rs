@@ -269,7 +269,9 @@ fn task(request: AddTaskRequest) -> Result<Task, String> {
         aggregator_auth_token: AuthenticationToken::DapAuth(request.leader_authentication_token),
         collector_auth_token,
     };
-    Task::from_parameters(&params).map_err(|e| e.to_string())
+    let task = Task::from_parameters(&params).map_err(|e| e.to_string())?;
+    task.check_new().map_err(|e| e.to_string())?;
+    Ok(task)
 }
 
 #[cfg(test)]
