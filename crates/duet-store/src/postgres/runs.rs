@@ -113,6 +113,9 @@ const LOAD_CHUNK: i64 = 65_536;
 /// How long after failed background work (a load or a close) the next may start.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
+/// How long after a load that found nothing to load the next may start.
+const IDLE_LOAD_AFTER: Duration = Duration::from_secs(1);
+
 /// How long closing a run waits for the writers of the run: they, and the writers queued behind
 /// the close, wait as long. A close that times out is tried again later.
 const CLOSE_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '1s'";
@@ -254,6 +257,13 @@ impl Runs {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The runs the filter covers, and how many times it was dropped: a load that changes
+    /// neither found nothing to load.
+    fn state(&self) -> (i32, u64) {
+        let inner = self.inner();
+        (inner.covered, inner.epoch)
+    }
+
     /// Splits `ids` by what the filter knows.
     pub(super) fn triage(&self, ids: &[[u8; 16]]) -> Triage {
         let inner = self.inner();
@@ -323,13 +333,13 @@ impl Runs {
                 let result = match work {
                     Work::Close(run) => this.close(&pool, run).await,
                     Work::Load => {
-                        let before = this.inner().covered;
+                        let before = this.state();
                         let loaded = this.load(&pool).await;
-                        if loaded.is_ok() && this.inner().covered == before {
+                        if loaded.is_ok() && this.state() == before {
                             // Nothing was closed past the filter after all (the database's open
                             // run is behind the one this process heard of, as after a failover):
                             // look again later rather than at once.
-                            this.inner().retry_at = Some(now() + RETRY_AFTER);
+                            this.inner().retry_at = Some(now() + IDLE_LOAD_AFTER);
                             break;
                         }
                         loaded
@@ -419,6 +429,11 @@ impl Runs {
             }
             None => false,
         };
+        if !complete && self.inner().epoch != epoch {
+            // The filter was dropped during the load (the database went back in time): the next
+            // load starts over from what the database holds now.
+            return Ok(());
+        }
         if !complete {
             // A new filter from all the closed runs, sized for twice the IDs the table holds:
             // its row count as last estimated, or counted if it never was (`reltuples` is then
