@@ -263,67 +263,43 @@ fn serve_task_upload_collect() {
         .saturating_sub(precision)
         .to_string();
     let duration = (3 * precision).to_string();
-    let out = run(&[
-        "collect",
-        "--task",
-        &task,
-        "--key",
-        &key,
-        "--start",
-        &start,
-        "--duration",
-        &duration,
-        "--json",
-        "--timeout",
-        "60",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let collect = |start: &str, extra: &[&str]| {
+        let mut args = vec![
+            "collect",
+            "--task",
+            &task,
+            "--key",
+            &key,
+            "--start",
+            start,
+            "--duration",
+            &duration,
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let collected = |out: Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let json = ["--json", "--timeout", "60"];
+    let v = collected(collect(&start, &json));
     assert_eq!(v["report_count"], 6);
     assert_eq!(v["result"], serde_json::json!([1, 1, 1, 3]));
 
     // Collecting the same batch again is the same query: the same result.
-    let again = run(&[
-        "collect",
-        "--task",
-        &task,
-        "--key",
-        &key,
-        "--start",
-        &start,
-        "--duration",
-        &duration,
-        "--json",
-        "--timeout",
-        "60",
-    ]);
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
-    let w: serde_json::Value = serde_json::from_slice(&again.stdout).expect("json");
+    let w = collected(collect(&start, &json));
     assert_eq!(
         (&w["report_count"], &w["result"]),
         (&v["report_count"], &v["result"])
     );
     // A batch that overlaps the collected one: a readable refusal.
     let later = (start.parse::<u64>().expect("start") + precision).to_string();
-    let out = run(&[
-        "collect",
-        "--task",
-        &task,
-        "--key",
-        &key,
-        "--start",
-        &later,
-        "--duration",
-        &duration,
-    ]);
+    let out = collect(&later, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("batchOverlap"), "{stderr}");

@@ -9,7 +9,7 @@ use duet_messages::problem::DapProblemType;
 use duet_messages::{Decode, Encode};
 use duet_store::{AggregateShareJob, StoreError};
 
-use super::{check_leader_auth, Helper};
+use super::Helper;
 use crate::batch::{is_valid_batch_interval, total};
 use crate::error::Error;
 
@@ -21,8 +21,7 @@ impl Helper {
         auth: (Option<&[u8]>, Option<&[u8]>),
         body: &[u8],
     ) -> Result<Vec<u8>, Error> {
-        let entry = self.shared.require_task(&task_id).await?;
-        check_leader_auth(&entry, auth.0, auth.1)?;
+        let entry = self.authorized(task_id, auth).await?;
         let task = &entry.task;
         let abort = |p: DapProblemType, m: String| Error::abort(p, Some(task_id), m);
         let req = AggregateShareReq::get_decoded(body).map_err(|e| {

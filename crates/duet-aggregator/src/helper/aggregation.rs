@@ -16,7 +16,7 @@ use duet_messages::{Decode, Encode};
 use duet_store::{HelperAggregationJob, StoreError};
 use sha2::{Digest, Sha256};
 
-use super::{check_leader_auth, Helper};
+use super::Helper;
 use crate::batch::{in_any, merger, BucketAccumulator};
 use crate::error::Error;
 use crate::metrics::StoreOp;
@@ -35,8 +35,7 @@ impl Helper {
         auth: (Option<&[u8]>, Option<&[u8]>),
         body: &[u8],
     ) -> Result<Vec<u8>, Error> {
-        let entry = self.shared.require_task(&task_id).await?;
-        check_leader_auth(&entry, auth.0, auth.1)?;
+        let entry = self.authorized(task_id, auth).await?;
         let invalid = |m: String| Error::abort(DapProblemType::InvalidMessage, Some(task_id), m);
         let req = AggregationJobInitReq::get_decoded(body)
             .map_err(|e| invalid(format!("malformed aggregation job: {e}")))?;
@@ -151,8 +150,7 @@ impl Helper {
         auth: (Option<&[u8]>, Option<&[u8]>),
         body: &[u8],
     ) -> Result<Vec<u8>, Error> {
-        let entry = self.shared.require_task(&task_id).await?;
-        check_leader_auth(&entry, auth.0, auth.1)?;
+        self.authorize(task_id, auth).await?;
         duet_messages::dap09::AggregationJobContinueReq::get_decoded(body).map_err(|e| {
             Error::abort(
                 DapProblemType::InvalidMessage,
@@ -187,8 +185,7 @@ impl Helper {
         task_id: TaskId,
         auth: (Option<&[u8]>, Option<&[u8]>),
     ) -> Result<(), Error> {
-        let entry = self.shared.require_task(&task_id).await?;
-        check_leader_auth(&entry, auth.0, auth.1)
+        self.authorize(task_id, auth).await
     }
 }
 

@@ -68,13 +68,23 @@ impl Helper {
         task_id: TaskId,
         auth: (Option<&[u8]>, Option<&[u8]>),
     ) -> Result<(), Error> {
+        self.authorized(task_id, auth).await.map(drop)
+    }
+
+    /// The task, once the request has shown the Leader's token.
+    pub(crate) async fn authorized(
+        &self,
+        task_id: TaskId,
+        auth: (Option<&[u8]>, Option<&[u8]>),
+    ) -> Result<Arc<TaskEntry>, Error> {
         let entry = self.shared.require_task(&task_id).await?;
-        check_leader_auth(&entry, auth.0, auth.1)
+        check_leader_auth(&entry, auth.0, auth.1)?;
+        Ok(entry)
     }
 }
 
 /// Checks the Leader's token.
-pub(crate) fn check_leader_auth(
+fn check_leader_auth(
     entry: &TaskEntry,
     dap_auth: Option<&[u8]>,
     authorization: Option<&[u8]>,
