@@ -227,6 +227,80 @@ async fn racing_creators_claim_each_id_once_while_runs_close() {
     .await;
 }
 
+/// A creator whose statement took its snapshot before another creator moved the task's cursor,
+/// and its lock after that creator committed, claims nothing in that statement; it runs again
+/// and claims the reports left, rather than leaving them for the next pass (the creator that
+/// moved the cursor may have skipped the task while the lock was held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creator_that_loses_the_cursor_race_claims_what_is_left() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    with_fresh_database(
+        "a_creator_that_loses_the_cursor_race_claims_what_is_left",
+        |url| async move {
+            let a = leader(&url, 1_000_000).await;
+            let task_id = TaskId::random();
+            let reports: Vec<NewReport> = (0..3).map(|i| report(task_id, T0 + i)).collect();
+            a.put_reports(&reports).await.expect("put_reports");
+            // Another creator moves the cursor past the first report and has not committed.
+            let mut other = PgConnection::connect(&url).await.expect("connect");
+            for sql in [
+                "BEGIN",
+                "UPDATE replay_tasks AS t SET (claimed_xid, claimed_time, claimed_id) = ( \
+                   SELECT upload_xid, client_time, report_id FROM report_queue AS q \
+                   WHERE q.task_key = t.task_key \
+                   ORDER BY upload_xid, client_time, report_id LIMIT 1)",
+            ] {
+                sqlx::query(sql).execute(&mut other).await.expect(sql);
+            }
+            let creator = {
+                let a = a.clone();
+                tokio::spawn(async move { a.create_aggregation_jobs(1000, NOW).await })
+            };
+            // The creator's statement has its snapshot and the task's lock, and waits for the
+            // cursor's row.
+            let mut watch = PgConnection::connect(&url).await.expect("connect");
+            for _ in 0..500 {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                     AND query LIKE '-- create_aggregation_jobs%'",
+                )
+                .fetch_one(&mut watch)
+                .await
+                .expect("pg_stat_activity");
+                if waiting > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(
+                !creator.is_finished(),
+                "the creator did not wait for the cursor"
+            );
+            sqlx::query("COMMIT")
+                .execute(&mut other)
+                .await
+                .expect("commit");
+            other.close().await.expect("close");
+            watch.close().await.expect("close");
+            assert_eq!(creator.await.expect("creator").expect("create"), 1);
+            let jobs = a
+                .acquire_aggregation_jobs(NOW, 600, 100)
+                .await
+                .expect("acquire");
+            let mut claimed: Vec<ReportId> = jobs
+                .iter()
+                .flat_map(|job| job.reports.iter().map(|r| r.report_id))
+                .collect();
+            claimed.sort_unstable_by_key(|id| id.0);
+            let mut left: Vec<ReportId> = reports[1..].iter().map(|r| r.report_id).collect();
+            left.sort_unstable_by_key(|id| id.0);
+            assert_eq!(claimed, left, "the reports after the moved cursor");
+            a.close().await;
+        },
+    )
+    .await;
+}
+
 /// Job creation waits while a run is being closed (the close holds the runs' lock exclusive), so
 /// that its IDs go into the run that is open when it commits; then it claims the reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,8 +64,11 @@ macro_rules! claim {
 
 /// The job `$3` (created at `$4`) holding the claimed reports in `$kept` (a CTE of `pos`
 /// values), and the statement's result: how many reports it claimed, how many jobs it created
-/// (0 or 1), whether it waited, whether later uploads are held back, the IDs it inserted into
-/// the open replay run (`$ids`, rows of `report_id` values) and that run.
+/// (0 or 1), whether it waited, whether later uploads are held back, whether it lost a race for
+/// the cursor (`raced`: it picked reports, did not wait, and moved nothing, because a creator
+/// that committed after this statement's snapshot but before it took the task's lock moved the
+/// cursor, or deleted the task; the statement then runs again on a fresh snapshot), the IDs it
+/// inserted into the open replay run (`$ids`, rows of `report_id` values) and that run.
 macro_rules! job_of {
     ($kept:literal, $ids:literal) => {
         concat!(
@@ -80,7 +83,10 @@ macro_rules! job_of {
             ") RETURNING 1) \
              SELECT (SELECT COUNT(*) FROM picked) * (SELECT COUNT(*) FROM moved) AS claimed, \
                (SELECT COUNT(*) FROM job) AS jobs, (SELECT wait FROM waiting) AS waiting, \
-               (SELECT back FROM held) AS held_back, ARRAY(SELECT report_id FROM ",
+               (SELECT back FROM held) AS held_back, \
+               (EXISTS (SELECT 1 FROM picked) AND NOT EXISTS (SELECT 1 FROM moved) \
+                 AND NOT (SELECT wait FROM waiting)) AS raced, \
+               ARRAY(SELECT report_id FROM ",
             $ids,
             ") AS ids, (SELECT open_run FROM open) AS open_run"
         )
@@ -258,6 +264,12 @@ pub(super) async fn create_aggregation_jobs(
                 dropping = true;
                 replayed.extend(hits);
             };
+            // Without this, the creator holding the lock would leave the task, and the one
+            // that moved the cursor may already have skipped it for that lock: the reports left
+            // would wait for the next pass.
+            if col::<_, bool>(&row, "raced")? {
+                continue;
+            }
             if col_u64(&row, "jobs")? > 0 {
                 created += 1;
             }
