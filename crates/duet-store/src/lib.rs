@@ -12,6 +12,7 @@ pub mod conformance;
 pub mod models;
 pub mod postgres;
 mod rows;
+mod served;
 pub mod sqlite;
 
 use std::collections::HashSet;
@@ -35,6 +36,9 @@ pub enum StoreError {
     /// A concurrent writer changed what this write depended on; recompute and retry.
     #[error("conflict with a concurrent write")]
     Conflict,
+    /// The batch overlaps another whose aggregate share was served.
+    #[error("the batch overlaps one collected before")]
+    BatchOverlap,
     /// The lease on a job was lost (expired and taken by another worker).
     #[error("lease lost")]
     LeaseLost,
@@ -233,7 +237,9 @@ pub trait Datastore: Send + Sync + 'static {
     ) -> Result<HashSet<ReportId>, StoreError>;
     /// Stores a finished Helper aggregation job in one transaction: the job (with its response),
     /// the IDs of its accepted reports (for replay protection) and the merged `deltas`.
-    /// `Conflict` if the job ID or any report ID is already stored.
+    /// `Conflict` if the job ID or any report ID is already stored, or if a bucket of `deltas`
+    /// lies in a batch whose aggregate share is recorded (one served since the caller read
+    /// `collected_intervals`: its reports there are `batch_collected`).
     async fn put_helper_aggregation_job(
         &self,
         job: &HelperAggregationJob,
@@ -254,7 +260,10 @@ pub trait Datastore: Send + Sync + 'static {
         task_id: &TaskId,
     ) -> Result<Vec<AggregateShareJob>, StoreError>;
     /// Records a served aggregate share (`AlreadyExists` if one exists for this batch and
-    /// parameter with different content).
+    /// parameter with different content). Checked in its transaction, serialised with the
+    /// task's aggregation job writes: `BatchOverlap` if a share was served for another batch
+    /// that overlaps this one, and `Conflict` if the batch's aggregations no longer hold
+    /// `report_count` reports (a job merged into it after the share was computed: recompute).
     async fn put_aggregate_share_job(&self, job: &AggregateShareJob) -> Result<(), StoreError>;
 
     // ---- Operations ----

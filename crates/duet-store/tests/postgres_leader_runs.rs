@@ -258,20 +258,7 @@ async fn a_creator_that_loses_the_cursor_race_claims_what_is_left() {
             };
             // The creator's statement has its snapshot and the task's lock, and waits for the
             // cursor's row.
-            let mut watch = PgConnection::connect(&url).await.expect("connect");
-            for _ in 0..500 {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                     AND query LIKE '-- create_aggregation_jobs%'",
-                )
-                .fetch_one(&mut watch)
-                .await
-                .expect("pg_stat_activity");
-                if waiting > 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            common::waiting_on_lock(&url, "create_aggregation_jobs").await;
             assert!(
                 !creator.is_finished(),
                 "the creator did not wait for the cursor"
@@ -281,7 +268,6 @@ async fn a_creator_that_loses_the_cursor_race_claims_what_is_left() {
                 .await
                 .expect("commit");
             other.close().await.expect("close");
-            watch.close().await.expect("close");
             assert_eq!(creator.await.expect("creator").expect("create"), 1);
             let jobs = a
                 .acquire_aggregation_jobs(NOW, 600, 100)

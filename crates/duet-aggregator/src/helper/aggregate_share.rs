@@ -3,7 +3,7 @@
 
 use duet_core::hpke::{seal, HpkeApplicationInfo};
 use duet_messages::dap09::{
-    AggregateShare, AggregateShareAad, AggregateShareReq, BatchSelector, Role, TaskId,
+    AggregateShare, AggregateShareAad, AggregateShareReq, BatchSelector, Interval, Role, TaskId,
 };
 use duet_messages::problem::DapProblemType;
 use duet_messages::{Decode, Encode};
@@ -12,6 +12,10 @@ use duet_store::{AggregateShareJob, StoreError};
 use super::Helper;
 use crate::batch::{is_valid_batch_interval, total};
 use crate::error::Error;
+use crate::shared::TaskEntry;
+
+/// Attempts at computing and recording a share while jobs merge into its batch.
+const SHARE_ATTEMPTS: usize = 3;
 
 impl Helper {
     /// Handles `POST /tasks/{task}/aggregate_shares`: returns the encoded `AggregateShare`.
@@ -48,31 +52,55 @@ impl Helper {
                 "the batch interval must start and last a multiple of the time precision".into(),
             ));
         }
+        // A job that merges into the batch while its share is computed makes the recording
+        // answer `Conflict`: the share is computed again (and then no longer matches the
+        // Leader's count, unless the Leader aggregated the same reports meanwhile).
+        for _ in 0..SHARE_ATTEMPTS {
+            match self.serve_share(&entry, &req, &batch_interval).await {
+                Err(Error::Store(StoreError::Conflict)) => continue,
+                served => return served,
+            }
+        }
+        Err(Error::Internal(
+            "the batch kept changing while its aggregate share was computed".into(),
+        ))
+    }
+
+    /// One attempt at [`Helper::aggregate_share`] once the request is validated.
+    async fn serve_share(
+        &self,
+        entry: &TaskEntry,
+        req: &AggregateShareReq,
+        batch_interval: &Interval,
+    ) -> Result<Vec<u8>, Error> {
+        let task = &entry.task;
+        let task_id = task.id;
+        let batch_interval = *batch_interval;
+        let abort = |p: DapProblemType, m: String| Error::abort(p, Some(task_id), m);
         let store = &self.shared.store;
+        // A share served before for this batch, if it was for the same count and checksum.
+        let served_before = |done: AggregateShareJob| {
+            if done.report_count == req.report_count && done.checksum == req.checksum {
+                Ok(AggregateShare {
+                    encrypted_aggregate_share: done.encrypted_aggregate_share,
+                }
+                .get_encoded())
+            } else {
+                Err(abort(
+                    DapProblemType::BatchMismatch,
+                    "this batch was served with another count or checksum".into(),
+                ))
+            }
+        };
         if let Some(done) = store
             .get_aggregate_share_job(&task_id, &batch_interval, &req.aggregation_parameter)
             .await?
         {
-            if done.report_count == req.report_count && done.checksum == req.checksum {
-                return Ok(AggregateShare {
-                    encrypted_aggregate_share: done.encrypted_aggregate_share,
-                }
-                .get_encoded());
-            }
-            return Err(abort(
-                DapProblemType::BatchMismatch,
-                "this batch was served with another count or checksum".into(),
-            ));
+            return served_before(done);
         }
+        // An overlapping batch is refused when the share is recorded, where concurrent requests
+        // are serialised.
         let served = store.list_aggregate_share_jobs(&task_id).await?;
-        if served.iter().any(|j| {
-            j.batch_interval != batch_interval && j.batch_interval.overlaps(&batch_interval)
-        }) {
-            return Err(abort(
-                DapProblemType::BatchOverlap,
-                "the batch overlaps one collected before".into(),
-            ));
-        }
         let queries = served
             .iter()
             .filter(|j| j.batch_interval == batch_interval)
@@ -125,7 +153,7 @@ impl Helper {
         let job = AggregateShareJob {
             task_id,
             batch_interval,
-            aggregation_parameter: req.aggregation_parameter,
+            aggregation_parameter: req.aggregation_parameter.clone(),
             report_count: sum.report_count,
             checksum: sum.checksum,
             encrypted_aggregate_share: sealed,
@@ -135,17 +163,19 @@ impl Helper {
                 encrypted_aggregate_share: job.encrypted_aggregate_share,
             }
             .get_encoded()),
-            // A concurrent identical request won the race: answer as it did.
+            // A concurrent request for this batch won the race: answer as it was answered, if
+            // it was for the same count and checksum.
             Err(StoreError::AlreadyExists) => {
                 let done = store
                     .get_aggregate_share_job(&task_id, &batch_interval, &job.aggregation_parameter)
                     .await?
                     .ok_or_else(|| Error::Internal("aggregate share vanished".into()))?;
-                Ok(AggregateShare {
-                    encrypted_aggregate_share: done.encrypted_aggregate_share,
-                }
-                .get_encoded())
+                served_before(done)
             }
+            Err(StoreError::BatchOverlap) => Err(abort(
+                DapProblemType::BatchOverlap,
+                "the batch overlaps one collected before".into(),
+            )),
             Err(e) => Err(e.into()),
         }
     }

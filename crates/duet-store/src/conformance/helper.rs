@@ -198,12 +198,13 @@ pub async fn check_helper_aggregation_jobs(leader: &dyn Datastore, helper: &dyn 
     }
 }
 
-fn share_job(task_id: TaskId, start: u64, tag: u8) -> AggregateShareJob {
+/// A share of the one-bucket batch at `start`, which holds `report_count` reports.
+fn share_job(task_id: TaskId, start: u64, tag: u8, report_count: u64) -> AggregateShareJob {
     AggregateShareJob {
         task_id,
         batch_interval: interval(start, PRECISION),
         aggregation_parameter: Vec::new(),
-        report_count: 10 + u64::from(tag),
+        report_count,
         checksum: checksum(&random_ids(2)),
         encrypted_aggregate_share: ciphertext(tag),
     }
@@ -215,7 +216,7 @@ pub async fn check_aggregate_share_jobs(leader: &dyn Datastore, helper: &dyn Dat
     let t = task(TaskId::random());
     helper.put_task(&t).await.expect("put_task");
     leader.put_task(&t).await.expect("put_task");
-    let job = share_job(t.id, T0, 1);
+    let job = share_job(t.id, T0, 1, 0);
     let batch = job.batch_interval;
     assert_eq!(
         helper
@@ -262,13 +263,13 @@ pub async fn check_aggregate_share_jobs(leader: &dyn Datastore, helper: &dyn Dat
     );
 
     // Another parameter for the same batch is another job.
-    let mut with_param = share_job(t.id, T0, 2);
+    let mut with_param = share_job(t.id, T0, 2, 0);
     with_param.aggregation_parameter = vec![7];
     helper
         .put_aggregate_share_job(&with_param)
         .await
         .expect("put_aggregate_share_job");
-    let later = share_job(t.id, T0 + PRECISION, 3);
+    let later = share_job(t.id, T0 + PRECISION, 3, 0);
     helper
         .put_aggregate_share_job(&later)
         .await
@@ -305,6 +306,84 @@ pub async fn check_aggregate_share_jobs(leader: &dyn Datastore, helper: &dyn Dat
     assert!(leader.delete_task(&t.id).await.expect("delete_task"));
 }
 
+/// A served batch is final, whatever the interleaving of requests: a share is recorded for no
+/// batch that overlaps a served one, and for none whose aggregations changed since the share was
+/// computed (`Conflict`, to compute it again); no aggregation job merges into a served batch
+/// (`Conflict`, leaving nothing behind, to prepare its reports again).
+pub async fn check_served_batches_are_final(helper: &dyn Datastore) {
+    let t = task(TaskId::random());
+    helper.put_task(&t).await.expect("put_task");
+    let ids = random_ids(3);
+    helper
+        .put_helper_aggregation_job(
+            &helper_job(t.id, 1),
+            &ids,
+            &[delta(t.id, T0, 3, &ids)],
+            &add_shares,
+        )
+        .await
+        .expect("put");
+    // Computed before a job added a report: its count is no longer the batch's.
+    assert!(matches!(
+        helper
+            .put_aggregate_share_job(&share_job(t.id, T0, 1, 2))
+            .await,
+        Err(StoreError::Conflict)
+    ));
+    let served = share_job(t.id, T0, 1, 3);
+    helper
+        .put_aggregate_share_job(&served)
+        .await
+        .expect("put_aggregate_share_job");
+    let mut overlapping = share_job(t.id, T0, 2, 3);
+    overlapping.batch_interval = interval(T0, 2 * PRECISION);
+    assert!(matches!(
+        helper.put_aggregate_share_job(&overlapping).await,
+        Err(StoreError::BatchOverlap)
+    ));
+    // A job that read the collected batches before the share was served.
+    let late = helper_job(t.id, 2);
+    let late_ids = random_ids(2);
+    let into_served = [
+        delta(t.id, T0 + 2 * PRECISION, 1, &late_ids[..1]),
+        delta(t.id, T0, 1, &late_ids[1..]),
+    ];
+    assert!(matches!(
+        helper
+            .put_helper_aggregation_job(&late, &late_ids, &into_served, &add_shares)
+            .await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        helper
+            .get_batch_aggregations(&t.id, &interval(T0, 3 * PRECISION), &[])
+            .await
+            .expect("get"),
+        vec![delta(t.id, T0, 3, &ids)],
+        "nothing of the refused job merged"
+    );
+    // Prepared again: the report in the served batch is rejected, the other merged.
+    helper
+        .put_helper_aggregation_job(&late, &late_ids[..1], &into_served[..1], &add_shares)
+        .await
+        .expect("put again");
+    assert_eq!(
+        helper
+            .get_aggregate_share_job(&t.id, &served.batch_interval, &[])
+            .await
+            .expect("get"),
+        Some(served)
+    );
+    let later = interval(T0 + 2 * PRECISION, PRECISION);
+    let mut later_share = share_job(t.id, T0 + 2 * PRECISION, 3, 1);
+    later_share.batch_interval = later;
+    helper
+        .put_aggregate_share_job(&later_share)
+        .await
+        .expect("a batch that overlaps none");
+    assert!(helper.delete_task(&t.id).await.expect("delete_task"));
+}
+
 /// Deleting a Helper task removes its jobs, report IDs, aggregate shares and aggregations, and
 /// leaves the Leader's rows of the same task ID alone.
 pub async fn check_helper_delete_task(leader: &dyn Datastore, helper: &dyn Datastore) {
@@ -319,7 +398,7 @@ pub async fn check_helper_delete_task(leader: &dyn Datastore, helper: &dyn Datas
         .await
         .expect("put");
     helper
-        .put_aggregate_share_job(&share_job(t.id, T0, 1))
+        .put_aggregate_share_job(&share_job(t.id, T0, 1, 4))
         .await
         .expect("put_aggregate_share_job");
     let report = super::report(t.id, T0);

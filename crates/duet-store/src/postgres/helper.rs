@@ -7,13 +7,40 @@ use duet_messages::dap09::{
 };
 use duet_messages::{Decode, Encode};
 use sqlx::postgres::PgRow;
+use sqlx::PgConnection;
 
 use super::runs;
 use super::tasks::merge_batch_aggregations;
 use super::{
-    col, col_array, col_interval, col_u64, is_unique_violation, to_i64, PostgresDatastore, TxError,
+    clamp_i64, col, col_array, col_interval, col_u64, is_unique_violation, to_i64,
+    PostgresDatastore, TxError,
 };
+use crate::served::{check_share, merges_into_served};
 use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, StoreError};
+
+/// The advisory lock, with the task key, between the Helper's aggregation job writes into a
+/// task's buckets (shared) and the recording of an aggregate share of the task (exclusive).
+/// Each takes it in a statement of its own before its checks (see `served`), whose snapshots
+/// then see what the other committed.
+const BATCHES_LOCK: i32 = 0x6475_6542; // "dueB"
+
+/// The batches whose aggregate shares the Helper served for a task.
+async fn served_batches(
+    conn: &mut PgConnection,
+    task_id: &TaskId,
+) -> Result<Vec<Interval>, TxError> {
+    Ok(sqlx::query(
+        "-- served_batches
+\
+         SELECT batch_start, batch_duration FROM aggregate_share_jobs WHERE task_id = $1",
+    )
+    .bind(&task_id.0[..])
+    .fetch_all(conn)
+    .await?
+    .iter()
+    .map(|row| col_interval(row, "batch_start", "batch_duration"))
+    .collect::<Result<_, _>>()?)
+}
 
 pub(super) async fn get_helper_aggregation_job(
     store: &PostgresDatastore,
@@ -185,6 +212,17 @@ pub(super) async fn put_helper_aggregation_job(
             return Err(StoreError::Conflict.into());
         }
     }
+    if !deltas.is_empty() {
+        sqlx::query("-- put_helper_aggregation_job\nSELECT pg_advisory_xact_lock_shared($1, $2)")
+            .bind(BATCHES_LOCK)
+            .bind(task_key)
+            .execute(&mut *tx)
+            .await?;
+        if merges_into_served(&served_batches(&mut tx, &job.task_id).await?, deltas) {
+            tx.rollback().await?;
+            return Err(StoreError::Conflict.into());
+        }
+    }
     merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
     tx.commit().await?;
     if let Some(open_run) = open_run {
@@ -253,15 +291,44 @@ pub(super) async fn list_aggregate_share_jobs(
         .collect::<Result<_, _>>()?)
 }
 
-/// READ COMMITTED: the insert either wins or waits for the conflicting row's writer to commit,
-/// after which the comparison reads that committed row.
+/// READ COMMITTED, under the task's batches lock (exclusive): the served batches and the
+/// batch's aggregations are read after it, so no concurrent share or job write is missed (see
+/// `served`). The insert either wins or waits for the conflicting row's writer to commit, after
+/// which the comparison reads that committed row.
 pub(super) async fn put_aggregate_share_job(
     store: &PostgresDatastore,
     job: &AggregateShareJob,
 ) -> Result<(), TxError> {
     let batch_start = to_i64(job.batch_interval.start.0, "batch start")?;
     let batch_duration = to_i64(job.batch_interval.duration.0, "batch duration")?;
+    let task_key = store.task_key(&job.task_id).await?;
     let mut tx = store.begin().await?;
+    sqlx::query("-- put_aggregate_share_job\nSELECT pg_advisory_xact_lock($1, $2)")
+        .bind(BATCHES_LOCK)
+        .bind(task_key)
+        .execute(&mut *tx)
+        .await?;
+    let served = served_batches(&mut tx, &job.task_id).await?;
+    // The form of `get_batch_aggregations`, which cannot overflow.
+    let aggregated: i64 = sqlx::query_scalar(
+        "-- put_aggregate_share_job\n\
+         SELECT COALESCE(SUM(report_count), 0)::BIGINT FROM batch_aggregations \
+         WHERE role = $1 AND task_id = $2 AND bucket_start >= $3 \
+           AND bucket_duration <= $4 - bucket_start AND aggregation_parameter = $5",
+    )
+    .bind(store.role_str())
+    .bind(&job.task_id.0[..])
+    .bind(batch_start)
+    .bind(clamp_i64(job.batch_interval.end().0))
+    .bind(&job.aggregation_parameter[..])
+    .fetch_one(&mut *tx)
+    .await?;
+    let aggregated = u64::try_from(aggregated)
+        .map_err(|_| StoreError::Corrupt("a negative report count".into()))?;
+    if let Err(e) = check_share(&served, job, aggregated) {
+        tx.rollback().await?;
+        return Err(e.into());
+    }
     let inserted = sqlx::query(
         "-- put_aggregate_share_job\n\
          INSERT INTO aggregate_share_jobs (task_id, batch_start, batch_duration, \

@@ -7,11 +7,32 @@ use duet_messages::dap09::{
 };
 use duet_messages::{Decode, Encode};
 use sqlx::sqlite::SqliteRow;
+use sqlx::SqliteConnection;
 
 use super::replay::Entry;
 use super::tasks::merge_batch_aggregations;
-use super::{col, col_array, col_interval, col_u64, db, to_i64, SqliteDatastore};
+use super::{clamp_i64, col, col_array, col_interval, col_u64, db, to_i64, SqliteDatastore};
+use crate::served::{check_share, merges_into_served};
 use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, StoreError};
+
+/// The batches whose aggregate shares the Helper served for a task, read in a write
+/// transaction (which no other write interleaves with: see `served`).
+async fn served_batches(
+    conn: &mut SqliteConnection,
+    task_id: &TaskId,
+) -> Result<Vec<Interval>, StoreError> {
+    sqlx::query(
+        "-- served_batches\n\
+         SELECT batch_start, batch_duration FROM aggregate_share_jobs WHERE task_id = ?",
+    )
+    .bind(&task_id.0[..])
+    .fetch_all(conn)
+    .await
+    .map_err(db)?
+    .iter()
+    .map(|row| col_interval(row, "batch_start", "batch_duration"))
+    .collect()
+}
 
 pub(super) async fn get_helper_aggregation_job(
     store: &SqliteDatastore,
@@ -93,6 +114,12 @@ pub(super) async fn put_helper_aggregation_job(
         tx.rollback().await.map_err(db)?;
         return Err(StoreError::Conflict);
     }
+    if !deltas.is_empty()
+        && merges_into_served(&served_batches(&mut tx, &job.task_id).await?, deltas)
+    {
+        tx.rollback().await.map_err(db)?;
+        return Err(StoreError::Conflict);
+    }
     merge_batch_aggregations(store, &mut tx, deltas, merge).await?;
     let admitted = intake.finish(&mut tx).await?;
     tx.commit().await.map_err(db)?;
@@ -162,6 +189,27 @@ pub(super) async fn put_aggregate_share_job(
     job: &AggregateShareJob,
 ) -> Result<(), StoreError> {
     let mut tx = store.begin_write().await?;
+    let served = served_batches(&mut tx, &job.task_id).await?;
+    let aggregated: i64 = sqlx::query_scalar(
+        "-- put_aggregate_share_job\n\
+         SELECT COALESCE(SUM(report_count), 0) FROM batch_aggregations \
+         WHERE role = ? AND task_id = ? AND bucket_start >= ? \
+           AND bucket_start + bucket_duration <= ? AND aggregation_parameter = ?",
+    )
+    .bind(store.role_str())
+    .bind(&job.task_id.0[..])
+    .bind(clamp_i64(job.batch_interval.start.0))
+    .bind(clamp_i64(job.batch_interval.end().0))
+    .bind(&job.aggregation_parameter[..])
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)?;
+    let aggregated = u64::try_from(aggregated)
+        .map_err(|_| StoreError::Corrupt("a negative report count".into()))?;
+    if let Err(e) = check_share(&served, job, aggregated) {
+        tx.rollback().await.map_err(db)?;
+        return Err(e);
+    }
     let inserted = sqlx::query(
         "-- put_aggregate_share_job\n\
          INSERT INTO aggregate_share_jobs (task_id, batch_start, batch_duration, aggregation_parameter, \

@@ -53,3 +53,26 @@ pub async fn open_run(url: &str, state: &str, at_least: i32) -> i32 {
     }
     panic!("run {at_least} did not open");
 }
+
+/// Waits until a statement whose text starts with `-- {tag}` waits for a lock: another
+/// connection holds one it needs. Panics after five seconds.
+pub async fn waiting_on_lock(url: &str, tag: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND query LIKE '-- ' || $1 || '%'",
+        )
+        .bind(tag)
+        .fetch_one(&mut conn)
+        .await
+        .expect("pg_stat_activity");
+        if waiting > 0 {
+            conn.close().await.expect("close");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no `{tag}` statement waited for a lock");
+}
