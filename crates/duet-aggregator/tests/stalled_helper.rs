@@ -1,6 +1,7 @@
 //! A Helper that stops answering for one task holds back that task's work only: the Leader's
 //! aggregation and collection drivers go on with the other tasks' jobs meanwhile. A Helper that
-//! fails a request once has it retried when the job's backoff ends, not at the next poll.
+//! fails a request once has it retried when the job's backoff ends, not at the next poll, however
+//! long the job waited for its batch before.
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -338,4 +339,40 @@ async fn a_failed_aggregation_job_is_retried_when_its_backoff_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_collection_job_is_retried_when_its_backoff_ends() {
     assert_eq!(collect_after_one_failure("aggregate_shares").await, 2);
+}
+
+/// A collection job leased many times while its batch is too small (every 20 ms here, more than
+/// `max_job_attempts` times) has made no attempt yet: the Helper's failure of its first
+/// aggregate-share request is retried, not taken for its last attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_that_waited_for_its_batch_survives_a_failure() {
+    let h = Harness::start_with(AggregatorConfig {
+        polling_interval_ms: 20,
+        max_job_attempts: 2,
+        ..AggregatorConfig::default()
+    })
+    .await;
+    let vdaf = VdafInstance::Prio3Count;
+    let mut flaky =
+        StallingHelper::start_with(&h.helper_url, "aggregate_shares", Stall::FailOnce).await;
+    let (task, collector_key) = h.task_via(vdaf.clone(), 2, &flaky.url).await;
+    let start = RealClock.now().round_down(task.time_precision);
+    let collector = collector(&task, collector_key, &vdaf);
+    let query = two_hours_from(start);
+    let job = collector.start_collection(query).await.expect("start");
+    // About 25 leases of the job, each finding no report.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let one = vdaf.parse_measurement("1").expect("measurement");
+    let client = client(&task, &vdaf).await;
+    for _ in 0..2 {
+        client.upload(&one).await.expect("upload");
+    }
+    let result = collector
+        .poll_until_ready(&job, &query, COLLECT_TIMEOUT)
+        .await
+        .expect("collected once the failed request was retried");
+    flaky.wait_held().await;
+    flaky.stop().await;
+    h.stop().await;
+    assert_eq!(result.report_count, 2);
 }

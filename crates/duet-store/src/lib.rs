@@ -205,11 +205,14 @@ pub trait Datastore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<AcquiredCollectionJob>, StoreError>;
     /// Gives a leased collection job back, runnable again at `retry_at`. `LeaseLost` if the
-    /// lease is no longer held.
+    /// lease is no longer held. A lease that was not an `attempt` (the job's batch was not
+    /// ready: a job waits through any number of those) is uncounted: the job's attempts go back
+    /// to what they were before it.
     async fn release_collection_job(
         &self,
         job: &AcquiredCollectionJob,
         retry_at: Time,
+        attempt: bool,
     ) -> Result<(), StoreError>;
     /// Moves a leased collection job to a final state (`Finished` or `Abandoned`). `LeaseLost` if
     /// the lease is no longer held (including when the job was deleted meanwhile).

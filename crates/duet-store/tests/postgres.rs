@@ -307,7 +307,7 @@ async fn crashed_replica_leases_are_taken_over() {
         assert_eq!(taken[0].lease.attempts, 2);
         assert!(matches!(
             survivor
-                .release_collection_job(&lost_collections[0], Time(t))
+                .release_collection_job(&lost_collections[0], Time(t), true)
                 .await,
             Err(StoreError::LeaseLost)
         ));

@@ -299,12 +299,12 @@ async fn step_job(leader: &Leader, job: AcquiredCollectionJob) -> Option<Time> {
             }
             r
         }
-        Ok(Step::NotReady) => store.release_collection_job(&job, now).await,
+        Ok(Step::NotReady) => store.release_collection_job(&job, now, false).await,
         Ok(Step::Retry(reason)) if job.lease.attempts < leader.shared.config.max_job_attempts => {
             tracing::warn!(job = %job.job.id, %reason, "collection job will be retried");
             let at = Time(now.0 + (1u64 << job.lease.attempts.min(6)));
             retry = Some(at);
-            store.release_collection_job(&job, at).await
+            store.release_collection_job(&job, at, true).await
         }
         Ok(Step::Retry(reason) | Step::Abandon(reason)) => {
             tracing::error!(job = %job.job.id, %reason, "abandoning collection job");
@@ -320,7 +320,7 @@ async fn step_job(leader: &Leader, job: AcquiredCollectionJob) -> Option<Time> {
             tracing::error!(job = %job.job.id, error = %e, "collection job step failed");
             let at = Time(now.0 + 1);
             retry = Some(at);
-            store.release_collection_job(&job, at).await
+            store.release_collection_job(&job, at, true).await
         }
     };
     if let Err(e) = outcome {

@@ -82,10 +82,12 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
     );
     assert!(acquire(leader, t.id, now + 50).await.is_empty());
     leader
-        .release_collection_job(&first[0], Time(now + 200))
+        .release_collection_job(&first[0], Time(now + 200), true)
         .await
         .expect("release_collection_job");
-    let stale = leader.release_collection_job(&first[0], Time(now)).await;
+    let stale = leader
+        .release_collection_job(&first[0], Time(now), true)
+        .await;
     assert!(matches!(stale, Err(StoreError::LeaseLost)));
     assert!(acquire(leader, t.id, now + 199).await.is_empty());
     let second = acquire(leader, t.id, now + 200).await;
@@ -154,8 +156,19 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
         .put_collection_job(&abandoned_job)
         .await
         .expect("put_collection_job");
-    let leased = acquire(leader, t.id, now + 20_000).await;
+    // Leases that find the batch not ready are not attempts, however many there are.
+    for at in now + 20_000..now + 20_003 {
+        let waiting = acquire(leader, t.id, at).await;
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0].lease.attempts, 1);
+        leader
+            .release_collection_job(&waiting[0], Time(at), false)
+            .await
+            .expect("release_collection_job");
+    }
+    let leased = acquire(leader, t.id, now + 20_003).await;
     assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].lease.attempts, 1);
     let abandoned = CollectionJobState::Abandoned("batch too small".into());
     leader
         .finish_collection_job(&leased[0], &abandoned)

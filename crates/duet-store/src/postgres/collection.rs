@@ -225,16 +225,20 @@ pub(super) async fn release_collection_job(
     store: &PostgresDatastore,
     job: &AcquiredCollectionJob,
     retry_at: Time,
+    attempt: bool,
 ) -> Result<(), TxError> {
     let updated = sqlx::query(
         "-- release_collection_job\n\
-         UPDATE collection_jobs SET lease_token = NULL, lease_expiry = 0, retry_at = $1 \
+         UPDATE collection_jobs SET lease_token = NULL, lease_expiry = 0, retry_at = $1, \
+           lease_attempts = CASE WHEN $5 THEN lease_attempts \
+             ELSE GREATEST(lease_attempts - 1, 0) END \
          WHERE task_id = $2 AND job_id = $3 AND state = 'start' AND lease_token = $4",
     )
     .bind(to_i64(retry_at.0, "retry time")?)
     .bind(&job.job.task_id.0[..])
     .bind(&job.job.id.0[..])
     .bind(&job.lease.token[..])
+    .bind(attempt)
     .execute(&store.pool)
     .await?
     .rows_affected();

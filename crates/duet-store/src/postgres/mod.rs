@@ -594,9 +594,10 @@ impl Datastore for PostgresDatastore {
         &self,
         job: &AcquiredCollectionJob,
         retry_at: Time,
+        attempt: bool,
     ) -> Result<(), StoreError> {
         self.run("release_collection_job", || {
-            collection::release_collection_job(self, job, retry_at)
+            collection::release_collection_job(self, job, retry_at, attempt)
         })
         .await
     }

@@ -196,14 +196,17 @@ pub(super) async fn release_collection_job(
     store: &SqliteDatastore,
     job: &AcquiredCollectionJob,
     retry_at: Time,
+    attempt: bool,
 ) -> Result<(), StoreError> {
     let mut tx = store.begin_write().await?;
     let updated = sqlx::query(
         "-- release_collection_job\n\
-         UPDATE collection_jobs SET lease_token = NULL, lease_expiry = 0, retry_at = ? \
+         UPDATE collection_jobs SET lease_token = NULL, lease_expiry = 0, retry_at = ?, \
+           lease_attempts = CASE WHEN ? THEN lease_attempts ELSE MAX(lease_attempts - 1, 0) END \
          WHERE task_id = ? AND job_id = ? AND state = 'start' AND lease_token = ?",
     )
     .bind(to_i64(retry_at.0, "retry time")?)
+    .bind(attempt)
     .bind(&job.job.task_id.0[..])
     .bind(&job.job.id.0[..])
     .bind(&job.lease.token[..])

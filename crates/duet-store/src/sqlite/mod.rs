@@ -437,8 +437,9 @@ impl Datastore for SqliteDatastore {
         &self,
         job: &AcquiredCollectionJob,
         retry_at: Time,
+        attempt: bool,
     ) -> Result<(), StoreError> {
-        collection::release_collection_job(self, job, retry_at).await
+        collection::release_collection_job(self, job, retry_at, attempt).await
     }
 
     async fn finish_collection_job(
