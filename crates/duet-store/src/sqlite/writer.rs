@@ -66,11 +66,34 @@ impl Writer {
     /// Starts a write transaction holding SQLite's write lock from its first statement.
     pub(super) async fn begin(&self) -> Result<WriteTx, StoreError> {
         let mut conn = self.lock().await?;
+        if SqliteTransactionManager::get_transaction_depth(&conn) > 0 {
+            resync(&mut conn).await?;
+        }
         SqliteTransactionManager::begin(&mut conn, Some("BEGIN IMMEDIATE".into()))
             .await
             .map_err(db)?;
         Ok(WriteTx { conn, open: true })
     }
+}
+
+/// Brings sqlx's count of the transactions open on `conn` back to zero when one ended without
+/// it. SQLite rolls a transaction back by itself on some errors (a full disk, an I/O error);
+/// the rollback sqlx then runs for the dropped transaction fails, its count stays at one, and
+/// every later `BEGIN` would fail until the process restarts. A rollback still queued (of a
+/// transaction dropped a moment ago) is waited for first; if the count is still one, a `BEGIN`
+/// of this function's own gives sqlx's rollback a transaction to end.
+async fn resync(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    conn.ping().await.map_err(db)?;
+    if SqliteTransactionManager::get_transaction_depth(conn) == 0 {
+        return Ok(());
+    }
+    tracing::warn!(
+        "a transaction of the SQLite writer ended without sqlx knowing (rolled back by SQLite \
+         after an error); resetting the connection's transaction state"
+    );
+    // Fails if SQLite still has a transaction open: the rollback below ends that one.
+    let _ = sqlx::query("BEGIN").execute(&mut *conn).await;
+    SqliteTransactionManager::rollback(conn).await.map_err(db)
 }
 
 /// The writer connection under this process's write lock, released on drop.
@@ -216,5 +239,29 @@ mod tests {
         store.close().await;
         assert!(store.begin_write().await.is_err());
         assert!(store.write_statement().await.is_err());
+    }
+
+    /// A transaction that SQLite rolled back by itself (as it does on some errors: a full disk,
+    /// an I/O error) leaves the writer usable: the next write transaction begins.
+    #[tokio::test]
+    async fn a_transaction_sqlite_rolled_back_leaves_the_writer_usable() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let path = dir.path().join("w.db");
+        let store = SqliteDatastore::connect(&path.display().to_string())
+            .await
+            .expect("connect");
+        let before = count(&store).await;
+        let mut tx = store.begin_write().await.expect("begin");
+        insert(&mut tx, 1).await;
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *tx)
+            .await
+            .expect("rolled back under the transaction");
+        drop(tx);
+        let mut tx = store.begin_write().await.expect("begin after the rollback");
+        insert(&mut tx, 2).await;
+        tx.commit().await.expect("commit");
+        assert_eq!(count(&store).await, before + 1);
+        store.close().await;
     }
 }
