@@ -502,6 +502,8 @@ async fn wakeups_reach_other_replicas() {
                 .expect("create"),
             0
         );
+        // One wake-up per job, each sent as it commits.
+        assert_eq!(next_wakeup(&mut rx).await, Wakeup::AggregationJobsCreated);
         assert_eq!(next_wakeup(&mut rx).await, Wakeup::AggregationJobsCreated);
 
         let jobs = writer

@@ -13,7 +13,7 @@ use duet_messages::dap09::{ReportId, TaskId, Time};
 use duet_store::conformance::postgres::with_fresh_database;
 use duet_store::conformance::unaggregated;
 use duet_store::postgres::PostgresDatastore;
-use duet_store::{Datastore, NewReport};
+use duet_store::{Datastore, NewReport, Wakeup};
 use sqlx::{Connection, PgConnection};
 
 const NOW: Time = Time(T0 + PRECISION);
@@ -284,6 +284,61 @@ async fn a_creator_that_loses_the_cursor_race_claims_what_is_left() {
             a.close().await;
         },
     )
+    .await;
+}
+
+/// Each job is announced as its transaction commits: a replica hears of a pass's first job while
+/// the pass is held up on another task, not only once the pass ends (or never, if it fails).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_job_is_announced_when_it_commits() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    with_fresh_database("each_job_is_announced_when_it_commits", |url| async move {
+        let a = leader(&url, 1_000_000).await;
+        let replica = leader(&url, 1_000_000).await;
+        let mut rx = replica.wakeups().expect("PostgreSQL has wake-ups");
+        assert_eq!(common::next_wakeup(&mut rx).await, Wakeup::Listening);
+        // The first task's key is stored first, and a pass takes the tasks in that order.
+        let (first, second) = (TaskId::random(), TaskId::random());
+        for task_id in [first, second] {
+            a.put_reports(&[report(task_id, T0)])
+                .await
+                .expect("put_reports");
+        }
+        // Another creator holds the second task's cursor.
+        let mut other = PgConnection::connect(&url).await.expect("connect");
+        for sql in [
+            "BEGIN",
+            "SELECT 1 FROM replay_tasks WHERE task_id = $1 FOR UPDATE",
+        ] {
+            sqlx::query(sql)
+                .bind(&second.0[..])
+                .execute(&mut other)
+                .await
+                .expect(sql);
+        }
+        let creator = {
+            let a = a.clone();
+            tokio::spawn(async move { a.create_aggregation_jobs(1000, NOW).await })
+        };
+        common::waiting_on_lock(&url, "create_aggregation_jobs").await;
+        loop {
+            match common::next_wakeup(&mut rx).await {
+                Wakeup::AggregationJobsCreated => break,
+                Wakeup::ReportsStored => continue,
+                other => panic!("unexpected wake-up {other:?}"),
+            }
+        }
+        assert!(!creator.is_finished(), "the pass ended before the wake-up");
+        sqlx::query("ROLLBACK")
+            .execute(&mut other)
+            .await
+            .expect("rollback");
+        other.close().await.expect("close");
+        assert_eq!(creator.await.expect("creator").expect("create"), 2);
+        for store in [a, replica] {
+            store.close().await;
+        }
+    })
     .await;
 }
 

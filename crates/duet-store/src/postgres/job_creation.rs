@@ -166,7 +166,7 @@ const MAX_HORIZON_WAIT: Duration = Duration::from_secs(1);
 /// replays. Uploads held back by an older running transaction are waited for (up to 1 s per
 /// pass) rather than left out of a partial job; if some are still held back at the end, a
 /// `ReportsStored` wake-up brings the creators back for them (with a warning if the wait ran
-/// out). The `AggregationJobsCreated` wake-up follows the last job.
+/// out). Each job's transaction sends an `AggregationJobsCreated` wake-up.
 pub(super) async fn create_aggregation_jobs(
     store: &PostgresDatastore,
     max_job_size: usize,
@@ -252,6 +252,17 @@ pub(super) async fn create_aggregation_jobs(
                 let open_run: i32 = col(&row, "open_run")?;
                 let hits = in_closed_runs(store, &mut tx, task_key, &ids, open_run).await?;
                 if hits.is_empty() {
+                    // Each job is announced as it commits: a later task's failure, or the rest
+                    // of the pass (up to a second of waiting for held-back uploads), does not
+                    // hold back the news of the jobs committed before it.
+                    if col_u64(&row, "jobs")? > 0 {
+                        notify::notify(
+                            &mut tx,
+                            "-- create_aggregation_jobs\nSELECT pg_notify($1, $2)",
+                            Wakeup::AggregationJobsCreated,
+                        )
+                        .await?;
+                    }
                     tx.commit().await?;
                     if !ids.is_empty() {
                         store
@@ -285,14 +296,6 @@ pub(super) async fn create_aggregation_jobs(
             held_back |= col::<_, bool>(&row, "held_back")?;
             break;
         }
-    }
-    if created > 0 {
-        notify::notify(
-            &mut conn,
-            "-- create_aggregation_jobs\nSELECT pg_notify($1, $2)",
-            Wakeup::AggregationJobsCreated,
-        )
-        .await?;
     }
     if held_back {
         if waited >= MAX_HORIZON_WAIT {
