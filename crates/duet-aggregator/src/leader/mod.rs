@@ -4,7 +4,7 @@ mod aggregation;
 mod collection;
 mod upload;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use duet_core::Clock;
@@ -178,31 +178,45 @@ impl Leader {
     }
 }
 
-/// When the earliest job a driver released for a retry becomes due again, so that the driver
-/// leases it then rather than at its next poll (which may be much later). Jobs other replicas
-/// release are still found by the poll.
+/// When the jobs a driver released for a retry become due again, so that the driver leases each
+/// then rather than at its next poll (which may be much later). Jobs other replicas release are
+/// still found by the poll.
 #[derive(Default)]
 pub(super) struct RetryTimer {
-    due: Option<(Time, std::pin::Pin<Box<tokio::time::Sleep>>)>,
+    /// The retry times noted and not yet due, with their deadlines.
+    pending: BTreeMap<Time, tokio::time::Instant>,
+    /// A sleep until the earliest of them.
+    next: Option<(Time, std::pin::Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl RetryTimer {
-    /// Notes a job released until `at`; the timer keeps the earliest.
+    /// Notes a job released until `at`.
     pub(super) fn retry_at(&mut self, at: Time, now: Time) {
-        if self.due.as_ref().is_some_and(|(due, _)| *due <= at) {
+        if self.pending.contains_key(&at) {
             return;
         }
         // Job times are whole seconds: a job released until `at` is leased from `at.0` on.
         let wait = std::time::Duration::from_secs(at.0.saturating_sub(now.0));
-        self.due = Some((at, Box::pin(tokio::time::sleep(wait))));
+        let sleep = Box::pin(tokio::time::sleep(wait));
+        self.pending.insert(at, sleep.deadline());
+        if self.next.as_ref().is_none_or(|(next, _)| at < *next) {
+            self.next = Some((at, sleep));
+        }
     }
 
-    /// Resolves when the earliest noted retry is due (never, if none is), and forgets it.
+    /// Resolves when the earliest noted retry is due (never, if none is), and forgets it and
+    /// any earlier; the next one noted is due in its turn.
     pub(super) async fn due(&mut self) {
-        match self.due.as_mut() {
-            Some((_, sleep)) => {
+        match self.next.as_mut() {
+            Some((at, sleep)) => {
                 sleep.await;
-                self.due = None;
+                let after = Time(at.0.saturating_add(1));
+                self.pending = self.pending.split_off(&after);
+                self.next = self
+                    .pending
+                    .iter()
+                    .next()
+                    .map(|(at, deadline)| (*at, Box::pin(tokio::time::sleep_until(*deadline))));
             }
             None => std::future::pending().await,
         }
@@ -246,5 +260,32 @@ async fn forward_wakeups(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every noted retry comes due in its turn, the earliest first, each once.
+    #[tokio::test(start_paused = true)]
+    #[allow(clippy::disallowed_methods)] // the test's paused clock, which the timer runs on
+    async fn every_retry_comes_due() {
+        let start = tokio::time::Instant::now();
+        let now = Time(1_000);
+        let mut timer = RetryTimer::default();
+        timer.retry_at(Time(1_005), now);
+        timer.retry_at(Time(1_002), now);
+        timer.retry_at(Time(1_005), now);
+        timer.retry_at(Time(1_009), now);
+        let hour = std::time::Duration::from_secs(3600);
+        for at in [2, 5, 9] {
+            tokio::time::timeout(hour, timer.due())
+                .await
+                .expect("the next retry comes due");
+            assert_eq!(start.elapsed().as_secs(), at);
+        }
+        let idle = tokio::time::timeout(hour, timer.due()).await;
+        assert!(idle.is_err(), "nothing is due once every retry was");
     }
 }
