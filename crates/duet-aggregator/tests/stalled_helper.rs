@@ -1,7 +1,8 @@
 //! A Helper that stops answering for one task holds back that task's work only: the Leader's
 //! aggregation and collection drivers go on with the other tasks' jobs meanwhile. A Helper that
 //! fails a request once has it retried when the job's backoff ends, not at the next poll, however
-//! long the job waited for its batch before.
+//! long the job waited for its batch before. A Leader's requests to the Helper do not depend on
+//! its clock.
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -374,5 +375,51 @@ async fn a_collection_that_waited_for_its_batch_survives_a_failure() {
     flaky.wait_held().await;
     flaky.stop().await;
     h.stop().await;
+    assert_eq!(result.report_count, 2);
+}
+
+/// A Leader's request for a job does not depend on its clock, which may differ between the
+/// replicas that attempt the job (and the Helper refuses a retried job whose request differs
+/// from the one it stored): a report that a replica whose clock is behind would call too early
+/// is still sent, and the Helper judges it by its own clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_clock_is_behind_drops_no_report() {
+    let now = RealClock.now();
+    let clock = Arc::new(duet_core::MockClock::new(now));
+    let leader = Harness::start_with_clock(
+        AggregatorConfig {
+            // Time to set the clock back between the uploads and the job.
+            job_creation_delay_ms: 2_000,
+            polling_interval_ms: 600_000,
+            ..AggregatorConfig::default()
+        },
+        Arc::clone(&clock) as Arc<dyn Clock>,
+    )
+    .await;
+    let helper = Harness::start().await;
+    let vdaf = VdafInstance::Prio3Count;
+    let (task, collector_key) = leader
+        .leader_task(vdaf.clone(), 2, &helper.helper_url)
+        .await;
+    let mut helper_task = task.clone();
+    helper_task.collector_auth_token = None;
+    helper
+        .helper_store
+        .put_task(&helper_task)
+        .await
+        .expect("helper task");
+    let one = vdaf.parse_measurement("1").expect("measurement");
+    let client = client(&task, &vdaf).await;
+    for _ in 0..2 {
+        client.upload(&one).await.expect("upload");
+    }
+    clock.set(Time(now.0 - 7_200));
+    let start = now.round_down(task.time_precision);
+    let result = collector(&task, collector_key, &vdaf)
+        .collect(two_hours_from(start), std::time::Duration::from_secs(20))
+        .await
+        .expect("both reports aggregated");
+    leader.stop().await;
+    helper.stop().await;
     assert_eq!(result.report_count, 2);
 }

@@ -3,7 +3,12 @@
 //! Prio3 prepares in one round: the driver decrypts and prepares the Leader's shares, sends one
 //! `AggregationJobInitReq`, finishes preparation with the Helper's answers and merges the output
 //! shares per bucket in one store transaction. The request is a pure function of the stored
-//! reports, so a retried job sends the same bytes and the Helper answers idempotently.
+//! reports, the task and the role's keys, none of which changes between attempts, so a retried
+//! job sends the same bytes and the Helper answers idempotently (it may have stored the job
+//! when its answer was lost). So reports are not left out of the request for what can change
+//! between attempts: whether their batch was collected meanwhile (the Helper rejects those as
+//! `batch_collected`), or whether they are too early by this replica's clock (the Helper judges
+//! by its own).
 
 use std::sync::Arc;
 
@@ -11,7 +16,7 @@ use duet_core::hpke::{open, HpkeApplicationInfo, HpkeKeypair};
 use duet_core::vdaf::LeaderPrepState;
 use duet_messages::dap09::media_type;
 use duet_messages::dap09::{
-    AggregationJobInitReq, AggregationJobResp, InputShareAad, Interval, PartialBatchSelector,
+    AggregationJobInitReq, AggregationJobResp, InputShareAad, PartialBatchSelector,
     PlaintextInputShareRef, PrepareInit, PrepareStepResult, ReportId, ReportRef, ReportShare, Role,
     Time,
 };
@@ -181,18 +186,14 @@ async fn run_job(leader: &Leader, job: &mut AcquiredAggregationJob) -> Result<()
         return Err(JobFailure::Abandon("the task no longer exists".into()));
     };
     let keys = shared.keys();
-    let collected = leader.collected_intervals(&job.task_id).await?;
-    let now = shared.clock.now();
 
     let (initialized, prepare_inits) = {
         let entry = Arc::clone(&entry);
         // The reports are not needed after this step: hand them over instead of copying them.
         let reports = std::mem::take(&mut job.reports);
-        tokio::task::spawn_blocking(move || {
-            leader_init_all(&entry, &keys, &collected, &reports, now)
-        })
-        .await
-        .map_err(|e| JobFailure::Retry(format!("preparation task failed: {e}")))?
+        tokio::task::spawn_blocking(move || leader_init_all(&entry, &keys, &reports))
+            .await
+            .map_err(|e| JobFailure::Retry(format!("preparation task failed: {e}")))?
     };
 
     let mut deltas = Vec::new();
@@ -236,12 +237,18 @@ async fn run_job(leader: &Leader, job: &mut AcquiredAggregationJob) -> Result<()
                 "the Helper answered for different reports".into(),
             ));
         }
+        // A Helper rejects reports of the batches it served; one that did not would have them
+        // merged into batches this Leader collected.
+        let collected = leader.collected_intervals(&job.task_id).await?;
         let entry = Arc::clone(&entry);
         let task_id = job.task_id;
         deltas = tokio::task::spawn_blocking(move || -> Result<_, Error> {
             let mut acc = BucketAccumulator::new(&entry.vdaf, entry.task.time_precision);
             for (init, resp) in initialized.into_iter().zip(resp.prepare_resps) {
                 match resp.result {
+                    PrepareStepResult::Continue { .. } if in_any(&collected, init.time) => {
+                        tracing::warn!(report = %init.report_id, "the Helper accepted a report of a collected batch; report dropped")
+                    }
                     PrepareStepResult::Continue { message } => {
                         match entry.vdaf.leader_continued(init.state, &message) {
                             Ok(out) => acc.add(init.time, &init.report_id, &out)?,
@@ -277,13 +284,12 @@ async fn run_job(leader: &Leader, job: &mut AcquiredAggregationJob) -> Result<()
 }
 
 /// Decrypts and prepares the Leader's share of every report; reports that fail are dropped here
-/// (the Helper never hears of them).
+/// (the Helper never hears of them). Only what cannot change between attempts at a job decides
+/// (see the module's documentation).
 fn leader_init_all(
     entry: &TaskEntry,
     keys: &[HpkeKeypair],
-    collected: &[Interval],
     reports: &[duet_store::JobReport],
-    now: Time,
 ) -> (Vec<Initialized>, Vec<PrepareInit>) {
     let task = &entry.task;
     let info = HpkeApplicationInfo::InputShare {
@@ -299,19 +305,11 @@ fn leader_init_all(
             drop("stored report does not decode");
             continue;
         };
-        if in_any(collected, report.metadata.time) {
-            drop("batch already collected");
-            continue;
-        }
         if task
             .task_expiration
             .is_some_and(|e| report.metadata.time.0 > e.0)
         {
             drop("task expired");
-            continue;
-        }
-        if report.metadata.time.0 > now.0.saturating_add(task.tolerable_clock_skew.0) {
-            drop("too early");
             continue;
         }
         let Some(key) = find_key(keys, report.leader_encrypted_input_share.config_id) else {

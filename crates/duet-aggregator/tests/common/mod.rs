@@ -7,7 +7,7 @@ use duet_aggregator::server::{run, RoleConfig, Roles, RunningServer};
 use duet_aggregator::AggregatorConfig;
 use duet_core::hpke::HpkeKeypair;
 use duet_core::task::{parse_endpoint, QueryTypeConfig};
-use duet_core::{AggregatorRole, AuthenticationToken, RealClock, Task, VdafInstance};
+use duet_core::{AggregatorRole, AuthenticationToken, Clock, RealClock, Task, VdafInstance};
 use duet_messages::dap09::{Duration, HpkeConfigId, TaskId};
 use duet_store::sqlite::SqliteDatastore;
 use duet_store::Datastore;
@@ -32,6 +32,11 @@ impl Harness {
 
     /// Starts the server with the given tunables.
     pub async fn start_with(config: AggregatorConfig) -> Self {
+        Self::start_with_clock(config, Arc::new(RealClock)).await
+    }
+
+    /// Starts the server with the given tunables, its roles reading the time from `clock`.
+    pub async fn start_with_clock(config: AggregatorConfig, clock: Arc<dyn Clock>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("duet.sqlite");
         let store = SqliteDatastore::connect(path.to_str().expect("utf-8 path"))
@@ -52,9 +57,7 @@ impl Harness {
                 path_prefix: "/helper".into(),
             }),
         };
-        let server = run(listener, roles, config, Arc::new(RealClock))
-            .await
-            .expect("server");
+        let server = run(listener, roles, config, clock).await.expect("server");
         let addr = server.local_addr;
         Self {
             leader_url: parse_endpoint(&format!("http://{addr}/leader/")).expect("url"),
