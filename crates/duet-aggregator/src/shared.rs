@@ -14,6 +14,9 @@ use crate::config::AggregatorConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
 
+/// The config ID of a role's first HPKE key.
+const FIRST_CONFIG_ID: u8 = 1;
+
 /// A task with its instantiated VDAF.
 pub(crate) struct TaskEntry {
     pub task: Task,
@@ -40,15 +43,7 @@ impl Shared {
         config: AggregatorConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, Error> {
-        let mut keys = store.get_hpke_keypairs().await?;
-        if keys.is_empty() {
-            let kp = HpkeKeypair::generate(HpkeConfigId(rand::random()));
-            match store.put_hpke_keypair(&kp).await {
-                Ok(()) | Err(duet_store::StoreError::AlreadyExists) => {}
-                Err(e) => return Err(e.into()),
-            }
-            keys = store.get_hpke_keypairs().await?;
-        }
+        let keys = with_first_key(&*store, store.get_hpke_keypairs().await?).await?;
         Ok(Self {
             store,
             clock,
@@ -99,6 +94,25 @@ impl Shared {
     }
 }
 
+/// The role's key ring `keys` as read from the store, or, if it was empty, the ring once a first
+/// key is stored. Every process's first key has one config ID: of replicas starting at once on
+/// a new database, one stores its key and the others find the ID taken and read that key, so
+/// they all decrypt with the same ring.
+async fn with_first_key(
+    store: &dyn Datastore,
+    keys: Vec<HpkeKeypair>,
+) -> Result<Vec<HpkeKeypair>, Error> {
+    if !keys.is_empty() {
+        return Ok(keys);
+    }
+    let kp = HpkeKeypair::generate(HpkeConfigId(FIRST_CONFIG_ID));
+    match store.put_hpke_keypair(&kp).await {
+        Ok(()) | Err(duet_store::StoreError::AlreadyExists) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(store.get_hpke_keypairs().await?)
+}
+
 fn poisoned<T>(_: T) -> Error {
     Error::Internal("a lock was poisoned by a panic".into())
 }
@@ -106,4 +120,30 @@ fn poisoned<T>(_: T) -> Error {
 /// Finds the keypair for a config ID.
 pub(crate) fn find_key(keys: &[HpkeKeypair], id: HpkeConfigId) -> Option<&HpkeKeypair> {
     keys.iter().find(|k| k.config.id == id)
+}
+
+#[cfg(test)]
+mod tests {
+    use duet_core::AggregatorRole;
+    use duet_store::sqlite::SqliteDatastore;
+
+    use super::*;
+
+    /// A process that found no key while another stored its first one meanwhile ends up with
+    /// the other's key ring: one key, the other's.
+    #[tokio::test]
+    async fn processes_starting_together_share_one_first_key() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let path = dir.path().join("keys.db");
+        let store = SqliteDatastore::connect(&path.display().to_string())
+            .await
+            .expect("connect")
+            .with_role(AggregatorRole::Helper);
+        let other = with_first_key(&store, Vec::new()).await.expect("first");
+        assert_eq!(other.len(), 1);
+        let ours = with_first_key(&store, Vec::new()).await.expect("second");
+        assert_eq!(ours.len(), 1);
+        assert_eq!(ours[0].config, other[0].config);
+        store.close().await;
+    }
 }
