@@ -152,6 +152,74 @@ async fn collection_job_validation_and_lifecycle() {
     h.stop().await;
 }
 
+/// A batch collected under a job the collector has deleted since still bars overlapping
+/// batches: a job for one is refused when it is created, not when the Helper refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_collection_still_bars_overlapping_batches() {
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let client = common::client(&task).await;
+    client
+        .upload(&Measurement::Count(true))
+        .await
+        .expect("upload");
+    let token = task.collector_auth_token.clone().expect("token");
+    let job_url = |id: CollectionJobId| {
+        task.leader_endpoint
+            .join(&format!("tasks/{}/collection_jobs/{id}", task.id))
+            .expect("url")
+    };
+    let ct = Some(media_type::COLLECTION_REQ);
+    let hour = RealClock.now().round_down(Duration(3600)).0;
+    let collected = CollectionJobId::random();
+    let created = send(
+        Method::PUT,
+        job_url(collected),
+        ct,
+        Some(&token),
+        req(hour, 3600),
+    )
+    .await;
+    assert_eq!(created.status, 201);
+    let mut finished = false;
+    for _ in 0..300 {
+        let polled = send(
+            Method::POST,
+            job_url(collected),
+            None,
+            Some(&token),
+            Vec::new(),
+        )
+        .await;
+        if polled.status == 200 {
+            finished = true;
+            break;
+        }
+        assert_eq!(polled.status, 202);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(finished, "the collection did not finish in 30 s");
+    let deleted = send(
+        Method::DELETE,
+        job_url(collected),
+        None,
+        Some(&token),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(deleted.status, 204);
+    send(
+        Method::PUT,
+        job_url(CollectionJobId::random()),
+        ct,
+        Some(&token),
+        req(hour - 3600, 7200),
+    )
+    .await
+    .assert_problem(400, "batchOverlap");
+    h.stop().await;
+}
+
 /// A collection job the Helper refuses for a batch problem fails with that problem: here the
 /// Helper's copy of the task wants more reports than the Leader's, so the Leader finds the batch
 /// large enough and the Helper answers `invalidBatchSize`; the collector's polls get it too.

@@ -119,9 +119,14 @@ impl Leader {
                 "a different collection job with this ID exists",
             ));
         }
-        if existing.iter().any(|j| {
-            j.batch_interval != batch_interval && j.batch_interval.overlaps(&batch_interval)
-        }) {
+        // The jobs listed, and the batches collected under jobs deleted since.
+        let collected = self.shared.store.collected_intervals(&task_id).await?;
+        if existing
+            .iter()
+            .map(|j| &j.batch_interval)
+            .chain(&collected)
+            .any(|i| *i != batch_interval && i.overlaps(&batch_interval))
+        {
             return Err(Error::abort(
                 DapProblemType::BatchOverlap,
                 Some(task_id),
