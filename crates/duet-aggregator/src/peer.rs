@@ -1,6 +1,7 @@
 //! Requests from the Leader to the Helper.
 
 use duet_core::AuthenticationToken;
+use duet_messages::problem::DapProblemType;
 
 /// Why a request to the peer failed.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +16,8 @@ pub(crate) enum PeerError {
         status: u16,
         /// The problem type or body text.
         detail: String,
+        /// The DAP problem type, if the answer was a problem document of one.
+        problem: Option<DapProblemType>,
     },
 }
 
@@ -48,7 +51,9 @@ pub(crate) async fn send(
     if status.is_success() {
         return Ok(bytes);
     }
-    let text = match duet_core::problem::parse_problem(content_type.as_deref(), &bytes) {
+    let parsed = duet_core::problem::parse_problem(content_type.as_deref(), &bytes);
+    let problem = parsed.as_ref().and_then(|p| p.problem_type);
+    let text = match parsed {
         Some(p) => format!(
             "{}{}",
             p.detail,
@@ -64,6 +69,7 @@ pub(crate) async fn send(
         Err(PeerError::Rejected {
             status: status.as_u16(),
             detail: text,
+            problem,
         })
     }
 }

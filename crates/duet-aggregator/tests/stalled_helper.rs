@@ -19,6 +19,7 @@ use duet_core::hpke::HpkeKeypair;
 use duet_core::task::parse_endpoint;
 use duet_core::{Clock, RealClock, Task, VdafInstance};
 use duet_messages::dap09::{Duration, Interval, Query, Time};
+use duet_messages::problem::DapProblemType;
 use tokio::sync::{mpsc, watch};
 
 /// What a [`StallingHelper`] does with the requests on its path.
@@ -28,6 +29,9 @@ enum Stall {
     Hold,
     /// Answers the first one with 503 at once, and forwards the others.
     FailOnce,
+    /// Answers the first one with a `batchMismatch` problem document (400), as a Helper that
+    /// aggregated a report the Leader has not yet merged does, and forwards the others.
+    MismatchOnce,
 }
 
 /// A Helper endpoint on its own port that forwards requests to the real Helper, except the
@@ -98,7 +102,20 @@ impl StallingHelper {
                             let _ = held_tx.send(());
                             return StatusCode::SERVICE_UNAVAILABLE.into_response();
                         }
-                        Stall::FailOnce => {}
+                        Stall::MismatchOnce if !failed.swap(true, Ordering::SeqCst) => {
+                            let _ = held_tx.send(());
+                            let problem = format!(
+                                r#"{{"type":"{}","title":"batch mismatch"}}"#,
+                                DapProblemType::BatchMismatch.type_uri()
+                            );
+                            return (
+                                StatusCode::BAD_REQUEST,
+                                [("content-type", "application/problem+json")],
+                                problem,
+                            )
+                                .into_response();
+                        }
+                        Stall::FailOnce | Stall::MismatchOnce => {}
                     }
                 }
                 let url = helper.join(path).expect("path");
@@ -301,16 +318,16 @@ async fn a_stalled_collection_does_not_hold_back_other_collections() {
 }
 
 /// A Leader that never polls (a ten-minute interval), so that only wake-ups and the retry
-/// timers drive its jobs, and a task whose Helper fails the first request on `fail_on`; returns
-/// the collected result of two Prio3Count reports, each a 1.
-async fn collect_after_one_failure(fail_on: &'static str) -> u64 {
+/// timers drive its jobs, and a task whose Helper fails the first request on `fail_on` as
+/// `stall` says; returns the collected result of two Prio3Count reports, each a 1.
+async fn collect_after_one_failure(fail_on: &'static str, stall: Stall) -> u64 {
     let h = Harness::start_with(AggregatorConfig {
         polling_interval_ms: 600_000,
         ..AggregatorConfig::default()
     })
     .await;
     let vdaf = VdafInstance::Prio3Count;
-    let mut flaky = StallingHelper::start_with(&h.helper_url, fail_on, Stall::FailOnce).await;
+    let mut flaky = StallingHelper::start_with(&h.helper_url, fail_on, stall).await;
     let (task, collector_key) = h.task_via(vdaf.clone(), 2, &flaky.url).await;
     let start = RealClock.now().round_down(task.time_precision);
     let one = vdaf.parse_measurement("1").expect("measurement");
@@ -333,13 +350,29 @@ async fn collect_after_one_failure(fail_on: &'static str) -> u64 {
 /// driver does not wait for its next poll, which here never comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_aggregation_job_is_retried_when_its_backoff_ends() {
-    assert_eq!(collect_after_one_failure("aggregation_jobs").await, 2);
+    assert_eq!(
+        collect_after_one_failure("aggregation_jobs", Stall::FailOnce).await,
+        2
+    );
 }
 
 /// Likewise a collection job whose aggregate-share request failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_collection_job_is_retried_when_its_backoff_ends() {
-    assert_eq!(collect_after_one_failure("aggregate_shares").await, 2);
+    assert_eq!(
+        collect_after_one_failure("aggregate_shares", Stall::FailOnce).await,
+        2
+    );
+}
+
+/// A collection whose aggregate-share request the Helper refuses with `batchMismatch` (it has
+/// aggregated a report this Leader's job has not merged yet) is tried again, not abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_mismatch_is_retried() {
+    assert_eq!(
+        collect_after_one_failure("aggregate_shares", Stall::MismatchOnce).await,
+        2
+    );
 }
 
 /// A collection job leased many times while its batch is too small (every 20 ms here, more than

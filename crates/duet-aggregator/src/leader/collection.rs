@@ -397,6 +397,15 @@ async fn run_job(leader: &Leader, acquired: &AcquiredCollectionJob) -> Result<St
     {
         Ok(b) => b,
         Err(PeerError::Transient(m)) => return Ok(Step::Retry(m)),
+        // The Helper aggregated reports this Leader has not merged yet (uploaded after the
+        // readiness check, and in a job still running here): the counts agree once the job
+        // ends, so the request is tried again, within the job's attempts.
+        Err(
+            e @ PeerError::Rejected {
+                problem: Some(DapProblemType::BatchMismatch),
+                ..
+            },
+        ) => return Ok(Step::Retry(e.to_string())),
         Err(e @ PeerError::Rejected { .. }) => return Ok(Step::Abandon(e.to_string())),
     };
     let helper_share = match AggregateShare::get_decoded(&body) {
