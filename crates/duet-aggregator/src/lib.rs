@@ -19,6 +19,7 @@ mod shared;
 pub use config::AggregatorConfig;
 pub use error::Error;
 pub use server::{run, Roles};
+pub use shared::with_first_key;
 
 pub use duet_core::Clock;
 pub use duet_store::Datastore;

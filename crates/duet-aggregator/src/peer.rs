@@ -9,7 +9,8 @@ pub(crate) enum PeerError {
     /// Worth retrying: the network failed, or the peer is overloaded or broken (5xx, 429).
     #[error("{0}")]
     Transient(String),
-    /// The peer refused the request (4xx); retrying the same request won't help.
+    /// The peer refused the request (4xx); retrying the same request won't help, unless the
+    /// refusal depends on state that changes (`batchMismatch` while a job is merging).
     #[error("the Helper refused the request with status {status}: {detail}")]
     Rejected {
         /// HTTP status.

@@ -8,7 +8,7 @@ use duet_core::vdaf::{ShareLengths, Vdaf};
 use duet_core::{Clock, Task};
 use duet_messages::dap09::{HpkeConfigId, HpkeConfigList, TaskId};
 use duet_messages::problem::DapProblemType;
-use duet_store::Datastore;
+use duet_store::{Datastore, StoreError};
 
 use crate::config::AggregatorConfig;
 use crate::error::Error;
@@ -98,19 +98,19 @@ impl Shared {
 /// key is stored. Every process's first key has one config ID: of replicas starting at once on
 /// a new database, one stores its key and the others find the ID taken and read that key, so
 /// they all decrypt with the same ring.
-async fn with_first_key(
+pub async fn with_first_key(
     store: &dyn Datastore,
     keys: Vec<HpkeKeypair>,
-) -> Result<Vec<HpkeKeypair>, Error> {
+) -> Result<Vec<HpkeKeypair>, StoreError> {
     if !keys.is_empty() {
         return Ok(keys);
     }
     let kp = HpkeKeypair::generate(HpkeConfigId(FIRST_CONFIG_ID));
     match store.put_hpke_keypair(&kp).await {
-        Ok(()) | Err(duet_store::StoreError::AlreadyExists) => {}
-        Err(e) => return Err(e.into()),
+        Ok(()) | Err(StoreError::AlreadyExists) => {}
+        Err(e) => return Err(e),
     }
-    Ok(store.get_hpke_keypairs().await?)
+    store.get_hpke_keypairs().await
 }
 
 fn poisoned<T>(_: T) -> Error {

@@ -32,6 +32,9 @@ enum Stall {
     /// Answers the first one with a `batchMismatch` problem document (400), as a Helper that
     /// aggregated a report the Leader has not yet merged does, and forwards the others.
     MismatchOnce,
+    /// Answers every one with a `batchMismatch` problem document, as a Helper whose aggregate
+    /// differs for good does.
+    MismatchAlways,
 }
 
 /// A Helper endpoint on its own port that forwards requests to the real Helper, except the
@@ -44,6 +47,20 @@ struct StallingHelper {
     holding: Arc<AtomicUsize>,
     stopped: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
+}
+
+/// A Helper's `batchMismatch` answer.
+fn mismatch() -> axum::response::Response {
+    let problem = format!(
+        r#"{{"type":"{}","title":"batch mismatch"}}"#,
+        DapProblemType::BatchMismatch.type_uri()
+    );
+    (
+        StatusCode::BAD_REQUEST,
+        [("content-type", "application/problem+json")],
+        problem,
+    )
+        .into_response()
 }
 
 /// Counts one held request for as long as it lives.
@@ -102,18 +119,13 @@ impl StallingHelper {
                             let _ = held_tx.send(());
                             return StatusCode::SERVICE_UNAVAILABLE.into_response();
                         }
+                        Stall::MismatchAlways => {
+                            let _ = held_tx.send(());
+                            return mismatch();
+                        }
                         Stall::MismatchOnce if !failed.swap(true, Ordering::SeqCst) => {
                             let _ = held_tx.send(());
-                            let problem = format!(
-                                r#"{{"type":"{}","title":"batch mismatch"}}"#,
-                                DapProblemType::BatchMismatch.type_uri()
-                            );
-                            return (
-                                StatusCode::BAD_REQUEST,
-                                [("content-type", "application/problem+json")],
-                                problem,
-                            )
-                                .into_response();
+                            return mismatch();
                         }
                         Stall::FailOnce | Stall::MismatchOnce => {}
                     }
@@ -455,4 +467,38 @@ async fn a_leader_whose_clock_is_behind_drops_no_report() {
     leader.stop().await;
     helper.stop().await;
     assert_eq!(result.report_count, 2);
+}
+
+/// A `batchMismatch` that another attempt does not settle is final: the collection fails with it
+/// after one retry, not after all of the job's attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lasting_batch_mismatch_fails_the_collection() {
+    let h = Harness::start_with(AggregatorConfig {
+        polling_interval_ms: 600_000,
+        ..AggregatorConfig::default()
+    })
+    .await;
+    let vdaf = VdafInstance::Prio3Count;
+    let mut refusing =
+        StallingHelper::start_with(&h.helper_url, "aggregate_shares", Stall::MismatchAlways).await;
+    let (task, collector_key) = h.task_via(vdaf.clone(), 1, &refusing.url).await;
+    let start = RealClock.now().round_down(task.time_precision);
+    let one = vdaf.parse_measurement("1").expect("measurement");
+    client(&task, &vdaf)
+        .await
+        .upload(&one)
+        .await
+        .expect("upload");
+    let failed = collector(&task, collector_key, &vdaf)
+        .collect(two_hours_from(start), std::time::Duration::from_secs(20))
+        .await;
+    refusing.wait_held().await;
+    refusing.stop().await;
+    h.stop().await;
+    match failed {
+        Err(duet_collector::CollectorError::Problem { problem_type, .. }) => {
+            assert_eq!(problem_type, Some(DapProblemType::BatchMismatch));
+        }
+        other => panic!("expected batchMismatch, got {other:?}"),
+    }
 }

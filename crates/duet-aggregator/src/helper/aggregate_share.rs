@@ -98,9 +98,20 @@ impl Helper {
         {
             return served_before(done);
         }
-        // An overlapping batch is refused when the share is recorded, where concurrent requests
-        // are serialised.
+        let overlap = || {
+            abort(
+                DapProblemType::BatchOverlap,
+                "the batch overlaps one collected before".into(),
+            )
+        };
+        // Checked here first, before the batch's size and counts (DAP-09's order), and again
+        // when the share is recorded, where concurrent requests are serialised.
         let served = store.list_aggregate_share_jobs(&task_id).await?;
+        if served.iter().any(|j| {
+            j.batch_interval != batch_interval && j.batch_interval.overlaps(&batch_interval)
+        }) {
+            return Err(overlap());
+        }
         let queries = served
             .iter()
             .filter(|j| j.batch_interval == batch_interval)
@@ -172,10 +183,7 @@ impl Helper {
                     .ok_or_else(|| Error::Internal("aggregate share vanished".into()))?;
                 served_before(done)
             }
-            Err(StoreError::BatchOverlap) => Err(abort(
-                DapProblemType::BatchOverlap,
-                "the batch overlaps one collected before".into(),
-            )),
+            Err(StoreError::BatchOverlap) => Err(overlap()),
             Err(e) => Err(e.into()),
         }
     }

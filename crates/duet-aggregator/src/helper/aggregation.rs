@@ -22,7 +22,8 @@ use crate::error::Error;
 use crate::metrics::StoreOp;
 use crate::shared::{find_key, TaskEntry};
 
-/// Attempts at committing a job when concurrent writers race on report IDs.
+/// Attempts at committing a job when concurrent writers race on report IDs, or a share of a
+/// batch it merges into is served meanwhile.
 const COMMIT_ATTEMPTS: usize = 3;
 
 impl Helper {
@@ -130,7 +131,8 @@ impl Helper {
                     metrics.helper_reports(continued, rejected);
                     return Ok(response);
                 }
-                // A concurrent request stored this job or one of these reports: look again.
+                // A concurrent request stored this job or one of these reports, or a share of a
+                // batch it merges into was served meanwhile: look again.
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
             }

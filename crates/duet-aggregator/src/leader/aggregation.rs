@@ -7,8 +7,9 @@
 //! job sends the same bytes and the Helper answers idempotently (it may have stored the job
 //! when its answer was lost). So reports are not left out of the request for what can change
 //! between attempts: whether their batch was collected meanwhile (the Helper rejects those as
-//! `batch_collected`), or whether they are too early by this replica's clock (the Helper judges
-//! by its own).
+//! `batch_collected`, which is what keeps them out of collected batches; the Leader also drops
+//! any a faulty Helper accepts, as far as its collected-batch cache knows), or whether they are
+//! too early by this replica's clock (the Helper judges by its own).
 
 use std::sync::Arc;
 

@@ -397,15 +397,16 @@ async fn run_job(leader: &Leader, acquired: &AcquiredCollectionJob) -> Result<St
     {
         Ok(b) => b,
         Err(PeerError::Transient(m)) => return Ok(Step::Retry(m)),
-        // The Helper aggregated reports this Leader has not merged yet (uploaded after the
-        // readiness check, and in a job still running here): the counts agree once the job
-        // ends, so the request is tried again, within the job's attempts.
+        // On a first attempt, the Helper may have aggregated reports this Leader has not merged
+        // yet (uploaded after the readiness check, in a job still running here): the counts
+        // agree once the job ends, and the leases until then find the batch not ready, so one
+        // more attempt settles it. A mismatch on a later attempt is final.
         Err(
             e @ PeerError::Rejected {
                 problem: Some(DapProblemType::BatchMismatch),
                 ..
             },
-        ) => return Ok(Step::Retry(e.to_string())),
+        ) if acquired.lease.attempts <= 1 => return Ok(Step::Retry(e.to_string())),
         Err(e @ PeerError::Rejected { .. }) => return Ok(Step::Abandon(e.to_string())),
     };
     let helper_share = match AggregateShare::get_decoded(&body) {

@@ -142,7 +142,8 @@ pub(super) async fn seen_report_ids(
 /// READ COMMITTED: the primary keys of the job and of the report IDs decide between concurrent
 /// writers. An insert that meets an uncommitted duplicate waits for it; then the job's insert
 /// does nothing (no row inserted: `Conflict`) and the IDs' insert fails with a unique violation
-/// (`Conflict` too). The merged buckets are row-locked. The report IDs go in as one array, in
+/// (`Conflict` too). Before merging, the task's batches lock is taken shared and the served
+/// batches read: a bucket in one is `Conflict` too. The merged buckets are row-locked. The report IDs go in as one array, in
 /// order, so that concurrent jobs sharing IDs queue rather than deadlock.
 pub(super) async fn put_helper_aggregation_job(
     store: &PostgresDatastore,

@@ -186,7 +186,8 @@ pub(super) async fn create_aggregation_jobs(
            SELECT 1 FROM report_queue AS q \
            WHERE q.task_key = k.task_key AND (q.upload_xid, q.client_time, q.report_id) \
              > (k.claimed_xid, k.claimed_time, k.claimed_id) \
-           ORDER BY q.upload_xid, q.client_time, q.report_id LIMIT 1) AS unclaimed",
+           ORDER BY q.upload_xid, q.client_time, q.report_id LIMIT 1) AS unclaimed \
+         ORDER BY k.task_key",
     )
     .fetch_all(&mut *conn)
     .await?;

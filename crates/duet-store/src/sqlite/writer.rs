@@ -36,20 +36,25 @@ impl Writer {
         Ok(Writer::Own(Arc::new(Mutex::new(Some(conn)))))
     }
 
-    /// The writer connection, once every earlier write of this process is done.
+    /// The writer connection, once every earlier write of this process is done, with no
+    /// transaction open (see [`resync`]).
     pub(super) async fn lock(&self) -> Result<WriterGuard, StoreError> {
-        match self {
+        let mut guard = match self {
             Writer::Own(conn) => {
                 OwnedMutexGuard::try_map(Arc::clone(conn).lock_owned().await, |c| c.as_mut())
                     .map(WriterGuard::Own)
-                    .map_err(|_| StoreError::Database("the database is closed".into()))
+                    .map_err(|_| StoreError::Database("the database is closed".into()))?
             }
             Writer::Pooled(pool, lock) => {
                 let lock = Arc::clone(lock).lock_owned().await;
                 let conn = pool.acquire().await.map_err(db)?;
-                Ok(WriterGuard::Pooled { conn, _lock: lock })
+                WriterGuard::Pooled { conn, _lock: lock }
             }
+        };
+        if SqliteTransactionManager::get_transaction_depth(&guard) > 0 {
+            resync(&mut guard).await?;
         }
+        Ok(guard)
     }
 
     /// Closes the writer connection (waiting for a write under way); later writes fail.
@@ -66,9 +71,6 @@ impl Writer {
     /// Starts a write transaction holding SQLite's write lock from its first statement.
     pub(super) async fn begin(&self) -> Result<WriteTx, StoreError> {
         let mut conn = self.lock().await?;
-        if SqliteTransactionManager::get_transaction_depth(&conn) > 0 {
-            resync(&mut conn).await?;
-        }
         SqliteTransactionManager::begin(&mut conn, Some("BEGIN IMMEDIATE".into()))
             .await
             .map_err(db)?;

@@ -17,12 +17,10 @@ use axum::Router;
 use duet_aggregator::helper::Helper;
 use duet_aggregator::http::helper_router;
 use duet_aggregator::server::{run_with, RoleConfig, Roles};
-use duet_aggregator::{AggregatorConfig, Clock};
-use duet_core::hpke::HpkeKeypair;
+use duet_aggregator::{with_first_key, AggregatorConfig, Clock};
 use duet_core::{
     AggregatorRole, AuthenticationToken, QueryTypeConfig, RealClock, Task, TaskParameters,
 };
-use duet_messages::dap09::HpkeConfigId;
 use duet_store::{Datastore, StoreError};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -143,15 +141,7 @@ pub async fn run(args: Args) -> Result<()> {
 /// Makes the Helper hold every key the Leader publishes (creating the Leader's first key if
 /// needed), so that the one `/hpke_config` both roles answer with is right for each.
 async fn share_hpke_keys(state: &AggregatorState) -> Result<()> {
-    let mut keys = state.leader.get_hpke_keypairs().await?;
-    if keys.is_empty() {
-        let keypair = HpkeKeypair::generate(HpkeConfigId(rand::random()));
-        match state.leader.put_hpke_keypair(&keypair).await {
-            Ok(()) | Err(StoreError::AlreadyExists) => {}
-            Err(e) => return Err(e.into()),
-        }
-        keys = state.leader.get_hpke_keypairs().await?;
-    }
+    let keys = with_first_key(&*state.leader, state.leader.get_hpke_keypairs().await?).await?;
     let helper_keys = state.helper.get_hpke_keypairs().await?;
     for key in keys {
         match helper_keys.iter().find(|h| h.config.id == key.config.id) {
