@@ -22,6 +22,27 @@ pub(crate) enum PeerError {
     },
 }
 
+impl PeerError {
+    /// Whether the Helper refused the request for how it is set up rather than for what the
+    /// request says: it does not know the task (yet), takes no token of this Leader, or serves
+    /// nothing at the URL. An operator fixes those, so a job's attempts wait for the fix rather
+    /// than its reports being dropped at once.
+    pub(crate) fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Rejected {
+                status: 401 | 403 | 404,
+                ..
+            } | PeerError::Rejected {
+                problem: Some(
+                    DapProblemType::UnrecognizedTask | DapProblemType::UnauthorizedRequest
+                ),
+                ..
+            }
+        )
+    }
+}
+
 /// Sends one request and returns the successful response body.
 pub(crate) async fn send(
     http: &reqwest::Client,

@@ -35,6 +35,9 @@ enum Stall {
     /// Answers every one with a `batchMismatch` problem document, as a Helper whose aggregate
     /// differs for good does.
     MismatchAlways,
+    /// Answers the first one with an `unrecognizedTask` problem document (404), as a Helper
+    /// not yet given the task does, and forwards the others.
+    UnknownTaskOnce,
 }
 
 /// A Helper endpoint on its own port that forwards requests to the real Helper, except the
@@ -49,18 +52,10 @@ struct StallingHelper {
     server: tokio::task::JoinHandle<()>,
 }
 
-/// A Helper's `batchMismatch` answer.
-fn mismatch() -> axum::response::Response {
-    let problem = format!(
-        r#"{{"type":"{}","title":"batch mismatch"}}"#,
-        DapProblemType::BatchMismatch.type_uri()
-    );
-    (
-        StatusCode::BAD_REQUEST,
-        [("content-type", "application/problem+json")],
-        problem,
-    )
-        .into_response()
+/// A Helper's problem document of type `problem`.
+fn problem(status: StatusCode, problem: DapProblemType) -> axum::response::Response {
+    let body = format!(r#"{{"type":"{}","title":"refused"}}"#, problem.type_uri());
+    (status, [("content-type", "application/problem+json")], body).into_response()
 }
 
 /// Counts one held request for as long as it lives.
@@ -121,13 +116,20 @@ impl StallingHelper {
                         }
                         Stall::MismatchAlways => {
                             let _ = held_tx.send(());
-                            return mismatch();
+                            return problem(StatusCode::BAD_REQUEST, DapProblemType::BatchMismatch);
                         }
                         Stall::MismatchOnce if !failed.swap(true, Ordering::SeqCst) => {
                             let _ = held_tx.send(());
-                            return mismatch();
+                            return problem(StatusCode::BAD_REQUEST, DapProblemType::BatchMismatch);
                         }
-                        Stall::FailOnce | Stall::MismatchOnce => {}
+                        Stall::UnknownTaskOnce if !failed.swap(true, Ordering::SeqCst) => {
+                            let _ = held_tx.send(());
+                            return problem(
+                                StatusCode::NOT_FOUND,
+                                DapProblemType::UnrecognizedTask,
+                            );
+                        }
+                        Stall::FailOnce | Stall::MismatchOnce | Stall::UnknownTaskOnce => {}
                     }
                 }
                 let url = helper.join(path).expect("path");
@@ -373,6 +375,16 @@ async fn a_failed_aggregation_job_is_retried_when_its_backoff_ends() {
 async fn a_failed_collection_job_is_retried_when_its_backoff_ends() {
     assert_eq!(
         collect_after_one_failure("aggregate_shares", Stall::FailOnce).await,
+        2
+    );
+}
+
+/// An aggregation job whose Helper does not know the task yet (provisioned on the Leader first)
+/// is retried once the Helper has it, not abandoned with its reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_refused_for_an_unknown_task_is_retried() {
+    assert_eq!(
+        collect_after_one_failure("aggregation_jobs", Stall::UnknownTaskOnce).await,
         2
     );
 }

@@ -223,6 +223,7 @@ async fn run_job(leader: &Leader, job: &mut AcquiredAggregationJob) -> Result<()
         .await
         .map_err(|e| match e {
             PeerError::Transient(m) => JobFailure::Retry(m),
+            e if e.is_configuration() => JobFailure::Retry(e.to_string()),
             e @ PeerError::Rejected { .. } => JobFailure::Abandon(e.to_string()),
         })?;
         let resp = AggregationJobResp::get_decoded(&body)

@@ -397,6 +397,7 @@ async fn run_job(leader: &Leader, acquired: &AcquiredCollectionJob) -> Result<St
     {
         Ok(b) => b,
         Err(PeerError::Transient(m)) => return Ok(Step::Retry(m)),
+        Err(e) if e.is_configuration() => return Ok(Step::Retry(e.to_string())),
         // On a first attempt, the Helper may have aggregated reports this Leader has not merged
         // yet (uploaded after the readiness check, in a job still running here): the counts
         // agree once the job ends, and the leases until then find the batch not ready, so one
