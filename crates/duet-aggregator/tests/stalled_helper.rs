@@ -1,8 +1,10 @@
-//! A Helper that stops answering for one task holds back that task's work only: the Leader's
-//! aggregation and collection drivers go on with the other tasks' jobs meanwhile. A Helper that
-//! fails a request once has it retried when the job's backoff ends, not at the next poll, however
-//! long the job waited for its batch before. A Leader's requests to the Helper do not depend on
-//! its clock.
+//! Helpers that misbehave, through a proxy in front of the real one. One that stops answering
+//! for one task holds back that task's work only: the Leader's aggregation and collection drivers
+//! go on with the other tasks' jobs meanwhile. A request it fails once (503, `unrecognizedTask`,
+//! `batchMismatch`) is retried when the job's backoff ends, not at the next poll, however long the
+//! job waited for its batch before; a lasting `batchMismatch` fails the collection, and a
+//! `finished` answer to an initialization aborts the job. A Leader's requests to the Helper do
+//! not depend on its clock.
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,8 +20,11 @@ use duet_collector::{Collector, CollectorParameters};
 use duet_core::hpke::HpkeKeypair;
 use duet_core::task::parse_endpoint;
 use duet_core::{Clock, RealClock, Task, VdafInstance};
-use duet_messages::dap09::{Duration, Interval, Query, Time};
+use duet_messages::dap09::{
+    AggregationJobResp, Duration, Interval, PrepareStepResult, Query, Time,
+};
 use duet_messages::problem::DapProblemType;
+use duet_messages::{Decode, Encode};
 use tokio::sync::{mpsc, watch};
 
 /// What a [`StallingHelper`] does with the requests on its path.
@@ -38,6 +43,8 @@ enum Stall {
     /// Answers the first one with an `unrecognizedTask` problem document (404), as a Helper
     /// not yet given the task does, and forwards the others.
     UnknownTaskOnce,
+    /// Forwards them, and answers `finished` for every report the real Helper answered.
+    FinishAll,
 }
 
 /// A Helper endpoint on its own port that forwards requests to the real Helper, except the
@@ -129,7 +136,10 @@ impl StallingHelper {
                                 DapProblemType::UnrecognizedTask,
                             );
                         }
-                        Stall::FailOnce | Stall::MismatchOnce | Stall::UnknownTaskOnce => {}
+                        Stall::FailOnce
+                        | Stall::MismatchOnce
+                        | Stall::UnknownTaskOnce
+                        | Stall::FinishAll => {}
                     }
                 }
                 let url = helper.join(path).expect("path");
@@ -146,7 +156,17 @@ impl StallingHelper {
                     .get("content-type")
                     .map(|v| v.to_str().expect("ascii").to_string())
                     .unwrap_or_default();
-                let body = resp.bytes().await.expect("body");
+                let mut body = resp.bytes().await.expect("body");
+                if matches!(stall, Stall::FinishAll)
+                    && path.contains(stall_on)
+                    && status.is_success()
+                {
+                    let mut answer = AggregationJobResp::get_decoded(&body).expect("answer");
+                    for r in &mut answer.prepare_resps {
+                        r.result = PrepareStepResult::Finished;
+                    }
+                    body = answer.get_encoded().into();
+                }
                 (status, [("content-type", content_type)], body).into_response()
             }
         };
@@ -513,4 +533,54 @@ async fn a_lasting_batch_mismatch_fails_the_collection() {
         }
         other => panic!("expected batchMismatch, got {other:?}"),
     }
+}
+
+/// A Helper that answers an aggregation job's initialization with `finished` (which Prio3's
+/// Helper never may) has the job aborted (DAP-09 §4.5.1.1), not its reports dropped one by one
+/// while the job counts as finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_helper_answers_finished_is_aborted() {
+    let h = Harness::start().await;
+    let vdaf = VdafInstance::Prio3Count;
+    let broken =
+        StallingHelper::start_with(&h.helper_url, "aggregation_jobs", Stall::FinishAll).await;
+    let (task, _) = h.task_via(vdaf.clone(), 1, &broken.url).await;
+    let one = vdaf.parse_measurement("1").expect("measurement");
+    client(&task, &vdaf)
+        .await
+        .upload(&one)
+        .await
+        .expect("upload");
+    let metrics = h.leader_url.join("/metrics").expect("url");
+    let http = reqwest::Client::new();
+    let sample = |text: &str, outcome: &str| {
+        let name = format!("duet_aggregation_jobs_total{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&name))
+            .map(|v| v.trim().to_string())
+    };
+    let mut ended = None;
+    for _ in 0..300 {
+        let text = http
+            .get(metrics.clone())
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let (finished, abandoned) = (sample(&text, "finished"), sample(&text, "abandoned"));
+        if finished.as_deref() != Some("0") || abandoned.as_deref() != Some("0") {
+            ended = Some((finished, abandoned));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    broken.stop().await;
+    h.stop().await;
+    assert_eq!(
+        ended,
+        Some((Some("0".into()), Some("1".into()))),
+        "the job was aborted, not finished"
+    );
 }

@@ -239,6 +239,17 @@ async fn run_job(leader: &Leader, job: &mut AcquiredAggregationJob) -> Result<()
                 "the Helper answered for different reports".into(),
             ));
         }
+        // Prio3's Helper answers an init with a message to continue or a rejection; `finished`
+        // there is an invalid answer, on which the Leader aborts the job (DAP-09 §4.5.1.1).
+        if resp
+            .prepare_resps
+            .iter()
+            .any(|r| r.result == PrepareStepResult::Finished)
+        {
+            return Err(JobFailure::Abandon(
+                "the Helper answered an initialization with `finished`".into(),
+            ));
+        }
         // A Helper rejects reports of the batches it served; one that did not would have them
         // merged into batches this Leader collected.
         let collected = leader.collected_intervals(&job.task_id).await?;
@@ -257,9 +268,8 @@ async fn run_job(leader: &Leader, job: &mut AcquiredAggregationJob) -> Result<()
                             Err(e) => tracing::debug!(report = %init.report_id, error = %e, "report failed preparation"),
                         }
                     }
-                    PrepareStepResult::Finished => {
-                        tracing::warn!(report = %init.report_id, "Helper finished without a message; report dropped")
-                    }
+                    // Refused above: the job is aborted before it gets here.
+                    PrepareStepResult::Finished => {}
                     PrepareStepResult::Reject(err) => {
                         tracing::debug!(report = %init.report_id, ?err, "Helper rejected report")
                     }
