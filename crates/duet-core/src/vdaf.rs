@@ -78,13 +78,20 @@ impl fmt::Display for VdafInstance {
     }
 }
 
+/// The longest encoded measurement (field elements) a VDAF may have: the Leader's share carries
+/// one 16-byte element per entry, so a longer one would alone fill the Leader's 16 MiB upload
+/// limit, and no report of it could ever be uploaded.
+pub const MAX_MEASUREMENT_LEN: usize = 1 << 20;
+
 /// A chunk length near the square root of the measurement's encoded length, which keeps the
 /// proof small; the usual choice when none is given.
 pub fn default_chunk_length(measurement_len: usize) -> usize {
-    let mut c = 1;
-    while c * c < measurement_len {
-        c += 1;
-    }
+    let c = measurement_len.isqrt();
+    let c = if c.saturating_mul(c) < measurement_len {
+        c + 1
+    } else {
+        c
+    };
     c.max(1)
 }
 
@@ -147,6 +154,15 @@ impl VdafInstance {
                         "Prio3SumVec needs 1 ≤ bits ≤ 64, length ≥ 1 and chunk_length ≥ 1, got {self}"
                     )));
                 }
+                if bits
+                    .checked_mul(length)
+                    .is_none_or(|n| n > MAX_MEASUREMENT_LEN)
+                {
+                    return Err(CoreError::InvalidParameter(format!(
+                        "Prio3SumVec's bits × length may be at most {MAX_MEASUREMENT_LEN} (its \
+                         reports must fit an upload), got {self}"
+                    )));
+                }
                 Inner::SumVec(Prio3SumVec::new_sum_vec(2, bits, length, chunk_length).map_err(err)?)
             }
             Self::Prio3Histogram {
@@ -156,6 +172,12 @@ impl VdafInstance {
                 if length == 0 || chunk_length == 0 {
                     return Err(CoreError::InvalidParameter(format!(
                         "Prio3Histogram needs length ≥ 1 and chunk_length ≥ 1, got {self}"
+                    )));
+                }
+                if length > MAX_MEASUREMENT_LEN {
+                    return Err(CoreError::InvalidParameter(format!(
+                        "Prio3Histogram's length may be at most {MAX_MEASUREMENT_LEN} (its \
+                         reports must fit an upload), got {self}"
                     )));
                 }
                 Inner::Histogram(
@@ -202,7 +224,7 @@ impl VdafInstance {
                 if b >= *length as u128 {
                     return Err(CoreError::InvalidParameter(format!(
                         "bucket {b} is out of range: the histogram has buckets 0 to {}",
-                        length - 1
+                        length.saturating_sub(1)
                     )));
                 }
                 Ok(Measurement::Histogram(b as usize))
@@ -781,5 +803,36 @@ mod tests {
                 chunk_length: 3
             }
         );
+    }
+
+    /// VDAFs whose reports could never fit an upload are refused with a message, not built (a
+    /// SumVec of 10^11 64-bit entries would exhaust memory, a length's product overflow).
+    #[test]
+    fn vdafs_too_large_to_upload_are_refused() {
+        for too_large in [
+            VdafInstance::Prio3SumVec {
+                bits: 64,
+                length: 100_000_000_000,
+                chunk_length: 1,
+            },
+            VdafInstance::Prio3SumVec {
+                bits: 16,
+                length: usize::MAX / 8,
+                chunk_length: 1,
+            },
+            VdafInstance::Prio3Histogram {
+                length: MAX_MEASUREMENT_LEN + 1,
+                chunk_length: 1024,
+            },
+        ] {
+            let Err(e) = too_large.instantiate() else {
+                panic!("{too_large} was built");
+            };
+            assert!(e.to_string().contains("at most"), "{e}");
+        }
+        assert_eq!(default_chunk_length(usize::MAX), 1 << 32);
+        assert_eq!(default_chunk_length(10), 4);
+        assert_eq!(default_chunk_length(16), 4);
+        assert_eq!(default_chunk_length(0), 1);
     }
 }

@@ -92,12 +92,21 @@ pub enum Command {
 pub fn read_task_file(path: &std::path::Path) -> Result<TaskParameters> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("could not read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| {
+    let params: TaskParameters = serde_json::from_str(&text).with_context(|| {
         format!(
             "{} is not a task file written by `duet task create`",
             path.display()
         )
-    })
+    })?;
+    // Every command checks the task as the aggregators do: a client must not, say, round
+    // report times to a precision of 0 or shard for a VDAF that cannot exist.
+    Task::from_parameters(&params).with_context(|| {
+        format!(
+            "{} is not a valid task (write a new one with `duet task create`)",
+            path.display()
+        )
+    })?;
+    Ok(params)
 }
 
 /// Builds a new task's parameters with fresh secrets.

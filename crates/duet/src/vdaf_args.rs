@@ -77,9 +77,12 @@ impl VdafArgs {
             VdafKind::Sumvec => {
                 let bits = self.bits.unwrap_or(8);
                 let length = self.length.unwrap_or(10);
+                let Some(measurement_len) = bits.checked_mul(length) else {
+                    bail!("--bits {bits} times --length {length} is too large; use smaller ones");
+                };
                 let chunk_length = self
                     .chunk_length
-                    .unwrap_or_else(|| default_chunk_length(bits * length));
+                    .unwrap_or_else(|| default_chunk_length(measurement_len));
                 VdafInstance::Prio3SumVec {
                     bits,
                     length,

@@ -143,6 +143,30 @@ fn bad_input_gets_one_readable_line_and_no_panic() {
             vec!["serve", "--config", "/nonexistent/duet.toml"],
             "could not read the config file",
         ),
+        (
+            vec![
+                "quickstart",
+                "--vdaf",
+                "sumvec",
+                "--bits",
+                "16",
+                "--length",
+                "1152921504606846976",
+            ],
+            "too large",
+        ),
+        (
+            vec![
+                "quickstart",
+                "--vdaf",
+                "sumvec",
+                "--bits",
+                "64",
+                "--length",
+                "100000000000",
+            ],
+            "may be at most",
+        ),
     ] {
         let out = run(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -154,6 +178,65 @@ fn bad_input_gets_one_readable_line_and_no_panic() {
             1,
             "{args:?}: one line: {stderr}"
         );
+    }
+}
+
+/// `duet upload` and `duet collect` check the task file as the aggregators do before they use
+/// it: a task whose time precision is 0 (reports would carry unrounded times) is refused with
+/// one line naming the file and the field.
+#[test]
+fn task_files_are_checked_before_use() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = dir.path().join("collector.json").display().to_string();
+    let task = dir.path().join("task.json").display().to_string();
+    for args in [
+        vec!["keys", "generate", "--out", &key],
+        vec![
+            "task",
+            "create",
+            "--leader-url",
+            "http://127.0.0.1:9/leader/",
+            "--helper-url",
+            "http://127.0.0.1:9/helper/",
+            "--vdaf",
+            "count",
+            "--collector-key",
+            &key,
+            "--out",
+            &task,
+        ],
+    ] {
+        let out = run(&args);
+        assert!(out.status.success(), "{args:?}: {:?}", out);
+    }
+    let mut params: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&task).expect("read")).expect("json");
+    params["time_precision"] = 0.into();
+    std::fs::write(&task, params.to_string()).expect("write");
+    let measurements = write(dir.path(), "m.txt", "1\n");
+    for args in [
+        vec!["upload", "--task", &task, "--measurements", &measurements],
+        vec![
+            "collect",
+            "--task",
+            &task,
+            "--key",
+            &key,
+            "--start",
+            "0",
+            "--duration",
+            "3600",
+        ],
+    ] {
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(
+            stderr.contains("is not a valid task") && stderr.contains("time_precision"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
     }
 }
 
