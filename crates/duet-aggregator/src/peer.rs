@@ -24,14 +24,15 @@ pub(crate) enum PeerError {
 
 impl PeerError {
     /// Whether the Helper refused the request for how it is set up rather than for what the
-    /// request says: it does not know the task (yet), takes no token of this Leader, or serves
-    /// nothing at the URL. An operator fixes those, so a job's attempts wait for the fix rather
-    /// than its reports being dropped at once.
+    /// request says: it does not know the task (yet), takes no token of this Leader, serves
+    /// nothing at the URL, or redirects it elsewhere (never followed: the request carries the
+    /// token). An operator fixes those, so a job's attempts wait for the fix rather than its
+    /// reports being dropped at once.
     pub(crate) fn is_configuration(&self) -> bool {
         matches!(
             self,
             PeerError::Rejected {
-                status: 401 | 403 | 404,
+                status: 300..=399 | 401 | 403 | 404,
                 ..
             } | PeerError::Rejected {
                 problem: Some(

@@ -116,8 +116,11 @@ pub async fn run_with(
         }
     }
     if let Some(rc) = roles.leader {
+        // No redirects: a request carries the Leader's token for the Helper, which a redirect
+        // would send to whatever host it names.
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(120))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;
         let leader = Leader::with_metrics(

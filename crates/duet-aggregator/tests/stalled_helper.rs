@@ -584,3 +584,86 @@ async fn a_job_the_helper_answers_finished_is_aborted() {
         "the job was aborted, not finished"
     );
 }
+
+/// A Helper URL that redirects elsewhere: the Leader follows no redirect, so its token for the
+/// Helper never reaches the other host, and it retries the job as a set-up problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_follows_no_redirect() {
+    let h = Harness::start().await;
+    let serve = |app: axum::Router| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (addr, server)
+    };
+    // The other host counts the requests that reach it.
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&reached);
+    let (elsewhere, other_host) = serve(axum::Router::new().fallback(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { StatusCode::INTERNAL_SERVER_ERROR }
+    }))
+    .await;
+    // The Helper's URL: its HPKE configuration as the real Helper's, its jobs redirected.
+    let real = h.helper_url.clone();
+    let (redirector, redirecting) = serve(axum::Router::new().fallback(move |uri: Uri| {
+        let real = real.clone();
+        async move {
+            if uri.path().contains("aggregation_jobs") {
+                let to = format!("http://{elsewhere}{}", uri.path());
+                return (StatusCode::TEMPORARY_REDIRECT, [("location", to)]).into_response();
+            }
+            let path = uri.path_and_query().map_or("", |p| p.as_str());
+            let url = real.join(path.trim_start_matches("/helper/")).expect("url");
+            let answer = reqwest::get(url).await.expect("the real Helper answers");
+            let content_type = answer
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().expect("ascii").to_string())
+                .unwrap_or_default();
+            let body = answer.bytes().await.expect("body");
+            ([("content-type", content_type)], body).into_response()
+        }
+    }))
+    .await;
+    let helper_url = parse_endpoint(&format!("http://{redirector}/helper/")).expect("url");
+    let vdaf = VdafInstance::Prio3Count;
+    let (task, _) = h.task_via(vdaf.clone(), 1, &helper_url).await;
+    let one = vdaf.parse_measurement("1").expect("measurement");
+    client(&task, &vdaf)
+        .await
+        .upload(&one)
+        .await
+        .expect("upload");
+    let metrics = h.leader_url.join("/metrics").expect("url");
+    let http = reqwest::Client::new();
+    let mut retried = false;
+    for _ in 0..300 {
+        let text = http
+            .get(metrics.clone())
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        if !text.contains("duet_aggregation_jobs_total{outcome=\"retried\"} 0") {
+            retried = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    redirecting.abort();
+    other_host.abort();
+    h.stop().await;
+    assert!(retried, "the job was not retried");
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
+}

@@ -53,8 +53,11 @@ pub fn collector_for(
         auth_token: token,
         hpke_keypair: keypair,
     };
+    // No redirects: requests carry the collector's token, which a redirect would send to
+    // whatever host it names.
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .context("could not build the HTTP client")?;
     Ok(Collector::new(cp, params.vdaf.clone(), http)?)

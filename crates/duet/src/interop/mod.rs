@@ -172,8 +172,10 @@ fn header_safe(field: &str, token: &str) -> Result<(), String> {
 
 /// An HTTP client for DAP requests to the aggregators.
 fn http_client() -> Result<reqwest::Client, String> {
+    // No redirects: requests carry tokens, which a redirect would send to another host.
     reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| format!("could not build the HTTP client: {e}"))
 }
