@@ -62,9 +62,13 @@ pub enum Command {
         /// Reports after this time (seconds since the epoch) are refused.
         #[arg(long)]
         task_expiration: Option<u64>,
-        /// Write the parameters here instead of standard output.
+        /// Write the parameters here instead of standard output (readable by its owner only:
+        /// they hold the task's tokens and verify key).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Replace the file if it exists.
+        #[arg(long, requires = "out")]
+        force: bool,
     },
     /// Store a task (a JSON file from `duet task create`) in an aggregator's database.
     Import {
@@ -163,6 +167,7 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
             max_batch_query_count,
             task_expiration,
             out,
+            force,
         } => {
             let config = match (collector_key, collector_hpke_config) {
                 (Some(path), _) => crate::keys::read_keypair(&path)?.config,
@@ -190,8 +195,7 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
             )?;
             let json = serde_json::to_string_pretty(&task.to_parameters())? + "\n";
             match out {
-                Some(p) => std::fs::write(&p, json)
-                    .with_context(|| format!("could not write {}", p.display()))?,
+                Some(p) => crate::keys::write_secret(&p, &json, force)?,
                 None => print!("{json}"),
             }
             Ok(ExitCode::SUCCESS)

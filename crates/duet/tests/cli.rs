@@ -240,6 +240,75 @@ fn task_files_are_checked_before_use() {
     }
 }
 
+/// Files of secrets (a collector's private key, a task's tokens) are readable by their owner
+/// only, and an existing one is kept unless `--force` says to replace it.
+#[test]
+fn secret_files_are_private_and_kept() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = dir.path().join("collector.json").display().to_string();
+    let task = dir.path().join("task.json").display().to_string();
+    let create_task = |force: bool| {
+        let mut args = vec![
+            "task",
+            "create",
+            "--leader-url",
+            "http://127.0.0.1:9/leader/",
+            "--helper-url",
+            "http://127.0.0.1:9/helper/",
+            "--vdaf",
+            "count",
+            "--collector-key",
+            &key,
+            "--out",
+            &task,
+        ];
+        if force {
+            args.push("--force");
+        }
+        run(&args)
+    };
+    let generate = |force: bool| {
+        let mut args = vec!["keys", "generate", "--out", &key];
+        if force {
+            args.push("--force");
+        }
+        run(&args)
+    };
+    assert!(generate(false).status.success());
+    assert!(create_task(false).status.success());
+    type Writer<'a> = &'a dyn Fn(bool) -> Output;
+    let writers: [(&str, &String, Writer); 2] =
+        [("key", &key, &generate), ("task", &task, &create_task)];
+    for (what, path, write_it) in writers {
+        let before = std::fs::read_to_string(path).expect("read");
+        let again = write_it(false);
+        assert_eq!(
+            std::fs::read_to_string(path).expect("read"),
+            before,
+            "{what}"
+        );
+        let forced = write_it(true);
+        let stderr = String::from_utf8_lossy(&again.stderr);
+        assert!(
+            !again.status.success(),
+            "{what} file replaced without --force"
+        );
+        assert!(stderr.contains("pass --force"), "{what}: {stderr}");
+        assert!(forced.status.success(), "{what}: {:?}", forced);
+        assert_ne!(
+            std::fs::read_to_string(path).expect("read"),
+            before,
+            "{what}"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).expect("stat").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{what} file mode");
+        }
+    }
+}
+
 /// Kills the server when the test ends, however it ends.
 struct Child(std::process::Child);
 impl Drop for Child {
