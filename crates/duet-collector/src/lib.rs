@@ -232,7 +232,7 @@ impl Collector {
             match self.poll_once(job, query).await? {
                 PollOutcome::Ready(result) => return Ok(result),
                 PollOutcome::Pending { retry_after } => {
-                    let wait = retry_after.unwrap_or(backoff);
+                    let wait = poll_wait(retry_after, backoff);
                     tracing::trace!(%job, ?wait, "collection job not ready");
                     tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(MAX_POLL_INTERVAL);
@@ -284,6 +284,16 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Durati
         .parse::<u64>()
         .ok()
         .map(std::time::Duration::from_secs)
+}
+
+/// How long to wait before the next poll of a pending job: as long as the Leader's
+/// `Retry-After` asks, but never less than the collector's own backoff (a `Retry-After: 0`
+/// would otherwise poll in a tight loop).
+fn poll_wait(
+    retry_after: Option<std::time::Duration>,
+    backoff: std::time::Duration,
+) -> std::time::Duration {
+    retry_after.map_or(backoff, |asked| asked.max(backoff))
 }
 
 #[cfg(test)]

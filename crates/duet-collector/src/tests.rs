@@ -366,3 +366,14 @@ async fn a_silent_leader_times_out() {
     );
     drop(listener);
 }
+
+/// A pending job is polled again after the Leader's `Retry-After`, never sooner than the
+/// collector's own backoff: `Retry-After: 0` does not make it poll in a tight loop.
+#[test]
+fn polls_wait_at_least_the_backoff() {
+    let s = std::time::Duration::from_secs;
+    let backoff = std::time::Duration::from_millis(400);
+    assert_eq!(poll_wait(None, backoff), backoff);
+    assert_eq!(poll_wait(Some(s(0)), backoff), backoff);
+    assert_eq!(poll_wait(Some(s(3)), backoff), s(3));
+}
