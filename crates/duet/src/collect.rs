@@ -123,6 +123,15 @@ fn print(result: &CollectionResult, json: bool, csv: bool) {
 pub async fn run(args: Args) -> Result<ExitCode> {
     let params = crate::task::read_task_file(&args.task)?;
     let keypair = crate::keys::read_keypair(&args.key)?;
+    // Checked before any request: another key could not decrypt the result.
+    if keypair.config != duet_core::Task::from_parameters(&params)?.collector_hpke_config {
+        anyhow::bail!(
+            "{} is not the collector key of the task in {}: pass the key file the task was \
+             created with (`duet task create --collector-key`)",
+            args.key.display(),
+            args.task.display()
+        );
+    }
     let collector = collector_for(&params, keypair)?;
     let query = Query::TimeInterval {
         batch_interval: Interval {

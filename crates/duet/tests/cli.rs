@@ -183,7 +183,8 @@ fn bad_input_gets_one_readable_line_and_no_panic() {
 
 /// `duet upload` and `duet collect` check the task file as the aggregators do before they use
 /// it: a task whose time precision is 0 (reports would carry unrounded times) is refused with
-/// one line naming the file and the field.
+/// one line naming the file and the field; `duet collect` refuses a key that is not the task's
+/// collector key.
 #[test]
 fn task_files_are_checked_before_use() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -209,6 +210,28 @@ fn task_files_are_checked_before_use() {
         let out = run(&args);
         assert!(out.status.success(), "{args:?}: {:?}", out);
     }
+    // Another collector's key could not decrypt the result: refused before any request.
+    let other_key = dir.path().join("other.json").display().to_string();
+    assert!(run(&["keys", "generate", "--out", &other_key])
+        .status
+        .success());
+    let out = run(&[
+        "collect",
+        "--task",
+        &task,
+        "--key",
+        &other_key,
+        "--start",
+        "0",
+        "--duration",
+        "3600",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is not the collector key of the task"),
+        "{stderr}"
+    );
     let mut params: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&task).expect("read")).expect("json");
     params["time_precision"] = 0.into();
