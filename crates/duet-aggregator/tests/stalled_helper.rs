@@ -45,6 +45,9 @@ enum Stall {
     UnknownTaskOnce,
     /// Forwards them, and answers `finished` for every report the real Helper answered.
     FinishAll,
+    /// Answers the first two with 429 (busy), as a Leader whose upload queue is full does, and
+    /// forwards the others.
+    BusyTwice,
 }
 
 /// A Helper endpoint on its own port that forwards requests to the real Helper, except the
@@ -102,11 +105,13 @@ impl StallingHelper {
         let holding = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&holding);
         let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy = Arc::new(AtomicUsize::new(0));
         let forward = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
             let (helper, http, held_tx) = (helper.clone(), http.clone(), held_tx.clone());
             let mut stop_rx = stop_rx.clone();
             let counter = Arc::clone(&counter);
             let failed = Arc::clone(&failed);
+            let busy = Arc::clone(&busy);
             async move {
                 let path = uri.path().trim_start_matches("/helper/");
                 if path.contains(stall_on) {
@@ -136,10 +141,15 @@ impl StallingHelper {
                                 DapProblemType::UnrecognizedTask,
                             );
                         }
+                        Stall::BusyTwice if busy.fetch_add(1, Ordering::SeqCst) < 2 => {
+                            let _ = held_tx.send(());
+                            return StatusCode::TOO_MANY_REQUESTS.into_response();
+                        }
                         Stall::FailOnce
                         | Stall::MismatchOnce
                         | Stall::UnknownTaskOnce
-                        | Stall::FinishAll => {}
+                        | Stall::FinishAll
+                        | Stall::BusyTwice => {}
                     }
                 }
                 let url = helper.join(path).expect("path");
@@ -666,4 +676,33 @@ async fn the_leader_follows_no_redirect() {
         0,
         "the redirect was followed"
     );
+}
+
+/// A Leader too busy for an upload (429) has it sent again by the client, not lost: both
+/// reports of a client whose first two requests were refused are collected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_refused_while_the_leader_is_busy_are_sent_again() {
+    let h = Harness::start().await;
+    let vdaf = VdafInstance::Prio3Count;
+    let (task, collector_key) = h.task(vdaf.clone(), 2).await;
+    let mut busy = StallingHelper::start_with(&h.leader_url, "reports", Stall::BusyTwice).await;
+    let mut through_busy = task.clone();
+    through_busy.leader_endpoint = busy.url.clone();
+    let start = RealClock.now().round_down(task.time_precision);
+    let one = vdaf.parse_measurement("1").expect("measurement");
+    let client = client(&through_busy, &vdaf).await;
+    for _ in 0..2 {
+        client
+            .upload(&one)
+            .await
+            .expect("uploaded after the Leader was busy");
+    }
+    busy.wait_held().await;
+    let result = collector(&task, collector_key, &vdaf)
+        .collect(two_hours_from(start), COLLECT_TIMEOUT)
+        .await
+        .expect("collected");
+    busy.stop().await;
+    h.stop().await;
+    assert_eq!(result.report_count, 2);
 }

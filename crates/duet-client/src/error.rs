@@ -66,6 +66,18 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether the same request may succeed if sent again later: the request or its answer was
+    /// lost, or the server was busy (429) or failing (5xx).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Http { .. } => true,
+            Self::Problem { status, .. } | Self::UnexpectedStatus { status, .. } => {
+                *status == 429 || *status >= 500
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Turns an error response into a [`ClientError`]: a `Problem` when the body is a problem

@@ -3,7 +3,8 @@
 //!
 //! A [`Client`] fetches both aggregators' HPKE configurations once, when it is built, and keeps
 //! them; when the Leader answers an upload with `outdatedConfig` it fetches them again and retries
-//! that upload once. A client is `Send + Sync`, so one instance behind an `Arc` can upload
+//! that upload once, and an upload that fails transiently (lost, or the Leader busy or failing) is
+//! sent again a few times. A client is `Send + Sync`, so one instance behind an `Arc` can upload
 //! concurrently.
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,12 @@ use duet_messages::problem::DapProblemType;
 use duet_messages::{Decode, Encode};
 
 pub use error::ClientError;
+
+/// Attempts at uploading one report when they fail transiently.
+pub const UPLOAD_ATTEMPTS: u32 = 6;
+/// The pause after the first failed attempt; each next one is twice as long (0.1 to 1.6 s, about
+/// 3 s in all).
+const FIRST_UPLOAD_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What a client must know about a task.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -177,17 +184,38 @@ impl<C: Clock> Client<C> {
         )
     }
 
-    /// Prepares and uploads one report; on `outdatedConfig`, refetches the HPKE configs and retries once.
+    /// Prepares and uploads one report; on `outdatedConfig`, refetches the HPKE configs and
+    /// retries once. A transient failure (the request or its answer lost, the Leader busy or
+    /// failing) sends the same report again, up to [`UPLOAD_ATTEMPTS`] times in all with a
+    /// growing pause: the same report, so that one the Leader stored before its answer was lost
+    /// is counted once (the Leader keeps the first upload of a report ID).
     pub async fn upload(&self, measurement: &Measurement) -> Result<(), ClientError> {
         let report = self.prepare_report(measurement)?;
-        match self.upload_report(&report).await {
+        match self.upload_with_retries(&report).await {
             Err(e) if e.problem_type() == Some(DapProblemType::OutdatedConfig) => {
                 tracing::debug!(error = %e, "HPKE config outdated; refetching and retrying once");
                 self.refresh_hpke_configs().await?;
                 let report = self.prepare_report(measurement)?;
-                self.upload_report(&report).await
+                self.upload_with_retries(&report).await
             }
             other => other,
+        }
+    }
+
+    /// [`Client::upload_report`], retried after transient failures.
+    async fn upload_with_retries(&self, report: &Report) -> Result<(), ClientError> {
+        let mut pause = FIRST_UPLOAD_PAUSE;
+        let mut attempt = 1;
+        loop {
+            match self.upload_report(report).await {
+                Err(e) if e.is_transient() && attempt < UPLOAD_ATTEMPTS => {
+                    tracing::debug!(error = %e, attempt, "upload failed; sending it again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    attempt += 1;
+                }
+                done => return done,
+            }
         }
     }
 
