@@ -706,3 +706,38 @@ async fn uploads_refused_while_the_leader_is_busy_are_sent_again() {
     h.stop().await;
     assert_eq!(result.report_count, 2);
 }
+
+/// A poll of a collection job that fails for a moment (here the Leader answers it 503 once, as
+/// while it restarts) is tried again within the collection's timeout, not taken for the end of
+/// the collection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_poll_is_tried_again() {
+    let h = Harness::start().await;
+    let vdaf = VdafInstance::Prio3Count;
+    let (task, collector_key) = h.task(vdaf.clone(), 1).await;
+    let start = RealClock.now().round_down(task.time_precision);
+    let one = vdaf.parse_measurement("1").expect("measurement");
+    client(&task, &vdaf)
+        .await
+        .upload(&one)
+        .await
+        .expect("upload");
+    let query = two_hours_from(start);
+    let job = collector(&task, collector_key.clone(), &vdaf)
+        .start_collection(query)
+        .await
+        .expect("start");
+    // Polled through a proxy that fails the first request.
+    let mut flaky =
+        StallingHelper::start_with(&h.leader_url, "collection_jobs", Stall::FailOnce).await;
+    let mut through_flaky = task.clone();
+    through_flaky.leader_endpoint = flaky.url.clone();
+    let result = collector(&through_flaky, collector_key, &vdaf)
+        .poll_until_ready(&job, &query, COLLECT_TIMEOUT)
+        .await
+        .expect("collected after the failed poll");
+    flaky.wait_held().await;
+    flaky.stop().await;
+    h.stop().await;
+    assert_eq!(result.report_count, 1);
+}

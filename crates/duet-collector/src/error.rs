@@ -70,6 +70,18 @@ impl CollectorError {
             _ => None,
         }
     }
+
+    /// Whether the same request may succeed if sent again later: the request or its answer was
+    /// lost, or the Leader was busy (429) or failing (5xx), as while it restarts.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Http { .. } => true,
+            Self::Problem { status, .. } | Self::UnexpectedStatus { status, .. } => {
+                *status == 429 || *status >= 500
+            }
+            _ => false,
+        }
+    }
 }
 
 fn timeout_message(job: &Option<CollectionJobId>, timeout: &std::time::Duration) -> String {

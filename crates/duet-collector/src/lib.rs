@@ -229,15 +229,23 @@ impl Collector {
     ) -> Result<CollectionResult, CollectorError> {
         let mut backoff = INITIAL_POLL_INTERVAL;
         loop {
-            match self.poll_once(job, query).await? {
-                PollOutcome::Ready(result) => return Ok(result),
-                PollOutcome::Pending { retry_after } => {
+            // A poll that fails transiently (a Leader restarting, busy or unreachable for a
+            // moment) is tried again, within the caller's timeout: the job is still there.
+            let wait = match self.poll_once(job, query).await {
+                Ok(PollOutcome::Ready(result)) => return Ok(result),
+                Ok(PollOutcome::Pending { retry_after }) => {
                     let wait = poll_wait(retry_after, backoff);
                     tracing::trace!(%job, ?wait, "collection job not ready");
-                    tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(MAX_POLL_INTERVAL);
+                    wait
                 }
-            }
+                Err(e) if e.is_transient() => {
+                    tracing::debug!(%job, error = %e, "polling failed; polling again");
+                    backoff
+                }
+                Err(e) => return Err(e),
+            };
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(MAX_POLL_INTERVAL);
         }
     }
 
