@@ -42,6 +42,23 @@ pub fn decrypt_collection(
     collection: &Collection,
 ) -> Result<CollectionResult, CollectorError> {
     let batch_selector = batch_selector(query, collection)?;
+    // What the result says must be about the batch asked for: a collection holds at least one
+    // report (a batch holds at least `min_batch_size`), in the queried interval.
+    if collection.report_count == 0 {
+        return Err(CollectorError::InvalidCollection(
+            "the Leader's result counts no report".into(),
+        ));
+    }
+    if let Query::TimeInterval { batch_interval } = query {
+        let within = collection.interval.start >= batch_interval.start
+            && collection.interval.end() <= batch_interval.end();
+        if !within {
+            return Err(CollectorError::InvalidCollection(format!(
+                "the Leader's result spans {:?}, outside the queried interval {:?}",
+                collection.interval, batch_interval
+            )));
+        }
+    }
     let aad = AggregateShareAad {
         task_id: *task_id,
         aggregation_parameter: vec![],

@@ -181,7 +181,8 @@ fn decryption_is_bound_to_task_batch_role_and_key() {
     let vdaf = VdafInstance::Prio3Count.instantiate().expect("vdaf");
     let keypair = HpkeKeypair::generate(HpkeConfigId(1));
     let shares = aggregate_shares(&vdaf, &[Measurement::Count(true)]);
-    let queried = interval(0, 3600);
+    // The interval the sealed collections span.
+    let queried = interval(3600, 3600);
     let query = Query::TimeInterval {
         batch_interval: queried,
     };
@@ -203,11 +204,12 @@ fn decryption_is_bound_to_task_batch_role_and_key() {
             .starts_with("HPKE error: could not decrypt the Leader's aggregate share"),
         "{e}"
     );
-    // Another queried interval.
+    // Another queried interval (one that still holds the collection's).
     let shifted = Query::TimeInterval {
-        batch_interval: interval(3600, 3600),
+        batch_interval: interval(0, 7200),
     };
-    assert!(decrypt_collection(&TASK, &keypair, &vdaf, &shifted, &good).is_err());
+    let e = decrypt_collection(&TASK, &keypair, &vdaf, &shifted, &good).expect_err("interval");
+    assert!(matches!(e, CollectorError::Hpke(_)), "{e}");
     // Leader and Helper shares swapped: the info strings differ.
     let mut swapped = good.clone();
     std::mem::swap(
@@ -376,4 +378,38 @@ fn polls_wait_at_least_the_backoff() {
     assert_eq!(poll_wait(None, backoff), backoff);
     assert_eq!(poll_wait(Some(s(0)), backoff), backoff);
     assert_eq!(poll_wait(Some(s(3)), backoff), s(3));
+}
+
+/// A Collection is only taken for the batch asked for: one counting no report, or spanning
+/// time outside the queried interval, is refused.
+#[test]
+fn collections_about_another_batch_are_refused() {
+    let instance = VdafInstance::Prio3Count;
+    let vdaf = instance.instantiate().expect("vdaf");
+    let keypair = HpkeKeypair::generate(HpkeConfigId(3));
+    let shares = aggregate_shares(&vdaf, &[Measurement::Count(true)]);
+    let queried = interval(0, 7200);
+    let query = Query::TimeInterval {
+        batch_interval: queried,
+    };
+    let sealed = |report_count| {
+        collection(
+            &keypair,
+            &shares,
+            BatchSelector::TimeInterval {
+                batch_interval: queried,
+            },
+            PartialBatchSelector::TimeInterval,
+            report_count,
+        )
+    };
+    let mut outside = sealed(1);
+    outside.interval = interval(3600, 7200);
+    for bad in [sealed(0), outside] {
+        assert!(matches!(
+            decrypt_collection(&TASK, &keypair, &vdaf, &query, &bad),
+            Err(CollectorError::InvalidCollection(_))
+        ));
+    }
+    assert!(decrypt_collection(&TASK, &keypair, &vdaf, &query, &sealed(1)).is_ok());
 }
