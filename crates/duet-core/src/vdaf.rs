@@ -195,10 +195,17 @@ impl VdafInstance {
     /// sum, a bucket index for histogram, comma-separated integers for sum vectors.
     pub fn parse_measurement(&self, text: &str) -> Result<Measurement, CoreError> {
         let text = text.trim();
+        // Digits only: Rust's parser would also take a leading `+`.
         let int = |s: &str| -> Result<u128, CoreError> {
-            s.trim().parse::<u128>().map_err(|_| {
-                CoreError::InvalidParameter(format!("'{s}' is not a non-negative integer"))
-            })
+            let digits = s.trim();
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(CoreError::InvalidParameter(format!(
+                    "'{s}' is not a non-negative integer"
+                )));
+            }
+            digits
+                .parse::<u128>()
+                .map_err(|_| CoreError::InvalidParameter(format!("'{s}' is too large")))
         };
         let in_bits = |v: u128, bits: usize| -> Result<u128, CoreError> {
             if bits < 128 && v >> bits != 0 {
@@ -834,5 +841,31 @@ mod tests {
         assert_eq!(default_chunk_length(10), 4);
         assert_eq!(default_chunk_length(16), 4);
         assert_eq!(default_chunk_length(0), 1);
+    }
+
+    /// Measurements are digits only: a sign, a space inside or a number too large is refused.
+    #[test]
+    fn measurements_are_plain_digits() {
+        let sum = VdafInstance::Prio3Sum { bits: 8 };
+        assert_eq!(
+            sum.parse_measurement(" 5 ").expect("5"),
+            Measurement::Sum(5)
+        );
+        for bad in [
+            "+5",
+            "-5",
+            "5 5",
+            "",
+            "0x5",
+            "999999999999999999999999999999999999999999",
+        ] {
+            assert!(sum.parse_measurement(bad).is_err(), "{bad:?}");
+        }
+        let vec = VdafInstance::Prio3SumVec {
+            bits: 8,
+            length: 2,
+            chunk_length: 1,
+        };
+        assert!(vec.parse_measurement("1,+2").is_err());
     }
 }
