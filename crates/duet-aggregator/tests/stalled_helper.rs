@@ -253,6 +253,56 @@ fn two_hours_from(start: Time) -> Query {
     }
 }
 
+/// Uploads `n` measurements of 1 for `task` through one client.
+async fn upload_ones(task: &Task, vdaf: &VdafInstance, n: usize) {
+    let one = vdaf.parse_measurement("1").expect("measurement");
+    let client = client(task, vdaf).await;
+    for _ in 0..n {
+        client.upload(&one).await.expect("upload");
+    }
+}
+
+/// The Leader's aggregation jobs by outcome.
+#[derive(Debug)]
+struct JobOutcomes {
+    finished: u64,
+    retried: u64,
+    abandoned: u64,
+}
+
+/// The Leader's aggregation-job outcomes once one is counted, read from `/metrics` every 100 ms
+/// (`None` after 30 s without one).
+async fn first_job_outcomes(h: &Harness) -> Option<JobOutcomes> {
+    let metrics = h.leader_url.join("/metrics").expect("url");
+    let http = reqwest::Client::new();
+    for _ in 0..300 {
+        let text = http
+            .get(metrics.clone())
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let count = |outcome: &str| {
+            let name = format!("duet_aggregation_jobs_total{{outcome=\"{outcome}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&name))
+                .map_or(0, |v| v.trim().parse().expect("a count"))
+        };
+        let outcomes = JobOutcomes {
+            finished: count("finished"),
+            retried: count("retried"),
+            abandoned: count("abandoned"),
+        };
+        if outcomes.finished + outcomes.retried + outcomes.abandoned > 0 {
+            return Some(outcomes);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    None
+}
+
 /// How long a collection may take here: well inside the Leader's 120 s timeout for Helper
 /// requests, which is what would free a stalled job otherwise.
 const COLLECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -277,12 +327,7 @@ impl Stalled {
         let (stuck_task, stuck_key) = h.task_via(vdaf.clone(), 1, &stalling.url).await;
         let (task, collector_key) = h.task(vdaf.clone(), min_batch_size).await;
         let start = RealClock.now().round_down(task.time_precision);
-        let one = vdaf.parse_measurement("1").expect("measurement");
-        client(&stuck_task, &vdaf)
-            .await
-            .upload(&one)
-            .await
-            .expect("upload");
+        upload_ones(&stuck_task, &vdaf, 1).await;
         Self {
             stalling,
             stuck_task,
@@ -306,11 +351,7 @@ async fn collect_while_held(
     n: u64,
 ) {
     let vdaf = VdafInstance::Prio3Count;
-    let one = vdaf.parse_measurement("1").expect("measurement");
-    let client = client(task, &vdaf).await;
-    for _ in 0..n {
-        client.upload(&one).await.expect("upload");
-    }
+    upload_ones(task, &vdaf, n as usize).await;
     let result = collector(task, collector_key, &vdaf)
         .collect(two_hours_from(start), COLLECT_TIMEOUT)
         .await
@@ -374,11 +415,7 @@ async fn collect_after_one_failure(fail_on: &'static str, stall: Stall) -> u64 {
     let mut flaky = StallingHelper::start_with(&h.helper_url, fail_on, stall).await;
     let (task, collector_key) = h.task_via(vdaf.clone(), 2, &flaky.url).await;
     let start = RealClock.now().round_down(task.time_precision);
-    let one = vdaf.parse_measurement("1").expect("measurement");
-    let client = client(&task, &vdaf).await;
-    for _ in 0..2 {
-        client.upload(&one).await.expect("upload");
-    }
+    upload_ones(&task, &vdaf, 2).await;
     let result = collector(&task, collector_key, &vdaf)
         .collect(two_hours_from(start), COLLECT_TIMEOUT)
         .await
@@ -450,11 +487,7 @@ async fn a_collection_that_waited_for_its_batch_survives_a_failure() {
     let job = collector.start_collection(query).await.expect("start");
     // About 25 leases of the job, each finding no report.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let one = vdaf.parse_measurement("1").expect("measurement");
-    let client = client(&task, &vdaf).await;
-    for _ in 0..2 {
-        client.upload(&one).await.expect("upload");
-    }
+    upload_ones(&task, &vdaf, 2).await;
     let result = collector
         .poll_until_ready(&job, &query, COLLECT_TIMEOUT)
         .await
@@ -488,18 +521,8 @@ async fn a_leader_whose_clock_is_behind_drops_no_report() {
     let (task, collector_key) = leader
         .leader_task(vdaf.clone(), 2, &helper.helper_url)
         .await;
-    let mut helper_task = task.clone();
-    helper_task.collector_auth_token = None;
-    helper
-        .helper_store
-        .put_task(&helper_task)
-        .await
-        .expect("helper task");
-    let one = vdaf.parse_measurement("1").expect("measurement");
-    let client = client(&task, &vdaf).await;
-    for _ in 0..2 {
-        client.upload(&one).await.expect("upload");
-    }
+    helper.helper_task(&task).await;
+    upload_ones(&task, &vdaf, 2).await;
     clock.set(Time(now.0 - 7_200));
     let start = now.round_down(task.time_precision);
     let result = collector(&task, collector_key, &vdaf)
@@ -525,12 +548,7 @@ async fn a_lasting_batch_mismatch_fails_the_collection() {
         StallingHelper::start_with(&h.helper_url, "aggregate_shares", Stall::MismatchAlways).await;
     let (task, collector_key) = h.task_via(vdaf.clone(), 1, &refusing.url).await;
     let start = RealClock.now().round_down(task.time_precision);
-    let one = vdaf.parse_measurement("1").expect("measurement");
-    client(&task, &vdaf)
-        .await
-        .upload(&one)
-        .await
-        .expect("upload");
+    upload_ones(&task, &vdaf, 1).await;
     let failed = collector(&task, collector_key, &vdaf)
         .collect(two_hours_from(start), std::time::Duration::from_secs(20))
         .await;
@@ -555,42 +573,13 @@ async fn a_job_the_helper_answers_finished_is_aborted() {
     let broken =
         StallingHelper::start_with(&h.helper_url, "aggregation_jobs", Stall::FinishAll).await;
     let (task, _) = h.task_via(vdaf.clone(), 1, &broken.url).await;
-    let one = vdaf.parse_measurement("1").expect("measurement");
-    client(&task, &vdaf)
-        .await
-        .upload(&one)
-        .await
-        .expect("upload");
-    let metrics = h.leader_url.join("/metrics").expect("url");
-    let http = reqwest::Client::new();
-    let sample = |text: &str, outcome: &str| {
-        let name = format!("duet_aggregation_jobs_total{{outcome=\"{outcome}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&name))
-            .map(|v| v.trim().to_string())
-    };
-    let mut ended = None;
-    for _ in 0..300 {
-        let text = http
-            .get(metrics.clone())
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        let (finished, abandoned) = (sample(&text, "finished"), sample(&text, "abandoned"));
-        if finished.as_deref() != Some("0") || abandoned.as_deref() != Some("0") {
-            ended = Some((finished, abandoned));
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    upload_ones(&task, &vdaf, 1).await;
+    let ended = first_job_outcomes(&h).await;
     broken.stop().await;
     h.stop().await;
     assert_eq!(
-        ended,
-        Some((Some("0".into()), Some("1".into()))),
+        ended.map(|o| (o.finished, o.abandoned)),
+        Some((0, 1)),
         "the job was aborted, not finished"
     );
 }
@@ -643,30 +632,8 @@ async fn the_leader_follows_no_redirect() {
     let helper_url = parse_endpoint(&format!("http://{redirector}/helper/")).expect("url");
     let vdaf = VdafInstance::Prio3Count;
     let (task, _) = h.task_via(vdaf.clone(), 1, &helper_url).await;
-    let one = vdaf.parse_measurement("1").expect("measurement");
-    client(&task, &vdaf)
-        .await
-        .upload(&one)
-        .await
-        .expect("upload");
-    let metrics = h.leader_url.join("/metrics").expect("url");
-    let http = reqwest::Client::new();
-    let mut retried = false;
-    for _ in 0..300 {
-        let text = http
-            .get(metrics.clone())
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        if !text.contains("duet_aggregation_jobs_total{outcome=\"retried\"} 0") {
-            retried = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    upload_ones(&task, &vdaf, 1).await;
+    let retried = first_job_outcomes(&h).await.is_some_and(|o| o.retried > 0);
     redirecting.abort();
     other_host.abort();
     h.stop().await;
@@ -716,12 +683,7 @@ async fn a_failed_poll_is_tried_again() {
     let vdaf = VdafInstance::Prio3Count;
     let (task, collector_key) = h.task(vdaf.clone(), 1).await;
     let start = RealClock.now().round_down(task.time_precision);
-    let one = vdaf.parse_measurement("1").expect("measurement");
-    client(&task, &vdaf)
-        .await
-        .upload(&one)
-        .await
-        .expect("upload");
+    upload_ones(&task, &vdaf, 1).await;
     let query = two_hours_from(start);
     let job = collector(&task, collector_key.clone(), &vdaf)
         .start_collection(query)

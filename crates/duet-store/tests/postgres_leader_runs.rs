@@ -263,11 +263,7 @@ async fn a_creator_that_loses_the_cursor_race_claims_what_is_left() {
                 !creator.is_finished(),
                 "the creator did not wait for the cursor"
             );
-            sqlx::query("COMMIT")
-                .execute(&mut other)
-                .await
-                .expect("commit");
-            other.close().await.expect("close");
+            common::end_transaction(other, "COMMIT").await;
             assert_eq!(creator.await.expect("creator").expect("create"), 1);
             let jobs = a
                 .acquire_aggregation_jobs(NOW, 600, 100)
@@ -329,11 +325,7 @@ async fn each_job_is_announced_when_it_commits() {
             }
         }
         assert!(!creator.is_finished(), "the pass ended before the wake-up");
-        sqlx::query("ROLLBACK")
-            .execute(&mut other)
-            .await
-            .expect("rollback");
-        other.close().await.expect("close");
+        common::end_transaction(other, "ROLLBACK").await;
         assert_eq!(creator.await.expect("creator").expect("create"), 2);
         for store in [a, replica] {
             store.close().await;
@@ -367,11 +359,7 @@ async fn job_creation_waits_for_a_closing_run() {
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!creator.is_finished(), "a job created under a closing run");
-        sqlx::query("COMMIT")
-            .execute(&mut closer)
-            .await
-            .expect("commit");
-        closer.close().await.expect("close");
+        common::end_transaction(closer, "COMMIT").await;
         assert_eq!(creator.await.expect("creator").expect("create"), 1);
         let mut conn = PgConnection::connect(&url).await.expect("connect");
         let runs: Vec<i32> = sqlx::query_scalar("SELECT DISTINCT run FROM claimed_report_ids")

@@ -98,7 +98,7 @@ async fn a_share_of_an_overlapping_batch_is_refused_after_the_wait() {
     with_fresh_database(
         "a_share_of_an_overlapping_batch_is_refused",
         |url| async move {
-            let (store, task_id, mut other) = recording(&url, interval(T0, 2 * PRECISION)).await;
+            let (store, task_id, other) = recording(&url, interval(T0, 2 * PRECISION)).await;
             let second = {
                 let store = store.clone();
                 tokio::spawn(async move {
@@ -108,11 +108,7 @@ async fn a_share_of_an_overlapping_batch_is_refused_after_the_wait() {
                 })
             };
             common::waiting_on_lock(&url, "put_aggregate_share_job").await;
-            sqlx::query("COMMIT")
-                .execute(&mut other)
-                .await
-                .expect("commit");
-            other.close().await.expect("close");
+            common::end_transaction(other, "COMMIT").await;
             assert!(matches!(
                 second.await.expect("recording"),
                 Err(StoreError::BatchOverlap)
@@ -132,7 +128,7 @@ async fn a_job_does_not_merge_into_a_batch_served_while_it_waited() {
         "a_job_does_not_merge_into_a_served_batch",
         |url| async move {
             let batch = interval(T0, PRECISION);
-            let (store, task_id, mut other) = recording(&url, batch).await;
+            let (store, task_id, other) = recording(&url, batch).await;
             let ids = vec![ReportId::random()];
             let delta = BatchAggregation {
                 task_id,
@@ -151,11 +147,7 @@ async fn a_job_does_not_merge_into_a_batch_served_while_it_waited() {
                 })
             };
             common::waiting_on_lock(&url, "put_helper_aggregation_job").await;
-            sqlx::query("COMMIT")
-                .execute(&mut other)
-                .await
-                .expect("commit");
-            other.close().await.expect("close");
+            common::end_transaction(other, "COMMIT").await;
             assert!(matches!(
                 write.await.expect("write"),
                 Err(StoreError::Conflict)

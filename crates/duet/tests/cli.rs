@@ -181,6 +181,26 @@ fn bad_input_gets_one_readable_line_and_no_panic() {
     }
 }
 
+/// Runs `duet task create` for a Prio3Count task of aggregators that are not running, with the
+/// collector key file `key`, writing `task`, with `extra` arguments.
+fn create_offline_task(key: &str, task: &str, extra: &[&str]) -> Output {
+    let args = [
+        "task",
+        "create",
+        "--leader-url",
+        "http://127.0.0.1:9/leader/",
+        "--helper-url",
+        "http://127.0.0.1:9/helper/",
+        "--vdaf",
+        "count",
+        "--collector-key",
+        key,
+        "--out",
+        task,
+    ];
+    run(&[&args[..], extra].concat())
+}
+
 /// `duet upload` and `duet collect` check the task file as the aggregators do before they use
 /// it: a task whose time precision is 0 (reports would carry unrounded times) is refused with
 /// one line naming the file and the field; `duet collect` refuses a key that is not the task's
@@ -190,25 +210,11 @@ fn task_files_are_checked_before_use() {
     let dir = tempfile::tempdir().expect("tmp");
     let key = dir.path().join("collector.json").display().to_string();
     let task = dir.path().join("task.json").display().to_string();
-    for args in [
-        vec!["keys", "generate", "--out", &key],
-        vec![
-            "task",
-            "create",
-            "--leader-url",
-            "http://127.0.0.1:9/leader/",
-            "--helper-url",
-            "http://127.0.0.1:9/helper/",
-            "--vdaf",
-            "count",
-            "--collector-key",
-            &key,
-            "--out",
-            &task,
-        ],
+    for out in [
+        run(&["keys", "generate", "--out", &key]),
+        create_offline_task(&key, &task, &[]),
     ] {
-        let out = run(&args);
-        assert!(out.status.success(), "{args:?}: {:?}", out);
+        assert!(out.status.success(), "{:?}", out);
     }
     // Another collector's key could not decrypt the result: refused before any request.
     let other_key = dir.path().join("other.json").display().to_string();
@@ -270,33 +276,9 @@ fn secret_files_are_private_and_kept() {
     let dir = tempfile::tempdir().expect("tmp");
     let key = dir.path().join("collector.json").display().to_string();
     let task = dir.path().join("task.json").display().to_string();
-    let create_task = |force: bool| {
-        let mut args = vec![
-            "task",
-            "create",
-            "--leader-url",
-            "http://127.0.0.1:9/leader/",
-            "--helper-url",
-            "http://127.0.0.1:9/helper/",
-            "--vdaf",
-            "count",
-            "--collector-key",
-            &key,
-            "--out",
-            &task,
-        ];
-        if force {
-            args.push("--force");
-        }
-        run(&args)
-    };
-    let generate = |force: bool| {
-        let mut args = vec!["keys", "generate", "--out", &key];
-        if force {
-            args.push("--force");
-        }
-        run(&args)
-    };
+    let force = |force: bool| if force { vec!["--force"] } else { vec![] };
+    let create_task = |f: bool| create_offline_task(&key, &task, &force(f));
+    let generate = |f: bool| run(&[&["keys", "generate", "--out", &key][..], &force(f)].concat());
     assert!(generate(false).status.success());
     assert!(create_task(false).status.success());
     type Writer<'a> = &'a dyn Fn(bool) -> Output;

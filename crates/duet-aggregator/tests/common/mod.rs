@@ -86,13 +86,18 @@ impl Harness {
         let (task, collector_key) = self
             .leader_task(vdaf, min_batch_size, helper_endpoint)
             .await;
+        self.helper_task(&task).await;
+        (task, collector_key)
+    }
+
+    /// Provisions the Helper's copy of `task` (without the collector's token).
+    pub async fn helper_task(&self, task: &Task) {
         let mut helper_task = task.clone();
         helper_task.collector_auth_token = None;
         self.helper_store
             .put_task(&helper_task)
             .await
             .expect("helper task");
-        (task, collector_key)
     }
 
     /// Provisions a task on the Leader only, whose Helper is at `helper_endpoint`.

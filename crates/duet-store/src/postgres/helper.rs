@@ -10,7 +10,7 @@ use sqlx::postgres::PgRow;
 use sqlx::PgConnection;
 
 use super::runs;
-use super::tasks::merge_batch_aggregations;
+use super::tasks::{merge_batch_aggregations, BUCKETS_IN};
 use super::{
     clamp_i64, col, col_array, col_interval, col_u64, is_unique_violation, to_i64,
     PostgresDatastore, TxError,
@@ -24,15 +24,15 @@ use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, 
 /// then see what the other committed.
 const BATCHES_LOCK: i32 = 0x6475_6542; // "dueB"
 
-/// The batches whose aggregate shares the Helper served for a task.
+/// The batches whose aggregate shares the Helper served for a task, in order and once each.
 async fn served_batches(
     conn: &mut PgConnection,
     task_id: &TaskId,
 ) -> Result<Vec<Interval>, TxError> {
     Ok(sqlx::query(
-        "-- served_batches
-\
-         SELECT batch_start, batch_duration FROM aggregate_share_jobs WHERE task_id = $1",
+        "-- served_batches\n\
+         SELECT DISTINCT batch_start, batch_duration FROM aggregate_share_jobs \
+         WHERE task_id = $1 ORDER BY batch_start, batch_duration",
     )
     .bind(&task_id.0[..])
     .fetch_all(conn)
@@ -310,20 +310,20 @@ pub(super) async fn put_aggregate_share_job(
         .execute(&mut *tx)
         .await?;
     let served = served_batches(&mut tx, &job.task_id).await?;
-    // The form of `get_batch_aggregations`, which cannot overflow.
-    let aggregated: i64 = sqlx::query_scalar(
+    // The reports of the rows `get_batch_aggregations` reads.
+    let sql = format!(
         "-- put_aggregate_share_job\n\
          SELECT COALESCE(SUM(report_count), 0)::BIGINT FROM batch_aggregations \
-         WHERE role = $1 AND task_id = $2 AND bucket_start >= $3 \
-           AND bucket_duration <= $4 - bucket_start AND aggregation_parameter = $5",
-    )
-    .bind(store.role_str())
-    .bind(&job.task_id.0[..])
-    .bind(batch_start)
-    .bind(clamp_i64(job.batch_interval.end().0))
-    .bind(&job.aggregation_parameter[..])
-    .fetch_one(&mut *tx)
-    .await?;
+         WHERE {BUCKETS_IN}"
+    );
+    let aggregated: i64 = sqlx::query_scalar(&sql)
+        .bind(store.role_str())
+        .bind(&job.task_id.0[..])
+        .bind(batch_start)
+        .bind(clamp_i64(job.batch_interval.end().0))
+        .bind(&job.aggregation_parameter[..])
+        .fetch_one(&mut *tx)
+        .await?;
     let aggregated = u64::try_from(aggregated)
         .map_err(|_| StoreError::Corrupt("a negative report count".into()))?;
     if let Err(e) = check_share(&served, job, aggregated) {
@@ -374,17 +374,7 @@ pub(super) async fn collected_intervals(
     store: &PostgresDatastore,
     task_id: &TaskId,
 ) -> Result<Vec<Interval>, TxError> {
-    Ok(sqlx::query(
-        "-- collected_intervals\n\
-         SELECT DISTINCT batch_start, batch_duration FROM aggregate_share_jobs \
-         WHERE task_id = $1 ORDER BY batch_start, batch_duration",
-    )
-    .bind(&task_id.0[..])
-    .fetch_all(&store.pool)
-    .await?
-    .iter()
-    .map(|row| col_interval(row, "batch_start", "batch_duration"))
-    .collect::<Result<_, _>>()?)
+    served_batches(&mut *store.pool.acquire().await?, task_id).await
 }
 
 #[cfg(test)]

@@ -211,30 +211,33 @@ fn batch_aggregation_from_row(
     })
 }
 
+/// The batch aggregations of role `$1` and task `$2` whose bucket lies in the interval from `$3`
+/// to `$4` (its end, clamped), for parameter `$5`. `bucket_duration <= end - bucket_start` rather
+/// than `bucket_start + bucket_duration <= end`: BIGINT arithmetic raises an error on overflow,
+/// and this form cannot overflow.
+pub(super) const BUCKETS_IN: &str = "role = $1 AND task_id = $2 AND bucket_start >= $3 \
+     AND bucket_duration <= $4 - bucket_start AND aggregation_parameter = $5";
+
 pub(super) async fn get_batch_aggregations(
     store: &PostgresDatastore,
     task_id: &TaskId,
     interval: &Interval,
     aggregation_parameter: &[u8],
 ) -> Result<Vec<BatchAggregation>, TxError> {
-    // `bucket_duration <= end - bucket_start` rather than `bucket_start + bucket_duration <= end`:
-    // BIGINT arithmetic raises an error on overflow, and this form cannot overflow.
-    let rows = sqlx::query(
+    let sql = format!(
         "-- get_batch_aggregations\n\
          SELECT bucket_start, bucket_duration, aggregation_parameter, aggregate_share, \
            report_count, checksum \
-         FROM batch_aggregations \
-         WHERE role = $1 AND task_id = $2 AND bucket_start >= $3 \
-           AND bucket_duration <= $4 - bucket_start AND aggregation_parameter = $5 \
-         ORDER BY bucket_start, bucket_duration",
-    )
-    .bind(store.role_str())
-    .bind(&task_id.0[..])
-    .bind(clamp_i64(interval.start.0))
-    .bind(clamp_i64(interval.end().0))
-    .bind(aggregation_parameter)
-    .fetch_all(&store.pool)
-    .await?;
+         FROM batch_aggregations WHERE {BUCKETS_IN} ORDER BY bucket_start, bucket_duration"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(store.role_str())
+        .bind(&task_id.0[..])
+        .bind(clamp_i64(interval.start.0))
+        .bind(clamp_i64(interval.end().0))
+        .bind(aggregation_parameter)
+        .fetch_all(&store.pool)
+        .await?;
     Ok(rows
         .iter()
         .map(|row| batch_aggregation_from_row(task_id, row))

@@ -10,20 +10,21 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::SqliteConnection;
 
 use super::replay::Entry;
-use super::tasks::merge_batch_aggregations;
+use super::tasks::{merge_batch_aggregations, BUCKETS_IN};
 use super::{clamp_i64, col, col_array, col_interval, col_u64, db, to_i64, SqliteDatastore};
 use crate::served::{check_share, merges_into_served};
 use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, StoreError};
 
-/// The batches whose aggregate shares the Helper served for a task, read in a write
-/// transaction (which no other write interleaves with: see `served`).
+/// The batches whose aggregate shares the Helper served for a task, in order and once each. Read
+/// in a write transaction, no other write interleaves with it (see `served`).
 async fn served_batches(
     conn: &mut SqliteConnection,
     task_id: &TaskId,
 ) -> Result<Vec<Interval>, StoreError> {
     sqlx::query(
         "-- served_batches\n\
-         SELECT batch_start, batch_duration FROM aggregate_share_jobs WHERE task_id = ?",
+         SELECT DISTINCT batch_start, batch_duration FROM aggregate_share_jobs \
+         WHERE task_id = ? ORDER BY batch_start, batch_duration",
     )
     .bind(&task_id.0[..])
     .fetch_all(conn)
@@ -190,20 +191,20 @@ pub(super) async fn put_aggregate_share_job(
 ) -> Result<(), StoreError> {
     let mut tx = store.begin_write().await?;
     let served = served_batches(&mut tx, &job.task_id).await?;
-    let aggregated: i64 = sqlx::query_scalar(
+    // The reports of the rows `get_batch_aggregations` reads.
+    let sql = format!(
         "-- put_aggregate_share_job\n\
-         SELECT COALESCE(SUM(report_count), 0) FROM batch_aggregations \
-         WHERE role = ? AND task_id = ? AND bucket_start >= ? \
-           AND bucket_start + bucket_duration <= ? AND aggregation_parameter = ?",
-    )
-    .bind(store.role_str())
-    .bind(&job.task_id.0[..])
-    .bind(clamp_i64(job.batch_interval.start.0))
-    .bind(clamp_i64(job.batch_interval.end().0))
-    .bind(&job.aggregation_parameter[..])
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db)?;
+         SELECT COALESCE(SUM(report_count), 0) FROM batch_aggregations WHERE {BUCKETS_IN}"
+    );
+    let aggregated: i64 = sqlx::query_scalar(&sql)
+        .bind(store.role_str())
+        .bind(&job.task_id.0[..])
+        .bind(clamp_i64(job.batch_interval.start.0))
+        .bind(clamp_i64(job.batch_interval.end().0))
+        .bind(&job.aggregation_parameter[..])
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
     let aggregated = u64::try_from(aggregated)
         .map_err(|_| StoreError::Corrupt("a negative report count".into()))?;
     if let Err(e) = check_share(&served, job, aggregated) {
@@ -253,16 +254,5 @@ pub(super) async fn collected_intervals(
     store: &SqliteDatastore,
     task_id: &TaskId,
 ) -> Result<Vec<Interval>, StoreError> {
-    sqlx::query(
-        "-- collected_intervals\n\
-         SELECT DISTINCT batch_start, batch_duration FROM aggregate_share_jobs \
-         WHERE task_id = ? ORDER BY batch_start, batch_duration",
-    )
-    .bind(&task_id.0[..])
-    .fetch_all(&store.pool)
-    .await
-    .map_err(db)?
-    .iter()
-    .map(|row| col_interval(row, "batch_start", "batch_duration"))
-    .collect()
+    served_batches(&mut *store.pool.acquire().await.map_err(db)?, task_id).await
 }

@@ -182,28 +182,32 @@ fn batch_aggregation_from_row(
     })
 }
 
+/// The batch aggregations of a role and task whose bucket lies in an interval, for an
+/// aggregation parameter; bound in that order: role, task, the interval's start and end,
+/// parameter.
+pub(super) const BUCKETS_IN: &str = "role = ? AND task_id = ? AND bucket_start >= ? \
+     AND bucket_start + bucket_duration <= ? AND aggregation_parameter = ?";
+
 pub(super) async fn get_batch_aggregations(
     store: &SqliteDatastore,
     task_id: &TaskId,
     interval: &Interval,
     aggregation_parameter: &[u8],
 ) -> Result<Vec<BatchAggregation>, StoreError> {
-    let rows = sqlx::query(
+    let sql = format!(
         "-- get_batch_aggregations\n\
          SELECT bucket_start, bucket_duration, aggregation_parameter, aggregate_share, report_count, checksum \
-         FROM batch_aggregations \
-         WHERE role = ? AND task_id = ? AND bucket_start >= ? AND bucket_start + bucket_duration <= ? \
-           AND aggregation_parameter = ? \
-         ORDER BY bucket_start, bucket_duration",
-    )
-    .bind(store.role_str())
-    .bind(&task_id.0[..])
-    .bind(clamp_i64(interval.start.0))
-    .bind(clamp_i64(interval.end().0))
-    .bind(aggregation_parameter)
-    .fetch_all(&store.pool)
-    .await
-    .map_err(db)?;
+         FROM batch_aggregations WHERE {BUCKETS_IN} ORDER BY bucket_start, bucket_duration"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(store.role_str())
+        .bind(&task_id.0[..])
+        .bind(clamp_i64(interval.start.0))
+        .bind(clamp_i64(interval.end().0))
+        .bind(aggregation_parameter)
+        .fetch_all(&store.pool)
+        .await
+        .map_err(db)?;
     rows.iter()
         .map(|row| batch_aggregation_from_row(task_id, row))
         .collect()

@@ -76,3 +76,10 @@ pub async fn waiting_on_lock(url: &str, tag: &str) {
     }
     panic!("no `{tag}` statement waited for a lock");
 }
+
+/// Ends the transaction open on `conn` with `end` (`COMMIT` or `ROLLBACK`), and closes `conn`.
+pub async fn end_transaction(mut conn: sqlx::PgConnection, end: &str) {
+    use sqlx::Connection;
+    sqlx::query(end).execute(&mut conn).await.expect(end);
+    conn.close().await.expect("close");
+}
