@@ -18,7 +18,7 @@ pub(crate) fn check_share(
     aggregated: u64,
 ) -> Result<(), StoreError> {
     let batch = &job.batch_interval;
-    if served.iter().any(|s| s != batch && s.overlaps(batch)) {
+    if served.iter().any(|s| s.overlaps_another(batch)) {
         return Err(StoreError::BatchOverlap);
     }
     if aggregated != job.report_count {

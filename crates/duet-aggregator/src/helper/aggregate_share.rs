@@ -107,9 +107,10 @@ impl Helper {
         // Checked here first, before the batch's size and counts (DAP-09's order), and again
         // when the share is recorded, where concurrent requests are serialised.
         let served = store.list_aggregate_share_jobs(&task_id).await?;
-        if served.iter().any(|j| {
-            j.batch_interval != batch_interval && j.batch_interval.overlaps(&batch_interval)
-        }) {
+        if served
+            .iter()
+            .any(|j| j.batch_interval.overlaps_another(&batch_interval))
+        {
             return Err(overlap());
         }
         let queries = served

@@ -125,7 +125,7 @@ impl Leader {
             .iter()
             .map(|j| &j.batch_interval)
             .chain(&collected)
-            .any(|i| *i != batch_interval && i.overlaps(&batch_interval))
+            .any(|i| i.overlaps_another(&batch_interval))
         {
             return Err(Error::abort(
                 DapProblemType::BatchOverlap,

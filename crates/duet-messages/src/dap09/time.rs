@@ -155,6 +155,12 @@ impl Interval {
             && other.start < self.end()
     }
 
+    /// True if both overlap without being the same interval: DAP's batch overlap, which the
+    /// same batch collected again is not.
+    pub fn overlaps_another(&self, other: &Interval) -> bool {
+        self != other && self.overlaps(other)
+    }
+
     /// The smallest interval containing both (empty intervals are ignored).
     pub fn merged_with(&self, other: &Interval) -> Interval {
         if self.duration.0 == 0 {
@@ -237,6 +243,9 @@ mod tests {
         assert!(!a.overlaps(&iv(0, 10)));
         assert!(!a.overlaps(&iv(15, 0)));
         assert!(iv(0, 100).overlaps(&a));
+        assert!(!a.overlaps_another(&a));
+        assert!(a.overlaps_another(&iv(19, 5)));
+        assert!(!a.overlaps_another(&iv(20, 5)));
         assert_eq!(a.merged_with(&iv(30, 5)), iv(10, 25));
         assert_eq!(a.merged_with(&iv(0, 0)), a);
     }
