@@ -25,6 +25,17 @@ pub fn is_valid_batch_interval(interval: &Interval, precision: Duration) -> bool
         && interval.start.0.checked_add(interval.duration.0).is_some()
 }
 
+/// The smallest interval holding every one of `times` (empty if there are none): the collected
+/// batches a set of reports can fall in are those that overlap it.
+pub fn span_of(times: impl IntoIterator<Item = Time>) -> Interval {
+    times.into_iter().fold(Interval::default(), |span, t| {
+        span.merged_with(&Interval {
+            start: t,
+            duration: Duration(1),
+        })
+    })
+}
+
 /// Whether `t` lies in any of `intervals`.
 pub fn in_any(intervals: &[Interval], t: Time) -> bool {
     intervals
@@ -193,6 +204,21 @@ mod tests {
             },
             Duration(1)
         ));
+    }
+
+    #[test]
+    fn the_span_of_times_holds_each_and_no_more() {
+        assert_eq!(span_of([]), Interval::default());
+        let span = span_of([Time(50), Time(7), Time(30)]);
+        assert_eq!(
+            span,
+            Interval {
+                start: Time(7),
+                duration: Duration(44),
+            }
+        );
+        assert!(span.contains(Time(50)) && !span.contains(Time(51)) && !span.contains(Time(6)));
+        assert_eq!(span_of([Time(9)]).end(), Time(10));
     }
 
     #[test]

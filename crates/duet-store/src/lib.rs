@@ -101,8 +101,14 @@ pub trait Datastore: Send + Sync + 'static {
         aggregation_parameter: &[u8],
     ) -> Result<Vec<BatchAggregation>, StoreError>;
     /// Intervals of batches that have been collected (Leader: finished collection jobs, deleted
-    /// since or not; Helper: aggregate shares served).
-    async fn collected_intervals(&self, task_id: &TaskId) -> Result<Vec<Interval>, StoreError>;
+    /// since or not; Helper: aggregate shares served) and overlap `within`
+    /// ([`Interval::ALL_TIME`] for all of them), in order and once each. The Helper's reads
+    /// near the present skip its history.
+    async fn collected_intervals(
+        &self,
+        task_id: &TaskId,
+        within: &Interval,
+    ) -> Result<Vec<Interval>, StoreError>;
 
     // ---- Leader: reports and aggregation jobs ----
 
@@ -257,10 +263,12 @@ pub trait Datastore: Send + Sync + 'static {
         batch_interval: &Interval,
         aggregation_parameter: &[u8],
     ) -> Result<Option<AggregateShareJob>, StoreError>;
-    /// All aggregate-share jobs of a task (for query-count and overlap checks).
+    /// The aggregate-share jobs of a task whose batch overlaps `overlapping` (for the query-count
+    /// and overlap checks of that batch), in order of batch and parameter.
     async fn list_aggregate_share_jobs(
         &self,
         task_id: &TaskId,
+        overlapping: &Interval,
     ) -> Result<Vec<AggregateShareJob>, StoreError>;
     /// Records a served aggregate share (`AlreadyExists` if one exists for this batch and
     /// parameter with different content). Checked in its transaction, serialised with the

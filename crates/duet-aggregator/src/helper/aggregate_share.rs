@@ -106,7 +106,9 @@ impl Helper {
         };
         // Checked here first, before the batch's size and counts (DAP-09's order), and again
         // when the share is recorded, where concurrent requests are serialised.
-        let served = store.list_aggregate_share_jobs(&task_id).await?;
+        let served = store
+            .list_aggregate_share_jobs(&task_id, &batch_interval)
+            .await?;
         if served
             .iter()
             .any(|j| j.batch_interval.overlaps_another(&batch_interval))

@@ -17,7 +17,7 @@ use duet_store::{HelperAggregationJob, StoreError};
 use sha2::{Digest, Sha256};
 
 use super::Helper;
-use crate::batch::{in_any, merger, BucketAccumulator};
+use crate::batch::{in_any, merger, span_of, BucketAccumulator};
 use crate::error::Error;
 use crate::metrics::StoreOp;
 use crate::shared::{find_key, TaskEntry};
@@ -56,6 +56,12 @@ impl Helper {
         {
             return Err(invalid("the job names a report twice".into()));
         }
+        // The only collected batches this job's reports can fall in.
+        let times = span_of(
+            req.prepare_inits
+                .iter()
+                .map(|p| p.report_share.metadata.time),
+        );
         let request_hash: [u8; 32] = Sha256::digest(body).into();
         // Shared with the preparation thread rather than copied.
         let req = Arc::new(req);
@@ -91,7 +97,11 @@ impl Helper {
                     .seen_report_ids(&task_id, &report_ids)
                     .await?
             };
-            let collected = self.shared.store.collected_intervals(&task_id).await?;
+            let collected = self
+                .shared
+                .store
+                .collected_intervals(&task_id, &times)
+                .await?;
             let keys = self.shared.keys();
             let now = self.shared.clock.now();
             let prepared = {

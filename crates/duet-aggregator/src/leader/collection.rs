@@ -120,7 +120,11 @@ impl Leader {
             ));
         }
         // The jobs listed, and the batches collected under jobs deleted since.
-        let collected = self.shared.store.collected_intervals(&task_id).await?;
+        let collected = self
+            .shared
+            .store
+            .collected_intervals(&task_id, &batch_interval)
+            .await?;
         if existing
             .iter()
             .map(|j| &j.batch_interval)

@@ -164,7 +164,12 @@ impl Leader {
         {
             return Ok(c.1);
         }
-        let c = Arc::new(self.shared.store.collected_intervals(task_id).await?);
+        let c = Arc::new(
+            self.shared
+                .store
+                .collected_intervals(task_id, &Interval::ALL_TIME)
+                .await?,
+        );
         if let Ok(mut m) = self.collected.write() {
             m.insert(*task_id, (now, Arc::clone(&c)));
         }

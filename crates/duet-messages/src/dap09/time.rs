@@ -131,6 +131,12 @@ pub struct Interval {
 }
 
 impl Interval {
+    /// Every time there is: `[0, u64::MAX)`.
+    pub const ALL_TIME: Interval = Interval {
+        start: Time(0),
+        duration: Duration(u64::MAX),
+    };
+
     /// The interval `[start, start + duration)`; errors if the end does not fit in a `Time`.
     pub fn new(start: Time, duration: Duration) -> Result<Self, TimeOverflow> {
         start.add(duration)?;

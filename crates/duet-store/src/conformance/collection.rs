@@ -1,6 +1,8 @@
 //! Checks of the Leader's collection jobs.
 
-use duet_messages::dap09::{Collection, CollectionJobId, PartialBatchSelector, TaskId, Time};
+use duet_messages::dap09::{
+    Collection, CollectionJobId, Duration, Interval, PartialBatchSelector, TaskId, Time,
+};
 
 use super::{ciphertext, interval, task, PRECISION, T0};
 use crate::{AcquiredCollectionJob, CollectionJob, CollectionJobState, Datastore, StoreError};
@@ -109,7 +111,7 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
     let lost = leader.finish_collection_job(&second[0], &finished).await;
     assert!(matches!(lost, Err(StoreError::LeaseLost)));
     assert!(leader
-        .collected_intervals(&t.id)
+        .collected_intervals(&t.id, &Interval::ALL_TIME)
         .await
         .expect("collected_intervals")
         .is_empty());
@@ -144,11 +146,33 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
     );
     assert_eq!(
         leader
-            .collected_intervals(&t.id)
+            .collected_intervals(&t.id, &Interval::ALL_TIME)
             .await
             .expect("collected_intervals"),
         vec![job.batch_interval]
     );
+    // Only the collected batches that overlap the window asked about.
+    let batch = job.batch_interval;
+    let at = |start: u64, duration: u64| Interval {
+        start: Time(start),
+        duration: Duration(duration),
+    };
+    for (within, expected) in [
+        (at(batch.start.0 - PRECISION, PRECISION), vec![]),
+        (at(batch.end().0, PRECISION), vec![]),
+        (at(batch.end().0 - 1, 1), vec![batch]),
+        (at(batch.start.0 - PRECISION, PRECISION + 1), vec![batch]),
+        (at(batch.start.0, 0), vec![]),
+    ] {
+        assert_eq!(
+            leader
+                .collected_intervals(&t.id, &within)
+                .await
+                .expect("collected_intervals"),
+            expected,
+            "collected within {within:?}"
+        );
+    }
 
     // Abandoned: not collected.
     let abandoned_job = new_job(t.id, T0 + PRECISION);
@@ -182,7 +206,7 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
     assert_eq!(got.state, abandoned);
     assert_eq!(
         leader
-            .collected_intervals(&t.id)
+            .collected_intervals(&t.id, &Interval::ALL_TIME)
             .await
             .expect("collected_intervals"),
         vec![job.batch_interval]
@@ -245,7 +269,7 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
         .expect("delete_collection_job"));
     assert_eq!(
         leader
-            .collected_intervals(&t.id)
+            .collected_intervals(&t.id, &Interval::ALL_TIME)
             .await
             .expect("collected_intervals"),
         vec![job.batch_interval]
@@ -263,7 +287,7 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
         .expect("list")
         .is_empty());
     assert!(leader
-        .collected_intervals(&other.id)
+        .collected_intervals(&other.id, &Interval::ALL_TIME)
         .await
         .expect("collected_intervals")
         .is_empty());
@@ -277,7 +301,7 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
 
     assert!(leader.delete_task(&t.id).await.expect("delete_task"));
     assert!(leader
-        .collected_intervals(&t.id)
+        .collected_intervals(&t.id, &Interval::ALL_TIME)
         .await
         .expect("collected_intervals")
         .is_empty());

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use duet_messages::dap09::{AggregationJobId, ReportId, TaskId};
+use duet_messages::dap09::{AggregationJobId, Duration, Interval, ReportId, TaskId, Time};
 
 use super::{
     add_shares, checksum, ciphertext, create_jobs, delta, interval, share_value, task, PRECISION,
@@ -275,7 +275,7 @@ pub async fn check_aggregate_share_jobs(leader: &dyn Datastore, helper: &dyn Dat
         .await
         .expect("put_aggregate_share_job");
     let listed = helper
-        .list_aggregate_share_jobs(&t.id)
+        .list_aggregate_share_jobs(&t.id, &Interval::ALL_TIME)
         .await
         .expect("list_aggregate_share_jobs");
     assert_eq!(listed.len(), 3);
@@ -283,21 +283,21 @@ pub async fn check_aggregate_share_jobs(leader: &dyn Datastore, helper: &dyn Dat
         assert!(listed.contains(j));
     }
     assert!(helper
-        .list_aggregate_share_jobs(&TaskId::random())
+        .list_aggregate_share_jobs(&TaskId::random(), &Interval::ALL_TIME)
         .await
         .expect("list")
         .is_empty());
 
     // Collected intervals per role: the Helper's come from aggregate-share jobs only.
     let mut collected = helper
-        .collected_intervals(&t.id)
+        .collected_intervals(&t.id, &Interval::ALL_TIME)
         .await
         .expect("collected_intervals");
     collected.sort();
     collected.dedup();
     assert_eq!(collected, vec![batch, later.batch_interval]);
     assert!(leader
-        .collected_intervals(&t.id)
+        .collected_intervals(&t.id, &Interval::ALL_TIME)
         .await
         .expect("collected_intervals")
         .is_empty());
@@ -384,6 +384,92 @@ pub async fn check_served_batches_are_final(helper: &dyn Datastore) {
     assert!(helper.delete_task(&t.id).await.expect("delete_task"));
 }
 
+/// The Helper's served batches are read by the times they overlap: `collected_intervals` and
+/// `list_aggregate_share_jobs` return exactly the batches that share a second with the window
+/// (half-open at both ends), a batch whose end lies past the largest stored time included, and
+/// the checks inside the writes see the batches their own times overlap.
+pub async fn check_served_batches_by_time(helper: &dyn Datastore) {
+    let t = task(TaskId::random());
+    helper.put_task(&t).await.expect("put_task");
+    let first = share_job(t.id, T0, 1, 0);
+    let mut with_param = share_job(t.id, T0, 2, 0);
+    with_param.aggregation_parameter = vec![7];
+    let mut second = share_job(t.id, T0 + 2 * PRECISION, 3, 0);
+    second.batch_interval = interval(T0 + 2 * PRECISION, 2 * PRECISION);
+    // Ends past `i64::MAX` seconds: stored, and found, all the same.
+    let mut open_ended = share_job(t.id, T0 + 10 * PRECISION, 4, 0);
+    open_ended.batch_interval.duration = Duration(i64::MAX as u64);
+    for j in [&first, &with_param, &second, &open_ended] {
+        helper
+            .put_aggregate_share_job(j)
+            .await
+            .expect("put_aggregate_share_job");
+    }
+    let a = first.batch_interval;
+    let b = second.batch_interval;
+    let c = open_ended.batch_interval;
+    let at = |start: u64, duration: u64| Interval {
+        start: Time(start),
+        duration: Duration(duration),
+    };
+    for (within, expected) in [
+        (at(T0 + PRECISION, PRECISION), vec![]),
+        (at(T0 - PRECISION, PRECISION), vec![]),
+        (at(T0 + 9 * PRECISION, PRECISION), vec![]),
+        (at(T0, 1), vec![a]),
+        (at(T0 + PRECISION - 1, 2), vec![a]),
+        (at(T0 + 3 * PRECISION, PRECISION), vec![b]),
+        (at(T0, 3 * PRECISION), vec![a, b]),
+        (at(T0 + 1000 * PRECISION, 1), vec![c]),
+        (at(T0 + PRECISION, 0), vec![]),
+        (Interval::ALL_TIME, vec![a, b, c]),
+    ] {
+        assert_eq!(
+            helper
+                .collected_intervals(&t.id, &within)
+                .await
+                .expect("collected_intervals"),
+            expected,
+            "collected within {within:?}"
+        );
+    }
+    assert_eq!(
+        helper
+            .list_aggregate_share_jobs(&t.id, &at(T0 - PRECISION, 2 * PRECISION))
+            .await
+            .expect("list_aggregate_share_jobs"),
+        vec![first, with_param]
+    );
+    assert!(helper
+        .list_aggregate_share_jobs(&t.id, &at(T0 + PRECISION, PRECISION))
+        .await
+        .expect("list_aggregate_share_jobs")
+        .is_empty());
+    // The writes' own checks find the batches near their times.
+    let mut overlapping = share_job(t.id, T0 + 3 * PRECISION, 5, 0);
+    overlapping.batch_interval = interval(T0 + 3 * PRECISION, 2 * PRECISION);
+    assert!(matches!(
+        helper.put_aggregate_share_job(&overlapping).await,
+        Err(StoreError::BatchOverlap)
+    ));
+    let ids = random_ids(2);
+    let deltas = [
+        delta(t.id, T0 + PRECISION, 1, &ids[..1]),
+        delta(t.id, T0 + 500 * PRECISION, 1, &ids[1..]),
+    ];
+    assert!(matches!(
+        helper
+            .put_helper_aggregation_job(&helper_job(t.id, 6), &ids, &deltas, &add_shares)
+            .await,
+        Err(StoreError::Conflict)
+    ));
+    helper
+        .put_helper_aggregation_job(&helper_job(t.id, 7), &ids[..1], &deltas[..1], &add_shares)
+        .await
+        .expect("a job between served batches");
+    assert!(helper.delete_task(&t.id).await.expect("delete_task"));
+}
+
 /// Deleting a Helper task removes its jobs, report IDs, aggregate shares and aggregations, and
 /// leaves the Leader's rows of the same task ID alone.
 pub async fn check_helper_delete_task(leader: &dyn Datastore, helper: &dyn Datastore) {
@@ -422,12 +508,12 @@ pub async fn check_helper_delete_task(leader: &dyn Datastore, helper: &dyn Datas
         .expect("seen_report_ids")
         .is_empty());
     assert!(helper
-        .list_aggregate_share_jobs(&t.id)
+        .list_aggregate_share_jobs(&t.id, &Interval::ALL_TIME)
         .await
         .expect("list")
         .is_empty());
     assert!(helper
-        .collected_intervals(&t.id)
+        .collected_intervals(&t.id, &Interval::ALL_TIME)
         .await
         .expect("collected_intervals")
         .is_empty());

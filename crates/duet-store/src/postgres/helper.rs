@@ -15,7 +15,7 @@ use super::{
     clamp_i64, col, col_array, col_interval, col_u64, is_unique_violation, to_i64,
     PostgresDatastore, TxError,
 };
-use crate::served::{check_share, merges_into_served};
+use crate::served::{check_share, merges_into_served, span};
 use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, StoreError};
 
 /// The advisory lock, with the task key, between the Helper's aggregation job writes into a
@@ -24,22 +24,58 @@ use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, 
 /// then see what the other committed.
 const BATCHES_LOCK: i32 = 0x6475_6542; // "dueB"
 
-/// The batches whose aggregate shares the Helper served for a task, in order and once each.
+/// A served batch's end, `batch_start + batch_duration` saturating at the largest BIGINT (so it
+/// cannot raise an overflow error), spelled as the index `aggregate_share_jobs_by_end` has it.
+const SERVED_END: &str =
+    "LEAST(batch_start, 9223372036854775807 - batch_duration) + batch_duration";
+
+/// The rows of the task `$1`'s served batches that end after `$2`: through the index on their
+/// end, so a read near the present skips the task's history. (A bound on their start too would
+/// let the planner's generic plan, which guesses the same share of rows for either bound, take
+/// the primary key instead, which starts at the task's first batch; so callers drop the rows that
+/// start too late themselves.)
+fn served_ending_after() -> String {
+    format!("task_id = $1 AND {SERVED_END} > $2")
+}
+
+fn served_batches_sql() -> String {
+    format!(
+        "-- served_batches\n\
+         SELECT batch_start, batch_duration FROM aggregate_share_jobs WHERE {}",
+        served_ending_after()
+    )
+}
+
+fn list_aggregate_share_jobs_sql() -> String {
+    format!(
+        "-- list_aggregate_share_jobs\n\
+         SELECT {SHARE_JOB_COLUMNS} FROM aggregate_share_jobs WHERE {}",
+        served_ending_after()
+    )
+}
+
+/// The batches whose aggregate shares the Helper served for a task that overlap `within`, in
+/// order and once each.
 async fn served_batches(
     conn: &mut PgConnection,
     task_id: &TaskId,
+    within: &Interval,
 ) -> Result<Vec<Interval>, TxError> {
-    Ok(sqlx::query(
-        "-- served_batches\n\
-         SELECT DISTINCT batch_start, batch_duration FROM aggregate_share_jobs \
-         WHERE task_id = $1 ORDER BY batch_start, batch_duration",
-    )
-    .bind(&task_id.0[..])
-    .fetch_all(conn)
-    .await?
-    .iter()
-    .map(|row| col_interval(row, "batch_start", "batch_duration"))
-    .collect::<Result<_, _>>()?)
+    if within.duration.0 == 0 {
+        return Ok(Vec::new());
+    }
+    let mut served = sqlx::query(&served_batches_sql())
+        .bind(&task_id.0[..])
+        .bind(clamp_i64(within.start.0))
+        .fetch_all(conn)
+        .await?
+        .iter()
+        .map(|row| col_interval(row, "batch_start", "batch_duration"))
+        .filter(|i| i.as_ref().map_or(true, |i| i.overlaps(within)))
+        .collect::<Result<Vec<_>, _>>()?;
+    served.sort_unstable();
+    served.dedup();
+    Ok(served)
 }
 
 pub(super) async fn get_helper_aggregation_job(
@@ -219,7 +255,8 @@ pub(super) async fn put_helper_aggregation_job(
             .bind(task_key)
             .execute(&mut *tx)
             .await?;
-        if merges_into_served(&served_batches(&mut tx, &job.task_id).await?, deltas) {
+        let served = served_batches(&mut tx, &job.task_id, &span(deltas)).await?;
+        if merges_into_served(&served, deltas) {
             tx.rollback().await?;
             return Err(StoreError::Conflict.into());
         }
@@ -277,19 +314,28 @@ pub(super) async fn get_aggregate_share_job(
 pub(super) async fn list_aggregate_share_jobs(
     store: &PostgresDatastore,
     task_id: &TaskId,
+    overlapping: &Interval,
 ) -> Result<Vec<AggregateShareJob>, TxError> {
-    let sql = format!(
-        "-- list_aggregate_share_jobs\n\
-         SELECT {SHARE_JOB_COLUMNS} FROM aggregate_share_jobs WHERE task_id = $1 \
-         ORDER BY batch_start, batch_duration, aggregation_parameter"
-    );
-    Ok(sqlx::query(&sql)
+    if overlapping.duration.0 == 0 {
+        return Ok(Vec::new());
+    }
+    let mut jobs = sqlx::query(&list_aggregate_share_jobs_sql())
         .bind(&task_id.0[..])
+        .bind(clamp_i64(overlapping.start.0))
         .fetch_all(&store.pool)
         .await?
         .iter()
         .map(|row| share_job_from_row(task_id, row))
-        .collect::<Result<_, _>>()?)
+        .filter(|j| {
+            j.as_ref()
+                .map_or(true, |j| j.batch_interval.overlaps(overlapping))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    jobs.sort_unstable_by(|a, b| {
+        (a.batch_interval, &a.aggregation_parameter)
+            .cmp(&(b.batch_interval, &b.aggregation_parameter))
+    });
+    Ok(jobs)
 }
 
 /// READ COMMITTED, under the task's batches lock (exclusive): the served batches and the
@@ -309,7 +355,7 @@ pub(super) async fn put_aggregate_share_job(
         .bind(task_key)
         .execute(&mut *tx)
         .await?;
-    let served = served_batches(&mut tx, &job.task_id).await?;
+    let served = served_batches(&mut tx, &job.task_id, &job.batch_interval).await?;
     // The reports of the rows `get_batch_aggregations` reads.
     let sql = format!(
         "-- put_aggregate_share_job\n\
@@ -373,8 +419,9 @@ pub(super) async fn put_aggregate_share_job(
 pub(super) async fn collected_intervals(
     store: &PostgresDatastore,
     task_id: &TaskId,
+    within: &Interval,
 ) -> Result<Vec<Interval>, TxError> {
-    served_batches(&mut *store.pool.acquire().await?, task_id).await
+    served_batches(&mut *store.pool.acquire().await?, task_id, within).await
 }
 
 #[cfg(test)]
@@ -409,6 +456,47 @@ mod plans {
                     "on helper_report_ids h",
                     2,
                     "Index Cond: ((run = ANY",
+                );
+            }
+            conn.close().await.expect("close");
+            store.close().await;
+        })
+        .await;
+    }
+
+    /// The served batches near a time are read through the index on their end, whose expression
+    /// the queries must spell exactly as the index does: not through the primary key's task
+    /// prefix, which holds the task's whole history. Checked on the generic plan, whose guesses
+    /// see no values.
+    #[tokio::test]
+    async fn served_batches_are_read_by_their_end() {
+        with_fresh_database("served_by_end_plans", |url| async move {
+            let store = PostgresDatastore::connect(&url).await.expect("connect");
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            for set in [
+                "SET enable_seqscan = off",
+                "SET plan_cache_mode = force_generic_plan",
+            ] {
+                sqlx::query(set).execute(&mut conn).await.expect("SET");
+            }
+            for (name, sql) in [
+                ("served", served_batches_sql()),
+                ("listed", list_aggregate_share_jobs_sql()),
+            ] {
+                sqlx::query(&format!("PREPARE {name} (BYTEA, BIGINT) AS {sql}"))
+                    .execute(&mut conn)
+                    .await
+                    .expect("PREPARE");
+                let rows = sqlx::query(&format!("EXPLAIN EXECUTE {name} ('\\x01', 100)"))
+                    .fetch_all(&mut conn)
+                    .await
+                    .expect("EXPLAIN");
+                let plan = plan_checks::lines(&rows);
+                plan_checks::assert_index_scans(
+                    &plan,
+                    "using aggregate_share_jobs_by_end",
+                    1,
+                    "Index Cond: ((task_id = $1) AND ((LEAST(",
                 );
             }
             conn.close().await.expect("close");

@@ -410,17 +410,21 @@ impl Datastore for PostgresDatastore {
         .await
     }
 
-    async fn collected_intervals(&self, task_id: &TaskId) -> Result<Vec<Interval>, StoreError> {
+    async fn collected_intervals(
+        &self,
+        task_id: &TaskId,
+        within: &Interval,
+    ) -> Result<Vec<Interval>, StoreError> {
         match self.role {
             AggregatorRole::Leader => {
                 self.run("collected_intervals", || {
-                    collection::collected_intervals(self, task_id)
+                    collection::collected_intervals(self, task_id, within)
                 })
                 .await
             }
             AggregatorRole::Helper => {
                 self.run("collected_intervals", || {
-                    helper::collected_intervals(self, task_id)
+                    helper::collected_intervals(self, task_id, within)
                 })
                 .await
             }
@@ -663,9 +667,10 @@ impl Datastore for PostgresDatastore {
     async fn list_aggregate_share_jobs(
         &self,
         task_id: &TaskId,
+        overlapping: &Interval,
     ) -> Result<Vec<AggregateShareJob>, StoreError> {
         self.run("list_aggregate_share_jobs", || {
-            helper::list_aggregate_share_jobs(self, task_id)
+            helper::list_aggregate_share_jobs(self, task_id, overlapping)
         })
         .await
     }

@@ -262,14 +262,23 @@ pub(super) async fn finish_collection_job(
 pub(super) async fn collected_intervals(
     store: &SqliteDatastore,
     task_id: &TaskId,
+    within: &Interval,
 ) -> Result<Vec<Interval>, StoreError> {
-    // Finished jobs, and finished jobs deleted since: their batch was collected either way.
+    if within.duration.0 == 0 {
+        return Ok(Vec::new());
+    }
+    // Finished jobs, and finished jobs deleted since: their batch was collected either way. The
+    // end's test is written so that integer arithmetic cannot overflow.
     sqlx::query(
         "-- collected_intervals\n\
          SELECT DISTINCT batch_start, batch_duration FROM collection_jobs \
-         WHERE task_id = ? AND collection IS NOT NULL ORDER BY batch_start, batch_duration",
+         WHERE task_id = ?1 AND collection IS NOT NULL \
+           AND batch_start > ?2 - batch_duration AND batch_start < ?3 \
+         ORDER BY batch_start, batch_duration",
     )
     .bind(&task_id.0[..])
+    .bind(clamp_i64(within.start.0))
+    .bind(clamp_i64(within.end().0))
     .fetch_all(&store.pool)
     .await
     .map_err(db)?

@@ -12,27 +12,63 @@ use sqlx::SqliteConnection;
 use super::replay::Entry;
 use super::tasks::{merge_batch_aggregations, BUCKETS_IN};
 use super::{clamp_i64, col, col_array, col_interval, col_u64, db, to_i64, SqliteDatastore};
-use crate::served::{check_share, merges_into_served};
+use crate::served::{check_share, merges_into_served, span};
 use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, StoreError};
 
-/// The batches whose aggregate shares the Helper served for a task, in order and once each. Read
-/// in a write transaction, no other write interleaves with it (see `served`).
+/// A served batch's end, `batch_start + batch_duration` saturating at the largest INTEGER,
+/// spelled as the index `aggregate_share_jobs_by_end` has it.
+const SERVED_END: &str = "min(batch_start, 9223372036854775807 - batch_duration) + batch_duration";
+
+/// The task `?1`'s served batches that overlap `[?2, ?3)`, as a `FROM` and `WHERE` clause: read
+/// through the index on their end, so a read near the present skips the task's history. The
+/// index is named: SQLite's planner would rather take the primary key's order, which starts at
+/// the task's first batch.
+fn served_overlapping() -> String {
+    format!(
+        "aggregate_share_jobs INDEXED BY aggregate_share_jobs_by_end \
+         WHERE task_id = ?1 AND {SERVED_END} > ?2 AND batch_start < ?3"
+    )
+}
+
+fn served_batches_sql() -> String {
+    format!(
+        "-- served_batches\n\
+         SELECT DISTINCT batch_start, batch_duration FROM {} ORDER BY batch_start, batch_duration",
+        served_overlapping()
+    )
+}
+
+fn list_aggregate_share_jobs_sql() -> String {
+    format!(
+        "-- list_aggregate_share_jobs\n\
+         SELECT batch_start, batch_duration, aggregation_parameter, report_count, checksum, \
+           encrypted_aggregate_share \
+         FROM {} ORDER BY batch_start, batch_duration, aggregation_parameter",
+        served_overlapping()
+    )
+}
+
+/// The batches whose aggregate shares the Helper served for a task that overlap `within`, in
+/// order and once each. Read in a write transaction, no other write interleaves with it (see
+/// `served`).
 async fn served_batches(
     conn: &mut SqliteConnection,
     task_id: &TaskId,
+    within: &Interval,
 ) -> Result<Vec<Interval>, StoreError> {
-    sqlx::query(
-        "-- served_batches\n\
-         SELECT DISTINCT batch_start, batch_duration FROM aggregate_share_jobs \
-         WHERE task_id = ? ORDER BY batch_start, batch_duration",
-    )
-    .bind(&task_id.0[..])
-    .fetch_all(conn)
-    .await
-    .map_err(db)?
-    .iter()
-    .map(|row| col_interval(row, "batch_start", "batch_duration"))
-    .collect()
+    if within.duration.0 == 0 {
+        return Ok(Vec::new());
+    }
+    sqlx::query(&served_batches_sql())
+        .bind(&task_id.0[..])
+        .bind(clamp_i64(within.start.0))
+        .bind(clamp_i64(within.end().0))
+        .fetch_all(conn)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| col_interval(row, "batch_start", "batch_duration"))
+        .collect()
 }
 
 pub(super) async fn get_helper_aggregation_job(
@@ -116,7 +152,10 @@ pub(super) async fn put_helper_aggregation_job(
         return Err(StoreError::Conflict);
     }
     if !deltas.is_empty()
-        && merges_into_served(&served_batches(&mut tx, &job.task_id).await?, deltas)
+        && merges_into_served(
+            &served_batches(&mut tx, &job.task_id, &span(deltas)).await?,
+            deltas,
+        )
     {
         tx.rollback().await.map_err(db)?;
         return Err(StoreError::Conflict);
@@ -168,21 +207,21 @@ pub(super) async fn get_aggregate_share_job(
 pub(super) async fn list_aggregate_share_jobs(
     store: &SqliteDatastore,
     task_id: &TaskId,
+    overlapping: &Interval,
 ) -> Result<Vec<AggregateShareJob>, StoreError> {
-    sqlx::query(
-        "-- list_aggregate_share_jobs\n\
-         SELECT batch_start, batch_duration, aggregation_parameter, report_count, checksum, \
-           encrypted_aggregate_share \
-         FROM aggregate_share_jobs WHERE task_id = ? \
-         ORDER BY batch_start, batch_duration, aggregation_parameter",
-    )
-    .bind(&task_id.0[..])
-    .fetch_all(&store.pool)
-    .await
-    .map_err(db)?
-    .iter()
-    .map(|row| share_job_from_row(task_id, row))
-    .collect()
+    if overlapping.duration.0 == 0 {
+        return Ok(Vec::new());
+    }
+    sqlx::query(&list_aggregate_share_jobs_sql())
+        .bind(&task_id.0[..])
+        .bind(clamp_i64(overlapping.start.0))
+        .bind(clamp_i64(overlapping.end().0))
+        .fetch_all(&store.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| share_job_from_row(task_id, row))
+        .collect()
 }
 
 pub(super) async fn put_aggregate_share_job(
@@ -190,7 +229,7 @@ pub(super) async fn put_aggregate_share_job(
     job: &AggregateShareJob,
 ) -> Result<(), StoreError> {
     let mut tx = store.begin_write().await?;
-    let served = served_batches(&mut tx, &job.task_id).await?;
+    let served = served_batches(&mut tx, &job.task_id, &job.batch_interval).await?;
     // The reports of the rows `get_batch_aggregations` reads.
     let sql = format!(
         "-- put_aggregate_share_job\n\
@@ -253,6 +292,46 @@ pub(super) async fn put_aggregate_share_job(
 pub(super) async fn collected_intervals(
     store: &SqliteDatastore,
     task_id: &TaskId,
+    within: &Interval,
 ) -> Result<Vec<Interval>, StoreError> {
-    served_batches(&mut *store.pool.acquire().await.map_err(db)?, task_id).await
+    served_batches(
+        &mut *store.pool.acquire().await.map_err(db)?,
+        task_id,
+        within,
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The served batches near a time are read through the index on their end, whose expression
+    /// the queries must spell exactly as the index does: not through the primary key's task
+    /// prefix, which holds the task's whole history.
+    #[tokio::test]
+    async fn served_batches_are_read_by_their_end() {
+        let store = SqliteDatastore::connect("sqlite::memory:")
+            .await
+            .expect("connect");
+        for sql in [served_batches_sql(), list_aggregate_share_jobs_sql()] {
+            let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .bind(&[1u8; 32][..])
+                .bind(100i64)
+                .bind(200i64)
+                .fetch_all(&store.pool)
+                .await
+                .expect("EXPLAIN QUERY PLAN");
+            let plan: Vec<String> = rows
+                .iter()
+                .map(|row| col::<_, String>(row, "detail").expect("detail"))
+                .collect();
+            assert!(
+                plan.iter().any(|line| line
+                    .contains("INDEX aggregate_share_jobs_by_end (task_id=? AND <expr>>?)")),
+                "{plan:?}"
+            );
+        }
+        store.close().await;
+    }
 }

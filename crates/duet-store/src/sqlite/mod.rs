@@ -329,10 +329,14 @@ impl Datastore for SqliteDatastore {
         tasks::get_batch_aggregations(self, task_id, interval, aggregation_parameter).await
     }
 
-    async fn collected_intervals(&self, task_id: &TaskId) -> Result<Vec<Interval>, StoreError> {
+    async fn collected_intervals(
+        &self,
+        task_id: &TaskId,
+        within: &Interval,
+    ) -> Result<Vec<Interval>, StoreError> {
         match self.role {
-            AggregatorRole::Leader => collection::collected_intervals(self, task_id).await,
-            AggregatorRole::Helper => helper::collected_intervals(self, task_id).await,
+            AggregatorRole::Leader => collection::collected_intervals(self, task_id, within).await,
+            AggregatorRole::Helper => helper::collected_intervals(self, task_id, within).await,
         }
     }
 
@@ -488,8 +492,9 @@ impl Datastore for SqliteDatastore {
     async fn list_aggregate_share_jobs(
         &self,
         task_id: &TaskId,
+        overlapping: &Interval,
     ) -> Result<Vec<AggregateShareJob>, StoreError> {
-        helper::list_aggregate_share_jobs(self, task_id).await
+        helper::list_aggregate_share_jobs(self, task_id, overlapping).await
     }
 
     async fn put_aggregate_share_job(&self, job: &AggregateShareJob) -> Result<(), StoreError> {

@@ -439,7 +439,8 @@ async fn the_schema_keeps_merged_ids_as_run_zero() {
         .await
         .expect("connect");
     let migrations: Vec<_> = crate::sqlite::MIGRATOR.iter().collect();
-    assert_eq!(migrations.last().map(|m| m.version), Some(6));
+    let versions: Vec<i64> = migrations.iter().map(|m| m.version).collect();
+    assert_eq!(versions[..6], [1, 2, 3, 4, 5, 6]);
     for migration in &migrations[..4] {
         sqlx::raw_sql(&migration.sql)
             .execute(&pool)
@@ -458,7 +459,7 @@ async fn the_schema_keeps_merged_ids_as_run_zero() {
         sqlx::raw_sql(&migration.sql)
             .execute(&pool)
             .await
-            .expect("migrations 5 and 6");
+            .expect("migrations 5 and later");
     }
     let rows: Vec<(i64, i64, Vec<u8>)> =
         sqlx::query_as("SELECT run, task_key, report_id FROM report_ids ORDER BY 1, 2, 3")
