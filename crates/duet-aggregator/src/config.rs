@@ -29,8 +29,13 @@ pub struct AggregatorConfig {
     pub upload_queue_capacity: usize,
     /// Aggregation jobs the driver keeps in flight at once (a freed slot is leased again at once).
     pub max_concurrent_jobs: usize,
-    /// Attempts before a failing job is abandoned.
+    /// Attempts before a failing job is abandoned (an aggregation job's reports are then
+    /// dropped). The delays between attempts double from 2 s up to `max_retry_delay_s`: the
+    /// default 25 attempts span about three hours, so that reports outlast a Helper that is down
+    /// or unreachable for that long.
     pub max_job_attempts: u32,
+    /// The longest delay before a failed job is tried again, in seconds.
+    pub max_retry_delay_s: u64,
     /// Whether this process runs the Leader's job creator and its aggregation and collection
     /// drivers. Off, it only serves the API (uploads are stored, collection jobs are accepted)
     /// and leaves the jobs to replicas on the same database that have it on.
@@ -48,7 +53,8 @@ impl Default for AggregatorConfig {
             upload_batch_bytes: 384 * 1024,
             upload_queue_capacity: 50_000,
             max_concurrent_jobs: 4,
-            max_job_attempts: 10,
+            max_job_attempts: 25,
+            max_retry_delay_s: 600,
             run_jobs: true,
         }
     }
@@ -58,5 +64,38 @@ impl AggregatorConfig {
     /// The polling interval.
     pub fn polling_interval(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.polling_interval_ms)
+    }
+
+    /// Seconds to wait before trying a job again after its `attempts`-th attempt failed:
+    /// `2^attempts`, at most `max_retry_delay_s` and at least 1.
+    pub fn retry_delay_s(&self, attempts: u32) -> u64 {
+        1u64.checked_shl(attempts)
+            .unwrap_or(u64::MAX)
+            .min(self.max_retry_delay_s)
+            .max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_up_to_the_cap() {
+        let config = AggregatorConfig::default();
+        let delays: Vec<u64> = (1..=11).map(|a| config.retry_delay_s(a)).collect();
+        assert_eq!(delays, [2, 4, 8, 16, 32, 64, 128, 256, 512, 600, 600]);
+        assert_eq!(config.retry_delay_s(64), 600);
+        assert_eq!(config.retry_delay_s(u32::MAX), 600);
+        let no_wait = AggregatorConfig {
+            max_retry_delay_s: 0,
+            ..config.clone()
+        };
+        assert_eq!(no_wait.retry_delay_s(3), 1);
+        // The default attempts outlast a three-hour outage of the Helper.
+        let waited: u64 = (1..config.max_job_attempts)
+            .map(|a| config.retry_delay_s(a))
+            .sum();
+        assert!(waited >= 3 * 3600 - 1000, "{waited} s");
     }
 }

@@ -48,6 +48,9 @@ enum Stall {
     /// Answers the first two with 429 (busy), as a Leader whose upload queue is full does, and
     /// forwards the others.
     BusyTwice,
+    /// Answers the first this many with 503, as a Helper that is down for a while does, and
+    /// forwards the others.
+    FailTimes(usize),
 }
 
 /// A Helper endpoint on its own port that forwards requests to the real Helper, except the
@@ -145,11 +148,16 @@ impl StallingHelper {
                             let _ = held_tx.send(());
                             return StatusCode::TOO_MANY_REQUESTS.into_response();
                         }
+                        Stall::FailTimes(n) if busy.fetch_add(1, Ordering::SeqCst) < n => {
+                            let _ = held_tx.send(());
+                            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                        }
                         Stall::FailOnce
                         | Stall::MismatchOnce
                         | Stall::UnknownTaskOnce
                         | Stall::FinishAll
-                        | Stall::BusyTwice => {}
+                        | Stall::BusyTwice
+                        | Stall::FailTimes(_) => {}
                     }
                 }
                 let url = helper.join(path).expect("path");
@@ -532,6 +540,62 @@ async fn a_leader_whose_clock_is_behind_drops_no_report() {
     leader.stop().await;
     helper.stop().await;
     assert_eq!(result.report_count, 2);
+}
+
+/// Reports outlast a Helper that is down for hours: an aggregation job whose Helper answered 503
+/// twenty times, over about an hour and a half of the Leader's clock (run fast here), is still
+/// retried, its delays capped at `max_retry_delay_s`, and its reports are collected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_outlast_a_helper_down_for_hours() {
+    let now = RealClock.now();
+    let clock = Arc::new(duet_core::MockClock::new(now));
+    let h = Harness::start_with_clock(
+        AggregatorConfig {
+            polling_interval_ms: 20,
+            ..AggregatorConfig::default()
+        },
+        Arc::clone(&clock) as Arc<dyn Clock>,
+    )
+    .await;
+    let vdaf = VdafInstance::Prio3Count;
+    let failures = 20;
+    let mut down = StallingHelper::start_with(
+        &h.helper_url,
+        "aggregation_jobs",
+        Stall::FailTimes(failures),
+    )
+    .await;
+    let (task, collector_key) = h.task_via(vdaf.clone(), 2, &down.url).await;
+    let start = now.round_down(task.time_precision);
+    upload_ones(&task, &vdaf, 2).await;
+    // The Leader's clock runs 100 s per 20 ms, far less than a lease, so that each retry
+    // comes due in a moment.
+    let ticking = {
+        let clock = Arc::clone(&clock);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                clock.advance(Duration(100));
+            }
+        })
+    };
+    let result = collector(&task, collector_key, &vdaf)
+        .collect(two_hours_from(start), COLLECT_TIMEOUT)
+        .await
+        .expect("collected once the Helper was back");
+    ticking.abort();
+    let waited = clock.now().0 - now.0;
+    down.wait_held().await;
+    down.stop().await;
+    h.stop().await;
+    assert_eq!(result.report_count, 2);
+    // Every failure was retried, the later ones after the longest delay.
+    let config = AggregatorConfig::default();
+    let least: u64 = (1..=failures as u32).map(|a| config.retry_delay_s(a)).sum();
+    assert!(
+        waited >= least,
+        "{waited} s of the Leader's clock, {least} s of delays"
+    );
 }
 
 /// A `batchMismatch` that another attempt does not settle is final: the collection fails with it

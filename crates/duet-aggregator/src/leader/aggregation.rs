@@ -136,9 +136,9 @@ async fn step_job(leader: &Leader, mut job: AcquiredAggregationJob) -> Option<Ti
         Err(JobFailure::Retry(reason))
             if job.lease.attempts < leader.shared.config.max_job_attempts =>
         {
-            let backoff = 1u64 << job.lease.attempts.min(6);
+            let backoff = leader.shared.config.retry_delay_s(job.lease.attempts);
             tracing::warn!(job = %job.job_id, %reason, attempt = job.lease.attempts, "aggregation job will be retried");
-            let retry_at = Time(leader.shared.clock.now().0 + backoff);
+            let retry_at = Time(leader.shared.clock.now().0.saturating_add(backoff));
             let released = store.release_aggregation_job(&job, retry_at).await;
             if released.is_ok() {
                 retry = Some(retry_at);

@@ -311,7 +311,10 @@ async fn step_job(leader: &Leader, job: AcquiredCollectionJob) -> Option<Time> {
         Ok(Step::NotReady) => store.release_collection_job(&job, now, false).await,
         Ok(Step::Retry(reason)) if job.lease.attempts < leader.shared.config.max_job_attempts => {
             tracing::warn!(job = %job.job.id, %reason, "collection job will be retried");
-            let at = Time(now.0 + (1u64 << job.lease.attempts.min(6)));
+            let at = Time(
+                now.0
+                    .saturating_add(leader.shared.config.retry_delay_s(job.lease.attempts)),
+            );
             retry = Some(at);
             store.release_collection_job(&job, at, true).await
         }
