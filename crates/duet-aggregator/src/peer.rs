@@ -1,5 +1,6 @@
 //! Requests from the Leader to the Helper.
 
+use duet_core::http::{read_at_most, ERROR_BODY_LIMIT};
 use duet_core::AuthenticationToken;
 use duet_messages::problem::DapProblemType;
 
@@ -20,6 +21,10 @@ pub(crate) enum PeerError {
         /// The DAP problem type, if the answer was a problem document of one.
         problem: Option<DapProblemType>,
     },
+    /// The peer answered with a body larger than its request allows, which no Helper sends:
+    /// not read beyond the limit, and handled as a malformed answer.
+    #[error("{0}")]
+    Oversized(String),
 }
 
 impl PeerError {
@@ -44,7 +49,9 @@ impl PeerError {
     }
 }
 
-/// Sends one request and returns the successful response body.
+/// Sends one request and returns the successful response body, which may be at most `limit`
+/// bytes long (the peer's answers are bounded by what was asked; a larger one is `Oversized`,
+/// and no more of it is read).
 pub(crate) async fn send(
     http: &reqwest::Client,
     method: reqwest::Method,
@@ -52,7 +59,8 @@ pub(crate) async fn send(
     media_type: &str,
     body: Vec<u8>,
     token: &AuthenticationToken,
-) -> Result<bytes::Bytes, PeerError> {
+    limit: usize,
+) -> Result<Vec<u8>, PeerError> {
     let (name, value) = token.request_header();
     let resp = http
         .request(method, url.clone())
@@ -68,12 +76,23 @@ pub(crate) async fn send(
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let bytes = resp.bytes().await.map_err(|e| {
+    let read_limit = if status.is_success() {
+        limit
+    } else {
+        ERROR_BODY_LIMIT
+    };
+    let (bytes, whole) = read_at_most(resp, read_limit).await.map_err(|e| {
         PeerError::Transient(format!("reading the response from {url} failed: {e}"))
     })?;
     if status.is_success() {
+        if !whole {
+            return Err(PeerError::Oversized(format!(
+                "{url} answered with more than the {limit} bytes its request allows"
+            )));
+        }
         return Ok(bytes);
     }
+    // A cut error body is still worth quoting.
     let parsed = duet_core::problem::parse_problem(content_type.as_deref(), &bytes);
     let problem = parsed.as_ref().and_then(|p| p.problem_type);
     let text = match parsed {
@@ -94,5 +113,48 @@ pub(crate) async fn send(
             detail: text,
             problem,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use duet_core::http::testing::answer_once;
+
+    use super::*;
+
+    async fn request(url: url::Url) -> Result<usize, PeerError> {
+        let token = AuthenticationToken::DapAuth("token".into());
+        send(
+            &reqwest::Client::new(),
+            reqwest::Method::POST,
+            url,
+            "application/octet-stream",
+            b"request".to_vec(),
+            &token,
+            1 << 20,
+        )
+        .await
+        .map(|body| body.len())
+    }
+
+    #[tokio::test]
+    async fn answers_longer_than_the_request_allows_are_oversized() {
+        let url = answer_once("HTTP/1.1 200 OK\r\ncontent-length: 10000000000\r\n\r\nxxxx").await;
+        let result = request(url).await;
+        assert!(matches!(result, Err(PeerError::Oversized(_))), "{result:?}");
+        let url = answer_once("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await;
+        assert_eq!(request(url).await.expect("answer"), 5);
+    }
+
+    #[tokio::test]
+    async fn a_long_error_is_not_read() {
+        let url = answer_once(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 10000000000\r\n\r\nxxxx",
+        )
+        .await;
+        match request(url).await {
+            Err(PeerError::Transient(m)) => assert!(m.contains("answered 503"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

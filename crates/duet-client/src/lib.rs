@@ -10,6 +10,7 @@
 
 mod error;
 
+use duet_core::http::read_at_most;
 use std::sync::{PoisonError, RwLock};
 
 use duet_core::hpke::{check_suite, seal, HpkeApplicationInfo};
@@ -26,6 +27,9 @@ pub use error::ClientError;
 
 /// Attempts at uploading one report when they fail transiently.
 pub const UPLOAD_ATTEMPTS: u32 = 6;
+/// The longest HPKE configuration list read from an aggregator: about 1,500 X25519 configs,
+/// where an aggregator lists one per key it holds.
+const HPKE_CONFIG_LIST_LIMIT: usize = 64 * 1024;
 /// The pause after the first failed attempt; each next one is twice as long (0.1 to 1.6 s, about
 /// 3 s in all).
 const FIRST_UPLOAD_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -390,7 +394,14 @@ async fn fetch_hpke_config(
         let context = format!("{who} refused the HPKE configuration request");
         return Err(error::error_from_response(response, context).await);
     }
-    let body = response.bytes().await.map_err(http_error)?;
+    let (body, whole) = read_at_most(response, HPKE_CONFIG_LIST_LIMIT)
+        .await
+        .map_err(http_error)?;
+    if !whole {
+        return Err(ClientError::Codec(format!(
+            "the HPKE configuration list from {who} is longer than {HPKE_CONFIG_LIST_LIMIT} bytes"
+        )));
+    }
     let list = HpkeConfigList::get_decoded(&body).map_err(|e| {
         ClientError::Codec(format!(
             "the HPKE configuration list from {who} is malformed: {e}"

@@ -242,3 +242,25 @@ fn client_is_shareable_and_uploads_are_send() {
     let upload = f.client.upload(&m);
     send(&upload);
 }
+
+/// An aggregator's HPKE configuration list is read up to a bound: a longer one is refused
+/// without being read.
+#[tokio::test]
+async fn an_endless_hpke_config_list_is_not_read() {
+    let endpoint = duet_core::http::testing::answer_once(
+        "HTTP/1.1 200 OK\r\ncontent-length: 10000000000\r\n\r\nxxxx",
+    )
+    .await;
+    let e = fetch_hpke_config(
+        &reqwest::Client::new(),
+        &TaskId([7; 32]),
+        Role::Leader,
+        &endpoint,
+    )
+    .await
+    .expect_err("refused");
+    assert!(
+        matches!(&e, ClientError::Codec(m) if m.contains("longer than 65536 bytes")),
+        "{e}"
+    );
+}

@@ -1,5 +1,6 @@
 //! The collector's error type, and the reading of error responses (RFC 9457 problem documents).
 
+use duet_core::http::{read_at_most, ERROR_BODY_LIMIT};
 use duet_core::problem::{body_suffix, parse_problem, quote_body, type_suffix};
 use duet_messages::dap09::CollectionJobId;
 use duet_messages::problem::DapProblemType;
@@ -103,8 +104,12 @@ pub(crate) async fn error_from_response(
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    // An unreadable body still leaves the status to report.
-    let body = response.bytes().await.unwrap_or_default();
+    // An unreadable body still leaves the status to report, and a cut one is still worth
+    // quoting.
+    let body = read_at_most(response, ERROR_BODY_LIMIT)
+        .await
+        .map(|(body, _)| body)
+        .unwrap_or_default();
     error_from_parts(context, status, content_type.as_deref(), &body)
 }
 

@@ -9,6 +9,7 @@ mod decrypt;
 mod error;
 
 use duet_core::hpke::{check_suite, HpkeKeypair};
+use duet_core::http::read_at_most;
 use duet_core::vdaf::Vdaf;
 use duet_core::{AggregateResult, AuthenticationToken, VdafInstance};
 use duet_messages::dap09::{
@@ -68,6 +69,9 @@ pub struct Collector {
     params: CollectorParameters,
     vdaf: Vdaf,
     http: reqwest::Client,
+    /// The longest Collection the task's VDAF allows: two sealed aggregate shares and a little
+    /// more. A longer answer is not read.
+    collection_limit: usize,
 }
 
 impl Collector {
@@ -82,12 +86,23 @@ impl Collector {
             .map_err(|e| CollectorError::Vdaf(e.to_string()))?;
         check_suite(&params.hpke_keypair.config)
             .map_err(|e| CollectorError::Hpke(e.to_string()))?;
+        let share_len = vdaf
+            .empty_aggregate()
+            .and_then(|a| vdaf.encode_aggregate(&a))
+            .map_err(|e| CollectorError::Vdaf(e.to_string()))?
+            .len();
+        let collection_limit = 2 * (share_len + 1024) + 1024;
         let url = &mut params.leader_endpoint;
         if !url.path().ends_with('/') {
             let path = format!("{}/", url.path());
             url.set_path(&path);
         }
-        Ok(Self { params, vdaf, http })
+        Ok(Self {
+            params,
+            vdaf,
+            http,
+            collection_limit,
+        })
     }
 
     /// The task parameters (endpoint normalized to end in `/`).
@@ -139,9 +154,18 @@ impl Collector {
             .map_err(|e| self.http_error(&format!("poll collection job {job}"), &e))?;
         match response.status().as_u16() {
             200 => {
-                let body = response.bytes().await.map_err(|e| {
-                    self.http_error(&format!("read the result of collection job {job}"), &e)
-                })?;
+                let (body, whole) = read_at_most(response, self.collection_limit)
+                    .await
+                    .map_err(|e| {
+                        self.http_error(&format!("read the result of collection job {job}"), &e)
+                    })?;
+                if !whole {
+                    return Err(CollectorError::Codec(format!(
+                        "the Leader's result for collection job {job} is longer than the {} \
+                         bytes this task's results take",
+                        self.collection_limit
+                    )));
+                }
                 let collection = Collection::get_decoded(&body).map_err(|e| {
                     CollectorError::Codec(format!(
                         "the Leader's result for collection job {job} is malformed: {e}"

@@ -413,3 +413,26 @@ fn collections_about_another_batch_are_refused() {
     }
     assert!(decrypt_collection(&TASK, &keypair, &vdaf, &query, &sealed(1)).is_ok());
 }
+
+/// A Leader's answer to a poll is read only up to the longest Collection the task's VDAF
+/// allows: a longer one is refused without being read.
+#[tokio::test]
+async fn an_endless_collection_is_not_read() {
+    let c = collector_at(
+        duet_core::http::testing::answer_once(
+            "HTTP/1.1 200 OK\r\ncontent-length: 10000000000\r\n\r\nxxxx",
+        )
+        .await,
+    );
+    let query = Query::TimeInterval {
+        batch_interval: interval(0, 3600),
+    };
+    let e = c
+        .poll_once(&CollectionJobId([1; 16]), &query)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&e, CollectorError::Codec(m) if m.contains("is longer than")),
+        "{e}"
+    );
+}

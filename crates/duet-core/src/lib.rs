@@ -6,6 +6,8 @@ pub mod auth;
 pub mod clock;
 pub mod error;
 pub mod hpke;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod problem;
 pub mod task;
 pub mod vdaf;

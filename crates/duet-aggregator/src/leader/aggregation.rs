@@ -212,19 +212,27 @@ async fn run_job(leader: &Leader, job: &mut AcquiredAggregationJob) -> Result<()
                 task.id, job.job_id
             ))
             .map_err(|e| JobFailure::Abandon(format!("bad Helper URL: {e}")))?;
+        let request = req.get_encoded();
+        // Each report's answer is shorter than its part of the request (its ID and the
+        // Helper's preparation message against the report's metadata, shares and the Leader's
+        // preparation message of the same size).
+        let limit = 2 * request.len() + 64 * 1024;
         let body = peer::send(
             &leader.http,
             reqwest::Method::PUT,
             url,
             media_type::AGGREGATION_JOB_INIT_REQ,
-            req.get_encoded(),
+            request,
             &task.aggregator_auth_token,
+            limit,
         )
         .await
         .map_err(|e| match e {
             PeerError::Transient(m) => JobFailure::Retry(m),
             e if e.is_configuration() => JobFailure::Retry(e.to_string()),
-            e @ PeerError::Rejected { .. } => JobFailure::Abandon(e.to_string()),
+            e @ (PeerError::Rejected { .. } | PeerError::Oversized(_)) => {
+                JobFailure::Abandon(e.to_string())
+            }
         })?;
         let resp = AggregationJobResp::get_decoded(&body)
             .map_err(|e| JobFailure::Abandon(format!("the Helper's response is malformed: {e}")))?;

@@ -399,6 +399,8 @@ async fn run_job(leader: &Leader, acquired: &AcquiredCollectionJob) -> Result<St
         media_type::AGGREGATE_SHARE_REQ,
         req.get_encoded(),
         &task.aggregator_auth_token,
+        // The Helper's share, as long as the Leader's, sealed.
+        sum.aggregate_share.len() + 1024,
     )
     .await
     {
@@ -415,7 +417,9 @@ async fn run_job(leader: &Leader, acquired: &AcquiredCollectionJob) -> Result<St
                 ..
             },
         ) if acquired.lease.attempts <= 1 => return Ok(Step::Retry(e.to_string())),
-        Err(e @ PeerError::Rejected { .. }) => return Ok(Step::Abandon(e.to_string())),
+        Err(e @ (PeerError::Rejected { .. } | PeerError::Oversized(_))) => {
+            return Ok(Step::Abandon(e.to_string()))
+        }
     };
     let helper_share = match AggregateShare::get_decoded(&body) {
         Ok(s) => s,
