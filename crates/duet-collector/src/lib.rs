@@ -113,6 +113,18 @@ impl Collector {
     /// Creates a collection job with a fresh random ID (`PUT …/collection_jobs/{id}`); any 2xx is success.
     pub async fn start_collection(&self, query: Query) -> Result<CollectionJobId, CollectorError> {
         let job = CollectionJobId::random();
+        self.start_collection_as(job, query).await?;
+        Ok(job)
+    }
+
+    /// Creates the collection job `job` (`PUT …/collection_jobs/{id}`), or finds it there: the
+    /// Leader accepts the same request again for a job it has, so a collection can be resumed
+    /// by its ID. Any 2xx is success.
+    pub async fn start_collection_as(
+        &self,
+        job: CollectionJobId,
+        query: Query,
+    ) -> Result<(), CollectorError> {
         let url = self.job_url(&job)?;
         let body = CollectionReq {
             query,
@@ -134,7 +146,7 @@ impl Collector {
             return Err(error::error_from_response(response, context).await);
         }
         tracing::debug!(%job, "collection job created");
-        Ok(job)
+        Ok(())
     }
 
     /// Polls a collection job once (`POST`, empty body); decrypts and unshards when it is ready.
@@ -224,6 +236,26 @@ impl Collector {
         .await;
         outcome.map_err(|_| CollectorError::Timeout {
             job: started,
+            timeout,
+        })?
+    }
+
+    /// Like [`Collector::collect`], as the collection job `job`: created if the Leader has no
+    /// such job, else polled (the same query), so that a collection that timed out can be
+    /// resumed. A timeout names the job either way.
+    pub async fn collect_as(
+        &self,
+        job: CollectionJobId,
+        query: Query,
+        timeout: std::time::Duration,
+    ) -> Result<CollectionResult, CollectorError> {
+        tokio::time::timeout(timeout, async {
+            self.start_collection_as(job, query).await?;
+            self.poll_loop(&job, &query).await
+        })
+        .await
+        .map_err(|_| CollectorError::Timeout {
+            job: Some(job),
             timeout,
         })?
     }

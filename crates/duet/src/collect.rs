@@ -4,10 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use duet_collector::CollectorError;
 use duet_collector::{CollectionResult, Collector, CollectorParameters};
 use duet_core::task::{parse_endpoint, TaskParameters};
 use duet_core::AggregateResult;
-use duet_messages::dap09::{Duration, Interval, Query, Time};
+use duet_messages::dap09::{CollectionJobId, Duration, Interval, Query, Time};
 
 /// `duet collect` flags.
 #[derive(clap::Args)]
@@ -33,6 +34,10 @@ pub struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// The collection job's ID (base64url, as a timed-out `duet collect` names it): polls that
+    /// job again, or creates it under this ID. Without it, a new job with a random ID.
+    #[arg(long)]
+    job: Option<CollectionJobId>,
 }
 
 /// A collector for a task's parameters.
@@ -139,10 +144,17 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             duration: Duration(args.duration),
         },
     };
-    let result = collector
-        .collect(query, std::time::Duration::from_secs(args.timeout))
-        .await
-        .context("collection failed")?;
+    let timeout = std::time::Duration::from_secs(args.timeout);
+    let job = args.job.unwrap_or_else(CollectionJobId::random);
+    let result = match collector.collect_as(job, query, timeout).await {
+        Ok(result) => result,
+        // The job goes on at the Leader: say how to come back for it.
+        Err(e @ CollectorError::Timeout { .. }) => anyhow::bail!(
+            "collection failed: {e}; poll it again with `duet collect` and the same flags plus \
+             `--job {job}`"
+        ),
+        Err(e) => return Err(e).context("collection failed"),
+    };
     print(&result, args.json, args.csv);
     Ok(ExitCode::SUCCESS)
 }

@@ -397,18 +397,6 @@ fn serve_task_upload_collect() {
     let list = run(&["task", "list", "--db", &db, "--role", "helper"]);
     assert!(String::from_utf8_lossy(&list.stdout).contains("Prio3Histogram"));
 
-    let mut up = duet()
-        .args(["upload", "--task", &task])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("upload");
-    up.stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"0\n3\n3\n1\n3\n2\n")
-        .expect("write");
-    assert!(up.wait().expect("wait").success());
-
     let params: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&task).expect("read")).expect("json");
     let precision = params["time_precision"].as_u64().expect("precision");
@@ -443,8 +431,34 @@ fn serve_task_upload_collect() {
         );
         serde_json::from_slice(&out.stdout).expect("json")
     };
+    // A collection that times out before its batch has its reports names its job, which a
+    // later `duet collect --job` picks up again.
+    let job = "ZHVldC1jb2xsZWN0LWpvYg";
+    let out = collect(&start, &["--job", job, "--timeout", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&format!("--job {job}")), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let out = collect(&start, &["--job", "not base64!"]);
+    assert!(!out.status.success());
+
+    let mut up = duet()
+        .args(["upload", "--task", &task])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("upload");
+    up.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"0\n3\n3\n1\n3\n2\n")
+        .expect("write");
+    assert!(up.wait().expect("wait").success());
+
     let json = ["--json", "--timeout", "60"];
-    let v = collected(collect(&start, &json));
+    let v = collected(collect(
+        &start,
+        &["--job", job, "--json", "--timeout", "60"],
+    ));
     assert_eq!(v["report_count"], 6);
     assert_eq!(v["result"], serde_json::json!([1, 1, 1, 3]));
 
