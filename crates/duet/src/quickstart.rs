@@ -71,13 +71,16 @@ fn stopwatch() -> std::time::Instant {
 /// Runs `duet quickstart`.
 pub async fn run(args: Args) -> Result<ExitCode> {
     let vdaf = args.vdaf.instance()?;
-    let measurements = match &args.measurements {
-        Some(path) => crate::task::read_measurements(path, &vdaf)?,
+    let (measurements, lines) = match &args.measurements {
+        Some(path) => {
+            let (measurements, lines) = crate::task::read_measurements(path, &vdaf)?;
+            (measurements, Some((path.as_path(), lines)))
+        }
         None => {
             if args.reports == 0 {
                 bail!("--reports must be at least 1");
             }
-            generate(&vdaf, args.reports, args.seed)
+            (generate(&vdaf, args.reports, args.seed), None)
         }
     };
     let n = measurements.len();
@@ -141,7 +144,10 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         let started = clock.now();
         let t0 = stopwatch();
         let client = Arc::new(crate::upload::client_for(&params).await?);
-        crate::upload::upload_all(client, measurements, 16).await?;
+        let lines = lines
+            .as_ref()
+            .map(|(path, lines)| (*path, lines.as_slice()));
+        crate::upload::upload_all(client, measurements, lines, 16).await?;
         let uploaded_in = t0.elapsed();
         let finished = clock.now();
         if !args.json {

@@ -68,9 +68,13 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
 /// after transient failures). After a failure no new upload starts and those in flight finish;
 /// the error then says how many were uploaded and which were not, so that only those are sent
 /// again (sending an uploaded one again would count it twice).
+///
+/// `lines`, for measurements read from a file, names the file and the line of each, which the
+/// error then names them by; without it they are numbered from 1.
 pub async fn upload_all(
     client: Arc<Client>,
     measurements: Vec<Measurement>,
+    lines: Option<(&std::path::Path, &[usize])>,
     concurrency: usize,
 ) -> Result<()> {
     let total = measurements.len();
@@ -114,19 +118,34 @@ pub async fn upload_all(
         let unsent: Vec<usize> = (0..total)
             .filter(|&j| !sent[j].load(Ordering::SeqCst))
             .collect();
+        let uploaded = total - unsent.len();
+        let (failed, unsent) = match lines {
+            Some((path, lines)) => {
+                let source = crate::task::source_name(path);
+                let unsent: Vec<usize> = unsent.iter().map(|&j| lines[j]).collect();
+                (
+                    format!("the measurement on line {} of {source}", lines[i]),
+                    format!("those on lines {} of {source}", ranges(&unsent)),
+                )
+            }
+            None => {
+                let unsent: Vec<usize> = unsent.iter().map(|&j| j + 1).collect();
+                (
+                    format!("measurement {}", i + 1),
+                    format!("measurements {}", ranges(&unsent)),
+                )
+            }
+        };
         bail!(
-            "uploading measurement {} failed: {e}; {} of {total} reports were uploaded, and \
-             measurements {} were not (send only those again: an uploaded one sent again would \
-             count twice)",
-            i + 1,
-            total - unsent.len(),
-            ranges(&unsent)
+            "uploading {failed} failed: {e}; {uploaded} of {total} reports were uploaded, and \
+             {unsent} were not (send only those again: an uploaded one sent again would count \
+             twice)"
         );
     }
     Ok(())
 }
 
-/// Measurement numbers (from 1) of the indices `sorted`, as ranges: "3, 7-9".
+/// Ascending numbers as ranges of consecutive ones: "3, 7-9".
 fn ranges(sorted: &[usize]) -> String {
     let mut out: Vec<String> = Vec::new();
     let mut i = 0;
@@ -136,9 +155,9 @@ fn ranges(sorted: &[usize]) -> String {
             j += 1;
         }
         out.push(if i == j {
-            format!("{}", sorted[i] + 1)
+            format!("{}", sorted[i])
         } else {
-            format!("{}-{}", sorted[i] + 1, sorted[j] + 1)
+            format!("{}-{}", sorted[i], sorted[j])
         });
         i = j + 1;
     }
@@ -148,20 +167,79 @@ fn ranges(sorted: &[usize]) -> String {
 /// Runs `duet upload`.
 pub async fn run(args: Args) -> Result<ExitCode> {
     let params = crate::task::read_task_file(&args.task)?;
-    let measurements = crate::task::read_measurements(&args.measurements, &params.vdaf)?;
+    let (measurements, lines) = crate::task::read_measurements(&args.measurements, &params.vdaf)?;
     let n = measurements.len();
     let client = Arc::new(client_for(&params).await?);
-    upload_all(client, measurements, args.concurrency).await?;
+    let lines = Some((args.measurements.as_path(), lines.as_slice()));
+    upload_all(client, measurements, lines, args.concurrency).await?;
     eprintln!("uploaded {n} reports to {}", params.leader_endpoint);
     Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
 mod tests {
+    use duet_core::hpke::HpkeKeypair;
+    use duet_core::{RealClock, VdafInstance};
+    use duet_messages::dap09::{HpkeConfigId, TaskId};
+
+    use super::*;
+
+    /// A failed upload names the measurements not sent by their lines in the file they came
+    /// from (comments and blank lines are not measurements), so that exactly those can be sent
+    /// again.
+    #[tokio::test]
+    async fn a_failed_upload_names_the_lines_not_sent() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("m.txt");
+        std::fs::write(&path, "# counts\n1\n0\n\n1\n").expect("write");
+        let (measurements, lines) =
+            crate::task::read_measurements(&path, &VdafInstance::Prio3Count).expect("read");
+        assert_eq!(lines, [2, 3, 5]);
+        let leader = duet_core::http::testing::answer_once(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/problem+json\r\n\
+             connection: close\r\n\r\n\
+             {\"type\":\"urn:ietf:params:ppm:dap:error:invalidMessage\",\"detail\":\"no\"}",
+        )
+        .await;
+        let params = ClientParameters {
+            task_id: TaskId([3; 32]),
+            leader_endpoint: leader.clone(),
+            helper_endpoint: leader,
+            time_precision: Duration(3600),
+        };
+        let config = || HpkeKeypair::generate(HpkeConfigId(1)).config;
+        let client = Client::with_hpke_configs(
+            params,
+            VdafInstance::Prio3Count,
+            reqwest::Client::new(),
+            RealClock,
+            config(),
+            config(),
+        )
+        .expect("client");
+        let e = upload_all(Arc::new(client), measurements, Some((&path, &lines)), 1)
+            .await
+            .expect_err("refused");
+        let file = path.display();
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "uploading the measurement on line 2 of {file} failed"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "0 of 3 reports were uploaded, and those on lines 2-3, 5 of {file} were not"
+            )),
+            "{text}"
+        );
+    }
+
     #[test]
     fn unsent_measurements_are_named_as_ranges() {
-        assert_eq!(super::ranges(&[0, 1, 2, 6, 9, 10]), "1-3, 7, 10-11");
-        assert_eq!(super::ranges(&[4]), "5");
+        assert_eq!(super::ranges(&[1, 2, 3, 7, 10, 11]), "1-3, 7, 10-11");
+        assert_eq!(super::ranges(&[5]), "5");
         assert_eq!(super::ranges(&[]), "");
     }
 }
