@@ -34,7 +34,7 @@ pub struct AggregatorConfig {
     /// default 25 attempts span about three hours, so that reports outlast a Helper that is down
     /// or unreachable for that long.
     pub max_job_attempts: u32,
-    /// The longest delay before a failed job is tried again, in seconds.
+    /// The longest delay before a failed job is tried again, in seconds (at most a day).
     pub max_retry_delay_s: u64,
     /// Whether this process runs the Leader's job creator and its aggregation and collection
     /// drivers. Off, it only serves the API (uploads are stored, collection jobs are accepted)
@@ -60,6 +60,9 @@ impl Default for AggregatorConfig {
     }
 }
 
+/// The longest retry delay any config gets: a day.
+const MAX_RETRY_DELAY_S: u64 = 24 * 3600;
+
 impl AggregatorConfig {
     /// The polling interval.
     pub fn polling_interval(&self) -> std::time::Duration {
@@ -67,11 +70,11 @@ impl AggregatorConfig {
     }
 
     /// Seconds to wait before trying a job again after its `attempts`-th attempt failed:
-    /// `2^attempts`, at most `max_retry_delay_s` and at least 1.
+    /// `2^attempts`, at most `max_retry_delay_s` (and a day) and at least 1.
     pub fn retry_delay_s(&self, attempts: u32) -> u64 {
         1u64.checked_shl(attempts)
             .unwrap_or(u64::MAX)
-            .min(self.max_retry_delay_s)
+            .min(self.max_retry_delay_s.min(MAX_RETRY_DELAY_S))
             .max(1)
     }
 }
@@ -92,6 +95,11 @@ mod tests {
             ..config.clone()
         };
         assert_eq!(no_wait.retry_delay_s(3), 1);
+        let forever = AggregatorConfig {
+            max_retry_delay_s: u64::MAX,
+            ..config.clone()
+        };
+        assert_eq!(forever.retry_delay_s(200), 24 * 3600);
         // The default attempts outlast a three-hour outage of the Helper.
         let waited: u64 = (1..config.max_job_attempts)
             .map(|a| config.retry_delay_s(a))

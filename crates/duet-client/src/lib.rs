@@ -27,9 +27,9 @@ pub use error::ClientError;
 
 /// Attempts at uploading one report when they fail transiently.
 pub const UPLOAD_ATTEMPTS: u32 = 6;
-/// The longest HPKE configuration list read from an aggregator: about 1,500 X25519 configs,
-/// where an aggregator lists one per key it holds.
-const HPKE_CONFIG_LIST_LIMIT: usize = 64 * 1024;
+/// The longest HPKE configuration list read from an aggregator: the most its 16-bit length
+/// prefix can say (about 1,500 X25519 configs; an aggregator lists one per key it holds).
+const HPKE_CONFIG_LIST_LIMIT: usize = 2 + u16::MAX as usize;
 /// The pause after the first failed attempt; each next one is twice as long (0.1 to 1.6 s, about
 /// 3 s in all).
 const FIRST_UPLOAD_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);

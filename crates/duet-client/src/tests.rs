@@ -260,7 +260,7 @@ async fn an_endless_hpke_config_list_is_not_read() {
     .await
     .expect_err("refused");
     assert!(
-        matches!(&e, ClientError::Codec(m) if m.contains("longer than 65536 bytes")),
+        matches!(&e, ClientError::Codec(m) if m.contains("longer than 65537 bytes")),
         "{e}"
     );
 }

@@ -149,6 +149,9 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     let result = match collector.collect_as(job, query, timeout).await {
         Ok(result) => result,
         // The job goes on at the Leader: say how to come back for it.
+        Err(e @ CollectorError::Timeout { .. }) if args.job.is_some() => {
+            anyhow::bail!("collection failed: {e}; poll it again with the same command")
+        }
         Err(e @ CollectorError::Timeout { .. }) => anyhow::bail!(
             "collection failed: {e}; poll it again with `duet collect` and the same flags plus \
              `--job {job}`"

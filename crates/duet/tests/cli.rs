@@ -433,14 +433,31 @@ fn serve_task_upload_collect() {
     };
     // A collection that times out before its batch has its reports names its job, which a
     // later `duet collect --job` picks up again.
-    let job = "ZHVldC1jb2xsZWN0LWpvYg";
+    let out = collect(&start, &["--timeout", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let job = stderr
+        .split_once("plus `--job ")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(job, _)| job.to_string())
+        .unwrap_or_else(|| panic!("no job named: {stderr}"));
+    let job = job.as_str();
+    // Given the job, the same command polls it again.
     let out = collect(&start, &["--job", job, "--timeout", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains(&format!("--job {job}")), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("poll it again with the same command"),
+        "{stderr}"
+    );
     let out = collect(&start, &["--job", "not base64!"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
+    assert!(
+        stderr.contains("--job") && stderr.contains("base64url"),
+        "{stderr}"
+    );
 
     let mut up = duet()
         .args(["upload", "--task", &task])
