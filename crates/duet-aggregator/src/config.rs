@@ -36,6 +36,17 @@ pub struct AggregatorConfig {
     pub max_job_attempts: u32,
     /// The longest delay before a failed job is tried again, in seconds (at most a day).
     pub max_retry_delay_s: u64,
+    /// The longest a request's head (its line and headers) may take to arrive, in milliseconds,
+    /// from when its connection is ready for it: a client that sends nothing, or its headers a
+    /// byte at a time, or that leaves a keep-alive connection idle that long, is disconnected.
+    pub http_header_timeout_ms: u64,
+    /// The longest a request's body may take to arrive once its head has, in milliseconds
+    /// (408 after that): uploads are at most a few megabytes, another aggregator's requests at
+    /// most 256 MiB.
+    pub http_body_timeout_ms: u64,
+    /// The most connections served at once; the next is accepted when one closes. The process's
+    /// limit on open files (`ulimit -n`) must allow this many and more.
+    pub max_connections: usize,
     /// Whether this process runs the Leader's job creator and its aggregation and collection
     /// drivers. Off, it only serves the API (uploads are stored, collection jobs are accepted)
     /// and leaves the jobs to replicas on the same database that have it on.
@@ -55,6 +66,9 @@ impl Default for AggregatorConfig {
             max_concurrent_jobs: 4,
             max_job_attempts: 25,
             max_retry_delay_s: 600,
+            http_header_timeout_ms: 30_000,
+            http_body_timeout_ms: 120_000,
+            max_connections: 4096,
             run_jobs: true,
         }
     }

@@ -26,6 +26,12 @@ pub enum Error {
         /// The route's limit, in bytes.
         limit: usize,
     },
+    /// The request's body did not arrive in time (408).
+    #[error("the request body did not arrive within {after:?}")]
+    SlowBody {
+        /// How long the route waits for a body.
+        after: std::time::Duration,
+    },
     /// Something else of ours failed.
     #[error("internal error: {0}")]
     Internal(String),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -18,8 +18,9 @@ use crate::error::Error;
 use crate::helper::Helper;
 use crate::leader::{Leader, PollResult};
 
-/// Largest accepted upload body.
-const MAX_UPLOAD_BYTES: usize = 16 << 20;
+/// Largest accepted collection request: a query and a Prio3 aggregation parameter (empty) take
+/// a few dozen bytes.
+const MAX_COLLECTION_REQ_BYTES: usize = 64 * 1024;
 /// Largest accepted aggregator-to-aggregator body.
 const MAX_PEER_BYTES: usize = 256 << 20;
 
@@ -75,6 +76,26 @@ impl IntoResponse for HttpError {
                 )
                     .into_response()
             }
+            Error::SlowBody { after } => {
+                let doc = serde_json::json!({
+                    "type": "about:blank",
+                    "title": "Request Timeout",
+                    "status": 408,
+                    "detail": format!(
+                        "the request body did not arrive within {} s",
+                        after.as_secs()
+                    ),
+                });
+                (
+                    StatusCode::REQUEST_TIMEOUT,
+                    [
+                        (header::CONTENT_TYPE, PROBLEM_JSON),
+                        (header::CONNECTION, "close"),
+                    ],
+                    doc.to_string(),
+                )
+                    .into_response()
+            }
             e => {
                 tracing::error!(error = %e, "request failed");
                 let doc = serde_json::json!({
@@ -99,7 +120,16 @@ fn invalid(detail: impl Into<String>) -> HttpError {
     HttpError(Error::abort(DapProblemType::InvalidMessage, None, detail))
 }
 
-fn require_media_type(headers: &HeaderMap, expected: &str) -> HttpResult<()> {
+/// `invalidMessage` about the task `task_id`.
+fn invalid_for(task_id: TaskId, detail: impl Into<String>) -> HttpError {
+    HttpError(Error::abort(
+        DapProblemType::InvalidMessage,
+        Some(task_id),
+        detail,
+    ))
+}
+
+fn require_media_type(task_id: TaskId, headers: &HeaderMap, expected: &str) -> HttpResult<()> {
     let got = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -108,9 +138,10 @@ fn require_media_type(headers: &HeaderMap, expected: &str) -> HttpResult<()> {
     if essence.eq_ignore_ascii_case(expected) {
         Ok(())
     } else {
-        Err(invalid(format!(
-            "expected content type {expected}, got '{got}'"
-        )))
+        Err(invalid_for(
+            task_id,
+            format!("expected content type {expected}, got '{got}'"),
+        ))
     }
 }
 
@@ -130,11 +161,19 @@ fn auth(headers: &HeaderMap) -> (Option<&[u8]>, Option<&[u8]>) {
     )
 }
 
-/// Reads a request's body, up to `limit` bytes. The Helper's handlers read it only once the
-/// request has shown the Leader's token, so that no stranger makes the server hold a peer-sized
-/// body.
-async fn read_body(body: Body, limit: usize) -> HttpResult<Bytes> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+/// Reads a request's body, up to `limit` bytes and for at most `deadline`. Handlers read it only
+/// once the request has passed the checks that need no body (the task, the media type, the
+/// Helper's token), so that no stranger makes the server hold a body it would refuse.
+async fn read_body(body: Body, limit: usize, deadline: std::time::Duration) -> HttpResult<Bytes> {
+    // A declared length over the limit is refused before anything is read.
+    let declared = axum::body::HttpBody::size_hint(&body).lower();
+    if usize::try_from(declared).map_or(true, |n| n > limit) {
+        return Err(HttpError(Error::TooLarge { limit }));
+    }
+    let read = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| HttpError(Error::SlowBody { after: deadline }))?;
+    read.map_err(|e| {
         // A body over the limit, or a connection that failed while sending it.
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
@@ -166,10 +205,7 @@ fn hpke_config_response(list: duet_messages::dap09::HpkeConfigList) -> Response 
 pub fn leader_router(leader: Arc<Leader>) -> Router {
     Router::new()
         .route("/hpke_config", get(leader_hpke_config))
-        .route(
-            "/tasks/{task_id}/reports",
-            put(upload).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
-        )
+        .route("/tasks/{task_id}/reports", put(upload))
         .route(
             "/tasks/{task_id}/collection_jobs/{job_id}",
             put(create_collection_job)
@@ -229,11 +265,15 @@ async fn upload(
     State(leader): State<Arc<Leader>>,
     Path(task_id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> HttpResult<StatusCode> {
     let result = async {
-        require_media_type(&headers, media_type::REPORT)?;
-        leader.upload(parse_task_id(&task_id)?, &body).await?;
+        let task_id = parse_task_id(&task_id)?;
+        require_media_type(task_id, &headers, media_type::REPORT)?;
+        // No longer than a report of this task can be, and read only for a task this Leader has.
+        let limit = leader.upload_limit(task_id).await?;
+        let body = read_body(body, limit, leader.body_timeout()).await?;
+        leader.upload(task_id, &body).await?;
         Ok(())
     }
     .await;
@@ -244,20 +284,22 @@ async fn upload(
 }
 
 fn parse_collection_job(task_id: &str, job_id: &str) -> HttpResult<(TaskId, CollectionJobId)> {
+    let task_id = parse_task_id(task_id)?;
     let job: CollectionJobId = job_id
         .parse()
-        .map_err(|_| invalid(format!("'{job_id}' is not a collection job ID")))?;
-    Ok((parse_task_id(task_id)?, job))
+        .map_err(|_| invalid_for(task_id, format!("'{job_id}' is not a collection job ID")))?;
+    Ok((task_id, job))
 }
 
 async fn create_collection_job(
     State(leader): State<Arc<Leader>>,
     Path((task_id, job_id)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> HttpResult<StatusCode> {
     let (task_id, job_id) = parse_collection_job(&task_id, &job_id)?;
-    require_media_type(&headers, media_type::COLLECTION_REQ)?;
+    require_media_type(task_id, &headers, media_type::COLLECTION_REQ)?;
+    let body = read_body(body, MAX_COLLECTION_REQ_BYTES, leader.body_timeout()).await?;
     leader
         .create_collection_job(task_id, job_id, auth(&headers), &body)
         .await?;
@@ -351,10 +393,11 @@ async fn delete_collection_job(
 }
 
 fn parse_aggregation_job(task_id: &str, job_id: &str) -> HttpResult<(TaskId, AggregationJobId)> {
+    let task_id = parse_task_id(task_id)?;
     let job: AggregationJobId = job_id
         .parse()
-        .map_err(|_| invalid(format!("'{job_id}' is not an aggregation job ID")))?;
-    Ok((parse_task_id(task_id)?, job))
+        .map_err(|_| invalid_for(task_id, format!("'{job_id}' is not an aggregation job ID")))?;
+    Ok((task_id, job))
 }
 
 async fn aggregation_job_init(
@@ -364,9 +407,9 @@ async fn aggregation_job_init(
     body: Body,
 ) -> HttpResult<Response> {
     let (task_id, job_id) = parse_aggregation_job(&task_id, &job_id)?;
-    require_media_type(&headers, media_type::AGGREGATION_JOB_INIT_REQ)?;
+    require_media_type(task_id, &headers, media_type::AGGREGATION_JOB_INIT_REQ)?;
     helper.authorize(task_id, auth(&headers)).await?;
-    let body = read_body(body, MAX_PEER_BYTES).await?;
+    let body = read_body(body, MAX_PEER_BYTES, helper.body_timeout()).await?;
     let resp = helper
         .aggregation_job_init(task_id, job_id, auth(&headers), &body)
         .await?;
@@ -384,9 +427,9 @@ async fn aggregation_job_continue(
     body: Body,
 ) -> HttpResult<Response> {
     let (task_id, job_id) = parse_aggregation_job(&task_id, &job_id)?;
-    require_media_type(&headers, media_type::AGGREGATION_JOB_CONTINUE_REQ)?;
+    require_media_type(task_id, &headers, media_type::AGGREGATION_JOB_CONTINUE_REQ)?;
     helper.authorize(task_id, auth(&headers)).await?;
-    let body = read_body(body, MAX_PEER_BYTES).await?;
+    let body = read_body(body, MAX_PEER_BYTES, helper.body_timeout()).await?;
     let resp = helper
         .aggregation_job_continue(task_id, job_id, auth(&headers), &body)
         .await?;
@@ -416,9 +459,9 @@ async fn aggregate_share(
     body: Body,
 ) -> HttpResult<Response> {
     let task_id = parse_task_id(&task_id)?;
-    require_media_type(&headers, media_type::AGGREGATE_SHARE_REQ)?;
+    require_media_type(task_id, &headers, media_type::AGGREGATE_SHARE_REQ)?;
     helper.authorize(task_id, auth(&headers)).await?;
-    let body = read_body(body, MAX_PEER_BYTES).await?;
+    let body = read_body(body, MAX_PEER_BYTES, helper.body_timeout()).await?;
     let resp = helper
         .aggregate_share(task_id, auth(&headers), &body)
         .await?;
@@ -457,10 +500,11 @@ mod tests {
     /// A body over the limit is a 413 problem document; one within it is read whole.
     #[tokio::test]
     async fn bodies_over_the_limit_are_refused() {
-        let read = read_body(Body::from(vec![7u8; 10]), 10).await;
+        let second = std::time::Duration::from_secs(1);
+        let read = read_body(Body::from(vec![7u8; 10]), 10, second).await;
         assert_eq!(read.ok().as_deref(), Some(&[7u8; 10][..]));
         let Err(HttpError(Error::TooLarge { limit: 10 })) =
-            read_body(Body::from(vec![7u8; 11]), 10).await
+            read_body(Body::from(vec![7u8; 11]), 10, second).await
         else {
             panic!("an 11-byte body passed a 10-byte limit");
         };

@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod config;
+mod connections;
 pub mod error;
 pub mod helper;
 pub mod http;

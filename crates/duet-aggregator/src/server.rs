@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use duet_core::Clock;
 use duet_store::Datastore;
@@ -13,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::AggregatorConfig;
+use crate::connections::{self, ConnectionLimits};
 use crate::error::Error;
 use crate::helper::Helper;
 use crate::http::{helper_router, leader_router};
@@ -178,20 +178,11 @@ pub async fn run_with(
                 }
             }),
         );
-    let mut rx = shutdown_rx;
-    let server = tokio::spawn(async move {
-        // Answers go out at once rather than waiting on Nagle's algorithm for the peer's ACK.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-            }
-        });
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = rx.wait_for(|v| *v).await;
-            })
-            .await
-    });
+    let limits = ConnectionLimits {
+        header_timeout: std::time::Duration::from_millis(config.http_header_timeout_ms),
+        max_connections: config.max_connections,
+    };
+    let server = tokio::spawn(connections::serve(listener, router, limits, shutdown_rx));
     Ok(RunningServer {
         local_addr,
         leader: leader_handle,

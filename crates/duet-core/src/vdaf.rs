@@ -82,8 +82,8 @@ impl fmt::Display for VdafInstance {
 }
 
 /// The longest encoded measurement (field elements) a VDAF may have: the Leader's share carries
-/// one 16-byte element per entry, so a longer one would alone fill the Leader's 16 MiB upload
-/// limit, and no report of it could ever be uploaded.
+/// one 16-byte element per entry, so a longer one would make every report over 16 MiB, each one
+/// upload that a Leader holds in memory.
 pub const MAX_MEASUREMENT_LEN: usize = 1 << 20;
 
 /// A chunk length near the square root of the measurement's encoded length, which keeps the

@@ -121,6 +121,11 @@ impl Leader {
         &self.shared.metrics
     }
 
+    /// How long a request's body may take to arrive (`http_body_timeout_ms`).
+    pub fn body_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.shared.config.http_body_timeout_ms)
+    }
+
     /// The HPKE configs this Leader publishes, for any task; for `task_id`, only if it knows
     /// the task (`unrecognizedTask` otherwise).
     pub async fn hpke_config_list(

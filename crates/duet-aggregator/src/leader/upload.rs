@@ -20,6 +20,13 @@ pub(crate) struct PendingUpload {
 }
 
 impl Leader {
+    /// The longest upload body a report of the task can be (`unrecognizedTask` for a task this
+    /// Leader does not have), so that a longer one is refused before it is read.
+    pub async fn upload_limit(&self, task_id: TaskId) -> Result<usize, Error> {
+        let entry = self.shared.require_task(&task_id).await?;
+        Ok(max_report_len(&entry.lengths))
+    }
+
     /// Handles `PUT /tasks/{task_id}/reports`: validates the report and stores it durably before
     /// returning.
     pub async fn upload(&self, task_id: TaskId, body: &[u8]) -> Result<(), Error> {
@@ -111,6 +118,23 @@ const SEALED_OVERHEAD: usize = 2 + 4 + 16;
 const MAX_EXTENSIONS: usize = u16::MAX as usize;
 /// The longest encapsulated key of an RFC 9180 KEM (DHKEM(P-521)'s).
 const MAX_ENCAPSULATED_KEY: usize = 133;
+
+/// The longest encoded `Report` whose parts [`check_lengths`] accepts: its metadata (ID and
+/// time), the public share's length prefix and bytes, and two `HpkeCiphertext`s (config ID,
+/// length-prefixed encapsulated key and payload), the Helper's with a full extension list.
+fn max_report_len(lengths: &ShareLengths) -> usize {
+    let ciphertext = 1 + 2 + MAX_ENCAPSULATED_KEY + 4;
+    16 + 8
+        + 4
+        + lengths.public
+        + ciphertext
+        + lengths.leader
+        + SEALED_OVERHEAD
+        + ciphertext
+        + lengths.helper
+        + SEALED_OVERHEAD
+        + MAX_EXTENSIONS
+}
 
 /// Checks the sizes of a report's parts against its task's VDAF, before it is stored and later
 /// loaded with its job's other reports: the public share has the VDAF's length, and so does the
