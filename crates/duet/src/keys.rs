@@ -45,6 +45,15 @@ pub fn run(cmd: Command) -> Result<ExitCode> {
 /// Writes a file of secrets (a private key, a task's tokens and verify key) readable by its owner
 /// only. An existing file is kept unless `force`: replacing one loses what it holds.
 pub fn write_secret(path: &std::path::Path, contents: &str, force: bool) -> Result<()> {
+    write_new(path, contents, force, 0o600)
+}
+
+/// Writes a file anyone may read (nothing secret in it); an existing file is kept unless `force`.
+pub fn write_public(path: &std::path::Path, contents: &str, force: bool) -> Result<()> {
+    write_new(path, contents, force, 0o644)
+}
+
+fn write_new(path: &std::path::Path, contents: &str, force: bool, mode: u32) -> Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true);
     if force {
@@ -53,7 +62,7 @@ pub fn write_secret(path: &std::path::Path, contents: &str, force: bool) -> Resu
         options.create_new(true);
     }
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
     let mut file = match options.open(path) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => anyhow::bail!(
             "{} exists; pass --force to replace it (what it holds is lost) or choose another file",
@@ -65,9 +74,11 @@ pub fn write_secret(path: &std::path::Path, contents: &str, force: bool) -> Resu
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("could not restrict {}", path.display()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("could not set the permissions of {}", path.display()))?;
     }
+    #[cfg(not(unix))]
+    let _ = mode;
     file.write_all(contents.as_bytes())
         .with_context(|| format!("could not write {}", path.display()))
 }

@@ -143,7 +143,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
 
         let started = clock.now();
         let t0 = stopwatch();
-        let client = Arc::new(crate::upload::client_for(&params).await?);
+        let client = Arc::new(crate::upload::client_for(&(&params).into()).await?);
         let lines = lines
             .as_ref()
             .map(|(path, lines)| (*path, lines.as_slice()));

@@ -1,5 +1,5 @@
 //! `duet task`: provision tasks. A task is created once and handed out of band to the Leader,
-//! the Helper, the clients and the collector.
+//! the Helper and the collector; clients get its public part (`duet task client-file`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,6 +70,20 @@ pub enum Command {
         #[arg(long, requires = "out")]
         force: bool,
     },
+    /// Write the part of a task file clients need, and nothing secret: the task ID, the
+    /// aggregators' endpoints, the VDAF and the time precision. Hand clients this file; the
+    /// task file itself holds the verify key and the aggregators' token, which let whoever
+    /// holds them pass invalid measurements or pose as the Leader.
+    ClientFile {
+        /// The task file (from `duet task create`).
+        task: PathBuf,
+        /// Write it here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace the file if it exists.
+        #[arg(long, requires = "out")]
+        force: bool,
+    },
     /// Store a task (a JSON file from `duet task create`) in an aggregator's database.
     Import {
         /// The task file.
@@ -90,6 +104,71 @@ pub enum Command {
         #[arg(long, value_enum)]
         role: RoleArg,
     },
+}
+
+/// What a client needs of a task, and nothing secret (`duet task client-file`). A whole task
+/// file reads as one too.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ClientTaskFile {
+    /// Task ID (base64url, 32 bytes).
+    pub task_id: String,
+    /// Leader endpoint URL.
+    pub leader_endpoint: String,
+    /// Helper endpoint URL.
+    pub helper_endpoint: String,
+    /// VDAF.
+    pub vdaf: duet_core::VdafInstance,
+    /// Time precision, seconds: report times are rounded down to a multiple of it.
+    pub time_precision: u64,
+}
+
+impl From<&TaskParameters> for ClientTaskFile {
+    fn from(p: &TaskParameters) -> Self {
+        Self {
+            task_id: p.task_id.clone(),
+            leader_endpoint: p.leader_endpoint.clone(),
+            helper_endpoint: p.helper_endpoint.clone(),
+            vdaf: p.vdaf.clone(),
+            time_precision: p.time_precision,
+        }
+    }
+}
+
+/// Reads a client file (`duet task client-file`) or a whole task file, and checks what a client
+/// uses of it as the aggregators would.
+pub fn read_client_task_file(path: &std::path::Path) -> Result<ClientTaskFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("could not read {}", path.display()))?;
+    let params: ClientTaskFile = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a task file (from `duet task client-file` or `duet task create`)",
+            path.display()
+        )
+    })?;
+    let invalid = |what: String| {
+        anyhow::anyhow!(
+            "{} is not a valid task: {what} (write a new one with `duet task create`)",
+            path.display()
+        )
+    };
+    params
+        .task_id
+        .parse::<TaskId>()
+        .map_err(|_| invalid("task_id is not a base64url task ID".into()))?;
+    for (name, url) in [
+        ("leader_endpoint", &params.leader_endpoint),
+        ("helper_endpoint", &params.helper_endpoint),
+    ] {
+        duet_core::task::parse_endpoint(url).map_err(|e| invalid(format!("{name}: {e}")))?;
+    }
+    if params.time_precision == 0 {
+        return Err(invalid("time_precision must be at least 1".into()));
+    }
+    params
+        .vdaf
+        .instantiate()
+        .map_err(|e| invalid(format!("vdaf: {e}")))?;
+    Ok(params)
 }
 
 /// Reads a task file.
@@ -196,6 +275,15 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
             let json = serde_json::to_string_pretty(&task.to_parameters())? + "\n";
             match out {
                 Some(p) => crate::keys::write_secret(&p, &json, force)?,
+                None => print!("{json}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ClientFile { task, out, force } => {
+            let params = read_task_file(&task)?;
+            let json = serde_json::to_string_pretty(&ClientTaskFile::from(&params))? + "\n";
+            match out {
+                Some(p) => crate::keys::write_public(&p, &json, force)?,
                 None => print!("{json}"),
             }
             Ok(ExitCode::SUCCESS)

@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+
+use crate::task::ClientTaskFile;
 use duet_client::{Client, ClientParameters};
-use duet_core::task::{parse_endpoint, TaskParameters};
+use duet_core::task::parse_endpoint;
 use duet_core::Measurement;
 use duet_messages::dap09::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -16,7 +18,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// `duet upload` flags.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The task file (from `duet task create`).
+    /// The task's client file (from `duet task client-file`; a whole task file works too, but
+    /// holds secrets clients must not have).
     #[arg(long)]
     task: PathBuf,
     /// Measurements, one per line; `-` reads standard input.
@@ -28,7 +31,7 @@ pub struct Args {
 }
 
 /// A client for a task's parameters.
-pub async fn client_for(params: &TaskParameters) -> Result<Client> {
+pub async fn client_for(params: &ClientTaskFile) -> Result<Client> {
     let cp = ClientParameters {
         task_id: params
             .task_id
@@ -166,7 +169,7 @@ fn ranges(sorted: &[usize]) -> String {
 
 /// Runs `duet upload`.
 pub async fn run(args: Args) -> Result<ExitCode> {
-    let params = crate::task::read_task_file(&args.task)?;
+    let params = crate::task::read_client_task_file(&args.task)?;
     let (measurements, lines) = crate::task::read_measurements(&args.measurements, &params.vdaf)?;
     let n = measurements.len();
     let client = Arc::new(client_for(&params).await?);

@@ -459,8 +459,44 @@ fn serve_task_upload_collect() {
         "{stderr}"
     );
 
+    // Clients get the task's public part only.
+    let client = dir.path().join("client.json").display().to_string();
+    let out = run(&["task", "client-file", &task, "--out", &client]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&client).expect("read")).expect("json");
+    let fields: Vec<&str> = public
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "helper_endpoint",
+            "leader_endpoint",
+            "task_id",
+            "time_precision",
+            "vdaf"
+        ]
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&client)
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
+    }
+
     let mut up = duet()
-        .args(["upload", "--task", &task])
+        .args(["upload", "--task", &client])
         .stdin(Stdio::piped())
         .spawn()
         .expect("upload");

@@ -258,7 +258,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     };
     helper_store.put_task(&helper_task(&task)).await?;
     let params = task.to_parameters();
-    let client = Arc::new(crate::upload::client_for(&params).await?);
+    let client = Arc::new(crate::upload::client_for(&(&params).into()).await?);
 
     // Generate (untimed), across cores.
     let measurements = generate(&vdaf, n);
