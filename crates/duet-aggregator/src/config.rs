@@ -74,6 +74,11 @@ impl Default for AggregatorConfig {
     }
 }
 
+/// The largest aggregation job a config may ask for.
+const MAX_AGGREGATION_JOB_SIZE: usize = 100_000;
+/// The shortest lease that outlasts the Leader's 120 s request timeout.
+const SAFE_LEASE_DURATION_S: u64 = 150;
+
 /// The longest retry delay any config gets: a day.
 const MAX_RETRY_DELAY_S: u64 = 24 * 3600;
 
@@ -81,6 +86,94 @@ impl AggregatorConfig {
     /// The polling interval.
     pub fn polling_interval(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.polling_interval_ms)
+    }
+
+    /// Refuses values that would break the server, naming the setting and what it takes: jobs
+    /// that aggregate nothing, drivers that spin, leases that expire while their job runs, jobs
+    /// abandoned at their first failure.
+    pub fn validate(&self) -> Result<(), String> {
+        let at_least = |name: &str, value: u64, least: u64, why: &str| {
+            if value < least {
+                Err(format!(
+                    "{name} must be at least {least} ({why}); it is {value}"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let size = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        at_least(
+            "max_aggregation_job_size",
+            size(self.max_aggregation_job_size),
+            1,
+            "a job of no reports aggregates nothing",
+        )?;
+        if self.max_aggregation_job_size > MAX_AGGREGATION_JOB_SIZE {
+            return Err(format!(
+                "max_aggregation_job_size must be at most {MAX_AGGREGATION_JOB_SIZE} (a larger                  job's request could pass the Helper's 256 MiB limit); it is {}",
+                self.max_aggregation_job_size
+            ));
+        }
+        at_least(
+            "lease_duration_s",
+            self.lease_duration_s,
+            1,
+            "a lease of 0 s is over before its job starts",
+        )?;
+        at_least(
+            "polling_interval_ms",
+            self.polling_interval_ms,
+            10,
+            "shorter polls only load the database",
+        )?;
+        at_least(
+            "max_job_attempts",
+            u64::from(self.max_job_attempts),
+            1,
+            "a job needs an attempt",
+        )?;
+        at_least(
+            "max_retry_delay_s",
+            self.max_retry_delay_s,
+            1,
+            "retries need a pause",
+        )?;
+        for (name, value) in [
+            ("upload_batch_size", self.upload_batch_size),
+            ("upload_batch_bytes", self.upload_batch_bytes),
+            ("upload_queue_capacity", self.upload_queue_capacity),
+            ("max_concurrent_jobs", self.max_concurrent_jobs),
+            ("max_connections", self.max_connections),
+        ] {
+            at_least(name, size(value), 1, "none would do nothing")?;
+        }
+        at_least(
+            "http_header_timeout_ms",
+            self.http_header_timeout_ms,
+            100,
+            "clients need time to send a request",
+        )?;
+        at_least(
+            "http_body_timeout_ms",
+            self.http_body_timeout_ms,
+            100,
+            "clients need time to send a body",
+        )?;
+        Ok(())
+    }
+
+    /// Settings that work but risk more than they save, as messages for the log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.lease_duration_s < SAFE_LEASE_DURATION_S {
+            warnings.push(format!(
+                "lease_duration_s is {} s: a job whose request to the Helper takes longer (up to \
+                 120 s) may be leased again and run twice; {SAFE_LEASE_DURATION_S} s or more \
+                 avoids that",
+                self.lease_duration_s
+            ));
+        }
+        warnings
     }
 
     /// Seconds to wait before trying a job again after its `attempts`-th attempt failed:
@@ -96,6 +189,79 @@ impl AggregatorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_that_would_break_the_server_are_refused() {
+        assert_eq!(AggregatorConfig::default().validate(), Ok(()));
+        let refused = |config: AggregatorConfig, name: &str| {
+            let e = config.validate().expect_err(name);
+            assert!(e.starts_with(name), "{e}");
+        };
+        let d = AggregatorConfig::default;
+        refused(
+            AggregatorConfig {
+                max_aggregation_job_size: 0,
+                ..d()
+            },
+            "max_aggregation_job_size",
+        );
+        refused(
+            AggregatorConfig {
+                max_aggregation_job_size: 100_001,
+                ..d()
+            },
+            "max_aggregation_job_size",
+        );
+        refused(
+            AggregatorConfig {
+                lease_duration_s: 0,
+                ..d()
+            },
+            "lease_duration_s",
+        );
+        let short = AggregatorConfig {
+            lease_duration_s: 60,
+            ..d()
+        };
+        assert_eq!(short.validate(), Ok(()));
+        assert!(short.warnings()[0].starts_with("lease_duration_s is 60 s"));
+        assert!(d().warnings().is_empty());
+        refused(
+            AggregatorConfig {
+                polling_interval_ms: 0,
+                ..d()
+            },
+            "polling_interval_ms",
+        );
+        refused(
+            AggregatorConfig {
+                max_job_attempts: 0,
+                ..d()
+            },
+            "max_job_attempts",
+        );
+        refused(
+            AggregatorConfig {
+                upload_batch_size: 0,
+                ..d()
+            },
+            "upload_batch_size",
+        );
+        refused(
+            AggregatorConfig {
+                max_connections: 0,
+                ..d()
+            },
+            "max_connections",
+        );
+        refused(
+            AggregatorConfig {
+                http_header_timeout_ms: 0,
+                ..d()
+            },
+            "http_header_timeout_ms",
+        );
+    }
 
     #[test]
     fn retry_delays_double_up_to_the_cap() {

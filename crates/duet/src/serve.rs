@@ -131,12 +131,42 @@ pub fn load(
             path.display()
         );
     }
+    config
+        .aggregator
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: [aggregator] {e}", path.display()))?;
+    for (section, role) in [("leader", &config.leader), ("helper", &config.helper)] {
+        if let Some(role) = role {
+            check_path_prefix(&role.path_prefix)
+                .map_err(|e| anyhow::anyhow!("{}: [{section}] path_prefix {e}", path.display()))?;
+        }
+    }
     if let (Some(l), Some(h)) = (&config.leader, &config.helper) {
         if l.path_prefix.trim_end_matches('/') == h.path_prefix.trim_end_matches('/') {
             bail!("[leader] and [helper] need different path_prefix values, e.g. \"/leader\" and \"/helper\"");
         }
     }
     Ok(config)
+}
+
+/// A path prefix is empty or an absolute path of plain segments, as a router can mount it.
+fn check_path_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    if !prefix.starts_with('/') {
+        return Err(format!(
+            "\"{prefix}\" must start with / (say \"/{prefix}\")"
+        ));
+    }
+    let plain =
+        |segment: &str| !segment.starts_with([':', '*']) && !segment.contains(['{', '}', '?', '#']);
+    if !prefix.split('/').all(plain) {
+        return Err(format!(
+            "\"{prefix}\" may not have segments starting with : or *, nor {{ }} ? #"
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `duet serve` until interrupted.
@@ -146,6 +176,21 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         args.database.as_deref(),
         args.listen.as_deref(),
     )?;
+    for warning in config.aggregator.warnings() {
+        tracing::warn!("{}: [aggregator] {warning}", args.config.display());
+    }
+    // The port first: a second server started by mistake stops here, before it opens (and
+    // perhaps migrates) the database the first one is using.
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::AddrInUse => "another process has the port",
+                std::io::ErrorKind::PermissionDenied => "ports below 1024 need privileges",
+                _ => "`listen` takes HOST:PORT, say 127.0.0.1:8080",
+            };
+            anyhow::anyhow!("could not listen on {}: {e} ({hint})", config.listen)
+        })?;
     let mut roles = Roles::default();
     if let Some(l) = &config.leader {
         let store = crate::db::open(&config.database, AggregatorRole::Leader).await?;
@@ -161,14 +206,6 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             path_prefix: h.path_prefix.clone(),
         });
     }
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "could not listen on {} (is the port in use?)",
-                config.listen
-            )
-        })?;
     let server = duet_aggregator::run(
         listener,
         roles,
@@ -232,6 +269,36 @@ mod tests {
         let path = dir.path().join("duet.toml");
         std::fs::write(&path, text).expect("write");
         load(&path, None, None).expect("load")
+    }
+
+    /// Settings that would break the server, and path prefixes a router cannot mount, are
+    /// refused with one line naming the file, the section and the setting.
+    #[test]
+    fn broken_settings_are_refused_when_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("duet.toml");
+        for (text, expected) in [
+            (
+                "database = \"d.sqlite\"\n[leader]\n[aggregator]\nlease_duration_s = 0\n",
+                "[aggregator] lease_duration_s must be at least 1",
+            ),
+            (
+                "database = \"d.sqlite\"\n[leader]\npath_prefix = \"leader\"\n",
+                "[leader] path_prefix \"leader\" must start with /",
+            ),
+            (
+                "database = \"d.sqlite\"\n[helper]\npath_prefix = \"/:x\"\n",
+                "[helper] path_prefix \"/:x\" may not have segments",
+            ),
+        ] {
+            std::fs::write(&path, text).expect("write");
+            let Err(e) = load(&path, None, None) else {
+                panic!("accepted: {text}");
+            };
+            let e = e.to_string();
+            assert!(e.contains(expected), "{e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
     }
 
     /// PostgreSQL gets its own job-creation wait unless the config sets one; SQLite keeps the
