@@ -16,13 +16,18 @@ pub fn bucket_of(time: Time, precision: Duration) -> Interval {
 }
 
 /// Whether a time-interval batch is well-formed (DAP-09 §4.6.5.1.1): at least one
-/// `time_precision` long, and start and duration multiples of it.
+/// `time_precision` long, start and duration multiples of it, and ending by 2^63 - 1 s.
 pub fn is_valid_batch_interval(interval: &Interval, precision: Duration) -> bool {
     precision.0 > 0
         && interval.duration.0 >= precision.0
         && interval.start.0 % precision.0 == 0
         && interval.duration.0 % precision.0 == 0
-        && interval.start.0.checked_add(interval.duration.0).is_some()
+        // No report time is past 2^63 - 1 s (uploads refuse them), nor can the stores keep one.
+        && interval
+            .start
+            .0
+            .checked_add(interval.duration.0)
+            .is_some_and(|end| i64::try_from(end).is_ok())
 }
 
 /// The smallest interval holding every one of `times` (empty if there are none): the collected
@@ -162,6 +167,22 @@ mod tests {
     #[test]
     fn batch_interval_rules() {
         let p = Duration(3600);
+        // Ending past 2^63 - 1 s: no report is there, and no store keeps such a batch.
+        let late = (i64::MAX as u64) / 3600 * 3600;
+        assert!(is_valid_batch_interval(
+            &Interval {
+                start: Time(late - 3600),
+                duration: Duration(3600)
+            },
+            p
+        ));
+        assert!(!is_valid_batch_interval(
+            &Interval {
+                start: Time(late),
+                duration: Duration(3600)
+            },
+            p
+        ));
         assert!(is_valid_batch_interval(
             &Interval {
                 start: Time(7200),

@@ -167,10 +167,13 @@ pub async fn run_with(
                 let stores = health_stores.clone();
                 async move {
                     for s in &stores {
+                        // The error's text (hosts, users, paths) goes to the log, not to
+                        // whoever asked.
                         if let Err(e) = s.health_check().await {
+                            tracing::warn!(error = %e, "health check: the database failed");
                             return (
                                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                                format!("database: {e}"),
+                                "database unavailable".to_string(),
                             );
                         }
                     }

@@ -49,6 +49,13 @@ async fn connect_accepts_urls_and_reopens_migrated_files() {
             .expect("put_reports"),
         vec![true]
     );
+    // The file holds keys and secrets: its owner's only, and so are SQLite's files beside it.
+    #[cfg(unix)]
+    for file in [path.clone(), dir.path().join("url.sqlite-wal")] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+    }
     first.close().await;
     // Reopening runs the (already applied) migrations again and sees the data: the report
     // uploaded again is a replay, and the job holds it once.

@@ -86,7 +86,7 @@ fn number(n: u128) -> serde_json::Value {
     }
 }
 
-fn print(result: &CollectionResult, json: bool, csv: bool) {
+fn print(result: &CollectionResult, json: bool, csv: bool) -> Result<()> {
     if json {
         let doc = serde_json::json!({
             "report_count": result.report_count,
@@ -94,34 +94,35 @@ fn print(result: &CollectionResult, json: bool, csv: bool) {
             "interval_duration": result.interval.duration.0,
             "result": result_json(&result.aggregate),
         });
-        println!("{doc}");
+        outln!("{doc}");
     } else if csv {
         match &result.aggregate {
-            AggregateResult::Number(n) => println!("value\n{n}"),
+            AggregateResult::Number(n) => outln!("value\n{n}"),
             AggregateResult::Vector(v) => {
-                println!("index,value");
+                outln!("index,value");
                 for (i, n) in v.iter().enumerate() {
-                    println!("{i},{n}");
+                    outln!("{i},{n}");
                 }
             }
         }
     } else {
-        println!("reports:  {}", result.report_count);
-        println!(
+        outln!("reports:  {}", result.report_count);
+        outln!(
             "interval: {} to {} (seconds since the epoch)",
             result.interval.start.0,
             result.interval.start.0 + result.interval.duration.0
         );
         match &result.aggregate {
-            AggregateResult::Number(n) => println!("result:   {n}"),
+            AggregateResult::Number(n) => outln!("result:   {n}"),
             AggregateResult::Vector(v) => {
-                println!("{:>8}  {:>12}", "index", "value");
+                outln!("{:>8}  {:>12}", "index", "value");
                 for (i, n) in v.iter().enumerate() {
-                    println!("{i:>8}  {n:>12}");
+                    outln!("{i:>8}  {n:>12}");
                 }
             }
         }
     }
+    Ok(())
 }
 
 /// Runs `duet collect`.
@@ -158,6 +159,14 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         ),
         Err(e) => return Err(e).context("collection failed"),
     };
-    print(&result, args.json, args.csv);
+    print(&result, args.json, args.csv).map_err(|e| {
+        // The job stays finished at the Leader: the result can be fetched again.
+        let again = if args.job.is_some() {
+            "run the same command again".to_string()
+        } else {
+            format!("run `duet collect` again with the same flags plus `--job {job}`")
+        };
+        anyhow::anyhow!("{e}; to get the result, {again}")
+    })?;
     Ok(ExitCode::SUCCESS)
 }

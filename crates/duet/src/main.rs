@@ -2,6 +2,21 @@
 //! client and the collector of the Distributed Aggregation Protocol (DAP-09, Prio3).
 #![forbid(unsafe_code)]
 
+/// `println!` that returns an error from the enclosing function, rather than panicking, when
+/// standard output is closed or full (`duet collect … | head -1`, a full disk).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        crate::write_stdout(&format!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
+/// `print!` likewise.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        crate::write_stdout(&format!($($arg)*))?
+    };
+}
+
 mod bench;
 mod collect;
 mod db;
@@ -49,6 +64,15 @@ enum Command {
     /// Serve the DAP interop test API (draft-dcook-ppm-dap-interop-test-design-07) for one role.
     #[command(subcommand)]
     Interop(interop::Command),
+}
+
+/// Writes `text` to standard output, or says why it could not.
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| anyhow::anyhow!("could not write to standard output: {e}"))
 }
 
 fn main() -> ExitCode {

@@ -135,10 +135,10 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         helper_store.put_task(&helper_task).await?;
         let params = task.to_parameters();
         if !args.json {
-            println!("Duet quickstart: {vdaf}, {n} reports");
-            println!("  Leader   {leader_url}");
-            println!("  Helper   {helper_url}");
-            println!("  database {db}");
+            outln!("Duet quickstart: {vdaf}, {n} reports");
+            outln!("  Leader   {leader_url}");
+            outln!("  Helper   {helper_url}");
+            outln!("  database {db}");
         }
 
         let started = clock.now();
@@ -151,7 +151,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         let uploaded_in = t0.elapsed();
         let finished = clock.now();
         if !args.json {
-            println!(
+            outln!(
                 "uploaded  {n} reports in {:.2} s",
                 uploaded_in.as_secs_f64()
             );
@@ -184,16 +184,16 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             "result": crate::collect::result_json(&result.aggregate),
             "plaintext": crate::collect::result_json(&plaintext),
         });
-        println!("{doc}");
+        outln!("{doc}");
     } else {
-        println!(
+        outln!(
             "collected {} reports in {:.2} s",
             result.report_count,
             collected_in.as_secs_f64()
         );
-        println!("private aggregate: {}", result.aggregate);
-        println!("plaintext:         {plaintext}");
-        println!(
+        outln!("private aggregate: {}", result.aggregate);
+        outln!("plaintext:         {plaintext}");
+        outln!(
             "{}",
             if matches {
                 "✔ the private aggregate equals the plaintext"

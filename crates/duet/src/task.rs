@@ -275,7 +275,7 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
             let json = serde_json::to_string_pretty(&task.to_parameters())? + "\n";
             match out {
                 Some(p) => crate::keys::write_secret(&p, &json, force)?,
-                None => print!("{json}"),
+                None => out!("{json}"),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -284,7 +284,7 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
             let json = serde_json::to_string_pretty(&ClientTaskFile::from(&params))? + "\n";
             match out {
                 Some(p) => crate::keys::write_public(&p, &json, force)?,
-                None => print!("{json}"),
+                None => out!("{json}"),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -314,15 +314,18 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
                 }
                 e => e.into(),
             })?;
-            println!("imported task {} into {db} as {:?}", task.id, role);
+            outln!("imported task {} into {db} as {:?}", task.id, role);
             Ok(ExitCode::SUCCESS)
         }
         Command::List { db, role } => {
             let store = crate::db::open(&db, role.into()).await?;
             for t in store.list_tasks().await? {
-                println!(
+                outln!(
                     "{}  {}  min_batch_size={}  time_precision={}s",
-                    t.id, t.vdaf, t.min_batch_size, t.time_precision.0
+                    t.id,
+                    t.vdaf,
+                    t.min_batch_size,
+                    t.time_precision.0
                 );
             }
             Ok(ExitCode::SUCCESS)

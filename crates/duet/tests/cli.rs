@@ -107,6 +107,43 @@ fn quickstart_generated_with_a_kept_database() {
     assert!(Path::new(&db).exists());
 }
 
+/// Standard output that cannot be written (a full disk here; a closed pipe alike) is a readable
+/// error, not a panic.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_unwritable_standard_output_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = dir.path().join("collector.json").display().to_string();
+    assert!(run(&["keys", "generate", "--out", &key]).status.success());
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = duet()
+        .args([
+            "task",
+            "create",
+            "--leader-url",
+            "http://leader.test/",
+            "--helper-url",
+            "http://helper.test/",
+            "--vdaf",
+            "count",
+            "--collector-key",
+            &key,
+        ])
+        .stdout(Stdio::from(full))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("could not write to standard output"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn bad_input_gets_one_readable_line_and_no_panic() {
     let dir = tempfile::tempdir().expect("tmp");

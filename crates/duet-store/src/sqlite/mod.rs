@@ -97,6 +97,9 @@ impl SqliteDatastore {
             SqliteConnectOptions::new().filename(path_or_url)
         };
         let in_memory = path_or_url.contains(":memory:") || path_or_url.contains("mode=memory");
+        if !in_memory {
+            create_private(options.get_filename())?;
+        }
         let options = options
             .create_if_missing(true)
             .journal_mode(if in_memory {
@@ -238,6 +241,24 @@ where
 fn is_busy(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(e)
         if e.code().and_then(|code| code.parse::<i32>().ok()).is_some_and(|code| code & 0xff == 5))
+}
+
+/// Creates a missing database file readable by its owner only: it holds the aggregators' HPKE
+/// private keys and the tasks' secrets. SQLite gives its log and shared-memory files the
+/// database file's permissions. An existing file is left as it is.
+fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Database(format!(
+            "could not create the database file {}: {e}",
+            path.display()
+        ))),
+    }
 }
 
 /// Runs the embedded migrations, retrying when another connection migrated the same file at the

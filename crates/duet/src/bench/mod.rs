@@ -429,9 +429,9 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
         }
     }
     if args.json {
-        println!("{}", serde_json::json!({ "runs": runs }));
+        outln!("{}", serde_json::json!({ "runs": runs }));
     } else {
-        println!(
+        outln!(
             "{:<8} {:<20} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}",
             "backend",
             "vdaf",
@@ -451,7 +451,7 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
             "client µs"
         );
         for r in &runs {
-            println!(
+            outln!(
                 "{:<8} {:<20} {:>8} {:>8.1} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>6.2} {:>7.2}s {:>7.0}MB {:>9.1} {:>9.1} {:>9.1}",
                 r.backend,
                 r.vdaf,
@@ -480,7 +480,7 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
                     .iter()
                     .map(|(name, value)| format!("{name}={value}"))
                     .collect();
-                println!("{} database: {}", r.backend, settings.join(" "));
+                outln!("{} database: {}", r.backend, settings.join(" "));
             }
         }
     }
