@@ -672,3 +672,14 @@ async fn large_upload_batches_commit_before_their_flush() {
     })
     .await;
 }
+
+/// A server that cannot be reached is named as such at once, not after the pool's acquire
+/// timeout as "pool timed out" (no server is needed: nothing listens on port 1).
+#[tokio::test]
+async fn an_unreachable_server_says_why() {
+    let Err(e) = PostgresDatastore::connect("postgres://duet@127.0.0.1:1/duet").await else {
+        panic!("connected to port 1");
+    };
+    let text = e.to_string();
+    assert!(text.contains("refused"), "{text}");
+}

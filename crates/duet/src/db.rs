@@ -31,16 +31,34 @@ pub async fn open(database: &str, role: AggregatorRole) -> Result<Arc<dyn Datast
     Ok(Arc::new(store.with_role(role)))
 }
 
-/// The URL with any password replaced, for error messages.
+/// The URL with any password (in its user part or its query) replaced, for error messages; a
+/// URL that does not parse is not shown at all, lest it hold one.
 fn redact_password(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            // Setting a password only fails for URLs that cannot have one, and this one has one.
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_string(),
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return match url.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://… (not a valid URL)"),
+            None => url.to_string(),
+        };
+    };
+    if parsed.password().is_some() {
+        // Setting a password only fails for URLs that cannot have one, and this one has one.
+        let _ = parsed.set_password(Some("***"));
     }
+    if parsed.query_pairs().any(|(k, _)| k.contains("password")) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k.contains("password") {
+                    "***".to_string()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 #[cfg(test)]
@@ -58,5 +76,13 @@ mod tests {
             "postgres://duet@db.example/duet"
         );
         assert_eq!(redact_password("./duet.sqlite"), "./duet.sqlite");
+        assert_eq!(
+            redact_password("postgres://duet@db.example/duet?password=secret&sslmode=require"),
+            "postgres://duet@db.example/duet?password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_password("postgres://duet:secret@[bad/duet"),
+            "postgres://… (not a valid URL)"
+        );
     }
 }

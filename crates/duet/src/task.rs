@@ -192,6 +192,32 @@ pub fn read_task_file(path: &std::path::Path) -> Result<TaskParameters> {
     Ok(params)
 }
 
+/// The checks of `duet task create`'s flags that the task's own validation does not make: a
+/// task that expires before it is created, a Leader that would be its own Helper, or endpoints
+/// that carry credentials (aggregators authenticate with the task's tokens, and a URL's user
+/// and password would be sent to whoever it names).
+fn check_new_task_flags(leader: &str, helper: &str, expiration: Option<u64>) -> Result<()> {
+    if let Some(at) = expiration {
+        let now = duet_core::Clock::now(&duet_core::RealClock).0;
+        if at <= now {
+            bail!("--task-expiration {at} is in the past (now is {now}); give a later time");
+        }
+    }
+    let leader_url = duet_core::task::parse_endpoint(leader)
+        .with_context(|| format!("--leader-url {leader} is not a URL"))?;
+    let helper_url = duet_core::task::parse_endpoint(helper)
+        .with_context(|| format!("--helper-url {helper} is not a URL"))?;
+    if leader_url == helper_url {
+        bail!("--leader-url and --helper-url are the same; the Helper must be another endpoint");
+    }
+    for (flag, url) in [("--leader-url", &leader_url), ("--helper-url", &helper_url)] {
+        if !url.username().is_empty() || url.password().is_some() {
+            bail!("{flag} carries a user name or password; give the URL without them");
+        }
+    }
+    Ok(())
+}
+
 /// Builds a new task's parameters with fresh secrets.
 #[allow(clippy::too_many_arguments)]
 pub fn new_task(
@@ -262,6 +288,7 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
                      `duet keys generate --out collector.json`)"
                 ),
             };
+            check_new_task_flags(&leader_url, &helper_url, task_expiration)?;
             let task = new_task(
                 &leader_url,
                 &helper_url,
@@ -318,6 +345,12 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::List { db, role } => {
+            // Listing never creates: a mistyped path is an error, not a new empty database.
+            if !crate::db::is_postgres(&db) && !std::path::Path::new(&db).exists() {
+                bail!(
+                    "there is no database at {db} (`duet task import` and `duet serve` create one)"
+                );
+            }
             let store = crate::db::open(&db, role.into()).await?;
             for t in store.list_tasks().await? {
                 outln!(

@@ -148,7 +148,47 @@ fn an_unwritable_standard_output_is_an_error_not_a_panic() {
 fn bad_input_gets_one_readable_line_and_no_panic() {
     let dir = tempfile::tempdir().expect("tmp");
     let f = write(dir.path(), "bad.txt", "1\n12\n");
+    let key = dir.path().join("collector.json").display().to_string();
+    assert!(run(&["keys", "generate", "--out", &key]).status.success());
+    let missing_db = dir.path().join("missing.sqlite").display().to_string();
+    let key = key.as_str();
+    let create = |leader: &'static str, helper: &'static str, extra: &[&'static str]| {
+        let mut args = vec![
+            "task",
+            "create",
+            "--leader-url",
+            leader,
+            "--helper-url",
+            helper,
+            "--vdaf",
+            "count",
+            "--collector-key",
+            key,
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
     for (args, expect) in [
+        (
+            create("http://a.test/", "http://a.test/", &[]),
+            "--leader-url and --helper-url are the same",
+        ),
+        (
+            create("http://u:p@a.test/", "http://b.test/", &[]),
+            "--leader-url carries a user name or password",
+        ),
+        (
+            create(
+                "http://a.test/",
+                "http://b.test/",
+                &["--task-expiration", "5"],
+            ),
+            "--task-expiration 5 is in the past",
+        ),
+        (
+            vec!["task", "list", "--db", &missing_db, "--role", "leader"],
+            "there is no database at",
+        ),
         (
             vec![
                 "quickstart",

@@ -116,6 +116,16 @@ impl PostgresDatastore {
         if options.get_application_name().is_none() {
             options = options.application_name(APPLICATION_NAME);
         }
+        // One plain connection first: a pool retries a failing connection until its acquire
+        // timeout and then says only that it timed out, where this says why (refused, no such
+        // database, a password or certificate refused).
+        sqlx::Connection::close(
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
+                .await
+                .map_err(|e| StoreError::Database(e.to_string()))?,
+        )
+        .await
+        .map_err(|e| StoreError::Database(e.to_string()))?;
         let pool = pool_options(MAX_CONNECTIONS)
             .connect_with(options.clone())
             .await
