@@ -213,6 +213,16 @@ async fn aggregation_jobs_and_aggregate_shares() {
     )
     .await
     .assert_problem(400, "unrecognizedAggregationJob");
+    // An unknown job is named as such whatever the message (DAP-09 checks the job first).
+    send(
+        Method::POST,
+        job_url(AggregationJobId::random()),
+        cct,
+        Some(&token),
+        vec![0xff; 3],
+    )
+    .await
+    .assert_problem(400, "unrecognizedAggregationJob");
     // Its reports have no preparation state left to continue (DAP-09 §4.5.2).
     send(Method::POST, job_url(job), cct, Some(&token), cont)
         .await

@@ -163,13 +163,7 @@ impl Helper {
         body: &[u8],
     ) -> Result<Vec<u8>, Error> {
         self.authorize(task_id, auth).await?;
-        duet_messages::dap09::AggregationJobContinueReq::get_decoded(body).map_err(|e| {
-            Error::abort(
-                DapProblemType::InvalidMessage,
-                Some(task_id),
-                format!("malformed continuation: {e}"),
-            )
-        })?;
+        // The job first, then the message (DAP-09's order of checks).
         if self
             .shared
             .store
@@ -183,6 +177,13 @@ impl Helper {
                 "no such aggregation job",
             ));
         }
+        duet_messages::dap09::AggregationJobContinueReq::get_decoded(body).map_err(|e| {
+            Error::abort(
+                DapProblemType::InvalidMessage,
+                Some(task_id),
+                format!("malformed continuation: {e}"),
+            )
+        })?;
         Err(Error::abort(
             DapProblemType::InvalidMessage,
             Some(task_id),
