@@ -47,6 +47,11 @@ pub struct AggregatorConfig {
     /// The most connections served at once; the next is accepted when one closes. The process's
     /// limit on open files (`ulimit -n`) must allow this many and more.
     pub max_connections: usize,
+    /// How long a Helper keeps an aggregation job's request hash and response, to answer a
+    /// Leader's retry of it the same way, in seconds. A Leader's retry after that would find its
+    /// reports replayed, so this must outlast any Leader's retries (Duet's take about three
+    /// hours): at least a day.
+    pub helper_job_retention_s: u64,
     /// Whether this process runs the Leader's job creator and its aggregation and collection
     /// drivers. Off, it only serves the API (uploads are stored, collection jobs are accepted)
     /// and leaves the jobs to replicas on the same database that have it on.
@@ -69,6 +74,7 @@ impl Default for AggregatorConfig {
             http_header_timeout_ms: 30_000,
             http_body_timeout_ms: 120_000,
             max_connections: 4096,
+            helper_job_retention_s: 7 * 24 * 3600,
             run_jobs: true,
         }
     }
@@ -147,6 +153,12 @@ impl AggregatorConfig {
         ] {
             at_least(name, size(value), 1, "none would do nothing")?;
         }
+        at_least(
+            "helper_job_retention_s",
+            self.helper_job_retention_s,
+            24 * 3600,
+            "a Leader may retry a job for hours, and a retry after it is gone loses its reports",
+        )?;
         at_least(
             "http_header_timeout_ms",
             self.http_header_timeout_ms,
@@ -260,6 +272,13 @@ mod tests {
                 ..d()
             },
             "http_header_timeout_ms",
+        );
+        refused(
+            AggregatorConfig {
+                helper_job_retention_s: 3600,
+                ..d()
+            },
+            "helper_job_retention_s",
         );
     }
 

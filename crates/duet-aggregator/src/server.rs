@@ -144,6 +144,7 @@ pub async fn run_with(
             Arc::clone(&metrics),
         )
         .await?;
+        tasks.push(helper.spawn_cleanup(shutdown_rx.clone()));
         router = mount(router, &rc.path_prefix, helper_router(helper));
         health_stores.push(rc.store);
     }

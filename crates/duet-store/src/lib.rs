@@ -256,6 +256,14 @@ pub trait Datastore: Send + Sync + 'static {
         deltas: &[BatchAggregation],
         merge: MergeFn<'_>,
     ) -> Result<(), StoreError>;
+    /// Deletes up to `limit` of the oldest Helper aggregation jobs (their request hashes and
+    /// responses) stored more than `older_than_s` seconds ago, by the database's clock; returns
+    /// how many. A Leader's retry of a deleted job is a new job whose reports are all replays.
+    async fn delete_old_helper_aggregation_jobs(
+        &self,
+        older_than_s: u64,
+        limit: usize,
+    ) -> Result<u64, StoreError>;
     /// A previously served aggregate share for this batch and aggregation parameter.
     async fn get_aggregate_share_job(
         &self,

@@ -9,11 +9,18 @@ use duet_core::Clock;
 use duet_messages::dap09::TaskId;
 use duet_messages::problem::DapProblemType;
 use duet_store::Datastore;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::config::AggregatorConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::shared::{Shared, TaskEntry};
+
+/// How often a Helper deletes the aggregation jobs past their retention.
+const CLEANUP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+/// Jobs deleted per statement.
+const CLEANUP_BATCH: usize = 10_000;
 
 /// The Helper role of one process.
 pub struct Helper {
@@ -40,6 +47,47 @@ impl Helper {
         Ok(Arc::new(Self {
             shared: Shared::new(store, clock, config, metrics).await?,
         }))
+    }
+
+    /// Deletes the aggregation jobs stored more than `helper_job_retention_s` ago (their request
+    /// hashes and responses, kept to answer a retried request), a batch at a time; returns how
+    /// many.
+    pub async fn delete_old_jobs(&self) -> Result<u64, Error> {
+        let retention = self.shared.config.helper_job_retention_s;
+        let mut deleted = 0;
+        loop {
+            let n = self
+                .shared
+                .store
+                .delete_old_helper_aggregation_jobs(retention, CLEANUP_BATCH)
+                .await?;
+            deleted += n;
+            if n < CLEANUP_BATCH as u64 {
+                return Ok(deleted);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Deletes old aggregation jobs ([`Helper::delete_old_jobs`]) every `CLEANUP_INTERVAL`
+    /// until `shutdown` turns true.
+    pub fn spawn_cleanup(self: &Arc<Self>, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+        let helper = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CLEANUP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                match helper.delete_old_jobs().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(jobs = n, "deleted old aggregation jobs"),
+                    Err(e) => tracing::warn!(error = %e, "deleting old aggregation jobs failed"),
+                }
+            }
+        })
     }
 
     /// The Helper's metrics.

@@ -470,6 +470,81 @@ pub async fn check_served_batches_by_time(helper: &dyn Datastore) {
     assert!(helper.delete_task(&t.id).await.expect("delete_task"));
 }
 
+/// Helper aggregation jobs older than a retention are deleted, oldest first and at most `limit`
+/// at a time; younger ones, and what the deleted jobs aggregated, stay.
+pub async fn check_old_helper_jobs_are_deleted(helper: &dyn Datastore) {
+    let t = task(TaskId::random());
+    helper.put_task(&t).await.expect("put_task");
+    let jobs: Vec<HelperAggregationJob> = (0..3).map(|i| helper_job(t.id, i)).collect();
+    let mut ids = Vec::new();
+    for job in &jobs {
+        let id = random_ids(1);
+        helper
+            .put_helper_aggregation_job(job, &id, &[delta(t.id, T0, 1, &id)], &add_shares)
+            .await
+            .expect("put");
+        ids.extend(id);
+    }
+    let stored = |job: &HelperAggregationJob| {
+        let job = job.clone();
+        async move {
+            helper
+                .get_helper_aggregation_job(&job.task_id, &job.id)
+                .await
+                .expect("get")
+                .is_some()
+        }
+    };
+    // Nothing is an hour old.
+    assert_eq!(
+        helper
+            .delete_old_helper_aggregation_jobs(3600, 10)
+            .await
+            .expect("delete"),
+        0
+    );
+    assert!(stored(&jobs[0]).await);
+    // Once the clock has moved on a second, all of them are older than 0 s: two at a time.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(
+        helper
+            .delete_old_helper_aggregation_jobs(0, 2)
+            .await
+            .expect("delete"),
+        2
+    );
+    assert_eq!(
+        helper
+            .delete_old_helper_aggregation_jobs(0, 2)
+            .await
+            .expect("delete"),
+        1
+    );
+    for job in &jobs {
+        assert!(!stored(job).await);
+    }
+    // Their reports stay aggregated and their IDs replays.
+    assert_eq!(
+        helper
+            .get_batch_aggregations(&t.id, &interval(T0, PRECISION), &[])
+            .await
+            .expect("get")
+            .iter()
+            .map(|a| a.report_count)
+            .sum::<u64>(),
+        3
+    );
+    assert_eq!(
+        helper
+            .seen_report_ids(&t.id, &ids)
+            .await
+            .expect("seen")
+            .len(),
+        3
+    );
+    assert!(helper.delete_task(&t.id).await.expect("delete_task"));
+}
+
 /// Deleting a Helper task removes its jobs, report IDs, aggregate shares and aggregations, and
 /// leaves the Leader's rows of the same task ID alone.
 pub async fn check_helper_delete_task(leader: &dyn Datastore, helper: &dyn Datastore) {

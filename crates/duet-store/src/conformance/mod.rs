@@ -24,7 +24,8 @@ use crate::{BatchAggregation, Datastore, NewReport};
 pub use collection::check_collection_jobs;
 pub use helper::{
     check_aggregate_share_jobs, check_helper_aggregation_jobs, check_helper_delete_task,
-    check_served_batches_are_final, check_served_batches_by_time,
+    check_old_helper_jobs_are_deleted, check_served_batches_are_final,
+    check_served_batches_by_time,
 };
 pub use leader::{
     check_aggregation_jobs, check_jobs_across_uploads, check_leader_delete_task,
@@ -48,6 +49,7 @@ pub async fn run_all(leader: &dyn Datastore, helper: &dyn Datastore) {
     check_aggregate_share_jobs(leader, helper).await;
     check_served_batches_are_final(helper).await;
     check_served_batches_by_time(helper).await;
+    check_old_helper_jobs_are_deleted(helper).await;
     check_helper_delete_task(leader, helper).await;
 }
 

@@ -192,8 +192,9 @@ pub(super) async fn put_helper_aggregation_job(
     let mut tx = store.begin().await?;
     let inserted = sqlx::query(
         "-- put_helper_aggregation_job\n\
-         INSERT INTO helper_aggregation_jobs (task_id, job_id, request_hash, step, response) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+         INSERT INTO helper_aggregation_jobs \
+           (task_id, job_id, request_hash, step, response, created_at) \
+         VALUES ($1, $2, $3, $4, $5, EXTRACT(EPOCH FROM now())::BIGINT) ON CONFLICT DO NOTHING",
     )
     .bind(&job.task_id.0[..])
     .bind(&job.id.0[..])
@@ -414,6 +415,27 @@ pub(super) async fn put_aggregate_share_job(
         }
     }
     Ok(tx.commit().await?)
+}
+
+/// Deletes up to `limit` of the oldest aggregation jobs stored more than `older_than_s` seconds
+/// ago by the database's clock; returns how many.
+pub(super) async fn delete_old_helper_aggregation_jobs(
+    store: &PostgresDatastore,
+    older_than_s: u64,
+    limit: usize,
+) -> Result<u64, TxError> {
+    Ok(sqlx::query(
+        "-- delete_old_helper_aggregation_jobs\n\
+         DELETE FROM helper_aggregation_jobs WHERE (task_id, job_id) IN ( \
+           SELECT task_id, job_id FROM helper_aggregation_jobs \
+           WHERE created_at < EXTRACT(EPOCH FROM now())::BIGINT - $1 \
+           ORDER BY created_at LIMIT $2)",
+    )
+    .bind(clamp_i64(older_than_s))
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .execute(&store.pool)
+    .await?
+    .rows_affected())
 }
 
 pub(super) async fn collected_intervals(

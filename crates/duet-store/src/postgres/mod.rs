@@ -662,6 +662,17 @@ impl Datastore for PostgresDatastore {
         .await
     }
 
+    async fn delete_old_helper_aggregation_jobs(
+        &self,
+        older_than_s: u64,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        self.run("delete_old_helper_aggregation_jobs", || {
+            helper::delete_old_helper_aggregation_jobs(self, older_than_s, limit)
+        })
+        .await
+    }
+
     async fn get_aggregate_share_job(
         &self,
         task_id: &TaskId,

@@ -118,8 +118,9 @@ pub(super) async fn put_helper_aggregation_job(
     let mut tx = store.begin_write().await?;
     let inserted = sqlx::query(
         "-- put_helper_aggregation_job\n\
-         INSERT INTO helper_aggregation_jobs (task_id, job_id, request_hash, step, response) \
-         VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+         INSERT INTO helper_aggregation_jobs \
+           (task_id, job_id, request_hash, step, response, created_at) \
+         VALUES (?, ?, ?, ?, ?, unixepoch()) ON CONFLICT DO NOTHING",
     )
     .bind(&job.task_id.0[..])
     .bind(&job.id.0[..])
@@ -287,6 +288,30 @@ pub(super) async fn put_aggregate_share_job(
         }
     }
     tx.commit().await.map_err(db)
+}
+
+/// Deletes up to `limit` of the oldest aggregation jobs stored more than `older_than_s` seconds
+/// ago; returns how many.
+pub(super) async fn delete_old_helper_aggregation_jobs(
+    store: &SqliteDatastore,
+    older_than_s: u64,
+    limit: usize,
+) -> Result<u64, StoreError> {
+    let mut tx = store.begin_write().await?;
+    let deleted = sqlx::query(
+        "-- delete_old_helper_aggregation_jobs\n\
+         DELETE FROM helper_aggregation_jobs WHERE (task_id, job_id) IN ( \
+           SELECT task_id, job_id FROM helper_aggregation_jobs \
+           WHERE created_at < unixepoch() - ? ORDER BY created_at LIMIT ?)",
+    )
+    .bind(clamp_i64(older_than_s))
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    tx.commit().await.map_err(db)?;
+    Ok(deleted)
 }
 
 pub(super) async fn collected_intervals(

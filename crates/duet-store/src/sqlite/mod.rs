@@ -501,6 +501,14 @@ impl Datastore for SqliteDatastore {
         helper::put_helper_aggregation_job(self, job, report_ids, deltas, merge).await
     }
 
+    async fn delete_old_helper_aggregation_jobs(
+        &self,
+        older_than_s: u64,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        helper::delete_old_helper_aggregation_jobs(self, older_than_s, limit).await
+    }
+
     async fn get_aggregate_share_job(
         &self,
         task_id: &TaskId,

@@ -1,0 +1,13 @@
+-- Duet's SQLite schema, version 8: the Helper's aggregation jobs carry their age, so that the ones
+-- no Leader will retry any more can be deleted.
+--
+-- A Helper keeps each job's request hash and response to answer a retried request the same way.
+-- They were kept for good: about 70 bytes per Prio3Count report, more than its report ID. A job
+-- now records when it was stored (seconds since the epoch), and jobs older than the Helper's
+-- `helper_job_retention_s` are deleted. Jobs stored before this version count from the upgrade.
+
+ALTER TABLE helper_aggregation_jobs ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
+
+UPDATE helper_aggregation_jobs SET created_at = unixepoch();
+
+CREATE INDEX helper_aggregation_jobs_by_age ON helper_aggregation_jobs (created_at);
