@@ -2,7 +2,7 @@
 -- no Leader will retry any more can be deleted.
 --
 -- A Helper keeps each job's request hash and response to answer a retried request the same way.
--- They were kept for good: about 70 bytes per Prio3Count report, more than its report ID. A job
+-- They were kept for good: tens of bytes per report, more than its report ID. A job
 -- now records when it was stored (seconds since the epoch), and jobs older than the Helper's
 -- `helper_job_retention_s` are deleted. Jobs stored before this version count from the upgrade.
 
