@@ -41,11 +41,14 @@ pub struct Roles {
 pub struct RunningServer {
     /// The address it listens on.
     pub local_addr: SocketAddr,
+    /// The address `/metrics` and `/healthz` are served on, when not on `local_addr`.
+    pub admin_addr: Option<SocketAddr>,
     /// The Leader, if served (for in-process inspection).
     pub leader: Option<Arc<Leader>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     server: JoinHandle<std::io::Result<()>>,
+    admin: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 impl RunningServer {
@@ -54,6 +57,9 @@ impl RunningServer {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        if let Some(admin) = self.admin {
+            let _ = admin.await;
         }
         self.server
             .await
@@ -94,6 +100,19 @@ pub async fn run(
 /// every path nothing else matches.
 pub async fn run_with(
     listener: TcpListener,
+    roles: Roles,
+    config: AggregatorConfig,
+    clock: Arc<dyn Clock>,
+    extra: Router,
+) -> Result<RunningServer, Error> {
+    run_with_admin(listener, None, roles, config, clock, extra).await
+}
+
+/// Like [`run_with`], serving `/metrics` and `/healthz` on `admin` instead, when given, so that
+/// the DAP listener, open to clients, shows neither.
+pub async fn run_with_admin(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
     roles: Roles,
     config: AggregatorConfig,
     clock: Arc<dyn Clock>,
@@ -148,8 +167,8 @@ pub async fn run_with(
         router = mount(router, &rc.path_prefix, helper_router(helper));
         health_stores.push(rc.store);
     }
-    let router = router
-        .merge(extra)
+    let router = router.merge(extra);
+    let ops = Router::new()
         .route(
             "/metrics",
             get(move || {
@@ -186,9 +205,21 @@ pub async fn run_with(
         header_timeout: std::time::Duration::from_millis(config.http_header_timeout_ms),
         max_connections: config.max_connections,
     };
+    let (router, admin_addr, admin) = match admin {
+        Some(admin) => {
+            let addr = admin
+                .local_addr()
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            let served = connections::serve(admin, ops, limits, shutdown_rx.clone());
+            (router, Some(addr), Some(tokio::spawn(served)))
+        }
+        None => (router.merge(ops), None, None),
+    };
     let server = tokio::spawn(connections::serve(listener, router, limits, shutdown_rx));
     Ok(RunningServer {
         local_addr,
+        admin_addr,
+        admin,
         leader: leader_handle,
         shutdown,
         tasks,

@@ -122,3 +122,49 @@ async fn metrics_count_uploads_and_jobs() {
     );
     h.stop().await;
 }
+
+/// With an admin listener, `/metrics` and `/healthz` are served there and not on the DAP
+/// listener, which strangers reach.
+#[tokio::test]
+async fn an_admin_listener_takes_metrics_and_health_off_the_dap_port() {
+    use std::sync::Arc;
+
+    use duet_aggregator::server::{run_with_admin, RoleConfig, Roles};
+    use duet_aggregator::{AggregatorConfig, Datastore};
+    use duet_core::AggregatorRole;
+    use duet_store::sqlite::SqliteDatastore;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteDatastore::connect(&dir.path().join("a.sqlite").to_string_lossy())
+        .await
+        .expect("open");
+    let leader: Arc<dyn Datastore> = Arc::new(store.with_role(AggregatorRole::Leader));
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let server = run_with_admin(
+        bind().await.expect("bind"),
+        Some(bind().await.expect("bind")),
+        Roles {
+            leader: Some(RoleConfig {
+                store: leader,
+                path_prefix: "/leader".into(),
+            }),
+            helper: None,
+        },
+        AggregatorConfig::default(),
+        Arc::new(RealClock),
+        axum::Router::new(),
+    )
+    .await
+    .expect("server");
+    let dap = format!("http://{}", server.local_addr);
+    let admin = format!("http://{}", server.admin_addr.expect("admin address"));
+    let status =
+        |url: String| async move { reqwest::get(url).await.expect("request").status().as_u16() };
+    for path in ["/metrics", "/healthz"] {
+        assert_eq!(status(format!("{admin}{path}")).await, 200, "{path}");
+        assert_eq!(status(format!("{dap}{path}")).await, 404, "{path}");
+    }
+    // The DAP routes stay where they were.
+    assert_eq!(status(format!("{dap}/leader/hpke_config")).await, 200);
+    server.shutdown().await.expect("shutdown");
+}

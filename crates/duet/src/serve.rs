@@ -50,6 +50,10 @@ pub struct Config {
     /// Address to listen on.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Address to serve `/metrics` and `/healthz` on instead of `listen` (say a port only the
+    /// operator's network reaches); without it they are served on `listen` with the DAP routes.
+    #[serde(default)]
+    pub admin_listen: Option<String>,
     /// Database: a SQLite path or a `postgres://` URL.
     #[serde(default)]
     pub database: String,
@@ -169,6 +173,18 @@ fn check_path_prefix(prefix: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Listens on `addr`, the config's `setting`, or says why not.
+async fn bind(addr: &str, setting: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::AddrInUse => "another process has the port".to_string(),
+            std::io::ErrorKind::PermissionDenied => "ports below 1024 need privileges".to_string(),
+            _ => format!("`{setting}` takes HOST:PORT, say 127.0.0.1:8080"),
+        };
+        anyhow::anyhow!("could not listen on {addr}: {e} ({hint})")
+    })
+}
+
 /// Runs `duet serve` until interrupted.
 pub async fn run(args: Args) -> Result<ExitCode> {
     let config = load(
@@ -181,16 +197,11 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     }
     // The port first: a second server started by mistake stops here, before it opens (and
     // perhaps migrates) the database the first one is using.
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .map_err(|e| {
-            let hint = match e.kind() {
-                std::io::ErrorKind::AddrInUse => "another process has the port",
-                std::io::ErrorKind::PermissionDenied => "ports below 1024 need privileges",
-                _ => "`listen` takes HOST:PORT, say 127.0.0.1:8080",
-            };
-            anyhow::anyhow!("could not listen on {}: {e} ({hint})", config.listen)
-        })?;
+    let listener = bind(&config.listen, "listen").await?;
+    let admin = match &config.admin_listen {
+        Some(addr) => Some(bind(addr, "admin_listen").await?),
+        None => None,
+    };
     let mut roles = Roles::default();
     if let Some(l) = &config.leader {
         let store = crate::db::open(&config.database, AggregatorRole::Leader).await?;
@@ -206,14 +217,19 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             path_prefix: h.path_prefix.clone(),
         });
     }
-    let server = duet_aggregator::run(
+    let server = duet_aggregator::server::run_with_admin(
         listener,
+        admin,
         roles,
         config.aggregator.clone(),
         Arc::new(RealClock),
+        axum::Router::new(),
     )
     .await?;
     eprintln!("duet serving on http://{}", server.local_addr);
+    if let Some(addr) = server.admin_addr {
+        eprintln!("duet serving /metrics and /healthz on http://{addr}");
+    }
     if args.exit_on_stdin_eof {
         tokio::select! {
             _ = shutdown_signal() => {}

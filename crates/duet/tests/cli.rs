@@ -408,7 +408,7 @@ fn serve_task_upload_collect() {
         dir.path(),
         "duet.toml",
         &format!(
-            "listen = \"127.0.0.1:0\"\ndatabase = \"{db}\"\n[leader]\npath_prefix = \"/leader\"\n[helper]\npath_prefix = \"/helper\"\n[aggregator]\npolling_interval_ms = 200\n"
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndatabase = \"{db}\"\n[leader]\npath_prefix = \"/leader\"\n[helper]\npath_prefix = \"/helper\"\n[aggregator]\npolling_interval_ms = 200\n"
         ),
     );
     let mut server = Child(
@@ -419,13 +419,36 @@ fn serve_task_upload_collect() {
             .expect("serve"),
     );
     let stderr = server.0.stderr.take().expect("stderr");
+    let mut stderr = BufReader::new(stderr);
     let mut line = String::new();
-    BufReader::new(stderr).read_line(&mut line).expect("read");
+    stderr.read_line(&mut line).expect("read");
     let base = line
         .trim()
         .strip_prefix("duet serving on ")
         .expect("address line")
         .to_string();
+    // `/healthz` (and `/metrics`) on the admin listener, not on the DAP one.
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("read");
+    let admin = line
+        .trim()
+        .strip_prefix("duet serving /metrics and /healthz on http://")
+        .expect("admin address line")
+        .to_string();
+    let get = |addr: &str, path: &str| {
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut answer).expect("read");
+        answer
+    };
+    assert!(get(&admin, "/healthz").starts_with("HTTP/1.1 200"));
+    let dap = base.strip_prefix("http://").expect("http");
+    assert!(get(dap, "/healthz").starts_with("HTTP/1.1 404"));
 
     let key = dir.path().join("collector.json").display().to_string();
     assert!(run(&["keys", "generate", "--out", &key]).status.success());
