@@ -80,8 +80,10 @@ impl Default for AggregatorConfig {
     }
 }
 
-/// The largest aggregation job a config may ask for.
-const MAX_AGGREGATION_JOB_SIZE: usize = 100_000;
+/// The largest aggregation job a config may ask for, and the most reports a Helper prepares in
+/// one job: one request's preparation runs on one thread, so a larger job would hold it for
+/// minutes (and be prepared again on a retry).
+pub(crate) const MAX_AGGREGATION_JOB_SIZE: usize = 100_000;
 /// The shortest lease that outlasts the Leader's 120 s request timeout.
 const SAFE_LEASE_DURATION_S: u64 = 150;
 
@@ -116,7 +118,8 @@ impl AggregatorConfig {
         )?;
         if self.max_aggregation_job_size > MAX_AGGREGATION_JOB_SIZE {
             return Err(format!(
-                "max_aggregation_job_size must be at most {MAX_AGGREGATION_JOB_SIZE} (a larger                  job's request could pass the Helper's 256 MiB limit); it is {}",
+                "max_aggregation_job_size must be at most {MAX_AGGREGATION_JOB_SIZE} (what a \
+                 Duet Helper takes per job); it is {}",
                 self.max_aggregation_job_size
             ));
         }

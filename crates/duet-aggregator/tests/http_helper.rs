@@ -425,3 +425,53 @@ async fn strangers_are_answered_before_their_bodies_are_read() {
     }
     h.stop().await;
 }
+
+/// A job of more reports than a Helper prepares at once is refused before any is prepared.
+#[tokio::test]
+async fn jobs_over_the_size_limit_are_refused() {
+    use duet_messages::dap09::{HpkeCiphertext, HpkeConfigId, ReportId, ReportMetadata, Time};
+
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let init = |n: usize| AggregationJobInitReq {
+        aggregation_parameter: Vec::new(),
+        partial_batch_selector: PartialBatchSelector::TimeInterval,
+        prepare_inits: (0..n)
+            .map(|_| PrepareInit {
+                report_share: ReportShare {
+                    metadata: ReportMetadata {
+                        id: ReportId::random(),
+                        time: Time(0),
+                    },
+                    public_share: Vec::new(),
+                    encrypted_input_share: HpkeCiphertext {
+                        config_id: HpkeConfigId(1),
+                        encapsulated_key: vec![1],
+                        payload: vec![1],
+                    },
+                },
+                message: vec![1],
+            })
+            .collect(),
+    };
+    let url = task
+        .helper_endpoint
+        .join(&format!(
+            "tasks/{}/aggregation_jobs/{}",
+            task.id,
+            AggregationJobId::random()
+        ))
+        .expect("url");
+    let r = send(
+        Method::PUT,
+        url,
+        Some(media_type::AGGREGATION_JOB_INIT_REQ),
+        Some(&task.aggregator_auth_token),
+        init(100_001).get_encoded(),
+    )
+    .await;
+    let detail = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(detail.contains("at most 100000 per job"), "{detail}");
+    r.assert_problem(400, "invalidMessage");
+    h.stop().await;
+}

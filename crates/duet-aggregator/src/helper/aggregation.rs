@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::Helper;
 use crate::batch::{in_any, merger, span_of, BucketAccumulator};
+use crate::config::MAX_AGGREGATION_JOB_SIZE;
 use crate::error::Error;
 use crate::metrics::StoreOp;
 use crate::shared::{find_key, TaskEntry};
@@ -47,6 +48,13 @@ impl Helper {
         }
         if !req.aggregation_parameter.is_empty() {
             return Err(invalid("Prio3 takes an empty aggregation parameter".into()));
+        }
+        if req.prepare_inits.len() > MAX_AGGREGATION_JOB_SIZE {
+            return Err(invalid(format!(
+                "the job has {} reports; this Helper takes at most {MAX_AGGREGATION_JOB_SIZE} \
+                 per job",
+                req.prepare_inits.len()
+            )));
         }
         let mut ids = HashSet::with_capacity(req.prepare_inits.len());
         if !req
