@@ -39,6 +39,8 @@ pub struct AggregatorConfig {
     /// The longest a request's head (its line and headers) may take to arrive, in milliseconds,
     /// from when its connection is ready for it: a client that sends nothing, or its headers a
     /// byte at a time, or that leaves a keep-alive connection idle that long, is disconnected.
+    /// Keep it above the idle timeout of any proxy in front (often 60 s), or the proxy may send
+    /// a request on a connection just as it closes.
     pub http_header_timeout_ms: u64,
     /// The longest a request's body may take to arrive once its head has, in milliseconds
     /// (408 after that): uploads are at most a few megabytes, another aggregator's requests at
@@ -49,8 +51,9 @@ pub struct AggregatorConfig {
     pub max_connections: usize,
     /// How long a Helper keeps an aggregation job's request hash and response, to answer a
     /// Leader's retry of it the same way, in seconds. A Leader's retry after that would find its
-    /// reports replayed, so this must outlast any Leader's retries (Duet's take about three
-    /// hours): at least a day.
+    /// reports replayed while the Helper holds them aggregated, and the batch's counts would
+    /// disagree (`batchMismatch`), so this must outlast any Leader's retries (Duet's take about
+    /// three hours by default): at least a day.
     pub helper_job_retention_s: u64,
     /// Whether this process runs the Leader's job creator and its aggregation and collection
     /// drivers. Off, it only serves the API (uploads are stored, collection jobs are accepted)
@@ -71,7 +74,7 @@ impl Default for AggregatorConfig {
             max_concurrent_jobs: 4,
             max_job_attempts: 25,
             max_retry_delay_s: 600,
-            http_header_timeout_ms: 30_000,
+            http_header_timeout_ms: 75_000,
             http_body_timeout_ms: 120_000,
             max_connections: 4096,
             helper_job_retention_s: 7 * 24 * 3600,
@@ -180,6 +183,18 @@ impl AggregatorConfig {
     /// Settings that work but risk more than they save, as messages for the log.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        let retries: u64 = (1..self.max_job_attempts)
+            .map(|a| self.retry_delay_s(a))
+            .fold(0, u64::saturating_add);
+        if retries.saturating_mul(2) > self.helper_job_retention_s {
+            warnings.push(format!(
+                "a Leader's job may be retried for {retries} s (max_job_attempts, \
+                 max_retry_delay_s), over half of helper_job_retention_s ({} s): a Helper of the \
+                 same settings may forget a job before its last retry, and the batch's counts \
+                 would then disagree",
+                self.helper_job_retention_s
+            ));
+        }
         if self.lease_duration_s < SAFE_LEASE_DURATION_S {
             warnings.push(format!(
                 "lease_duration_s is {} s: a job whose request to the Helper takes longer (up to \
@@ -241,6 +256,11 @@ mod tests {
         assert_eq!(short.validate(), Ok(()));
         assert!(short.warnings()[0].starts_with("lease_duration_s is 60 s"));
         assert!(d().warnings().is_empty());
+        let long_retries = AggregatorConfig {
+            max_job_attempts: 2_000,
+            ..d()
+        };
+        assert!(long_retries.warnings()[0].contains("helper_job_retention_s"));
         refused(
             AggregatorConfig {
                 polling_interval_ms: 0,

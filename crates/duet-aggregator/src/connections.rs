@@ -2,7 +2,7 @@
 //! request's head (a client that sends nothing, or its headers a byte at a time, is closed, and so
 //! is a keep-alive connection left idle that long), at most `max_connections` connections at once
 //! (the next is accepted when one closes), and a graceful shutdown that lets requests in flight
-//! finish.
+//! finish, for up to 30 s.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,8 @@ use tokio::sync::{watch, Semaphore};
 
 /// How long `serve` waits after a failed `accept` (say, out of file descriptors) before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a shutdown waits for the requests in flight before it lets go of them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Limits on the connections [`serve`] takes.
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +42,8 @@ pub(crate) async fn serve(
         .header_read_timeout(limits.header_timeout);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
+    // Failed accepts in a row: the first of a streak is logged as a warning, the rest quietly.
+    let mut failing = 0u64;
     loop {
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => match slot {
@@ -50,9 +54,17 @@ pub(crate) async fn serve(
         };
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok((tcp, _)) => {
+                    failing = 0;
+                    tcp
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accepting a connection failed");
+                    if failing == 0 {
+                        tracing::warn!(error = %e, "accepting a connection failed (raise `ulimit -n` if it says too many open files)");
+                    } else {
+                        tracing::debug!(error = %e, failing, "accepting a connection failed again");
+                    }
+                    failing += 1;
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
@@ -73,7 +85,16 @@ pub(crate) async fn serve(
             drop(slot);
         });
     }
-    graceful.shutdown().await;
+    // New connections are refused from here on, not left in the backlog while requests finish.
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "requests still running {SHUTDOWN_GRACE:?} after shutdown began; leaving them"
+        );
+    }
     Ok(())
 }
 

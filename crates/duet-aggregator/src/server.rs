@@ -137,8 +137,11 @@ pub async fn run_with_admin(
     if let Some(rc) = roles.leader {
         // No redirects: a request carries the Leader's token for the Helper, which a redirect
         // would send to whatever host it names.
+        // Idle connections to the Helper are let go well before a Duet Helper closes them (its
+        // `http_header_timeout_ms`), so that no request goes out on a connection as it closes.
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(120))
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;

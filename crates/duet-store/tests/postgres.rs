@@ -673,13 +673,57 @@ async fn large_upload_batches_commit_before_their_flush() {
     .await;
 }
 
-/// A server that cannot be reached is named as such at once, not after the pool's acquire
-/// timeout as "pool timed out" (no server is needed: nothing listens on port 1).
+/// A server that cannot be reached is named as such (once the wait for it is over), not as the
+/// pool's "pool timed out" (no server is needed: nothing listens on port 1).
 #[tokio::test]
 async fn an_unreachable_server_says_why() {
-    let Err(e) = PostgresDatastore::connect("postgres://duet@127.0.0.1:1/duet").await else {
+    let unreachable = "postgres://duet@127.0.0.1:1/duet";
+    let Err(e) = PostgresDatastore::connect_within(unreachable, std::time::Duration::ZERO).await
+    else {
         panic!("connected to port 1");
     };
     let text = e.to_string();
     assert!(text.contains("refused"), "{text}");
+}
+
+/// A server that starts after the store began connecting (one starting alongside Duet) is
+/// waited for: here a port that refuses connections until, a moment later, it forwards them to
+/// the real server.
+#[tokio::test]
+async fn a_server_that_comes_up_later_is_waited_for() {
+    with_fresh_database("server_comes_up_later", |url| async move {
+        let options: sqlx::postgres::PgConnectOptions = url.parse().expect("url");
+        let real_addr = format!("{}:{}", options.get_host(), options.get_port());
+        assert!(url.contains(&real_addr), "{url} names {real_addr}");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let later = url.replacen(&real_addr, &format!("127.0.0.1:{port}"), 1);
+        let forwarder = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .expect("bind the port again");
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let real_addr = real_addr.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(real_addr).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        let store = PostgresDatastore::connect_within(&later, std::time::Duration::from_secs(20))
+            .await
+            .expect("connected once the server came up");
+        store.health_check().await.expect("health check");
+        store.close().await;
+        forwarder.abort();
+    })
+    .await;
 }

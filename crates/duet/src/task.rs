@@ -346,7 +346,10 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
         }
         Command::List { db, role } => {
             // Listing never creates: a mistyped path is an error, not a new empty database.
-            if !crate::db::is_postgres(&db) && !std::path::Path::new(&db).exists() {
+            if !crate::db::is_postgres(&db)
+                && !db.starts_with("sqlite:")
+                && !std::path::Path::new(&db).exists()
+            {
                 bail!(
                     "there is no database at {db} (`duet task import` and `duet serve` create one)"
                 );

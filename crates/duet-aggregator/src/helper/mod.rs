@@ -19,8 +19,10 @@ use crate::shared::{Shared, TaskEntry};
 
 /// How often a Helper deletes the aggregation jobs past their retention.
 const CLEANUP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
-/// Jobs deleted per statement.
-const CLEANUP_BATCH: usize = 10_000;
+/// Jobs deleted per statement: with their responses, up to tens of megabytes, a short write.
+const CLEANUP_BATCH: usize = 1_000;
+/// The pause between full batches, so that catching up leaves the database to other writers.
+const CLEANUP_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The Helper role of one process.
 pub struct Helper {
@@ -65,7 +67,7 @@ impl Helper {
             if n < CLEANUP_BATCH as u64 {
                 return Ok(deleted);
             }
-            tokio::task::yield_now().await;
+            tokio::time::sleep(CLEANUP_PAUSE).await;
         }
     }
 

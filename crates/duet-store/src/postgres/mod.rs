@@ -105,12 +105,46 @@ fn pool_options(connections: u32) -> PgPoolOptions {
         })
 }
 
+/// How long `connect` waits for a server that cannot be reached yet.
+const SERVER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A first connection, retried while the server cannot be reached (refused, unreachable: an I/O
+/// error) for up to `wait`; any other error (a password, a certificate, no such database) at once.
+async fn first_connection(
+    options: &PgConnectOptions,
+    wait: std::time::Duration,
+) -> Result<sqlx::PgConnection, StoreError> {
+    let mut pause = std::time::Duration::from_millis(100);
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        match <sqlx::PgConnection as sqlx::Connection>::connect_with(options).await {
+            Ok(conn) => return Ok(conn),
+            Err(e @ sqlx::Error::Io(_)) if waited < wait => {
+                tracing::debug!(error = %e, "the PostgreSQL server cannot be reached yet");
+                tokio::time::sleep(pause).await;
+                waited += pause;
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(e) => return Err(StoreError::Database(e.to_string())),
+        }
+    }
+}
+
 impl PostgresDatastore {
     /// Connects to a `postgres://` or `postgresql://` URL and runs the embedded migrations, then
     /// renumbers stored transaction IDs that came from another server (see [`restored`]); the
     /// handle is bound to the Leader role. Several processes may connect to a new database at
     /// once: the migrator serializes them with an advisory lock.
     pub async fn connect(url: &str) -> Result<PostgresDatastore, StoreError> {
+        Self::connect_within(url, SERVER_WAIT).await
+    }
+
+    /// Like [`PostgresDatastore::connect`], waiting at most `wait` for a server that refuses
+    /// connections or cannot be reached (one starting alongside, say) before it says why.
+    pub async fn connect_within(
+        url: &str,
+        wait: std::time::Duration,
+    ) -> Result<PostgresDatastore, StoreError> {
         let mut options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Database(format!("invalid PostgreSQL URL: {e}")))?;
         if options.get_application_name().is_none() {
@@ -119,13 +153,9 @@ impl PostgresDatastore {
         // One plain connection first: a pool retries a failing connection until its acquire
         // timeout and then says only that it timed out, where this says why (refused, no such
         // database, a password or certificate refused).
-        sqlx::Connection::close(
-            <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
-                .await
-                .map_err(|e| StoreError::Database(e.to_string()))?,
-        )
-        .await
-        .map_err(|e| StoreError::Database(e.to_string()))?;
+        sqlx::Connection::close(first_connection(&options, wait).await?)
+            .await
+            .map_err(|e| StoreError::Database(e.to_string()))?;
         let pool = pool_options(MAX_CONNECTIONS)
             .connect_with(options.clone())
             .await

@@ -291,21 +291,35 @@ pub(super) async fn put_aggregate_share_job(
 }
 
 /// Deletes up to `limit` of the oldest aggregation jobs stored more than `older_than_s` seconds
-/// ago; returns how many.
+/// ago; returns how many. Jobs stored before schema version 8 (`created_at` 0) count from the
+/// upgrade (`helper_jobs_aged_since`).
 pub(super) async fn delete_old_helper_aggregation_jobs(
     store: &SqliteDatastore,
     older_than_s: u64,
     limit: usize,
 ) -> Result<u64, StoreError> {
+    let older_than = clamp_i64(older_than_s);
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut tx = store.begin_write().await?;
+    let upgrade_aged: bool = sqlx::query_scalar(
+        "-- delete_old_helper_aggregation_jobs\n\
+         SELECT EXISTS (SELECT 1 FROM helper_jobs_aged_since WHERE upgraded_at < unixepoch() - ?)",
+    )
+    .bind(older_than)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)?;
+    // The pre-upgrade jobs first, once they are old enough; then the others, by age.
+    let lowest = if upgrade_aged { 0 } else { 1 };
     let deleted = sqlx::query(
         "-- delete_old_helper_aggregation_jobs\n\
          DELETE FROM helper_aggregation_jobs WHERE (task_id, job_id) IN ( \
            SELECT task_id, job_id FROM helper_aggregation_jobs \
-           WHERE created_at < unixepoch() - ? ORDER BY created_at LIMIT ?)",
+           WHERE created_at >= ? AND created_at < unixepoch() - ? ORDER BY created_at LIMIT ?)",
     )
-    .bind(clamp_i64(older_than_s))
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .bind(lowest)
+    .bind(older_than)
+    .bind(limit)
     .execute(&mut *tx)
     .await
     .map_err(db)?
@@ -330,6 +344,41 @@ pub(super) async fn collected_intervals(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Jobs stored before schema version 8 (`created_at` 0) count from the upgrade: kept while it
+    /// is younger than the retention, deleted after.
+    #[tokio::test]
+    async fn jobs_from_before_the_upgrade_count_from_it() {
+        let store = SqliteDatastore::connect("sqlite::memory:")
+            .await
+            .expect("connect");
+        sqlx::query(
+            "INSERT INTO helper_aggregation_jobs (task_id, job_id, request_hash, step, response) \
+             VALUES (x'01', x'02', x'03', 0, x'04')",
+        )
+        .execute(&store.pool)
+        .await
+        .expect("a job of before the upgrade");
+        let upgraded = |ago: i64| {
+            sqlx::query("UPDATE helper_jobs_aged_since SET upgraded_at = unixepoch() - ?")
+                .bind(ago)
+                .execute(&store.pool)
+        };
+        upgraded(100).await.expect("update");
+        assert_eq!(
+            delete_old_helper_aggregation_jobs(&store, 200, 10)
+                .await
+                .expect("delete"),
+            0
+        );
+        assert_eq!(
+            delete_old_helper_aggregation_jobs(&store, 50, 10)
+                .await
+                .expect("delete"),
+            1
+        );
+        store.close().await;
+    }
 
     /// The served batches near a time are read through the index on their end, whose expression
     /// the queries must spell exactly as the index does: not through the primary key's task
