@@ -120,7 +120,9 @@ async fn first_connection(
         match <sqlx::PgConnection as sqlx::Connection>::connect_with(options).await {
             Ok(conn) => return Ok(conn),
             Err(e @ sqlx::Error::Io(_)) if waited < wait => {
-                tracing::debug!(error = %e, "the PostgreSQL server cannot be reached yet");
+                if waited.is_zero() {
+                    tracing::warn!(error = %e, "the PostgreSQL server cannot be reached; waiting up to {wait:?} for it");
+                }
                 tokio::time::sleep(pause).await;
                 waited += pause;
                 pause = (pause * 2).min(std::time::Duration::from_secs(2));
