@@ -10,6 +10,9 @@ use duet_core::task::{parse_endpoint, TaskParameters};
 use duet_core::AggregateResult;
 use duet_messages::dap09::{CollectionJobId, Duration, Interval, Query, Time};
 
+/// The exit status of a collection not ready within `--timeout` (the job goes on at the Leader).
+const NOT_READY: u8 = 3;
+
 /// `duet collect` flags.
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,7 +34,8 @@ pub struct Args {
     /// Print CSV.
     #[arg(long)]
     csv: bool,
-    /// Give up after this many seconds.
+    /// Give up after this many seconds (exit status 3: the job goes on at the Leader; poll it
+    /// again with `--job`).
     #[arg(long, default_value_t = 300)]
     timeout: u64,
     /// The collection job's ID (base64url, as a timed-out `duet collect` names it): polls that
@@ -150,13 +154,16 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     let result = match collector.collect_as(job, query, timeout).await {
         Ok(result) => result,
         // The job goes on at the Leader: say how to come back for it.
-        Err(e @ CollectorError::Timeout { .. }) if args.job.is_some() => {
-            anyhow::bail!("collection failed: {e}; poll it again with the same command")
+        // Its own exit status, so that a script can tell "not yet" from a failure.
+        Err(e @ CollectorError::Timeout { .. }) => {
+            let again = if args.job.is_some() {
+                "poll it again with the same command".to_string()
+            } else {
+                format!("poll it again with `duet collect` and the same flags plus `--job {job}`")
+            };
+            eprintln!("error: collection failed: {e}; {again}");
+            return Ok(ExitCode::from(NOT_READY));
         }
-        Err(e @ CollectorError::Timeout { .. }) => anyhow::bail!(
-            "collection failed: {e}; poll it again with `duet collect` and the same flags plus \
-             `--job {job}`"
-        ),
         Err(e) => return Err(e).context("collection failed"),
     };
     print(&result, args.json, args.csv).map_err(|e| {

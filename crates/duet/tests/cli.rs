@@ -535,7 +535,7 @@ fn serve_task_upload_collect() {
     // later `duet collect --job` picks up again.
     let out = collect(&start, &["--timeout", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "not ready: {stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     let job = stderr
         .split_once("plus `--job ")
@@ -546,7 +546,7 @@ fn serve_task_upload_collect() {
     // Given the job, the same command polls it again.
     let out = collect(&start, &["--job", job, "--timeout", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "not ready: {stderr}");
     assert!(
         stderr.contains("poll it again with the same command"),
         "{stderr}"
