@@ -39,8 +39,9 @@ pub struct Args {
     #[arg(long, default_value_t = 300)]
     timeout: u64,
     /// The collection job's ID (base64url, as a timed-out `duet collect` names it): polls that
-    /// job again, or creates it under this ID. Without it, a new job with a random ID.
-    #[arg(long)]
+    /// job again, or creates it under this ID. Without it, a new job with a random ID. (An ID
+    /// may start with `-`.)
+    #[arg(long, allow_hyphen_values = true)]
     job: Option<CollectionJobId>,
 }
 

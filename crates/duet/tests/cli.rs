@@ -551,6 +551,11 @@ fn serve_task_upload_collect() {
         stderr.contains("poll it again with the same command"),
         "{stderr}"
     );
+    // A base64url ID may start with `-`, and is still the flag's value.
+    let dashed = "-ZVldC1jb2xsZWN0LWpvYg";
+    let out = collect(&start, &["--job", dashed, "--timeout", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "not ready: {stderr}");
     let out = collect(&start, &["--job", "not base64!"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
