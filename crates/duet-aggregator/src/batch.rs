@@ -33,12 +33,10 @@ pub fn is_valid_batch_interval(interval: &Interval, precision: Duration) -> bool
 /// The smallest interval holding every one of `times` (empty if there are none): the collected
 /// batches a set of reports can fall in are those that overlap it.
 pub fn span_of(times: impl IntoIterator<Item = Time>) -> Interval {
-    times.into_iter().fold(Interval::default(), |span, t| {
-        span.merged_with(&Interval {
-            start: t,
-            duration: Duration(1),
-        })
-    })
+    Interval::spanning(times.into_iter().map(|start| Interval {
+        start,
+        duration: Duration(1),
+    }))
 }
 
 /// Whether `t` lies in any of `intervals`.

@@ -271,9 +271,9 @@ async fn upload(
         let task_id = parse_task_id(&task_id)?;
         require_media_type(task_id, &headers, media_type::REPORT)?;
         // No longer than a report of this task can be, and read only for a task this Leader has.
-        let limit = leader.upload_limit(task_id).await?;
+        let (task, limit) = leader.upload_limit(task_id).await?;
         let body = read_body(body, limit, leader.body_timeout()).await?;
-        leader.upload(task_id, &body).await?;
+        leader.upload_to(&task, &body).await?;
         Ok(())
     }
     .await;

@@ -36,14 +36,6 @@ pub(crate) fn merges_into_served(served: &[Interval], deltas: &[BatchAggregation
         .any(|d| served.iter().any(|s| s.contains(d.bucket.start)))
 }
 
-/// The smallest interval holding every bucket of `deltas`: the served batches a job's write must
-/// check are those that overlap it.
-pub(crate) fn span(deltas: &[BatchAggregation]) -> Interval {
-    deltas
-        .iter()
-        .fold(Interval::default(), |span, d| span.merged_with(&d.bucket))
-}
-
 #[cfg(test)]
 mod tests {
     use duet_messages::dap09::{

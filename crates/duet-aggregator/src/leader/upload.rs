@@ -12,7 +12,7 @@ use super::Leader;
 use crate::batch::in_any;
 use crate::error::Error;
 use crate::metrics::StoreOp;
-use crate::shared::find_key;
+use crate::shared::{find_key, TaskEntry};
 
 pub(crate) struct PendingUpload {
     report: NewReport,
@@ -20,18 +20,28 @@ pub(crate) struct PendingUpload {
 }
 
 impl Leader {
-    /// The longest upload body a report of the task can be (`unrecognizedTask` for a task this
-    /// Leader does not have), so that a longer one is refused before it is read.
-    pub async fn upload_limit(&self, task_id: TaskId) -> Result<usize, Error> {
+    /// The task an upload is for (`unrecognizedTask` for a task this Leader does not have), and
+    /// the longest body a report of it can be, so that a longer one is refused before it is read.
+    pub(crate) async fn upload_limit(
+        &self,
+        task_id: TaskId,
+    ) -> Result<(Arc<TaskEntry>, usize), Error> {
         let entry = self.shared.require_task(&task_id).await?;
-        Ok(max_report_len(&entry.lengths))
+        let limit = max_report_len(&entry.lengths);
+        Ok((entry, limit))
     }
 
     /// Handles `PUT /tasks/{task_id}/reports`: validates the report and stores it durably before
     /// returning.
     pub async fn upload(&self, task_id: TaskId, body: &[u8]) -> Result<(), Error> {
         let entry = self.shared.require_task(&task_id).await?;
+        self.upload_to(&entry, body).await
+    }
+
+    /// [`Leader::upload`] for a task already looked up.
+    pub(crate) async fn upload_to(&self, entry: &TaskEntry, body: &[u8]) -> Result<(), Error> {
         let task = &entry.task;
+        let task_id = task.id;
         // Checked in place: the body is stored as it came, so nothing needs copying out of it.
         let report = ReportRef::get_decoded(body).map_err(|e| {
             Error::abort(

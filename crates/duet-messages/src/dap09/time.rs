@@ -167,6 +167,14 @@ impl Interval {
         self != other && self.overlaps(other)
     }
 
+    /// The smallest interval containing all of `intervals` (empty ones are ignored; empty if
+    /// there are none).
+    pub fn spanning(intervals: impl IntoIterator<Item = Interval>) -> Interval {
+        intervals
+            .into_iter()
+            .fold(Interval::default(), |span, i| span.merged_with(&i))
+    }
+
     /// The smallest interval containing both (empty intervals are ignored).
     pub fn merged_with(&self, other: &Interval) -> Interval {
         if self.duration.0 == 0 {

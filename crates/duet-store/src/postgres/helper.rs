@@ -15,7 +15,7 @@ use super::{
     clamp_i64, col, col_array, col_interval, col_u64, is_unique_violation, to_i64,
     PostgresDatastore, TxError,
 };
-use crate::served::{check_share, merges_into_served, span};
+use crate::served::{check_share, merges_into_served};
 use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, StoreError};
 
 /// The advisory lock, with the task key, between the Helper's aggregation job writes into a
@@ -256,7 +256,12 @@ pub(super) async fn put_helper_aggregation_job(
             .bind(task_key)
             .execute(&mut *tx)
             .await?;
-        let served = served_batches(&mut tx, &job.task_id, &span(deltas)).await?;
+        let served = served_batches(
+            &mut tx,
+            &job.task_id,
+            &Interval::spanning(deltas.iter().map(|d| d.bucket)),
+        )
+        .await?;
         if merges_into_served(&served, deltas) {
             tx.rollback().await?;
             return Err(StoreError::Conflict.into());

@@ -12,7 +12,7 @@ use sqlx::SqliteConnection;
 use super::replay::Entry;
 use super::tasks::{merge_batch_aggregations, BUCKETS_IN};
 use super::{clamp_i64, col, col_array, col_interval, col_u64, db, to_i64, SqliteDatastore};
-use crate::served::{check_share, merges_into_served, span};
+use crate::served::{check_share, merges_into_served};
 use crate::{AggregateShareJob, BatchAggregation, HelperAggregationJob, MergeFn, StoreError};
 
 /// A served batch's end, `batch_start + batch_duration` saturating at the largest INTEGER,
@@ -154,7 +154,12 @@ pub(super) async fn put_helper_aggregation_job(
     }
     if !deltas.is_empty()
         && merges_into_served(
-            &served_batches(&mut tx, &job.task_id, &span(deltas)).await?,
+            &served_batches(
+                &mut tx,
+                &job.task_id,
+                &Interval::spanning(deltas.iter().map(|d| d.bucket)),
+            )
+            .await?,
             deltas,
         )
     {
