@@ -148,6 +148,22 @@ const CLOSED_RUNS: &str = "-- create_aggregation_jobs\n\
        WHERE c.run = ANY(ARRAY(SELECT generate_series($5, $4 - 1))) \
          AND c.task_key = $1 AND c.report_id = u.id LIMIT 1) AS seen";
 
+/// Opens a job's transaction: takes the replay runs' lock shared (see `runs`) and turns
+/// sequential and bitmap scans off for the rest of the transaction. A claim must read the task's
+/// queue in claim order from `report_queue_order` and stop after the job's reports. The
+/// planner's estimate of the reports past the cursor can be a few dozen however many are queued
+/// (a guess for the row comparison, scaled by statistics taken when the queue's pages were
+/// mostly empty), and then the custom plan (a connection's first five runs of a statement) reads
+/// every queued report, by a sequential or bitmap scan, and sorts them: a cost that grows with
+/// the backlog (in the bench, claims of 1,000 reports read up to 15,000, and after job creation
+/// stopped for a while they would read millions). The transaction's other reads are
+/// primary-key probes, and the scans of one-row tables that have no index stay as they are; but
+/// the cost the settings add to those scans would make the statement worth compiling to the
+/// planner, which takes a third of a second, so just-in-time compilation is off too.
+const LOCK_RUNS: &str = "-- create_aggregation_jobs\n\
+     SELECT pg_advisory_xact_lock_shared($1), set_config('enable_seqscan', 'off', true), \
+       set_config('enable_bitmapscan', 'off', true), set_config('jit', 'off', true)";
+
 /// The first wait for older transactions to end, when they hold back uploads a partial job
 /// would claim; each next wait is twice as long, up to `MAX_HORIZON_WAIT` in all.
 const FIRST_HORIZON_WAIT: Duration = Duration::from_millis(1);
@@ -229,7 +245,7 @@ pub(super) async fn create_aggregation_jobs(
                 // The runs' lock shared, held to the commit: the open run does not close under
                 // this job (see `runs`). A statement of its own, before the claim's snapshot,
                 // inside the transaction (a failed or cancelled wait then rolls back with it).
-                sqlx::query("-- create_aggregation_jobs\nSELECT pg_advisory_xact_lock_shared($1)")
+                sqlx::query(LOCK_RUNS)
                     .bind(runs::LEADER.lock)
                     .execute(&mut *tx)
                     .await?;
@@ -361,6 +377,86 @@ mod plans {
     use super::super::plan_checks;
     use super::*;
     use crate::conformance::postgres::with_fresh_database;
+
+    /// Queues 20,000 reports for task key `key`, one transaction (so one upload transaction
+    /// ID) per 1,000.
+    async fn queue_reports(conn: &mut PgConnection, key: i32) {
+        for _ in 0..20 {
+            sqlx::query(
+                "INSERT INTO report_queue (task_key, client_time, report_id, payload) \
+                 SELECT $1, g, substring(sha256(g::text::bytea || random()::text::bytea) \
+                   FOR 16), '\\x00' FROM generate_series(1, 1000) AS g",
+            )
+            .bind(key)
+            .execute(&mut *conn)
+            .await
+            .expect("queue");
+        }
+    }
+
+    /// A claim reads the task's queue in order from `report_queue_order`, its cursor the
+    /// scan's condition (so the scan stops after the job's reports): not a sequential or bitmap
+    /// scan of the whole backlog, sorted, which the custom plan would be with statistics taken
+    /// when the queue's pages were mostly empty and 20,000 reports queued since.
+    #[tokio::test]
+    async fn claims_read_the_queue_in_order_whatever_the_statistics() {
+        with_fresh_database("claim_plans", |url| async move {
+            let store = PostgresDatastore::connect(&url).await.expect("connect");
+            let task_id = TaskId::random();
+            let key = store.task_key(&task_id).await.expect("task key");
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            // The queue's statistics taken when a tenth of 20,000 reports were left in it (so
+            // its pages, reused since, were a tenth full); then 20,000 more reports queued. The
+            // planner then estimates about 700 reports past the cursor: without the settings, a
+            // sequential scan; without turning bitmap scans off, a bitmap scan.
+            sqlx::query("ALTER TABLE report_queue SET (autovacuum_enabled = false)")
+                .execute(&mut conn)
+                .await
+                .expect("autovacuum off");
+            queue_reports(&mut conn, key).await;
+            for sql in [
+                "DELETE FROM report_queue WHERE client_time > 100",
+                "VACUUM ANALYZE report_queue",
+            ] {
+                sqlx::query(sql).execute(&mut conn).await.expect(sql);
+            }
+            queue_reports(&mut conn, key).await;
+            let mut tx = conn.begin().await.expect("begin");
+            sqlx::query(LOCK_RUNS)
+                .bind(runs::LEADER.lock)
+                .execute(&mut *tx)
+                .await
+                .expect("lock");
+            let rows = sqlx::query(&format!("EXPLAIN {CREATE_JOB}"))
+                .bind(&task_id.0[..])
+                .bind(1000i64)
+                .bind(&AggregationJobId::random().0[..])
+                .bind(0i64)
+                .bind(key)
+                .bind(false)
+                .fetch_all(&mut *tx)
+                .await
+                .expect("EXPLAIN");
+            let plan = plan_checks::lines(&rows);
+            plan_checks::assert_index_scans(
+                &plan,
+                "on report_queue",
+                1,
+                "Index Cond: ((task_key = ",
+            );
+            // The settings add a large cost to the one-row tables' sequential scans, which would
+            // otherwise make the statement worth compiling (a third of a second, every time).
+            assert!(
+                !plan.iter().any(|line| line.contains("JIT")),
+                "{}",
+                plan.join("\n")
+            );
+            tx.rollback().await.expect("rollback");
+            conn.close().await.expect("close");
+            store.close().await;
+        })
+        .await;
+    }
 
     /// The probes of the Leader's closed replay runs are index descents on the primary key, with
     /// the run array as an index condition: not a scan of a run, or of the table.
