@@ -47,7 +47,8 @@ pub struct AggregatorConfig {
     /// most 256 MiB.
     pub http_body_timeout_ms: u64,
     /// The most connections served at once; the next is accepted when one closes. The process's
-    /// limit on open files (`ulimit -n`) must allow this many and more.
+    /// limit on open files (`ulimit -n`) must allow this many and more: `duet serve` raises
+    /// its soft limit to this plus 1,024, as far as the hard limit allows.
     pub max_connections: usize,
     /// How long a Helper keeps an aggregation job's request hash and response, to answer a
     /// Leader's retry of it the same way, in seconds. A Leader's retry after that would find its

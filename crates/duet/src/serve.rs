@@ -24,6 +24,8 @@ use duet_aggregator::AggregatorConfig;
 use duet_core::{AggregatorRole, RealClock};
 use serde::Deserialize;
 
+use crate::open_files;
+
 /// `duet serve` flags.
 #[derive(clap::Args)]
 pub struct Args {
@@ -185,6 +187,26 @@ async fn bind(addr: &str, setting: &str) -> Result<tokio::net::TcpListener> {
     })
 }
 
+/// Raises the process's limit on open files to what `max_connections` connections and the
+/// server's other files need, or warns that the hard limit is lower.
+fn raise_open_files(max_connections: usize) {
+    let connections = u64::try_from(max_connections).unwrap_or(u64::MAX);
+    let wanted = connections.saturating_add(open_files::BESIDES_CONNECTIONS);
+    match open_files::raise(wanted) {
+        Ok(open_files::Outcome::Short { limit, wanted }) => tracing::warn!(
+            "the limit on open files is {limit}, below the {wanted} that max_connections \
+             ({max_connections}) and the server's other files may need, and connections past it \
+             are refused: raise the hard limit (`ulimit -Hn`, or LimitNOFILE= in a systemd \
+             unit) or lower max_connections"
+        ),
+        Ok(open_files::Outcome::Raised { from, to }) => {
+            tracing::debug!("raised the limit on open files from {from} to {to}")
+        }
+        Ok(open_files::Outcome::Enough { .. }) => {}
+        Err(e) => tracing::warn!("could not raise the limit on open files: {e}"),
+    }
+}
+
 /// Runs `duet serve` until interrupted.
 pub async fn run(args: Args) -> Result<ExitCode> {
     let config = load(
@@ -195,6 +217,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     for warning in config.aggregator.warnings() {
         tracing::warn!("{}: [aggregator] {warning}", args.config.display());
     }
+    raise_open_files(config.aggregator.max_connections);
     // The port first: a second server started by mistake stops here, before it opens (and
     // perhaps migrates) the database the first one is using.
     let listener = bind(&config.listen, "listen").await?;

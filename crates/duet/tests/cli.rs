@@ -411,9 +411,11 @@ fn serve_task_upload_collect() {
             "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndatabase = \"{db}\"\n[leader]\npath_prefix = \"/leader\"\n[helper]\npath_prefix = \"/helper\"\n[aggregator]\npolling_interval_ms = 200\n"
         ),
     );
+    // Started with a soft limit on open files below its connections' (`exec` keeps the PID).
     let mut server = Child(
-        duet()
-            .args(["serve", "--config", &config])
+        Command::new("sh")
+            .args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""])
+            .args([env!("CARGO_BIN_EXE_duet"), "serve", "--config", &config])
             .stderr(Stdio::piped())
             .spawn()
             .expect("serve"),
@@ -422,6 +424,17 @@ fn serve_task_upload_collect() {
     let mut stderr = BufReader::new(stderr);
     let mut line = String::new();
     stderr.read_line(&mut line).expect("read");
+    // It raised the limit to what 4,096 connections need, or to the hard limit.
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", server.0.id())).expect("limits");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .expect("open files")
+        .split_whitespace()
+        .collect();
+    let hard = open_files[1].parse().unwrap_or(u64::MAX);
+    assert_eq!(open_files[0].parse(), Ok(hard.min(4096 + 1024)), "{limits}");
     let base = line
         .trim()
         .strip_prefix("duet serving on ")
