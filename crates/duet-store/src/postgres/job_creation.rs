@@ -378,22 +378,6 @@ mod plans {
     use super::*;
     use crate::conformance::postgres::with_fresh_database;
 
-    /// Queues 20,000 reports for task key `key`, one transaction (so one upload transaction
-    /// ID) per 1,000.
-    async fn queue_reports(conn: &mut PgConnection, key: i32) {
-        for _ in 0..20 {
-            sqlx::query(
-                "INSERT INTO report_queue (task_key, client_time, report_id, payload) \
-                 SELECT $1, g, substring(sha256(g::text::bytea || random()::text::bytea) \
-                   FOR 16), '\\x00' FROM generate_series(1, 1000) AS g",
-            )
-            .bind(key)
-            .execute(&mut *conn)
-            .await
-            .expect("queue");
-        }
-    }
-
     /// A claim reads the task's queue in order from `report_queue_order`, its cursor the
     /// scan's condition (so the scan stops after the job's reports): not a sequential or bitmap
     /// scan of the whole backlog, sorted, which the custom plan would be with statistics taken
@@ -413,14 +397,14 @@ mod plans {
                 .execute(&mut conn)
                 .await
                 .expect("autovacuum off");
-            queue_reports(&mut conn, key).await;
+            plan_checks::queue_reports(&mut conn, key).await;
             for sql in [
                 "DELETE FROM report_queue WHERE client_time > 100",
                 "VACUUM ANALYZE report_queue",
             ] {
                 sqlx::query(sql).execute(&mut conn).await.expect(sql);
             }
-            queue_reports(&mut conn, key).await;
+            plan_checks::queue_reports(&mut conn, key).await;
             let mut tx = conn.begin().await.expect("begin");
             sqlx::query(LOCK_RUNS)
                 .bind(runs::LEADER.lock)

@@ -448,18 +448,7 @@ mod plans {
             ] {
                 sqlx::query(sql).execute(&mut conn).await.expect(sql);
             }
-            // One transaction (so one upload transaction ID) per 1,000 reports.
-            for _ in 0..20 {
-                sqlx::query(
-                    "INSERT INTO report_queue (task_key, client_time, report_id, payload) \
-                     SELECT $1, g, substring(sha256(g::text::bytea || random()::text::bytea) \
-                       FOR 16), '\\x00' FROM generate_series(1, 1000) AS g",
-                )
-                .bind(key)
-                .execute(&mut conn)
-                .await
-                .expect("queue");
-            }
+            super::super::plan_checks::queue_reports(&mut conn, key).await;
             let job_id = AggregationJobId::random();
             sqlx::query(
                 "INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, created_at, \

@@ -418,7 +418,7 @@ const SETTINGS: [&str; 9] = [
     "wal_compression",
 ];
 
-/// What the plan tests of the submodules read in a plan.
+/// What the plan tests of the submodules read in a plan, and the queue they plan over.
 #[cfg(test)]
 mod plan_checks {
     use sqlx::postgres::PgRow;
@@ -427,6 +427,22 @@ mod plan_checks {
     /// The lines of an `EXPLAIN`.
     pub(super) fn lines(rows: &[PgRow]) -> Vec<String> {
         rows.iter().map(|row| row.get(0)).collect()
+    }
+
+    /// Queues 20,000 reports for task key `key`, one transaction (so one upload transaction
+    /// ID) per 1,000.
+    pub(super) async fn queue_reports(conn: &mut sqlx::PgConnection, key: i32) {
+        for _ in 0..20 {
+            sqlx::query(
+                "INSERT INTO report_queue (task_key, client_time, report_id, payload) \
+                 SELECT $1, g, substring(sha256(g::text::bytea || random()::text::bytea) \
+                   FOR 16), '\\x00' FROM generate_series(1, 1000) AS g",
+            )
+            .bind(key)
+            .execute(&mut *conn)
+            .await
+            .expect("queue");
+        }
     }
 
     /// Asserts that `plan` scans `on` (say `on report_queue q`) `scans` times, each time by
