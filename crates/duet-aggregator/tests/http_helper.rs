@@ -475,3 +475,91 @@ async fn jobs_over_the_size_limit_are_refused() {
     r.assert_problem(400, "invalidMessage");
     h.stop().await;
 }
+
+/// A report the Helper rejected is never prepared again: in a later job it is `report_replayed`,
+/// whatever Leader share comes with it (DAP-09 §4.5.1.1 forbids the Leader to send it again, and
+/// a second answer to a second Leader share would tell a Leader something of the Helper's).
+/// Only a report rejected as too early may come back, and is prepared once its time has come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_reports_are_not_prepared_again() {
+    let now = duet_core::Clock::now(&duet_core::RealClock);
+    let clock = std::sync::Arc::new(duet_core::MockClock::new(now));
+    let h = Harness::start_with_clock(
+        duet_aggregator::AggregatorConfig::default(),
+        std::sync::Arc::clone(&clock) as std::sync::Arc<dyn duet_core::Clock>,
+    )
+    .await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 2).await;
+    let leader_key = h
+        .leader_store
+        .get_hpke_keypairs()
+        .await
+        .expect("keys")
+        .remove(0);
+    let token = task.aggregator_auth_token.clone();
+    let client = common::client(&task).await;
+    let ct = Some(media_type::AGGREGATION_JOB_INIT_REQ);
+    let run_job = |req: &AggregationJobInitReq| {
+        let url = task
+            .helper_endpoint
+            .join(&format!(
+                "tasks/{}/aggregation_jobs/{}",
+                task.id,
+                AggregationJobId::random()
+            ))
+            .expect("url");
+        let body = req.get_encoded();
+        let token = token.clone();
+        async move {
+            let answer = send(Method::PUT, url, ct, Some(&token), body).await;
+            assert_eq!(
+                answer.status,
+                201,
+                "{}",
+                String::from_utf8_lossy(&answer.body)
+            );
+            AggregationJobResp::get_decoded(&answer.body).expect("resp")
+        }
+    };
+
+    // Rejected for its corrupted Leader share, then sent again with the right one: replayed.
+    let report = client
+        .prepare_report(&Measurement::Count(true))
+        .expect("report");
+    let good = init_req(&task, &leader_key, std::slice::from_ref(&report));
+    let mut corrupt = good.clone();
+    corrupt.prepare_inits[0].message = vec![0, 0, 0, 0, 1, 7];
+    let first = run_job(&corrupt).await;
+    assert!(
+        matches!(first.prepare_resps[0].result, PrepareStepResult::Reject(_)),
+        "{first:?}"
+    );
+    let again = run_job(&good).await;
+    assert_eq!(
+        again.prepare_resps[0].result,
+        PrepareStepResult::Reject(PrepareError::ReportReplayed),
+        "a rejected report was prepared again"
+    );
+
+    // Too early, then on time: prepared.
+    let later = duet_messages::dap09::Time(now.0 + 3_600);
+    let early = client
+        .prepare_report_at(&Measurement::Count(true), later)
+        .expect("report");
+    let req = init_req(&task, &leader_key, std::slice::from_ref(&early));
+    let first = run_job(&req).await;
+    assert_eq!(
+        first.prepare_resps[0].result,
+        PrepareStepResult::Reject(PrepareError::ReportTooEarly)
+    );
+    clock.set(later);
+    let again = run_job(&req).await;
+    assert!(
+        matches!(
+            again.prepare_resps[0].result,
+            PrepareStepResult::Continue { .. }
+        ),
+        "{again:?}"
+    );
+    h.stop().await;
+}

@@ -245,7 +245,8 @@ pub trait Datastore: Send + Sync + 'static {
         ids: &[ReportId],
     ) -> Result<HashSet<ReportId>, StoreError>;
     /// Stores a finished Helper aggregation job in one transaction: the job (with its response),
-    /// the IDs of its accepted reports (for replay protection) and the merged `deltas`.
+    /// the IDs of the reports it processed (for replay protection: those it accepted and those
+    /// it rejected for good) and the merged `deltas`.
     /// `Conflict` if the job ID or any report ID is already stored, or if a bucket of `deltas`
     /// lies in a batch whose aggregate share is recorded (one served since the caller read
     /// `collected_intervals`: its reports there are `batch_collected`).

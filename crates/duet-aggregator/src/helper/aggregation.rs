@@ -136,7 +136,7 @@ impl Helper {
                     StoreOp::PutHelperAggregationJob,
                     self.shared.store.put_helper_aggregation_job(
                         &job,
-                        &prepared.accepted,
+                        &prepared.processed,
                         &prepared.deltas,
                         &merge,
                     ),
@@ -144,7 +144,7 @@ impl Helper {
                 .await
             {
                 Ok(()) => {
-                    let continued = prepared.accepted.len() as u64;
+                    let continued = prepared.accepted as u64;
                     let rejected = prepared.response.prepare_resps.len() as u64 - continued;
                     metrics.helper_reports(continued, rejected);
                     return Ok(response);
@@ -212,7 +212,14 @@ impl Helper {
 
 struct Prepared {
     response: AggregationJobResp,
-    accepted: Vec<ReportId>,
+    /// The reports this job processed, accepted or rejected, whose IDs go into the replay set:
+    /// all but those rejected as `report_too_early` (the Leader may send them again later) or
+    /// `report_replayed` (there already). A rejected report is never prepared again: DAP-09
+    /// (§4.5.1.1) forbids the Leader to send it in another job, and a Leader that did would
+    /// learn, from a second answer to a second Leader share, something of the Helper's.
+    processed: Vec<ReportId>,
+    /// How many of them were accepted.
+    accepted: usize,
     deltas: Vec<duet_store::BatchAggregation>,
 }
 
@@ -226,17 +233,25 @@ fn prepare_all(
 ) -> Result<Prepared, Error> {
     let task = &entry.task;
     let mut acc = BucketAccumulator::new(&entry.vdaf, task.time_precision);
-    let mut accepted = Vec::with_capacity(inits.len());
+    let mut processed = Vec::with_capacity(inits.len());
+    let mut accepted = 0;
     let mut resps = Vec::with_capacity(inits.len());
     for init in inits {
         let id = init.report_share.metadata.id;
         let result = match prepare_one(entry, keys, seen, collected, now, init) {
             Ok((out, message)) => {
                 acc.add(init.report_share.metadata.time, &id, &out)?;
-                accepted.push(id);
+                accepted += 1;
+                processed.push(id);
                 PrepareStepResult::Continue { message }
             }
-            Err(e) => PrepareStepResult::Reject(e),
+            Err(e @ (PrepareError::ReportTooEarly | PrepareError::ReportReplayed)) => {
+                PrepareStepResult::Reject(e)
+            }
+            Err(e) => {
+                processed.push(id);
+                PrepareStepResult::Reject(e)
+            }
         };
         resps.push(PrepareResp {
             report_id: id,
@@ -247,6 +262,7 @@ fn prepare_all(
         response: AggregationJobResp {
             prepare_resps: resps,
         },
+        processed,
         accepted,
         deltas: acc.into_deltas(task.id)?,
     })
