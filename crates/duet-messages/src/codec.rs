@@ -42,6 +42,14 @@ pub enum CodecError {
     /// An `Interval` whose end (`start + duration`) does not fit in a `Time`.
     #[error("interval end overflows")]
     IntervalOverflow,
+    /// A list holds more items than its reader takes (see [`decode_items_at_most`]).
+    #[error("{what} holds more than {max} items")]
+    TooManyItems {
+        /// The field, as `Struct.field`.
+        what: &'static str,
+        /// The most items taken.
+        max: usize,
+    },
 }
 
 /// A cursor over a byte slice, consumed from the front by the decoders.
@@ -309,9 +317,56 @@ pub fn decode_items<T: Decode>(
     Ok(items)
 }
 
+/// [`decode_items`], but stops with [`CodecError::TooManyItems`] at the item after the `max`-th,
+/// so that a list of many small items costs no more than `max` of them before it is refused.
+pub fn decode_items_at_most<T: Decode>(
+    r: &mut Reader<'_>,
+    bounds: VecBounds,
+    max: usize,
+) -> Result<Vec<T>, CodecError> {
+    let mut body = bounds.read_body(r)?;
+    let mut items = Vec::new();
+    while !body.is_empty() {
+        if items.len() == max {
+            return Err(CodecError::TooManyItems {
+                what: bounds.what,
+                max,
+            });
+        }
+        items.push(T::decode(&mut body)?);
+    }
+    Ok(items)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A list is refused at the item after the last one taken, before that item is decoded
+    /// (here it would not decode), and a list of at most that many decodes as usual.
+    #[test]
+    fn item_lists_are_refused_past_their_limit() {
+        let mut out = Vec::new();
+        encode_items(&mut out, WIDE, &[1u16, 2, 3]);
+        let mut truncated = out.clone();
+        truncated.truncate(out.len() - 1);
+        truncated[3] -= 1;
+        assert_eq!(
+            decode_items_at_most::<u16>(&mut Reader::new(&truncated), WIDE, 2),
+            Err(CodecError::TooManyItems {
+                what: "Test.wide",
+                max: 2
+            })
+        );
+        assert_eq!(
+            decode_items_at_most::<u16>(&mut Reader::new(&out), WIDE, 3),
+            Ok(vec![1, 2, 3])
+        );
+        assert_eq!(
+            decode_items::<u16>(&mut Reader::new(&truncated), WIDE),
+            Err(CodecError::UnexpectedEnd)
+        );
+    }
 
     const SMALL: VecBounds = VecBounds::new("Test.small", PrefixWidth::U8, 1);
     const WIDE: VecBounds = VecBounds::new("Test.wide", PrefixWidth::U32, 0);

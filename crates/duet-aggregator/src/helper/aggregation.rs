@@ -39,8 +39,16 @@ impl Helper {
     ) -> Result<Vec<u8>, Error> {
         let entry = self.authorized(task_id, auth).await?;
         let invalid = |m: String| Error::abort(DapProblemType::InvalidMessage, Some(task_id), m);
-        let req = AggregationJobInitReq::get_decoded(body)
-            .map_err(|e| invalid(format!("malformed aggregation job: {e}")))?;
+        // Decoding stops at the report past the limit: a body of many tiny reports costs no
+        // more than a job of the most this Helper takes.
+        let req = AggregationJobInitReq::get_decoded_at_most(body, MAX_AGGREGATION_JOB_SIZE)
+            .map_err(|e| match e {
+                duet_messages::CodecError::TooManyItems { .. } => invalid(format!(
+                    "the job has more than {MAX_AGGREGATION_JOB_SIZE} reports; this Helper takes \
+                     at most {MAX_AGGREGATION_JOB_SIZE} per job"
+                )),
+                e => invalid(format!("malformed aggregation job: {e}")),
+            })?;
         if req.partial_batch_selector != PartialBatchSelector::TimeInterval {
             return Err(invalid(
                 "this task uses the time_interval query type".into(),
@@ -48,13 +56,6 @@ impl Helper {
         }
         if !req.aggregation_parameter.is_empty() {
             return Err(invalid("Prio3 takes an empty aggregation parameter".into()));
-        }
-        if req.prepare_inits.len() > MAX_AGGREGATION_JOB_SIZE {
-            return Err(invalid(format!(
-                "the job has {} reports; this Helper takes at most {MAX_AGGREGATION_JOB_SIZE} \
-                 per job",
-                req.prepare_inits.len()
-            )));
         }
         let mut ids = HashSet::with_capacity(req.prepare_inits.len());
         if !req

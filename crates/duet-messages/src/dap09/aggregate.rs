@@ -6,8 +6,8 @@
 
 use super::{HpkeCiphertext, PartialBatchSelector, ReportId, ReportMetadata};
 use crate::codec::{
-    decode_items, decode_opaque, encode_items, encode_opaque, CodecError, Decode, Encode,
-    PrefixWidth, Reader, VecBounds,
+    decode_items, decode_items_at_most, decode_opaque, encode_items, encode_opaque, CodecError,
+    Decode, Encode, PrefixWidth, Reader, VecBounds,
 };
 
 const PUBLIC_SHARE: VecBounds = VecBounds::new("ReportShare.public_share", PrefixWidth::U32, 0);
@@ -103,6 +103,22 @@ impl Decode for AggregationJobInitReq {
             partial_batch_selector: PartialBatchSelector::decode(r)?,
             prepare_inits: decode_items(r, PREPARE_INITS)?,
         })
+    }
+}
+
+impl AggregationJobInitReq {
+    /// Decodes a whole message of at most `max_reports` reports: a longer list is refused
+    /// ([`CodecError::TooManyItems`]) at the report after the last one taken, before the rest
+    /// are decoded.
+    pub fn get_decoded_at_most(bytes: &[u8], max_reports: usize) -> Result<Self, CodecError> {
+        let mut r = Reader::new(bytes);
+        let value = Self {
+            aggregation_parameter: decode_opaque(&mut r, AGG_PARAM)?,
+            partial_batch_selector: PartialBatchSelector::decode(&mut r)?,
+            prepare_inits: decode_items_at_most(&mut r, PREPARE_INITS, max_reports)?,
+        };
+        r.expect_empty()?;
+        Ok(value)
     }
 }
 
