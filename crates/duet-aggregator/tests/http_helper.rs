@@ -563,3 +563,87 @@ async fn rejected_reports_are_not_prepared_again() {
     );
     h.stop().await;
 }
+
+/// An aggregate share request is checked in DAP-09's order (§4.6.6): a batch that is both too
+/// small and overlapping one served before is `invalidBatchSize`, not `batchOverlap`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_checks_come_in_the_drafts_order() {
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let leader_key = h
+        .leader_store
+        .get_hpke_keypairs()
+        .await
+        .expect("keys")
+        .remove(0);
+    let token = task.aggregator_auth_token.clone();
+    let client = common::client(&task).await;
+    let report = client
+        .prepare_report(&Measurement::Count(true))
+        .expect("report");
+    let url = task
+        .helper_endpoint
+        .join(&format!(
+            "tasks/{}/aggregation_jobs/{}",
+            task.id,
+            AggregationJobId::random()
+        ))
+        .expect("url");
+    let init = init_req(&task, &leader_key, std::slice::from_ref(&report)).get_encoded();
+    let answer = send(
+        Method::PUT,
+        url,
+        Some(media_type::AGGREGATION_JOB_INIT_REQ),
+        Some(&token),
+        init,
+    )
+    .await;
+    assert_eq!(answer.status, 201);
+    let hour = Duration(3600);
+    let bucket = report.metadata.time.round_down(hour);
+    let share = |start: u64, count: u64| {
+        let checksum = if count == 0 {
+            ReportIdChecksum::default()
+        } else {
+            ReportIdChecksum::default().updated_with(&report.metadata.id)
+        };
+        let body = AggregateShareReq {
+            batch_selector: BatchSelector::TimeInterval {
+                batch_interval: Interval {
+                    start: duet_messages::dap09::Time(start),
+                    duration: Duration(7200),
+                },
+            },
+            aggregation_parameter: Vec::new(),
+            report_count: count,
+            checksum,
+        }
+        .get_encoded();
+        let url = task
+            .helper_endpoint
+            .join(&format!("tasks/{}/aggregate_shares", task.id))
+            .expect("url");
+        send(
+            Method::POST,
+            url,
+            Some(media_type::AGGREGATE_SHARE_REQ),
+            Some(&token),
+            body,
+        )
+    };
+    // Served: the report's hour and the one before it.
+    let served = share(bucket.0 - 3600, 1).await;
+    assert_eq!(
+        served.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&served.body)
+    );
+    // The two hours before that: overlapping in the empty hour, and empty.
+    share(bucket.0 - 7200, 0)
+        .await
+        .assert_problem(400, "invalidBatchSize");
+    // The report's hour and the one after it: overlapping, and large enough.
+    share(bucket.0, 1).await.assert_problem(400, "batchOverlap");
+    h.stop().await;
+}

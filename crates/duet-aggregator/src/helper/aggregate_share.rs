@@ -104,17 +104,25 @@ impl Helper {
                 "the batch overlaps one collected before".into(),
             )
         };
-        // Checked here first, before the batch's size and counts (DAP-09's order), and again
-        // when the share is recorded, where concurrent requests are serialised.
+        // DAP-09's order (§4.6.6): the batch's boundaries (checked before this), its size, how
+        // often it was queried, then overlap with batches served before, which is checked
+        // again when the share is recorded, where concurrent requests are serialised.
+        let aggs = store
+            .get_batch_aggregations(&task_id, &batch_interval, &req.aggregation_parameter)
+            .await?;
+        let sum = total(&entry.vdaf, &batch_interval, &aggs)?;
+        if sum.report_count < task.min_batch_size {
+            return Err(abort(
+                DapProblemType::InvalidBatchSize,
+                format!(
+                    "the batch has {} reports; the minimum is {}",
+                    sum.report_count, task.min_batch_size
+                ),
+            ));
+        }
         let served = store
             .list_aggregate_share_jobs(&task_id, &batch_interval)
             .await?;
-        if served
-            .iter()
-            .any(|j| j.batch_interval.overlaps_another(&batch_interval))
-        {
-            return Err(overlap());
-        }
         let queries = served
             .iter()
             .filter(|j| j.batch_interval == batch_interval)
@@ -128,18 +136,11 @@ impl Helper {
                 ),
             ));
         }
-        let aggs = store
-            .get_batch_aggregations(&task_id, &batch_interval, &req.aggregation_parameter)
-            .await?;
-        let sum = total(&entry.vdaf, &batch_interval, &aggs)?;
-        if sum.report_count < task.min_batch_size {
-            return Err(abort(
-                DapProblemType::InvalidBatchSize,
-                format!(
-                    "the batch has {} reports; the minimum is {}",
-                    sum.report_count, task.min_batch_size
-                ),
-            ));
+        if served
+            .iter()
+            .any(|j| j.batch_interval.overlaps_another(&batch_interval))
+        {
+            return Err(overlap());
         }
         if sum.report_count != req.report_count || sum.checksum != req.checksum {
             return Err(abort(
