@@ -149,6 +149,23 @@ async fn collection_job_validation_and_lifecycle() {
             .status,
         204
     );
+    // The same request again under the deleted job's ID is refused (it would not run), and a
+    // new job for the batch is created.
+    send(Method::PUT, job_url(id), ct, Some(&token), req(hour, 3600))
+        .await
+        .assert_problem(400, "invalidMessage");
+    assert_eq!(
+        send(
+            Method::PUT,
+            job_url(CollectionJobId::random()),
+            ct,
+            Some(&token),
+            req(hour, 3600),
+        )
+        .await
+        .status,
+        201
+    );
     h.stop().await;
 }
 

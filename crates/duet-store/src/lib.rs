@@ -192,11 +192,14 @@ pub trait Datastore: Send + Sync + 'static {
         task_id: &TaskId,
         id: &CollectionJobId,
     ) -> Result<Option<CollectionJob>, StoreError>;
-    /// All collection jobs of a task that are not deleted (for query-count and overlap checks).
-    async fn list_collection_jobs(
+    /// The batches of a task's collection jobs that are not deleted and overlap `overlapping`
+    /// ([`Interval::ALL_TIME`] for all of them), by batch start and job ID: what a new job's
+    /// overlap and query-count checks need, read without the jobs' results.
+    async fn collection_job_batches(
         &self,
         task_id: &TaskId,
-    ) -> Result<Vec<CollectionJob>, StoreError>;
+        overlapping: &Interval,
+    ) -> Result<Vec<CollectionJobBatch>, StoreError>;
     /// Marks a collection job deleted (dropping any lease on it). Returns whether it existed.
     async fn delete_collection_job(
         &self,

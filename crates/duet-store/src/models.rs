@@ -99,6 +99,18 @@ pub struct CollectionJob {
     pub state: CollectionJobState,
 }
 
+/// A collection job's batch, what a new job's overlap and query-count checks read (not its
+/// result).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CollectionJobBatch {
+    /// The job's ID.
+    pub id: CollectionJobId,
+    /// The queried batch interval.
+    pub batch_interval: Interval,
+    /// The aggregation parameter.
+    pub aggregation_parameter: Vec<u8>,
+}
+
 /// A collection job taken with a lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AcquiredCollectionJob {

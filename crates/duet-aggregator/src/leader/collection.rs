@@ -106,8 +106,19 @@ impl Leader {
             aggregation_parameter: req.aggregation_parameter,
             state: CollectionJobState::Start,
         };
-        let existing = self.shared.store.list_collection_jobs(&task_id).await?;
-        if let Some(same) = existing.iter().find(|j| j.id == job_id) {
+        if let Some(same) = self
+            .shared
+            .store
+            .get_collection_job(&task_id, &job_id)
+            .await?
+        {
+            if same.state == CollectionJobState::Deleted {
+                return Err(Error::abort(
+                    DapProblemType::InvalidMessage,
+                    Some(task_id),
+                    "this collection job was deleted; create another under a new ID",
+                ));
+            }
             if same.batch_interval == job.batch_interval
                 && same.aggregation_parameter == job.aggregation_parameter
             {
@@ -119,7 +130,13 @@ impl Leader {
                 "a different collection job with this ID exists",
             ));
         }
-        // The jobs listed, and the batches collected under jobs deleted since.
+        // The jobs whose batches overlap this one (or are this one), read without their
+        // results, and the batches collected under jobs deleted since.
+        let existing = self
+            .shared
+            .store
+            .collection_job_batches(&task_id, &batch_interval)
+            .await?;
         let collected = self
             .shared
             .store

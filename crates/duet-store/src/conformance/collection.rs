@@ -5,7 +5,19 @@ use duet_messages::dap09::{
 };
 
 use super::{ciphertext, interval, task, PRECISION, T0};
-use crate::{AcquiredCollectionJob, CollectionJob, CollectionJobState, Datastore, StoreError};
+use crate::{
+    AcquiredCollectionJob, CollectionJob, CollectionJobBatch, CollectionJobState, Datastore,
+    StoreError,
+};
+
+/// A job's batch, as `collection_job_batches` reads it.
+fn batch_of(job: &CollectionJob) -> CollectionJobBatch {
+    CollectionJobBatch {
+        id: job.id,
+        batch_interval: job.batch_interval,
+        aggregation_parameter: job.aggregation_parameter.clone(),
+    }
+}
 
 /// Leases collection jobs at `now` and keeps those of `task_id`.
 async fn acquire(store: &dyn Datastore, task_id: TaskId, now: u64) -> Vec<AcquiredCollectionJob> {
@@ -68,10 +80,28 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
             .expect("get"),
         Some(job.clone())
     );
-    assert_eq!(
-        leader.list_collection_jobs(&t.id).await.expect("list"),
-        vec![job.clone()]
-    );
+    // The job's batch, read in any window it overlaps, and in no other.
+    let batches = |within: Interval| async move {
+        leader
+            .collection_job_batches(&t.id, &within)
+            .await
+            .expect("collection_job_batches")
+    };
+    for within in [
+        Interval::ALL_TIME,
+        job.batch_interval,
+        interval(T0 - PRECISION, PRECISION + 1),
+        interval(T0 + PRECISION - 1, PRECISION),
+    ] {
+        assert_eq!(batches(within).await, vec![batch_of(&job)], "{within:?}");
+    }
+    for within in [
+        interval(T0 - PRECISION, PRECISION),
+        interval(T0 + PRECISION, PRECISION),
+        interval(T0, 0),
+    ] {
+        assert!(batches(within).await.is_empty(), "{within:?}");
+    }
 
     // Leases: exclusive until expiry or release; release delays to the retry time.
     let now = T0 + 10 * PRECISION;
@@ -232,7 +262,7 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
         .expect("stored job");
     assert_eq!(got.state, CollectionJobState::Deleted);
     let ids: Vec<CollectionJobId> = leader
-        .list_collection_jobs(&t.id)
+        .collection_job_batches(&t.id, &Interval::ALL_TIME)
         .await
         .expect("list")
         .into_iter()
@@ -275,14 +305,24 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
         vec![job.batch_interval]
     );
     assert_eq!(
-        leader.list_collection_jobs(&t.id).await.expect("list"),
-        vec![got_abandoned(&abandoned_job)]
+        leader
+            .collection_job_batches(&t.id, &Interval::ALL_TIME)
+            .await
+            .expect("list"),
+        vec![batch_of(&abandoned_job)]
+    );
+    assert_eq!(
+        leader
+            .get_collection_job(&t.id, &abandoned_job.id)
+            .await
+            .expect("get"),
+        Some(got_abandoned(&abandoned_job))
     );
 
     // Another task's jobs are its own.
     let other = task(TaskId::random());
     assert!(leader
-        .list_collection_jobs(&other.id)
+        .collection_job_batches(&other.id, &Interval::ALL_TIME)
         .await
         .expect("list")
         .is_empty());

@@ -524,9 +524,9 @@ pub async fn check_leader_delete_task(leader: &dyn Datastore, helper: &dyn Datas
         None
     );
     assert!(leader
-        .list_collection_jobs(&t.id)
+        .collection_job_batches(&t.id, &duet_messages::dap09::Interval::ALL_TIME)
         .await
-        .expect("list_collection_jobs")
+        .expect("collection_job_batches")
         .is_empty());
     let left = leader
         .get_batch_aggregations(&t.id, &interval(T0, PRECISION), &[])

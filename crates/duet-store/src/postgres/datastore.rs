@@ -15,8 +15,8 @@ use super::{
 };
 use crate::{
     AcquiredAggregationJob, AcquiredCollectionJob, AggregateShareJob, BatchAggregation,
-    CollectionJob, CollectionJobState, Datastore, HelperAggregationJob, MergeFn, NewReport,
-    StoreError, Wakeup,
+    CollectionJob, CollectionJobBatch, CollectionJobState, Datastore, HelperAggregationJob,
+    MergeFn, NewReport, StoreError, Wakeup,
 };
 
 #[async_trait]
@@ -214,12 +214,13 @@ impl Datastore for PostgresDatastore {
         .await
     }
 
-    async fn list_collection_jobs(
+    async fn collection_job_batches(
         &self,
         task_id: &TaskId,
-    ) -> Result<Vec<CollectionJob>, StoreError> {
-        self.run("list_collection_jobs", || {
-            collection::list_collection_jobs(self, task_id)
+        overlapping: &Interval,
+    ) -> Result<Vec<CollectionJobBatch>, StoreError> {
+        self.run("collection_job_batches", || {
+            collection::collection_job_batches(self, task_id, overlapping)
         })
         .await
     }

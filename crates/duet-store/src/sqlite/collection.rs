@@ -10,7 +10,9 @@ use sqlx::sqlite::SqliteRow;
 use super::{
     clamp_i64, col, col_array, col_interval, col_u64, db, lease_token, to_i64, SqliteDatastore,
 };
-use crate::{AcquiredCollectionJob, CollectionJob, CollectionJobState, Lease, StoreError};
+use crate::{
+    AcquiredCollectionJob, CollectionJob, CollectionJobBatch, CollectionJobState, Lease, StoreError,
+};
 
 /// The columns a [`CollectionJob`] is read from.
 const JOB_COLUMNS: &str =
@@ -94,23 +96,37 @@ pub(super) async fn get_collection_job(
         .transpose()
 }
 
-pub(super) async fn list_collection_jobs(
+pub(super) async fn collection_job_batches(
     store: &SqliteDatastore,
     task_id: &TaskId,
-) -> Result<Vec<CollectionJob>, StoreError> {
-    let sql = format!(
-        "-- list_collection_jobs\n\
-         SELECT {JOB_COLUMNS} FROM collection_jobs WHERE task_id = ? AND state != 'deleted' \
-         ORDER BY batch_start, job_id"
-    );
-    sqlx::query(&sql)
-        .bind(&task_id.0[..])
-        .fetch_all(&store.pool)
-        .await
-        .map_err(db)?
-        .iter()
-        .map(job_from_row)
-        .collect()
+    overlapping: &Interval,
+) -> Result<Vec<CollectionJobBatch>, StoreError> {
+    if overlapping.duration.0 == 0 {
+        return Ok(Vec::new());
+    }
+    // The end's test is written so that integer arithmetic cannot overflow.
+    sqlx::query(
+        "-- collection_job_batches\n\
+         SELECT job_id, batch_start, batch_duration, aggregation_parameter FROM collection_jobs \
+         WHERE task_id = ?1 AND state != 'deleted' \
+           AND batch_start > ?2 - batch_duration AND batch_start < ?3 \
+         ORDER BY batch_start, job_id",
+    )
+    .bind(&task_id.0[..])
+    .bind(clamp_i64(overlapping.start.0))
+    .bind(clamp_i64(overlapping.end().0))
+    .fetch_all(&store.pool)
+    .await
+    .map_err(db)?
+    .iter()
+    .map(|row| {
+        Ok(CollectionJobBatch {
+            id: CollectionJobId(col_array(row, "job_id")?),
+            batch_interval: col_interval(row, "batch_start", "batch_duration")?,
+            aggregation_parameter: col(row, "aggregation_parameter")?,
+        })
+    })
+    .collect()
 }
 
 pub(super) async fn delete_collection_job(

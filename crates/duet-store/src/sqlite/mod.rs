@@ -31,8 +31,8 @@ use sqlx::{Row, SqlitePool};
 use crate::rows::{col, col_array, col_interval, col_u64};
 use crate::{
     AcquiredAggregationJob, AcquiredCollectionJob, AggregateShareJob, BatchAggregation,
-    CollectionJob, CollectionJobState, Datastore, HelperAggregationJob, MergeFn, NewReport,
-    StoreError,
+    CollectionJob, CollectionJobBatch, CollectionJobState, Datastore, HelperAggregationJob,
+    MergeFn, NewReport, StoreError,
 };
 use writer::Writer;
 pub(crate) use writer::{WriteTx, WriterGuard};
@@ -434,11 +434,12 @@ impl Datastore for SqliteDatastore {
         collection::get_collection_job(self, task_id, id).await
     }
 
-    async fn list_collection_jobs(
+    async fn collection_job_batches(
         &self,
         task_id: &TaskId,
-    ) -> Result<Vec<CollectionJob>, StoreError> {
-        collection::list_collection_jobs(self, task_id).await
+        overlapping: &Interval,
+    ) -> Result<Vec<CollectionJobBatch>, StoreError> {
+        collection::collection_job_batches(self, task_id, overlapping).await
     }
 
     async fn delete_collection_job(
