@@ -269,9 +269,10 @@ async fn upload(
 ) -> HttpResult<StatusCode> {
     let result = async {
         let task_id = parse_task_id(&task_id)?;
-        require_media_type(task_id, &headers, media_type::REPORT)?;
-        // No longer than a report of this task can be, and read only for a task this Leader has.
+        // The task first (DAP-09 §4.4.2), then the media type; the body no longer than a report
+        // of this task can be, and read only for a task this Leader has.
         let (task, limit) = leader.upload_limit(task_id).await?;
+        require_media_type(task_id, &headers, media_type::REPORT)?;
         let body = read_body(body, limit, leader.body_timeout()).await?;
         leader.upload_to(&task, &body).await?;
         Ok(())
@@ -298,6 +299,8 @@ async fn create_collection_job(
     body: Body,
 ) -> HttpResult<StatusCode> {
     let (task_id, job_id) = parse_collection_job(&task_id, &job_id)?;
+    // The task and the collector's token first, so that no stranger's body is read.
+    leader.authorize_collector(task_id, auth(&headers)).await?;
     require_media_type(task_id, &headers, media_type::COLLECTION_REQ)?;
     let body = read_body(body, MAX_COLLECTION_REQ_BYTES, leader.body_timeout()).await?;
     leader
@@ -323,11 +326,14 @@ async fn poll_collection_job(
                 message(StatusCode::OK, media_type::COLLECTION, c.get_encoded())
             }
             Some(PollResult::Deleted) => StatusCode::NO_CONTENT.into_response(),
+            // The reason itself stays in the Leader's log: it quotes the Helper, whose
+            // words may count the reports of a batch too small to collect, or name the
+            // aggregators' internals.
             Some(PollResult::Failed(reason)) => match batch_refusal(&reason) {
                 Some(problem) => HttpError(Error::abort(
                     problem,
                     Some(task_id),
-                    format!("the collection job failed: {reason}"),
+                    "the collection job failed: the Helper refused the batch",
                 ))
                 .into_response(),
                 None => {
@@ -335,7 +341,7 @@ async fn poll_collection_job(
                         "type": "about:blank",
                         "title": "The collection job failed",
                         "status": 500,
-                        "detail": reason,
+                        "detail": "the collection job failed; the Leader's log has the reason",
                         "taskid": task_id.to_string(),
                     });
                     (
@@ -407,8 +413,8 @@ async fn aggregation_job_init(
     body: Body,
 ) -> HttpResult<Response> {
     let (task_id, job_id) = parse_aggregation_job(&task_id, &job_id)?;
-    require_media_type(task_id, &headers, media_type::AGGREGATION_JOB_INIT_REQ)?;
     helper.authorize(task_id, auth(&headers)).await?;
+    require_media_type(task_id, &headers, media_type::AGGREGATION_JOB_INIT_REQ)?;
     let body = read_body(body, MAX_PEER_BYTES, helper.body_timeout()).await?;
     let resp = helper
         .aggregation_job_init(task_id, job_id, auth(&headers), &body)
@@ -427,8 +433,8 @@ async fn aggregation_job_continue(
     body: Body,
 ) -> HttpResult<Response> {
     let (task_id, job_id) = parse_aggregation_job(&task_id, &job_id)?;
-    require_media_type(task_id, &headers, media_type::AGGREGATION_JOB_CONTINUE_REQ)?;
     helper.authorize(task_id, auth(&headers)).await?;
+    require_media_type(task_id, &headers, media_type::AGGREGATION_JOB_CONTINUE_REQ)?;
     let body = read_body(body, MAX_PEER_BYTES, helper.body_timeout()).await?;
     let resp = helper
         .aggregation_job_continue(task_id, job_id, auth(&headers), &body)
@@ -459,8 +465,8 @@ async fn aggregate_share(
     body: Body,
 ) -> HttpResult<Response> {
     let task_id = parse_task_id(&task_id)?;
-    require_media_type(task_id, &headers, media_type::AGGREGATE_SHARE_REQ)?;
     helper.authorize(task_id, auth(&headers)).await?;
+    require_media_type(task_id, &headers, media_type::AGGREGATE_SHARE_REQ)?;
     let body = read_body(body, MAX_PEER_BYTES, helper.body_timeout()).await?;
     let resp = helper
         .aggregate_share(task_id, auth(&headers), &body)

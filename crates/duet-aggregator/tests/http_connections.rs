@@ -51,14 +51,22 @@ async fn heads_and_bodies_must_arrive_in_time() {
         .expect("write");
     read_until_closed(&mut slow, Duration::from_secs(10)).await;
 
+    // A collector's request (its body is read only once the task and token are checked).
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let (name, value) = task
+        .collector_auth_token
+        .as_ref()
+        .expect("collector token")
+        .request_header();
     let path = format!(
         "{}tasks/{}/collection_jobs/AAAAAAAAAAAAAAAAAAAAAA",
         h.leader_url.path(),
-        TaskId::random()
+        task.id
     );
     let mut stalled = connect(&h.leader_url).await;
     let head = format!(
-        "PUT {path} HTTP/1.1\r\nHost: x\r\ncontent-type: {}\r\ncontent-length: 100\r\n\r\n0123",
+        "PUT {path} HTTP/1.1\r\nHost: x\r\n{name}: {value}\r\ncontent-type: {}\r\n\
+         content-length: 100\r\n\r\n0123",
         media_type::COLLECTION_REQ
     );
     stalled.write_all(head.as_bytes()).await.expect("write");

@@ -89,7 +89,32 @@ async fn aggregation_jobs_and_aggregate_shares() {
     let req = init_req(&task, &leader_key, &reports[..2]).get_encoded();
     let job = AggregationJobId::random();
 
-    // Authentication and media type.
+    // Authentication and media type, after the task (DAP-09 §4.5.1.2).
+    let unknown = task
+        .helper_endpoint
+        .join(&format!(
+            "tasks/{}/aggregation_jobs/{job}",
+            duet_messages::dap09::TaskId::random()
+        ))
+        .expect("url");
+    send(
+        Method::PUT,
+        unknown,
+        Some(media_type::REPORT),
+        Some(&token),
+        req.clone(),
+    )
+    .await
+    .assert_problem(400, "unrecognizedTask");
+    send(
+        Method::PUT,
+        job_url(job),
+        Some(media_type::REPORT),
+        None,
+        req.clone(),
+    )
+    .await
+    .assert_problem(403, "unauthorizedRequest");
     send(Method::PUT, job_url(job), ct, None, req.clone())
         .await
         .assert_problem(403, "unauthorizedRequest");

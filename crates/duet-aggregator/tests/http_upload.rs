@@ -71,8 +71,18 @@ async fn upload_validation() {
         .expect("url");
     send(
         Method::PUT,
-        other,
+        other.clone(),
         Some(media_type::REPORT),
+        None,
+        bytes.clone(),
+    )
+    .await
+    .assert_problem(400, "unrecognizedTask");
+    // The task is checked before the media type (DAP-09 §4.4.2).
+    send(
+        Method::PUT,
+        other,
+        Some(media_type::COLLECTION_REQ),
         None,
         bytes.clone(),
     )

@@ -57,6 +57,16 @@ pub(crate) fn check_collector_auth(
 }
 
 impl Leader {
+    /// Checks that the task is this Leader's and the request carries its collector's token.
+    pub async fn authorize_collector(
+        &self,
+        task_id: TaskId,
+        auth: (Option<&[u8]>, Option<&[u8]>),
+    ) -> Result<(), Error> {
+        let entry = self.shared.require_task(&task_id).await?;
+        check_collector_auth(&entry, auth.0, auth.1)
+    }
+
     /// Handles `PUT /tasks/{task}/collection_jobs/{id}`.
     pub async fn create_collection_job(
         &self,
