@@ -200,7 +200,7 @@ pub trait Datastore: Send + Sync + 'static {
         task_id: &TaskId,
         overlapping: &Interval,
     ) -> Result<Vec<CollectionJobBatch>, StoreError>;
-    /// Marks a collection job deleted (dropping any lease on it). Returns whether it existed.
+    /// Marks a collection job deleted: it is not leased again. Returns whether it existed.
     async fn delete_collection_job(
         &self,
         task_id: &TaskId,
@@ -223,8 +223,10 @@ pub trait Datastore: Send + Sync + 'static {
         retry_at: Time,
         attempt: bool,
     ) -> Result<(), StoreError>;
-    /// Moves a leased collection job to a final state (`Finished` or `Abandoned`). `LeaseLost` if
-    /// the lease is no longer held (including when the job was deleted meanwhile).
+    /// Moves a leased collection job to a final state (`Finished` or `Abandoned`). A job deleted
+    /// while leased stays deleted, but a `Finished` result is still recorded: the Helper served
+    /// the batch, so it counts as collected (`collected_intervals`). `LeaseLost` if the lease
+    /// is no longer held.
     async fn finish_collection_job(
         &self,
         job: &AcquiredCollectionJob,

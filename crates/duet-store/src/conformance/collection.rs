@@ -172,7 +172,7 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
             .await
             .expect("get")
             .map(|j| j.state),
-        Some(finished)
+        Some(finished.clone())
     );
     assert_eq!(
         leader
@@ -243,7 +243,8 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
     );
     assert!(acquire(leader, t.id, now + 30_000).await.is_empty());
 
-    // Deleted: not listed, not leased; a lease held on it is lost.
+    // Deleted: not listed, not leased again; a lease held on it can still record the batch as
+    // collected (the Helper served it), and the job stays deleted.
     let deleted_job = new_job(t.id, T0 + 2 * PRECISION);
     leader
         .put_collection_job(&deleted_job)
@@ -270,6 +271,23 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
         .collect();
     assert_eq!(ids.len(), 2);
     assert!(ids.contains(&job.id) && ids.contains(&abandoned_job.id));
+    leader
+        .finish_collection_job(&leased[0], &finished)
+        .await
+        .expect("finish a job deleted while leased");
+    let got = leader
+        .get_collection_job(&t.id, &deleted_job.id)
+        .await
+        .expect("get")
+        .expect("stored job");
+    assert_eq!(got.state, CollectionJobState::Deleted);
+    assert_eq!(
+        leader
+            .collected_intervals(&t.id, &Interval::ALL_TIME)
+            .await
+            .expect("collected_intervals"),
+        vec![job.batch_interval, deleted_job.batch_interval]
+    );
     let lost = leader
         .finish_collection_job(&leased[0], &CollectionJobState::Abandoned("x".into()))
         .await;
@@ -302,7 +320,7 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
             .collected_intervals(&t.id, &Interval::ALL_TIME)
             .await
             .expect("collected_intervals"),
-        vec![job.batch_interval]
+        vec![job.batch_interval, deleted_job.batch_interval]
     );
     assert_eq!(
         leader

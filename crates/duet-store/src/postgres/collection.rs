@@ -150,10 +150,11 @@ pub(super) async fn delete_collection_job(
     task_id: &TaskId,
     id: &CollectionJobId,
 ) -> Result<bool, TxError> {
-    // The lease is dropped too: a driver holding it gets `LeaseLost` when it tries to finish.
+    // A lease held on the job stays, so that its driver, if the Helper served the batch
+    // meanwhile, can still record the batch as collected (see `finish_collection_job`).
     let updated = sqlx::query(
         "-- delete_collection_job\n\
-         UPDATE collection_jobs SET state = 'deleted', lease_token = NULL, lease_expiry = 0 \
+         UPDATE collection_jobs SET state = 'deleted' \
          WHERE task_id = $1 AND job_id = $2",
     )
     .bind(&task_id.0[..])
@@ -284,9 +285,10 @@ pub(super) async fn finish_collection_job(
     let updated = sqlx::query(
         "-- finish_collection_job\n\
          UPDATE collection_jobs \
-         SET state = $1, collection = $2, abandon_reason = $3, lease_token = NULL, \
-           lease_expiry = 0 \
-         WHERE task_id = $4 AND job_id = $5 AND state = 'start' AND lease_token = $6",
+         SET state = CASE state WHEN 'deleted' THEN state ELSE $1 END, collection = $2, \
+           abandon_reason = $3, lease_token = NULL, lease_expiry = 0 \
+         WHERE task_id = $4 AND job_id = $5 AND state IN ('start', 'deleted') \
+           AND lease_token = $6",
     )
     .bind(state)
     .bind(collection)

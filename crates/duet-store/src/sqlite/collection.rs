@@ -135,10 +135,11 @@ pub(super) async fn delete_collection_job(
     id: &CollectionJobId,
 ) -> Result<bool, StoreError> {
     let mut tx = store.begin_write().await?;
-    // The lease is dropped too: a driver holding it gets `LeaseLost` when it tries to finish.
+    // A lease held on the job stays, so that its driver, if the Helper served the batch
+    // meanwhile, can still record the batch as collected (see `finish_collection_job`).
     let updated = sqlx::query(
         "-- delete_collection_job\n\
-         UPDATE collection_jobs SET state = 'deleted', lease_token = NULL, lease_expiry = 0 \
+         UPDATE collection_jobs SET state = 'deleted' \
          WHERE task_id = ? AND job_id = ?",
     )
     .bind(&task_id.0[..])
@@ -255,8 +256,9 @@ pub(super) async fn finish_collection_job(
     let updated = sqlx::query(
         "-- finish_collection_job\n\
          UPDATE collection_jobs \
-         SET state = ?, collection = ?, abandon_reason = ?, lease_token = NULL, lease_expiry = 0 \
-         WHERE task_id = ? AND job_id = ? AND state = 'start' AND lease_token = ?",
+         SET state = CASE state WHEN 'deleted' THEN state ELSE ? END, collection = ?, \
+           abandon_reason = ?, lease_token = NULL, lease_expiry = 0 \
+         WHERE task_id = ? AND job_id = ? AND state IN ('start', 'deleted') AND lease_token = ?",
     )
     .bind(state)
     .bind(collection)
