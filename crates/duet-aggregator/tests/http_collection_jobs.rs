@@ -302,3 +302,40 @@ async fn a_batch_the_helper_refuses_fails_with_its_problem() {
     }
     panic!("the collection job neither failed nor finished in 30 s");
 }
+
+/// Of two overlapping collection jobs created at once, one is created and the other is
+/// `batchOverlap`, however the two requests interleave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_jobs_created_at_once() {
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let token = task.collector_auth_token.clone().expect("token");
+    let hour = RealClock.now().round_down(Duration(3600)).0;
+    let put = |start: u64, duration: u64| {
+        let url = task
+            .leader_endpoint
+            .join(&format!(
+                "tasks/{}/collection_jobs/{}",
+                task.id,
+                CollectionJobId::random()
+            ))
+            .expect("url");
+        send(
+            Method::PUT,
+            url,
+            Some(media_type::COLLECTION_REQ),
+            Some(&token),
+            req(start, duration),
+        )
+    };
+    for round in 0..5 {
+        let start = hour - (10 + 4 * round) * 3600;
+        let (a, b) = tokio::join!(put(start, 3600), put(start, 7200));
+        let mut statuses = [a.status, b.status];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [201, 400]);
+        let refused = if a.status == 400 { a } else { b };
+        refused.assert_problem(400, "batchOverlap");
+    }
+    h.stop().await;
+}

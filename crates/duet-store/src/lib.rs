@@ -184,7 +184,10 @@ pub trait Datastore: Send + Sync + 'static {
 
     /// Stores a new collection job in state `Start`. Storing an identical job again succeeds,
     /// whatever state the stored one has reached (identical: same batch interval and aggregation
-    /// parameter); a different job with the same ID is `AlreadyExists`.
+    /// parameter); a different job with the same ID is `AlreadyExists`. A new job whose batch
+    /// overlaps, without being the same, the batch of another job of the task (not deleted, or
+    /// deleted after its batch was collected) is `BatchOverlap`, checked so that of two such
+    /// jobs created at once, one is stored.
     async fn put_collection_job(&self, job: &CollectionJob) -> Result<(), StoreError>;
     /// A collection job.
     async fn get_collection_job(

@@ -188,6 +188,14 @@ impl Leader {
         }
         match self.shared.store.put_collection_job(&job).await {
             Ok(()) => {}
+            // A job overlapping this one was created since the check above.
+            Err(StoreError::BatchOverlap) => {
+                return Err(Error::abort(
+                    DapProblemType::BatchOverlap,
+                    Some(task_id),
+                    "the batch interval overlaps one collected before",
+                ))
+            }
             Err(StoreError::AlreadyExists) => {
                 return Err(Error::abort(
                     DapProblemType::InvalidMessage,

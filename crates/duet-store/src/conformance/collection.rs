@@ -371,3 +371,66 @@ fn got_abandoned(job: &CollectionJob) -> CollectionJob {
         ..job.clone()
     }
 }
+
+/// A new job whose batch overlaps another job's, without being the same, is `BatchOverlap`, also
+/// when the two are created at once; the same batch again is a new job; a job deleted before
+/// its batch was collected leaves no batch to overlap.
+pub async fn check_collection_job_overlaps(leader: &dyn Datastore) {
+    let t = task(TaskId::random());
+    leader.put_task(&t).await.expect("put_task");
+    let first = new_job(t.id, T0);
+    leader.put_collection_job(&first).await.expect("put");
+    let mut wider = new_job(t.id, T0);
+    wider.batch_interval = interval(T0, 2 * PRECISION);
+    assert!(matches!(
+        leader.put_collection_job(&wider).await,
+        Err(StoreError::BatchOverlap)
+    ));
+    assert_eq!(
+        leader
+            .get_collection_job(&t.id, &wider.id)
+            .await
+            .expect("get"),
+        None
+    );
+    leader
+        .put_collection_job(&new_job(t.id, T0))
+        .await
+        .expect("the same batch again");
+    leader
+        .put_collection_job(&new_job(t.id, T0 + PRECISION))
+        .await
+        .expect("the next batch");
+
+    // Deleted before its batch was collected: nothing to overlap.
+    let dropped = new_job(t.id, T0 + 4 * PRECISION);
+    leader.put_collection_job(&dropped).await.expect("put");
+    assert!(leader
+        .delete_collection_job(&t.id, &dropped.id)
+        .await
+        .expect("delete"));
+    let mut over_dropped = new_job(t.id, T0 + 4 * PRECISION);
+    over_dropped.batch_interval = interval(T0 + 4 * PRECISION, 2 * PRECISION);
+    leader
+        .put_collection_job(&over_dropped)
+        .await
+        .expect("over a job deleted before it ran");
+
+    // Two overlapping jobs created at once: one is stored.
+    for round in 0..5u64 {
+        let start = T0 + (10 + 4 * round) * PRECISION;
+        let a = new_job(t.id, start);
+        let mut b = new_job(t.id, start);
+        b.batch_interval = interval(start, 2 * PRECISION);
+        let (ra, rb) = tokio::join!(leader.put_collection_job(&a), leader.put_collection_job(&b));
+        let stored = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(stored, 1, "{ra:?} {rb:?}");
+        assert!(
+            [ra, rb]
+                .into_iter()
+                .any(|r| matches!(r, Err(StoreError::BatchOverlap))),
+            "the other is refused for overlap"
+        );
+    }
+    assert!(leader.delete_task(&t.id).await.expect("delete_task"));
+}

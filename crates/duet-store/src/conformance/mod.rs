@@ -21,7 +21,7 @@ use duet_messages::dap09::{
 
 use crate::{BatchAggregation, Datastore, NewReport};
 
-pub use collection::check_collection_jobs;
+pub use collection::{check_collection_job_overlaps, check_collection_jobs};
 pub use helper::{
     check_aggregate_share_jobs, check_helper_aggregation_jobs, check_helper_delete_task,
     check_old_helper_jobs_are_deleted, check_served_batches_are_final,
@@ -45,6 +45,7 @@ pub async fn run_all(leader: &dyn Datastore, helper: &dyn Datastore) {
     check_jobs_across_uploads(leader).await;
     check_leader_delete_task(leader, helper).await;
     check_collection_jobs(leader).await;
+    check_collection_job_overlaps(leader).await;
     check_helper_aggregation_jobs(leader, helper).await;
     check_aggregate_share_jobs(leader, helper).await;
     check_served_batches_are_final(helper).await;

@@ -20,6 +20,19 @@ use crate::{
     StoreError, Wakeup,
 };
 
+/// The advisory lock, with the task key, that puts the creations of a task's collection jobs
+/// one after another, so that each one's overlap check sees the jobs created before it.
+const COLLECTION_JOBS_LOCK: i32 = 0x6475_6543; // "dueC"
+
+/// Whether another job of the task (`$1`), not deleted or deleted after its batch was
+/// collected, has a batch that overlaps the new job's (`$2`, from `$3` to `$4`, `$5` long)
+/// without being the same. The end's test is written so that BIGINT arithmetic cannot overflow.
+const OVERLAPS_ANOTHER: &str = "-- put_collection_job\n\
+     SELECT EXISTS (SELECT 1 FROM collection_jobs \
+       WHERE task_id = $1 AND job_id <> $2 AND (state <> 'deleted' OR collection IS NOT NULL) \
+         AND batch_start > $3 - batch_duration AND batch_start < $4 \
+         AND NOT (batch_start = $3 AND batch_duration = $5))";
+
 /// The columns a [`CollectionJob`] is read from.
 const JOB_COLUMNS: &str = "task_id, job_id, batch_start, batch_duration, aggregation_parameter, \
      state, collection, abandon_reason";
@@ -47,7 +60,15 @@ pub(super) async fn put_collection_job(
     let (state, collection, reason) = job.state.to_columns();
     let batch_start = to_i64(job.batch_interval.start.0, "batch start")?;
     let batch_duration = to_i64(job.batch_interval.duration.0, "batch duration")?;
+    let task_key = store.task_key(&job.task_id).await?;
     let mut tx = store.begin().await?;
+    // A statement of its own, so that the overlap check's snapshot, taken after it, sees the
+    // jobs of every creator that held the lock before.
+    sqlx::query("-- put_collection_job\nSELECT pg_advisory_xact_lock($1, $2)")
+        .bind(COLLECTION_JOBS_LOCK)
+        .bind(task_key)
+        .execute(&mut *tx)
+        .await?;
     let inserted = sqlx::query(
         "-- put_collection_job\n\
          INSERT INTO collection_jobs (task_id, job_id, batch_start, batch_duration, \
@@ -83,6 +104,16 @@ pub(super) async fn put_collection_job(
         if !same {
             return Err(StoreError::AlreadyExists.into());
         }
+    } else if sqlx::query_scalar::<_, bool>(OVERLAPS_ANOTHER)
+        .bind(&job.task_id.0[..])
+        .bind(&job.id.0[..])
+        .bind(batch_start)
+        .bind(clamp_i64(job.batch_interval.end().0))
+        .bind(batch_duration)
+        .fetch_one(&mut *tx)
+        .await?
+    {
+        return Err(StoreError::BatchOverlap.into());
     } else if matches!(job.state, CollectionJobState::Start) {
         notify::notify(
             &mut tx,

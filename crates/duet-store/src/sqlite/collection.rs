@@ -76,9 +76,41 @@ pub(super) async fn put_collection_job(
         if !same {
             return Err(StoreError::AlreadyExists);
         }
+    } else if overlaps_another(&mut tx, job).await? {
+        return Err(StoreError::BatchOverlap);
     }
     tx.commit().await.map_err(db)
 }
+
+/// Whether another job of `job`'s task, not deleted or deleted after its batch was collected,
+/// has a batch that overlaps `job`'s without being the same. Read in the write transaction
+/// that inserted `job` (write transactions are serial), so of two overlapping jobs created at
+/// once the second sees the first.
+async fn overlaps_another(
+    tx: &mut sqlx::SqliteConnection,
+    job: &CollectionJob,
+) -> Result<bool, StoreError> {
+    let start = to_i64(job.batch_interval.start.0, "batch start")?;
+    let duration = to_i64(job.batch_interval.duration.0, "batch duration")?;
+    let row = sqlx::query(OVERLAPS_ANOTHER)
+        .bind(&job.task_id.0[..])
+        .bind(&job.id.0[..])
+        .bind(start)
+        .bind(clamp_i64(job.batch_interval.end().0))
+        .bind(duration)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+    col(&row, "overlap")
+}
+
+/// See [`overlaps_another`]. The end's test is written so that integer arithmetic cannot
+/// overflow.
+const OVERLAPS_ANOTHER: &str = "-- put_collection_job\n\
+     SELECT EXISTS (SELECT 1 FROM collection_jobs \
+       WHERE task_id = ?1 AND job_id != ?2 AND (state != 'deleted' OR collection IS NOT NULL) \
+         AND batch_start > ?3 - batch_duration AND batch_start < ?4 \
+         AND NOT (batch_start = ?3 AND batch_duration = ?5)) AS overlap";
 
 pub(super) async fn get_collection_job(
     store: &SqliteDatastore,
