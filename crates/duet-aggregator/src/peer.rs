@@ -7,7 +7,9 @@ use duet_messages::problem::DapProblemType;
 /// Why a request to the peer failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PeerError {
-    /// Worth retrying: the network failed, or the peer is overloaded or broken (5xx, 429).
+    /// Worth retrying: the network failed, or the peer is overloaded or broken (5xx, 429), or
+    /// it gave up on this request for reasons of the moment (408, a body that came too slowly;
+    /// 421, 425), which say nothing of the request itself.
     #[error("{0}")]
     Transient(String),
     /// The peer refused the request (4xx); retrying the same request won't help, unless the
@@ -30,14 +32,15 @@ pub(crate) enum PeerError {
 impl PeerError {
     /// Whether the Helper refused the request for how it is set up rather than for what the
     /// request says: it does not know the task (yet), takes no token of this Leader, serves
-    /// nothing at the URL, or redirects it elsewhere (never followed: the request carries the
-    /// token). An operator fixes those, so a job's attempts wait for the fix rather than its
-    /// reports being dropped at once.
+    /// nothing at the URL, redirects it elsewhere (never followed: the request carries the
+    /// token), or takes no body this long (413: a proxy in front of it, say, with a limit below
+    /// the jobs' size). An operator fixes those, so a job's attempts wait for the fix rather
+    /// than its reports being dropped at once.
     pub(crate) fn is_configuration(&self) -> bool {
         matches!(
             self,
             PeerError::Rejected {
-                status: 300..=399 | 401 | 403 | 404,
+                status: 300..=399 | 401 | 403 | 404 | 413,
                 ..
             } | PeerError::Rejected {
                 problem: Some(
@@ -103,7 +106,15 @@ pub(crate) async fn send(
         ),
         None => duet_core::problem::quote_body(&bytes),
     };
-    if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+    if status.is_server_error()
+        || matches!(
+            status,
+            reqwest::StatusCode::TOO_MANY_REQUESTS
+                | reqwest::StatusCode::REQUEST_TIMEOUT
+                | reqwest::StatusCode::MISDIRECTED_REQUEST
+        )
+        || status.as_u16() == 425
+    {
         Err(PeerError::Transient(format!(
             "{url} answered {status}: {text}"
         )))
@@ -155,6 +166,57 @@ mod tests {
         match request(url).await {
             Err(PeerError::Transient(m)) => assert!(m.contains("answered 503"), "{m}"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A request the Helper gave up on for the moment (408: its body came too slowly) is tried
+    /// again; one too large for it (413: a proxy's limit, say) waits for its operator; other
+    /// refusals are final.
+    #[tokio::test]
+    async fn refusals_of_the_moment_and_of_set_up_are_retried() {
+        for (answer, retried, configuration) in [
+            (
+                "HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n",
+                true,
+                false,
+            ),
+            (
+                "HTTP/1.1 425 Too Early\r\ncontent-length: 0\r\n\r\n",
+                true,
+                false,
+            ),
+            (
+                "HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\n\r\n",
+                true,
+                false,
+            ),
+            (
+                "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n",
+                false,
+                true,
+            ),
+            (
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+                false,
+                true,
+            ),
+            (
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+                false,
+                false,
+            ),
+        ] {
+            let status = &answer[9..12];
+            let url = answer_once(answer).await;
+            let result = request(url).await;
+            match result {
+                Err(PeerError::Transient(_)) => assert!(retried, "{status}"),
+                Err(ref e @ PeerError::Rejected { .. }) => {
+                    assert!(!retried, "{status}");
+                    assert_eq!(e.is_configuration(), configuration, "{status}");
+                }
+                other => panic!("{status}: {other:?}"),
+            }
         }
     }
 }
