@@ -242,7 +242,8 @@ impl Collector {
 
     /// Like [`Collector::collect`], as the collection job `job`: created if the Leader has no
     /// such job, else polled (the same query), so that a collection that timed out can be
-    /// resumed. A timeout names the job either way.
+    /// resumed. A timeout names the job either way. A job deleted since is not resumed: the
+    /// Leader refuses the request (`invalidMessage`, saying so).
     pub async fn collect_as(
         &self,
         job: CollectionJobId,

@@ -216,8 +216,9 @@ pub trait Datastore: Send + Sync + 'static {
         lease_duration: u64,
         limit: usize,
     ) -> Result<Vec<AcquiredCollectionJob>, StoreError>;
-    /// Gives a leased collection job back, runnable again at `retry_at`. `LeaseLost` if the
-    /// lease is no longer held. A lease that was not an `attempt` (the job's batch was not
+    /// Gives a leased collection job back, runnable again at `retry_at` (a job deleted while
+    /// leased is not run again: its lease just ends). `LeaseLost` if the lease is no longer
+    /// held. A lease that was not an `attempt` (the job's batch was not
     /// ready: a job waits through any number of those) is uncounted: the job's attempts go back
     /// to what they were before it.
     async fn release_collection_job(
@@ -228,8 +229,10 @@ pub trait Datastore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Moves a leased collection job to a final state (`Finished` or `Abandoned`). A job deleted
     /// while leased stays deleted, but a `Finished` result is still recorded: the Helper served
-    /// the batch, so it counts as collected (`collected_intervals`). `LeaseLost` if the lease
-    /// is no longer held.
+    /// the batch, so it counts as collected (`collected_intervals`). (If that attempt ends
+    /// otherwise, the deleted job is not run again, and a batch the Helper served without its
+    /// answer reaching the Leader is not recorded.) `LeaseLost` if the lease is no longer
+    /// held.
     async fn finish_collection_job(
         &self,
         job: &AcquiredCollectionJob,

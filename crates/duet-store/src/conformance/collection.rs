@@ -432,5 +432,34 @@ pub async fn check_collection_job_overlaps(leader: &dyn Datastore) {
             "the other is refused for overlap"
         );
     }
+
+    // Deleted while leased, then given back for a retry: the lease ends, the job is not run
+    // again, and its batch is not collected.
+    let gone = new_job(t.id, T0 + 40 * PRECISION);
+    leader.put_collection_job(&gone).await.expect("put");
+    let now = T0 + 100 * PRECISION;
+    let leased: Vec<_> = acquire(leader, t.id, now)
+        .await
+        .into_iter()
+        .filter(|j| j.job.id == gone.id)
+        .collect();
+    assert_eq!(leased.len(), 1);
+    assert!(leader
+        .delete_collection_job(&t.id, &gone.id)
+        .await
+        .expect("delete"));
+    leader
+        .release_collection_job(&leased[0], Time(now), true)
+        .await
+        .expect("release a job deleted while leased");
+    assert!(acquire(leader, t.id, now + 10_000)
+        .await
+        .iter()
+        .all(|j| j.job.id != gone.id));
+    assert!(!leader
+        .collected_intervals(&t.id, &gone.batch_interval)
+        .await
+        .expect("collected_intervals")
+        .contains(&gone.batch_interval));
     assert!(leader.delete_task(&t.id).await.expect("delete_task"));
 }

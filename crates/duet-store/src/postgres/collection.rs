@@ -281,7 +281,7 @@ pub(super) async fn release_collection_job(
          UPDATE collection_jobs SET lease_token = NULL, lease_expiry = 0, retry_at = $1, \
            lease_attempts = CASE WHEN $5 THEN lease_attempts \
              ELSE GREATEST(lease_attempts - 1, 0) END \
-         WHERE task_id = $2 AND job_id = $3 AND state = 'start' AND lease_token = $4",
+         WHERE task_id = $2 AND job_id = $3 AND state IN ('start', 'deleted') AND lease_token = $4",
     )
     .bind(to_i64(retry_at.0, "retry time")?)
     .bind(&job.job.task_id.0[..])

@@ -252,7 +252,7 @@ pub(super) async fn release_collection_job(
         "-- release_collection_job\n\
          UPDATE collection_jobs SET lease_token = NULL, lease_expiry = 0, retry_at = ?, \
            lease_attempts = CASE WHEN ? THEN lease_attempts ELSE MAX(lease_attempts - 1, 0) END \
-         WHERE task_id = ? AND job_id = ? AND state = 'start' AND lease_token = ?",
+         WHERE task_id = ? AND job_id = ? AND state IN ('start', 'deleted') AND lease_token = ?",
     )
     .bind(to_i64(retry_at.0, "retry time")?)
     .bind(attempt)
