@@ -157,7 +157,7 @@ const CLOSED_RUNS: &str = "-- create_aggregation_jobs\n\
 /// every queued report, by a sequential or bitmap scan, and sorts them: a cost that grows with
 /// the backlog (in the bench, claims of 1,000 reports read up to 15,000, and after job creation
 /// stopped for a while they would read millions). The transaction's other reads are
-/// primary-key probes, and the scans of one-row tables that have no index stay as they are; but
+/// primary-key probes, and the sequential scans of one-row tables stay as they are; but
 /// the cost the settings add to those scans would make the statement worth compiling to the
 /// planner, which takes a third of a second, so just-in-time compilation is off too.
 const LOCK_RUNS: &str = "-- create_aggregation_jobs\n\
