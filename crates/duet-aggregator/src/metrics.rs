@@ -67,8 +67,27 @@ pub struct Metrics {
     collection_jobs: [AtomicU64; 2],
     helper_continued: AtomicU64,
     helper_rejected: AtomicU64,
+    /// Reports of the Leader's aggregation jobs, by [`LeaderReports`]'s fields in order, then
+    /// those of abandoned jobs.
+    leader_reports: [AtomicU64; 4],
     datastore: [Timing; STORE_OPS.len()],
 }
+
+/// What became of the reports of one finished Leader aggregation job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LeaderReports {
+    /// Aggregated by both aggregators.
+    pub aggregated: u64,
+    /// Rejected by the Leader: its share did not decrypt, decode or prepare, or the report
+    /// falls in a batch collected meanwhile.
+    pub rejected: u64,
+    /// Rejected by the Helper.
+    pub rejected_by_helper: u64,
+}
+
+/// The outcomes of [`Metrics::leader_reports`], as the metric labels them.
+const LEADER_REPORT_OUTCOMES: [&str; 4] =
+    ["aggregated", "rejected", "rejected_by_helper", "abandoned"];
 
 /// Writes the `HELP` and `TYPE` lines of a metric family.
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -113,6 +132,18 @@ impl Metrics {
     pub(crate) fn helper_reports(&self, continued: u64, rejected: u64) {
         add(&self.helper_continued, continued);
         add(&self.helper_rejected, rejected);
+    }
+
+    /// Counts the reports of a finished Leader aggregation job.
+    pub(crate) fn leader_reports(&self, reports: LeaderReports) {
+        add(&self.leader_reports[0], reports.aggregated);
+        add(&self.leader_reports[1], reports.rejected);
+        add(&self.leader_reports[2], reports.rejected_by_helper);
+    }
+
+    /// Counts the reports of an abandoned Leader aggregation job: dropped.
+    pub(crate) fn leader_reports_abandoned(&self, reports: u64) {
+        add(&self.leader_reports[3], reports);
     }
 
     /// Runs a datastore call, recording how long it took (successful or not).
@@ -190,6 +221,20 @@ impl Metrics {
             get(&self.helper_continued),
             get(&self.helper_rejected)
         );
+        family(
+            &mut out,
+            "duet_leader_reports_total",
+            "counter",
+            "Reports of the Leader's aggregation jobs, by outcome (those of abandoned jobs are \
+             dropped).",
+        );
+        for (counter, outcome) in self.leader_reports.iter().zip(LEADER_REPORT_OUTCOMES) {
+            let _ = writeln!(
+                out,
+                "duet_leader_reports_total{{outcome=\"{outcome}\"}} {}",
+                get(counter)
+            );
+        }
         family(
             &mut out,
             "duet_datastore_seconds",

@@ -107,6 +107,11 @@ async fn metrics_count_uploads_and_jobs() {
     assert_eq!(v("duet_helper_reports_total{outcome=\"rejected\"}"), 0.0);
     let finished = v("duet_aggregation_jobs_total{outcome=\"finished\"}");
     assert!((1.0..=3.0).contains(&finished), "{finished} jobs finished");
+    assert_eq!(v("duet_leader_reports_total{outcome=\"aggregated\"}"), 3.0);
+    for outcome in ["rejected", "rejected_by_helper", "abandoned"] {
+        let name = format!("duet_leader_reports_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(v(&name), 0.0, "{name}");
+    }
     assert_eq!(v("duet_aggregation_jobs_total{outcome=\"retried\"}"), 0.0);
     assert_eq!(v("duet_aggregation_jobs_total{outcome=\"abandoned\"}"), 0.0);
     assert_eq!(v("duet_collection_jobs_total{outcome=\"finished\"}"), 0.0);
@@ -121,6 +126,45 @@ async fn metrics_count_uploads_and_jobs() {
         finished
     );
     h.stop().await;
+}
+
+/// Reports the Helper rejects are counted as such by the Leader: here the Helper's copy of the
+/// task has another verify key, so every report fails its preparation there, and the Leader's
+/// jobs still finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_the_helper_rejects_are_counted() {
+    let h = Harness::start().await;
+    let (task, _) = h
+        .leader_task(VdafInstance::Prio3Count, 1, &h.helper_url)
+        .await;
+    let mut helper_task = task.clone();
+    helper_task.collector_auth_token = None;
+    helper_task.vdaf_verify_key = task.vdaf_verify_key.map(|b| b ^ 0xff);
+    h.helper_store
+        .put_task(&helper_task)
+        .await
+        .expect("helper task");
+    let client = common::client(&task).await;
+    for m in [true, false] {
+        client.upload(&Measurement::Count(m)).await.expect("upload");
+    }
+    let name = "duet_leader_reports_total{outcome=\"rejected_by_helper\"}";
+    for _ in 0..100 {
+        let (_, samples) = scrape(&h).await;
+        if value(&samples, name) == Some(2.0) {
+            assert_eq!(
+                value(
+                    &samples,
+                    "duet_leader_reports_total{outcome=\"aggregated\"}"
+                ),
+                Some(0.0)
+            );
+            h.stop().await;
+            return;
+        }
+        tokio::time::sleep(StdDuration::from_millis(100)).await;
+    }
+    panic!("{name} did not reach 2");
 }
 
 /// With an admin listener, `/metrics` and `/healthz` are served there and not on the DAP

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use super::Leader;
 use crate::batch::{in_any, merger, BucketAccumulator};
 use crate::error::Error;
-use crate::metrics::{AggregationOutcome, StoreOp};
+use crate::metrics::{AggregationOutcome, LeaderReports, StoreOp};
 use crate::peer::{self, PeerError};
 use crate::shared::{find_key, TaskEntry};
 
@@ -125,10 +125,12 @@ pub(super) async fn run_aggregation_driver(
 async fn step_job(leader: &Leader, mut job: AcquiredAggregationJob) -> Option<Time> {
     let store = &leader.shared.store;
     let metrics = &leader.shared.metrics;
+    let reports = job.reports.len() as u64;
     let result = run_job(leader, &mut job).await;
     let mut retry = None;
     let (outcome, counted) = match result {
-        Ok(()) => {
+        Ok(counts) => {
+            metrics.leader_reports(counts);
             metrics.aggregation_job(AggregationOutcome::Finished);
             leader.wake_collection.notify_one();
             return None;
@@ -154,7 +156,12 @@ async fn step_job(leader: &Leader, mut job: AcquiredAggregationJob) -> Option<Ti
         }
     };
     match outcome {
-        Ok(()) => metrics.aggregation_job(counted),
+        Ok(()) => {
+            metrics.aggregation_job(counted);
+            if matches!(counted, AggregationOutcome::Abandoned) {
+                metrics.leader_reports_abandoned(reports);
+            }
+        }
         Err(e) => {
             tracing::error!(job = %job.job_id, error = %e, "recording an aggregation job's failure failed")
         }
@@ -181,22 +188,31 @@ struct Initialized {
     state: LeaderPrepState,
 }
 
-async fn run_job(leader: &Leader, job: &mut AcquiredAggregationJob) -> Result<(), JobFailure> {
+async fn run_job(
+    leader: &Leader,
+    job: &mut AcquiredAggregationJob,
+) -> Result<LeaderReports, JobFailure> {
     let shared = &leader.shared;
     let Some(entry) = shared.task(&job.task_id).await? else {
         return Err(JobFailure::Abandon("the task no longer exists".into()));
     };
     let keys = shared.keys();
+    let reports = job.reports.len() as u64;
 
     let (initialized, prepare_inits) = {
         let entry = Arc::clone(&entry);
         // The reports are not needed after this step: hand them over instead of copying them.
-        let reports = std::mem::take(&mut job.reports);
-        tokio::task::spawn_blocking(move || leader_init_all(&entry, &keys, &reports))
+        let stored = std::mem::take(&mut job.reports);
+        tokio::task::spawn_blocking(move || leader_init_all(&entry, &keys, &stored))
             .await
             .map_err(|e| JobFailure::Retry(format!("preparation task failed: {e}")))?
     };
 
+    // The reports the Leader's own preparation dropped.
+    let mut counts = LeaderReports {
+        rejected: reports.saturating_sub(initialized.len() as u64),
+        ..LeaderReports::default()
+    };
     let mut deltas = Vec::new();
     if !prepare_inits.is_empty() {
         let task = &entry.task;
@@ -263,27 +279,36 @@ async fn run_job(leader: &Leader, job: &mut AcquiredAggregationJob) -> Result<()
         let collected = leader.collected_intervals(&job.task_id).await?;
         let entry = Arc::clone(&entry);
         let task_id = job.task_id;
-        deltas = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+        let mut job_counts = counts;
+        (deltas, counts) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
             let mut acc = BucketAccumulator::new(&entry.vdaf, entry.task.time_precision);
             for (init, resp) in initialized.into_iter().zip(resp.prepare_resps) {
                 match resp.result {
                     PrepareStepResult::Continue { .. } if in_any(&collected, init.time) => {
+                        job_counts.rejected += 1;
                         tracing::warn!(report = %init.report_id, "the Helper accepted a report of a collected batch; report dropped")
                     }
                     PrepareStepResult::Continue { message } => {
                         match entry.vdaf.leader_continued(init.state, &message) {
-                            Ok(out) => acc.add(init.time, &init.report_id, &out)?,
-                            Err(e) => tracing::debug!(report = %init.report_id, error = %e, "report failed preparation"),
+                            Ok(out) => {
+                                acc.add(init.time, &init.report_id, &out)?;
+                                job_counts.aggregated += 1;
+                            }
+                            Err(e) => {
+                                job_counts.rejected += 1;
+                                tracing::debug!(report = %init.report_id, error = %e, "report failed preparation")
+                            }
                         }
                     }
                     // Refused above: the job is aborted before it gets here.
                     PrepareStepResult::Finished => {}
                     PrepareStepResult::Reject(err) => {
+                        job_counts.rejected_by_helper += 1;
                         tracing::debug!(report = %init.report_id, ?err, "Helper rejected report")
                     }
                 }
             }
-            Ok(acc.into_deltas(task_id)?)
+            Ok((acc.into_deltas(task_id)?, job_counts))
         })
         .await
         .map_err(|e| JobFailure::Retry(format!("accumulation task failed: {e}")))??;
@@ -300,7 +325,7 @@ async fn run_job(leader: &Leader, job: &mut AcquiredAggregationJob) -> Result<()
             duet_store::StoreError::LeaseLost => JobFailure::Abandon("lease lost".into()),
             e => JobFailure::Retry(e.to_string()),
         })?;
-    Ok(())
+    Ok(counts)
 }
 
 /// Decrypts and prepares the Leader's share of every report; reports that fail are dropped here
