@@ -258,13 +258,7 @@ async fn a_batch_the_helper_refuses_fails_with_its_problem() {
     let (task, _) = h
         .leader_task(VdafInstance::Prio3Count, 1, &h.helper_url)
         .await;
-    let mut helper_task = task.clone();
-    helper_task.collector_auth_token = None;
-    helper_task.min_batch_size = 100;
-    h.helper_store
-        .put_task(&helper_task)
-        .await
-        .expect("helper task");
+    h.helper_task_with(&task, |t| t.min_batch_size = 100).await;
     let client = common::client(&task).await;
     for m in [true, false] {
         client.upload(&Measurement::Count(m)).await.expect("upload");

@@ -13,6 +13,15 @@ use duet_messages::dap09::{
 use duet_messages::{Decode, Encode};
 use reqwest::Method;
 
+/// The Leader's HPKE key, to open the Leader's shares of reports as a Leader would.
+async fn leader_key(h: &Harness) -> duet_core::hpke::HpkeKeypair {
+    h.leader_store
+        .get_hpke_keypairs()
+        .await
+        .expect("keys")
+        .remove(0)
+}
+
 /// Builds the Leader's side of an aggregation job by hand, as a Leader would.
 fn init_req(
     task: &Task,
@@ -65,12 +74,7 @@ fn init_req(
 async fn aggregation_jobs_and_aggregate_shares() {
     let h = Harness::start().await;
     let (task, _) = h.task(VdafInstance::Prio3Count, 2).await;
-    let leader_key = h
-        .leader_store
-        .get_hpke_keypairs()
-        .await
-        .expect("keys")
-        .remove(0);
+    let leader_key = leader_key(&h).await;
     let token = task.aggregator_auth_token.clone();
     let client = common::client(&task).await;
     let reports: Vec<Report> = (0..3)
@@ -515,12 +519,7 @@ async fn rejected_reports_are_not_prepared_again() {
     )
     .await;
     let (task, _) = h.task(VdafInstance::Prio3Count, 2).await;
-    let leader_key = h
-        .leader_store
-        .get_hpke_keypairs()
-        .await
-        .expect("keys")
-        .remove(0);
+    let leader_key = leader_key(&h).await;
     let token = task.aggregator_auth_token.clone();
     let client = common::client(&task).await;
     let ct = Some(media_type::AGGREGATION_JOB_INIT_REQ);
@@ -595,12 +594,7 @@ async fn rejected_reports_are_not_prepared_again() {
 async fn batch_checks_come_in_the_drafts_order() {
     let h = Harness::start().await;
     let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
-    let leader_key = h
-        .leader_store
-        .get_hpke_keypairs()
-        .await
-        .expect("keys")
-        .remove(0);
+    let leader_key = leader_key(&h).await;
     let token = task.aggregator_auth_token.clone();
     let client = common::client(&task).await;
     let report = client

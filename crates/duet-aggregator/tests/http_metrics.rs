@@ -137,13 +137,10 @@ async fn reports_the_helper_rejects_are_counted() {
     let (task, _) = h
         .leader_task(VdafInstance::Prio3Count, 1, &h.helper_url)
         .await;
-    let mut helper_task = task.clone();
-    helper_task.collector_auth_token = None;
-    helper_task.vdaf_verify_key = task.vdaf_verify_key.map(|b| b ^ 0xff);
-    h.helper_store
-        .put_task(&helper_task)
-        .await
-        .expect("helper task");
+    h.helper_task_with(&task, |t| {
+        t.vdaf_verify_key = task.vdaf_verify_key.map(|b| b ^ 0xff)
+    })
+    .await;
     let client = common::client(&task).await;
     for m in [true, false] {
         client.upload(&Measurement::Count(m)).await.expect("upload");

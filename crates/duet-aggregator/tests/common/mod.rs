@@ -92,8 +92,15 @@ impl Harness {
 
     /// Provisions the Helper's copy of `task` (without the collector's token).
     pub async fn helper_task(&self, task: &Task) {
+        self.helper_task_with(task, |_| {}).await;
+    }
+
+    /// [`Harness::helper_task`], with the Helper's copy of the task changed by `change` (a
+    /// Helper whose settings differ from the Leader's).
+    pub async fn helper_task_with(&self, task: &Task, change: impl FnOnce(&mut Task)) {
         let mut helper_task = task.clone();
         helper_task.collector_auth_token = None;
+        change(&mut helper_task);
         self.helper_store
             .put_task(&helper_task)
             .await
