@@ -42,12 +42,15 @@ pub enum CollectorError {
     #[error("the Leader has deleted collection job {0}")]
     JobDeleted(CollectionJobId),
     /// The collection job was not ready in time.
-    #[error("{}", timeout_message(.job, .timeout))]
+    #[error("{}", timeout_message(.job, .timeout, .last_error))]
     Timeout {
         /// The job, if it was created before time ran out (it can still be polled).
         job: Option<CollectionJobId>,
         /// How long the collector waited.
         timeout: std::time::Duration,
+        /// The error of the last poll, if it failed (the Leader's answer to a failed job, say,
+        /// or a Leader that could not be reached); `None` if the job was still pending.
+        last_error: Option<String>,
     },
     /// A VDAF could not be set up, or unsharding failed.
     #[error("VDAF error: {0}")]
@@ -85,10 +88,18 @@ impl CollectorError {
     }
 }
 
-fn timeout_message(job: &Option<CollectionJobId>, timeout: &std::time::Duration) -> String {
-    match job {
+fn timeout_message(
+    job: &Option<CollectionJobId>,
+    timeout: &std::time::Duration,
+    last_error: &Option<String>,
+) -> String {
+    let waited = match job {
         Some(job) => format!("collection job {job} was not ready after {timeout:?}"),
         None => format!("could not start a collection job within {timeout:?}"),
+    };
+    match last_error {
+        Some(e) => format!("{waited}; its last poll failed: {e}"),
+        None => waited,
     }
 }
 

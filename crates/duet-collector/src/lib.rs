@@ -8,6 +8,8 @@
 mod decrypt;
 mod error;
 
+use std::sync::{Mutex, PoisonError};
+
 use duet_core::hpke::{check_suite, HpkeKeypair};
 use duet_core::http::read_at_most;
 use duet_core::vdaf::Vdaf;
@@ -72,6 +74,13 @@ pub struct Collector {
     /// The longest Collection the task's VDAF allows: two sealed aggregate shares and a little
     /// more. A longer answer is not read.
     collection_limit: usize,
+}
+
+/// The value a poll loop left in `last_error`.
+fn taken(last_error: Mutex<Option<String>>) -> Option<String> {
+    last_error
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Collector {
@@ -213,11 +222,13 @@ impl Collector {
         query: &Query,
         timeout: std::time::Duration,
     ) -> Result<CollectionResult, CollectorError> {
-        tokio::time::timeout(timeout, self.poll_loop(job, query))
+        let last_error = Mutex::new(None);
+        tokio::time::timeout(timeout, self.poll_loop(job, query, &last_error))
             .await
             .map_err(|_| CollectorError::Timeout {
                 job: Some(*job),
                 timeout,
+                last_error: taken(last_error),
             })?
     }
 
@@ -228,15 +239,17 @@ impl Collector {
         timeout: std::time::Duration,
     ) -> Result<CollectionResult, CollectorError> {
         let mut started = None;
+        let last_error = Mutex::new(None);
         let outcome = tokio::time::timeout(timeout, async {
             let job = self.start_collection(query).await?;
             started = Some(job);
-            self.poll_loop(&job, &query).await
+            self.poll_loop(&job, &query, &last_error).await
         })
         .await;
         outcome.map_err(|_| CollectorError::Timeout {
             job: started,
             timeout,
+            last_error: taken(last_error),
         })?
     }
 
@@ -250,14 +263,16 @@ impl Collector {
         query: Query,
         timeout: std::time::Duration,
     ) -> Result<CollectionResult, CollectorError> {
+        let last_error = Mutex::new(None);
         tokio::time::timeout(timeout, async {
             self.start_collection_as(job, query).await?;
-            self.poll_loop(&job, &query).await
+            self.poll_loop(&job, &query, &last_error).await
         })
         .await
         .map_err(|_| CollectorError::Timeout {
             job: Some(job),
             timeout,
+            last_error: taken(last_error),
         })?
     }
 
@@ -279,16 +294,22 @@ impl Collector {
         Ok(())
     }
 
+    /// Polls until the job is ready, noting in `last_error` whether the last poll failed (and
+    /// how), for the caller's timeout to report.
     async fn poll_loop(
         &self,
         job: &CollectionJobId,
         query: &Query,
+        last_error: &Mutex<Option<String>>,
     ) -> Result<CollectionResult, CollectorError> {
         let mut backoff = INITIAL_POLL_INTERVAL;
         loop {
             // A poll that fails transiently (a Leader restarting, busy or unreachable for a
             // moment) is tried again, within the caller's timeout: the job is still there.
-            let wait = match self.poll_once(job, query).await {
+            let outcome = self.poll_once(job, query).await;
+            *last_error.lock().unwrap_or_else(PoisonError::into_inner) =
+                outcome.as_ref().err().map(ToString::to_string);
+            let wait = match outcome {
                 Ok(PollOutcome::Ready(result)) => return Ok(result),
                 Ok(PollOutcome::Pending { retry_after }) => {
                     let wait = poll_wait(retry_after, backoff);

@@ -436,3 +436,34 @@ async fn an_endless_collection_is_not_read() {
         "{e}"
     );
 }
+
+/// A job the Leader gave up on answers every poll with an error: the collector keeps polling
+/// (the error might pass), and when its time is up says what the last poll got, not only that
+/// the job was not ready.
+#[tokio::test]
+async fn a_timeout_names_the_last_polls_error() {
+    let c = collector_at(
+        duet_core::http::testing::answer_always(
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/problem+json\r\n\
+             connection: close\r\ncontent-length: 82\r\n\r\n\
+             {\"type\":\"about:blank\",\"status\":500,\"detail\":\"the collection job failed; see logs\"}",
+        )
+        .await,
+    );
+    let query = Query::TimeInterval {
+        batch_interval: interval(0, 3600),
+    };
+    let job = CollectionJobId([1; 16]);
+    let e = c
+        .poll_until_ready(&job, &query, std::time::Duration::from_millis(500))
+        .await
+        .expect_err("must time out");
+    match &e {
+        CollectorError::Timeout {
+            last_error: Some(last),
+            ..
+        } => assert!(last.contains("the collection job failed"), "{last}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(e.to_string().contains("its last poll failed"), "{e}");
+}

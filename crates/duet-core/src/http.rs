@@ -56,6 +56,32 @@ pub mod testing {
         });
         url::Url::parse(&url).expect("url")
     }
+
+    /// A server on a loopback port of its own that answers every request with `answer` (which
+    /// should close the connection: `connection: close`) until the test's runtime ends; returns
+    /// its `http://…/` URL.
+    pub async fn answer_always(answer: &'static str) -> url::Url {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        url::Url::parse(&url).expect("url")
+    }
 }
 
 #[cfg(all(test, feature = "test-util"))]

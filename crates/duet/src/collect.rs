@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(long)]
     csv: bool,
     /// Give up after this many seconds (exit status 3: the job goes on at the Leader; poll it
-    /// again with `--job`).
+    /// again with `--job`; 1 if the last poll failed, whose error is shown).
     #[arg(long, default_value_t = 300)]
     timeout: u64,
     /// The collection job's ID (base64url, as a timed-out `duet collect` names it): polls that
@@ -155,7 +155,6 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     let result = match collector.collect_as(job, query, timeout).await {
         Ok(result) => result,
         // The job goes on at the Leader: say how to come back for it.
-        // Its own exit status, so that a script can tell "not yet" from a failure.
         Err(e @ CollectorError::Timeout { .. }) => {
             let again = if args.job.is_some() {
                 "poll it again with the same command".to_string()
@@ -163,7 +162,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 format!("poll it again with `duet collect` and the same flags plus `--job {job}`")
             };
             eprintln!("error: collection failed: {e}; {again}");
-            return Ok(ExitCode::from(NOT_READY));
+            return Ok(ExitCode::from(timeout_status(&e)));
         }
         Err(e) => return Err(e).context("collection failed"),
     };
@@ -177,4 +176,34 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         anyhow::anyhow!("{e}; to get the result, {again}")
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The exit status of a collection that timed out: its own, so that a script can tell "not
+/// yet" from a failure; but if the last poll failed (a job the Leader gave up on answers every
+/// poll with an error), a failure's.
+fn timeout_status(e: &CollectorError) -> u8 {
+    match e {
+        CollectorError::Timeout {
+            last_error: Some(_),
+            ..
+        } => 1,
+        _ => NOT_READY,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A timeout after pending polls is "not ready" (3); after a failed poll, a failure (1).
+    #[test]
+    fn a_timeout_after_a_failed_poll_is_a_failure() {
+        let timeout = |last_error: Option<&str>| CollectorError::Timeout {
+            job: None,
+            timeout: std::time::Duration::from_secs(1),
+            last_error: last_error.map(str::to_string),
+        };
+        assert_eq!(timeout_status(&timeout(None)), NOT_READY);
+        assert_eq!(timeout_status(&timeout(Some("500"))), 1);
+    }
 }
