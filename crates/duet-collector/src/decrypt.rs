@@ -3,8 +3,8 @@
 use duet_core::hpke::{open, HpkeApplicationInfo, HpkeKeypair};
 use duet_core::vdaf::Vdaf;
 use duet_messages::dap09::{
-    AggregateShareAad, BatchSelector, Collection, HpkeCiphertext, PartialBatchSelector, Query,
-    Role, TaskId,
+    AggregateShareAad, BatchSelector, Collection, FixedSizeQuery, HpkeCiphertext,
+    PartialBatchSelector, Query, Role, TaskId,
 };
 use duet_messages::Encode;
 
@@ -22,6 +22,15 @@ pub fn batch_selector(
                 batch_interval: *batch_interval,
             })
         }
+        // A batch asked for by its ID must be the batch answered for.
+        (
+            Query::FixedSize {
+                fixed_size_query: FixedSizeQuery::ByBatchId { batch_id: asked },
+            },
+            PartialBatchSelector::FixedSize(batch_id),
+        ) if *asked != batch_id => Err(CollectorError::InvalidCollection(format!(
+            "batch {asked:?} was asked for and batch {batch_id:?} answered"
+        ))),
         (Query::FixedSize { .. }, PartialBatchSelector::FixedSize(batch_id)) => {
             Ok(BatchSelector::FixedSize { batch_id })
         }

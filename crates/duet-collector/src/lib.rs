@@ -85,6 +85,11 @@ fn taken(last_error: Mutex<Option<String>>) -> Option<String> {
 
 impl Collector {
     /// Checks the parameters (VDAF, HPKE suite) and builds a collector.
+    ///
+    /// Every request to the Leader carries the collector's token, and reqwest keeps
+    /// `DAP-Auth-Token` headers on redirects to other hosts: give it an `http` client built
+    /// with `.redirect(reqwest::redirect::Policy::none())`, as `duet collect` does, unless the
+    /// Leader's redirects are trusted.
     pub fn new(
         mut params: CollectorParameters,
         vdaf: VdafInstance,

@@ -174,6 +174,16 @@ fn fixed_size_collections_bind_the_leaders_batch_id() {
     );
     let e = decrypt_collection(&TASK, &keypair, &vdaf, &query, &other).expect_err("wrong batch");
     assert!(matches!(e, CollectorError::Hpke(_)), "{e}");
+
+    // A batch asked for by its ID: that batch's collection opens, another's is refused, however
+    // well its shares are sealed for it.
+    let by_id = |id: BatchId| Query::FixedSize {
+        fixed_size_query: FixedSizeQuery::ByBatchId { batch_id: id },
+    };
+    decrypt_collection(&TASK, &keypair, &vdaf, &by_id(batch_id), &c).expect("the batch asked for");
+    let e = decrypt_collection(&TASK, &keypair, &vdaf, &by_id(BatchId([9; 32])), &c)
+        .expect_err("another batch");
+    assert!(matches!(e, CollectorError::InvalidCollection(_)), "{e}");
 }
 
 #[test]

@@ -388,6 +388,8 @@ pub fn read_measurements(
         std::fs::read_to_string(path)
             .with_context(|| format!("could not read {}", path.display()))?
     };
+    // A byte-order mark (as some editors begin a UTF-8 file) is not part of the first line.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut out = Vec::new();
     let mut lines = Vec::new();
     for (i, line) in text.lines().enumerate() {

@@ -194,7 +194,8 @@ mod tests {
     async fn a_failed_upload_names_the_lines_not_sent() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("m.txt");
-        std::fs::write(&path, "# counts\n1\n0\n\n1\n").expect("write");
+        // Written by an editor that begins UTF-8 files with a byte-order mark.
+        std::fs::write(&path, "\u{feff}# counts\n1\n0\n\n1\n").expect("write");
         let (measurements, lines) =
             crate::task::read_measurements(&path, &VdafInstance::Prio3Count).expect("read");
         assert_eq!(lines, [2, 3, 5]);
