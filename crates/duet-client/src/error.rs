@@ -57,6 +57,11 @@ pub enum ClientError {
         /// The offered suites, as `id:kem/kdf/aead`.
         offered: String,
     },
+    /// An upload failed, but an earlier attempt at it may have been stored: its request was
+    /// sent and its answer lost (or was a server error). Sending the measurement again, as a
+    /// new report, could count it twice.
+    #[error("{0} (an earlier attempt may have been stored: its answer was lost)")]
+    OutcomeUnknown(Box<ClientError>),
 }
 
 impl ClientError {
@@ -64,6 +69,7 @@ impl ClientError {
     pub fn problem_type(&self) -> Option<DapProblemType> {
         match self {
             Self::Problem { problem_type, .. } => *problem_type,
+            Self::OutcomeUnknown(e) => e.problem_type(),
             _ => None,
         }
     }

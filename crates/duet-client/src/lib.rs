@@ -206,30 +206,46 @@ impl<C: Clock> Client<C> {
         }
     }
 
-    /// [`Client::upload_report`], retried after transient failures.
+    /// [`Client::upload_report`], retried after transient failures. If it fails in the end
+    /// after an attempt that may have been stored, the error is [`ClientError::OutcomeUnknown`].
     async fn upload_with_retries(&self, report: &Report) -> Result<(), ClientError> {
         let mut pause = FIRST_UPLOAD_PAUSE;
         let mut attempt = 1;
+        let mut maybe_stored = false;
         loop {
-            match self.upload_report(report).await {
-                Err(e) if e.is_transient() && attempt < UPLOAD_ATTEMPTS => {
+            match self.try_upload(report).await {
+                Err((e, sent)) if e.is_transient() && attempt < UPLOAD_ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "upload failed; sending it again");
+                    maybe_stored |= sent;
                     tokio::time::sleep(pause).await;
                     pause *= 2;
                     attempt += 1;
                 }
-                done => return done,
+                Ok(()) => return Ok(()),
+                Err((e, sent)) if maybe_stored || sent => {
+                    return Err(ClientError::OutcomeUnknown(Box::new(e)))
+                }
+                Err((e, _)) => return Err(e),
             }
         }
     }
 
     /// Uploads a prepared report (`PUT {leader}tasks/{task_id}/reports`); any 2xx is success.
     pub async fn upload_report(&self, report: &Report) -> Result<(), ClientError> {
+        self.try_upload(report).await.map_err(|(e, _)| e)
+    }
+
+    /// [`Client::upload_report`], saying with a failure whether the report may have been
+    /// stored all the same: its request went out and no answer came back (a timeout, a
+    /// connection lost midway), or the answer was a server error (a proxy's 502 or 504, say).
+    /// A connection never made, or a refusal (4xx), stored nothing.
+    async fn try_upload(&self, report: &Report) -> Result<(), (ClientError, bool)> {
         let leader = describe(Role::Leader, &self.params.leader_endpoint);
         let url = join(
             &self.params.leader_endpoint,
             &format!("tasks/{}/reports", self.params.task_id),
-        )?;
+        )
+        .map_err(|e| (e, false))?;
         let response = self
             .http
             .put(url)
@@ -237,14 +253,20 @@ impl<C: Clock> Client<C> {
             .body(report.get_encoded())
             .send()
             .await
-            .map_err(|e| ClientError::Http {
-                action: format!("upload the report to {leader}"),
-                message: error_chain(&e),
+            .map_err(|e| {
+                let sent = !e.is_connect() && !e.is_builder();
+                let e = ClientError::Http {
+                    action: format!("upload the report to {leader}"),
+                    message: error_chain(&e),
+                };
+                (e, sent)
             })?;
-        if response.status().is_success() {
+        let status = response.status();
+        if status.is_success() {
             return Ok(());
         }
-        Err(error::error_from_response(response, format!("{leader} rejected the report")).await)
+        let e = error::error_from_response(response, format!("{leader} rejected the report")).await;
+        Err((e, status.is_server_error()))
     }
 }
 

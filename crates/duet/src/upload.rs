@@ -108,44 +108,68 @@ pub async fn upload_all(
             Ok::<_, anyhow::Error>(None)
         });
     }
-    let mut failed: Option<(usize, duet_client::ClientError)> = None;
+    let mut failures: Vec<(usize, duet_client::ClientError)> = Vec::new();
     while let Some(r) = workers.join_next().await {
-        if let Some((i, e)) = r.context("an upload worker failed")?? {
-            if failed.as_ref().is_none_or(|(j, _)| i < *j) {
-                failed = Some((i, e));
-            }
+        if let Some(failure) = r.context("an upload worker failed")?? {
+            failures.push(failure);
         }
     }
     pb.finish_and_clear();
-    if let Some((i, e)) = failed {
-        let unsent: Vec<usize> = (0..total)
-            .filter(|&j| !sent[j].load(Ordering::SeqCst))
-            .collect();
-        let uploaded = total - unsent.len();
-        let (failed, unsent) = match lines {
-            Some((path, lines)) => {
-                let source = crate::task::source_name(path);
-                let unsent: Vec<usize> = unsent.iter().map(|&j| lines[j]).collect();
-                (
-                    format!("the measurement on line {} of {source}", lines[i]),
-                    format!("those on lines {} of {source}", ranges(&unsent)),
-                )
-            }
-            None => {
-                let unsent: Vec<usize> = unsent.iter().map(|&j| j + 1).collect();
-                (
-                    format!("measurement {}", i + 1),
-                    format!("measurements {}", ranges(&unsent)),
-                )
-            }
-        };
-        bail!(
-            "uploading {failed} failed: {e}; {uploaded} of {total} reports were uploaded, and \
-             {unsent} were not (send only those again: an uploaded one sent again would count \
-             twice)"
-        );
+    failures.sort_by_key(|(i, _)| *i);
+    let Some((i, e)) = failures.first() else {
+        return Ok(());
+    };
+    // Measurements whose upload may have been stored although it failed: not to be sent again
+    // blindly.
+    let unknown: Vec<usize> = failures
+        .iter()
+        .filter(|(_, e)| matches!(e, duet_client::ClientError::OutcomeUnknown(_)))
+        .map(|(j, _)| *j)
+        .collect();
+    let unsent: Vec<usize> = (0..total)
+        .filter(|&j| !sent[j].load(Ordering::SeqCst) && !unknown.contains(&j))
+        .collect();
+    let uploaded = total - unsent.len() - unknown.len();
+    let (source, number): (String, Box<dyn Fn(usize) -> usize>) = match lines {
+        Some((path, lines)) => (
+            format!(" of {}", crate::task::source_name(path)),
+            Box::new(move |j| lines[j]),
+        ),
+        None => (String::new(), Box::new(|j| j + 1)),
+    };
+    let (one, many) = if lines.is_some() {
+        ("the measurement on line", "those on lines")
+    } else {
+        ("measurement", "measurements")
+    };
+    let named = |js: &[usize]| {
+        let numbers: Vec<usize> = js.iter().map(|&j| number(j)).collect();
+        format!("{many} {}{source}", ranges(&numbers))
+    };
+    let mut parts = Vec::new();
+    if !unsent.is_empty() {
+        parts.push(format!(
+            "{} were not (send only those again: an uploaded one sent again would count twice)",
+            named(&unsent)
+        ));
     }
-    Ok(())
+    if !unknown.is_empty() {
+        parts.push(format!(
+            "{} may have been (their answers were lost: sending them again may count them \
+             twice)",
+            named(&unknown)
+        ));
+    }
+    let last = parts.pop().unwrap_or_default();
+    let mut outcome = format!("{uploaded} of {total} reports were uploaded");
+    for part in parts {
+        outcome += &format!(", {part}");
+    }
+    outcome += &format!(", and {last}");
+    bail!(
+        "uploading {one} {}{source} failed: {e}; {outcome}",
+        number(*i)
+    );
 }
 
 /// Ascending numbers as ranges of consecutive ones: "3, 7-9".
@@ -238,6 +262,45 @@ mod tests {
             )),
             "{text}"
         );
+    }
+
+    /// A measurement whose upload failed after an attempt that may have been stored (here the
+    /// Leader answers 503 every time) is named apart from those not sent, as one that may have
+    /// been uploaded.
+    #[tokio::test]
+    async fn an_upload_whose_answer_was_lost_is_named_apart() {
+        let leader = duet_core::http::testing::answer_always(
+            "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+        let params = ClientParameters {
+            task_id: TaskId([3; 32]),
+            leader_endpoint: leader.clone(),
+            helper_endpoint: leader,
+            time_precision: Duration(3600),
+        };
+        let config = || HpkeKeypair::generate(HpkeConfigId(1)).config;
+        let client = Client::with_hpke_configs(
+            params,
+            VdafInstance::Prio3Count,
+            reqwest::Client::new(),
+            RealClock,
+            config(),
+            config(),
+        )
+        .expect("client");
+        let measurements = vec![duet_core::Measurement::Count(true); 2];
+        let e = upload_all(Arc::new(client), measurements, None, 1)
+            .await
+            .expect_err("refused");
+        let text = e.to_string();
+        assert!(
+            text.contains(
+                "0 of 2 reports were uploaded, measurements 2 were not (send only those again"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("and measurements 1 may have been"), "{text}");
     }
 
     #[test]
