@@ -1,9 +1,10 @@
 //! The DAP-09 client: turns a measurement into a report (shard, encrypt) and uploads it to the
 //! Leader.
 //!
-//! A [`Client`] fetches both aggregators' HPKE configurations once, when it is built, and keeps
-//! them; when the Leader answers an upload with `outdatedConfig` it fetches them again and retries
-//! that upload once, and an upload that fails transiently (lost, or the Leader busy or failing) is
+//! A [`Client`] fetches both aggregators' HPKE configurations when it is built, and keeps them
+//! for as long as the aggregators' `Cache-Control: max-age` allows (for good, without one), then
+//! fetches them again before its next upload; when the Leader answers an upload with
+//! `outdatedConfig` it fetches them again and retries that upload once, and an upload that fails transiently (lost, or the Leader busy or failing) is
 //! sent again a few times. A client is `Send + Sync`, so one instance behind an `Arc` can upload
 //! concurrently.
 #![forbid(unsafe_code)]
@@ -52,6 +53,9 @@ pub struct ClientParameters {
 struct HpkeConfigs {
     leader: HpkeConfig,
     helper: HpkeConfig,
+    /// When they go stale, by the aggregators' `Cache-Control: max-age` (the sooner of the
+    /// two) counted from the fetch; `None` if neither set one, or they came from the caller.
+    stale_at: Option<Time>,
 }
 
 /// A DAP client for one task.
@@ -87,7 +91,7 @@ impl<C: Clock> Client<C> {
     ) -> Result<Self, ClientError> {
         let params = normalize(params);
         let vdaf = instantiate(&vdaf)?;
-        let configs = fetch_hpke_configs(&http, &params).await?;
+        let configs = fetch_hpke_configs(&http, &params, clock.now()).await?;
         Ok(Self {
             params,
             vdaf,
@@ -128,6 +132,7 @@ impl<C: Clock> Client<C> {
         let configs = HpkeConfigs {
             leader: leader_hpke_config,
             helper: helper_hpke_config,
+            stale_at: None,
         };
         Ok(Self {
             params,
@@ -154,13 +159,31 @@ impl<C: Clock> Client<C> {
 
     /// Fetches both aggregators' HPKE configs again and uses them from now on.
     pub async fn refresh_hpke_configs(&self) -> Result<(), ClientError> {
-        let fresh = fetch_hpke_configs(&self.http, &self.params).await?;
+        let fresh = fetch_hpke_configs(&self.http, &self.params, self.clock.now()).await?;
         // The lock only guards a plain value, so a writer that panicked left nothing half-done.
         *self
             .hpke_configs
             .write()
             .unwrap_or_else(PoisonError::into_inner) = fresh;
         Ok(())
+    }
+
+    /// Fetches the HPKE configs again if the aggregators' cache lifetime for them has passed
+    /// (DAP-09 §4.3: clients follow HTTP caching, and an aggregator keeps a retired key for
+    /// twice that lifetime, so a client that never refetches would seal to a key since
+    /// withdrawn). If the fetch fails, the stale configs serve, and an `outdatedConfig` answer
+    /// still brings a refetch.
+    async fn refresh_stale_hpke_configs(&self) {
+        let stale_at = self
+            .hpke_configs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stale_at;
+        if stale_at.is_some_and(|at| self.clock.now() >= at) {
+            if let Err(e) = self.refresh_hpke_configs().await {
+                tracing::debug!(error = %e, "refetching stale HPKE configs failed; using them");
+            }
+        }
     }
 
     /// Shards and encrypts; time = clock.now() rounded down to time_precision; fresh random ReportId.
@@ -194,6 +217,7 @@ impl<C: Clock> Client<C> {
     /// growing pause: the same report, so that one the Leader stored before its answer was lost
     /// is counted once (the Leader keeps the first upload of a report ID).
     pub async fn upload(&self, measurement: &Measurement) -> Result<(), ClientError> {
+        self.refresh_stale_hpke_configs().await;
         let report = self.prepare_report(measurement)?;
         match self.upload_with_retries(&report).await {
             Err(e) if e.problem_type() == Some(DapProblemType::OutdatedConfig) => {
@@ -383,26 +407,56 @@ fn error_chain(e: &reqwest::Error) -> String {
     text
 }
 
+/// Both aggregators' HPKE configs, fetched at `now`.
 async fn fetch_hpke_configs(
     http: &reqwest::Client,
     params: &ClientParameters,
+    now: Time,
 ) -> Result<HpkeConfigs, ClientError> {
     let leader = fetch_hpke_config(http, &params.task_id, Role::Leader, &params.leader_endpoint);
     let helper = fetch_hpke_config(http, &params.task_id, Role::Helper, &params.helper_endpoint);
     let (leader, helper) = tokio::join!(leader, helper);
+    let ((leader, leader_max_age), (helper, helper_max_age)) = (leader?, helper?);
+    let max_age = match (leader_max_age, helper_max_age) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     Ok(HpkeConfigs {
-        leader: leader?,
-        helper: helper?,
+        leader,
+        helper,
+        stale_at: max_age.map(|age| Time(now.0.saturating_add(age))),
     })
 }
 
-/// `GET {endpoint}hpke_config?task_id=…`; returns the first config with a supported suite.
+/// How long a response may be kept, in seconds, by its `Cache-Control` header: `max-age`, or 0
+/// for `no-cache` and `no-store`; `None` without either.
+fn max_age(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    let mut age = None;
+    for value in headers.get_all(reqwest::header::CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else { continue };
+        for directive in value.split(',').map(str::trim) {
+            let lower = directive.to_ascii_lowercase();
+            if lower == "no-cache" || lower == "no-store" {
+                return Some(0);
+            }
+            if let Some(n) = lower.strip_prefix("max-age=") {
+                if let Ok(n) = n.trim_matches('"').parse::<u64>() {
+                    age = Some(age.map_or(n, |a: u64| a.min(n)));
+                }
+            }
+        }
+    }
+    age
+}
+
+/// `GET {endpoint}hpke_config?task_id=…`; returns the first config with a supported suite, and
+/// how long the answer may be kept (see [`max_age`]).
 async fn fetch_hpke_config(
     http: &reqwest::Client,
     task_id: &TaskId,
     role: Role,
     endpoint: &url::Url,
-) -> Result<HpkeConfig, ClientError> {
+) -> Result<(HpkeConfig, Option<u64>), ClientError> {
     let who = describe(role, endpoint);
     let mut url = join(endpoint, "hpke_config")?;
     url.query_pairs_mut()
@@ -416,6 +470,7 @@ async fn fetch_hpke_config(
         let context = format!("{who} refused the HPKE configuration request");
         return Err(error::error_from_response(response, context).await);
     }
+    let max_age = max_age(response.headers());
     let (body, whole) = read_at_most(response, HPKE_CONFIG_LIST_LIMIT)
         .await
         .map_err(http_error)?;
@@ -429,7 +484,7 @@ async fn fetch_hpke_config(
             "the HPKE configuration list from {who} is malformed: {e}"
         ))
     })?;
-    pick_config(&who, list)
+    Ok((pick_config(&who, list)?, max_age))
 }
 
 /// The first config (the server's preferred order) whose suite Duet supports.

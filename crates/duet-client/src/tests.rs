@@ -264,3 +264,115 @@ async fn an_endless_hpke_config_list_is_not_read() {
         "{e}"
     );
 }
+
+/// A server for both aggregators that answers an HPKE configuration request with `config`,
+/// kept `max-age=60`, and an upload with 201; counts the configuration requests.
+async fn caching_aggregator(
+    config: HpkeConfig,
+) -> (url::Url, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/", listener.local_addr().expect("addr"));
+    let fetches = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&fetches);
+    let list = HpkeConfigList(vec![config]).get_encoded();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counted = std::sync::Arc::clone(&counted);
+            let list = list.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = if request.starts_with(b"GET ") {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let mut a = format!(
+                        "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\nconnection: close\r\n\
+                         content-length: {}\r\n\r\n",
+                        list.len()
+                    )
+                    .into_bytes();
+                    a.extend_from_slice(&list);
+                    a
+                } else {
+                    b"HTTP/1.1 201 Created\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+                        .to_vec()
+                };
+                let _ = socket.write_all(&answer).await;
+            });
+        }
+    });
+    (url::Url::parse(&url).expect("url"), fetches)
+}
+
+/// The client keeps the aggregators' HPKE configurations as long as their `Cache-Control`
+/// allows, and fetches them again before the first upload after that (DAP-09 §4.3).
+#[tokio::test]
+async fn hpke_configs_are_fetched_again_once_stale() {
+    use std::sync::atomic::Ordering;
+
+    let key = HpkeKeypair::generate(HpkeConfigId(1));
+    let (endpoint, fetches) = caching_aggregator(key.config.clone()).await;
+    let clock = MockClock::new(Time(1_700_000_000));
+    let params = ClientParameters {
+        task_id: TaskId([7; 32]),
+        leader_endpoint: endpoint.clone(),
+        helper_endpoint: endpoint,
+        time_precision: PRECISION,
+    };
+    let client = Client::with_clock(
+        params,
+        VdafInstance::Prio3Count,
+        reqwest::Client::new(),
+        clock.clone(),
+    )
+    .await
+    .expect("client");
+    // One request per aggregator.
+    assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    let m = Measurement::Count(true);
+    client.upload(&m).await.expect("upload");
+    clock.advance(Duration(59));
+    client.upload(&m).await.expect("upload");
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        2,
+        "fresh configs fetched again"
+    );
+    clock.advance(Duration(1));
+    client.upload(&m).await.expect("upload");
+    assert_eq!(fetches.load(Ordering::SeqCst), 4, "stale configs kept");
+}
+
+/// `Cache-Control` is read as HTTP has it: the smallest `max-age`, and no keeping at all for
+/// `no-cache` or `no-store`.
+#[test]
+fn cache_lifetimes_are_read_from_cache_control() {
+    let headers = |values: &[&str]| {
+        let mut h = reqwest::header::HeaderMap::new();
+        for v in values {
+            h.append(
+                reqwest::header::CACHE_CONTROL,
+                v.parse().expect("header value"),
+            );
+        }
+        h
+    };
+    assert_eq!(max_age(&headers(&[])), None);
+    assert_eq!(max_age(&headers(&["max-age=86400"])), Some(86_400));
+    assert_eq!(
+        max_age(&headers(&["public, Max-Age=60", "max-age=120"])),
+        Some(60)
+    );
+    assert_eq!(max_age(&headers(&["max-age=60, no-store"])), Some(0));
+    assert_eq!(max_age(&headers(&["private"])), None);
+}
