@@ -60,7 +60,7 @@ pub enum ClientError {
     /// An upload failed, but an earlier attempt at it may have been stored: its request was
     /// sent and its answer lost (or was a server error). Sending the measurement again, as a
     /// new report, could count it twice.
-    #[error("{0} (an earlier attempt may have been stored: its answer was lost)")]
+    #[error("{0} (an attempt may have been stored: its answer was lost, or was a server error)")]
     OutcomeUnknown(Box<ClientError>),
 }
 

@@ -58,6 +58,12 @@ struct HpkeConfigs {
     stale_at: Option<Time>,
 }
 
+/// How long the refetch of stale HPKE configs may take before an upload goes on without it.
+const STALE_REFETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Seconds stale HPKE configs are kept after a failed refetch before the next try.
+const STALE_REFETCH_PAUSE: u64 = 60;
+
 /// A DAP client for one task.
 #[derive(Debug)]
 pub struct Client<C: Clock = RealClock> {
@@ -68,6 +74,8 @@ pub struct Client<C: Clock = RealClock> {
     // Replaced when the Leader says `outdatedConfig`; readers clone out and never hold the lock
     // across an await.
     hpke_configs: RwLock<HpkeConfigs>,
+    /// Held by the one upload that refetches stale configs.
+    refetching: tokio::sync::Mutex<()>,
 }
 
 impl Client {
@@ -98,6 +106,7 @@ impl<C: Clock> Client<C> {
             http,
             clock,
             hpke_configs: RwLock::new(configs),
+            refetching: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -140,6 +149,7 @@ impl<C: Clock> Client<C> {
             http,
             clock,
             hpke_configs: RwLock::new(configs),
+            refetching: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -173,15 +183,42 @@ impl<C: Clock> Client<C> {
     /// twice that lifetime, so a client that never refetches would seal to a key since
     /// withdrawn). If the fetch fails, the stale configs serve, and an `outdatedConfig` answer
     /// still brings a refetch.
+    ///
+    /// One upload refetches while the others go on with the stale configs; the refetch may
+    /// take [`STALE_REFETCH_TIMEOUT`], and after a failed one the configs are kept another
+    /// [`STALE_REFETCH_PAUSE`] seconds, so that an aggregator that cannot be reached holds up
+    /// no upload for long.
     async fn refresh_stale_hpke_configs(&self) {
         let stale_at = self
             .hpke_configs
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .stale_at;
-        if stale_at.is_some_and(|at| self.clock.now() >= at) {
-            if let Err(e) = self.refresh_hpke_configs().await {
-                tracing::debug!(error = %e, "refetching stale HPKE configs failed; using them");
+        let now = self.clock.now();
+        if stale_at.is_none_or(|at| now < at) {
+            return;
+        }
+        let Ok(_refetching) = self.refetching.try_lock() else {
+            return;
+        };
+        let fetched = tokio::time::timeout(
+            STALE_REFETCH_TIMEOUT,
+            fetch_hpke_configs(&self.http, &self.params, now),
+        )
+        .await;
+        let mut configs = self
+            .hpke_configs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        match fetched {
+            Ok(Ok(fresh)) => *configs = fresh,
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {STALE_REFETCH_TIMEOUT:?}"),
+                };
+                tracing::debug!(error = %why, "refetching stale HPKE configs failed; using them");
+                configs.stale_at = Some(Time(now.0.saturating_add(STALE_REFETCH_PAUSE)));
             }
         }
     }
@@ -220,7 +257,11 @@ impl<C: Clock> Client<C> {
         self.refresh_stale_hpke_configs().await;
         let report = self.prepare_report(measurement)?;
         match self.upload_with_retries(&report).await {
-            Err(e) if e.problem_type() == Some(DapProblemType::OutdatedConfig) => {
+            // Not after an attempt that may have been stored: a new report would count twice.
+            Err(e)
+                if e.problem_type() == Some(DapProblemType::OutdatedConfig)
+                    && !matches!(e, ClientError::OutcomeUnknown(_)) =>
+            {
                 tracing::debug!(error = %e, "HPKE config outdated; refetching and retrying once");
                 self.refresh_hpke_configs().await?;
                 let report = self.prepare_report(measurement)?;
@@ -260,9 +301,11 @@ impl<C: Clock> Client<C> {
     }
 
     /// [`Client::upload_report`], saying with a failure whether the report may have been
-    /// stored all the same: its request went out and no answer came back (a timeout, a
-    /// connection lost midway), or the answer was a server error (a proxy's 502 or 504, say).
-    /// A connection never made, or a refusal (4xx), stored nothing.
+    /// stored all the same: its request may have gone out and no answer came back (a timeout,
+    /// a connection lost midway), or the answer was a server error (a proxy's 502 or 504, say).
+    /// A connection never made, or a refusal (4xx), stored nothing. (A request timeout counts
+    /// as "may have been sent" even if it ran out while connecting: give the HTTP client a
+    /// `connect_timeout` shorter than its `timeout`, as `duet upload` does, to tell them apart.)
     async fn try_upload(&self, report: &Report) -> Result<(), (ClientError, bool)> {
         let leader = describe(Role::Leader, &self.params.leader_endpoint);
         let url = join(

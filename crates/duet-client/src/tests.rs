@@ -265,24 +265,37 @@ async fn an_endless_hpke_config_list_is_not_read() {
     );
 }
 
+/// What [`mock_aggregator`] does and saw.
+#[derive(Default)]
+struct Mock {
+    /// HPKE configuration requests answered.
+    gets: std::sync::atomic::AtomicUsize,
+    /// Uploads answered.
+    puts: std::sync::atomic::AtomicUsize,
+    /// Answer configuration requests with 500 while set.
+    failing_gets: std::sync::atomic::AtomicBool,
+}
+
 /// A server for both aggregators that answers an HPKE configuration request with `config`,
-/// kept `max-age=60`, and an upload with 201; counts the configuration requests.
-async fn caching_aggregator(
+/// kept `max-age=60` (or 500, while `failing_gets`), and the `i`-th upload with `puts[i]` (the
+/// last one for all after it).
+async fn mock_aggregator(
     config: HpkeConfig,
-) -> (url::Url, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    puts: &'static [&'static str],
+) -> (url::Url, std::sync::Arc<Mock>) {
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let url = format!("http://{}/", listener.local_addr().expect("addr"));
-    let fetches = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = std::sync::Arc::clone(&fetches);
+    let mock = std::sync::Arc::new(Mock::default());
+    let seen = std::sync::Arc::clone(&mock);
     let list = HpkeConfigList(vec![config]).get_encoded();
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
-            let counted = std::sync::Arc::clone(&counted);
+            let seen = std::sync::Arc::clone(&seen);
             let list = list.clone();
             tokio::spawn(async move {
                 let mut request = Vec::new();
@@ -294,24 +307,51 @@ async fn caching_aggregator(
                     }
                 }
                 let answer = if request.starts_with(b"GET ") {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    let mut a = format!(
-                        "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\nconnection: close\r\n\
-                         content-length: {}\r\n\r\n",
-                        list.len()
-                    )
-                    .into_bytes();
-                    a.extend_from_slice(&list);
-                    a
+                    seen.gets.fetch_add(1, Ordering::SeqCst);
+                    if seen.failing_gets.load(Ordering::SeqCst) {
+                        b"HTTP/1.1 500 Internal Server Error\r\nconnection: close\r\n\
+                          content-length: 0\r\n\r\n"
+                            .to_vec()
+                    } else {
+                        let mut a = format!(
+                            "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n\
+                             connection: close\r\ncontent-length: {}\r\n\r\n",
+                            list.len()
+                        )
+                        .into_bytes();
+                        a.extend_from_slice(&list);
+                        a
+                    }
                 } else {
-                    b"HTTP/1.1 201 Created\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
-                        .to_vec()
+                    let i = seen.puts.fetch_add(1, Ordering::SeqCst);
+                    puts[i.min(puts.len() - 1)].as_bytes().to_vec()
                 };
                 let _ = socket.write_all(&answer).await;
             });
         }
     });
-    (url::Url::parse(&url).expect("url"), fetches)
+    (url::Url::parse(&url).expect("url"), mock)
+}
+
+/// An upload answered 201.
+const CREATED: &str = "HTTP/1.1 201 Created\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// A client of `endpoint` (both aggregators) on `clock`.
+async fn client_of(endpoint: url::Url, clock: &MockClock) -> Client<MockClock> {
+    let params = ClientParameters {
+        task_id: TaskId([7; 32]),
+        leader_endpoint: endpoint.clone(),
+        helper_endpoint: endpoint,
+        time_precision: PRECISION,
+    };
+    Client::with_clock(
+        params,
+        VdafInstance::Prio3Count,
+        reqwest::Client::new(),
+        clock.clone(),
+    )
+    .await
+    .expect("client")
 }
 
 /// The client keeps the aggregators' HPKE configurations as long as their `Cache-Control`
@@ -321,36 +361,63 @@ async fn hpke_configs_are_fetched_again_once_stale() {
     use std::sync::atomic::Ordering;
 
     let key = HpkeKeypair::generate(HpkeConfigId(1));
-    let (endpoint, fetches) = caching_aggregator(key.config.clone()).await;
+    let (endpoint, mock) = mock_aggregator(key.config.clone(), &[CREATED]).await;
     let clock = MockClock::new(Time(1_700_000_000));
-    let params = ClientParameters {
-        task_id: TaskId([7; 32]),
-        leader_endpoint: endpoint.clone(),
-        helper_endpoint: endpoint,
-        time_precision: PRECISION,
-    };
-    let client = Client::with_clock(
-        params,
-        VdafInstance::Prio3Count,
-        reqwest::Client::new(),
-        clock.clone(),
-    )
-    .await
-    .expect("client");
+    let client = client_of(endpoint, &clock).await;
+    let gets = || mock.gets.load(Ordering::SeqCst);
     // One request per aggregator.
-    assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    assert_eq!(gets(), 2);
     let m = Measurement::Count(true);
     client.upload(&m).await.expect("upload");
     clock.advance(Duration(59));
     client.upload(&m).await.expect("upload");
-    assert_eq!(
-        fetches.load(Ordering::SeqCst),
-        2,
-        "fresh configs fetched again"
-    );
+    assert_eq!(gets(), 2, "fresh configs fetched again");
     clock.advance(Duration(1));
     client.upload(&m).await.expect("upload");
-    assert_eq!(fetches.load(Ordering::SeqCst), 4, "stale configs kept");
+    assert_eq!(gets(), 4, "stale configs kept");
+
+    // A refetch that fails: the upload goes on with the stale configs, and the next ones do
+    // not try again for a while.
+    mock.failing_gets.store(true, Ordering::SeqCst);
+    clock.advance(Duration(60));
+    client.upload(&m).await.expect("upload with stale configs");
+    let tried = gets();
+    assert!(tried > 4, "no refetch");
+    clock.advance(Duration(30));
+    client.upload(&m).await.expect("upload");
+    assert_eq!(gets(), tried, "refetched again at once after a failure");
+    clock.advance(Duration(30));
+    client.upload(&m).await.expect("upload");
+    assert!(gets() > tried, "never refetched again");
+}
+
+/// An upload that may have been stored (its first attempt answered 503) is not sent again as
+/// a new report when a later attempt is told `outdatedConfig`: that could count it twice.
+#[tokio::test]
+async fn no_new_report_after_an_attempt_that_may_have_been_stored() {
+    use std::sync::atomic::Ordering;
+
+    const UNAVAILABLE: &str =
+        "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+    const OUTDATED: &str = "HTTP/1.1 400 Bad Request\r\ncontent-type: application/problem+json\r\n\
+         connection: close\r\ncontent-length: 58\r\n\r\n\
+         {\"type\":\"urn:ietf:params:ppm:dap:error:outdatedConfig\"}   ";
+    let key = HpkeKeypair::generate(HpkeConfigId(1));
+    let (endpoint, mock) = mock_aggregator(key.config.clone(), &[UNAVAILABLE, OUTDATED]).await;
+    let clock = MockClock::new(Time(1_700_000_000));
+    let client = client_of(endpoint, &clock).await;
+    let e = client
+        .upload(&Measurement::Count(true))
+        .await
+        .expect_err("refused");
+    assert!(matches!(e, ClientError::OutcomeUnknown(_)), "{e}");
+    assert_eq!(
+        e.problem_type(),
+        Some(DapProblemType::OutdatedConfig),
+        "{e}"
+    );
+    assert_eq!(mock.puts.load(Ordering::SeqCst), 2, "a new report was sent");
+    assert_eq!(mock.gets.load(Ordering::SeqCst), 2, "configs refetched");
 }
 
 /// `Cache-Control` is read as HTTP has it: the smallest `max-age`, and no keeping at all for

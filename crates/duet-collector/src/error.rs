@@ -48,8 +48,9 @@ pub enum CollectorError {
         job: Option<CollectionJobId>,
         /// How long the collector waited.
         timeout: std::time::Duration,
-        /// The error of the last poll, if it failed (the Leader's answer to a failed job, say,
-        /// or a Leader that could not be reached); `None` if the job was still pending.
+        /// The error the Leader answered the last poll with, if it did (other than 429): what a
+        /// job the Leader gave up on answers. `None` if the job was pending, or the Leader was
+        /// busy or out of reach.
         last_error: Option<String>,
     },
     /// A VDAF could not be set up, or unsharding failed.
@@ -98,7 +99,7 @@ fn timeout_message(
         None => format!("could not start a collection job within {timeout:?}"),
     };
     match last_error {
-        Some(e) => format!("{waited}; its last poll failed: {e}"),
+        Some(e) => format!("{waited}; the Leader answered its last poll with an error: {e}"),
         None => waited,
     }
 }

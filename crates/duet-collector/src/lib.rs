@@ -299,8 +299,8 @@ impl Collector {
         Ok(())
     }
 
-    /// Polls until the job is ready, noting in `last_error` whether the last poll failed (and
-    /// how), for the caller's timeout to report.
+    /// Polls until the job is ready, noting in `last_error` whether the Leader answered the
+    /// last poll with an error (and which), for the caller's timeout to report.
     async fn poll_loop(
         &self,
         job: &CollectionJobId,
@@ -312,8 +312,15 @@ impl Collector {
             // A poll that fails transiently (a Leader restarting, busy or unreachable for a
             // moment) is tried again, within the caller's timeout: the job is still there.
             let outcome = self.poll_once(job, query).await;
-            *last_error.lock().unwrap_or_else(PoisonError::into_inner) =
-                outcome.as_ref().err().map(ToString::to_string);
+            // An error the Leader answered with, other than "busy" (429): what a failed job
+            // answers. A Leader out of reach for a moment, or busy, leaves the job pending.
+            *last_error.lock().unwrap_or_else(PoisonError::into_inner) = match &outcome {
+                Err(
+                    e @ (CollectorError::Problem { status, .. }
+                    | CollectorError::UnexpectedStatus { status, .. }),
+                ) if *status != 429 => Some(e.to_string()),
+                _ => None,
+            };
             let wait = match outcome {
                 Ok(PollOutcome::Ready(result)) => return Ok(result),
                 Ok(PollOutcome::Pending { retry_after }) => {

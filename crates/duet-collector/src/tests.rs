@@ -475,5 +475,42 @@ async fn a_timeout_names_the_last_polls_error() {
         } => assert!(last.contains("the collection job failed"), "{last}"),
         other => panic!("{other:?}"),
     }
-    assert!(e.to_string().contains("its last poll failed"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("the Leader answered its last poll with an error"),
+        "{e}"
+    );
+}
+
+/// A Leader busy (429) at the last poll leaves the job pending as far as the timeout says: no
+/// error to report.
+#[tokio::test]
+async fn a_busy_leader_is_not_a_failed_job() {
+    let c = collector_at(
+        duet_core::http::testing::answer_always(
+            "HTTP/1.1 429 Too Many Requests\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await,
+    );
+    let query = Query::TimeInterval {
+        batch_interval: interval(0, 3600),
+    };
+    let e = c
+        .poll_until_ready(
+            &CollectionJobId([1; 16]),
+            &query,
+            std::time::Duration::from_millis(300),
+        )
+        .await
+        .expect_err("must time out");
+    assert!(
+        matches!(
+            e,
+            CollectorError::Timeout {
+                last_error: None,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }

@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(long)]
     csv: bool,
     /// Give up after this many seconds (exit status 3: the job goes on at the Leader; poll it
-    /// again with `--job`; 1 if the last poll failed, whose error is shown).
+    /// again with `--job`; 1 if the Leader answered the last poll with an error, which is shown).
     #[arg(long, default_value_t = 300)]
     timeout: u64,
     /// The collection job's ID (base64url, as a timed-out `duet collect` names it): polls that
@@ -156,10 +156,22 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         Ok(result) => result,
         // The job goes on at the Leader: say how to come back for it.
         Err(e @ CollectorError::Timeout { .. }) => {
-            let again = if args.job.is_some() {
-                "poll it again with the same command".to_string()
-            } else {
-                format!("poll it again with `duet collect` and the same flags plus `--job {job}`")
+            let failed = matches!(
+                e,
+                CollectorError::Timeout {
+                    last_error: Some(_),
+                    ..
+                }
+            );
+            let again = match (failed, args.job.is_some()) {
+                (true, _) => format!(
+                    "the job has probably failed; its polls answer so (`duet collect` with the \
+                     same flags plus `--job {job}` shows it again)"
+                ),
+                (false, true) => "poll it again with the same command".to_string(),
+                (false, false) => format!(
+                    "poll it again with `duet collect` and the same flags plus `--job {job}`"
+                ),
             };
             eprintln!("error: collection failed: {e}; {again}");
             return Ok(ExitCode::from(timeout_status(&e)));
@@ -179,8 +191,8 @@ pub async fn run(args: Args) -> Result<ExitCode> {
 }
 
 /// The exit status of a collection that timed out: its own, so that a script can tell "not
-/// yet" from a failure; but if the last poll failed (a job the Leader gave up on answers every
-/// poll with an error), a failure's.
+/// yet" from a failure; but if the Leader answered the last poll with an error (as a job it gave
+/// up on answers every poll), a failure's.
 fn timeout_status(e: &CollectorError) -> u8 {
     match e {
         CollectorError::Timeout {

@@ -41,7 +41,10 @@ pub async fn client_for(params: &ClientTaskFile) -> Result<Client> {
         helper_endpoint: parse_endpoint(&params.helper_endpoint)?,
         time_precision: Duration(params.time_precision),
     };
+    // A connection that cannot be made fails as such (not as a timeout of a request that may
+    // have been sent), so that its measurement is known not to have been uploaded.
     let http = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
         .timeout(std::time::Duration::from_secs(60))
         .build()
         .context("could not build the HTTP client")?;
@@ -155,8 +158,8 @@ pub async fn upload_all(
     }
     if !unknown.is_empty() {
         parts.push(format!(
-            "{} may have been (their answers were lost: sending them again may count them \
-             twice)",
+            "{} may have been (an attempt's answer was lost, or was a server error: sending \
+             them again may count them twice)",
             named(&unknown)
         ));
     }
