@@ -10,6 +10,13 @@ use duet_messages::dap09::{
 use duet_messages::Encode;
 use reqwest::Method;
 
+/// The URL of collection job `id` of `task` at its Leader.
+fn job_url(task: &duet_core::Task, id: CollectionJobId) -> url::Url {
+    task.leader_endpoint
+        .join(&format!("tasks/{}/collection_jobs/{id}", task.id))
+        .expect("url")
+}
+
 fn req(start: u64, duration: u64) -> Vec<u8> {
     CollectionReq {
         query: Query::TimeInterval {
@@ -28,11 +35,7 @@ async fn collection_job_validation_and_lifecycle() {
     let h = Harness::start().await;
     let (task, _) = h.task(VdafInstance::Prio3Count, 3).await;
     let token = task.collector_auth_token.clone().expect("token");
-    let job_url = |id: CollectionJobId| {
-        task.leader_endpoint
-            .join(&format!("tasks/{}/collection_jobs/{id}", task.id))
-            .expect("url")
-    };
+    let job_url = |id: CollectionJobId| job_url(&task, id);
     let hour = RealClock.now().round_down(Duration(3600)).0;
     let ct = Some(media_type::COLLECTION_REQ);
 
@@ -191,11 +194,7 @@ async fn a_deleted_collection_still_bars_overlapping_batches() {
         .await
         .expect("upload");
     let token = task.collector_auth_token.clone().expect("token");
-    let job_url = |id: CollectionJobId| {
-        task.leader_endpoint
-            .join(&format!("tasks/{}/collection_jobs/{id}", task.id))
-            .expect("url")
-    };
+    let job_url = |id: CollectionJobId| job_url(&task, id);
     let ct = Some(media_type::COLLECTION_REQ);
     let hour = RealClock.now().round_down(Duration(3600)).0;
     let collected = CollectionJobId::random();
@@ -264,14 +263,7 @@ async fn a_batch_the_helper_refuses_fails_with_its_problem() {
         client.upload(&Measurement::Count(m)).await.expect("upload");
     }
     let token = task.collector_auth_token.clone().expect("token");
-    let url = task
-        .leader_endpoint
-        .join(&format!(
-            "tasks/{}/collection_jobs/{}",
-            task.id,
-            CollectionJobId::random()
-        ))
-        .expect("url");
+    let url = job_url(&task, CollectionJobId::random());
     let hour = RealClock.now().round_down(Duration(3600)).0;
     let created = send(
         Method::PUT,
@@ -306,14 +298,7 @@ async fn overlapping_jobs_created_at_once() {
     let token = task.collector_auth_token.clone().expect("token");
     let hour = RealClock.now().round_down(Duration(3600)).0;
     let put = |start: u64, duration: u64| {
-        let url = task
-            .leader_endpoint
-            .join(&format!(
-                "tasks/{}/collection_jobs/{}",
-                task.id,
-                CollectionJobId::random()
-            ))
-            .expect("url");
+        let url = job_url(&task, CollectionJobId::random());
         send(
             Method::PUT,
             url,

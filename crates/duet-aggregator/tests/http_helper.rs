@@ -13,6 +13,20 @@ use duet_messages::dap09::{
 use duet_messages::{Decode, Encode};
 use reqwest::Method;
 
+/// The URL of aggregation job `id` of `task` at its Helper.
+fn job_url(task: &Task, id: AggregationJobId) -> url::Url {
+    task.helper_endpoint
+        .join(&format!("tasks/{}/aggregation_jobs/{id}", task.id))
+        .expect("url")
+}
+
+/// The URL of `task`'s aggregate shares at its Helper.
+fn share_url(task: &Task) -> url::Url {
+    task.helper_endpoint
+        .join(&format!("tasks/{}/aggregate_shares", task.id))
+        .expect("url")
+}
+
 /// The Leader's HPKE key, to open the Leader's shares of reports as a Leader would.
 async fn leader_key(h: &Harness) -> duet_core::hpke::HpkeKeypair {
     h.leader_store
@@ -84,11 +98,7 @@ async fn aggregation_jobs_and_aggregate_shares() {
                 .expect("report")
         })
         .collect();
-    let job_url = |id: AggregationJobId| {
-        task.helper_endpoint
-            .join(&format!("tasks/{}/aggregation_jobs/{id}", task.id))
-            .expect("url")
-    };
+    let job_url = |id: AggregationJobId| job_url(&task, id);
     let ct = Some(media_type::AGGREGATION_JOB_INIT_REQ);
     let req = init_req(&task, &leader_key, &reports[..2]).get_encoded();
     let job = AggregationJobId::random();
@@ -258,10 +268,7 @@ async fn aggregation_jobs_and_aggregate_shares() {
         .assert_problem(400, "invalidMessage");
 
     // Aggregate shares: 3 reports were accepted over the two jobs.
-    let share_url = task
-        .helper_endpoint
-        .join(&format!("tasks/{}/aggregate_shares", task.id))
-        .expect("url");
+    let share_url = share_url(&task);
     let interval = Interval {
         start: reports[0].metadata.time.round_down(Duration(3600)),
         duration: Duration(3600),
@@ -483,14 +490,7 @@ async fn jobs_over_the_size_limit_are_refused() {
             })
             .collect(),
     };
-    let url = task
-        .helper_endpoint
-        .join(&format!(
-            "tasks/{}/aggregation_jobs/{}",
-            task.id,
-            AggregationJobId::random()
-        ))
-        .expect("url");
+    let url = job_url(&task, AggregationJobId::random());
     let r = send(
         Method::PUT,
         url,
@@ -524,14 +524,7 @@ async fn rejected_reports_are_not_prepared_again() {
     let client = common::client(&task).await;
     let ct = Some(media_type::AGGREGATION_JOB_INIT_REQ);
     let run_job = |req: &AggregationJobInitReq| {
-        let url = task
-            .helper_endpoint
-            .join(&format!(
-                "tasks/{}/aggregation_jobs/{}",
-                task.id,
-                AggregationJobId::random()
-            ))
-            .expect("url");
+        let url = job_url(&task, AggregationJobId::random());
         let body = req.get_encoded();
         let token = token.clone();
         async move {
@@ -600,14 +593,7 @@ async fn batch_checks_come_in_the_drafts_order() {
     let report = client
         .prepare_report(&Measurement::Count(true))
         .expect("report");
-    let url = task
-        .helper_endpoint
-        .join(&format!(
-            "tasks/{}/aggregation_jobs/{}",
-            task.id,
-            AggregationJobId::random()
-        ))
-        .expect("url");
+    let url = job_url(&task, AggregationJobId::random());
     let init = init_req(&task, &leader_key, std::slice::from_ref(&report)).get_encoded();
     let answer = send(
         Method::PUT,
@@ -638,10 +624,7 @@ async fn batch_checks_come_in_the_drafts_order() {
             checksum,
         }
         .get_encoded();
-        let url = task
-            .helper_endpoint
-            .join(&format!("tasks/{}/aggregate_shares", task.id))
-            .expect("url");
+        let url = share_url(&task);
         send(
             Method::POST,
             url,

@@ -284,7 +284,7 @@ async fn mock_aggregator(
     puts: &'static [&'static str],
 ) -> (url::Url, std::sync::Arc<Mock>) {
     use std::sync::atomic::Ordering;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -298,14 +298,9 @@ async fn mock_aggregator(
             let seen = std::sync::Arc::clone(&seen);
             let list = list.clone();
             tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(request) = duet_core::http::testing::read_head(&mut socket).await else {
+                    return;
+                };
                 let answer = if request.starts_with(b"GET ") {
                     seen.gets.fetch_add(1, Ordering::SeqCst);
                     if seen.failing_gets.load(Ordering::SeqCst) {

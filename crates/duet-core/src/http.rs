@@ -33,6 +33,20 @@ pub async fn read_at_most(
 pub mod testing {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// Reads a request up to the end of its head (and whatever came with it); `None` if the
+    /// connection ends first.
+    pub async fn read_head(socket: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        Some(head)
+    }
+
     /// A server on a loopback port of its own that reads one request's head and answers it with
     /// `answer`, raw bytes of HTTP/1.1; returns its `http://…/` URL.
     pub async fn answer_once(answer: &'static str) -> url::Url {
@@ -44,15 +58,9 @@ pub mod testing {
             let Ok((mut socket, _)) = listener.accept().await else {
                 return;
             };
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match socket.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
+            if read_head(&mut socket).await.is_some() {
+                let _ = socket.write_all(answer.as_bytes()).await;
             }
-            let _ = socket.write_all(answer.as_bytes()).await;
         });
         url::Url::parse(&url).expect("url")
     }
@@ -68,15 +76,9 @@ pub mod testing {
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match socket.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
+                    if read_head(&mut socket).await.is_some() {
+                        let _ = socket.write_all(answer.as_bytes()).await;
                     }
-                    let _ = socket.write_all(answer.as_bytes()).await;
                 });
             }
         });

@@ -214,6 +214,26 @@ mod tests {
 
     use super::*;
 
+    /// A Prio3Count client of the aggregators at `leader`, with keys of its own (no request).
+    fn client_of(leader: url::Url) -> Client {
+        let params = ClientParameters {
+            task_id: TaskId([3; 32]),
+            leader_endpoint: leader.clone(),
+            helper_endpoint: leader,
+            time_precision: Duration(3600),
+        };
+        let config = || HpkeKeypair::generate(HpkeConfigId(1)).config;
+        Client::with_hpke_configs(
+            params,
+            VdafInstance::Prio3Count,
+            reqwest::Client::new(),
+            RealClock,
+            config(),
+            config(),
+        )
+        .expect("client")
+    }
+
     /// A failed upload names the measurements not sent by their lines in the file they came
     /// from (comments and blank lines are not measurements), so that exactly those can be sent
     /// again.
@@ -232,22 +252,7 @@ mod tests {
              {\"type\":\"urn:ietf:params:ppm:dap:error:invalidMessage\",\"detail\":\"no\"}",
         )
         .await;
-        let params = ClientParameters {
-            task_id: TaskId([3; 32]),
-            leader_endpoint: leader.clone(),
-            helper_endpoint: leader,
-            time_precision: Duration(3600),
-        };
-        let config = || HpkeKeypair::generate(HpkeConfigId(1)).config;
-        let client = Client::with_hpke_configs(
-            params,
-            VdafInstance::Prio3Count,
-            reqwest::Client::new(),
-            RealClock,
-            config(),
-            config(),
-        )
-        .expect("client");
+        let client = client_of(leader);
         let e = upload_all(Arc::new(client), measurements, Some((&path, &lines)), 1)
             .await
             .expect_err("refused");
@@ -276,22 +281,7 @@ mod tests {
             "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
         )
         .await;
-        let params = ClientParameters {
-            task_id: TaskId([3; 32]),
-            leader_endpoint: leader.clone(),
-            helper_endpoint: leader,
-            time_precision: Duration(3600),
-        };
-        let config = || HpkeKeypair::generate(HpkeConfigId(1)).config;
-        let client = Client::with_hpke_configs(
-            params,
-            VdafInstance::Prio3Count,
-            reqwest::Client::new(),
-            RealClock,
-            config(),
-            config(),
-        )
-        .expect("client");
+        let client = client_of(leader);
         let measurements = vec![duet_core::Measurement::Count(true); 2];
         let e = upload_all(Arc::new(client), measurements, None, 1)
             .await

@@ -140,33 +140,17 @@ impl Leader {
                 "a different collection job with this ID exists",
             ));
         }
-        // The jobs whose batches overlap this one (or are this one), read without their
-        // results, and the batches collected under jobs deleted since.
+        // The jobs whose batches overlap this one (or are this one), read without their results:
+        // those of the same batch count its queries. Overlap with another batch (a job's, or one
+        // collected under a job deleted since) is the store's to check as it inserts the job,
+        // where concurrent creations are serialised.
         let existing = self
             .shared
             .store
             .collection_job_batches(&task_id, &batch_interval)
             .await?;
-        let collected = self
-            .shared
-            .store
-            .collected_intervals(&task_id, &batch_interval)
-            .await?;
-        if existing
-            .iter()
-            .map(|j| &j.batch_interval)
-            .chain(&collected)
-            .any(|i| i.overlaps_another(&batch_interval))
-        {
-            return Err(Error::abort(
-                DapProblemType::BatchOverlap,
-                Some(task_id),
-                "the batch interval overlaps one collected before",
-            ));
-        }
         // A batch is queried once per distinct aggregation parameter (DAP-09, "Batch Validation"):
-        // another
-        // job with a parameter already used on it, as every Prio3 job's empty one is, asks for
+        // another job with a parameter already used on it, as every Prio3 job's empty one is, asks for
         // the same aggregate shares again, which the Helper answers as it did.
         let mut parameters: Vec<&[u8]> = existing
             .iter()
@@ -188,7 +172,6 @@ impl Leader {
         }
         match self.shared.store.put_collection_job(&job).await {
             Ok(()) => {}
-            // A job overlapping this one was created since the check above.
             Err(StoreError::BatchOverlap) => {
                 return Err(Error::abort(
                     DapProblemType::BatchOverlap,

@@ -10,6 +10,20 @@ use crate::{
     StoreError,
 };
 
+/// The state of a stored collection job.
+async fn state_of(
+    store: &dyn Datastore,
+    task_id: &TaskId,
+    id: &CollectionJobId,
+) -> CollectionJobState {
+    store
+        .get_collection_job(task_id, id)
+        .await
+        .expect("get")
+        .expect("stored job")
+        .state
+}
+
 /// A job's batch, as `collection_job_batches` reads it.
 fn batch_of(job: &CollectionJob) -> CollectionJobBatch {
     CollectionJobBatch {
@@ -149,12 +163,7 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
         .finish_collection_job(&third[0], &finished)
         .await
         .expect("finish_collection_job");
-    let got = leader
-        .get_collection_job(&t.id, &job.id)
-        .await
-        .expect("get")
-        .expect("stored job");
-    assert_eq!(got.state, finished);
+    assert_eq!(state_of(leader, &t.id, &job.id).await, finished);
     let twice = leader.finish_collection_job(&third[0], &finished).await;
     assert!(
         matches!(twice, Err(StoreError::LeaseLost)),
@@ -228,12 +237,7 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
         .finish_collection_job(&leased[0], &abandoned)
         .await
         .expect("finish_collection_job");
-    let got = leader
-        .get_collection_job(&t.id, &abandoned_job.id)
-        .await
-        .expect("get")
-        .expect("stored job");
-    assert_eq!(got.state, abandoned);
+    assert_eq!(state_of(leader, &t.id, &abandoned_job.id).await, abandoned);
     assert_eq!(
         leader
             .collected_intervals(&t.id, &Interval::ALL_TIME)
@@ -256,12 +260,10 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
         .delete_collection_job(&t.id, &deleted_job.id)
         .await
         .expect("delete_collection_job"));
-    let got = leader
-        .get_collection_job(&t.id, &deleted_job.id)
-        .await
-        .expect("get")
-        .expect("stored job");
-    assert_eq!(got.state, CollectionJobState::Deleted);
+    assert_eq!(
+        state_of(leader, &t.id, &deleted_job.id).await,
+        CollectionJobState::Deleted
+    );
     let ids: Vec<CollectionJobId> = leader
         .collection_job_batches(&t.id, &Interval::ALL_TIME)
         .await
@@ -275,12 +277,10 @@ pub async fn check_collection_jobs(leader: &dyn Datastore) {
         .finish_collection_job(&leased[0], &finished)
         .await
         .expect("finish a job deleted while leased");
-    let got = leader
-        .get_collection_job(&t.id, &deleted_job.id)
-        .await
-        .expect("get")
-        .expect("stored job");
-    assert_eq!(got.state, CollectionJobState::Deleted);
+    assert_eq!(
+        state_of(leader, &t.id, &deleted_job.id).await,
+        CollectionJobState::Deleted
+    );
     assert_eq!(
         leader
             .collected_intervals(&t.id, &Interval::ALL_TIME)
