@@ -15,7 +15,8 @@
 //! Leader and Helper run as two child `duet serve` processes, as two organisations would run them:
 //! on SQLite each has its own database file; on PostgreSQL they share the `--database` (each
 //! role's rows carry the role). Their memory is measured apart from the bench's. Report
-//! generation is not timed.
+//! generation is not timed. Each timed phase starts on a settled database (`sync`, and a
+//! `CHECKPOINT` on PostgreSQL), so that its figure does not depend on the runs before it.
 
 mod servers;
 mod uploader;
@@ -33,7 +34,7 @@ use duet_messages::Encode;
 
 use servers::{cpu_snapshot, peak_rss_bytes, start_server, ServerRole};
 use uploader::upload_all;
-use workload::{add_helper_history, add_leader_history, floor, generate, settle_history};
+use workload::{add_helper_history, add_leader_history, floor, generate, settle};
 
 /// Backends to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -318,13 +319,14 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     let url = task
         .leader_endpoint
         .join(&format!("tasks/{}/reports", task.id))?;
+    settle(&leader_db).await;
     let upload_alone_s = upload_all(&url, &bodies, args.concurrency, "uploading").await?;
     drop(api_server);
     leader_store.delete_task(&task.id).await?;
     if args.history > 0 {
         add_leader_history(&leader_db, task_id, args.history).await?;
-        settle_history(&leader_db).await;
     }
+    settle(&leader_db).await;
 
     // The same reports, end to end, through a full Leader. (The Helper's copy of the task still
     // names the first Leader, which the Helper never contacts.)

@@ -103,12 +103,16 @@ pub(super) async fn add_leader_history(leader_db: &str, task_id: TaskId, n: usiz
     Ok(())
 }
 
-/// Writes the history's dirty pages out now, not during the measurement, as a database that has
-/// held its history for a while would have: `sync` for the whole system (opening and closing a
-/// SQLite file here would drop SQLite's POSIX locks), and on PostgreSQL a `CHECKPOINT` too,
-/// which writes out its own buffer cache (it needs a superuser or the `pg_checkpoint` role;
-/// without either the bench says so and goes on).
-pub(super) async fn settle_history(database: &str) {
+/// Writes the dirty pages of what came before a timed phase out now, not during it: the
+/// previous run's or phase's writes, or the history's, as a database that had been quiet for a
+/// while would have. Without this a phase paid for whatever the work before it left unwritten
+/// (on PostgreSQL a checkpoint that the previous run's log made due), and its figure depended on
+/// which runs came before it. `sync` for the whole system (opening and closing a SQLite file
+/// here would drop SQLite's POSIX locks), and on PostgreSQL a `CHECKPOINT` too, which writes out
+/// its own buffer cache (it needs a superuser or the `pg_checkpoint` role; without either the
+/// bench says so and goes on). The phase's own writes then count in full: every page it changes
+/// is written whole to the log once, the worst case of a steady state.
+pub(super) async fn settle(database: &str) {
     let _ = std::process::Command::new("sync").status();
     if !(database.starts_with("postgres://") || database.starts_with("postgresql://")) {
         return;
@@ -121,8 +125,8 @@ pub(super) async fn settle_history(database: &str) {
     };
     if let Err(e) = checkpoint.await {
         eprintln!(
-            "warning: could not checkpoint the database after adding the history ({e}): its \
-             dirty pages will be written during the measurement"
+            "warning: could not checkpoint the database before a timed phase ({e}): the \
+             dirty pages of what came before will be written during the measurement"
         );
     }
 }
