@@ -22,6 +22,7 @@ mod collect;
 mod db;
 mod interop;
 mod keys;
+mod measurements;
 mod open_files;
 mod quickstart;
 mod serve;

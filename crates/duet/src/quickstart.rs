@@ -73,7 +73,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     let vdaf = args.vdaf.instance()?;
     let (measurements, lines) = match &args.measurements {
         Some(path) => {
-            let (measurements, lines) = crate::task::read_measurements(path, &vdaf)?;
+            let (measurements, lines) = crate::measurements::read_all(path, &vdaf)?;
             (measurements, Some((path.as_path(), lines)))
         }
         None => {
@@ -147,7 +147,8 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         let lines = lines
             .as_ref()
             .map(|(path, lines)| (*path, lines.as_slice()));
-        crate::upload::upload_all(client, measurements, lines, 16).await?;
+        let all = Box::new(measurements.into_iter().map(Ok));
+        crate::upload::upload_all(client, n, all, lines, 16).await?;
         let uploaded_in = t0.elapsed();
         let finished = clock.now();
         if !args.json {

@@ -369,55 +369,6 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
     }
 }
 
-/// Reads measurements, one per line (blank lines and `#` comments skipped), from a file or `-`
-/// for standard input; returns them with the line (from 1) each was on.
-pub fn read_measurements(
-    path: &std::path::Path,
-    vdaf: &duet_core::VdafInstance,
-) -> Result<(Vec<duet_core::Measurement>, Vec<usize>)> {
-    let text = if path.as_os_str() == "-" {
-        let stdin = std::io::stdin();
-        if std::io::IsTerminal::is_terminal(&stdin) {
-            eprintln!(
-                "reading measurements from standard input, one per line; end with Ctrl-D \
-                 (or pass --measurements FILE)"
-            );
-        }
-        std::io::read_to_string(stdin).context("could not read measurements from standard input")?
-    } else {
-        std::fs::read_to_string(path)
-            .with_context(|| format!("could not read {}", path.display()))?
-    };
-    // A byte-order mark (as some editors begin a UTF-8 file) is not part of the first line.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let mut out = Vec::new();
-    let mut lines = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let m = vdaf
-            .parse_measurement(line)
-            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", source_name(path), i + 1))?;
-        out.push(m);
-        lines.push(i + 1);
-    }
-    if out.is_empty() {
-        bail!("{} holds no measurements", source_name(path));
-    }
-    Ok((out, lines))
-}
-
-/// How messages name a measurements file: `-` is standard input.
-pub fn source_name(path: &std::path::Path) -> String {
-    if path.as_os_str() == "-" {
-        "standard input".into()
-    } else {
-        path.display().to_string()
-    }
-}
-
 /// The batch interval covering `[from, to]`, aligned to the task's time precision.
 pub fn covering_interval(
     from: Time,

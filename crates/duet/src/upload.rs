@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
+use crate::measurements::{Measurements, MeasurementsFile};
 use crate::task::ClientTaskFile;
 use duet_client::{Client, ClientParameters};
 use duet_core::task::parse_endpoint;
-use duet_core::Measurement;
 use duet_messages::dap09::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -70,22 +70,23 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// Uploads every measurement with `concurrency` requests in flight (each retried by the client
-/// after transient failures). After a failure no new upload starts and those in flight finish;
-/// the error then says how many were uploaded and which were not, so that only those are sent
-/// again (sending an uploaded one again would count it twice).
+/// Uploads the `total` measurements with `concurrency` requests in flight (each retried by the
+/// client after transient failures), taking them from `measurements` as they go. After a
+/// failure (an upload's, or a measurement that can no longer be read) no new upload starts and
+/// those in flight finish; the error then says how many were uploaded and which were not, so
+/// that only those are sent again (sending an uploaded one again would count it twice).
 ///
 /// `lines`, for measurements read from a file, names the file and the line of each, which the
 /// error then names them by; without it they are numbered from 1.
 pub async fn upload_all(
     client: Arc<Client>,
-    measurements: Vec<Measurement>,
+    total: usize,
+    measurements: Measurements,
     lines: Option<(&std::path::Path, &[usize])>,
     concurrency: usize,
 ) -> Result<()> {
-    let total = measurements.len();
     let pb = progress_bar(total as u64, "uploading");
-    let queue = Arc::new(std::sync::Mutex::new(measurements.into_iter().enumerate()));
+    let queue = Arc::new(std::sync::Mutex::new(measurements.enumerate()));
     let sent: Arc<Vec<AtomicBool>> = Arc::new((0..total).map(|_| AtomicBool::new(false)).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = tokio::task::JoinSet::new();
@@ -101,7 +102,15 @@ pub async fn upload_all(
                 let Some((i, m)) = next else {
                     break;
                 };
-                if let Err(e) = client.upload(&m).await {
+                // `total` bounds the measurements taken.
+                if i >= total {
+                    break;
+                }
+                let outcome = match m {
+                    Ok(m) => client.upload(&m).await.map_err(Failure::Upload),
+                    Err(e) => Err(Failure::Read(e)),
+                };
+                if let Err(e) = outcome {
                     stop.store(true, Ordering::SeqCst);
                     return Ok(Some((i, e)));
                 }
@@ -111,7 +120,7 @@ pub async fn upload_all(
             Ok::<_, anyhow::Error>(None)
         });
     }
-    let mut failures: Vec<(usize, duet_client::ClientError)> = Vec::new();
+    let mut failures: Vec<(usize, Failure)> = Vec::new();
     while let Some(r) = workers.join_next().await {
         if let Some(failure) = r.context("an upload worker failed")?? {
             failures.push(failure);
@@ -126,7 +135,12 @@ pub async fn upload_all(
     // blindly.
     let unknown: Vec<usize> = failures
         .iter()
-        .filter(|(_, e)| matches!(e, duet_client::ClientError::OutcomeUnknown(_)))
+        .filter(|(_, e)| {
+            matches!(
+                e,
+                Failure::Upload(duet_client::ClientError::OutcomeUnknown(_))
+            )
+        })
         .map(|(j, _)| *j)
         .collect();
     let unsent: Vec<usize> = (0..total)
@@ -135,7 +149,7 @@ pub async fn upload_all(
     let uploaded = total - unsent.len() - unknown.len();
     let (source, number): (String, Box<dyn Fn(usize) -> usize>) = match lines {
         Some((path, lines)) => (
-            format!(" of {}", crate::task::source_name(path)),
+            format!(" of {}", crate::measurements::source_name(path)),
             Box::new(move |j| lines[j]),
         ),
         None => (String::new(), Box::new(|j| j + 1)),
@@ -175,6 +189,23 @@ pub async fn upload_all(
     );
 }
 
+/// Why an upload worker stopped.
+enum Failure {
+    /// The upload failed.
+    Upload(duet_client::ClientError),
+    /// The measurement could not be read (its file changed after it was checked).
+    Read(anyhow::Error),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Upload(e) => e.fmt(f),
+            Failure::Read(e) => e.fmt(f),
+        }
+    }
+}
+
 /// Ascending numbers as ranges of consecutive ones: "3, 7-9".
 fn ranges(sorted: &[usize]) -> String {
     let mut out: Vec<String> = Vec::new();
@@ -197,11 +228,12 @@ fn ranges(sorted: &[usize]) -> String {
 /// Runs `duet upload`.
 pub async fn run(args: Args) -> Result<ExitCode> {
     let params = crate::task::read_client_task_file(&args.task)?;
-    let (measurements, lines) = crate::task::read_measurements(&args.measurements, &params.vdaf)?;
-    let n = measurements.len();
+    let file = MeasurementsFile::check(&args.measurements, &params.vdaf)?;
+    let n = file.len();
     let client = Arc::new(client_for(&params).await?);
+    let lines: Vec<usize> = file.lines().to_vec();
     let lines = Some((args.measurements.as_path(), lines.as_slice()));
-    upload_all(client, measurements, lines, args.concurrency).await?;
+    upload_all(client, n, file.measurements()?, lines, args.concurrency).await?;
     eprintln!("uploaded {n} reports to {}", params.leader_endpoint);
     Ok(ExitCode::SUCCESS)
 }
@@ -243,8 +275,8 @@ mod tests {
         let path = dir.path().join("m.txt");
         // Written by an editor that begins UTF-8 files with a byte-order mark.
         std::fs::write(&path, "\u{feff}# counts\n1\n0\n\n1\n").expect("write");
-        let (measurements, lines) =
-            crate::task::read_measurements(&path, &VdafInstance::Prio3Count).expect("read");
+        let file = MeasurementsFile::check(&path, &VdafInstance::Prio3Count).expect("read");
+        let lines = file.lines().to_vec();
         assert_eq!(lines, [2, 3, 5]);
         let leader = duet_core::http::testing::answer_once(
             "HTTP/1.1 400 Bad Request\r\ncontent-type: application/problem+json\r\n\
@@ -253,7 +285,8 @@ mod tests {
         )
         .await;
         let client = client_of(leader);
-        let e = upload_all(Arc::new(client), measurements, Some((&path, &lines)), 1)
+        let measurements = file.measurements().expect("reopen");
+        let e = upload_all(Arc::new(client), 3, measurements, Some((&path, &lines)), 1)
             .await
             .expect_err("refused");
         let file = path.display();
@@ -282,8 +315,10 @@ mod tests {
         )
         .await;
         let client = client_of(leader);
-        let measurements = vec![duet_core::Measurement::Count(true); 2];
-        let e = upload_all(Arc::new(client), measurements, None, 1)
+        let measurements = Box::new(std::iter::repeat_with(|| {
+            Ok(duet_core::Measurement::Count(true))
+        }));
+        let e = upload_all(Arc::new(client), 2, measurements, None, 1)
             .await
             .expect_err("refused");
         let text = e.to_string();
@@ -294,6 +329,42 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("and measurements 1 may have been"), "{text}");
+    }
+
+    /// A measurements file that changes during the upload stops it where it changed, and the
+    /// error names what was uploaded and what was not, by line.
+    #[tokio::test]
+    async fn a_file_changed_during_the_upload_stops_it() {
+        let leader = duet_core::http::testing::answer_always(
+            "HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+        let client = client_of(leader);
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("m.txt");
+        std::fs::write(&path, "1\n0\n1\n").expect("write");
+        let file = MeasurementsFile::check(&path, &VdafInstance::Prio3Count).expect("read");
+        let lines = file.lines().to_vec();
+        std::fs::write(&path, "1\nyes\n1\n").expect("rewrite");
+        let measurements = file.measurements().expect("reopen");
+        let e = upload_all(Arc::new(client), 3, measurements, Some((&path, &lines)), 1)
+            .await
+            .expect_err("stopped");
+        let file = path.display();
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "uploading the measurement on line 2 of {file} failed: {file} changed after it \
+                 was checked: line 2"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "1 of 3 reports were uploaded, and those on lines 2-3 of {file} were not"
+            )),
+            "{text}"
+        );
     }
 
     #[test]
