@@ -254,8 +254,22 @@ impl<C: Clock> Client<C> {
     /// growing pause: the same report, so that one the Leader stored before its answer was lost
     /// is counted once (the Leader keeps the first upload of a report ID).
     pub async fn upload(&self, measurement: &Measurement) -> Result<(), ClientError> {
+        self.upload_at(measurement, None).await
+    }
+
+    /// [`Client::upload`] of a report with the given time (rounded down to the task's time
+    /// precision) instead of the clock's, if there is one.
+    pub async fn upload_at(
+        &self,
+        measurement: &Measurement,
+        time: Option<Time>,
+    ) -> Result<(), ClientError> {
+        let prepare = || match time {
+            Some(t) => self.prepare_report_at(measurement, t),
+            None => self.prepare_report(measurement),
+        };
         self.refresh_stale_hpke_configs().await;
-        let report = self.prepare_report(measurement)?;
+        let report = prepare()?;
         match self.upload_with_retries(&report).await {
             // Not after an attempt that may have been stored: a new report would count twice.
             Err(e)
@@ -264,7 +278,7 @@ impl<C: Clock> Client<C> {
             {
                 tracing::debug!(error = %e, "HPKE config outdated; refetching and retrying once");
                 self.refresh_hpke_configs().await?;
-                let report = self.prepare_report(measurement)?;
+                let report = prepare()?;
                 self.upload_with_retries(&report).await
             }
             other => other,

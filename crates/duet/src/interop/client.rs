@@ -13,7 +13,6 @@ use duet_client::{Client, ClientParameters};
 use duet_core::task::parse_endpoint;
 use duet_core::VdafInstance;
 use duet_messages::dap09::{Duration, TaskId, Time};
-use duet_messages::problem::DapProblemType;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -81,25 +80,12 @@ impl ClientState {
             time_precision: request.time_precision.0,
         };
         let client = self.client(key).await?;
-        let prepare = || {
-            match request.time {
-                Some(t) => client.prepare_report_at(&measurement, Time(t.0)),
-                None => client.prepare_report(&measurement),
-            }
+        // As any client: sent again after a transient failure, with fresh HPKE configs after
+        // `outdatedConfig` or once they are stale. The runner waits for the final outcome.
+        client
+            .upload_at(&measurement, request.time.map(|t| Time(t.0)))
+            .await
             .map_err(|e| e.to_string())
-        };
-        match client.upload_report(&prepare()?).await {
-            Err(e) if e.problem_type() == Some(DapProblemType::OutdatedConfig) => {
-                tracing::debug!(error = %e, "HPKE config outdated; refetching and retrying once");
-                client
-                    .refresh_hpke_configs()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                client.upload_report(&prepare()?).await
-            }
-            other => other,
-        }
-        .map_err(|e| e.to_string())
     }
 
     /// The client for `key`, built (fetching both HPKE configs) on first use.
@@ -131,5 +117,77 @@ impl ClientState {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key, Arc::clone(&client));
         Ok(client)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use duet_core::hpke::HpkeKeypair;
+    use duet_messages::dap09::{HpkeConfigId, HpkeConfigList};
+    use duet_messages::Encode;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// A Leader (and Helper) that serves an HPKE config and answers the first upload with 503
+    /// and the others with 201; returns its URL and the count of uploads it answered.
+    async fn busy_once_aggregator() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("addr"));
+        let puts = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&puts);
+        let list =
+            HpkeConfigList(vec![HpkeKeypair::generate(HpkeConfigId(1)).config]).get_encoded();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let Some(head) = duet_core::http::testing::read_head(&mut socket).await else {
+                    continue;
+                };
+                let answer = if head.starts_with(b"GET ") {
+                    let mut a = format!(
+                        "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+                        list.len()
+                    )
+                    .into_bytes();
+                    a.extend_from_slice(&list);
+                    a
+                } else if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
+                      content-length: 0\r\n\r\n"
+                        .to_vec()
+                } else {
+                    b"HTTP/1.1 201 Created\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+                        .to_vec()
+                };
+                let _ = socket.write_all(&answer).await;
+            }
+        });
+        (url, puts)
+    }
+
+    /// An upload the Leader answers 503 (busy, restarting) is sent again, as any client would,
+    /// instead of being reported to the runner as failed.
+    #[tokio::test]
+    async fn an_upload_answered_503_is_sent_again() {
+        let (url, puts) = busy_once_aggregator().await;
+        let request: UploadRequest = serde_json::from_value(json!({
+            "task_id": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA",
+            "leader": url,
+            "helper": url,
+            "vdaf": {"type": "Prio3Count"},
+            "measurement": "1",
+            "time": 1_700_000_000,
+            "time_precision": 3600,
+        }))
+        .expect("request");
+        ClientState::default()
+            .upload(request)
+            .await
+            .expect("uploaded");
+        assert_eq!(puts.load(Ordering::SeqCst), 2);
     }
 }
