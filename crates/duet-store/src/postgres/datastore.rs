@@ -105,16 +105,17 @@ impl Datastore for PostgresDatastore {
             })
             .await?;
         // The connection that wrote the batch is the pool's only one, and it is replaced only
-        // when the pool is next used: this is the server the batch went to.
-        let server = self
-            .unflushed_server
+        // when the pool is next used: this is the backend the batch went to.
+        let backend = *self
+            .unflushed_backend
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+            .unwrap_or_else(PoisonError::into_inner);
         let pool = self.pool.clone();
         Ok((
             fresh,
-            crate::Durable::Later(Box::pin(async move { flush::flushed(&pool, server).await })),
+            crate::Durable::Later(Box::pin(
+                async move { flush::flushed(&pool, backend).await },
+            )),
         ))
     }
 

@@ -14,8 +14,12 @@
 //! If the server crashes before the flush, the batch is lost, and its uploads were never
 //! acknowledged; anything that read the batch (a job created from it) committed after it in
 //! the log, and is lost with it. The flush may then reach the restarted server (or a promoted
-//! standby) and succeed there, so it also reads the server's start time, and fails unless that
-//! is the start time of the server the batch was written to.
+//! standby) and succeed there, so it also checks that the backend the batch was written on is
+//! still running: a crash of any backend restarts them all (`restart_after_crash`, whose
+//! recovery loses what the log had not flushed, in the same postmaster, so the server's start
+//! time does not change), and a restart or another server has other backends. A batch whose
+//! backend has gone (also when the connection was merely closed) is answered as failed,
+//! although it may have been kept: a client's retry is then a replay, counted once.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -33,51 +37,74 @@ use crate::StoreError;
 /// saved).
 pub(super) const UNFLUSHED_MIN_BYTES: usize = 192 * 1024;
 
+/// A server backend: its process ID and its start (microseconds since 1970). A backend is
+/// never restarted, and its process ID is not reused within a microsecond, so the pair names
+/// one connection's session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Backend {
+    pid: i32,
+    started_us: i64,
+}
+
 /// The pool of one connection for batches committed without waiting for the flush: each
-/// connection it opens sets `synchronous_commit = off` and records in `server` the start time of
-/// the server it is on (which names a server instance: a restart or a promoted standby has
-/// another).
+/// connection it opens sets `synchronous_commit = off` and records in `backend` which backend
+/// it is (see [`flushed`]).
 pub(super) fn unflushed_pool(
     pool: PgPoolOptions,
     options: PgConnectOptions,
-    server: Arc<Mutex<Option<String>>>,
+    backend: Arc<Mutex<Option<Backend>>>,
 ) -> PgPool {
     pool.after_connect(move |conn, _| {
-        let server = Arc::clone(&server);
+        let backend = Arc::clone(&backend);
         Box::pin(async move {
             conn.execute("SET synchronous_commit = off").await?;
-            let started: String = sqlx::query_scalar(START_TIME).fetch_one(&mut *conn).await?;
-            *server.lock().unwrap_or_else(PoisonError::into_inner) = Some(started);
+            let (pid, started_us): (i32, i64) =
+                sqlx::query_as(THIS_BACKEND).fetch_one(&mut *conn).await?;
+            *backend.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some(Backend { pid, started_us });
             Ok(())
         })
     })
     .connect_lazy_with(options)
 }
 
-/// The server's start time, as text.
-const START_TIME: &str = "SELECT pg_postmaster_start_time()::text";
+/// The connection's own backend.
+const THIS_BACKEND: &str = "SELECT pid, (extract(epoch FROM backend_start) * 1000000)::int8 \
+     FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
-/// Returns once everything committed before this call on server instance `server` (a start
-/// time from [`unflushed_pool`]) is durable, or fails if the flush ran on another instance.
-/// Concurrent calls share the server's flushes: a commit that finds the log being flushed waits
-/// for that flush, and if it did not reach its own record, the next one flushes everything
-/// written by then.
-pub(super) async fn flushed(pool: &PgPool, server: Option<String>) -> Result<(), StoreError> {
-    let started: String = sqlx::query_scalar(
+/// Returns once everything committed before this call on `backend` (from [`unflushed_pool`]) is
+/// durable, or fails if that backend is no longer running (a crash-restart may have lost what
+/// it wrote, and a restarted or promoted server has other backends). Concurrent calls share the
+/// server's flushes: a commit that finds the log being flushed waits for that flush, and if it
+/// did not reach its own record, the next one flushes everything written by then.
+pub(super) async fn flushed(pool: &PgPool, backend: Option<Backend>) -> Result<(), StoreError> {
+    let Some(backend) = backend else {
+        return Err(gone());
+    };
+    // Checked in the flushing transaction: a crash after the check ends it before its commit.
+    let running: bool = sqlx::query_scalar(
         "-- flush\n\
-         SELECT pg_postmaster_start_time()::text FROM pg_logical_emit_message(true, 'duet', '')",
+         SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+           WHERE pid = $1 AND (extract(epoch FROM backend_start) * 1000000)::int8 = $2) \
+         FROM pg_logical_emit_message(true, 'duet', '')",
     )
+    .bind(backend.pid)
+    .bind(backend.started_us)
     .fetch_one(pool)
     .await
     .map_err(|e| StoreError::Database(format!("flushing the write-ahead log: {e}")))?;
-    if server.as_deref() != Some(started.as_str()) {
-        return Err(StoreError::Database(
-            "the database server restarted before a batch of uploads was flushed; the batch \
-             may be lost"
-                .into(),
-        ));
+    if !running {
+        return Err(gone());
     }
     Ok(())
+}
+
+fn gone() -> StoreError {
+    StoreError::Database(
+        "the database connection a batch of uploads was written on ended before the batch was \
+         flushed (the server may have restarted); the batch may be lost"
+            .into(),
+    )
 }
 
 #[cfg(test)]
@@ -85,35 +112,58 @@ mod tests {
     use super::*;
     use crate::conformance::postgres::with_fresh_database;
 
-    /// A flush succeeds on the server instance a batch was written to, and fails on any other
-    /// (a restart, or a promoted standby, may have lost the batch).
+    /// A flush succeeds while the backend a batch was written on runs, and fails once it has
+    /// gone, as every backend goes in a crash-restart (which keeps the server's start time), or
+    /// for a backend of another server.
     #[tokio::test]
-    async fn a_flush_on_another_server_instance_fails() {
-        with_fresh_database("flush_instance", |url| async move {
+    async fn a_flush_after_the_writing_backend_has_gone_fails() {
+        with_fresh_database("flush_backend", |url| async move {
             let options: PgConnectOptions = url.parse().expect("URL");
-            let server = Arc::new(Mutex::new(None));
+            let backend = Arc::new(Mutex::new(None));
             let unflushed = unflushed_pool(
                 PgPoolOptions::new().max_connections(1),
                 options.clone(),
-                Arc::clone(&server),
+                Arc::clone(&backend),
             );
             let off: String = sqlx::query_scalar("SHOW synchronous_commit")
                 .fetch_one(&unflushed)
                 .await
                 .expect("show");
             assert_eq!(off, "off");
-            let written_on = server.lock().expect("lock").clone();
-            assert!(written_on.is_some());
+            let written_on = *backend.lock().expect("lock");
+            let Some(written_on) = written_on else {
+                panic!("no backend recorded");
+            };
             let pool = PgPoolOptions::new()
                 .max_connections(1)
                 .connect_with(options)
                 .await
                 .expect("connect");
-            flushed(&pool, written_on).await.expect("same server");
-            assert!(flushed(&pool, Some("2000-01-01 00:00:00+00".into()))
+            flushed(&pool, Some(written_on))
                 .await
-                .is_err());
+                .expect("same backend");
+            let other = Backend {
+                started_us: written_on.started_us - 1,
+                ..written_on
+            };
+            assert!(flushed(&pool, Some(other)).await.is_err());
             assert!(flushed(&pool, None).await.is_err());
+            let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                .bind(written_on.pid)
+                .fetch_one(&pool)
+                .await
+                .expect("terminate");
+            assert!(ended);
+            // Gone once its entry has left the server's activity list.
+            let mut gone = false;
+            for _ in 0..100 {
+                if flushed(&pool, Some(written_on)).await.is_err() {
+                    gone = true;
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            assert!(gone, "a flush after the writing backend ended succeeded");
             unflushed.close().await;
             pool.close().await;
         })
