@@ -508,3 +508,55 @@ async fn a_database_restored_into_another_server_claims_every_report() {
     )
     .await;
 }
+
+/// A report uploaded twice (a client's retry: same ID, same time) before a restore gets, with
+/// its copy, one renumbered transaction ID, so that the two copies tie in claim order. Only one
+/// is kept: a job claiming the first would otherwise read the second in its range too, and name
+/// the report twice to the Helper, which refuses the whole job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_uploaded_twice_before_a_restore_is_claimed_once() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    with_fresh_database(
+        "a_report_uploaded_twice_before_a_restore_is_claimed_once",
+        |url| async move {
+            let before = PostgresDatastore::connect(&url).await.expect("connect");
+            let task_id = TaskId::random();
+            let twice = report(task_id, T0 + 1);
+            let other = report(task_id, T0 + 2);
+            for batch in [
+                vec![twice.clone()],
+                vec![twice.clone()],
+                vec![other.clone()],
+            ] {
+                before.put_reports(&batch).await.expect("put_reports");
+            }
+            before.close().await;
+            as_if_restored_elsewhere(&url).await;
+
+            let store = PostgresDatastore::connect(&url).await.expect("connect");
+            let now = Time(T0 + PRECISION);
+            assert_eq!(
+                store.create_aggregation_jobs(1, now).await.expect("create"),
+                2
+            );
+            let jobs = store
+                .acquire_aggregation_jobs(now, 600, 10)
+                .await
+                .expect("acquire");
+            let mut claimed: Vec<[u8; 16]> = jobs
+                .iter()
+                .flat_map(|j| j.reports.iter().map(|r| r.report_id.0))
+                .collect();
+            claimed.sort_unstable();
+            let mut expected = vec![twice.report_id.0, other.report_id.0];
+            expected.sort_unstable();
+            assert_eq!(claimed, expected, "each report in one job, once");
+            for job in &jobs {
+                store.abandon_aggregation_job(job).await.expect("abandon");
+            }
+            assert_eq!(unaggregated(&store, task_id, T0, PRECISION).await, 0);
+            store.close().await;
+        },
+    )
+    .await;
+}

@@ -20,7 +20,8 @@
 //! no active job's range, move after every bound, to be claimed (one that fell inside an active
 //! job's range stays there, unchecked for replays: an older version must not serve a restored
 //! database). Two uploads of one ID between the same two bounds get one number, so which of
-//! them is kept as the first is decided by their times and not their upload order.
+//! them is kept as the first is decided by their times and not their upload order; two with
+//! the same time as well would tie in claim order, and only one of them is kept.
 
 use super::PostgresDatastore;
 use super::TxError;
@@ -187,6 +188,17 @@ async fn attempt(store: &PostgresDatastore) -> Result<Attempt, TxError> {
                AND (q.upload_xid, q.client_time, q.report_id) <= (j.to_xid, j.to_time, j.to_id))",
     )
     .bind(largest.to_string())
+    .execute(&mut *tx)
+    .await?;
+    // Two uploads of one report (a client's retry: one ID, one time) between the same two
+    // bounds now tie in claim order. Claims tell rows apart by that order, so a job claiming
+    // one would read the other in its range too; keep one of them (the other is a replay).
+    sqlx::query(
+        "-- restored\n\
+         DELETE FROM report_queue AS q USING report_queue AS r \
+         WHERE q.task_key = r.task_key AND q.upload_xid = r.upload_xid \
+           AND q.client_time = r.client_time AND q.report_id = r.report_id AND q.ctid > r.ctid",
+    )
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
