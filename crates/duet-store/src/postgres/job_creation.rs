@@ -164,6 +164,17 @@ const LOCK_RUNS: &str = "-- create_aggregation_jobs\n\
      SELECT pg_advisory_xact_lock_shared($1), set_config('enable_seqscan', 'off', true), \
        set_config('enable_bitmapscan', 'off', true), set_config('jit', 'off', true)";
 
+/// The tasks that have unclaimed reports (every task with queued reports has a cursor:
+/// `put_reports` creates it): one index probe per task, at its claim cursor, past the reports
+/// of its active jobs and the index entries of deleted ones.
+const TASKS_WITH_UNCLAIMED: &str = "-- create_aggregation_jobs\n\
+     SELECT k.task_id FROM replay_tasks AS k CROSS JOIN LATERAL ( \
+       SELECT 1 FROM report_queue AS q \
+       WHERE q.task_key = k.task_key AND (q.upload_xid, q.client_time, q.report_id) \
+         > (k.claimed_xid, k.claimed_time, k.claimed_id) \
+       ORDER BY q.upload_xid, q.client_time, q.report_id LIMIT 1) AS unclaimed \
+     ORDER BY k.task_key";
+
 /// The first wait for older transactions to end, when they hold back uploads a partial job
 /// would claim; each next wait is twice as long, up to `MAX_HORIZON_WAIT` in all.
 const FIRST_HORIZON_WAIT: Duration = Duration::from_millis(1);
@@ -196,17 +207,9 @@ pub(super) async fn create_aggregation_jobs(
     // The tasks that have unclaimed reports (every task with queued reports has a cursor:
     // `put_reports` creates it): one index probe per task, at its claim cursor, past the reports
     // of its active jobs and the index entries of deleted ones.
-    let task_rows = sqlx::query(
-        "-- create_aggregation_jobs\n\
-         SELECT k.task_id FROM replay_tasks AS k CROSS JOIN LATERAL ( \
-           SELECT 1 FROM report_queue AS q \
-           WHERE q.task_key = k.task_key AND (q.upload_xid, q.client_time, q.report_id) \
-             > (k.claimed_xid, k.claimed_time, k.claimed_id) \
-           ORDER BY q.upload_xid, q.client_time, q.report_id LIMIT 1) AS unclaimed \
-         ORDER BY k.task_key",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+    let task_rows = sqlx::query(TASKS_WITH_UNCLAIMED)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut created = 0;
     let mut held_back = false;
     // One budget for the pass, whatever the number of tasks.
@@ -381,7 +384,8 @@ mod plans {
     /// A claim reads the task's queue in order from `report_queue_order`, its cursor the
     /// scan's condition (so the scan stops after the job's reports): not a sequential or bitmap
     /// scan of the whole backlog, sorted, which the custom plan would be with statistics taken
-    /// when the queue's pages were mostly empty and 20,000 reports queued since.
+    /// when the queue's pages were mostly empty and 20,000 reports queued since. The search for
+    /// tasks with unclaimed reports, outside the job's settings, reads one entry per task.
     #[tokio::test]
     async fn claims_read_the_queue_in_order_whatever_the_statistics() {
         with_fresh_database("claim_plans", |url| async move {
@@ -405,6 +409,20 @@ mod plans {
                 sqlx::query(sql).execute(&mut conn).await.expect(sql);
             }
             plan_checks::queue_reports(&mut conn, key).await;
+            // The search for tasks with unclaimed reports, outside a job's transaction (so
+            // without its settings), stops at each task's first unclaimed report all the same:
+            // its `LIMIT 1` in index order is cheapest whatever the estimate.
+            let rows = sqlx::query(&format!("EXPLAIN {TASKS_WITH_UNCLAIMED}"))
+                .fetch_all(&mut conn)
+                .await
+                .expect("EXPLAIN");
+            plan_checks::assert_index_scans(
+                &plan_checks::lines(&rows),
+                "on report_queue q",
+                1,
+                "Index Cond: ((task_key = k.task_key) AND (ROW(upload_xid, client_time, \
+                 report_id) > ROW(k.claimed_xid",
+            );
             let mut tx = conn.begin().await.expect("begin");
             sqlx::query(LOCK_RUNS)
                 .bind(runs::LEADER.lock)
