@@ -105,16 +105,16 @@ impl Datastore for PostgresDatastore {
             })
             .await?;
         // The connection that wrote the batch is the pool's only one, and it is replaced only
-        // when the pool is next used: this is the backend the batch went to.
-        let backend = *self
-            .unflushed_backend
+        // when the pool is next used: this is the session the batch went to.
+        let session = *self
+            .unflushed_session
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let pool = self.pool.clone();
         Ok((
             fresh,
             crate::Durable::Later(Box::pin(
-                async move { flush::flushed(&pool, backend).await },
+                async move { flush::flushed(&pool, session).await },
             )),
         ))
     }

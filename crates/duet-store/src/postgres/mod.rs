@@ -72,8 +72,8 @@ pub struct PostgresDatastore {
     /// One connection with `synchronous_commit = off`, for large upload batches (see
     /// [`flush`]); connected on first use.
     unflushed: PgPool,
-    /// The server backend of the `unflushed` connection (see [`flush::unflushed_pool`]).
-    unflushed_backend: Arc<Mutex<Option<flush::Backend>>>,
+    /// The session of the `unflushed` connection (see [`flush::unflushed_pool`]).
+    unflushed_session: Arc<Mutex<Option<flush::Session>>>,
     role: AggregatorRole,
     wakeups: Arc<notify::Wakeups>,
     /// The replay tables' keys of the tasks seen so far (`replay_tasks`; a key never changes).
@@ -168,7 +168,7 @@ impl PostgresDatastore {
         let store = PostgresDatastore {
             pool,
             unflushed,
-            unflushed_backend: server,
+            unflushed_session: server,
             role: AggregatorRole::Leader,
             wakeups: Arc::new(notify::Wakeups::new()),
             task_keys: Arc::default(),
@@ -187,7 +187,7 @@ impl PostgresDatastore {
         PostgresDatastore {
             pool: self.pool.clone(),
             unflushed: self.unflushed.clone(),
-            unflushed_backend: Arc::clone(&self.unflushed_backend),
+            unflushed_session: Arc::clone(&self.unflushed_session),
             role,
             wakeups: Arc::clone(&self.wakeups),
             task_keys: Arc::clone(&self.task_keys),
