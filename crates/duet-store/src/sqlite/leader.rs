@@ -17,6 +17,7 @@ use duet_messages::dap09::{AggregationJobId, Interval, ReportId, TaskId, Time};
 
 use super::replay::Entry;
 use super::tasks::merge_batch_aggregations;
+use super::Durability;
 use super::{
     clamp_i64, col, col_array, col_u64, db, lease_token, list_placeholders, to_i64,
     values_placeholders, SqliteDatastore, MAX_BIND_PARAMS,
@@ -29,13 +30,14 @@ use crate::{
 const REPORT_COLUMNS: usize = 4;
 
 /// Appends the reports; replays are found when jobs claim them (`create_aggregation_jobs`), so
-/// every report is reported stored here.
+/// every report is reported stored here. The write is committed, and durable once the returned
+/// [`Durability`] says so.
 pub(super) async fn put_reports(
     store: &SqliteDatastore,
     reports: &[NewReport],
-) -> Result<Vec<bool>, StoreError> {
+) -> Result<(Vec<bool>, Durability), StoreError> {
     if reports.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Durability::default()));
     }
     let times = reports
         .iter()
@@ -53,7 +55,8 @@ pub(super) async fn put_reports(
             .execute(&mut *conn)
             .await
             .map_err(db)?;
-        return Ok(vec![true; reports.len()]);
+        let durability = store.writer.committed();
+        return Ok((vec![true; reports.len()], durability));
     }
     let mut tx = store.begin_write().await?;
     for (chunk, chunk_times) in reports.chunks(chunk_rows).zip(times.chunks(chunk_rows)) {
@@ -64,8 +67,8 @@ pub(super) async fn put_reports(
             .await
             .map_err(db)?;
     }
-    tx.commit().await.map_err(db)?;
-    Ok(vec![true; reports.len()])
+    let durability = tx.commit_unsynced().await.map_err(db)?;
+    Ok((vec![true; reports.len()], durability))
 }
 
 /// Upload batches up to this many reports keep a prepared statement for their size.

@@ -10,6 +10,7 @@
 
 mod checkpoint;
 mod collection;
+mod durable;
 mod helper;
 mod leader;
 mod replay;
@@ -35,7 +36,7 @@ use crate::{
     MergeFn, NewReport, StoreError,
 };
 use writer::Writer;
-pub(crate) use writer::{WriteTx, WriterGuard};
+pub(crate) use writer::{Durability, WriteTx, WriterGuard};
 
 /// How long a statement waits for the write lock before failing.
 const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(10);
@@ -362,7 +363,17 @@ impl Datastore for SqliteDatastore {
     }
 
     async fn put_reports(&self, reports: &[NewReport]) -> Result<Vec<bool>, StoreError> {
-        leader::put_reports(self, reports).await
+        let (fresh, durability) = leader::put_reports(self, reports).await?;
+        durability.wait().await?;
+        Ok(fresh)
+    }
+
+    async fn put_reports_pipelined(
+        &self,
+        reports: &[NewReport],
+    ) -> Result<(Vec<bool>, crate::Durable), StoreError> {
+        let (fresh, durability) = leader::put_reports(self, reports).await?;
+        Ok((fresh, crate::Durable::Later(Box::pin(durability.wait()))))
     }
 
     async fn create_aggregation_jobs(

@@ -14,6 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteTransactionManager};
 use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool, TransactionManager};
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
+use super::durable::WalSync;
 use super::{db, retry_busy};
 use crate::StoreError;
 
@@ -23,8 +24,9 @@ use crate::StoreError;
 /// free. Other processes on the same file still wait through the busy timeout.
 #[derive(Clone, Debug)]
 pub(super) enum Writer {
-    /// A file database's own writer connection; `None` once the store is closed.
-    Own(Arc<Mutex<Option<SqliteConnection>>>),
+    /// A file database's own writer connection (`None` once the store is closed), and its
+    /// log's syncs.
+    Own(Arc<Mutex<Option<SqliteConnection>>>, Arc<WalSync>),
     /// An in-memory database: the read pool's connection, taken under this lock.
     Pooled(SqlitePool, Arc<Mutex<()>>),
 }
@@ -33,14 +35,33 @@ impl Writer {
     /// Opens a file database's writer connection, retrying while the file is busy.
     pub(super) async fn open(options: &SqliteConnectOptions) -> Result<Writer, StoreError> {
         let conn = retry_busy(|| SqliteConnection::connect_with(options)).await?;
-        Ok(Writer::Own(Arc::new(Mutex::new(Some(conn)))))
+        let sync = Arc::new(WalSync::new(options.get_filename()));
+        Ok(Writer::Own(Arc::new(Mutex::new(Some(conn))), sync))
+    }
+
+    /// Numbers a commit just made on the writer (a single statement's), for [`Durability::wait`].
+    pub(super) fn committed(&self) -> Durability {
+        match self {
+            Writer::Own(_, sync) => Durability(Some((Arc::clone(sync), sync.committed()))),
+            // An in-memory database has nothing to sync.
+            Writer::Pooled(..) => Durability(None),
+        }
+    }
+
+    /// The log's syncs, for tests.
+    #[cfg(test)]
+    pub(super) fn wal_sync(&self) -> Option<Arc<WalSync>> {
+        match self {
+            Writer::Own(_, sync) => Some(Arc::clone(sync)),
+            Writer::Pooled(..) => None,
+        }
     }
 
     /// The writer connection, once every earlier write of this process is done, with no
     /// transaction open (see [`resync`]).
     pub(super) async fn lock(&self) -> Result<WriterGuard, StoreError> {
         let mut guard = match self {
-            Writer::Own(conn) => {
+            Writer::Own(conn, _) => {
                 OwnedMutexGuard::try_map(Arc::clone(conn).lock_owned().await, |c| c.as_mut())
                     .map(WriterGuard::Own)
                     .map_err(|_| StoreError::Database("the database is closed".into()))?
@@ -59,7 +80,7 @@ impl Writer {
 
     /// Closes the writer connection (waiting for a write under way); later writes fail.
     pub(super) async fn close(&self) {
-        if let Writer::Own(conn) = self {
+        if let Writer::Own(conn, _) = self {
             if let Some(conn) = conn.lock().await.take() {
                 if let Err(e) = conn.close().await {
                     tracing::warn!(error = %e, "closing the SQLite writer connection failed");
@@ -74,7 +95,30 @@ impl Writer {
         SqliteTransactionManager::begin(&mut conn, Some("BEGIN IMMEDIATE".into()))
             .await
             .map_err(db)?;
-        Ok(WriteTx { conn, open: true })
+        let sync = match self {
+            Writer::Own(_, sync) => Some(Arc::clone(sync)),
+            Writer::Pooled(..) => None,
+        };
+        Ok(WriteTx {
+            conn,
+            open: true,
+            sync,
+        })
+    }
+}
+
+/// A commit made, and what makes it durable (see [`WalSync`]).
+#[must_use]
+#[derive(Default)]
+pub(crate) struct Durability(Option<(Arc<WalSync>, u64)>);
+
+impl Durability {
+    /// Returns once the commit is durable.
+    pub(crate) async fn wait(self) -> Result<(), StoreError> {
+        match self.0 {
+            Some((sync, n)) => sync.durable(n).await,
+            None => Ok(()),
+        }
     }
 }
 
@@ -134,14 +178,29 @@ impl DerefMut for WriterGuard {
 pub(crate) struct WriteTx {
     conn: WriterGuard,
     open: bool,
+    /// The file database's log syncs; `None` in memory.
+    sync: Option<Arc<WalSync>>,
 }
 
 impl WriteTx {
-    /// Commits the transaction.
-    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
+    /// Commits the transaction, and returns once it is durable. The writer is free for the
+    /// next transaction while the log is synced.
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        self.commit_unsynced()
+            .await?
+            .wait()
+            .await
+            .map_err(|e| sqlx::Error::Io(std::io::Error::other(e.to_string())))
+    }
+
+    /// Commits the transaction and frees the writer; the commit is durable once the returned
+    /// [`Durability`] says so.
+    pub(crate) async fn commit_unsynced(mut self) -> Result<Durability, sqlx::Error> {
         SqliteTransactionManager::commit(&mut self.conn).await?;
         self.open = false;
-        Ok(())
+        Ok(Durability(
+            self.sync.as_ref().map(|s| (Arc::clone(s), s.committed())),
+        ))
     }
 
     /// Rolls the transaction back.
@@ -203,7 +262,7 @@ mod tests {
         let store = SqliteDatastore::connect(&path.display().to_string())
             .await
             .expect("connect");
-        assert!(matches!(store.writer, Writer::Own(_)));
+        assert!(matches!(store.writer, Writer::Own(..)));
         let before = count(&store).await;
 
         let mut tx = store.begin_write().await.expect("begin");
