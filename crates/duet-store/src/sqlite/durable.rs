@@ -146,6 +146,29 @@ mod tests {
         assert_eq!(sync.synced_upto(), second);
         sync.durable(first).await.expect("covered");
         assert_eq!(sync.synced_upto(), second);
+        let settings = store.settings().await.expect("settings");
+        assert!(settings.contains(&("log_sync".into(), "commit".into())));
+        store.close().await;
+    }
+
+    /// With the log synced only around checkpoints, commits return without a sync, and the
+    /// store's settings say so.
+    #[tokio::test]
+    async fn the_log_can_be_synced_at_checkpoints_only() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let path = dir.path().join("c.db");
+        let store = SqliteDatastore::connect_with(
+            &path.display().to_string(),
+            super::super::LogSync::Checkpoint,
+        )
+        .await
+        .expect("connect");
+        assert!(store.writer.wal_sync().is_none());
+        let (_, durable) = store.put_reports_pipelined(&reports(3)).await.expect("put");
+        assert!(matches!(durable, Durable::Now));
+        store.put_reports(&reports(3)).await.expect("put");
+        let settings = store.settings().await.expect("settings");
+        assert!(settings.contains(&("log_sync".into(), "checkpoint".into())));
         store.close().await;
     }
 }

@@ -15,7 +15,7 @@ use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool, TransactionManager}
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
 use super::durable::WalSync;
-use super::{db, retry_busy};
+use super::{db, retry_busy, LogSync};
 use crate::StoreError;
 
 /// Where writes go. Either way a process writes one transaction at a time: SQLite allows one
@@ -25,26 +25,39 @@ use crate::StoreError;
 #[derive(Clone, Debug)]
 pub(super) enum Writer {
     /// A file database's own writer connection (`None` once the store is closed), and its
-    /// log's syncs.
-    Own(Arc<Mutex<Option<SqliteConnection>>>, Arc<WalSync>),
+    /// log's syncs (`None` if the log is synced only around checkpoints).
+    Own(Arc<Mutex<Option<SqliteConnection>>>, Option<Arc<WalSync>>),
     /// An in-memory database: the read pool's connection, taken under this lock.
     Pooled(SqlitePool, Arc<Mutex<()>>),
 }
 
 impl Writer {
     /// Opens a file database's writer connection, retrying while the file is busy.
-    pub(super) async fn open(options: &SqliteConnectOptions) -> Result<Writer, StoreError> {
+    pub(super) async fn open(
+        options: &SqliteConnectOptions,
+        log_sync: LogSync,
+    ) -> Result<Writer, StoreError> {
         let conn = retry_busy(|| SqliteConnection::connect_with(options)).await?;
-        let sync = Arc::new(WalSync::new(options.get_filename()));
+        let sync =
+            (log_sync == LogSync::Commit).then(|| Arc::new(WalSync::new(options.get_filename())));
         Ok(Writer::Own(Arc::new(Mutex::new(Some(conn))), sync))
+    }
+
+    /// When the log is synced; `None` for an in-memory database.
+    pub(super) fn log_sync(&self) -> Option<LogSync> {
+        match self {
+            Writer::Own(_, Some(_)) => Some(LogSync::Commit),
+            Writer::Own(_, None) => Some(LogSync::Checkpoint),
+            Writer::Pooled(..) => None,
+        }
     }
 
     /// Numbers a commit just made on the writer (a single statement's), for [`Durability::wait`].
     pub(super) fn committed(&self) -> Durability {
         match self {
-            Writer::Own(_, sync) => Durability(Some((Arc::clone(sync), sync.committed()))),
-            // An in-memory database has nothing to sync.
-            Writer::Pooled(..) => Durability(None),
+            Writer::Own(_, Some(sync)) => Durability(Some((Arc::clone(sync), sync.committed()))),
+            // Nothing to wait for: the log is synced at checkpoints, or there is none.
+            Writer::Own(_, None) | Writer::Pooled(..) => Durability(None),
         }
     }
 
@@ -52,7 +65,7 @@ impl Writer {
     #[cfg(test)]
     pub(super) fn wal_sync(&self) -> Option<Arc<WalSync>> {
         match self {
-            Writer::Own(_, sync) => Some(Arc::clone(sync)),
+            Writer::Own(_, sync) => sync.clone(),
             Writer::Pooled(..) => None,
         }
     }
@@ -96,7 +109,7 @@ impl Writer {
             .await
             .map_err(db)?;
         let sync = match self {
-            Writer::Own(_, sync) => Some(Arc::clone(sync)),
+            Writer::Own(_, sync) => sync.clone(),
             Writer::Pooled(..) => None,
         };
         Ok(WriteTx {
@@ -113,6 +126,14 @@ impl Writer {
 pub(crate) struct Durability(Option<(Arc<WalSync>, u64)>);
 
 impl Durability {
+    /// The same as a [`crate::Durable`]: `Now` if there is nothing to wait for.
+    pub(crate) fn into_durable(self) -> crate::Durable {
+        match self.0 {
+            None => crate::Durable::Now,
+            Some(_) => crate::Durable::Later(Box::pin(self.wait())),
+        }
+    }
+
     /// Returns once the commit is durable.
     pub(crate) async fn wait(self) -> Result<(), StoreError> {
         match self.0 {

@@ -177,6 +177,8 @@ fn non_durable(settings: &[(String, String)]) -> Vec<String> {
             // `local`, `remote_write` and `remote_apply` wait for the local flush too.
             "synchronous_commit" => value == "off",
             "synchronous" => value == "OFF",
+            // SQLite's log synced only around checkpoints.
+            "log_sync" => value == "checkpoint",
             _ => false,
         })
         .map(|(name, value)| format!("{name} = {value}"))
@@ -513,7 +515,14 @@ mod tests {
         for waits in ["local", "remote_write", "remote_apply"] {
             assert!(non_durable(&pairs(&[("synchronous_commit", waits)])).is_empty());
         }
-        assert!(non_durable(&pairs(&[("synchronous", "NORMAL")])).is_empty());
+        // SQLite's NORMAL with the log synced at each commit by Duet itself.
+        assert!(
+            non_durable(&pairs(&[("synchronous", "NORMAL"), ("log_sync", "commit")])).is_empty()
+        );
+        assert_eq!(
+            non_durable(&pairs(&[("log_sync", "checkpoint")])),
+            ["log_sync = checkpoint"]
+        );
         assert_eq!(
             non_durable(&pairs(&[
                 ("fsync", "off"),
