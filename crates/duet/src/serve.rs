@@ -84,7 +84,7 @@ pub struct RoleSection {
 }
 
 /// `sqlite_sync`'s values.
-#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SqliteSync {
     /// The log synced at every commit.

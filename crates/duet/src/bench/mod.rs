@@ -122,6 +122,10 @@ pub struct Args {
     /// run's end-to-end phase, to measure whether cost grows with history.
     #[arg(long, default_value_t = 0)]
     history: usize,
+    /// When SQLite's log is synced: `commit` (every commit durable, as `duet serve` does by
+    /// default) or `checkpoint` (not durable against a machine crash; the bench warns).
+    #[arg(long, value_enum, default_value = "commit")]
+    sqlite_sync: crate::serve::SqliteSync,
     /// Append each server's log (its standard error, at the level `RUST_LOG` sets) to files in
     /// this directory, named by backend, VDAF and role.
     #[arg(long)]
@@ -223,7 +227,14 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         .server_logs
         .as_deref()
         .map(|dir| (dir, prefix.as_str()));
-    let start = |database: &str, role| start_server(dir.path(), database, role, logs);
+    let (settings, log_sync) = match (backend, args.sqlite_sync) {
+        (Backend::Sqlite, crate::serve::SqliteSync::Checkpoint) => (
+            "sqlite_sync = \"checkpoint\"\n",
+            duet_store::sqlite::LogSync::Checkpoint,
+        ),
+        _ => ("", duet_store::sqlite::LogSync::Commit),
+    };
+    let start = |database: &str, role| start_server(dir.path(), database, settings, role, logs);
     let (helper_server, helper_base) = start(&helper_db, ServerRole::Helper)?;
     let (api_server, base) = start(&leader_db, ServerRole::Leader { jobs: false })?;
     let leader_url = format!("{base}/leader/");
@@ -241,8 +252,8 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         1,
         None,
     )?;
-    let leader_store = crate::db::open(&leader_db, AggregatorRole::Leader).await?;
-    let helper_store = crate::db::open(&helper_db, AggregatorRole::Helper).await?;
+    let leader_store = crate::db::open_with(&leader_db, AggregatorRole::Leader, log_sync).await?;
+    let helper_store = crate::db::open_with(&helper_db, AggregatorRole::Helper, log_sync).await?;
     task.id = task_id;
     leader_store.put_task(&task).await?;
     let settings = leader_store.settings().await?;

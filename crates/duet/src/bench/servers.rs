@@ -77,11 +77,13 @@ pub(super) enum ServerRole {
 /// Where a run's servers keep their logs: a directory, and the run's prefix for file names.
 pub(super) type ServerLogs<'a> = Option<(&'a Path, &'a str)>;
 
-/// Starts `duet serve` in `role` on `database`; returns it and its base URL. With `logs`, every
+/// Starts `duet serve` in `role` on `database`, with the top-level config lines `settings`;
+/// returns it and its base URL. With `logs`, every
 /// line the server writes to its standard error is appended to `<prefix>-<role>.log` there.
 pub(super) fn start_server(
     dir: &Path,
     database: &str,
+    settings: &str,
     role: ServerRole,
     logs: ServerLogs<'_>,
 ) -> Result<(ServerProcess, String)> {
@@ -98,7 +100,7 @@ pub(super) fn start_server(
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(
         &config,
-        format!("listen = \"127.0.0.1:0\"\ndatabase = \"{database}\"\n{section}"),
+        format!("listen = \"127.0.0.1:0\"\ndatabase = \"{database}\"\n{settings}{section}"),
     )?;
     let exe = std::env::current_exe().context("cannot find the duet executable")?;
     let mut child = std::process::Command::new(exe)
