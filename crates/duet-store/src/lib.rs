@@ -84,7 +84,9 @@ pub trait Datastore: Send + Sync + 'static {
     async fn get_task(&self, task_id: &TaskId) -> Result<Option<Task>, StoreError>;
     /// All tasks.
     async fn list_tasks(&self) -> Result<Vec<Task>, StoreError>;
-    /// Deletes a task and everything stored under it. Returns whether it existed.
+    /// Deletes a task and everything stored under it. Returns whether it existed. For a task
+    /// no process serves any more: a server that has the task cached goes on accepting its
+    /// uploads and running its jobs, and those write under the deleted task again.
     async fn delete_task(&self, task_id: &TaskId) -> Result<bool, StoreError>;
     /// Stores an HPKE keypair (`AlreadyExists` if its config ID is taken).
     async fn put_hpke_keypair(&self, keypair: &HpkeKeypair) -> Result<(), StoreError>;

@@ -129,9 +129,10 @@ pub(super) async fn delete_task(
     };
     let mut tx = store.begin().await?;
     if store.role == AggregatorRole::Leader {
-        // Waits for a job creator of the task (which holds this lock from its claim to its
-        // commit) and keeps the next ones out: a job committed after the deletion's snapshot
-        // would outlive its task.
+        // Waits for a job creator of the task that holds this lock (from its claim to its
+        // commit), so that its job does not commit after the deletion's snapshot and outlive
+        // the task. Creators that come later, of processes still serving the task, are not
+        // kept out (see `Datastore::delete_task`).
         sqlx::query(
             "-- delete_task\n\
              SELECT pg_advisory_xact_lock(1685415284, task_key) FROM replay_tasks \
