@@ -19,7 +19,7 @@
 //! recovery loses what the log had not flushed, in the same postmaster, so the server's start
 //! time does not change), and a restart or another server has other sessions. The session
 //! holds an advisory lock on a random key of its own for as long as it lives, and the flush
-//! tries to take that lock: it can only if the session has gone (one probe of the lock table;
+//! tries to take that lock, shared: it can only if the session has gone (one probe of the lock table;
 //! reading `pg_stat_activity` instead copied every backend's status, and cost SumVec(1000)
 //! uploads a tenth of their rate). A batch whose session has gone (also when the connection
 //! was merely closed) is answered as failed, although it may have been kept: a client's retry
@@ -56,20 +56,24 @@ pub(super) fn unflushed_pool(
     options: PgConnectOptions,
     session: Arc<Mutex<Option<Session>>>,
 ) -> PgPool {
-    pool.after_connect(move |conn, _| {
-        let session = Arc::clone(&session);
-        Box::pin(async move {
-            conn.execute("SET synchronous_commit = off").await?;
-            let key: i64 = rand::random();
-            sqlx::query("SELECT pg_advisory_lock($1)")
-                .bind(key)
-                .execute(&mut *conn)
-                .await?;
-            *session.lock().unwrap_or_else(PoisonError::into_inner) = Some(Session { key });
-            Ok(())
+    // The connection is kept while it works (no lifetime or idle limit): one replaced between
+    // a batch and its flush would make the flush refuse the batch.
+    pool.max_lifetime(None)
+        .idle_timeout(None)
+        .after_connect(move |conn, _| {
+            let session = Arc::clone(&session);
+            Box::pin(async move {
+                conn.execute("SET synchronous_commit = off").await?;
+                let key: i64 = rand::random();
+                sqlx::query("SELECT pg_advisory_lock($1)")
+                    .bind(key)
+                    .execute(&mut *conn)
+                    .await?;
+                *session.lock().unwrap_or_else(PoisonError::into_inner) = Some(Session { key });
+                Ok(())
+            })
         })
-    })
-    .connect_lazy_with(options)
+        .connect_lazy_with(options)
 }
 
 /// Returns once everything committed before this call in `session` (from [`unflushed_pool`]) is
@@ -82,10 +86,13 @@ pub(super) async fn flushed(pool: &PgPool, session: Option<Session>) -> Result<(
         return Err(gone());
     };
     // Checked in the flushing transaction: a crash after the check ends it before its commit.
-    // The lock it takes if the session has gone is released at its commit.
+    // Shared: the session's own lock is exclusive, and concurrent flushes of batches of a
+    // session that has gone all get it (an exclusive one taken by the first would make the
+    // others see the session running). Released at the flush's commit.
     let running: bool = sqlx::query_scalar(
         "-- flush\n\
-         SELECT NOT pg_try_advisory_xact_lock($1) FROM pg_logical_emit_message(true, 'duet', '')",
+         SELECT NOT pg_try_advisory_xact_lock_shared($1) \
+         FROM pg_logical_emit_message(true, 'duet', '')",
     )
     .bind(session.key)
     .fetch_one(pool)
@@ -107,6 +114,8 @@ fn gone() -> StoreError {
 
 #[cfg(test)]
 mod tests {
+    use sqlx::{Connection, PgConnection};
+
     use super::*;
     use crate::conformance::postgres::with_fresh_database;
 
@@ -157,6 +166,21 @@ mod tests {
                 flushed(&pool, Some(written_in)).await.is_err(),
                 "a flush after the writing session ended succeeded"
             );
+            // Nor while another flush of the session's batches holds its lock.
+            let mut other = PgConnection::connect(&url).await.expect("connect");
+            let mut tx = other.begin().await.expect("begin");
+            let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock_shared($1)")
+                .bind(written_in.key)
+                .fetch_one(&mut *tx)
+                .await
+                .expect("lock");
+            assert!(taken);
+            assert!(
+                flushed(&pool, Some(written_in)).await.is_err(),
+                "a flush beside another of a session that had ended succeeded"
+            );
+            tx.rollback().await.expect("rollback");
+            other.close().await.expect("close");
             unflushed.close().await;
             pool.close().await;
         })
