@@ -14,11 +14,14 @@
 //!
 //! Frames no longer in the log file were copied into the database file by a checkpoint, which
 //! syncs the log before and the database file after it, and the log is only started over once
-//! every frame has been copied; a log file that is gone (the last connection closed cleanly)
-//! was checkpointed entirely.
+//! every frame has been copied. The log is found by the database file's real path (SQLite
+//! follows symbolic links to it), and while the store is open it must be there. A sync that
+//! fails poisons every later one: after a failed `fsync` the kernel may have dropped the pages
+//! and reports the error once, so a later sync would succeed over commits that never reached
+//! the disk.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::StoreError;
 
@@ -26,6 +29,8 @@ use crate::StoreError;
 #[derive(Debug)]
 pub(super) struct WalSync {
     wal: PathBuf,
+    /// Set once a sync has failed: nothing is durable any more.
+    poisoned: AtomicBool,
     /// Commits numbered so far.
     committed: AtomicU64,
     /// The commits known durable (every one numbered up to this), under the lock that lets one
@@ -34,15 +39,22 @@ pub(super) struct WalSync {
 }
 
 impl WalSync {
-    /// The log of the database file `db`.
-    pub(super) fn new(db: &Path) -> Self {
-        let mut wal = db.as_os_str().to_owned();
+    /// The log of the database file `db`, which exists: the log sits beside the file it
+    /// resolves to. Syncs the directory, so that a log file created since is found after a
+    /// crash.
+    pub(super) fn new(db: &Path) -> std::io::Result<Self> {
+        let db = std::fs::canonicalize(db)?;
+        if let Some(dir) = db.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        let mut wal = db.into_os_string();
         wal.push("-wal");
-        Self {
+        Ok(Self {
             wal: wal.into(),
+            poisoned: AtomicBool::new(false),
             committed: AtomicU64::new(0),
             synced: tokio::sync::Mutex::new(0),
-        }
+        })
     }
 
     /// Numbers a commit that has just completed.
@@ -53,23 +65,39 @@ impl WalSync {
     /// Returns once commit `n` (from [`WalSync::committed`]) is durable.
     pub(super) async fn durable(&self, n: u64) -> Result<(), StoreError> {
         let mut synced = self.synced.lock().await;
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(StoreError::Database(
+                "an earlier sync of the SQLite log failed, so commits since may not be on disk; \
+                 restart the server (SQLite recovers the log) once the disk is sound"
+                    .into(),
+            ));
+        }
         if *synced >= n {
             return Ok(());
         }
         // Every commit numbered by now has completed, so this sync covers it.
         let upto = self.committed.load(Ordering::SeqCst);
         let wal = self.wal.clone();
-        tokio::task::spawn_blocking(move || sync_file(&wal))
-            .await
-            .map_err(|e| StoreError::Database(format!("syncing the SQLite log failed: {e}")))?
-            .map_err(|e| {
-                StoreError::Database(format!(
-                    "syncing the SQLite log {} failed: {e}",
-                    self.wal.display()
-                ))
-            })?;
+        let outcome = match tokio::task::spawn_blocking(move || sync_file(&wal)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!(
+                "syncing the SQLite log {} failed: {e}",
+                self.wal.display()
+            )),
+            Err(e) => Err(format!("syncing the SQLite log failed: {e}")),
+        };
+        if let Err(e) = outcome {
+            self.poisoned.store(true, Ordering::SeqCst);
+            tracing::error!(error = %e, "commits are no longer durable");
+            return Err(StoreError::Database(e));
+        }
         *synced = upto;
         Ok(())
+    }
+
+    #[cfg(test)]
+    pub(super) fn wal_path(&self) -> &Path {
+        &self.wal
     }
 
     #[cfg(test)]
@@ -78,13 +106,9 @@ impl WalSync {
     }
 }
 
-/// Syncs the file at `path` (its data, and the size that finds it); nothing to sync if it is gone.
+/// Syncs the file at `path` (its data, and the size that finds it).
 fn sync_file(path: &Path) -> std::io::Result<()> {
-    match std::fs::File::open(path) {
-        Ok(file) => file.sync_data(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
+    std::fs::File::open(path)?.sync_data()
 }
 
 #[cfg(test)]
@@ -149,6 +173,46 @@ mod tests {
         let settings = store.settings().await.expect("settings");
         assert!(settings.contains(&("log_sync".into(), "commit".into())));
         store.close().await;
+    }
+
+    /// A database reached through a symbolic link has its log beside the file the link
+    /// resolves to, where SQLite puts it: that file is the one synced.
+    #[tokio::test]
+    async fn the_log_of_a_linked_database_is_the_one_synced() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let real = dir.path().join("real.db");
+        std::fs::write(&real, b"").expect("create");
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let store = SqliteDatastore::connect(&link.display().to_string())
+            .await
+            .expect("connect");
+        store.put_reports(&reports(2)).await.expect("put");
+        let sync = store.writer.wal_sync().expect("syncs");
+        let real = std::fs::canonicalize(&real).expect("real path");
+        assert_eq!(
+            sync.wal_path(),
+            std::path::Path::new(&format!("{}-wal", real.display()))
+        );
+        assert!(sync.wal_path().exists());
+        store.close().await;
+    }
+
+    /// Once a sync has failed, no commit is reported durable any more, even if a later sync
+    /// would succeed (the kernel reports a failed write back once).
+    #[tokio::test]
+    async fn a_failed_sync_fails_every_later_one() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let db = dir.path().join("p.db");
+        std::fs::write(&db, b"").expect("create");
+        let sync = super::WalSync::new(&db).expect("sync");
+        // No log file yet: the sync fails.
+        let first = sync.committed();
+        assert!(sync.durable(first).await.is_err());
+        std::fs::write(sync.wal_path(), b"frames").expect("log");
+        let second = sync.committed();
+        let e = sync.durable(second).await.expect_err("poisoned");
+        assert!(e.to_string().contains("an earlier sync"), "{e}");
     }
 
     /// With the log synced only around checkpoints, commits return without a sync, and the

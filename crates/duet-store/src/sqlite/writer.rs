@@ -38,8 +38,17 @@ impl Writer {
         log_sync: LogSync,
     ) -> Result<Writer, StoreError> {
         let conn = retry_busy(|| SqliteConnection::connect_with(options)).await?;
-        let sync =
-            (log_sync == LogSync::Commit).then(|| Arc::new(WalSync::new(options.get_filename())));
+        let sync = match log_sync {
+            LogSync::Commit => Some(Arc::new(WalSync::new(options.get_filename()).map_err(
+                |e| {
+                    StoreError::Database(format!(
+                        "could not find the SQLite log of {} to sync it: {e}",
+                        options.get_filename().display()
+                    ))
+                },
+            )?)),
+            LogSync::Checkpoint => None,
+        };
         Ok(Writer::Own(Arc::new(Mutex::new(Some(conn))), sync))
     }
 
