@@ -4,8 +4,10 @@
 //! checks every line before anything is sent (a bad line at the end must not leave half the
 //! file uploaded), recording only each measurement's line number; the second pass parses the
 //! lines again as the uploads take them. A Prio3SumVec(1000) measurement takes 16 kB parsed, so
-//! a file of a million of them would otherwise need 16 GB. Standard input cannot be read twice,
-//! so its text (not its parsed measurements) is kept.
+//! a file of a million of them would otherwise need 16 GB. Standard input, or a pipe named as a
+//! path, cannot be read twice, so its text (not its parsed measurements) is kept. A line changed
+//! between the passes into another valid measurement is uploaded as it then reads; a change that
+//! moves, removes or breaks lines stops the upload there.
 
 use std::io::{BufRead, BufReader, Cursor, Read};
 use std::path::{Path, PathBuf};
@@ -18,7 +20,7 @@ use duet_core::{Measurement, VdafInstance};
 pub struct MeasurementsFile {
     path: PathBuf,
     vdaf: VdafInstance,
-    /// Standard input's text; `None` for a file, which is read again to upload.
+    /// The text of standard input or a pipe; `None` for a file, which is read again to upload.
     stdin: Option<Arc<[u8]>>,
     /// The line (from 1) of each measurement, in order.
     lines: Arc<[usize]>,
@@ -44,6 +46,13 @@ impl MeasurementsFile {
                 .lock()
                 .read_to_end(&mut text)
                 .context("could not read measurements from standard input")?;
+            Some(Arc::from(text))
+        } else if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            // A pipe or a device (`<(command)`, `/dev/stdin`) cannot be read twice either.
+            let mut text = Vec::new();
+            std::fs::File::open(path)
+                .and_then(|mut f| f.read_to_end(&mut text))
+                .with_context(|| format!("could not read {}", path.display()))?;
             Some(Arc::from(text))
         } else {
             None
@@ -205,6 +214,39 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.to_string().ends_with("holds no measurements"), "{e}");
+    }
+
+    /// A pipe named as a path (as `<(command)` gives) is read once and kept.
+    #[test]
+    fn a_pipe_named_as_a_path_is_read_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(&fifo, "1\n0\n").expect("write"))
+        };
+        // Read on a thread of its own: opening the pipe again would wait for a writer forever.
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let read = MeasurementsFile::check(&fifo, &VdafInstance::Prio3Count)
+                .and_then(MeasurementsFile::measurements)
+                .and_then(|m| m.collect::<Result<Vec<_>>>());
+            let _ = done.send(read.map_err(|e| e.to_string()));
+        });
+        let measurements = outcome
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the pipe was opened again and never ended")
+            .expect("read");
+        writer.join().expect("writer");
+        assert_eq!(
+            measurements,
+            [Measurement::Count(true), Measurement::Count(false)]
+        );
     }
 
     /// A file that changes between the check and the upload yields an error where it changed,
