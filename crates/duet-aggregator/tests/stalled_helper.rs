@@ -117,6 +117,13 @@ impl StallingHelper {
             let busy = Arc::clone(&busy);
             async move {
                 let path = uri.path().trim_start_matches("/helper/");
+                // A job's DELETE is announced too.
+                if method == Method::DELETE
+                    && path.contains(stall_on)
+                    && matches!(stall, Stall::FinishAll)
+                {
+                    let _ = held_tx.send(());
+                }
                 if path.contains(stall_on) {
                     match stall {
                         Stall::Hold => {
@@ -623,16 +630,21 @@ async fn a_lasting_batch_mismatch_fails_the_collection() {
 
 /// A Helper that answers an aggregation job's initialization with `finished` (which Prio3's
 /// Helper never may) has the job aborted (DAP-09 §4.5.1.1), not its reports dropped one by one
-/// while the job counts as finished.
+/// while the job counts as finished; the Leader then sends the Helper the job's DELETE
+/// (§4.5.2), so that it can clean up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_the_helper_answers_finished_is_aborted() {
     let h = Harness::start().await;
     let vdaf = VdafInstance::Prio3Count;
-    let broken =
+    let mut broken =
         StallingHelper::start_with(&h.helper_url, "aggregation_jobs", Stall::FinishAll).await;
     let (task, _) = h.task_via(vdaf.clone(), 1, &broken.url).await;
     upload_ones(&task, &vdaf, 1).await;
     let ended = first_job_outcomes(&h).await;
+    let deleted = tokio::time::timeout(std::time::Duration::from_secs(10), broken.held.recv())
+        .await
+        .is_ok();
+    assert!(deleted, "no DELETE of the abandoned job reached the Helper");
     broken.stop().await;
     h.stop().await;
     assert_eq!(

@@ -149,10 +149,11 @@ async fn step_job(leader: &Leader, mut job: AcquiredAggregationJob) -> Option<Ti
         }
         Err(JobFailure::Retry(reason)) | Err(JobFailure::Abandon(reason)) => {
             tracing::error!(job = %job.job_id, %reason, "abandoning aggregation job");
-            (
-                store.abandon_aggregation_job(&job).await,
-                AggregationOutcome::Abandoned,
-            )
+            let abandoned = store.abandon_aggregation_job(&job).await;
+            if abandoned.is_ok() {
+                delete_at_helper(leader, &job).await;
+            }
+            (abandoned, AggregationOutcome::Abandoned)
         }
     };
     match outcome {
@@ -168,6 +169,43 @@ async fn step_job(leader: &Leader, mut job: AcquiredAggregationJob) -> Option<Ti
     }
     leader.wake_collection.notify_one();
     retry
+}
+
+/// How long the Leader waits for the Helper to answer the DELETE of an abandoned job.
+const DELETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tells the Helper that the Leader has abandoned `job`, so that it can clean up its state
+/// (DAP-09 §4.5.2: the Leader SHOULD send a DELETE to the job's URI). Best effort, within
+/// [`DELETE_TIMEOUT`]: the job has ended here whatever the Helper answers, so a failure is only
+/// logged.
+async fn delete_at_helper(leader: &Leader, job: &AcquiredAggregationJob) {
+    let Ok(Some(entry)) = leader.shared.task(&job.task_id).await else {
+        return;
+    };
+    let task = &entry.task;
+    let Ok(url) = task.helper_endpoint.join(&format!(
+        "tasks/{}/aggregation_jobs/{}",
+        task.id, job.job_id
+    )) else {
+        return;
+    };
+    let (name, value) = task.aggregator_auth_token.request_header();
+    let sent = leader
+        .http
+        .delete(url)
+        .header(name, value)
+        .timeout(DELETE_TIMEOUT)
+        .send()
+        .await;
+    match sent {
+        Ok(answer) if answer.status().is_success() => {}
+        Ok(answer) => {
+            tracing::debug!(job = %job.job_id, status = %answer.status(), "the Helper refused the abandoned job's DELETE")
+        }
+        Err(e) => {
+            tracing::debug!(job = %job.job_id, error = %e, "the abandoned job's DELETE did not reach the Helper")
+        }
+    }
 }
 
 enum JobFailure {
