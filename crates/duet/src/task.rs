@@ -62,6 +62,10 @@ pub enum Command {
         /// Reports after this time (seconds since the epoch) are refused.
         #[arg(long)]
         task_expiration: Option<u64>,
+        /// Reports older than this many seconds when they are uploaded are refused (at least
+        /// --time-precision, since report times are rounded down to it).
+        #[arg(long)]
+        report_expiry_age: Option<u64>,
         /// Write the parameters here instead of standard output (readable by its owner only:
         /// they hold the task's tokens and verify key).
         #[arg(long)]
@@ -271,6 +275,7 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
             time_precision,
             max_batch_query_count,
             task_expiration,
+            report_expiry_age,
             out,
             force,
         } => {
@@ -289,7 +294,16 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
                 ),
             };
             check_new_task_flags(&leader_url, &helper_url, task_expiration)?;
-            let task = new_task(
+            if let Some(age) = report_expiry_age {
+                if age < time_precision {
+                    bail!(
+                        "--report-expiry-age {age} is shorter than --time-precision \
+                         {time_precision}: report times are rounded down to the time precision, \
+                         so fresh reports would be refused; give at least {time_precision}"
+                    );
+                }
+            }
+            let mut task = new_task(
                 &leader_url,
                 &helper_url,
                 vdaf.instance()?,
@@ -299,6 +313,7 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
                 max_batch_query_count,
                 task_expiration,
             )?;
+            task.report_expiry_age = report_expiry_age.map(Duration);
             let json = serde_json::to_string_pretty(&task.to_parameters())? + "\n";
             match out {
                 Some(p) => crate::keys::write_secret(&p, &json, force)?,

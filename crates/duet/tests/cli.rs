@@ -186,6 +186,14 @@ fn bad_input_gets_one_readable_line_and_no_panic() {
             "--task-expiration 5 is in the past",
         ),
         (
+            create(
+                "http://a.test/",
+                "http://b.test/",
+                &["--report-expiry-age", "60"],
+            ),
+            "--report-expiry-age 60 is shorter than --time-precision 3600",
+        ),
+        (
             vec!["task", "list", "--db", &missing_db, "--role", "leader"],
             "there is no database at",
         ),
@@ -276,6 +284,19 @@ fn create_offline_task(key: &str, task: &str, extra: &[&str]) -> Output {
         task,
     ];
     run(&[&args[..], extra].concat())
+}
+
+/// `duet task create --report-expiry-age` puts the age into the task file.
+#[test]
+fn a_task_can_be_created_with_a_report_expiry_age() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (key, task) = (dir.path().join("k.json"), dir.path().join("t.json"));
+    let (key, task) = (key.display().to_string(), task.display().to_string());
+    assert!(run(&["keys", "generate", "--out", &key]).status.success());
+    let out = create_offline_task(&key, &task, &["--report-expiry-age", "86400"]);
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&task).expect("task file");
+    assert!(text.contains("\"report_expiry_age\": 86400"), "{text}");
 }
 
 /// `duet upload` and `duet collect` check the task file as the aggregators do before they use
