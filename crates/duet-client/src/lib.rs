@@ -4,9 +4,9 @@
 //! A [`Client`] fetches both aggregators' HPKE configurations when it is built, and keeps them
 //! for as long as the aggregators' `Cache-Control: max-age` allows (for good, without one), then
 //! fetches them again before its next upload; when the Leader answers an upload with
-//! `outdatedConfig` it fetches them again and retries that upload once, and an upload that fails transiently (lost, or the Leader busy or failing) is
-//! sent again a few times. A client is `Send + Sync`, so one instance behind an `Arc` can upload
-//! concurrently.
+//! `outdatedConfig` it fetches them again and retries that upload once, and an upload that fails
+//! transiently (lost, or the Leader busy or failing) is sent again a few times. A client is
+//! `Send + Sync`, so one instance behind an `Arc` can upload concurrently.
 #![forbid(unsafe_code)]
 
 mod error;
@@ -264,10 +264,8 @@ impl<C: Clock> Client<C> {
         measurement: &Measurement,
         time: Option<Time>,
     ) -> Result<(), ClientError> {
-        let prepare = || match time {
-            Some(t) => self.prepare_report_at(measurement, t),
-            None => self.prepare_report(measurement),
-        };
+        let prepare =
+            || self.prepare_report_at(measurement, time.unwrap_or_else(|| self.clock.now()));
         self.refresh_stale_hpke_configs().await;
         let report = prepare()?;
         match self.upload_with_retries(&report).await {

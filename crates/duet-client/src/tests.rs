@@ -284,48 +284,33 @@ async fn mock_aggregator(
     puts: &'static [&'static str],
 ) -> (url::Url, std::sync::Arc<Mock>) {
     use std::sync::atomic::Ordering;
-    use tokio::io::AsyncWriteExt;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}/", listener.local_addr().expect("addr"));
     let mock = std::sync::Arc::new(Mock::default());
     let seen = std::sync::Arc::clone(&mock);
     let list = HpkeConfigList(vec![config]).get_encoded();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let seen = std::sync::Arc::clone(&seen);
-            let list = list.clone();
-            tokio::spawn(async move {
-                let Some(request) = duet_core::http::testing::read_head(&mut socket).await else {
-                    return;
-                };
-                let answer = if request.starts_with(b"GET ") {
-                    seen.gets.fetch_add(1, Ordering::SeqCst);
-                    if seen.failing_gets.load(Ordering::SeqCst) {
-                        b"HTTP/1.1 500 Internal Server Error\r\nconnection: close\r\n\
-                          content-length: 0\r\n\r\n"
-                            .to_vec()
-                    } else {
-                        let mut a = format!(
-                            "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n\
-                             connection: close\r\ncontent-length: {}\r\n\r\n",
-                            list.len()
-                        )
-                        .into_bytes();
-                        a.extend_from_slice(&list);
-                        a
-                    }
-                } else {
-                    let i = seen.puts.fetch_add(1, Ordering::SeqCst);
-                    puts[i.min(puts.len() - 1)].as_bytes().to_vec()
-                };
-                let _ = socket.write_all(&answer).await;
-            });
+    let url = duet_core::http::testing::answer_each(move |request| {
+        if request.starts_with(b"GET ") {
+            seen.gets.fetch_add(1, Ordering::SeqCst);
+            if seen.failing_gets.load(Ordering::SeqCst) {
+                return b"HTTP/1.1 500 Internal Server Error\r\nconnection: close\r\n\
+                         content-length: 0\r\n\r\n"
+                    .to_vec();
+            }
+            let mut a = format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n\
+                 connection: close\r\ncontent-length: {}\r\n\r\n",
+                list.len()
+            )
+            .into_bytes();
+            a.extend_from_slice(&list);
+            a
+        } else {
+            let i = seen.puts.fetch_add(1, Ordering::SeqCst);
+            puts[i.min(puts.len() - 1)].as_bytes().to_vec()
         }
-    });
-    (url::Url::parse(&url).expect("url"), mock)
+    })
+    .await;
+    (url, mock)
 }
 
 /// An upload answered 201.

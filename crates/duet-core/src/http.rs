@@ -69,15 +69,26 @@ pub mod testing {
     /// should close the connection: `connection: close`) until the test's runtime ends; returns
     /// its `http://…/` URL.
     pub async fn answer_always(answer: &'static str) -> url::Url {
+        answer_each(move |_| answer.as_bytes().to_vec()).await
+    }
+
+    /// A server on a loopback port of its own that answers each request with the raw HTTP/1.1
+    /// bytes `answer` makes of the request's head (which should close the connection) until the
+    /// test's runtime ends; returns its `http://…/` URL.
+    pub async fn answer_each(
+        answer: impl Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static,
+    ) -> url::Url {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let url = format!("http://{}/", listener.local_addr().expect("addr"));
+        let answer = std::sync::Arc::new(answer);
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
+                let answer = std::sync::Arc::clone(&answer);
                 tokio::spawn(async move {
-                    if read_head(&mut socket).await.is_some() {
-                        let _ = socket.write_all(answer.as_bytes()).await;
+                    if let Some(head) = read_head(&mut socket).await {
+                        let _ = socket.write_all(&answer(&head)).await;
                     }
                 });
             }

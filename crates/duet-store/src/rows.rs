@@ -1,10 +1,10 @@
 //! Reading columns out of result rows, shared by both backends: a missing, mistyped or
 //! out-of-range value is `StoreError::Corrupt`, never a panic.
 
-use duet_messages::dap09::{Duration, Interval, Time};
+use duet_messages::dap09::{CollectionJobId, Duration, Interval, Time};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use crate::StoreError;
+use crate::{CollectionJobBatch, StoreError};
 
 /// Reads a column.
 pub(crate) fn col<'r, R, T>(row: &'r R, name: &str) -> Result<T, StoreError>
@@ -54,5 +54,21 @@ where
     Ok(Interval {
         start: Time(col_u64(row, start)?),
         duration: Duration(col_u64(row, duration)?),
+    })
+}
+
+/// A collection job's batch, from its `job_id`, `batch_start`, `batch_duration` and
+/// `aggregation_parameter` columns.
+pub(crate) fn collection_job_batch<R>(row: &R) -> Result<CollectionJobBatch, StoreError>
+where
+    R: Row,
+    for<'n> &'n str: ColumnIndex<R>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(CollectionJobBatch {
+        id: CollectionJobId(col_array(row, "job_id")?),
+        batch_interval: col_interval(row, "batch_start", "batch_duration")?,
+        aggregation_parameter: col(row, "aggregation_parameter")?,
     })
 }

@@ -41,19 +41,17 @@ impl MeasurementsFile {
                      (or pass --measurements FILE)"
                 );
             }
-            let mut text = Vec::new();
-            stdin
-                .lock()
-                .read_to_end(&mut text)
-                .context("could not read measurements from standard input")?;
-            Some(Arc::from(text))
+            Some(
+                read_whole(stdin.lock())
+                    .context("could not read measurements from standard input")?,
+            )
         } else if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
             // A pipe or a device (`<(command)`, `/dev/stdin`) cannot be read twice either.
-            let mut text = Vec::new();
-            std::fs::File::open(path)
-                .and_then(|mut f| f.read_to_end(&mut text))
-                .with_context(|| format!("could not read {}", path.display()))?;
-            Some(Arc::from(text))
+            Some(
+                std::fs::File::open(path)
+                    .and_then(read_whole)
+                    .with_context(|| format!("could not read {}", path.display()))?,
+            )
         } else {
             None
         };
@@ -149,6 +147,13 @@ impl MeasurementsFile {
             (!line.is_empty() && !line.starts_with('#')).then(|| Ok((i + 1, line.to_owned())))
         }))
     }
+}
+
+/// Everything `source` holds.
+fn read_whole(mut source: impl Read) -> std::io::Result<Arc<[u8]>> {
+    let mut text = Vec::new();
+    source.read_to_end(&mut text)?;
+    Ok(Arc::from(text))
 }
 
 /// Reads every measurement of `path` (`-` for standard input) into memory, with the line (from

@@ -165,13 +165,7 @@ pub(super) async fn collection_job_batches(
     .fetch_all(&store.pool)
     .await?
     .iter()
-    .map(|row| {
-        Ok(CollectionJobBatch {
-            id: CollectionJobId(col_array(row, "job_id")?),
-            batch_interval: col_interval(row, "batch_start", "batch_duration")?,
-            aggregation_parameter: col(row, "aggregation_parameter")?,
-        })
-    })
+    .map(|row| Ok(crate::rows::collection_job_batch(row)?))
     .collect()
 }
 

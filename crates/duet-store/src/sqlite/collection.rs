@@ -151,13 +151,7 @@ pub(super) async fn collection_job_batches(
     .await
     .map_err(db)?
     .iter()
-    .map(|row| {
-        Ok(CollectionJobBatch {
-            id: CollectionJobId(col_array(row, "job_id")?),
-            batch_interval: col_interval(row, "batch_start", "batch_duration")?,
-            aggregation_parameter: col(row, "aggregation_parameter")?,
-        })
-    })
+    .map(crate::rows::collection_job_batch)
     .collect()
 }
 

@@ -63,15 +63,10 @@ impl Writer {
 
     /// Numbers a commit just made on the writer (a single statement's), for [`Durability::wait`].
     pub(super) fn committed(&self) -> Durability {
-        match self {
-            Writer::Own(_, Some(sync)) => Durability(Some((Arc::clone(sync), sync.committed()))),
-            // Nothing to wait for: the log is synced at checkpoints, or there is none.
-            Writer::Own(_, None) | Writer::Pooled(..) => Durability(None),
-        }
+        Durability::of_commit(self.wal_sync())
     }
 
-    /// The log's syncs, for tests.
-    #[cfg(test)]
+    /// The log's syncs; `None` if the log is synced at checkpoints only, or there is none.
     pub(super) fn wal_sync(&self) -> Option<Arc<WalSync>> {
         match self {
             Writer::Own(_, sync) => sync.clone(),
@@ -117,14 +112,10 @@ impl Writer {
         SqliteTransactionManager::begin(&mut conn, Some("BEGIN IMMEDIATE".into()))
             .await
             .map_err(db)?;
-        let sync = match self {
-            Writer::Own(_, sync) => sync.clone(),
-            Writer::Pooled(..) => None,
-        };
         Ok(WriteTx {
             conn,
             open: true,
-            sync,
+            sync: self.wal_sync(),
         })
     }
 }
@@ -135,6 +126,14 @@ impl Writer {
 pub(crate) struct Durability(Option<(Arc<WalSync>, u64)>);
 
 impl Durability {
+    /// A commit that has just completed, numbered by `sync` if there is one.
+    fn of_commit(sync: Option<Arc<WalSync>>) -> Self {
+        Durability(sync.map(|sync| {
+            let n = sync.committed();
+            (sync, n)
+        }))
+    }
+
     /// The same as a [`crate::Durable`]: `Now` if there is nothing to wait for.
     pub(crate) fn into_durable(self) -> crate::Durable {
         match self.0 {
@@ -228,9 +227,7 @@ impl WriteTx {
     pub(crate) async fn commit_unsynced(mut self) -> Result<Durability, sqlx::Error> {
         SqliteTransactionManager::commit(&mut self.conn).await?;
         self.open = false;
-        Ok(Durability(
-            self.sync.as_ref().map(|s| (Arc::clone(s), s.committed())),
-        ))
+        Ok(Durability::of_commit(self.sync.take()))
     }
 
     /// Rolls the transaction back.

@@ -127,46 +127,35 @@ mod tests {
     use duet_core::hpke::HpkeKeypair;
     use duet_messages::dap09::{HpkeConfigId, HpkeConfigList};
     use duet_messages::Encode;
-    use tokio::io::AsyncWriteExt;
 
     use super::*;
 
     /// A Leader (and Helper) that serves an HPKE config and answers the first upload with 503
     /// and the others with 201; returns its URL and the count of uploads it answered.
     async fn busy_once_aggregator() -> (String, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}/", listener.local_addr().expect("addr"));
         let puts = Arc::new(AtomicUsize::new(0));
         let seen = Arc::clone(&puts);
         let list =
             HpkeConfigList(vec![HpkeKeypair::generate(HpkeConfigId(1)).config]).get_encoded();
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let Some(head) = duet_core::http::testing::read_head(&mut socket).await else {
-                    continue;
-                };
-                let answer = if head.starts_with(b"GET ") {
-                    let mut a = format!(
-                        "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
-                        list.len()
-                    )
-                    .into_bytes();
-                    a.extend_from_slice(&list);
-                    a
-                } else if seen.fetch_add(1, Ordering::SeqCst) == 0 {
-                    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
-                      content-length: 0\r\n\r\n"
-                        .to_vec()
-                } else {
-                    b"HTTP/1.1 201 Created\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
-                        .to_vec()
-                };
-                let _ = socket.write_all(&answer).await;
+        let url = duet_core::http::testing::answer_each(move |head| {
+            if head.starts_with(b"GET ") {
+                let mut a = format!(
+                    "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+                    list.len()
+                )
+                .into_bytes();
+                a.extend_from_slice(&list);
+                a
+            } else if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
+                  content-length: 0\r\n\r\n"
+                    .to_vec()
+            } else {
+                b"HTTP/1.1 201 Created\r\nconnection: close\r\ncontent-length: 0\r\n\r\n".to_vec()
             }
-        });
-        (url, puts)
+        })
+        .await;
+        (url.to_string(), puts)
     }
 
     /// An upload the Leader answers 503 (busy, restarting) is sent again, as any client would,

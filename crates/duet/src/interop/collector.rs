@@ -282,8 +282,6 @@ impl CollectorState {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use tokio::io::AsyncWriteExt;
-
     use super::*;
 
     const UNAVAILABLE: &str =
@@ -294,27 +292,14 @@ mod tests {
     /// A Leader that answers the `i`-th request with `answers[i]` (the last one for all after
     /// it); returns its URL and the count of requests it answered.
     async fn scripted_leader(answers: &'static [&'static str]) -> (String, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}/", listener.local_addr().expect("addr"));
         let seen = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&seen);
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                if duet_core::http::testing::read_head(&mut socket)
-                    .await
-                    .is_none()
-                {
-                    continue;
-                }
-                let i = count.fetch_add(1, Ordering::SeqCst);
-                let _ = socket
-                    .write_all(answers[i.min(answers.len() - 1)].as_bytes())
-                    .await;
-            }
-        });
-        (url, seen)
+        let url = duet_core::http::testing::answer_each(move |_| {
+            let i = count.fetch_add(1, Ordering::SeqCst);
+            answers[i.min(answers.len() - 1)].as_bytes().to_vec()
+        })
+        .await;
+        (url.to_string(), seen)
     }
 
     /// A collector with a Prio3Count task at `leader`; returns it and the task's ID.
