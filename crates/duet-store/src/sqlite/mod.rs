@@ -169,10 +169,8 @@ impl SqliteDatastore {
                 log_sync,
             )
             .await?;
-            (
-                writer,
-                Some(checkpoint::Checkpointer::start(&options).await?),
-            )
+            let checkpointer = checkpoint::Checkpointer::start(&options, writer.clone()).await?;
+            (writer, Some(checkpointer))
         };
         // An in-memory database has one connection, which a filter's build would hold.
         let replay = Arc::new(replay::ReplaySets::new((!in_memory).then_some(&pool)));
