@@ -763,7 +763,7 @@ fn bench_prints_one_json_object_with_every_figure() {
         // The database the figures were measured on, and how durable its commits were.
         assert_eq!(run["database"]["engine"], "sqlite", "{run}");
         assert_eq!(run["database"]["journal_mode"], "wal", "{run}");
-        assert_eq!(run["database"]["synchronous"], "NORMAL", "{run}");
+        assert_eq!(run["database"]["synchronous"], "FULL", "{run}");
         for rate in [
             "floor_reports_per_s",
             "upload_reports_per_s",

@@ -1,29 +1,48 @@
-//! Commits made durable by a shared sync of the write-ahead log, off the writer.
+//! Write transactions and large upload batches committed without syncing the log, made
+//! durable by a shared sync after their commit.
 //!
-//! The writer connection runs with `synchronous = NORMAL`: in WAL mode a commit then writes its
-//! frames to the log file without syncing it, which survives the process crashing (the
-//! operating system has the frames) but not the machine crashing or losing power, after which
-//! the last commits can be gone. So a commit is not done until the log file has been synced
-//! after it: the writer numbers each commit as it completes, and [`WalSync::durable`] returns
-//! once a sync of the log file (an `fdatasync` through a descriptor of its own, which flushes
-//! the file's pages whoever wrote them) has started after that commit. Concurrent waiters share
-//! syncs: one runs at a time, and the next covers every commit numbered before it starts. The
-//! writer is free meanwhile, so it writes the next transaction while the last one is synced,
-//! where `synchronous = FULL` would sync inside every commit, holding the write lock (Prio3Count
-//! end to end −17 % measured).
+//! With [`super::LogSync::Commit`] every connection runs `synchronous = FULL`: in WAL mode a
+//! commit then syncs the log file before it returns, on the writer connection's own thread.
+//! For a small upload batch that is the cheapest durable commit: no other thread to wake, and
+//! since the log is overwritten rather than extended (see [`super::checkpoint`]) a sync takes
+//! about 115 µs here. But a sync in the commit holds the writer meanwhile. A large batch of
+//! uploads (Prio3SumVec(1000) reports are about 17 kB each) takes a millisecond or more to
+//! write and about as long to sync, during which the Leader's report writer could already be
+//! writing the next batch; and the jobs' write transactions come several at once, which could
+//! share one sync. So, as PostgreSQL's large batches skip the flush (see `postgres::flush`),
+//! these commit with `synchronous = NORMAL`: their frames reach the log file unsynced, which
+//! survives the process crashing but not the machine, and they count as done once
+//! [`WalSync::durable`] has seen a sync of the log (an `fdatasync` through a descriptor of its
+//! own, which flushes the file's pages whoever wrote them) that started after the commit.
+//! Concurrent waiters share syncs: one runs at a time, and the next covers every commit
+//! numbered before it starts. Each user of the writer sets the setting it commits under
+//! ([`WalSync::sync_in_commit`] or [`WalSync::sync_after_commit`]) before it writes; the
+//! setting is kept between users, so a run of uploads of one size switches nothing.
 //!
 //! Frames no longer in the log file were copied into the database file by a checkpoint, which
-//! syncs the log before and the database file after it, and the log is only started over once
-//! every frame has been copied. The log is found by the database file's real path (SQLite
-//! follows symbolic links to it), and while the store is open it must be there. A sync that
-//! fails poisons every later one: after a failed `fsync` the kernel may have dropped the pages
-//! and reports the error once, so a later sync would succeed over commits that never reached
-//! the disk.
+//! syncs the log before and the database file after it. The log is found by the database
+//! file's real path (SQLite follows symbolic links to it), and while the store is open it must
+//! be there. A sync that fails poisons every later one: after a failed `fsync` the kernel may
+//! have dropped the pages and reports the error once, so a later sync would succeed over
+//! commits that never reached the disk.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
+use sqlx::SqliteConnection;
+
+use super::db;
 use crate::StoreError;
+
+/// SQLite's `synchronous` values, and a setting not known.
+const NORMAL: u8 = 1;
+const FULL: u8 = 2;
+const UNKNOWN: u8 = u8::MAX;
+
+/// Payload bytes from which an upload batch commits without syncing the log (the Leader's
+/// writer fills batches up to 384 KiB). Prio3SumVec(1000) batches reach it; Prio3Count and
+/// Histogram(100) batches (a few to 160 kB) commit faster with the sync in their own commit.
+pub(super) const UNSYNCED_MIN_BYTES: usize = 192 * 1024;
 
 /// The log file of one database, and its commits' durability.
 #[derive(Debug)]
@@ -31,6 +50,9 @@ pub(super) struct WalSync {
     wal: PathBuf,
     /// Set once a sync has failed: nothing is durable any more.
     poisoned: AtomicBool,
+    /// The writer connection's `synchronous` setting as last set (`FULL` or `NORMAL`), or
+    /// [`UNKNOWN`] while it is being set or after that failed.
+    setting: AtomicU8,
     /// Commits numbered so far.
     committed: AtomicU64,
     /// The commits known durable (every one numbered up to this), under the lock that lets one
@@ -52,9 +74,43 @@ impl WalSync {
         Ok(Self {
             wal: wal.into(),
             poisoned: AtomicBool::new(false),
+            setting: AtomicU8::new(UNKNOWN),
             committed: AtomicU64::new(0),
             synced: tokio::sync::Mutex::new(0),
         })
+    }
+
+    /// Has the writer connection `conn` sync the log in each commit (`synchronous = FULL`): a
+    /// commit is then durable when it returns.
+    pub(super) async fn sync_in_commit(
+        &self,
+        conn: &mut SqliteConnection,
+    ) -> Result<(), StoreError> {
+        self.set(conn, FULL).await
+    }
+
+    /// Has the writer connection `conn` commit without syncing the log (`synchronous =
+    /// NORMAL`): a commit is then durable once [`WalSync::durable`] says so.
+    pub(super) async fn sync_after_commit(
+        &self,
+        conn: &mut SqliteConnection,
+    ) -> Result<(), StoreError> {
+        self.set(conn, NORMAL).await
+    }
+
+    async fn set(&self, conn: &mut SqliteConnection, setting: u8) -> Result<(), StoreError> {
+        // Unknown until the statement has succeeded: if it fails, or its caller goes away
+        // meanwhile, the next user sets the setting again.
+        if self.setting.swap(UNKNOWN, Ordering::SeqCst) == setting {
+            self.setting.store(setting, Ordering::SeqCst);
+            return Ok(());
+        }
+        sqlx::query(&format!("PRAGMA synchronous = {setting}"))
+            .execute(conn)
+            .await
+            .map_err(db)?;
+        self.setting.store(setting, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Numbers a commit that has just completed.
@@ -113,27 +169,40 @@ fn sync_file(path: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use duet_messages::dap09::{ReportId, TaskId, Time};
 
     use super::super::SqliteDatastore;
     use crate::{Datastore, Durable, NewReport};
 
-    fn reports(n: usize) -> Vec<NewReport> {
+    fn reports(n: usize, bytes: usize) -> Vec<NewReport> {
         (0..n)
             .map(|_| NewReport {
                 task_id: TaskId([7; 32]),
                 report_id: ReportId(rand::random()),
                 time: Time(1_700_000_000),
-                encoded: vec![1; 100],
+                encoded: vec![1; bytes],
             })
             .collect()
     }
 
-    /// Uploads and write transactions return durable, after a sync of the log that began after
-    /// their commit; pipelined uploads return before it, and say when it is done. One sync
-    /// covers every commit numbered before it began.
+    /// The writer connection's `synchronous` (2 is `FULL`, 1 `NORMAL`), as its next user sees
+    /// it.
+    async fn writer_synchronous(store: &SqliteDatastore) -> i64 {
+        let mut conn = store.write_statement().await.expect("writer");
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("pragma")
+    }
+
+    /// A small upload batch is durable when its commit returns (the log synced in the commit);
+    /// a large one returns before, and says when a sync of the log begun after it is done; a
+    /// write transaction returns after such a sync. The writer keeps the last setting until a
+    /// user needs the other. One sync covers every commit numbered before it began.
     #[tokio::test]
-    async fn commits_wait_for_a_sync_of_the_log() {
+    async fn large_upload_batches_and_transactions_are_synced_after_their_commit() {
         let dir = tempfile::TempDir::new().expect("temp dir");
         let path = dir.path().join("d.db");
         let store = SqliteDatastore::connect(&path.display().to_string())
@@ -145,24 +214,42 @@ mod tests {
             .expect("a file database syncs its log");
         let before = sync.synced_upto();
 
-        store.put_reports(&reports(3)).await.expect("put");
-        let after_put = sync.synced_upto();
-        assert!(after_put > before, "put_reports returned before a sync");
+        let (_, durable) = store
+            .put_reports_pipelined(&reports(3, 100))
+            .await
+            .expect("put");
+        assert!(matches!(durable, Durable::Now), "synced in its commit");
+        assert_eq!(sync.synced_upto(), before, "no sync of its own");
+        assert_eq!(writer_synchronous(&store).await, 2, "FULL");
 
-        let (_, durable) = store.put_reports_pipelined(&reports(3)).await.expect("put");
-        let Durable::Later(durable) = durable else {
-            panic!("a file database's upload is durable only after a sync");
-        };
-        durable.await.expect("durable");
-        assert!(sync.synced_upto() > after_put);
-
-        let after_pipelined = sync.synced_upto();
         let tx = store.begin_write().await.expect("begin");
         tx.commit().await.expect("commit");
-        assert!(
-            sync.synced_upto() > after_pipelined,
-            "commit returned before a sync"
+        assert!(sync.synced_upto() > before, "returned before a sync");
+        assert_eq!(
+            writer_synchronous(&store).await,
+            1,
+            "committed under NORMAL"
         );
+
+        let large = reports(2, super::UNSYNCED_MIN_BYTES / 2);
+        let (_, durable) = store.put_reports_pipelined(&large).await.expect("put");
+        let Durable::Later(durable) = durable else {
+            panic!("a large batch is durable only after a sync");
+        };
+        let after_tx = sync.synced_upto();
+        durable.await.expect("durable");
+        assert!(sync.synced_upto() > after_tx);
+        assert_eq!(writer_synchronous(&store).await, 1, "NORMAL, kept");
+
+        // After it, a small batch syncs in its commit again.
+        let after_large = sync.synced_upto();
+        let (_, durable) = store
+            .put_reports_pipelined(&reports(3, 100))
+            .await
+            .expect("put");
+        assert!(matches!(durable, Durable::Now));
+        assert_eq!(writer_synchronous(&store).await, 2, "FULL");
+        assert_eq!(sync.synced_upto(), after_large);
 
         // Commits numbered before a sync begins are covered by it: no sync of their own.
         let (first, second) = (sync.committed(), sync.committed());
@@ -172,6 +259,32 @@ mod tests {
         assert_eq!(sync.synced_upto(), second);
         let settings = store.settings().await.expect("settings");
         assert!(settings.contains(&("log_sync".into(), "commit".into())));
+        assert!(settings.contains(&("synchronous".into(), "FULL".into())));
+        store.close().await;
+    }
+
+    /// A setting whose statement did not finish (its caller gone, or the statement failed) is
+    /// not known, and the next user sets it again rather than trust it.
+    #[tokio::test]
+    async fn a_setting_not_known_is_set_again() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let path = dir.path().join("r.db");
+        let store = SqliteDatastore::connect(&path.display().to_string())
+            .await
+            .expect("connect");
+        let sync = store.writer.wal_sync().expect("syncs");
+        store.put_reports(&reports(1, 100)).await.expect("put");
+        {
+            // As a caller gone between the setting's swap and its statement's end would leave it.
+            let mut conn = store.write_statement().await.expect("writer");
+            sync.setting.store(super::UNKNOWN, Ordering::SeqCst);
+            sqlx::query("PRAGMA synchronous = NORMAL")
+                .execute(&mut *conn)
+                .await
+                .expect("pragma");
+        }
+        store.put_reports(&reports(1, 100)).await.expect("put");
+        assert_eq!(writer_synchronous(&store).await, 2, "FULL again");
         store.close().await;
     }
 
@@ -187,7 +300,7 @@ mod tests {
         let store = SqliteDatastore::connect(&link.display().to_string())
             .await
             .expect("connect");
-        store.put_reports(&reports(2)).await.expect("put");
+        store.put_reports(&reports(2, 100)).await.expect("put");
         let sync = store.writer.wal_sync().expect("syncs");
         let real = std::fs::canonicalize(&real).expect("real path");
         assert_eq!(
@@ -228,11 +341,14 @@ mod tests {
         .await
         .expect("connect");
         assert!(store.writer.wal_sync().is_none());
-        let (_, durable) = store.put_reports_pipelined(&reports(3)).await.expect("put");
+        assert_eq!(writer_synchronous(&store).await, 1, "NORMAL");
+        let large = reports(2, super::UNSYNCED_MIN_BYTES / 2);
+        let (_, durable) = store.put_reports_pipelined(&large).await.expect("put");
         assert!(matches!(durable, Durable::Now));
-        store.put_reports(&reports(3)).await.expect("put");
+        store.put_reports(&reports(3, 100)).await.expect("put");
         let settings = store.settings().await.expect("settings");
         assert!(settings.contains(&("log_sync".into(), "checkpoint".into())));
+        assert!(settings.contains(&("synchronous".into(), "NORMAL".into())));
         store.close().await;
     }
 }

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 
 use duet_messages::dap09::{AggregationJobId, Interval, ReportId, TaskId, Time};
 
+use super::durable::UNSYNCED_MIN_BYTES;
 use super::replay::Entry;
 use super::tasks::merge_batch_aggregations;
 use super::Durability;
@@ -31,7 +32,8 @@ const REPORT_COLUMNS: usize = 4;
 
 /// Appends the reports; replays are found when jobs claim them (`create_aggregation_jobs`), so
 /// every report is reported stored here. The write is committed, and durable once the returned
-/// [`Durability`] says so.
+/// [`Durability`] says so: at once, unless the batch is large enough to commit without syncing
+/// the log (see [`super::durable`]).
 pub(super) async fn put_reports(
     store: &SqliteDatastore,
     reports: &[NewReport],
@@ -50,12 +52,24 @@ pub(super) async fn put_reports(
         // statement (an upload batch's size varies with the load).
         let sql = insert_reports_sql(reports.len());
         let mut conn = store.write_statement().await?;
+        let bytes: usize = reports.iter().map(|r| r.encoded.len()).sum();
+        let unsynced = match store.writer.wal_sync() {
+            Some(sync) if bytes >= UNSYNCED_MIN_BYTES => {
+                sync.sync_after_commit(&mut conn).await?;
+                Some(sync)
+            }
+            Some(sync) => {
+                sync.sync_in_commit(&mut conn).await?;
+                None
+            }
+            None => None,
+        };
         bind_reports(sqlx::query(&sql), reports, &times)
             .persistent(reports.len() <= PREPARED_UPLOAD_ROWS || reports.len() == chunk_rows)
             .execute(&mut *conn)
             .await
             .map_err(db)?;
-        let durability = store.writer.committed();
+        let durability = unsynced.map(Durability::of_commit).unwrap_or_default();
         return Ok((vec![true; reports.len()], durability));
     }
     let mut tx = store.begin_write().await?;
@@ -67,8 +81,8 @@ pub(super) async fn put_reports(
             .await
             .map_err(db)?;
     }
-    let durability = tx.commit_unsynced().await.map_err(db)?;
-    Ok((vec![true; reports.len()], durability))
+    tx.commit().await.map_err(db)?;
+    Ok((vec![true; reports.len()], Durability::default()))
 }
 
 /// Upload batches up to this many reports keep a prepared statement for their size.

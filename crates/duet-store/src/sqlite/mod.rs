@@ -90,8 +90,8 @@ pub(crate) type WriteStatement = WriterGuard;
 /// When a file database's write-ahead log is synced, which decides what a commit survives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LogSync {
-    /// After every commit, before the commit returns (and before an upload is answered): a
-    /// commit survives the machine crashing or losing power.
+    /// At every commit, before the commit returns (or, for a large upload batch, before its
+    /// uploads are answered): a commit survives the machine crashing or losing power.
     #[default]
     Commit,
     /// Only around checkpoints (every 2 s or so under load): a commit survives the process
@@ -129,7 +129,13 @@ impl SqliteDatastore {
             } else {
                 SqliteJournalMode::Wal
             })
-            .synchronous(SqliteSynchronous::Normal)
+            // In WAL mode `FULL` syncs the log in every commit, `NORMAL` only around
+            // checkpoints (write transactions and large upload batches commit under `NORMAL`
+            // and wait for a shared sync: see [`durable`]).
+            .synchronous(match log_sync {
+                LogSync::Commit => SqliteSynchronous::Full,
+                LogSync::Checkpoint => SqliteSynchronous::Normal,
+            })
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true)
             // The log is checkpointed by a task of its own (see [`checkpoint`]); the writer only

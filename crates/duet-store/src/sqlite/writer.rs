@@ -61,12 +61,8 @@ impl Writer {
         }
     }
 
-    /// Numbers a commit just made on the writer (a single statement's), for [`Durability::wait`].
-    pub(super) fn committed(&self) -> Durability {
-        Durability::of_commit(self.wal_sync())
-    }
-
-    /// The log's syncs; `None` if the log is synced at checkpoints only, or there is none.
+    /// The syncs of the log for commits that skip them (see [`WalSync`]); `None` if the log is
+    /// synced at checkpoints only, or there is none.
     pub(super) fn wal_sync(&self) -> Option<Arc<WalSync>> {
         match self {
             Writer::Own(_, sync) => sync.clone(),
@@ -107,15 +103,22 @@ impl Writer {
     }
 
     /// Starts a write transaction holding SQLite's write lock from its first statement.
+    /// The transaction commits without syncing the log, and its commit waits for a shared sync
+    /// after it (see [`WalSync`]): concurrent transactions then share syncs, and each frees the
+    /// writer before its sync.
     pub(super) async fn begin(&self) -> Result<WriteTx, StoreError> {
         let mut conn = self.lock().await?;
+        let sync = self.wal_sync();
+        if let Some(sync) = &sync {
+            sync.sync_after_commit(&mut conn).await?;
+        }
         SqliteTransactionManager::begin(&mut conn, Some("BEGIN IMMEDIATE".into()))
             .await
             .map_err(db)?;
         Ok(WriteTx {
             conn,
             open: true,
-            sync: self.wal_sync(),
+            sync,
         })
     }
 }
@@ -126,12 +129,10 @@ impl Writer {
 pub(crate) struct Durability(Option<(Arc<WalSync>, u64)>);
 
 impl Durability {
-    /// A commit that has just completed, numbered by `sync` if there is one.
-    fn of_commit(sync: Option<Arc<WalSync>>) -> Self {
-        Durability(sync.map(|sync| {
-            let n = sync.committed();
-            (sync, n)
-        }))
+    /// A commit that has just completed without syncing the log, numbered by `sync`.
+    pub(super) fn of_commit(sync: Arc<WalSync>) -> Self {
+        let n = sync.committed();
+        Durability(Some((sync, n)))
     }
 
     /// The same as a [`crate::Durable`]: `Now` if there is nothing to wait for.
@@ -207,27 +208,26 @@ impl DerefMut for WriterGuard {
 pub(crate) struct WriteTx {
     conn: WriterGuard,
     open: bool,
-    /// The file database's log syncs; `None` in memory.
+    /// The syncs of the log this transaction's commit waits for; `None` if the log is synced
+    /// at checkpoints only, or in memory.
     sync: Option<Arc<WalSync>>,
 }
 
 impl WriteTx {
-    /// Commits the transaction, and returns once it is durable. The writer is free for the
-    /// next transaction while the log is synced.
-    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
-        self.commit_unsynced()
-            .await?
+    /// Commits the transaction, and returns once it is durable (unless the log is synced at
+    /// checkpoints only). The writer is free for the next transaction while the log is synced.
+    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
+        SqliteTransactionManager::commit(&mut self.conn).await?;
+        self.open = false;
+        let Some(sync) = self.sync.take() else {
+            return Ok(());
+        };
+        let durability = Durability::of_commit(sync);
+        drop(self);
+        durability
             .wait()
             .await
             .map_err(|e| sqlx::Error::Io(std::io::Error::other(e.to_string())))
-    }
-
-    /// Commits the transaction and frees the writer; the commit is durable once the returned
-    /// [`Durability`] says so.
-    pub(crate) async fn commit_unsynced(mut self) -> Result<Durability, sqlx::Error> {
-        SqliteTransactionManager::commit(&mut self.conn).await?;
-        self.open = false;
-        Ok(Durability::of_commit(self.sync.take()))
     }
 
     /// Rolls the transaction back.
