@@ -21,13 +21,15 @@
 //!
 //! Frames no longer in the log file were copied into the database file by a checkpoint, which
 //! syncs the log before and the database file after it. The log is found by the database
-//! file's real path (SQLite follows symbolic links to it), and while the store is open it must
-//! be there. A sync that fails poisons every later one: after a failed `fsync` the kernel may
-//! have dropped the pages and reports the error once, so a later sync would succeed over
-//! commits that never reached the disk.
+//! file's real path (SQLite follows symbolic links to it) and opened with the store, and the
+//! syncs go through that descriptor: after a failed write-back the kernel may drop the pages
+//! and reports the error once to each descriptor open at the time, so a descriptor opened for
+//! each sync would miss an error that SQLite's own sync (in a commit under `FULL`) saw first. A
+//! sync that fails poisons every later one, for the same reason.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 
 use sqlx::SqliteConnection;
 
@@ -48,6 +50,10 @@ pub(super) const UNSYNCED_MIN_BYTES: usize = 192 * 1024;
 #[derive(Debug)]
 pub(super) struct WalSync {
     wal: PathBuf,
+    /// The log file, open since the store opened: Linux reports a failed write-back to every
+    /// descriptor open when it happened, once, so a sync through this one also fails after a
+    /// write-back that failed in SQLite's own sync (in a commit under `FULL`).
+    file: Arc<std::fs::File>,
     /// Set once a sync has failed: nothing is durable any more.
     poisoned: AtomicBool,
     /// The writer connection's `synchronous` setting as last set (`FULL` or `NORMAL`), or
@@ -61,9 +67,9 @@ pub(super) struct WalSync {
 }
 
 impl WalSync {
-    /// The log of the database file `db`, which exists: the log sits beside the file it
-    /// resolves to. Syncs the directory, so that a log file created since is found after a
-    /// crash.
+    /// The log of the database file `db`, which exists and is open in WAL mode: the log sits
+    /// beside the file it resolves to. Syncs the directory, so that the log file is found after
+    /// a crash.
     pub(super) fn new(db: &Path) -> std::io::Result<Self> {
         let db = std::fs::canonicalize(db)?;
         if let Some(dir) = db.parent() {
@@ -71,13 +77,21 @@ impl WalSync {
         }
         let mut wal = db.into_os_string();
         wal.push("-wal");
-        Ok(Self {
-            wal: wal.into(),
+        let wal = PathBuf::from(wal);
+        let file = std::fs::File::open(&wal)?;
+        Ok(Self::with_file(wal, file))
+    }
+
+    /// Syncs of `file`, the log at `wal`.
+    fn with_file(wal: PathBuf, file: std::fs::File) -> Self {
+        Self {
+            wal,
+            file: Arc::new(file),
             poisoned: AtomicBool::new(false),
             setting: AtomicU8::new(UNKNOWN),
             committed: AtomicU64::new(0),
             synced: tokio::sync::Mutex::new(0),
-        })
+        }
     }
 
     /// Has the writer connection `conn` sync the log in each commit (`synchronous = FULL`): a
@@ -133,8 +147,8 @@ impl WalSync {
         }
         // Every commit numbered by now has completed, so this sync covers it.
         let upto = self.committed.load(Ordering::SeqCst);
-        let wal = self.wal.clone();
-        let outcome = match tokio::task::spawn_blocking(move || sync_file(&wal)).await {
+        let file = Arc::clone(&self.file);
+        let outcome = match tokio::task::spawn_blocking(move || file.sync_data()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!(
                 "syncing the SQLite log {} failed: {e}",
@@ -162,11 +176,6 @@ impl WalSync {
     }
 }
 
-/// Syncs the file at `path` (its data, and the size that finds it).
-fn sync_file(path: &Path) -> std::io::Result<()> {
-    std::fs::File::open(path)?.sync_data()
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
@@ -187,10 +196,10 @@ mod tests {
             .collect()
     }
 
-    /// The writer connection's `synchronous` (2 is `FULL`, 1 `NORMAL`), as its next user sees
+    /// The writer connection's `synchronous` (2 is `FULL`, 1 `NORMAL`), as its last user left
     /// it.
     async fn writer_synchronous(store: &SqliteDatastore) -> i64 {
-        let mut conn = store.write_statement().await.expect("writer");
+        let mut conn = store.writer.lock().await.expect("writer");
         sqlx::query_scalar("PRAGMA synchronous")
             .fetch_one(&mut *conn)
             .await
@@ -263,6 +272,34 @@ mod tests {
         store.close().await;
     }
 
+    /// A batch too long for one statement (a transaction of several) commits the same way:
+    /// synced in its commit if small, after it if large.
+    #[tokio::test]
+    async fn long_upload_batches_commit_by_their_size_too() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let path = dir.path().join("l.db");
+        let store = SqliteDatastore::connect(&path.display().to_string())
+            .await
+            .expect("connect");
+        let sync = store.writer.wal_sync().expect("syncs");
+        let rows = super::super::MAX_BIND_PARAMS / 4 + 1;
+        let before = sync.synced_upto();
+        let (_, durable) = store
+            .put_reports_pipelined(&reports(rows, 100))
+            .await
+            .expect("put");
+        assert!(matches!(durable, Durable::Now), "synced in its commit");
+        assert_eq!(sync.synced_upto(), before);
+        let large = reports(rows, super::UNSYNCED_MIN_BYTES / rows + 1);
+        let (_, durable) = store.put_reports_pipelined(&large).await.expect("put");
+        let Durable::Later(durable) = durable else {
+            panic!("a large batch is durable only after a sync");
+        };
+        durable.await.expect("durable");
+        assert!(sync.synced_upto() > before);
+        store.close().await;
+    }
+
     /// A setting whose statement did not finish (its caller gone, or the statement failed) is
     /// not known, and the next user sets it again rather than trust it.
     #[tokio::test]
@@ -315,17 +352,36 @@ mod tests {
     /// would succeed (the kernel reports a failed write back once).
     #[tokio::test]
     async fn a_failed_sync_fails_every_later_one() {
-        let dir = tempfile::TempDir::new().expect("temp dir");
-        let db = dir.path().join("p.db");
-        std::fs::write(&db, b"").expect("create");
-        let sync = super::WalSync::new(&db).expect("sync");
-        // No log file yet: the sync fails.
+        // A file that cannot be synced (`EINVAL`) stands for a log whose write-back failed.
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        let sync = super::WalSync::with_file("/dev/null".into(), null);
         let first = sync.committed();
-        assert!(sync.durable(first).await.is_err());
-        std::fs::write(sync.wal_path(), b"frames").expect("log");
+        let e = sync.durable(first).await.expect_err("the sync fails");
+        assert!(e.to_string().contains("syncing the SQLite log"), "{e}");
         let second = sync.committed();
         let e = sync.durable(second).await.expect_err("poisoned");
         assert!(e.to_string().contains("an earlier sync"), "{e}");
+    }
+
+    /// The log's descriptor is the one opened with the store: a sync goes to the file the
+    /// store writes, whatever its name finds later.
+    #[tokio::test]
+    async fn the_log_is_synced_through_the_descriptor_opened_with_the_store() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let path = dir.path().join("o.db");
+        let store = SqliteDatastore::connect(&path.display().to_string())
+            .await
+            .expect("connect");
+        let sync = store.writer.wal_sync().expect("syncs");
+        // The name now finds nothing: a sync by name would fail.
+        let moved = dir.path().join("moved-wal");
+        std::fs::rename(sync.wal_path(), &moved).expect("rename");
+        let n = sync.committed();
+        sync.durable(n)
+            .await
+            .expect("synced through the open descriptor");
+        std::fs::rename(&moved, sync.wal_path()).expect("rename back");
+        store.close().await;
     }
 
     /// With the log synced only around checkpoints, commits return without a sync, and the

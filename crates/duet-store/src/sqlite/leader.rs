@@ -18,11 +18,11 @@ use duet_messages::dap09::{AggregationJobId, Interval, ReportId, TaskId, Time};
 use super::durable::UNSYNCED_MIN_BYTES;
 use super::replay::Entry;
 use super::tasks::merge_batch_aggregations;
-use super::Durability;
 use super::{
     clamp_i64, col, col_array, col_u64, db, lease_token, list_placeholders, to_i64,
     values_placeholders, SqliteDatastore, MAX_BIND_PARAMS,
 };
+use super::{CommitSync, Durability};
 use crate::{
     AcquiredAggregationJob, BatchAggregation, JobReport, Lease, MergeFn, NewReport, StoreError,
 };
@@ -46,24 +46,18 @@ pub(super) async fn put_reports(
         .map(|r| to_i64(r.time.0, "report time"))
         .collect::<Result<Vec<_>, _>>()?;
     let chunk_rows = MAX_BIND_PARAMS / REPORT_COLUMNS;
+    let bytes: usize = reports.iter().map(|r| r.encoded.len()).sum();
+    let commit = if bytes >= UNSYNCED_MIN_BYTES {
+        CommitSync::AfterCommit
+    } else {
+        CommitSync::InCommit
+    };
     if reports.len() <= chunk_rows {
         // One statement is atomic on its own: no BEGIN and COMMIT round trips to the
         // connection's thread. Batches of up to `PREPARED_UPLOAD_ROWS` reports keep a prepared
         // statement (an upload batch's size varies with the load).
         let sql = insert_reports_sql(reports.len());
-        let mut conn = store.write_statement().await?;
-        let bytes: usize = reports.iter().map(|r| r.encoded.len()).sum();
-        let unsynced = match store.writer.wal_sync() {
-            Some(sync) if bytes >= UNSYNCED_MIN_BYTES => {
-                sync.sync_after_commit(&mut conn).await?;
-                Some(sync)
-            }
-            Some(sync) => {
-                sync.sync_in_commit(&mut conn).await?;
-                None
-            }
-            None => None,
-        };
+        let (mut conn, unsynced) = store.writer.lock_for(commit).await?;
         bind_reports(sqlx::query(&sql), reports, &times)
             .persistent(reports.len() <= PREPARED_UPLOAD_ROWS || reports.len() == chunk_rows)
             .execute(&mut *conn)
@@ -72,7 +66,7 @@ pub(super) async fn put_reports(
         let durability = unsynced.map(Durability::of_commit).unwrap_or_default();
         return Ok((vec![true; reports.len()], durability));
     }
-    let mut tx = store.begin_write().await?;
+    let mut tx = store.writer.begin_for(commit).await?;
     for (chunk, chunk_times) in reports.chunks(chunk_rows).zip(times.chunks(chunk_rows)) {
         let sql = insert_reports_sql(chunk.len());
         bind_reports(sqlx::query(&sql), chunk, chunk_times)
@@ -81,8 +75,8 @@ pub(super) async fn put_reports(
             .await
             .map_err(db)?;
     }
-    tx.commit().await.map_err(db)?;
-    Ok((vec![true; reports.len()], Durability::default()))
+    let durability = tx.commit_unsynced().await.map_err(db)?;
+    Ok((vec![true; reports.len()], durability))
 }
 
 /// Upload batches up to this many reports keep a prepared statement for their size.

@@ -36,7 +36,7 @@ use crate::{
     MergeFn, NewReport, StoreError,
 };
 use writer::Writer;
-pub(crate) use writer::{Durability, WriteTx, WriterGuard};
+pub(crate) use writer::{CommitSync, Durability, WriteTx};
 
 /// How long a statement waits for the write lock before failing.
 const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(10);
@@ -82,10 +82,6 @@ pub struct SqliteDatastore {
     /// A file database's checkpoints of its write-ahead log (see [`checkpoint`]).
     checkpointer: Option<Arc<checkpoint::Checkpointer>>,
 }
-
-/// The writer connection for one statement that is atomic on its own (SQLite's autocommit): no
-/// `BEGIN` and `COMMIT` round trips to the connection's thread.
-pub(crate) type WriteStatement = WriterGuard;
 
 /// When a file database's write-ahead log is synced, which decides what a commit survives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -141,9 +137,11 @@ impl SqliteDatastore {
             // The log is checkpointed by a task of its own (see [`checkpoint`]); the writer only
             // if that task falls far behind.
             .pragma("wal_autocheckpoint", checkpoint::WRITER_FALLBACK_PAGES)
-            // Once the log starts over, its file is cut back to 64 MiB: a burst of large
-            // reports does not leave a large log file behind for good.
-            .pragma("journal_size_limit", "67108864")
+            // Once the log starts over, its file is cut back to 128 MiB: a burst of large
+            // reports does not leave a large log file behind for good, and the log the
+            // checkpoint task starts over at about 64 MiB is overwritten, not cut and extended
+            // again.
+            .pragma("journal_size_limit", "134217728")
             // A small page cache (8 MiB per connection): reads of the database file go through
             // the memory map, a write by one connection empties every other connection's cache
             // anyway, and each commit walks the writer's whole cache (a 64 MiB cache cost about
@@ -228,9 +226,11 @@ impl SqliteDatastore {
         self.writer.begin().await
     }
 
-    /// The writer connection, for one statement outside a transaction.
-    async fn write_statement(&self) -> Result<WriteStatement, StoreError> {
-        self.writer.lock().await
+    /// The writer connection, for one statement outside a transaction, durable when it
+    /// returns.
+    #[cfg(test)]
+    async fn write_statement(&self) -> Result<writer::WriterGuard, StoreError> {
+        Ok(self.writer.lock_for(CommitSync::InCommit).await?.0)
     }
 }
 
@@ -585,7 +585,9 @@ impl Datastore for SqliteDatastore {
     }
 
     async fn settings(&self) -> Result<Vec<(String, String)>, StoreError> {
-        // Every connection, the writer's too, is opened with the same options.
+        // Every connection, the writer's too, is opened with the same options (the writer
+        // commits its transactions and large upload batches under `NORMAL`, each then waiting
+        // for a sync of the log: see [`durable`]).
         let mut conn = self.pool.acquire().await.map_err(db)?;
         let version: String = sqlx::query_scalar("SELECT sqlite_version()")
             .fetch_one(&mut *conn)

@@ -102,16 +102,40 @@ impl Writer {
         }
     }
 
-    /// Starts a write transaction holding SQLite's write lock from its first statement.
-    /// The transaction commits without syncing the log, and its commit waits for a shared sync
-    /// after it (see [`WalSync`]): concurrent transactions then share syncs, and each frees the
-    /// writer before its sync.
-    pub(super) async fn begin(&self) -> Result<WriteTx, StoreError> {
+    /// The writer connection (see [`Writer::lock`]), set to commit as `commit` says, and the
+    /// syncs its commits must then wait for (`None` if none: synced in the commit, at
+    /// checkpoints only, or in memory).
+    pub(super) async fn lock_for(
+        &self,
+        commit: CommitSync,
+    ) -> Result<(WriterGuard, Option<Arc<WalSync>>), StoreError> {
         let mut conn = self.lock().await?;
-        let sync = self.wal_sync();
-        if let Some(sync) = &sync {
-            sync.sync_after_commit(&mut conn).await?;
+        let Some(sync) = self.wal_sync() else {
+            return Ok((conn, None));
+        };
+        match commit {
+            CommitSync::InCommit => {
+                sync.sync_in_commit(&mut conn).await?;
+                Ok((conn, None))
+            }
+            CommitSync::AfterCommit => {
+                sync.sync_after_commit(&mut conn).await?;
+                Ok((conn, Some(sync)))
+            }
         }
+    }
+
+    /// Starts a write transaction holding SQLite's write lock from its first statement. It
+    /// commits without syncing the log, and its commit waits for a shared sync after it (see
+    /// [`WalSync`]): concurrent transactions then share syncs, and each frees the writer before
+    /// its sync.
+    pub(super) async fn begin(&self) -> Result<WriteTx, StoreError> {
+        self.begin_for(CommitSync::AfterCommit).await
+    }
+
+    /// [`Writer::begin`], committing as `commit` says.
+    pub(super) async fn begin_for(&self, commit: CommitSync) -> Result<WriteTx, StoreError> {
+        let (mut conn, sync) = self.lock_for(commit).await?;
         SqliteTransactionManager::begin(&mut conn, Some("BEGIN IMMEDIATE".into()))
             .await
             .map_err(db)?;
@@ -121,6 +145,16 @@ impl Writer {
             sync,
         })
     }
+}
+
+/// How a write on the writer connection is made durable (when the log is synced at commits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CommitSync {
+    /// The log is synced in the commit, which is durable when it returns.
+    InCommit,
+    /// The commit returns at once, and is durable after a shared sync of the log
+    /// ([`Durability`]).
+    AfterCommit,
 }
 
 /// A commit made, and what makes it durable (see [`WalSync`]).
@@ -216,18 +250,24 @@ pub(crate) struct WriteTx {
 impl WriteTx {
     /// Commits the transaction, and returns once it is durable (unless the log is synced at
     /// checkpoints only). The writer is free for the next transaction while the log is synced.
-    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
-        SqliteTransactionManager::commit(&mut self.conn).await?;
-        self.open = false;
-        let Some(sync) = self.sync.take() else {
-            return Ok(());
-        };
-        let durability = Durability::of_commit(sync);
-        drop(self);
-        durability
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        self.commit_unsynced()
+            .await?
             .wait()
             .await
             .map_err(|e| sqlx::Error::Io(std::io::Error::other(e.to_string())))
+    }
+
+    /// Commits the transaction and frees the writer; the commit is durable once the returned
+    /// [`Durability`] says so.
+    pub(crate) async fn commit_unsynced(mut self) -> Result<Durability, sqlx::Error> {
+        SqliteTransactionManager::commit(&mut self.conn).await?;
+        self.open = false;
+        Ok(self
+            .sync
+            .take()
+            .map(Durability::of_commit)
+            .unwrap_or_default())
     }
 
     /// Rolls the transaction back.
