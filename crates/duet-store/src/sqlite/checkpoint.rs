@@ -235,6 +235,27 @@ mod tests {
         .expect("fill");
     }
 
+    /// A read transaction in the log (on the `filler` table).
+    async fn reading(store: &SqliteDatastore) -> sqlx::Transaction<'static, sqlx::Sqlite> {
+        let mut reader = store.pool.begin().await.expect("read transaction");
+        let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM filler")
+            .fetch_one(&mut *reader)
+            .await
+            .expect("read");
+        reader
+    }
+
+    /// A connection of the test's own to checkpoint `path` with, whose restart waits for
+    /// readers far longer than the task's (so that a loaded machine cannot fail the test).
+    async fn checkpoint_connection(path: &std::path::Path) -> sqlx::SqliteConnection {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&options)
+            .await
+            .expect("checkpoint connection")
+    }
+
     /// A checkpoint copies back what the log holds, and its restart waits for a reader still in
     /// it, so that the next commit writes from the log's start instead of extending the file
     /// (with only a `PASSIVE` checkpoint, that reader would make it extend the file).
@@ -253,21 +274,12 @@ mod tests {
         let size = std::fs::metadata(&wal).expect("log").len();
 
         // A reader in the log, done a moment after the restart has begun.
-        let mut reader = store.pool.begin().await.expect("read transaction");
-        let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM filler")
-            .fetch_one(&mut *reader)
-            .await
-            .expect("read");
+        let reader = reading(&store).await;
         let reading = tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             reader.rollback().await.expect("end the read");
         });
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .busy_timeout(std::time::Duration::from_secs(10));
-        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&options)
-            .await
-            .expect("checkpoint connection");
+        let mut conn = checkpoint_connection(&path).await;
         assert!(
             super::checkpoint(&mut conn, &store.writer).await,
             "restarted"
@@ -297,16 +309,9 @@ mod tests {
             .await
             .expect("connect");
         fill(&store, 1).await;
-        let mut reader = store.pool.begin().await.expect("read transaction");
-        let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM filler")
-            .fetch_one(&mut *reader)
-            .await
-            .expect("read");
+        let reader = reading(&store).await;
         fill(&store, 2 * super::RESTART_MAX_LEFT).await;
-        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
-        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&options)
-            .await
-            .expect("checkpoint connection");
+        let mut conn = checkpoint_connection(&path).await;
         assert!(
             !super::checkpoint(&mut conn, &store.writer).await,
             "held back"

@@ -196,6 +196,16 @@ mod tests {
             .collect()
     }
 
+    /// A new store in a temporary directory, kept while the directory is.
+    async fn store_in(name: &str) -> (tempfile::TempDir, SqliteDatastore) {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let path = dir.path().join(name);
+        let store = SqliteDatastore::connect(&path.display().to_string())
+            .await
+            .expect("connect");
+        (dir, store)
+    }
+
     /// The writer connection's `synchronous` (2 is `FULL`, 1 `NORMAL`), as its last user left
     /// it.
     async fn writer_synchronous(store: &SqliteDatastore) -> i64 {
@@ -212,11 +222,7 @@ mod tests {
     /// user needs the other. One sync covers every commit numbered before it began.
     #[tokio::test]
     async fn large_upload_batches_and_transactions_are_synced_after_their_commit() {
-        let dir = tempfile::TempDir::new().expect("temp dir");
-        let path = dir.path().join("d.db");
-        let store = SqliteDatastore::connect(&path.display().to_string())
-            .await
-            .expect("connect");
+        let (_dir, store) = store_in("d.db").await;
         let sync = store
             .writer
             .wal_sync()
@@ -276,11 +282,7 @@ mod tests {
     /// synced in its commit if small, after it if large.
     #[tokio::test]
     async fn long_upload_batches_commit_by_their_size_too() {
-        let dir = tempfile::TempDir::new().expect("temp dir");
-        let path = dir.path().join("l.db");
-        let store = SqliteDatastore::connect(&path.display().to_string())
-            .await
-            .expect("connect");
+        let (_dir, store) = store_in("l.db").await;
         let sync = store.writer.wal_sync().expect("syncs");
         let rows = super::super::MAX_BIND_PARAMS / 4 + 1;
         let before = sync.synced_upto();
@@ -304,11 +306,7 @@ mod tests {
     /// not known, and the next user sets it again rather than trust it.
     #[tokio::test]
     async fn a_setting_not_known_is_set_again() {
-        let dir = tempfile::TempDir::new().expect("temp dir");
-        let path = dir.path().join("r.db");
-        let store = SqliteDatastore::connect(&path.display().to_string())
-            .await
-            .expect("connect");
+        let (_dir, store) = store_in("r.db").await;
         let sync = store.writer.wal_sync().expect("syncs");
         store.put_reports(&reports(1, 100)).await.expect("put");
         {
@@ -367,11 +365,7 @@ mod tests {
     /// store writes, whatever its name finds later.
     #[tokio::test]
     async fn the_log_is_synced_through_the_descriptor_opened_with_the_store() {
-        let dir = tempfile::TempDir::new().expect("temp dir");
-        let path = dir.path().join("o.db");
-        let store = SqliteDatastore::connect(&path.display().to_string())
-            .await
-            .expect("connect");
+        let (dir, store) = store_in("o.db").await;
         let sync = store.writer.wal_sync().expect("syncs");
         // The name now finds nothing: a sync by name would fail.
         let moved = dir.path().join("moved-wal");
