@@ -338,19 +338,22 @@ async fn shutdown_signal() {
 mod tests {
     use super::*;
 
-    fn load_text(text: &str) -> Config {
+    /// What `load` makes of a config file holding `text`.
+    fn load_from(text: &str) -> anyhow::Result<Config> {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("duet.toml");
         std::fs::write(&path, text).expect("write");
-        load(&path, None, None).expect("load")
+        load(&path, None, None)
+    }
+
+    fn load_text(text: &str) -> Config {
+        load_from(text).expect("load")
     }
 
     /// Settings that would break the server, and path prefixes a router cannot mount, are
     /// refused with one line naming the file, the section and the setting.
     #[test]
     fn broken_settings_are_refused_when_loaded() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("duet.toml");
         for (text, expected) in [
             (
                 "database = \"d.sqlite\"\n[leader]\n[aggregator]\nlease_duration_s = 0\n",
@@ -365,8 +368,7 @@ mod tests {
                 "[helper] path_prefix \"/:x\" may not have segments",
             ),
         ] {
-            std::fs::write(&path, text).expect("write");
-            let Err(e) = load(&path, None, None) else {
+            let Err(e) = load_from(text) else {
                 panic!("accepted: {text}");
             };
             let e = e.to_string();
@@ -390,8 +392,6 @@ mod tests {
             duet_store::sqlite::LogSync::from(SqliteSync::Checkpoint),
             duet_store::sqlite::LogSync::Checkpoint
         );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("duet.toml");
         for (text, expected) in [
             (
                 "database = \"d.sqlite\"\nsqlite_sync = \"never\"\n[leader]\n",
@@ -402,8 +402,7 @@ mod tests {
                 "`sqlite_sync` in",
             ),
         ] {
-            std::fs::write(&path, text).expect("write");
-            let Err(e) = load(&path, None, None) else {
+            let Err(e) = load_from(text) else {
                 panic!("accepted: {text}");
             };
             assert!(format!("{e:#}").contains(expected), "{e:#}");

@@ -514,11 +514,9 @@ mod plans {
                     .execute(&mut conn)
                     .await
                     .expect("PREPARE");
-                let rows = sqlx::query(&format!("EXPLAIN EXECUTE {name} ('\\x01', 100)"))
-                    .fetch_all(&mut conn)
-                    .await
-                    .expect("EXPLAIN");
-                let plan = plan_checks::lines(&rows);
+                let plan =
+                    plan_checks::explain(&mut conn, &format!("EXECUTE {name} ('\\x01', 100)"))
+                        .await;
                 plan_checks::assert_index_scans(
                     &plan,
                     "using aggregate_share_jobs_by_end",

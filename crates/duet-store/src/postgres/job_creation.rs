@@ -412,12 +412,8 @@ mod plans {
             // The search for tasks with unclaimed reports, outside a job's transaction (so
             // without its settings), stops at each task's first unclaimed report all the same:
             // its `LIMIT 1` in index order is cheapest whatever the estimate.
-            let rows = sqlx::query(&format!("EXPLAIN {TASKS_WITH_UNCLAIMED}"))
-                .fetch_all(&mut conn)
-                .await
-                .expect("EXPLAIN");
             plan_checks::assert_index_scans(
-                &plan_checks::lines(&rows),
+                &plan_checks::explain(&mut conn, TASKS_WITH_UNCLAIMED).await,
                 "on report_queue q",
                 1,
                 "Index Cond: ((task_key = k.task_key) AND (ROW(upload_xid, client_time, \

@@ -429,6 +429,15 @@ mod plan_checks {
         rows.iter().map(|row| row.get(0)).collect()
     }
 
+    /// The plan of `statement` (which binds no parameters), as [`lines`].
+    pub(super) async fn explain(conn: &mut sqlx::PgConnection, statement: &str) -> Vec<String> {
+        let rows = sqlx::query(&format!("EXPLAIN {statement}"))
+            .fetch_all(conn)
+            .await
+            .expect("EXPLAIN");
+        lines(&rows)
+    }
+
     /// Queues 20,000 reports for task key `key`, one transaction (so one upload transaction
     /// ID) per 1,000.
     pub(super) async fn queue_reports(conn: &mut sqlx::PgConnection, key: i32) {

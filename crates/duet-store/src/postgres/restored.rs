@@ -235,12 +235,8 @@ mod plans {
         with_fresh_database("restored_check_plan", |url| async move {
             let store = PostgresDatastore::connect(&url).await.expect("connect");
             let mut conn = PgConnection::connect(&url).await.expect("connect");
-            let rows = sqlx::query(&format!("EXPLAIN {RESTORED}"))
-                .fetch_all(&mut conn)
-                .await
-                .expect("EXPLAIN");
             plan_checks::assert_index_scans(
-                &plan_checks::lines(&rows),
+                &plan_checks::explain(&mut conn, RESTORED).await,
                 "on report_queue q",
                 1,
                 "Index Cond: ((task_key = k.task_key) AND (upload_xid >=",

@@ -217,7 +217,7 @@ mod tests {
     use std::time::Duration;
 
     use super::super::writer::Writer;
-    use super::super::SqliteDatastore;
+    use super::super::{temp_store, SqliteDatastore};
 
     /// Pages the test writes: far fewer than the writer's own checkpoint threshold, so only the
     /// task can copy them into the database file.
@@ -267,11 +267,8 @@ mod tests {
     /// it extend the file).
     #[tokio::test]
     async fn a_restart_starts_the_log_over() {
-        let dir = tempfile::tempdir().expect("tmp");
+        let (dir, store) = temp_store("restarted.sqlite").await;
         let path = dir.path().join("restarted.sqlite");
-        let store = SqliteDatastore::connect(path.to_str().expect("utf-8"))
-            .await
-            .expect("connect");
         fill(&store, 300).await;
         let shm = std::fs::File::open(dir.path().join("restarted.sqlite-shm")).expect("shm");
         let (frames, _) = super::log_frames(&shm).expect("the WAL index's header");
@@ -336,11 +333,8 @@ mod tests {
     /// restart (which would copy the rest with writes held) for a later checkpoint.
     #[tokio::test]
     async fn a_log_held_back_by_a_reader_is_restarted_later() {
-        let dir = tempfile::tempdir().expect("tmp");
+        let (dir, store) = temp_store("held.sqlite").await;
         let path = dir.path().join("held.sqlite");
-        let store = SqliteDatastore::connect(path.to_str().expect("utf-8"))
-            .await
-            .expect("connect");
         fill(&store, 1).await;
         let reader = reading(&store).await;
         fill(&store, 2 * super::RESTART_MAX_LEFT).await;
@@ -362,12 +356,9 @@ mod tests {
     /// closes the task's connection too: the last connection to close removes the log.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_log_is_checkpointed_off_the_writer_and_closed_with_the_store() {
-        let dir = tempfile::tempdir().expect("tmp");
+        let (dir, store) = temp_store("checkpointed.sqlite").await;
         let path = dir.path().join("checkpointed.sqlite");
         let wal = dir.path().join("checkpointed.sqlite-wal");
-        let store = SqliteDatastore::connect(path.to_str().expect("utf-8"))
-            .await
-            .expect("connect");
         let before = std::fs::metadata(&path).expect("file").len();
         fill(&store, PAGES as i64).await;
         assert!(wal.exists(), "the writes went to the log");

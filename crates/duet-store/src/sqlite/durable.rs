@@ -16,8 +16,8 @@
 //! own, which flushes the file's pages whoever wrote them) that started after the commit.
 //! Concurrent waiters share syncs: one runs at a time, and the next covers every commit
 //! numbered before it starts. Each user of the writer sets the setting it commits under
-//! ([`WalSync::sync_in_commit`] or [`WalSync::sync_after_commit`]) before it writes; the
-//! setting is kept between users, so a run of uploads of one size switches nothing.
+//! ([`WalSync::commit_as`]) before it writes; the setting is kept between users, so a run of
+//! uploads of one size switches nothing.
 //!
 //! Frames no longer in the log file were copied into the database file by a checkpoint, which
 //! syncs the log before and the database file after it. The log is found by the database
@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use sqlx::SqliteConnection;
 
-use super::db;
+use super::{db, CommitSync};
 use crate::StoreError;
 
 /// SQLite's `synchronous` values, and a setting not known.
@@ -94,22 +94,19 @@ impl WalSync {
         }
     }
 
-    /// Has the writer connection `conn` sync the log in each commit (`synchronous = FULL`): a
-    /// commit is then durable when it returns.
-    pub(super) async fn sync_in_commit(
+    /// Has the writer connection `conn` commit as `commit` says: syncing the log in each
+    /// commit (`synchronous = FULL`), so that a commit is durable when it returns, or not
+    /// (`NORMAL`), so that it is durable once [`WalSync::durable`] says so.
+    pub(super) async fn commit_as(
         &self,
         conn: &mut SqliteConnection,
+        commit: CommitSync,
     ) -> Result<(), StoreError> {
-        self.set(conn, FULL).await
-    }
-
-    /// Has the writer connection `conn` commit without syncing the log (`synchronous =
-    /// NORMAL`): a commit is then durable once [`WalSync::durable`] says so.
-    pub(super) async fn sync_after_commit(
-        &self,
-        conn: &mut SqliteConnection,
-    ) -> Result<(), StoreError> {
-        self.set(conn, NORMAL).await
+        let setting = match commit {
+            CommitSync::InCommit => FULL,
+            CommitSync::AfterCommit => NORMAL,
+        };
+        self.set(conn, setting).await
     }
 
     async fn set(&self, conn: &mut SqliteConnection, setting: u8) -> Result<(), StoreError> {
@@ -182,7 +179,7 @@ mod tests {
 
     use duet_messages::dap09::{ReportId, TaskId, Time};
 
-    use super::super::SqliteDatastore;
+    use super::super::{temp_store, SqliteDatastore};
     use crate::{Datastore, Durable, NewReport};
 
     fn reports(n: usize, bytes: usize) -> Vec<NewReport> {
@@ -194,16 +191,6 @@ mod tests {
                 encoded: vec![1; bytes],
             })
             .collect()
-    }
-
-    /// A new store in a temporary directory, kept while the directory is.
-    async fn store_in(name: &str) -> (tempfile::TempDir, SqliteDatastore) {
-        let dir = tempfile::TempDir::new().expect("temp dir");
-        let path = dir.path().join(name);
-        let store = SqliteDatastore::connect(&path.display().to_string())
-            .await
-            .expect("connect");
-        (dir, store)
     }
 
     /// The writer connection's `synchronous` (2 is `FULL`, 1 `NORMAL`), as its last user left
@@ -222,7 +209,7 @@ mod tests {
     /// user needs the other. One sync covers every commit numbered before it began.
     #[tokio::test]
     async fn large_upload_batches_and_transactions_are_synced_after_their_commit() {
-        let (_dir, store) = store_in("d.db").await;
+        let (_dir, store) = temp_store("d.db").await;
         let sync = store
             .writer
             .wal_sync()
@@ -282,7 +269,7 @@ mod tests {
     /// synced in its commit if small, after it if large.
     #[tokio::test]
     async fn long_upload_batches_commit_by_their_size_too() {
-        let (_dir, store) = store_in("l.db").await;
+        let (_dir, store) = temp_store("l.db").await;
         let sync = store.writer.wal_sync().expect("syncs");
         let rows = super::super::MAX_BIND_PARAMS / 4 + 1;
         let before = sync.synced_upto();
@@ -306,7 +293,7 @@ mod tests {
     /// not known, and the next user sets it again rather than trust it.
     #[tokio::test]
     async fn a_setting_not_known_is_set_again() {
-        let (_dir, store) = store_in("r.db").await;
+        let (_dir, store) = temp_store("r.db").await;
         let sync = store.writer.wal_sync().expect("syncs");
         store.put_reports(&reports(1, 100)).await.expect("put");
         {
@@ -365,7 +352,7 @@ mod tests {
     /// store writes, whatever its name finds later.
     #[tokio::test]
     async fn the_log_is_synced_through_the_descriptor_opened_with_the_store() {
-        let (dir, store) = store_in("o.db").await;
+        let (dir, store) = temp_store("o.db").await;
         let sync = store.writer.wal_sync().expect("syncs");
         // The name now finds nothing: a sync by name would fail.
         let moved = dir.path().join("moved-wal");

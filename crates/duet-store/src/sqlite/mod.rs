@@ -638,6 +638,18 @@ impl Datastore for SqliteDatastore {
     }
 }
 
+/// A new store on the file `name` in a temporary directory, which is removed when the returned
+/// directory handle is dropped.
+#[cfg(test)]
+async fn temp_store(name: &str) -> (tempfile::TempDir, SqliteDatastore) {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let path = dir.path().join(name);
+    let store = SqliteDatastore::connect(&path.display().to_string())
+        .await
+        .expect("connect");
+    (dir, store)
+}
+
 #[cfg(test)]
 mod tests {
     use sqlx::{Connection, SqliteConnection};

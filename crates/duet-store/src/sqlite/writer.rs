@@ -113,16 +113,8 @@ impl Writer {
         let Some(sync) = self.wal_sync() else {
             return Ok((conn, None));
         };
-        match commit {
-            CommitSync::InCommit => {
-                sync.sync_in_commit(&mut conn).await?;
-                Ok((conn, None))
-            }
-            CommitSync::AfterCommit => {
-                sync.sync_after_commit(&mut conn).await?;
-                Ok((conn, Some(sync)))
-            }
-        }
+        sync.commit_as(&mut conn, commit).await?;
+        Ok((conn, (commit == CommitSync::AfterCommit).then_some(sync)))
     }
 
     /// Starts a write transaction holding SQLite's write lock from its first statement. It
@@ -301,7 +293,7 @@ impl DerefMut for WriteTx {
 
 #[cfg(test)]
 mod tests {
-    use super::super::SqliteDatastore;
+    use super::super::{temp_store, SqliteDatastore};
     use super::*;
 
     async fn count(store: &SqliteDatastore) -> i64 {
@@ -324,11 +316,7 @@ mod tests {
     /// transaction to its owner, and after `close` writes fail with an error, not a panic.
     #[tokio::test]
     async fn write_transactions_on_the_own_writer() {
-        let dir = tempfile::TempDir::new().expect("temp dir");
-        let path = dir.path().join("w.db");
-        let store = SqliteDatastore::connect(&path.display().to_string())
-            .await
-            .expect("connect");
+        let (_dir, store) = temp_store("w.db").await;
         assert!(matches!(store.writer, Writer::Own(..)));
         let before = count(&store).await;
 
@@ -373,11 +361,7 @@ mod tests {
     /// an I/O error) leaves the writer usable: the next write transaction begins.
     #[tokio::test]
     async fn a_transaction_sqlite_rolled_back_leaves_the_writer_usable() {
-        let dir = tempfile::TempDir::new().expect("temp dir");
-        let path = dir.path().join("w.db");
-        let store = SqliteDatastore::connect(&path.display().to_string())
-            .await
-            .expect("connect");
+        let (_dir, store) = temp_store("w.db").await;
         let before = count(&store).await;
         let mut tx = store.begin_write().await.expect("begin");
         insert(&mut tx, 1).await;
