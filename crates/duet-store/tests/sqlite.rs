@@ -294,3 +294,210 @@ async fn upgrade_from_schema_1_keeps_reports_and_replay_protection() {
     );
     store.close().await;
 }
+
+/// The `seq`s of the rows of `reports` in the file at `path`, read on a connection of their own.
+async fn seqs_in(path: &std::path::Path) -> Vec<i64> {
+    let pool =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(path))
+            .await
+            .expect("open");
+    let seqs = sqlx::query_scalar("SELECT seq FROM reports ORDER BY seq")
+        .fetch_all(&pool)
+        .await
+        .expect("seqs");
+    pool.close().await;
+    seqs
+}
+
+/// A report of `task_id` uploaded at time 1000.
+fn new_report(task_id: TaskId) -> NewReport {
+    NewReport {
+        task_id,
+        report_id: ReportId::random(),
+        time: Time(1000),
+        encoded: vec![5],
+    }
+}
+
+/// `seq` never goes back: not once every report went to a job that ended (the queue drained),
+/// nor once a deleted task took the highest ones with it. A report numbered at or below the
+/// claim cursor would never join a job.
+#[tokio::test]
+async fn seq_keeps_rising_after_reports_are_deleted() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let path = dir.path().join("seq.sqlite");
+    let store = SqliteDatastore::connect(path.to_str().expect("UTF-8 path"))
+        .await
+        .expect("connect");
+    let (task, other) = (TaskId::random(), TaskId::random());
+    let first: Vec<NewReport> = (0..3).map(|_| new_report(task)).collect();
+    store.put_reports(&first).await.expect("put_reports");
+    assert_eq!(
+        store
+            .create_aggregation_jobs(10, Time(2000))
+            .await
+            .expect("claim"),
+        1
+    );
+    let jobs = store
+        .acquire_aggregation_jobs(Time(2000), 60, 10)
+        .await
+        .expect("acquire");
+    store
+        .abandon_aggregation_job(&jobs[0])
+        .await
+        .expect("abandon");
+    assert_eq!(seqs_in(&path).await, Vec::<i64>::new());
+
+    // The queue drained: the next report still joins a job.
+    store
+        .put_reports(&[new_report(task)])
+        .await
+        .expect("put_reports");
+    assert_eq!(seqs_in(&path).await, vec![4]);
+    assert_eq!(
+        store
+            .create_aggregation_jobs(10, Time(2000))
+            .await
+            .expect("claim"),
+        1
+    );
+
+    // Two reports not yet claimed go with their task.
+    store
+        .put_reports(&[new_report(task), new_report(task)])
+        .await
+        .expect("put_reports");
+    assert!(store.delete_task(&task).await.is_ok());
+    assert_eq!(seqs_in(&path).await, Vec::<i64>::new());
+    store
+        .put_reports(&[new_report(other), new_report(other)])
+        .await
+        .expect("put_reports");
+    assert_eq!(seqs_in(&path).await, vec![7, 8]);
+    assert_eq!(
+        store
+            .create_aggregation_jobs(10, Time(2000))
+            .await
+            .expect("claim"),
+        1
+    );
+    store.close().await;
+}
+
+/// A database made by schema version 8, whose `reports` were keyed by AUTOINCREMENT, keeps its
+/// pending reports through the upgrade, and numbers new ones above every `seq` it issued.
+#[tokio::test]
+async fn upgrade_from_schema_8_keeps_seq_rising() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let path = dir.path().join("v8.sqlite");
+    let v8 = dir.path().join("v8-migrations");
+    std::fs::create_dir(&v8).expect("mkdir");
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+    for entry in std::fs::read_dir(&all).expect("migrations") {
+        let name = entry.expect("entry").file_name();
+        if name.to_str().expect("UTF-8 name") < "0009" {
+            std::fs::copy(all.join(&name), v8.join(&name)).expect("copy migration");
+        }
+    }
+    let task_id = TaskId::random();
+    let pending = new_report(task_id);
+    {
+        let pool = sqlx::SqlitePool::connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true),
+        )
+        .await
+        .expect("open");
+        let migrator = sqlx::migrate::Migrator::new(v8.as_path())
+            .await
+            .expect("load version 8");
+        assert_eq!(migrator.iter().count(), 8);
+        migrator.run(&pool).await.expect("migrate to version 8");
+        // A pending report at 5; the one at 7 was deleted with its task.
+        for seq in [5, 7] {
+            sqlx::query(
+                "INSERT INTO reports (seq, task_id, report_id, client_time, payload) \
+                 VALUES (?, ?, ?, 1000, ?)",
+            )
+            .bind(seq)
+            .bind(&task_id.0[..])
+            .bind(&ReportId::random().0[..])
+            .bind(&pending.encoded[..])
+            .execute(&pool)
+            .await
+            .expect("insert");
+        }
+        // The report at 5 is in an active job.
+        for sql in [
+            "DELETE FROM reports WHERE seq = 7",
+            "UPDATE report_cursor SET claimed_seq = 5",
+        ] {
+            sqlx::query(sql).execute(&pool).await.expect(sql);
+        }
+        sqlx::query(
+            "INSERT INTO aggregation_jobs (task_id, job_id, state, report_count, first_seq, \
+             last_seq, created_at, retry_at) VALUES (?, ?, 'active', 1, 5, 5, 1000, 1000)",
+        )
+        .bind(&task_id.0[..])
+        .bind(&AggregationJobId::random().0[..])
+        .execute(&pool)
+        .await
+        .expect("job");
+        pool.close().await;
+    }
+    let store = SqliteDatastore::connect(path.to_str().expect("UTF-8 path"))
+        .await
+        .expect("upgrade");
+    let unaggregated = || async {
+        let within = duet_messages::dap09::Interval {
+            start: Time(1000),
+            duration: duet_messages::dap09::Duration(1),
+        };
+        let count = store
+            .count_unaggregated_reports(&task_id, &within)
+            .await
+            .expect("count");
+        let any = store
+            .has_unaggregated_reports(&task_id, &within)
+            .await
+            .expect("has");
+        assert_eq!(any, count > 0);
+        count
+    };
+    // The job from before the upgrade knows no times of its reports: it meets every interval.
+    assert_eq!(unaggregated().await, 1);
+    let fresh = NewReport {
+        encoded: vec![8],
+        ..new_report(task_id)
+    };
+    store
+        .put_reports(std::slice::from_ref(&fresh))
+        .await
+        .expect("put_reports");
+    assert_eq!(seqs_in(&path).await, vec![5, 8]);
+    assert_eq!(unaggregated().await, 2);
+    assert_eq!(
+        store
+            .create_aggregation_jobs(10, Time(2000))
+            .await
+            .expect("claim"),
+        1
+    );
+    assert_eq!(unaggregated().await, 2);
+    let mut jobs = store
+        .acquire_aggregation_jobs(Time(2000), 60, 10)
+        .await
+        .expect("acquire");
+    jobs.sort_by_key(|j| j.reports[0].encoded.clone());
+    let contents: Vec<Vec<Vec<u8>>> = jobs
+        .iter()
+        .map(|j| j.reports.iter().map(|r| r.encoded.clone()).collect())
+        .collect();
+    assert_eq!(
+        contents,
+        vec![vec![pending.encoded.clone()], vec![fresh.encoded.clone()]]
+    );
+    store.close().await;
+}

@@ -7,9 +7,9 @@
 //! abandoning a job deletes its reports with one range delete; their IDs stay in the replay set.
 //! There is no per-report state row.
 //!
-//! Job statements reach `reports` through `seq` ranges of the primary key; the time-based count
-//! names its partial index (`INDEXED BY`), so that a missing index is an error rather than a
-//! scan.
+//! Job statements reach `reports` through `seq` ranges of the primary key, its only index: an
+//! upload writes nothing else. The time-based count reaches it through the active jobs (which
+//! record their reports' times) and the claim cursor.
 
 use std::collections::HashMap;
 
@@ -20,7 +20,7 @@ use super::replay::Entry;
 use super::tasks::merge_batch_aggregations;
 use super::{
     clamp_i64, col, col_array, col_u64, db, lease_token, list_placeholders, to_i64,
-    values_placeholders, SqliteDatastore, MAX_BIND_PARAMS,
+    SqliteDatastore, MAX_BIND_PARAMS,
 };
 use super::{CommitSync, Durability};
 use crate::{
@@ -84,12 +84,24 @@ const PREPARED_UPLOAD_ROWS: usize = 64;
 
 type ReportsQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
-/// `INSERT INTO reports` of `rows` reports.
+/// `INSERT INTO reports` of `rows` reports (at least one).
+///
+/// `seq` never goes back, so that the job creator's cursor and job ranges keep their meaning:
+/// the first row takes the next `seq` above the table's highest row, the claim cursor (every
+/// report a job or a replay deletion removes lies at or below it) and `seq_floor` (the highest
+/// `seq` a task deletion removed). Each later row (`seq` NULL) takes the one after its
+/// predecessor's, which SQLite assigns as the table's highest plus one.
 fn insert_reports_sql(rows: usize) -> String {
+    let row = format!("(NULL, {})", list_placeholders(REPORT_COLUMNS));
+    let later = vec![row; rows.saturating_sub(1)];
     format!(
         "-- put_reports\n\
-         INSERT INTO reports (task_id, report_id, client_time, payload) VALUES {}",
-        values_placeholders(rows, REPORT_COLUMNS)
+         INSERT INTO reports (seq, task_id, report_id, client_time, payload) VALUES \
+         ((SELECT MAX((SELECT COALESCE(MAX(seq), 0) FROM reports), claimed_seq, seq_floor) + 1 \
+           FROM report_cursor WHERE id = 0), {}){}{}",
+        list_placeholders(REPORT_COLUMNS),
+        if later.is_empty() { "" } else { ", " },
+        later.join(", ")
     )
 }
 
@@ -152,24 +164,29 @@ async fn claim_into_jobs(
     let mut created = 0;
     while cursor < last_seq {
         let end = last_seq.min(cursor.saturating_add(window.max(1)));
-        let entries = sqlx::query(
+        let rows = sqlx::query(
             "-- create_aggregation_jobs\n\
-             SELECT seq, task_id, report_id FROM reports WHERE seq > ? AND seq <= ? ORDER BY seq",
+             SELECT seq, task_id, report_id, client_time FROM reports \
+             WHERE seq > ? AND seq <= ? ORDER BY seq",
         )
         .bind(cursor)
         .bind(end)
         .fetch_all(&mut *tx)
         .await
-        .map_err(db)?
-        .iter()
-        .map(|row| {
-            Ok(Entry {
-                task_id: TaskId(col_array(row, "task_id")?),
-                report_id: ReportId(col_array(row, "report_id")?),
-                seq: col(row, "seq")?,
+        .map_err(db)?;
+        let mut times = Vec::with_capacity(rows.len());
+        let entries = rows
+            .iter()
+            .map(|row| {
+                let time: i64 = col(row, "client_time")?;
+                times.push(time);
+                Ok(Entry {
+                    task_id: TaskId(col_array(row, "task_id")?),
+                    report_id: ReportId(col_array(row, "report_id")?),
+                    seq: col(row, "seq")?,
+                })
             })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let fresh = intake.admit(&mut tx, &entries).await?;
         let replays: Vec<i64> = entries
             .iter()
@@ -180,22 +197,26 @@ async fn claim_into_jobs(
         delete_reports(&mut tx, &replays).await?;
         let claimed = entries
             .iter()
+            .zip(times)
             .zip(&fresh)
             .filter(|(_, fresh)| **fresh)
-            .map(|(entry, _)| entry);
+            .map(|(claimed, _)| claimed);
         for job in cut_into_jobs(claimed, max_job_size) {
             let job_id = AggregationJobId::random();
             sqlx::query(
                 "-- create_aggregation_jobs\n\
                  INSERT INTO aggregation_jobs \
-                 (task_id, job_id, state, report_count, first_seq, last_seq, created_at, retry_at) \
-                 VALUES (?, ?, 'active', ?, ?, ?, ?, ?)",
+                 (task_id, job_id, state, report_count, first_seq, last_seq, min_time, max_time, \
+                  created_at, retry_at) \
+                 VALUES (?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&job.task_id.0[..])
             .bind(&job_id.0[..])
             .bind(clamp_i64(job.report_count as u64))
             .bind(job.first_seq)
             .bind(job.last_seq)
+            .bind(job.min_time)
+            .bind(job.max_time)
             .bind(now)
             .bind(now)
             .execute(&mut *tx)
@@ -235,27 +256,37 @@ async fn delete_reports(tx: &mut sqlx::SqliteConnection, seqs: &[i64]) -> Result
     Ok(())
 }
 
-/// A job to create: one task's reports in `first_seq..=last_seq`.
+/// A job to create: one task's reports in `first_seq..=last_seq`, with times in
+/// `min_time..=max_time`.
 struct NewJob {
     task_id: TaskId,
     first_seq: i64,
     last_seq: i64,
+    min_time: i64,
+    max_time: i64,
     report_count: usize,
 }
 
-/// Groups claimed reports by task in upload order and cuts each task's run into jobs of at most
-/// `max_job_size` reports.
-fn cut_into_jobs<'a>(claimed: impl Iterator<Item = &'a Entry>, max_job_size: usize) -> Vec<NewJob> {
+/// Groups claimed reports (with their times) by task in upload order and cuts each task's run
+/// into jobs of at most `max_job_size` reports.
+fn cut_into_jobs<'a>(
+    claimed: impl Iterator<Item = (&'a Entry, i64)>,
+    max_job_size: usize,
+) -> Vec<NewJob> {
     let mut open: HashMap<TaskId, NewJob> = HashMap::new();
     let mut jobs = Vec::new();
-    for entry in claimed {
+    for (entry, time) in claimed {
         let job = open.entry(entry.task_id).or_insert_with(|| NewJob {
             task_id: entry.task_id,
             first_seq: entry.seq,
             last_seq: entry.seq,
+            min_time: time,
+            max_time: time,
             report_count: 0,
         });
         job.last_seq = entry.seq;
+        job.min_time = job.min_time.min(time);
+        job.max_time = job.max_time.max(time);
         job.report_count += 1;
         if job.report_count == max_job_size {
             jobs.extend(open.remove(&entry.task_id));
@@ -314,7 +345,7 @@ pub(super) async fn acquire_aggregation_jobs(
         let reports = sqlx::query(
             "-- acquire_aggregation_jobs\n\
              SELECT report_id, client_time, payload FROM reports \
-             WHERE seq BETWEEN ? AND ? AND task_id = ? AND payload IS NOT NULL ORDER BY seq",
+             WHERE seq BETWEEN ? AND ? AND task_id = ? ORDER BY seq",
         )
         .bind(first_seq)
         .bind(last_seq)
@@ -445,14 +476,34 @@ pub(super) async fn abandon_aggregation_job(
     tx.commit().await.map_err(db)
 }
 
-/// The task's unaggregated reports with a timestamp in `[?, ?)`: unassigned reports and reports
-/// of unfinished jobs are the rows of `reports` (a finished job deletes its rows), all with a
-/// payload, so the partial index `reports_pending` holds them. Replays uploaded since the last job
-/// creation are among them until it deletes them.
+/// The task's unaggregated reports with a timestamp in `[?2, ?3)` (`?1` is the task): the rows
+/// of `reports` (a finished or abandoned job deletes its rows), whether in an active job or not
+/// yet claimed. Replays uploaded since the last job creation are among them until it deletes
+/// them. There is no index on the reports' times, which would cost every upload: each active
+/// job records the times of its reports, so only the rows of the jobs whose times meet the
+/// interval are read (through `seq`: `CROSS JOIN` keeps the jobs first, and `NOT INDEXED` rules
+/// out an automatic index, which would read the whole table), then the reports above the claim
+/// cursor. `$what` is
+/// `COUNT(*)` or `1`, `$join` `+` or `OR`, and `$sub` `` or `EXISTS`.
 macro_rules! unaggregated {
-    () => {
-        "FROM reports INDEXED BY reports_pending \
-         WHERE task_id = ? AND payload IS NOT NULL AND client_time >= ? AND client_time < ?"
+    ($what:literal, $join:literal, $sub:literal) => {
+        concat!(
+            $sub,
+            " (SELECT ",
+            $what,
+            " FROM aggregation_jobs AS j INDEXED BY aggregation_jobs_runnable \
+             CROSS JOIN reports AS r NOT INDEXED \
+             WHERE r.seq BETWEEN j.first_seq AND j.last_seq AND j.state = 'active' AND j.task_id = ?1 AND j.max_time >= ?2 AND j.min_time < ?3 \
+             AND r.task_id = ?1 AND r.client_time >= ?2 AND r.client_time < ?3) ",
+            $join,
+            " ",
+            $sub,
+            " (SELECT ",
+            $what,
+            " FROM reports AS r \
+             WHERE r.seq > (SELECT claimed_seq FROM report_cursor WHERE id = 0) \
+             AND r.task_id = ?1 AND r.client_time >= ?2 AND r.client_time < ?3)"
+        )
     };
 }
 
@@ -472,16 +523,27 @@ async fn unaggregated_row(
         .map_err(db)
 }
 
+const COUNT_UNAGGREGATED: &str = concat!(
+    "-- count_unaggregated_reports\nSELECT ",
+    unaggregated!("COUNT(*)", "+", ""),
+    " AS n"
+);
+
+const HAS_UNAGGREGATED: &str = concat!(
+    "-- has_unaggregated_reports\nSELECT ",
+    unaggregated!("1", "OR", "EXISTS"),
+    " AS found"
+);
+
 pub(super) async fn count_unaggregated_reports(
     store: &SqliteDatastore,
     task_id: &TaskId,
     interval: &Interval,
 ) -> Result<u64, StoreError> {
-    const SQL: &str = concat!(
-        "-- count_unaggregated_reports\nSELECT COUNT(*) AS n ",
-        unaggregated!()
-    );
-    col_u64(&unaggregated_row(store, SQL, task_id, interval).await?, "n")
+    col_u64(
+        &unaggregated_row(store, COUNT_UNAGGREGATED, task_id, interval).await?,
+        "n",
+    )
 }
 
 /// [`count_unaggregated_reports`]'s question, answered at the first such report.
@@ -490,13 +552,8 @@ pub(super) async fn has_unaggregated_reports(
     task_id: &TaskId,
     interval: &Interval,
 ) -> Result<bool, StoreError> {
-    const SQL: &str = concat!(
-        "-- has_unaggregated_reports\nSELECT EXISTS (SELECT 1 ",
-        unaggregated!(),
-        ") AS found"
-    );
     col(
-        &unaggregated_row(store, SQL, task_id, interval).await?,
+        &unaggregated_row(store, HAS_UNAGGREGATED, task_id, interval).await?,
         "found",
     )
 }
@@ -570,5 +627,46 @@ mod tests {
                 .expect("count"),
             5
         );
+    }
+
+    /// The unaggregated reports are read through the active jobs' `seq` ranges and the claim
+    /// cursor: never by a scan of `reports`, which holds the whole backlog, nor of the jobs,
+    /// which hold the whole history.
+    #[tokio::test]
+    async fn unaggregated_reports_are_read_by_seq() {
+        let store = SqliteDatastore::connect("sqlite::memory:")
+            .await
+            .expect("connect");
+        for sql in [COUNT_UNAGGREGATED, HAS_UNAGGREGATED] {
+            let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .bind(&[1u8; 32][..])
+                .bind(100i64)
+                .bind(200i64)
+                .fetch_all(&store.pool)
+                .await
+                .expect("EXPLAIN QUERY PLAN")
+                .iter()
+                .map(|row| col::<_, String>(row, "detail").expect("detail"))
+                .collect();
+            let reads = |table: &str| -> Vec<&String> {
+                let word = format!(" {table} ");
+                plan.iter()
+                    .filter(|l| format!("{l} ").contains(&word))
+                    .collect()
+            };
+            let (r, j) = (reads("r"), reads("j"));
+            assert_eq!(r.len(), 2, "{plan:?}");
+            assert!(
+                r.iter()
+                    .all(|l| l.starts_with("SEARCH r USING INTEGER PRIMARY KEY (rowid")),
+                "{plan:?}"
+            );
+            assert_eq!(j.len(), 1, "{plan:?}");
+            assert!(
+                j[0].contains("USING INDEX aggregation_jobs_runnable"),
+                "{plan:?}"
+            );
+        }
+        store.close().await;
     }
 }

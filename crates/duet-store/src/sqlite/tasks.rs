@@ -75,9 +75,10 @@ pub(super) async fn list_tasks(store: &SqliteDatastore) -> Result<Vec<Task>, Sto
 
 /// Statements that remove a task's rows from the tables of one role; each binds the task ID.
 const DELETE_LEADER: &[&str] = &[
-    // Every row of `reports` has its payload (a finished job deletes its rows).
-    "-- delete_task\n\
-     DELETE FROM reports INDEXED BY reports_pending WHERE task_id = ? AND payload IS NOT NULL",
+    // A finished job deletes its rows: the rest are the task's pending reports, the backlog
+    // (`reports` has no index by task, which would cost every upload). `seq_floor` keeps their
+    // highest `seq` from being issued again; see `delete_task`.
+    "-- delete_task\nDELETE FROM reports WHERE task_id = ?",
     "-- delete_task\nDELETE FROM aggregation_jobs WHERE task_id = ?",
     "-- delete_task\nDELETE FROM collection_jobs WHERE task_id = ?",
 ];
@@ -91,6 +92,19 @@ pub(super) async fn delete_task(
     task_id: &TaskId,
 ) -> Result<bool, StoreError> {
     let mut tx = store.begin_write().await?;
+    if store.role == AggregatorRole::Leader {
+        // The task's pending reports may hold the highest `seq` issued, above the claim cursor:
+        // later uploads start above it (see `put_reports`).
+        sqlx::query(
+            "-- delete_task\n\
+             UPDATE report_cursor \
+             SET seq_floor = MAX(seq_floor, (SELECT COALESCE(MAX(seq), 0) FROM reports)) \
+             WHERE id = 0",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    }
     let role_tables = match store.role {
         AggregatorRole::Leader => DELETE_LEADER,
         AggregatorRole::Helper => DELETE_HELPER,
