@@ -12,7 +12,8 @@
 -- * `reports_pending` (reports by task and time, for the collection's "is every report in this
 --   interval aggregated?") goes. A job records the times of its reports (`min_time` and
 --   `max_time`, set when the job creator claims them), so that question looks only at the rows
---   of the active jobs whose times meet the interval, and at the reports not yet claimed.
+--   of the task's active jobs whose times meet the interval (found through
+--   `aggregation_jobs_active_times`, one entry per job), and at the reports not yet claimed.
 --   Jobs created before this version get the widest times.
 
 CREATE TABLE reports_by_rowid (
@@ -38,3 +39,6 @@ ALTER TABLE reports_by_rowid RENAME TO reports;
 
 ALTER TABLE aggregation_jobs ADD COLUMN min_time INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE aggregation_jobs ADD COLUMN max_time INTEGER NOT NULL DEFAULT 9223372036854775807;
+
+CREATE INDEX aggregation_jobs_active_times ON aggregation_jobs (task_id, max_time)
+    WHERE state = 'active';

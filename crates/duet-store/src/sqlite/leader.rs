@@ -480,29 +480,30 @@ pub(super) async fn abandon_aggregation_job(
 /// of `reports` (a finished or abandoned job deletes its rows), whether in an active job or not
 /// yet claimed. Replays uploaded since the last job creation are among them until it deletes
 /// them. There is no index on the reports' times, which would cost every upload: each active
-/// job records the times of its reports, so only the rows of the jobs whose times meet the
-/// interval are read (through `seq`: `CROSS JOIN` keeps the jobs first, and `NOT INDEXED` rules
-/// out an automatic index, which would read the whole table), then the reports above the claim
-/// cursor. `$what` is
-/// `COUNT(*)` or `1`, `$join` `+` or `OR`, and `$sub` `` or `EXISTS`.
+/// job records the times of its reports, so only the rows of the task's jobs whose times meet
+/// the interval are read (the jobs through `aggregation_jobs_active_times`, their rows through
+/// `seq`: `CROSS JOIN` keeps the jobs first, and `NOT INDEXED` rules out an automatic index,
+/// which would read the whole table), then the reports above the claim cursor. `$what` is
+/// `COUNT(*)` or `1`; `$a` and `$b` go before and after the first part, `$c` after the second
+/// (`+` adds the counts; `CASE` stops at the first part's report, where `OR` would not).
 macro_rules! unaggregated {
-    ($what:literal, $join:literal, $sub:literal) => {
+    ($what:literal, $a:literal, $b:literal, $c:literal) => {
         concat!(
-            $sub,
+            $a,
             " (SELECT ",
             $what,
-            " FROM aggregation_jobs AS j INDEXED BY aggregation_jobs_runnable \
+            " FROM aggregation_jobs AS j INDEXED BY aggregation_jobs_active_times \
              CROSS JOIN reports AS r NOT INDEXED \
-             WHERE r.seq BETWEEN j.first_seq AND j.last_seq AND j.state = 'active' AND j.task_id = ?1 AND j.max_time >= ?2 AND j.min_time < ?3 \
+             WHERE j.state = 'active' AND j.task_id = ?1 AND j.max_time >= ?2 \
+             AND j.min_time < ?3 AND r.seq BETWEEN j.first_seq AND j.last_seq \
              AND r.task_id = ?1 AND r.client_time >= ?2 AND r.client_time < ?3) ",
-            $join,
-            " ",
-            $sub,
+            $b,
             " (SELECT ",
             $what,
-            " FROM reports AS r \
+            " FROM reports AS r NOT INDEXED \
              WHERE r.seq > (SELECT claimed_seq FROM report_cursor WHERE id = 0) \
-             AND r.task_id = ?1 AND r.client_time >= ?2 AND r.client_time < ?3)"
+             AND r.task_id = ?1 AND r.client_time >= ?2 AND r.client_time < ?3)",
+            $c
         )
     };
 }
@@ -525,13 +526,13 @@ async fn unaggregated_row(
 
 const COUNT_UNAGGREGATED: &str = concat!(
     "-- count_unaggregated_reports\nSELECT ",
-    unaggregated!("COUNT(*)", "+", ""),
+    unaggregated!("COUNT(*)", "", "+", ""),
     " AS n"
 );
 
 const HAS_UNAGGREGATED: &str = concat!(
     "-- has_unaggregated_reports\nSELECT ",
-    unaggregated!("1", "OR", "EXISTS"),
+    unaggregated!("1", "CASE WHEN EXISTS", "THEN 1 ELSE EXISTS", " END"),
     " AS found"
 );
 
@@ -629,9 +630,9 @@ mod tests {
         );
     }
 
-    /// The unaggregated reports are read through the active jobs' `seq` ranges and the claim
-    /// cursor: never by a scan of `reports`, which holds the whole backlog, nor of the jobs,
-    /// which hold the whole history.
+    /// The unaggregated reports are read through the task's active jobs whose times meet the
+    /// interval, by their `seq` ranges, and the claim cursor: never by a scan of `reports`,
+    /// which holds the whole backlog, nor of the jobs.
     #[tokio::test]
     async fn unaggregated_reports_are_read_by_seq() {
         let store = SqliteDatastore::connect("sqlite::memory:")
@@ -663,9 +664,60 @@ mod tests {
             );
             assert_eq!(j.len(), 1, "{plan:?}");
             assert!(
-                j[0].contains("USING INDEX aggregation_jobs_runnable"),
+                j[0].starts_with(
+                    "SEARCH j USING INDEX aggregation_jobs_active_times (task_id=? AND max_time>?)"
+                ),
                 "{plan:?}"
             );
+        }
+        store.close().await;
+    }
+
+    /// A job's times span its reports' earliest and latest, whatever their upload order: a
+    /// report older than the job's first still counts as unaggregated in its interval.
+    #[tokio::test]
+    async fn a_job_meets_the_intervals_of_all_its_reports() {
+        let store = SqliteDatastore::connect("sqlite::memory:")
+            .await
+            .expect("connect");
+        let task_id = TaskId::random();
+        let reports: Vec<NewReport> = [3000, 1000, 5000]
+            .into_iter()
+            .map(|t| NewReport {
+                task_id,
+                report_id: ReportId::random(),
+                time: Time(t),
+                encoded: vec![1],
+            })
+            .collect();
+        store.put_reports(&reports).await.expect("put_reports");
+        assert_eq!(
+            claim_into_jobs(&store, 100, Time(6000), 100)
+                .await
+                .expect("claim"),
+            1
+        );
+        for (start, want) in [
+            (1000, 1),
+            (2000, 0),
+            (3000, 1),
+            (4000, 0),
+            (5000, 1),
+            (6000, 0),
+        ] {
+            let within = Interval {
+                start: Time(start),
+                duration: duet_messages::dap09::Duration(1000),
+            };
+            let count = store
+                .count_unaggregated_reports(&task_id, &within)
+                .await
+                .expect("count");
+            let any = store
+                .has_unaggregated_reports(&task_id, &within)
+                .await
+                .expect("has");
+            assert_eq!((count, any), (want, want > 0), "from {start}");
         }
         store.close().await;
     }
