@@ -501,3 +501,50 @@ async fn upgrade_from_schema_8_keeps_seq_rising() {
     );
     store.close().await;
 }
+
+/// A page size applies to the database an opening creates; the database keeps it when opened
+/// again with another; sizes SQLite does not take are refused.
+#[tokio::test]
+async fn a_new_database_takes_the_page_size_it_is_given() {
+    use duet_store::sqlite::{LogSync, SqliteSetup};
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let path = dir.path().join("pages.sqlite");
+    let path = path.to_str().expect("UTF-8 path");
+    let setup = |page_size| SqliteSetup {
+        log_sync: LogSync::Commit,
+        page_size,
+    };
+    let page_size = |store: &SqliteDatastore| {
+        let store = store.clone();
+        async move {
+            store
+                .settings()
+                .await
+                .expect("settings")
+                .into_iter()
+                .find(|(name, _)| name == "page_size")
+                .map(|(_, value)| value)
+        }
+    };
+    let store = SqliteDatastore::connect_setup(path, setup(Some(8192)))
+        .await
+        .expect("create");
+    assert_eq!(page_size(&store).await.as_deref(), Some("8192"));
+    store
+        .put_reports(&[new_report(TaskId::random())])
+        .await
+        .expect("put_reports");
+    store.close().await;
+    let store = SqliteDatastore::connect_setup(path, setup(Some(4096)))
+        .await
+        .expect("reopen");
+    assert_eq!(page_size(&store).await.as_deref(), Some("8192"));
+    assert_eq!(seqs_in(std::path::Path::new(path)).await, vec![1]);
+    store.close().await;
+    for bad in [0, 1000, 256, 131_072] {
+        let Err(e) = SqliteDatastore::connect_setup(path, setup(Some(bad))).await else {
+            panic!("page size {bad} accepted");
+        };
+        assert!(e.to_string().contains("power of two"), "{e}");
+    }
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use duet_core::AggregatorRole;
 use duet_store::postgres::PostgresDatastore;
-use duet_store::sqlite::{LogSync, SqliteDatastore};
+use duet_store::sqlite::{SqliteDatastore, SqliteSetup};
 use duet_store::Datastore;
 
 /// Whether `database` names PostgreSQL (a `postgres://` or `postgresql://` URL).
@@ -16,14 +16,14 @@ pub fn is_postgres(database: &str) -> bool {
 /// Opens a database bound to `role`: a `postgres://` or `postgresql://` URL opens PostgreSQL;
 /// anything else is a SQLite path or `sqlite://` URL.
 pub async fn open(database: &str, role: AggregatorRole) -> Result<Arc<dyn Datastore>> {
-    open_with(database, role, LogSync::Commit).await
+    open_with(database, role, SqliteSetup::default()).await
 }
 
-/// [`open`], with a SQLite database's log synced as `log_sync` says.
+/// [`open`], with a SQLite database set up as `sqlite` says.
 pub async fn open_with(
     database: &str,
     role: AggregatorRole,
-    log_sync: LogSync,
+    sqlite: SqliteSetup,
 ) -> Result<Arc<dyn Datastore>> {
     if is_postgres(database) {
         let store = PostgresDatastore::connect(database).await.with_context(|| {
@@ -34,7 +34,7 @@ pub async fn open_with(
         })?;
         return Ok(Arc::new(store.with_role(role)));
     }
-    let store = SqliteDatastore::connect_with(database, log_sync)
+    let store = SqliteDatastore::connect_setup(database, sqlite)
         .await
         .with_context(|| {
             format!("could not open the database '{database}' (is the path writable?)")

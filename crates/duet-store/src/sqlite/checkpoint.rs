@@ -5,7 +5,7 @@
 //! syncs the file while every other write of the process waits for it. With large reports that
 //! was most of the writer's time (a Prio3SumVec(1000) report is about 17 kB). Instead a task of
 //! its own runs a `PASSIVE` checkpoint on a connection of its own once the log holds
-//! [`THRESHOLD_PAGES`] pages not yet copied back, as the writer did (hot pages, such as job rows
+//! [`THRESHOLD_BYTES`] of pages not yet copied back, as the writer did (hot pages, such as job rows
 //! and index pages, are then copied once per that much writing), or once [`IDLE`] has passed
 //! with some left. A `PASSIVE` checkpoint copies the pages no reader still needs and syncs the
 //! file without taking the write lock, so writes go on meanwhile. The task reads the log's
@@ -20,10 +20,10 @@
 //! fallback (1 GiB) before it started over, every commit's sync then extended the file (which
 //! also syncs its size and new blocks: about 75 µs more per sync here), and a crash left a large
 //! log to recover. After each `PASSIVE` checkpoint that copied back all but at most
-//! [`RESTART_MAX_LEFT`] frames, the task therefore holds this process's writes and runs a
+//! [`RESTART_MAX_LEFT_BYTES`] of frames, the task therefore holds this process's writes and runs a
 //! `RESTART` checkpoint: it copies the few frames left or written meanwhile, waits briefly for
 //! readers on an older snapshot, and starts the log over, so the log stays near
-//! [`THRESHOLD_PAGES`] and later commits overwrite it. Writes wait a few milliseconds for that,
+//! [`THRESHOLD_BYTES`] and later commits overwrite it. Writes wait a few milliseconds for that,
 //! once per checkpoint (Prio3Count end to end +7 % measured).
 
 use std::os::unix::fs::FileExt;
@@ -40,11 +40,28 @@ use super::retry_busy;
 use super::writer::Writer;
 use crate::StoreError;
 
-/// Pages not yet copied back at which the task checkpoints (64 MiB of 4 KiB pages).
-const THRESHOLD_PAGES: u32 = 16_384;
-/// Frames a `PASSIVE` checkpoint may leave uncopied (held back by a reader) for the restart to
-/// copy with writes held (4 MiB of 4 KiB pages).
-const RESTART_MAX_LEFT: i64 = 1024;
+/// Bytes of pages not yet copied back at which the task checkpoints (16,384 pages of 4 KiB).
+const THRESHOLD_BYTES: u32 = 64 << 20;
+/// Bytes of frames a `PASSIVE` checkpoint may leave uncopied (held back by a reader) for the
+/// restart to copy with writes held (1,024 pages of 4 KiB).
+const RESTART_MAX_LEFT_BYTES: u32 = 4 << 20;
+
+/// [`THRESHOLD_BYTES`] and [`RESTART_MAX_LEFT_BYTES`] in pages of the database's size.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    threshold_pages: u32,
+    restart_max_left: i64,
+}
+
+impl Limits {
+    fn for_page_size(page_size: u32) -> Self {
+        let page_size = page_size.max(512);
+        Limits {
+            threshold_pages: THRESHOLD_BYTES / page_size,
+            restart_max_left: i64::from(RESTART_MAX_LEFT_BYTES / page_size),
+        }
+    }
+}
 /// How long the restart of the log waits for readers on an older snapshot, holding writes.
 const RESTART_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 20";
 /// How often the task reads the log's length.
@@ -53,7 +70,8 @@ const TICK: Duration = Duration::from_millis(50);
 const IDLE: Duration = Duration::from_secs(2);
 
 /// The log's length, in pages, at which the writer checkpoints by itself (SQLite's automatic
-/// checkpoint): only if the task has fallen this far behind (1 GiB of 4 KiB pages).
+/// checkpoint): only if the task has fallen this far behind (1 GiB of 4 KiB pages; set before
+/// the page size is known, so twice that with 8 KiB pages).
 pub(super) const WRITER_FALLBACK_PAGES: &str = "262144";
 
 /// The checkpoint task of one store (every handle on it); stopped by [`Checkpointer::close`] or
@@ -75,10 +93,15 @@ impl Checkpointer {
             .execute(&mut conn)
             .await
             .map_err(super::db)?;
+        let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(super::db)?;
+        let limits = Limits::for_page_size(u32::try_from(page_size).unwrap_or(4096));
         let mut shm = options.get_filename().as_os_str().to_owned();
         shm.push("-shm");
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(conn, writer, PathBuf::from(shm), stopped));
+        let task = tokio::spawn(run(conn, writer, PathBuf::from(shm), limits, stopped));
         Ok(Arc::new(Checkpointer {
             stop,
             task: Mutex::new(Some(task)),
@@ -127,9 +150,9 @@ fn log_frames(shm: &std::fs::File) -> Option<(u32, u32)> {
     Some((word(16), word(96)))
 }
 
-/// One checkpoint: a `PASSIVE` one, then, if it left at most [`RESTART_MAX_LEFT`] frames
+/// One checkpoint: a `PASSIVE` one, then, if it left at most `restart_max_left` frames
 /// uncopied, the restart of the log. Returns whether the restart was tried.
-async fn checkpoint(conn: &mut SqliteConnection, writer: &Writer) -> bool {
+async fn checkpoint(conn: &mut SqliteConnection, writer: &Writer, restart_max_left: i64) -> bool {
     // `PASSIVE` never waits for readers or the writer: it copies what it can. A busy
     // checkpoint lock (another process checkpointing the same file) is reported in the
     // result row, not as an error.
@@ -137,7 +160,7 @@ async fn checkpoint(conn: &mut SqliteConnection, writer: &Writer) -> bool {
         .fetch_one(&mut *conn)
         .await
     {
-        Ok((0, log, copied)) if log >= 0 && log - copied <= RESTART_MAX_LEFT => {
+        Ok((0, log, copied)) if log >= 0 && log - copied <= restart_max_left => {
             restart(conn, writer).await;
             true
         }
@@ -177,6 +200,7 @@ async fn run(
     mut conn: SqliteConnection,
     writer: Writer,
     shm: PathBuf,
+    limits: Limits,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(TICK);
@@ -196,14 +220,14 @@ async fn run(
         }
         let pending = index.as_ref().and_then(pending_pages);
         let due = match pending {
-            Some(pages) => pages >= THRESHOLD_PAGES || (pages > 0 && waited >= idle_ticks),
+            Some(pages) => pages >= limits.threshold_pages || (pages > 0 && waited >= idle_ticks),
             None => waited >= idle_ticks,
         };
         if !due {
             continue;
         }
         waited = 0;
-        checkpoint(&mut conn, &writer).await;
+        checkpoint(&mut conn, &writer, limits.restart_max_left).await;
     }
     if let Err(e) = conn.close().await {
         tracing::debug!(error = %e, "closing the SQLite checkpoint connection failed");
@@ -222,6 +246,9 @@ mod tests {
     /// Pages the test writes: far fewer than the writer's own checkpoint threshold, so only the
     /// task can copy them into the database file.
     const PAGES: usize = 1000;
+
+    /// The restart's limit in frames, for the tests' databases (4 KiB pages).
+    const LEFT: i64 = (super::RESTART_MAX_LEFT_BYTES / 4096) as i64;
 
     /// Writes `pages` pages of random bytes into the `filler` table, in one commit.
     async fn fill(store: &SqliteDatastore, pages: i64) {
@@ -312,7 +339,7 @@ mod tests {
         });
         let mut conn = checkpoint_connection(&path).await;
         assert!(
-            super::checkpoint(&mut conn, &store.writer).await,
+            super::checkpoint(&mut conn, &store.writer, LEFT).await,
             "restarted"
         );
         writing.await.expect("the write");
@@ -337,15 +364,15 @@ mod tests {
         let path = dir.path().join("held.sqlite");
         fill(&store, 1).await;
         let reader = reading(&store).await;
-        fill(&store, 2 * super::RESTART_MAX_LEFT).await;
+        fill(&store, 2 * LEFT).await;
         let mut conn = checkpoint_connection(&path).await;
         assert!(
-            !super::checkpoint(&mut conn, &store.writer).await,
+            !super::checkpoint(&mut conn, &store.writer, LEFT).await,
             "held back"
         );
         reader.rollback().await.expect("end the read");
         assert!(
-            super::checkpoint(&mut conn, &store.writer).await,
+            super::checkpoint(&mut conn, &store.writer, LEFT).await,
             "restarted"
         );
         sqlx::Connection::close(conn).await.expect("close");
@@ -381,5 +408,19 @@ mod tests {
             !wal.exists(),
             "every connection closed, the checkpoint task's too"
         );
+    }
+
+    /// The checkpoint task's limits are bytes: the same log length in pages of any size.
+    #[test]
+    fn limits_follow_the_page_size() {
+        let (four, eight) = (
+            super::Limits::for_page_size(4096),
+            super::Limits::for_page_size(8192),
+        );
+        assert_eq!(
+            (four.threshold_pages, four.restart_max_left),
+            (16_384, 1024)
+        );
+        assert_eq!((eight.threshold_pages, eight.restart_max_left), (8192, 512));
     }
 }

@@ -126,6 +126,10 @@ pub struct Args {
     /// default) or `checkpoint` (not durable against a machine crash; the bench warns).
     #[arg(long, value_enum, default_value = "commit")]
     sqlite_sync: crate::serve::SqliteSync,
+    /// The page size of the SQLite databases the bench creates, as `duet serve`'s
+    /// `sqlite_page_size` (SQLite's 4096 by default).
+    #[arg(long, value_parser = parse_page_size)]
+    sqlite_page_size: Option<u32>,
     /// Append each server's log (its standard error, at the level `RUST_LOG` sets) to files in
     /// this directory, named by backend, VDAF and role.
     #[arg(long)]
@@ -197,6 +201,33 @@ fn now() -> std::time::Instant {
 /// How long the bench waits for the collection after the last upload before it gives up.
 const COLLECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// `--sqlite-page-size`'s value.
+fn parse_page_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a page size in bytes"))?;
+    duet_store::sqlite::check_page_size(size)?;
+    Ok(size)
+}
+
+/// The SQLite settings of a run on `backend`: as lines of the servers' config, and for the
+/// bench's own openings of their databases.
+fn sqlite_setup(backend: Backend, args: &Args) -> (String, duet_store::sqlite::SqliteSetup) {
+    let mut setup = duet_store::sqlite::SqliteSetup::default();
+    let mut lines = String::new();
+    if backend == Backend::Sqlite {
+        setup.log_sync = args.sqlite_sync.into();
+        if args.sqlite_sync == crate::serve::SqliteSync::Checkpoint {
+            lines.push_str("sqlite_sync = \"checkpoint\"\n");
+        }
+        if let Some(size) = args.sqlite_page_size {
+            setup.page_size = Some(size);
+            lines.push_str(&format!("sqlite_page_size = {size}\n"));
+        }
+    }
+    (lines, setup)
+}
+
 async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run> {
     let vdaf = which.instance();
     let dir = tempfile::tempdir()?;
@@ -216,8 +247,9 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     // The task's ID comes first: its history goes in before its servers start. (The Leader's
     // part goes in after the uploads-alone phase, whose reports are deleted with the task.)
     let task_id = TaskId::random();
+    let (settings, sqlite) = sqlite_setup(backend, args);
     if args.history > 0 {
-        add_helper_history(&helper_db, task_id, args.history).await?;
+        add_helper_history(&helper_db, sqlite, task_id, args.history).await?;
     }
     // The Helper for the whole run, and first a Leader that only serves uploads: the task names
     // it, and the client reads the Leader's HPKE config from it (the full Leader started later
@@ -227,14 +259,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         .server_logs
         .as_deref()
         .map(|dir| (dir, prefix.as_str()));
-    let (settings, log_sync) = match (backend, args.sqlite_sync) {
-        (Backend::Sqlite, crate::serve::SqliteSync::Checkpoint) => (
-            "sqlite_sync = \"checkpoint\"\n",
-            duet_store::sqlite::LogSync::Checkpoint,
-        ),
-        _ => ("", duet_store::sqlite::LogSync::Commit),
-    };
-    let start = |database: &str, role| start_server(dir.path(), database, settings, role, logs);
+    let start = |database: &str, role| start_server(dir.path(), database, &settings, role, logs);
     let (helper_server, helper_base) = start(&helper_db, ServerRole::Helper)?;
     let (api_server, base) = start(&leader_db, ServerRole::Leader { jobs: false })?;
     let leader_url = format!("{base}/leader/");
@@ -252,8 +277,8 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         1,
         None,
     )?;
-    let leader_store = crate::db::open_with(&leader_db, AggregatorRole::Leader, log_sync).await?;
-    let helper_store = crate::db::open_with(&helper_db, AggregatorRole::Helper, log_sync).await?;
+    let leader_store = crate::db::open_with(&leader_db, AggregatorRole::Leader, sqlite).await?;
+    let helper_store = crate::db::open_with(&helper_db, AggregatorRole::Helper, sqlite).await?;
     task.id = task_id;
     leader_store.put_task(&task).await?;
     let settings = leader_store.settings().await?;

@@ -36,8 +36,14 @@ const HISTORY_JOB: usize = 1_000;
 /// Fills the Helper's database with `n` report IDs of task `task_id` taken in by aggregation
 /// jobs long finished, through the store's own job lifecycle, as a long-running deployment of
 /// that task would have.
-pub(super) async fn add_helper_history(helper_db: &str, task_id: TaskId, n: usize) -> Result<()> {
-    let helper = crate::db::open(helper_db, AggregatorRole::Helper).await?;
+pub(super) async fn add_helper_history(
+    helper_db: &str,
+    sqlite: duet_store::sqlite::SqliteSetup,
+    task_id: TaskId,
+    n: usize,
+) -> Result<()> {
+    // The database is created here, before its server starts: with the server's setup.
+    let helper = crate::db::open_with(helper_db, AggregatorRole::Helper, sqlite).await?;
     let keep_first = |a: &[u8], _: &[u8]| Ok(a.to_vec());
     let pb = crate::upload::progress_bar(n as u64, "Helper history");
     let mut done = 0;
