@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 pub struct AggregatorConfig {
     /// Largest number of reports in one aggregation job.
     pub max_aggregation_job_size: usize,
+    /// Largest number of report bytes in one aggregation job, as the task's VDAF makes them: a
+    /// task with larger reports gets smaller jobs (16 MiB by default: about 960 Prio3SumVec(1000)
+    /// reports; Prio3Count and Prio3Histogram(100) jobs are held by `max_aggregation_job_size`).
+    /// Each side holds a job's reports and their preparation in memory while it runs.
+    pub max_aggregation_job_bytes: usize,
     /// How long a job driver holds a lease, in seconds.
     pub lease_duration_s: u64,
     /// How often job drivers look for work when nothing wakes them, in milliseconds.
@@ -65,7 +70,8 @@ pub struct AggregatorConfig {
 impl Default for AggregatorConfig {
     fn default() -> Self {
         Self {
-            max_aggregation_job_size: 1000,
+            max_aggregation_job_size: 2500,
+            max_aggregation_job_bytes: 16 << 20,
             lease_duration_s: 600,
             polling_interval_ms: 5000,
             job_creation_delay_ms: 100,
@@ -119,6 +125,12 @@ impl AggregatorConfig {
             size(self.max_aggregation_job_size),
             1,
             "a job of no reports aggregates nothing",
+        )?;
+        at_least(
+            "max_aggregation_job_bytes",
+            size(self.max_aggregation_job_bytes),
+            1,
+            "a job of no bytes aggregates nothing",
         )?;
         if self.max_aggregation_job_size > MAX_AGGREGATION_JOB_SIZE {
             return Err(format!(
@@ -242,6 +254,13 @@ mod tests {
                 ..d()
             },
             "max_aggregation_job_size",
+        );
+        refused(
+            AggregatorConfig {
+                max_aggregation_job_bytes: 0,
+                ..d()
+            },
+            "max_aggregation_job_bytes",
         );
         refused(
             AggregatorConfig {

@@ -128,6 +128,65 @@ async fn metrics_count_uploads_and_jobs() {
     h.stop().await;
 }
 
+/// A task's jobs hold as many reports as fit `max_aggregation_job_bytes` (here two and a half
+/// reports' worth), whatever `max_aggregation_job_size` allows: five reports make three jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_hold_what_fits_their_byte_budget() {
+    let probe = Harness::start().await;
+    let (task, _) = probe.task(VdafInstance::Prio3Count, 1).await;
+    let report_len = common::client(&task)
+        .await
+        .prepare_report(&Measurement::Count(true))
+        .expect("report")
+        .get_encoded()
+        .len();
+    probe.stop().await;
+    let h = Harness::start_with(duet_aggregator::AggregatorConfig {
+        max_aggregation_job_bytes: report_len * 5 / 2,
+        // Every upload lands before the job creator cuts jobs.
+        job_creation_delay_ms: 1000,
+        ..duet_aggregator::AggregatorConfig::default()
+    })
+    .await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let client = common::client(&task).await;
+    let url = task
+        .leader_endpoint
+        .join(&format!("tasks/{}/reports", task.id))
+        .expect("url");
+    for _ in 0..5 {
+        let report = client
+            .prepare_report(&Measurement::Count(true))
+            .expect("report");
+        let r = send(
+            Method::PUT,
+            url.clone(),
+            Some(media_type::REPORT),
+            None,
+            report.get_encoded(),
+        )
+        .await;
+        assert_eq!(r.status, 201);
+    }
+    let mut samples = Vec::new();
+    for _ in 0..100 {
+        (_, samples) = scrape(&h).await;
+        if value(&samples, "duet_leader_reports_total{outcome=\"aggregated\"}") == Some(5.0) {
+            break;
+        }
+        tokio::time::sleep(StdDuration::from_millis(100)).await;
+    }
+    assert_eq!(
+        value(&samples, "duet_leader_reports_total{outcome=\"aggregated\"}"),
+        Some(5.0)
+    );
+    assert_eq!(
+        value(&samples, "duet_aggregation_jobs_total{outcome=\"finished\"}"),
+        Some(3.0)
+    );
+    h.stop().await;
+}
+
 /// Reports the Helper rejects are counted as such by the Leader: here the Helper's copy of the
 /// task has another verify key, so every report fails its preparation there, and the Leader's
 /// jobs still finish.

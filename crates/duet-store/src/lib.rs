@@ -132,10 +132,23 @@ pub trait Datastore: Send + Sync + 'static {
         Ok((self.put_reports(reports).await?, Durable::Now))
     }
     /// Groups unassigned reports into new aggregation jobs of at most `max_job_size` reports
-    /// each. Returns how many jobs were created.
+    /// each (none if it is 0). Returns how many jobs were created.
     async fn create_aggregation_jobs(
         &self,
         max_job_size: usize,
+        now: Time,
+    ) -> Result<usize, StoreError> {
+        if max_job_size == 0 {
+            return Ok(0);
+        }
+        self.create_sized_aggregation_jobs(&JobSizes::uniform(max_job_size), now)
+            .await
+    }
+    /// Groups unassigned reports into new aggregation jobs, each of at most as many reports as
+    /// `sizes` gives its task. Returns how many jobs were created.
+    async fn create_sized_aggregation_jobs(
+        &self,
+        sizes: &JobSizes,
         now: Time,
     ) -> Result<usize, StoreError>;
     /// Leases up to `limit` runnable aggregation jobs, with their reports.

@@ -192,3 +192,32 @@ impl CollectionJobState {
         })
     }
 }
+
+/// How many reports an aggregation job of each task holds at most: `per_task`'s size for the
+/// tasks it names, `default` for the others (at least one either way).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobSizes {
+    /// The size of the jobs of a task `per_task` does not name.
+    pub default: usize,
+    /// Sizes by task.
+    pub per_task: std::collections::HashMap<TaskId, usize>,
+}
+
+impl JobSizes {
+    /// `size` for every task.
+    pub fn uniform(size: usize) -> Self {
+        JobSizes {
+            default: size,
+            per_task: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The size of `task`'s jobs.
+    pub fn of(&self, task: &TaskId) -> usize {
+        self.per_task
+            .get(task)
+            .copied()
+            .unwrap_or(self.default)
+            .max(1)
+    }
+}

@@ -10,7 +10,7 @@
 //! [helper]              # omit to not serve the Helper
 //! path_prefix = "/helper"
 //! [aggregator]          # optional tunables
-//! max_aggregation_job_size = 1000
+//! max_aggregation_job_size = 2500
 //! ```
 //! `DUET_LISTEN` and `DUET_DATABASE` override `listen` and `database`, and `--listen` and
 //! `--database` override those. On PostgreSQL, `job_creation_delay_ms` defaults to 300 instead

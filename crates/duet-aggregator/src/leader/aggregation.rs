@@ -22,7 +22,7 @@ use duet_messages::dap09::{
     Time,
 };
 use duet_messages::{Decode, Encode};
-use duet_store::AcquiredAggregationJob;
+use duet_store::{AcquiredAggregationJob, JobSizes};
 use tokio::sync::watch;
 
 use super::Leader;
@@ -32,9 +32,34 @@ use crate::metrics::{AggregationOutcome, LeaderReports, StoreOp};
 use crate::peer::{self, PeerError};
 use crate::shared::{find_key, TaskEntry};
 
+/// How often the job creator reads the tasks again for their job sizes (tasks never change, but
+/// new ones are added).
+const JOB_SIZES_REFRESH_S: u64 = 10;
+
+/// The most reports a job of a task whose encoded reports are `report_len` bytes holds: as many
+/// as fit `max_aggregation_job_bytes`, at least one and at most `max_aggregation_job_size`.
+pub(crate) fn job_size(cfg: &crate::AggregatorConfig, report_len: usize) -> usize {
+    (cfg.max_aggregation_job_bytes / report_len.max(1)).clamp(1, cfg.max_aggregation_job_size)
+}
+
+/// Each task's job size, from its VDAF's report length; a task stored since the last reading
+/// gets `max_aggregation_job_size` until the next.
+async fn read_job_sizes(leader: &Leader) -> Result<JobSizes, Error> {
+    let cfg = &leader.shared.config;
+    let mut sizes = JobSizes::uniform(cfg.max_aggregation_job_size);
+    for task in leader.shared.store.list_tasks().await? {
+        let lengths = task.vdaf.instantiate()?.share_lengths()?;
+        let size = job_size(cfg, super::upload::typical_report_len(&lengths));
+        sizes.per_task.insert(task.id, size);
+    }
+    Ok(sizes)
+}
+
 /// Groups stored reports into aggregation jobs whenever reports arrive.
 pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Receiver<bool>) {
     let cfg = &leader.shared.config;
+    let mut sizes = JobSizes::uniform(cfg.max_aggregation_job_size);
+    let mut sizes_read: Option<Time> = None;
     loop {
         tokio::select! {
             _ = leader.wake_job_creator.notified() => {
@@ -45,12 +70,21 @@ pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Re
             _ = shutdown.changed() => return,
         }
         let now = leader.shared.clock.now();
+        if sizes_read.is_none_or(|at| now.0.saturating_sub(at.0) >= JOB_SIZES_REFRESH_S) {
+            match read_job_sizes(&leader).await {
+                Ok(read) => {
+                    sizes = read;
+                    sizes_read = Some(now);
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the tasks' job sizes failed"),
+            }
+        }
         let created = leader.shared.metrics.time(
             StoreOp::CreateAggregationJobs,
             leader
                 .shared
                 .store
-                .create_aggregation_jobs(cfg.max_aggregation_job_size, now),
+                .create_sized_aggregation_jobs(&sizes, now),
         );
         match created.await {
             Ok(0) => {}
@@ -440,4 +474,47 @@ fn leader_init_all(
         });
     }
     (initialized, inits)
+}
+
+#[cfg(test)]
+mod job_size_tests {
+    use duet_core::vdaf::VdafInstance;
+
+    use super::super::upload::typical_report_len;
+    use super::job_size;
+    use crate::AggregatorConfig;
+
+    /// A job holds as many reports as fit its byte budget, within the count: small reports fill
+    /// the count, 17 kB ones the bytes.
+    #[test]
+    fn jobs_of_larger_reports_hold_fewer() {
+        let cfg = AggregatorConfig::default();
+        let size_of = |vdaf: VdafInstance| {
+            let lengths = vdaf
+                .instantiate()
+                .expect("VDAF")
+                .share_lengths()
+                .expect("lengths");
+            (typical_report_len(&lengths), job_size(&cfg, typical_report_len(&lengths)))
+        };
+        let (count_len, count) = size_of(VdafInstance::Prio3Count);
+        assert!(count_len < 300, "{count_len}");
+        assert_eq!(count, 2500);
+        let (histogram_len, histogram) = size_of(VdafInstance::Prio3Histogram {
+            length: 100,
+            chunk_length: 10,
+        });
+        assert!((2000..3000).contains(&histogram_len), "{histogram_len}");
+        assert_eq!(histogram, 2500);
+        let (sumvec_len, sumvec) = size_of(VdafInstance::Prio3SumVec {
+            bits: 1,
+            length: 1000,
+            chunk_length: 31,
+        });
+        assert!((15_000..20_000).contains(&sumvec_len), "{sumvec_len}");
+        assert_eq!(sumvec, (16 << 20) / sumvec_len);
+        assert!((800..1100).contains(&sumvec), "{sumvec}");
+        // At least one report, however large.
+        assert_eq!(job_size(&cfg, 1 << 30), 1);
+    }
 }

@@ -146,6 +146,13 @@ fn max_report_len(lengths: &ShareLengths) -> usize {
         + MAX_EXTENSIONS
 }
 
+/// The length of an encoded `Report` of a VDAF with these share lengths as Duet's clients make
+/// it: metadata, the public share and two X25519 `HpkeCiphertext`s with no extensions.
+pub(crate) fn typical_report_len(lengths: &ShareLengths) -> usize {
+    let ciphertext = 1 + 2 + 32 + 4 + SEALED_OVERHEAD;
+    16 + 8 + 4 + lengths.public + 2 * ciphertext + lengths.leader + lengths.helper
+}
+
 /// Checks the sizes of a report's parts against its task's VDAF, before it is stored and later
 /// loaded with its job's other reports: the public share has the VDAF's length, and so does the
 /// Leader's input share sealed without extensions (Duet's tasks define none, so an extension

@@ -186,7 +186,8 @@ pub async fn check_put_reports(leader: &dyn Datastore) {
 }
 
 /// Reports uploaded in several batches are each taken once, in jobs of at most `max_job_size`;
-/// the part of a batch past a job's size waits for the next job.
+/// the part of a batch past a job's size waits for the next job. Each task's jobs take the size
+/// given for it.
 pub async fn check_jobs_across_uploads(leader: &dyn Datastore) {
     let t = task(TaskId::random());
     leader.put_task(&t).await.expect("put_task");
@@ -218,6 +219,39 @@ pub async fn check_jobs_across_uploads(leader: &dyn Datastore) {
     want.sort();
     assert_eq!(got, want);
     assert!(leader.delete_task(&t.id).await.expect("delete_task"));
+
+    // Sizes by task: one task's jobs of 2, the other's of the default 3.
+    let (a, b) = (task(TaskId::random()), task(TaskId::random()));
+    for t in [&a, &b] {
+        leader.put_task(t).await.expect("put_task");
+        let reports: Vec<NewReport> = (0..5).map(|dt| report(t.id, T0 + dt)).collect();
+        leader.put_reports(&reports).await.expect("put_reports");
+    }
+    let sizes = crate::JobSizes {
+        default: 3,
+        per_task: [(a.id, 2)].into(),
+    };
+    assert_eq!(
+        leader
+            .create_sized_aggregation_jobs(&sizes, Time(now))
+            .await
+            .expect("create_sized_aggregation_jobs"),
+        5
+    );
+    let jobs = leader
+        .acquire_aggregation_jobs(Time(now), 100, 10)
+        .await
+        .expect("acquire_aggregation_jobs");
+    for (t, want) in [(&a, vec![1, 2, 2]), (&b, vec![2, 3])] {
+        let mut sizes: Vec<usize> = jobs
+            .iter()
+            .filter(|j| j.task_id == t.id)
+            .map(|j| j.reports.len())
+            .collect();
+        sizes.sort();
+        assert_eq!(sizes, want);
+        assert!(leader.delete_task(&t.id).await.expect("delete_task"));
+    }
 }
 
 /// Pipelined uploads (`put_reports_pipelined`): small and large batches (a large one is about

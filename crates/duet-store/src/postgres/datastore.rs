@@ -119,13 +119,13 @@ impl Datastore for PostgresDatastore {
         ))
     }
 
-    async fn create_aggregation_jobs(
+    async fn create_sized_aggregation_jobs(
         &self,
-        max_job_size: usize,
+        sizes: &crate::JobSizes,
         now: Time,
     ) -> Result<usize, StoreError> {
         self.run("create_aggregation_jobs", || {
-            job_creation::create_aggregation_jobs(self, max_job_size, now)
+            job_creation::create_aggregation_jobs(self, sizes, now)
         })
         .await
     }

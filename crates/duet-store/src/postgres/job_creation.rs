@@ -12,7 +12,7 @@ use super::{
     col, col_array, col_u64, is_unique_violation, limit_i64, notify, runs, to_i64,
     PostgresDatastore, TxError,
 };
-use crate::{StoreError, Wakeup};
+use crate::{JobSizes, StoreError, Wakeup};
 
 /// The reports the job of task `$1` (replay key `$5`) claims: up to `$2` reports in claim order
 /// (upload transaction, time, ID) after the task's claim cursor, read from the index in that
@@ -196,12 +196,9 @@ const MAX_HORIZON_WAIT: Duration = Duration::from_secs(1);
 /// out). Each job's transaction sends an `AggregationJobsCreated` wake-up.
 pub(super) async fn create_aggregation_jobs(
     store: &PostgresDatastore,
-    max_job_size: usize,
+    sizes: &JobSizes,
     now: Time,
 ) -> Result<usize, TxError> {
-    if max_job_size == 0 {
-        return Ok(0);
-    }
     let now = to_i64(now.0, "time")?;
     let mut conn = store.pool.acquire().await?;
     // The tasks that have unclaimed reports (every task with queued reports has a cursor:
@@ -215,10 +212,11 @@ pub(super) async fn create_aggregation_jobs(
     // One budget for the pass, whatever the number of tasks.
     let mut waited = Duration::ZERO;
     let mut wait = FIRST_HORIZON_WAIT;
-    // The limit plus one must fit a BIGINT (`next` reads one more).
-    let limit = limit_i64(max_job_size).min(i64::MAX - 1);
     for task_row in task_rows {
         let task_id: [u8; 32] = col_array(&task_row, "task_id")?;
+        let max_job_size = sizes.of(&TaskId(task_id));
+        // The limit plus one must fit a BIGINT (`next` reads one more).
+        let limit = limit_i64(max_job_size).min(i64::MAX - 1);
         let task_key = store.task_key(&TaskId(task_id)).await?;
         loop {
             let job_id = AggregationJobId::random();

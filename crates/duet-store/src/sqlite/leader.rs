@@ -24,7 +24,8 @@ use super::{
 };
 use super::{CommitSync, Durability};
 use crate::{
-    AcquiredAggregationJob, BatchAggregation, JobReport, Lease, MergeFn, NewReport, StoreError,
+    AcquiredAggregationJob, BatchAggregation, JobReport, JobSizes, Lease, MergeFn, NewReport,
+    StoreError,
 };
 
 /// Columns bound per report in `put_reports`.
@@ -129,22 +130,19 @@ const CLAIM_BATCH: i64 = 50_000;
 /// or came earlier in the window, is a replay and is deleted; the rest are cut into jobs.
 pub(super) async fn create_aggregation_jobs(
     store: &SqliteDatastore,
-    max_job_size: usize,
+    sizes: &JobSizes,
     now: Time,
 ) -> Result<usize, StoreError> {
-    claim_into_jobs(store, max_job_size, now, CLAIM_BATCH).await
+    claim_into_jobs(store, sizes, now, CLAIM_BATCH).await
 }
 
 /// [`create_aggregation_jobs`] with windows of `window` `seq` values.
 async fn claim_into_jobs(
     store: &SqliteDatastore,
-    max_job_size: usize,
+    sizes: &JobSizes,
     now: Time,
     window: i64,
 ) -> Result<usize, StoreError> {
-    if max_job_size == 0 {
-        return Ok(0);
-    }
     let now = to_i64(now.0, "time")?;
     let mut tx = store.begin_write().await?;
     let row = sqlx::query(
@@ -201,7 +199,7 @@ async fn claim_into_jobs(
             .zip(&fresh)
             .filter(|(_, fresh)| **fresh)
             .map(|(claimed, _)| claimed);
-        for job in cut_into_jobs(claimed, max_job_size) {
+        for job in cut_into_jobs(claimed, sizes) {
             let job_id = AggregationJobId::random();
             sqlx::query(
                 "-- create_aggregation_jobs\n\
@@ -268,10 +266,10 @@ struct NewJob {
 }
 
 /// Groups claimed reports (with their times) by task in upload order and cuts each task's run
-/// into jobs of at most `max_job_size` reports.
+/// into jobs of at most as many reports as `sizes` gives the task.
 fn cut_into_jobs<'a>(
     claimed: impl Iterator<Item = (&'a Entry, i64)>,
-    max_job_size: usize,
+    sizes: &JobSizes,
 ) -> Vec<NewJob> {
     let mut open: HashMap<TaskId, NewJob> = HashMap::new();
     let mut jobs = Vec::new();
@@ -288,7 +286,7 @@ fn cut_into_jobs<'a>(
         job.min_time = job.min_time.min(time);
         job.max_time = job.max_time.max(time);
         job.report_count += 1;
-        if job.report_count == max_job_size {
+        if job.report_count >= sizes.of(&entry.task_id) {
             jobs.extend(open.remove(&entry.task_id));
         }
     }
@@ -606,7 +604,7 @@ mod tests {
             report(ids[4], 9),
         ];
         store.put_reports(&uploads).await.expect("put_reports");
-        let jobs = claim_into_jobs(&store, 100, Time(2000), 2)
+        let jobs = claim_into_jobs(&store, &JobSizes::uniform(100), Time(2000), 2)
             .await
             .expect("claim");
         assert_eq!(jobs, 4, "one job per window, none empty");
@@ -692,7 +690,7 @@ mod tests {
             .collect();
         store.put_reports(&reports).await.expect("put_reports");
         assert_eq!(
-            claim_into_jobs(&store, 100, Time(6000), 100)
+            claim_into_jobs(&store, &JobSizes::uniform(100), Time(6000), 100)
                 .await
                 .expect("claim"),
             1

@@ -469,12 +469,12 @@ impl Datastore for SqliteDatastore {
         Ok((fresh, durability.into_durable()))
     }
 
-    async fn create_aggregation_jobs(
+    async fn create_sized_aggregation_jobs(
         &self,
-        max_job_size: usize,
+        sizes: &crate::JobSizes,
         now: Time,
     ) -> Result<usize, StoreError> {
-        leader::create_aggregation_jobs(self, max_job_size, now).await
+        leader::create_aggregation_jobs(self, sizes, now).await
     }
 
     async fn acquire_aggregation_jobs(
