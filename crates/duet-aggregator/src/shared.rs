@@ -62,8 +62,18 @@ impl Shared {
         let Some(task) = self.store.get_task(id).await? else {
             return Ok(None);
         };
+        self.cache_task(task).map(Some)
+    }
+
+    /// Caches `task`, read from the store, with its instantiated VDAF; the entry already cached
+    /// if there is one (tasks never change).
+    pub fn cache_task(&self, task: Task) -> Result<Arc<TaskEntry>, Error> {
+        if let Some(e) = self.tasks.read().map_err(poisoned)?.get(&task.id) {
+            return Ok(Arc::clone(e));
+        }
         let vdaf = task.vdaf.instantiate()?;
         let lengths = vdaf.share_lengths()?;
+        let id = task.id;
         let entry = Arc::new(TaskEntry {
             task,
             vdaf,
@@ -72,8 +82,16 @@ impl Shared {
         self.tasks
             .write()
             .map_err(poisoned)?
-            .insert(*id, Arc::clone(&entry));
-        Ok(Some(entry))
+            .insert(id, Arc::clone(&entry));
+        Ok(entry)
+    }
+
+    /// The tasks cached so far.
+    pub fn cached_tasks(&self) -> Vec<Arc<TaskEntry>> {
+        self.tasks
+            .read()
+            .map(|tasks| tasks.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// A task, or the `unrecognizedTask` abort.

@@ -168,20 +168,29 @@ async fn jobs_hold_what_fits_their_byte_budget() {
         .await;
         assert_eq!(r.status, 201);
     }
+    // A job's reports are counted before the job: wait for both.
+    let aggregated = "duet_leader_reports_total{outcome=\"aggregated\"}";
+    let finished = "duet_aggregation_jobs_total{outcome=\"finished\"}";
     let mut samples = Vec::new();
     for _ in 0..100 {
         (_, samples) = scrape(&h).await;
-        if value(&samples, "duet_leader_reports_total{outcome=\"aggregated\"}") == Some(5.0) {
+        if value(&samples, aggregated) == Some(5.0) && value(&samples, finished) >= Some(3.0) {
             break;
         }
         tokio::time::sleep(StdDuration::from_millis(100)).await;
     }
     assert_eq!(
-        value(&samples, "duet_leader_reports_total{outcome=\"aggregated\"}"),
+        value(
+            &samples,
+            "duet_leader_reports_total{outcome=\"aggregated\"}"
+        ),
         Some(5.0)
     );
     assert_eq!(
-        value(&samples, "duet_aggregation_jobs_total{outcome=\"finished\"}"),
+        value(
+            &samples,
+            "duet_aggregation_jobs_total{outcome=\"finished\"}"
+        ),
         Some(3.0)
     );
     h.stop().await;

@@ -4,7 +4,7 @@
 //! listen = "127.0.0.1:8080"
 //! database = "duet.sqlite"
 //! sqlite_sync = "commit" # or "checkpoint": faster, but a machine crash loses the last commits
-//! sqlite_page_size = 8192 # for a new database: larger pages suit larger reports
+//! sqlite_page_size = 8192 # for a new database: suits reports of 2–4 kB
 //! [leader]              # omit to not serve the Leader
 //! path_prefix = "/leader"
 //! [helper]              # omit to not serve the Helper
@@ -68,8 +68,9 @@ pub struct Config {
     pub sqlite_sync: Option<SqliteSync>,
     /// SQLite only: the page size, in bytes, of a database `duet serve` creates (a power of two
     /// from 512 to 65536; SQLite's 4096 by default). A database keeps the size it was created
-    /// with. 8192 suits reports over about 1.3 kB (Prio3Histogram, Prio3SumVec): a 4 KiB page
-    /// holds one such report and wastes the rest.
+    /// with (`duet task import --sqlite-page-size` sets it when an import creates the file).
+    /// 8192 suits reports of 2–4 kB, such as Prio3Histogram(100)'s: a 4 KiB page holds one of
+    /// them and wastes the rest, an 8 KiB page three.
     #[serde(default)]
     pub sqlite_page_size: Option<u32>,
     /// Serve the Leader.

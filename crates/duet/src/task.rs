@@ -98,6 +98,10 @@ pub enum Command {
         /// The role this database serves for the task.
         #[arg(long, value_enum)]
         role: RoleArg,
+        /// The page size of a SQLite database this import creates, as `duet serve`'s
+        /// `sqlite_page_size` (SQLite's 4096 by default; an existing database keeps its own).
+        #[arg(long, value_parser = crate::bench::parse_page_size)]
+        sqlite_page_size: Option<u32>,
     },
     /// List the tasks in an aggregator's database.
     List {
@@ -330,7 +334,12 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Import { file, db, role } => {
+        Command::Import {
+            file,
+            db,
+            role,
+            sqlite_page_size,
+        } => {
             let params = read_task_file(&file)?;
             let mut task = Task::from_parameters(&params)?;
             task.check_new()?;
@@ -349,7 +358,14 @@ pub async fn run(cmd: Command) -> Result<ExitCode> {
             } else if task.collector_auth_token.is_none() {
                 bail!("the Leader needs collector_auth_token in the task file");
             }
-            let store = crate::db::open(&db, role).await?;
+            if sqlite_page_size.is_some() && crate::db::is_postgres(&db) {
+                bail!("--sqlite-page-size applies to a SQLite database, and {db} is PostgreSQL");
+            }
+            let sqlite = duet_store::sqlite::SqliteSetup {
+                page_size: sqlite_page_size,
+                ..Default::default()
+            };
+            let store = crate::db::open_with(&db, role, sqlite).await?;
             store.put_task(&task).await.map_err(|e| match e {
                 duet_store::StoreError::AlreadyExists => {
                     anyhow::anyhow!("a different task with ID {} is already in {db}", task.id)

@@ -299,6 +299,49 @@ fn a_task_can_be_created_with_a_report_expiry_age() {
     assert!(text.contains("\"report_expiry_age\": 86400"), "{text}");
 }
 
+/// `duet task import --sqlite-page-size` creates the database with that page size; a size SQLite
+/// does not take is refused in one line, before anything is created.
+#[test]
+fn a_task_import_creates_the_database_with_its_page_size() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let (key, task, db, bad) = (
+        path("k.json"),
+        path("t.json"),
+        path("d.sqlite"),
+        path("b.sqlite"),
+    );
+    assert!(run(&["keys", "generate", "--out", &key]).status.success());
+    assert!(create_offline_task(&key, &task, &[]).status.success());
+    let import = |db: &str, size: &str| {
+        run(&[
+            "task",
+            "import",
+            &task,
+            "--db",
+            db,
+            "--role",
+            "helper",
+            "--sqlite-page-size",
+            size,
+        ])
+    };
+    let out = import(&db, "8192");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The page size is bytes 16–17 of the file's header, big-endian.
+    let header = std::fs::read(&db).expect("read the database");
+    assert_eq!(u16::from_be_bytes([header[16], header[17]]), 8192);
+    let out = import(&bad, "1000");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("power of two"), "{stderr}");
+    assert!(!std::path::Path::new(&bad).exists());
+}
+
 /// `duet upload` and `duet collect` check the task file as the aggregators do before they use
 /// it: a task whose time precision is 0 (reports would carry unrounded times) is refused with
 /// one line naming the file and the field; `duet collect` refuses a key that is not the task's

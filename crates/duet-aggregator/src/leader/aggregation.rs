@@ -32,9 +32,9 @@ use crate::metrics::{AggregationOutcome, LeaderReports, StoreOp};
 use crate::peer::{self, PeerError};
 use crate::shared::{find_key, TaskEntry};
 
-/// How often the job creator reads the tasks again for their job sizes (tasks never change, but
-/// new ones are added).
-const JOB_SIZES_REFRESH_S: u64 = 10;
+/// How often the job creator reads the stored tasks, for those this process has not cached
+/// (a replica that runs jobs but serves no uploads learns of new tasks so).
+const TASKS_READ_INTERVAL_S: u64 = 10;
 
 /// The most reports a job of a task whose encoded reports are `report_len` bytes holds: as many
 /// as fit `max_aggregation_job_bytes`, at least one and at most `max_aggregation_job_size`.
@@ -42,24 +42,36 @@ pub(crate) fn job_size(cfg: &crate::AggregatorConfig, report_len: usize) -> usiz
     (cfg.max_aggregation_job_bytes / report_len.max(1)).clamp(1, cfg.max_aggregation_job_size)
 }
 
-/// Each task's job size, from its VDAF's report length; a task stored since the last reading
-/// gets `max_aggregation_job_size` until the next.
-async fn read_job_sizes(leader: &Leader) -> Result<JobSizes, Error> {
+/// Each cached task's job size, from its VDAF's report length. An upload caches its task
+/// before its report is stored, so a task only this process serves is always sized; a task
+/// not cached (uploaded to another replica since the last reading) gets
+/// `max_aggregation_job_size`.
+fn job_sizes(leader: &Leader) -> JobSizes {
     let cfg = &leader.shared.config;
     let mut sizes = JobSizes::uniform(cfg.max_aggregation_job_size);
-    for task in leader.shared.store.list_tasks().await? {
-        let lengths = task.vdaf.instantiate()?.share_lengths()?;
-        let size = job_size(cfg, super::upload::typical_report_len(&lengths));
-        sizes.per_task.insert(task.id, size);
+    for entry in leader.shared.cached_tasks() {
+        let size = job_size(cfg, super::upload::typical_report_len(&entry.lengths));
+        sizes.per_task.insert(entry.task.id, size);
     }
-    Ok(sizes)
+    sizes
+}
+
+/// Caches the stored tasks this process has not cached yet; a task whose VDAF cannot be
+/// instantiated is skipped (it cannot be served either).
+async fn cache_stored_tasks(leader: &Leader) -> Result<(), Error> {
+    for task in leader.shared.store.list_tasks().await? {
+        let id = task.id;
+        if let Err(e) = leader.shared.cache_task(task) {
+            tracing::debug!(task = %id, error = %e, "a stored task's VDAF is unusable");
+        }
+    }
+    Ok(())
 }
 
 /// Groups stored reports into aggregation jobs whenever reports arrive.
 pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Receiver<bool>) {
     let cfg = &leader.shared.config;
-    let mut sizes = JobSizes::uniform(cfg.max_aggregation_job_size);
-    let mut sizes_read: Option<Time> = None;
+    let mut tasks_read: Option<Time> = None;
     loop {
         tokio::select! {
             _ = leader.wake_job_creator.notified() => {
@@ -70,15 +82,14 @@ pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Re
             _ = shutdown.changed() => return,
         }
         let now = leader.shared.clock.now();
-        if sizes_read.is_none_or(|at| now.0.saturating_sub(at.0) >= JOB_SIZES_REFRESH_S) {
-            match read_job_sizes(&leader).await {
-                Ok(read) => {
-                    sizes = read;
-                    sizes_read = Some(now);
-                }
-                Err(e) => tracing::warn!(error = %e, "reading the tasks' job sizes failed"),
+        if tasks_read.is_none_or(|at| now.0.saturating_sub(at.0) >= TASKS_READ_INTERVAL_S) {
+            // Tried again only after the interval, failed or not.
+            tasks_read = Some(now);
+            if let Err(e) = cache_stored_tasks(&leader).await {
+                tracing::warn!(error = %e, "reading the stored tasks failed");
             }
         }
+        let sizes = job_sizes(&leader);
         let created = leader.shared.metrics.time(
             StoreOp::CreateAggregationJobs,
             leader
@@ -495,7 +506,10 @@ mod job_size_tests {
                 .expect("VDAF")
                 .share_lengths()
                 .expect("lengths");
-            (typical_report_len(&lengths), job_size(&cfg, typical_report_len(&lengths)))
+            (
+                typical_report_len(&lengths),
+                job_size(&cfg, typical_report_len(&lengths)),
+            )
         };
         let (count_len, count) = size_of(VdafInstance::Prio3Count);
         assert!(count_len < 300, "{count_len}");

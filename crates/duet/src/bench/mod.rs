@@ -202,7 +202,7 @@ fn now() -> std::time::Instant {
 const COLLECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// `--sqlite-page-size`'s value.
-fn parse_page_size(text: &str) -> Result<u32, String> {
+pub(crate) fn parse_page_size(text: &str) -> Result<u32, String> {
     let size: u32 = text
         .parse()
         .map_err(|_| format!("'{text}' is not a page size in bytes"))?;
