@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration as StdDuration;
 
 use common::{send, Harness};
-use duet_core::{Clock, Measurement, RealClock, VdafInstance};
+use duet_core::{Clock, Measurement, RealClock, Task, VdafInstance};
 use duet_messages::dap09::{media_type, Report, Time};
 use duet_messages::{Decode, Encode};
 use reqwest::Method;
@@ -27,23 +27,16 @@ async fn scrape(h: &Harness) -> (String, Vec<(String, f64)>) {
     (r.content_type, samples)
 }
 
-fn value(samples: &[(String, f64)], name: &str) -> Option<f64> {
-    samples.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_uploads_and_jobs() {
-    let h = Harness::start().await;
-    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
-    let client = common::client(&task).await;
+/// Uploads a Prio3Count report of each of `bits` to `task`'s Leader, each accepted; returns the
+/// upload URL.
+async fn upload_counts(task: &Task, client: &duet_client::Client, bits: &[bool]) -> url::Url {
     let url = task
         .leader_endpoint
         .join(&format!("tasks/{}/reports", task.id))
         .expect("url");
-
-    for bit in [true, false, true] {
+    for bit in bits {
         let report = client
-            .prepare_report(&Measurement::Count(bit))
+            .prepare_report(&Measurement::Count(*bit))
             .expect("report");
         let r = send(
             Method::PUT,
@@ -55,6 +48,19 @@ async fn metrics_count_uploads_and_jobs() {
         .await;
         assert_eq!(r.status, 201);
     }
+    url
+}
+
+fn value(samples: &[(String, f64)], name: &str) -> Option<f64> {
+    samples.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_uploads_and_jobs() {
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let client = common::client(&task).await;
+    let url = upload_counts(&task, &client, &[true, false, true]).await;
     // A report from a day in the future.
     let mut early = Report::get_decoded(
         &client
@@ -150,24 +156,7 @@ async fn jobs_hold_what_fits_their_byte_budget() {
     .await;
     let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
     let client = common::client(&task).await;
-    let url = task
-        .leader_endpoint
-        .join(&format!("tasks/{}/reports", task.id))
-        .expect("url");
-    for _ in 0..5 {
-        let report = client
-            .prepare_report(&Measurement::Count(true))
-            .expect("report");
-        let r = send(
-            Method::PUT,
-            url.clone(),
-            Some(media_type::REPORT),
-            None,
-            report.get_encoded(),
-        )
-        .await;
-        assert_eq!(r.status, 201);
-    }
+    upload_counts(&task, &client, &[true; 5]).await;
     // A job's reports are counted before the job: wait for both.
     let aggregated = "duet_leader_reports_total{outcome=\"aggregated\"}";
     let finished = "duet_aggregation_jobs_total{outcome=\"finished\"}";

@@ -450,22 +450,7 @@ async fn upgrade_from_schema_8_keeps_seq_rising() {
     let store = SqliteDatastore::connect(path.to_str().expect("UTF-8 path"))
         .await
         .expect("upgrade");
-    let unaggregated = || async {
-        let within = duet_messages::dap09::Interval {
-            start: Time(1000),
-            duration: duet_messages::dap09::Duration(1),
-        };
-        let count = store
-            .count_unaggregated_reports(&task_id, &within)
-            .await
-            .expect("count");
-        let any = store
-            .has_unaggregated_reports(&task_id, &within)
-            .await
-            .expect("has");
-        assert_eq!(any, count > 0);
-        count
-    };
+    let unaggregated = || conformance::unaggregated(&store, task_id, 1000, 1);
     // The job from before the upgrade knows no times of its reports: it meets every interval.
     assert_eq!(unaggregated().await, 1);
     let fresh = NewReport {

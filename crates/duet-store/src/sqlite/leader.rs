@@ -703,19 +703,8 @@ mod tests {
             (5000, 1),
             (6000, 0),
         ] {
-            let within = Interval {
-                start: Time(start),
-                duration: duet_messages::dap09::Duration(1000),
-            };
-            let count = store
-                .count_unaggregated_reports(&task_id, &within)
-                .await
-                .expect("count");
-            let any = store
-                .has_unaggregated_reports(&task_id, &within)
-                .await
-                .expect("has");
-            assert_eq!((count, any), (want, want > 0), "from {start}");
+            let count = crate::conformance::unaggregated(&store, task_id, start, 1000).await;
+            assert_eq!(count, want, "from {start}");
         }
         store.close().await;
     }
