@@ -63,17 +63,8 @@ async fn connect_accepts_urls_and_reopens_migrated_files() {
         .await
         .expect("reconnect");
     second.put_reports(&[report]).await.expect("put_reports");
-    assert_eq!(
-        second
-            .create_aggregation_jobs(10, Time(1000))
-            .await
-            .expect("create_aggregation_jobs"),
-        1
-    );
-    let jobs = second
-        .acquire_aggregation_jobs(Time(1000), 60, 10)
-        .await
-        .expect("acquire_aggregation_jobs");
+    assert_eq!(claim(&second, 1000).await, 1);
+    let jobs = acquire(&second, 1000).await;
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].reports.len(), 1);
     second.health_check().await.expect("health_check");
@@ -261,17 +252,8 @@ async fn upgrade_from_schema_1_keeps_reports_and_replay_protection() {
         .put_reports(std::slice::from_ref(&fresh))
         .await
         .expect("put_reports");
-    assert_eq!(
-        store
-            .create_aggregation_jobs(10, Time(2000))
-            .await
-            .expect("create_aggregation_jobs"),
-        1
-    );
-    let mut jobs = store
-        .acquire_aggregation_jobs(Time(2000), 60, 10)
-        .await
-        .expect("acquire_aggregation_jobs");
+    assert_eq!(claim(&store, 2000).await, 1);
+    let mut jobs = acquire(&store, 2000).await;
     jobs.sort_by_key(|j| j.job_id != in_job_id);
     let got: Vec<Vec<(ReportId, Vec<u8>)>> = jobs
         .iter()
@@ -293,6 +275,22 @@ async fn upgrade_from_schema_1_keeps_reports_and_replay_protection() {
         ]
     );
     store.close().await;
+}
+
+/// Creates the jobs of the reports `store` holds at `now`, of up to 10 reports; returns how many.
+async fn claim(store: &SqliteDatastore, now: u64) -> usize {
+    store
+        .create_aggregation_jobs(10, Time(now))
+        .await
+        .expect("create_aggregation_jobs")
+}
+
+/// Leases up to 10 of `store`'s jobs at `now`, with their reports.
+async fn acquire(store: &SqliteDatastore, now: u64) -> Vec<duet_store::AcquiredAggregationJob> {
+    store
+        .acquire_aggregation_jobs(Time(now), 60, 10)
+        .await
+        .expect("acquire_aggregation_jobs")
 }
 
 /// The `seq`s of the rows of `reports` in the file at `path`, read on a connection of their own.
@@ -332,17 +330,8 @@ async fn seq_keeps_rising_after_reports_are_deleted() {
     let (task, other) = (TaskId::random(), TaskId::random());
     let first: Vec<NewReport> = (0..3).map(|_| new_report(task)).collect();
     store.put_reports(&first).await.expect("put_reports");
-    assert_eq!(
-        store
-            .create_aggregation_jobs(10, Time(2000))
-            .await
-            .expect("claim"),
-        1
-    );
-    let jobs = store
-        .acquire_aggregation_jobs(Time(2000), 60, 10)
-        .await
-        .expect("acquire");
+    assert_eq!(claim(&store, 2000).await, 1);
+    let jobs = acquire(&store, 2000).await;
     store
         .abandon_aggregation_job(&jobs[0])
         .await
@@ -355,13 +344,7 @@ async fn seq_keeps_rising_after_reports_are_deleted() {
         .await
         .expect("put_reports");
     assert_eq!(seqs_in(&path).await, vec![4]);
-    assert_eq!(
-        store
-            .create_aggregation_jobs(10, Time(2000))
-            .await
-            .expect("claim"),
-        1
-    );
+    assert_eq!(claim(&store, 2000).await, 1);
 
     // Two reports not yet claimed go with their task.
     store
@@ -375,13 +358,7 @@ async fn seq_keeps_rising_after_reports_are_deleted() {
         .await
         .expect("put_reports");
     assert_eq!(seqs_in(&path).await, vec![7, 8]);
-    assert_eq!(
-        store
-            .create_aggregation_jobs(10, Time(2000))
-            .await
-            .expect("claim"),
-        1
-    );
+    assert_eq!(claim(&store, 2000).await, 1);
     store.close().await;
 }
 
@@ -463,18 +440,9 @@ async fn upgrade_from_schema_8_keeps_seq_rising() {
         .expect("put_reports");
     assert_eq!(seqs_in(&path).await, vec![5, 8]);
     assert_eq!(unaggregated().await, 2);
-    assert_eq!(
-        store
-            .create_aggregation_jobs(10, Time(2000))
-            .await
-            .expect("claim"),
-        1
-    );
+    assert_eq!(claim(&store, 2000).await, 1);
     assert_eq!(unaggregated().await, 2);
-    let mut jobs = store
-        .acquire_aggregation_jobs(Time(2000), 60, 10)
-        .await
-        .expect("acquire");
+    let mut jobs = acquire(&store, 2000).await;
     jobs.sort_by_key(|j| j.reports[0].encoded.clone());
     let contents: Vec<Vec<Vec<u8>>> = jobs
         .iter()
