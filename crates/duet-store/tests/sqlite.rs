@@ -162,6 +162,40 @@ async fn concurrent_connections_to_one_file() {
     }
 }
 
+/// A new database at `path` migrated to schema `version` only (with the migrations copied into
+/// `dir`), and a pool on it.
+async fn database_at_version(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    version: usize,
+) -> sqlx::SqlitePool {
+    let old = dir.join(format!("v{version}-migrations"));
+    std::fs::create_dir(&old).expect("mkdir");
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+    for entry in std::fs::read_dir(&all).expect("migrations") {
+        let name = entry.expect("entry").file_name();
+        let number: usize = name.to_str().expect("UTF-8 name")[..4]
+            .parse()
+            .expect("numbered");
+        if number <= version {
+            std::fs::copy(all.join(&name), old.join(&name)).expect("copy migration");
+        }
+    }
+    let pool = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true),
+    )
+    .await
+    .expect("open");
+    let migrator = sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .expect("load the migrations");
+    assert_eq!(migrator.iter().count(), version);
+    migrator.run(&pool).await.expect("migrate");
+    pool
+}
+
 /// A database made by schema version 1 (replay protection by a unique index on `reports`, rows
 /// of finished jobs kept with a NULL payload) keeps its pending reports and its replay protection
 /// through the upgrade.
@@ -169,16 +203,6 @@ async fn concurrent_connections_to_one_file() {
 async fn upgrade_from_schema_1_keeps_reports_and_replay_protection() {
     let dir = tempfile::TempDir::new().expect("temp dir");
     let path = dir.path().join("v1.sqlite");
-    let v1 = dir.path().join("v1-migrations");
-    std::fs::create_dir(&v1).expect("mkdir");
-    let first = "0001_initial.sql";
-    std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("migrations/sqlite")
-            .join(first),
-        v1.join(first),
-    )
-    .expect("copy migration");
     let task_id = TaskId::random();
     let report = |payload: Option<Vec<u8>>| NewReport {
         task_id,
@@ -190,19 +214,7 @@ async fn upgrade_from_schema_1_keeps_reports_and_replay_protection() {
     let (finished, in_job, pending) = (report(None), report(Some(vec![6])), report(Some(vec![7])));
     let in_job_id = AggregationJobId::random();
     {
-        let pool = sqlx::SqlitePool::connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&path)
-                .create_if_missing(true),
-        )
-        .await
-        .expect("open");
-        sqlx::migrate::Migrator::new(v1.as_path())
-            .await
-            .expect("load version 1")
-            .run(&pool)
-            .await
-            .expect("migrate to version 1");
+        let pool = database_at_version(dir.path(), &path, 1).await;
         for (seq, r, payload) in [
             (1, &finished, None),
             (2, &in_job, Some(&in_job.encoded)),
@@ -368,30 +380,10 @@ async fn seq_keeps_rising_after_reports_are_deleted() {
 async fn upgrade_from_schema_8_keeps_seq_rising() {
     let dir = tempfile::TempDir::new().expect("temp dir");
     let path = dir.path().join("v8.sqlite");
-    let v8 = dir.path().join("v8-migrations");
-    std::fs::create_dir(&v8).expect("mkdir");
-    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
-    for entry in std::fs::read_dir(&all).expect("migrations") {
-        let name = entry.expect("entry").file_name();
-        if name.to_str().expect("UTF-8 name") < "0009" {
-            std::fs::copy(all.join(&name), v8.join(&name)).expect("copy migration");
-        }
-    }
     let task_id = TaskId::random();
     let pending = new_report(task_id);
     {
-        let pool = sqlx::SqlitePool::connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&path)
-                .create_if_missing(true),
-        )
-        .await
-        .expect("open");
-        let migrator = sqlx::migrate::Migrator::new(v8.as_path())
-            .await
-            .expect("load version 8");
-        assert_eq!(migrator.iter().count(), 8);
-        migrator.run(&pool).await.expect("migrate to version 8");
+        let pool = database_at_version(dir.path(), &path, 8).await;
         // A pending report at 5; the one at 7 was deleted with its task.
         for seq in [5, 7] {
             sqlx::query(
