@@ -447,14 +447,13 @@ async fn upgrade_from_schema_8_keeps_seq_rising() {
     store.close().await;
 }
 
-/// A page size applies to the database an opening creates; the database keeps it when opened
-/// again with another; sizes SQLite does not take are refused.
+/// A new database gets 8 KiB pages, or the page size its opening gives; a database keeps its
+/// size when opened again with another or none; sizes SQLite does not take are refused.
 #[tokio::test]
 async fn a_new_database_takes_the_page_size_it_is_given() {
-    use duet_store::sqlite::{LogSync, SqliteSetup};
+    use duet_store::sqlite::{LogSync, SqliteSetup, DEFAULT_PAGE_SIZE};
     let dir = tempfile::TempDir::new().expect("temp dir");
-    let path = dir.path().join("pages.sqlite");
-    let path = path.to_str().expect("UTF-8 path");
+    let file = |name: &str| dir.path().join(name).display().to_string();
     let setup = |page_size| SqliteSetup {
         log_sync: LogSync::Commit,
         page_size,
@@ -471,23 +470,31 @@ async fn a_new_database_takes_the_page_size_it_is_given() {
                 .map(|(_, value)| value)
         }
     };
-    let store = SqliteDatastore::connect_setup(path, setup(Some(8192)))
-        .await
-        .expect("create");
-    assert_eq!(page_size(&store).await.as_deref(), Some("8192"));
-    store
-        .put_reports(&[new_report(TaskId::random())])
-        .await
-        .expect("put_reports");
-    store.close().await;
-    let store = SqliteDatastore::connect_setup(path, setup(Some(4096)))
-        .await
-        .expect("reopen");
-    assert_eq!(page_size(&store).await.as_deref(), Some("8192"));
-    assert_eq!(seqs_in(std::path::Path::new(path)).await, vec![1]);
-    store.close().await;
+    let default = DEFAULT_PAGE_SIZE.to_string();
+    for (path, first, again, want) in [
+        (file("default.sqlite"), None, Some(4096), default.as_str()),
+        (file("small.sqlite"), Some(4096), None, "4096"),
+    ] {
+        let store = SqliteDatastore::connect_setup(&path, setup(first))
+            .await
+            .expect("create");
+        assert_eq!(page_size(&store).await.as_deref(), Some(want), "{path}");
+        store
+            .put_reports(&[new_report(TaskId::random())])
+            .await
+            .expect("put_reports");
+        store.close().await;
+        let store = SqliteDatastore::connect_setup(&path, setup(again))
+            .await
+            .expect("reopen");
+        assert_eq!(page_size(&store).await.as_deref(), Some(want), "{path}");
+        assert_eq!(seqs_in(std::path::Path::new(&path)).await, vec![1]);
+        store.close().await;
+    }
+    assert_eq!(DEFAULT_PAGE_SIZE, 8192);
+    let path = file("bad.sqlite");
     for bad in [0, 1000, 256, 131_072] {
-        let Err(e) = SqliteDatastore::connect_setup(path, setup(Some(bad))).await else {
+        let Err(e) = SqliteDatastore::connect_setup(&path, setup(Some(bad))).await else {
             panic!("page size {bad} accepted");
         };
         assert!(e.to_string().contains("power of two"), "{e}");

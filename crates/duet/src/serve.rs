@@ -4,7 +4,7 @@
 //! listen = "127.0.0.1:8080"
 //! database = "duet.sqlite"
 //! sqlite_sync = "commit" # or "checkpoint": faster, but a machine crash loses the last commits
-//! sqlite_page_size = 8192 # for a new database: suits reports of 2–4 kB
+//! sqlite_page_size = 8192 # a new database's page size (8192 by default)
 //! [leader]              # omit to not serve the Leader
 //! path_prefix = "/leader"
 //! [helper]              # omit to not serve the Helper
@@ -67,10 +67,10 @@ pub struct Config {
     #[serde(default)]
     pub sqlite_sync: Option<SqliteSync>,
     /// SQLite only: the page size, in bytes, of a database `duet serve` creates (a power of two
-    /// from 512 to 65536; SQLite's 4096 by default). A database keeps the size it was created
-    /// with (`duet task import --sqlite-page-size` sets it when an import creates the file).
-    /// 8192 suits reports of 2–4 kB, such as Prio3Histogram(100)'s: a 4 KiB page holds one of
-    /// them and wastes the rest, an 8 KiB page three.
+    /// from 512 to 65536; 8192 by default, twice SQLite's own default). A database keeps the
+    /// size it was created with (`duet task import --sqlite-page-size` sets it when an import
+    /// creates the file). A 4 KiB page holds one Prio3Histogram(100) report of about 2.4 kB and
+    /// wastes the rest, an 8 KiB page three.
     #[serde(default)]
     pub sqlite_page_size: Option<u32>,
     /// Serve the Leader.

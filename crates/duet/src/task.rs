@@ -99,7 +99,7 @@ pub enum Command {
         #[arg(long, value_enum)]
         role: RoleArg,
         /// The page size of a SQLite database this import creates, as `duet serve`'s
-        /// `sqlite_page_size` (SQLite's 4096 by default; an existing database keeps its own).
+        /// `sqlite_page_size` (8192 by default; an existing database keeps its own).
         #[arg(long, value_parser = crate::bench::parse_page_size)]
         sqlite_page_size: Option<u32>,
     },

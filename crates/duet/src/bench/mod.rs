@@ -127,7 +127,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "commit")]
     sqlite_sync: crate::serve::SqliteSync,
     /// The page size of the SQLite databases the bench creates, as `duet serve`'s
-    /// `sqlite_page_size` (SQLite's 4096 by default).
+    /// `sqlite_page_size` (8192 by default).
     #[arg(long, value_parser = parse_page_size)]
     sqlite_page_size: Option<u32>,
     /// Append each server's log (its standard error, at the level `RUST_LOG` sets) to files in
