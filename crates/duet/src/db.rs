@@ -13,6 +13,15 @@ pub fn is_postgres(database: &str) -> bool {
     database.starts_with("postgres://") || database.starts_with("postgresql://")
 }
 
+/// A `--sqlite-page-size` flag's value.
+pub fn parse_page_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a page size in bytes"))?;
+    duet_store::sqlite::check_page_size(size)?;
+    Ok(size)
+}
+
 /// Opens a database bound to `role`: a `postgres://` or `postgresql://` URL opens PostgreSQL;
 /// anything else is a SQLite path or `sqlite://` URL.
 pub async fn open(database: &str, role: AggregatorRole) -> Result<Arc<dyn Datastore>> {

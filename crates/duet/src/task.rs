@@ -100,7 +100,7 @@ pub enum Command {
         role: RoleArg,
         /// The page size of a SQLite database this import creates, as `duet serve`'s
         /// `sqlite_page_size` (8192 by default; an existing database keeps its own).
-        #[arg(long, value_parser = crate::bench::parse_page_size)]
+        #[arg(long, value_parser = crate::db::parse_page_size)]
         sqlite_page_size: Option<u32>,
     },
     /// List the tasks in an aggregator's database.

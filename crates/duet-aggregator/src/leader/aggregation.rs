@@ -506,10 +506,8 @@ mod job_size_tests {
                 .expect("VDAF")
                 .share_lengths()
                 .expect("lengths");
-            (
-                typical_report_len(&lengths),
-                job_size(&cfg, typical_report_len(&lengths)),
-            )
+            let len = typical_report_len(&lengths);
+            (len, job_size(&cfg, len))
         };
         let (count_len, count) = size_of(VdafInstance::Prio3Count);
         assert!(count_len < 300, "{count_len}");

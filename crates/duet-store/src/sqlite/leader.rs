@@ -93,16 +93,19 @@ type ReportsQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::Sqlit
 /// `seq` a task deletion removed). Each later row (`seq` NULL) takes the one after its
 /// predecessor's, which SQLite assigns as the table's highest plus one.
 fn insert_reports_sql(rows: usize) -> String {
-    let row = format!("(NULL, {})", list_placeholders(REPORT_COLUMNS));
-    let later = vec![row; rows.saturating_sub(1)];
+    let columns = list_placeholders(REPORT_COLUMNS);
+    let first = format!(
+        "((SELECT MAX((SELECT COALESCE(MAX(seq), 0) FROM reports), claimed_seq, seq_floor) + 1 \
+           FROM report_cursor WHERE id = 0), {columns})"
+    );
+    let later = format!("(NULL, {columns})");
+    let values: Vec<&str> = std::iter::once(first.as_str())
+        .chain(std::iter::repeat_n(later.as_str(), rows.saturating_sub(1)))
+        .collect();
     format!(
         "-- put_reports\n\
-         INSERT INTO reports (seq, task_id, report_id, client_time, payload) VALUES \
-         ((SELECT MAX((SELECT COALESCE(MAX(seq), 0) FROM reports), claimed_seq, seq_floor) + 1 \
-           FROM report_cursor WHERE id = 0), {}){}{}",
-        list_placeholders(REPORT_COLUMNS),
-        if later.is_empty() { "" } else { ", " },
-        later.join(", ")
+         INSERT INTO reports (seq, task_id, report_id, client_time, payload) VALUES {}",
+        values.join(", ")
     )
 }
 
@@ -172,19 +175,19 @@ async fn claim_into_jobs(
         .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
-        let mut times = Vec::with_capacity(rows.len());
-        let entries = rows
+        let (entries, times): (Vec<Entry>, Vec<i64>) = rows
             .iter()
             .map(|row| {
-                let time: i64 = col(row, "client_time")?;
-                times.push(time);
-                Ok(Entry {
+                let entry = Entry {
                     task_id: TaskId(col_array(row, "task_id")?),
                     report_id: ReportId(col_array(row, "report_id")?),
                     seq: col(row, "seq")?,
-                })
+                };
+                Ok((entry, col::<_, i64>(row, "client_time")?))
             })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+            .collect::<Result<Vec<_>, StoreError>>()?
+            .into_iter()
+            .unzip();
         let fresh = intake.admit(&mut tx, &entries).await?;
         let replays: Vec<i64> = entries
             .iter()
@@ -478,30 +481,34 @@ pub(super) async fn abandon_aggregation_job(
 /// of `reports` (a finished or abandoned job deletes its rows), whether in an active job or not
 /// yet claimed. Replays uploaded since the last job creation are among them until it deletes
 /// them. There is no index on the reports' times, which would cost every upload: each active
-/// job records the times of its reports, so only the rows of the task's jobs whose times meet
-/// the interval are read (the jobs through `aggregation_jobs_active_times`, their rows through
-/// `seq`: `CROSS JOIN` keeps the jobs first, and `NOT INDEXED` rules out an automatic index,
-/// which would read the whole table), then the reports above the claim cursor. `$what` is
-/// `COUNT(*)` or `1`; `$a` and `$b` go before and after the first part, `$c` after the second
-/// (`+` adds the counts; `CASE` stops at the first part's report, where `OR` would not).
-macro_rules! unaggregated {
-    ($what:literal, $a:literal, $b:literal, $c:literal) => {
+/// job records the times of its reports, so [`in_jobs`] reads only the rows of the task's jobs
+/// whose times meet the interval (the jobs through `aggregation_jobs_active_times`, their rows
+/// through `seq`: `CROSS JOIN` keeps the jobs first, and `NOT INDEXED` rules out an automatic
+/// index, which would read the whole table), and [`unclaimed`] the reports above the claim
+/// cursor. Each selects `$what` (`COUNT(*)` or `1`).
+macro_rules! in_jobs {
+    ($what:literal) => {
         concat!(
-            $a,
-            " (SELECT ",
+            "SELECT ",
             $what,
             " FROM aggregation_jobs AS j INDEXED BY aggregation_jobs_active_times \
              CROSS JOIN reports AS r NOT INDEXED \
              WHERE j.state = 'active' AND j.task_id = ?1 AND j.max_time >= ?2 \
              AND j.min_time < ?3 AND r.seq BETWEEN j.first_seq AND j.last_seq \
-             AND r.task_id = ?1 AND r.client_time >= ?2 AND r.client_time < ?3) ",
-            $b,
-            " (SELECT ",
+             AND r.task_id = ?1 AND r.client_time >= ?2 AND r.client_time < ?3"
+        )
+    };
+}
+
+/// See [`in_jobs`].
+macro_rules! unclaimed {
+    ($what:literal) => {
+        concat!(
+            "SELECT ",
             $what,
             " FROM reports AS r NOT INDEXED \
              WHERE r.seq > (SELECT claimed_seq FROM report_cursor WHERE id = 0) \
-             AND r.task_id = ?1 AND r.client_time >= ?2 AND r.client_time < ?3)",
-            $c
+             AND r.task_id = ?1 AND r.client_time >= ?2 AND r.client_time < ?3"
         )
     };
 }
@@ -523,15 +530,20 @@ async fn unaggregated_row(
 }
 
 const COUNT_UNAGGREGATED: &str = concat!(
-    "-- count_unaggregated_reports\nSELECT ",
-    unaggregated!("COUNT(*)", "", "+", ""),
-    " AS n"
+    "-- count_unaggregated_reports\nSELECT (",
+    in_jobs!("COUNT(*)"),
+    ") + (",
+    unclaimed!("COUNT(*)"),
+    ") AS n"
 );
 
+/// `CASE` stops at a report in a job, where `OR` would read the unclaimed ones too.
 const HAS_UNAGGREGATED: &str = concat!(
-    "-- has_unaggregated_reports\nSELECT ",
-    unaggregated!("1", "CASE WHEN EXISTS", "THEN 1 ELSE EXISTS", " END"),
-    " AS found"
+    "-- has_unaggregated_reports\nSELECT CASE WHEN EXISTS (",
+    in_jobs!("1"),
+    ") THEN 1 ELSE EXISTS (",
+    unclaimed!("1"),
+    ") END AS found"
 );
 
 pub(super) async fn count_unaggregated_reports(

@@ -136,14 +136,11 @@ impl SqliteDatastore {
         path_or_url: &str,
         log_sync: LogSync,
     ) -> Result<SqliteDatastore, StoreError> {
-        Self::connect_setup(
-            path_or_url,
-            SqliteSetup {
-                log_sync,
-                page_size: None,
-            },
-        )
-        .await
+        let setup = SqliteSetup {
+            log_sync,
+            ..SqliteSetup::default()
+        };
+        Self::connect_setup(path_or_url, setup).await
     }
 
     /// [`SqliteDatastore::connect`], set up as `setup` says.

@@ -128,7 +128,7 @@ pub struct Args {
     sqlite_sync: crate::serve::SqliteSync,
     /// The page size of the SQLite databases the bench creates, as `duet serve`'s
     /// `sqlite_page_size` (8192 by default).
-    #[arg(long, value_parser = parse_page_size)]
+    #[arg(long, value_parser = crate::db::parse_page_size)]
     sqlite_page_size: Option<u32>,
     /// Append each server's log (its standard error, at the level `RUST_LOG` sets) to files in
     /// this directory, named by backend, VDAF and role.
@@ -200,15 +200,6 @@ fn now() -> std::time::Instant {
 
 /// How long the bench waits for the collection after the last upload before it gives up.
 const COLLECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
-
-/// `--sqlite-page-size`'s value.
-pub(crate) fn parse_page_size(text: &str) -> Result<u32, String> {
-    let size: u32 = text
-        .parse()
-        .map_err(|_| format!("'{text}' is not a page size in bytes"))?;
-    duet_store::sqlite::check_page_size(size)?;
-    Ok(size)
-}
 
 /// The SQLite settings of a run on `backend`: as lines of the servers' config, and for the
 /// bench's own openings of their databases.
