@@ -76,6 +76,46 @@ impl RunningServer {
     }
 }
 
+/// Connections the kernel may complete and queue for [`listen`]'s listener before they are
+/// accepted. Linux caps it at `net.core.somaxconn` (4,096 by default).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Listens on `addr` (`HOST:PORT`; a name's addresses are tried in turn) with a queue of
+/// [`LISTEN_BACKLOG`] connections not yet accepted.
+///
+/// The standard library's and tokio's `bind` ask for 128. A public endpoint sees bursts of new
+/// clients: past the queue's length Linux drops their opening SYNs, and each such client's
+/// connect then waits for its SYN to be resent, a second later.
+pub async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let mut failed = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        match listen_on(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => failed = Some(e),
+        }
+    }
+    Err(failed.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolves to no IP address",
+        )
+    }))
+}
+
+fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind` does: a restarted server may take its port back at once, while
+    // the last one's closed connections linger. (On Windows it would let another process take
+    // the port.)
+    #[cfg(not(windows))]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 fn mount(router: Router, prefix: &str, sub: Router) -> Router {
     let prefix = prefix.trim_end_matches('/');
     if prefix.is_empty() {

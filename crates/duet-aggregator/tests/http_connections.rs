@@ -146,3 +146,43 @@ async fn uploads_are_refused_before_their_bodies_when_they_cannot_be_reports() {
     assert!(long.starts_with("HTTP/1.1 413"), "{long}");
     h.stop().await;
 }
+
+/// A burst of more new connections than the standard library's listen queue of 128 is queued
+/// by the kernel, not dropped: every client's connect completes at once, none waits a second for
+/// its SYN to be resent, while the server has not accepted any yet.
+#[tokio::test]
+async fn a_burst_of_new_connections_is_queued_not_dropped() {
+    const BURST: usize = 300;
+    // The kernel caps the queue at `net.core.somaxconn`; below the burst nothing can show.
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok());
+    if somaxconn.is_some_and(|n| n < BURST) {
+        eprintln!("skipped: net.core.somaxconn {somaxconn:?} is below {BURST}");
+        return;
+    }
+    let listener = duet_aggregator::server::listen("127.0.0.1:0")
+        .await
+        .expect("listen");
+    let addr = listener.local_addr().expect("address");
+    let mut connects = tokio::task::JoinSet::new();
+    for _ in 0..BURST {
+        connects.spawn(tokio::time::timeout(
+            Duration::from_millis(700),
+            TcpStream::connect(addr),
+        ));
+    }
+    let mut streams = Vec::new();
+    while let Some(outcome) = connects.join_next().await {
+        if let Ok(Ok(stream)) = outcome.expect("connect task") {
+            streams.push(stream);
+        }
+    }
+    assert_eq!(
+        streams.len(),
+        BURST,
+        "connections completed at once, of {BURST}"
+    );
+    drop(streams);
+    drop(listener);
+}

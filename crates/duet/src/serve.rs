@@ -228,7 +228,7 @@ fn check_path_prefix(prefix: &str) -> Result<(), String> {
 
 /// Listens on `addr`, the config's `setting`, or says why not.
 async fn bind(addr: &str, setting: &str) -> Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+    duet_aggregator::server::listen(addr).await.map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::AddrInUse => "another process has the port".to_string(),
             std::io::ErrorKind::PermissionDenied => "ports below 1024 need privileges".to_string(),

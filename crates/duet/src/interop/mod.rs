@@ -48,7 +48,7 @@ pub struct ListenArgs {
 
 impl ListenArgs {
     async fn bind(&self) -> Result<TcpListener> {
-        TcpListener::bind(&self.listen)
+        duet_aggregator::server::listen(&self.listen)
             .await
             .with_context(|| format!("could not listen on {} (is the port in use?)", self.listen))
     }
