@@ -41,6 +41,8 @@ fn bench_runs_with_verbose_server_logs() {
             "count",
             "--history",
             "300",
+            "--concurrency",
+            "3",
             "--server-logs",
             logs.to_str().expect("utf-8 path"),
         ],
@@ -48,6 +50,7 @@ fn bench_runs_with_verbose_server_logs() {
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
     assert_eq!(v["runs"][0]["reports"], 20);
     assert_eq!(v["runs"][0]["history"], 300);
+    assert_eq!(v["runs"][0]["concurrency"], 3);
     for role in ["helper", "leader-api", "leader"] {
         let path = logs.join(format!("sqlite-count-{role}.log"));
         let log =
@@ -93,6 +96,7 @@ fn bench_prints_one_json_object_with_every_figure() {
         assert_eq!(run["backend"], "sqlite");
         assert_eq!(run["vdaf"], vdaf);
         assert_eq!(run["reports"], 300);
+        assert_eq!(run["concurrency"], 256, "the default: {run}");
         // The database the figures were measured on, and how durable its commits were.
         assert_eq!(run["database"]["engine"], "sqlite", "{run}");
         assert_eq!(run["database"]["journal_mode"], "wal", "{run}");
