@@ -258,3 +258,36 @@ fn serve_task_upload_collect() {
     assert!(stderr.contains("batchOverlap"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+/// A port another process holds, and an address that is not `HOST:PORT`, are refused with the
+/// reason and the fix, before the database is opened.
+#[test]
+fn serve_says_why_it_cannot_listen() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("agg.sqlite");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = held.local_addr().expect("address").port();
+    for (listen, fix) in [
+        (format!("127.0.0.1:{port}"), "another process has the port"),
+        ("nonsense".to_string(), "`listen` takes HOST:PORT"),
+    ] {
+        let config = write(
+            dir.path(),
+            "duet.toml",
+            &format!(
+                "listen = \"{listen}\"\ndatabase = \"{}\"\n[leader]\n",
+                db.display()
+            ),
+        );
+        let out = run(&["serve", "--config", &config]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("could not listen on {listen}")) && stderr.contains(fix),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!db.exists(), "the database was opened: {stderr}");
+    }
+    drop(held);
+}
