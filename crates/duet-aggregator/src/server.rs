@@ -77,7 +77,7 @@ impl RunningServer {
 }
 
 /// Connections the kernel may complete and queue for [`listen`]'s listener before they are
-/// accepted. Linux caps it at `net.core.somaxconn` (4,096 by default).
+/// accepted. Linux caps it at `net.core.somaxconn` (4,096 by default since Linux 5.4).
 pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Listens on `addr` (`HOST:PORT`; a name's addresses are tried in turn) with a queue of

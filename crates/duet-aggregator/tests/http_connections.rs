@@ -150,6 +150,7 @@ async fn uploads_are_refused_before_their_bodies_when_they_cannot_be_reports() {
 /// A burst of more new connections than the standard library's listen queue of 128 is queued
 /// by the kernel, not dropped: every client's connect completes at once, none waits a second for
 /// its SYN to be resent, while the server has not accepted any yet.
+#[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_burst_of_new_connections_is_queued_not_dropped() {
     const BURST: usize = 300;
@@ -157,8 +158,8 @@ async fn a_burst_of_new_connections_is_queued_not_dropped() {
     let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()
         .and_then(|s| s.trim().parse::<usize>().ok());
-    if somaxconn.is_some_and(|n| n < BURST) {
-        eprintln!("skipped: net.core.somaxconn {somaxconn:?} is below {BURST}");
+    if somaxconn.is_none_or(|n| n < BURST) {
+        eprintln!("skipped: net.core.somaxconn is {somaxconn:?}, not at least {BURST}");
         return;
     }
     let listener = duet_aggregator::server::listen("127.0.0.1:0")
@@ -172,16 +173,19 @@ async fn a_burst_of_new_connections_is_queued_not_dropped() {
             TcpStream::connect(addr),
         ));
     }
-    let mut streams = Vec::new();
+    let (mut streams, mut timed_out, mut failed) = (Vec::new(), 0, Vec::new());
     while let Some(outcome) = connects.join_next().await {
-        if let Ok(Ok(stream)) = outcome.expect("connect task") {
-            streams.push(stream);
+        match outcome.expect("connect task") {
+            Ok(Ok(stream)) => streams.push(stream),
+            Ok(Err(e)) => failed.push(e.to_string()),
+            Err(_) => timed_out += 1,
         }
     }
-    assert_eq!(
-        streams.len(),
-        BURST,
-        "connections completed at once, of {BURST}"
+    assert!(
+        streams.len() == BURST,
+        "of {BURST} connects, {timed_out} waited past 700 ms (a SYN dropped) and {} failed: \
+         {failed:?}",
+        failed.len()
     );
     drop(streams);
     drop(listener);

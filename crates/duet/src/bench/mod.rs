@@ -98,9 +98,15 @@ fn flag_value(value: impl ValueEnum) -> String {
 }
 
 /// Upload connections by default. At 64 the cores idled a quarter of the time while uploads
-/// alone ran (SQLite Prio3Count: 130–150 % of the two busy); at 256 they are busy (175–180 %),
+/// alone ran (SQLite Prio3Count: about 150 % of the two busy); at 256 they are busy (175–180 %),
 /// and the end-to-end latencies stay well under the 2 s target (see `BENCHMARKS.md`).
 const DEFAULT_CONCURRENCY: usize = 256;
+
+/// The upload connections a run opens: `--concurrency`, but no more than there are reports (each
+/// connection is opened for its first upload).
+fn connections(args: &Args) -> usize {
+    args.concurrency.clamp(1, args.reports.max(1))
+}
 
 /// `duet bench` flags.
 #[derive(clap::Args)]
@@ -154,7 +160,7 @@ struct Run {
     vdaf: &'static str,
     reports: usize,
     history: usize,
-    /// Upload connections (`--concurrency`).
+    /// Upload connections opened ([`connections`]).
     concurrency: usize,
     hpke_open_us: f64,
     leader_cpu_us_per_report: f64,
@@ -415,7 +421,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         vdaf: which.name(),
         reports: n,
         history: args.history,
-        concurrency: args.concurrency.max(1),
+        concurrency: connections(args),
         hpke_open_us: hpke_open * 1e6,
         leader_cpu_us_per_report: leader_cpu * 1e6,
         helper_cpu_us_per_report: helper_cpu * 1e6,
@@ -515,7 +521,7 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
         }
         outln!(
             "uploads over {} connections, one upload in flight on each",
-            args.concurrency.max(1)
+            connections(&args)
         );
         let mut shown = Vec::new();
         for r in &runs {

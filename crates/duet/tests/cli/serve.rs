@@ -279,9 +279,31 @@ fn serve_says_why_it_cannot_listen() {
                 db.display()
             ),
         );
-        let out = run(&["serve", "--config", &config]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        // Killed after a while rather than left serving, should it listen after all.
+        let mut server = Child(
+            duet()
+                .args(["serve", "--config", &config])
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("serve"),
+        );
+        // Up to 30 s, in steps of 20 ms.
+        let mut steps = 0;
+        let status = loop {
+            if let Some(status) = server.0.try_wait().expect("wait") {
+                break status;
+            }
+            steps += 1;
+            assert!(
+                steps < 1_500,
+                "duet serve still runs with listen = {listen}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut server.0.stderr.take().expect("stderr"), &mut stderr)
+            .expect("read");
+        assert_eq!(status.code(), Some(1), "{stderr}");
         assert!(
             stderr.contains(&format!("could not listen on {listen}")) && stderr.contains(fix),
             "{stderr}"
