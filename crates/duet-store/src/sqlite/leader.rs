@@ -57,13 +57,25 @@ pub(super) async fn put_reports(
         // One statement is atomic on its own: no BEGIN and COMMIT round trips to the
         // connection's thread. Batches of up to `PREPARED_UPLOAD_ROWS` reports keep a prepared
         // statement (an upload batch's size varies with the load).
-        let sql = insert_reports_sql(reports.len());
-        let (mut conn, unsynced) = store.writer.lock_for(commit).await?;
+        let (mut conn, change, unsynced) = store.writer.lock_for_statement(commit).await?;
+        let insert = insert_reports_sql(reports.len());
+        // A change of the commit's setting goes in the same round trip, unprepared (a kept
+        // statement per batch size and setting would crowd the cache).
+        let sql = match &change {
+            Some(change) => format!("{}{insert}", change.statement()),
+            None => insert,
+        };
         bind_reports(sqlx::query(&sql), reports, &times)
-            .persistent(reports.len() <= PREPARED_UPLOAD_ROWS || reports.len() == chunk_rows)
+            .persistent(
+                change.is_none()
+                    && (reports.len() <= PREPARED_UPLOAD_ROWS || reports.len() == chunk_rows),
+            )
             .execute(&mut *conn)
             .await
             .map_err(db)?;
+        if let Some(change) = change {
+            change.made();
+        }
         let durability = unsynced.map(Durability::of_commit).unwrap_or_default();
         return Ok((vec![true; reports.len()], durability));
     }

@@ -14,7 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteTransactionManager};
 use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool, TransactionManager};
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
-use super::durable::WalSync;
+use super::durable::{SettingChange, WalSync};
 use super::{db, retry_busy, LogSync};
 use crate::StoreError;
 
@@ -115,6 +115,26 @@ impl Writer {
         };
         sync.commit_as(&mut conn, commit).await?;
         Ok((conn, (commit == CommitSync::AfterCommit).then_some(sync)))
+    }
+
+    /// The writer connection (see [`Writer::lock`]) for one statement that commits by itself
+    /// as `commit` says: the change of the connection's setting that must run first, in the
+    /// same round trip (see [`WalSync::change_for`]), and the syncs its commit must then wait
+    /// for, as [`Writer::lock_for`] gives them.
+    pub(super) async fn lock_for_statement(
+        &self,
+        commit: CommitSync,
+    ) -> Result<(WriterGuard, Option<SettingChange>, Option<Arc<WalSync>>), StoreError> {
+        let conn = self.lock().await?;
+        let Some(sync) = self.wal_sync() else {
+            return Ok((conn, None, None));
+        };
+        let change = sync.change_for(commit);
+        Ok((
+            conn,
+            change,
+            (commit == CommitSync::AfterCommit).then_some(sync),
+        ))
     }
 
     /// Starts a write transaction holding SQLite's write lock from its first statement. It
