@@ -16,9 +16,9 @@
 //! own, which flushes the file's pages whoever wrote them) that started after the commit.
 //! Concurrent waiters share syncs: one runs at a time, and the next covers every commit
 //! numbered before it starts. Each user of the writer sets the setting it commits under
-//! ([`WalSync::commit_as`]) before it writes, an upload batch's statement in its own round trip
-//! ([`WalSync::change_for`]); the setting is kept between users, so a run of uploads of one size
-//! switches nothing.
+//! ([`WalSync::commit_as`]) before it writes; an upload batch's statement carries the change, in
+//! the same round trip as its `INSERT` ([`super::writer::Writer::statement_for`]). The setting is
+//! kept between users, so a run of uploads of one size switches nothing.
 //!
 //! Frames no longer in the log file were copied into the database file by a checkpoint, which
 //! syncs the log before and the database file after it. The log is found by the database
@@ -47,8 +47,9 @@ const UNKNOWN: u8 = u8::MAX;
 /// Histogram(100) batches (a few to 160 kB) commit faster with the sync in their own commit.
 pub(super) const UNSYNCED_MIN_BYTES: usize = 192 * 1024;
 
-/// A change of the writer connection's `synchronous` setting, to be made by
-/// [`SettingChange::statement`]; known to be made once [`SettingChange::made`] says so.
+/// A change of the writer connection's `synchronous` setting: [`SettingChange::statement`]
+/// makes it, and [`SettingChange::made`] records that it ran (until then the setting counts as
+/// unknown).
 #[must_use]
 pub(super) struct SettingChange {
     sync: Arc<WalSync>,
@@ -65,7 +66,8 @@ impl SettingChange {
         }
     }
 
-    /// Records that [`SettingChange::statement`] ran.
+    /// Records that [`SettingChange::statement`] ran successfully, on the writer connection
+    /// still locked.
     pub(super) fn made(self) {
         self.sync.setting.store(self.setting, Ordering::SeqCst);
     }
@@ -137,10 +139,12 @@ impl WalSync {
         Ok(())
     }
 
-    /// What has the writer connection commit as `commit` says, to run before the caller's own
-    /// statement in the same round trip to the connection's thread (a round trip of its own
-    /// cost an upload batch about 0.4 ms under load, when batches of two sizes alternate around
-    /// [`UNSYNCED_MIN_BYTES`]); `None` if the connection already commits so.
+    /// The change, if any, that makes the writer connection commit as `commit` says; `None`
+    /// if it already does. The caller holds the writer's lock, and must run
+    /// [`SettingChange::statement`] before its own commit: on its own ([`WalSync::commit_as`]),
+    /// or in the same round trip to the connection's thread as its statement (a round trip of
+    /// its own cost an upload batch about 0.4 ms under load, when batches of two sizes
+    /// alternate around [`UNSYNCED_MIN_BYTES`]).
     pub(super) fn change_for(self: &Arc<Self>, commit: CommitSync) -> Option<SettingChange> {
         let setting = match commit {
             CommitSync::InCommit => FULL,
@@ -300,6 +304,55 @@ mod tests {
         let settings = store.settings().await.expect("settings");
         assert!(settings.contains(&("log_sync".into(), "commit".into())));
         assert!(settings.contains(&("synchronous".into(), "FULL".into())));
+        store.close().await;
+    }
+
+    /// An upload whose `INSERT` fails after the change of setting in front of it ran leaves the
+    /// setting unknown (so the next user sets it again), not recorded as made; the next upload
+    /// then commits durably as usual.
+    #[tokio::test]
+    async fn an_upload_that_fails_after_its_setting_change_leaves_the_setting_unknown() {
+        let (_dir, store) = temp_store("f.db").await;
+        let sync = store.writer.wal_sync().expect("syncs");
+        // A transaction leaves the writer under NORMAL; a small batch then needs FULL.
+        store
+            .begin_write()
+            .await
+            .expect("begin")
+            .commit()
+            .await
+            .expect("commit");
+        {
+            let mut conn = store.writer.lock().await.expect("writer");
+            sqlx::raw_sql(
+                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON reports \
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END",
+            )
+            .execute(&mut *conn)
+            .await
+            .expect("trigger");
+        }
+        let refused = store.put_reports_pipelined(&reports(3, 100)).await;
+        assert!(refused.is_err(), "the trigger refuses the insert");
+        assert_eq!(writer_synchronous(&store).await, 2, "the change ran");
+        assert!(
+            sync.change_for(CommitSync::InCommit).is_some(),
+            "but is not recorded as made"
+        );
+        {
+            let mut conn = store.writer.lock().await.expect("writer");
+            sqlx::raw_sql("DROP TRIGGER refuse")
+                .execute(&mut *conn)
+                .await
+                .expect("drop");
+        }
+        let (_, durable) = store
+            .put_reports_pipelined(&reports(3, 100))
+            .await
+            .expect("put");
+        assert!(matches!(durable, Durable::Now));
+        assert_eq!(writer_synchronous(&store).await, 2, "FULL");
+        assert!(sync.change_for(CommitSync::InCommit).is_none());
         store.close().await;
     }
 

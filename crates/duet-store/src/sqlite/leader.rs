@@ -57,26 +57,19 @@ pub(super) async fn put_reports(
         // One statement is atomic on its own: no BEGIN and COMMIT round trips to the
         // connection's thread. Batches of up to `PREPARED_UPLOAD_ROWS` reports keep a prepared
         // statement (an upload batch's size varies with the load).
-        let (mut conn, change, unsynced) = store.writer.lock_for_statement(commit).await?;
-        let insert = insert_reports_sql(reports.len());
-        // A change of the commit's setting goes in the same round trip, unprepared (a kept
-        // statement per batch size and setting would crowd the cache).
-        let sql = match &change {
-            Some(change) => format!("{}{insert}", change.statement()),
-            None => insert,
-        };
-        bind_reports(sqlx::query(&sql), reports, &times)
+        let (mut conn, statement) = store
+            .writer
+            .statement_for(commit, insert_reports_sql(reports.len()))
+            .await?;
+        bind_reports(sqlx::query(statement.sql()), reports, &times)
             .persistent(
-                change.is_none()
+                !statement.changes_setting()
                     && (reports.len() <= PREPARED_UPLOAD_ROWS || reports.len() == chunk_rows),
             )
             .execute(&mut *conn)
             .await
             .map_err(db)?;
-        if let Some(change) = change {
-            change.made();
-        }
-        let durability = unsynced.map(Durability::of_commit).unwrap_or_default();
+        let durability = statement.ran();
         return Ok((vec![true; reports.len()], durability));
     }
     let mut tx = store.writer.begin_for(commit).await?;

@@ -117,23 +117,32 @@ impl Writer {
         Ok((conn, (commit == CommitSync::AfterCommit).then_some(sync)))
     }
 
-    /// The writer connection (see [`Writer::lock`]) for one statement that commits by itself
-    /// as `commit` says: the change of the connection's setting that must run first, in the
-    /// same round trip (see [`WalSync::change_for`]), and the syncs its commit must then wait
-    /// for, as [`Writer::lock_for`] gives them.
-    pub(super) async fn lock_for_statement(
+    /// The writer connection (see [`Writer::lock`]) for `sql`, one statement that commits by
+    /// itself as `commit` says, and the text to run for it: `sql`, preceded by the change of the
+    /// connection's setting if one is needed (see [`WalSync::change_for`]), so that both take
+    /// one round trip to the connection's thread.
+    pub(super) async fn statement_for(
         &self,
         commit: CommitSync,
-    ) -> Result<(WriterGuard, Option<SettingChange>, Option<Arc<WalSync>>), StoreError> {
+        sql: String,
+    ) -> Result<(WriterGuard, WriterStatement), StoreError> {
         let conn = self.lock().await?;
         let Some(sync) = self.wal_sync() else {
-            return Ok((conn, None, None));
+            return Ok((conn, WriterStatement::plain(sql)));
         };
         let change = sync.change_for(commit);
+        let sql = match &change {
+            Some(change) => format!("{}{sql}", change.statement()),
+            None => sql,
+        };
+        let unsynced = (commit == CommitSync::AfterCommit).then_some(sync);
         Ok((
             conn,
-            change,
-            (commit == CommitSync::AfterCommit).then_some(sync),
+            WriterStatement {
+                sql,
+                change,
+                unsynced,
+            },
         ))
     }
 
@@ -156,6 +165,47 @@ impl Writer {
             open: true,
             sync,
         })
+    }
+}
+
+/// A statement's text for the writer connection ([`Writer::statement_for`]), and what its
+/// commit needs once it has run.
+#[must_use]
+pub(crate) struct WriterStatement {
+    sql: String,
+    /// The change of the connection's setting at the start of `sql`, if any.
+    change: Option<SettingChange>,
+    /// The syncs its commit waits for, if it commits without one.
+    unsynced: Option<Arc<WalSync>>,
+}
+
+impl WriterStatement {
+    fn plain(sql: String) -> Self {
+        Self {
+            sql,
+            change: None,
+            unsynced: None,
+        }
+    }
+
+    /// The text to run.
+    pub(super) fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// Whether the text changes the connection's setting too (and so is not worth keeping
+    /// prepared: one per batch size and setting would crowd the cache).
+    pub(super) fn changes_setting(&self) -> bool {
+        self.change.is_some()
+    }
+
+    /// Once the text has run successfully, on the connection still locked: records the
+    /// setting it made, and says when its commit is durable.
+    pub(super) fn ran(self) -> Durability {
+        if let Some(change) = self.change {
+            change.made();
+        }
+        self.unsynced.map(Durability::of_commit).unwrap_or_default()
     }
 }
 
