@@ -242,6 +242,19 @@ mod tests {
             .expect("pragma")
     }
 
+    /// Puts a small batch, which is durable when its commit returns: committed under `FULL`,
+    /// with the setting known (the next small batch changes nothing).
+    async fn put_small_synced_in_commit(store: &SqliteDatastore) {
+        let (_, durable) = store
+            .put_reports_pipelined(&reports(3, 100))
+            .await
+            .expect("put");
+        assert!(matches!(durable, Durable::Now), "synced in its commit");
+        assert_eq!(writer_synchronous(store).await, 2, "FULL");
+        let sync = store.writer.wal_sync().expect("syncs");
+        assert!(sync.change_for(CommitSync::InCommit).is_none());
+    }
+
     /// A small upload batch is durable when its commit returns (the log synced in the commit);
     /// a large one returns before, and says when a sync of the log begun after it is done; a
     /// write transaction returns after such a sync. The writer keeps the last setting until a
@@ -283,17 +296,11 @@ mod tests {
         assert_eq!(writer_synchronous(&store).await, 1, "NORMAL, kept");
         assert!(sync.change_for(CommitSync::AfterCommit).is_none());
 
-        // After it, a small batch syncs in its commit again.
+        // After it, a small batch syncs in its commit again, the setting changed in the batch's
+        // own statement.
         let after_large = sync.synced_upto();
-        let (_, durable) = store
-            .put_reports_pipelined(&reports(3, 100))
-            .await
-            .expect("put");
-        assert!(matches!(durable, Durable::Now));
-        assert_eq!(writer_synchronous(&store).await, 2, "FULL");
+        put_small_synced_in_commit(&store).await;
         assert_eq!(sync.synced_upto(), after_large);
-        // Set in the batch's own statement, and known: the next small batch changes nothing.
-        assert!(sync.change_for(CommitSync::InCommit).is_none());
 
         // Commits numbered before a sync begins are covered by it: no sync of their own.
         let (first, second) = (sync.committed(), sync.committed());
@@ -346,13 +353,7 @@ mod tests {
                 .await
                 .expect("drop");
         }
-        let (_, durable) = store
-            .put_reports_pipelined(&reports(3, 100))
-            .await
-            .expect("put");
-        assert!(matches!(durable, Durable::Now));
-        assert_eq!(writer_synchronous(&store).await, 2, "FULL");
-        assert!(sync.change_for(CommitSync::InCommit).is_none());
+        put_small_synced_in_commit(&store).await;
         store.close().await;
     }
 
