@@ -15,10 +15,10 @@
 //! [`WalSync::durable`] has seen a sync of the log (an `fdatasync` through a descriptor of its
 //! own, which flushes the file's pages whoever wrote them) that started after the commit.
 //! Concurrent waiters share syncs: one runs at a time, and the next covers every commit
-//! numbered before it starts. Each user of the writer sets the setting it commits under
-//! ([`WalSync::commit_as`]) before it writes; an upload batch's statement carries the change, in
-//! the same round trip as its `INSERT` ([`super::writer::Writer::statement_for`]). The setting is
-//! kept between users, so a run of uploads of one size switches nothing.
+//! numbered before it starts. Each user of the writer sets the setting it commits under as it
+//! writes: the change rides in front of its first statement (an upload batch's `INSERT`, a
+//! transaction's `BEGIN`), in the same round trip ([`super::writer::Writer::statement_for`]).
+//! The setting is kept between users, so a run of uploads of one size switches nothing.
 //!
 //! Frames no longer in the log file were copied into the database file by a checkpoint, which
 //! syncs the log before and the database file after it. The log is found by the database
@@ -32,9 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use sqlx::SqliteConnection;
-
-use super::{db, CommitSync};
+use super::CommitSync;
 use crate::StoreError;
 
 /// SQLite's `synchronous` values, and a setting not known.
@@ -121,30 +119,12 @@ impl WalSync {
         }
     }
 
-    /// Has the writer connection `conn` commit as `commit` says: syncing the log in each
-    /// commit (`synchronous = FULL`), so that a commit is durable when it returns, or not
-    /// (`NORMAL`), so that it is durable once [`WalSync::durable`] says so.
-    pub(super) async fn commit_as(
-        self: &Arc<Self>,
-        conn: &mut SqliteConnection,
-        commit: CommitSync,
-    ) -> Result<(), StoreError> {
-        if let Some(change) = self.change_for(commit) {
-            sqlx::query(change.statement())
-                .execute(conn)
-                .await
-                .map_err(db)?;
-            change.made();
-        }
-        Ok(())
-    }
-
     /// The change, if any, that makes the writer connection commit as `commit` says; `None`
-    /// if it already does. The caller holds the writer's lock, and must run
-    /// [`SettingChange::statement`] before its own commit: on its own ([`WalSync::commit_as`]),
-    /// or in the same round trip to the connection's thread as its statement (a round trip of
-    /// its own cost an upload batch about 0.4 ms under load, when batches of two sizes
-    /// alternate around [`UNSYNCED_MIN_BYTES`]).
+    /// if it already does. The caller holds the writer's lock, and runs
+    /// [`SettingChange::statement`] before its own commit, in the same round trip to the
+    /// connection's thread as its first statement (a round trip of its own cost an upload batch
+    /// about 0.4 ms under load, when batches of two sizes alternate around
+    /// [`UNSYNCED_MIN_BYTES`]).
     pub(super) fn change_for(self: &Arc<Self>, commit: CommitSync) -> Option<SettingChange> {
         let setting = match commit {
             CommitSync::InCommit => FULL,

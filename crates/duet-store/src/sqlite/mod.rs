@@ -295,7 +295,7 @@ impl SqliteDatastore {
     /// returns.
     #[cfg(test)]
     async fn write_statement(&self) -> Result<writer::WriterGuard, StoreError> {
-        Ok(self.writer.lock_for(CommitSync::InCommit).await?.0)
+        self.writer.lock_synced().await
     }
 }
 

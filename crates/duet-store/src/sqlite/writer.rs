@@ -102,25 +102,28 @@ impl Writer {
         }
     }
 
-    /// The writer connection (see [`Writer::lock`]), set to commit as `commit` says, and the
-    /// syncs its commits must then wait for (`None` if none: synced in the commit, at
-    /// checkpoints only, or in memory).
-    pub(super) async fn lock_for(
-        &self,
-        commit: CommitSync,
-    ) -> Result<(WriterGuard, Option<Arc<WalSync>>), StoreError> {
+    /// The writer connection (see [`Writer::lock`]), set to sync the log in each commit: a
+    /// statement run on it outside a transaction is durable when it returns.
+    #[cfg(test)]
+    pub(super) async fn lock_synced(&self) -> Result<WriterGuard, StoreError> {
         let mut conn = self.lock().await?;
-        let Some(sync) = self.wal_sync() else {
-            return Ok((conn, None));
-        };
-        sync.commit_as(&mut conn, commit).await?;
-        Ok((conn, (commit == CommitSync::AfterCommit).then_some(sync)))
+        let change = self
+            .wal_sync()
+            .and_then(|sync| sync.change_for(CommitSync::InCommit));
+        if let Some(change) = change {
+            sqlx::query(change.statement())
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+            change.made();
+        }
+        Ok(conn)
     }
 
-    /// The writer connection (see [`Writer::lock`]) for `sql`, one statement that commits by
-    /// itself as `commit` says, and the text to run for it: `sql`, preceded by the change of the
-    /// connection's setting if one is needed (see [`WalSync::change_for`]), so that both take
-    /// one round trip to the connection's thread.
+    /// The writer connection (see [`Writer::lock`]) for `sql`, a statement that commits as
+    /// `commit` says (by itself, or as a transaction's `BEGIN`), and the text to run for it:
+    /// `sql`, preceded by the change of the connection's setting if one is needed (see
+    /// [`WalSync::change_for`]), so that both take one round trip to the connection's thread.
     pub(super) async fn statement_for(
         &self,
         commit: CommitSync,
@@ -156,14 +159,15 @@ impl Writer {
 
     /// [`Writer::begin`], committing as `commit` says.
     pub(super) async fn begin_for(&self, commit: CommitSync) -> Result<WriteTx, StoreError> {
-        let (mut conn, sync) = self.lock_for(commit).await?;
-        SqliteTransactionManager::begin(&mut conn, Some("BEGIN IMMEDIATE".into()))
+        let (mut conn, statement) = self.statement_for(commit, "BEGIN IMMEDIATE".into()).await?;
+        // sqlx runs a custom `BEGIN` through `sqlite3_exec`, statement by statement.
+        SqliteTransactionManager::begin(&mut conn, Some(statement.sql().to_owned().into()))
             .await
             .map_err(db)?;
         Ok(WriteTx {
             conn,
             open: true,
-            sync,
+            sync: statement.began(),
         })
     }
 }
@@ -199,13 +203,21 @@ impl WriterStatement {
         self.change.is_some()
     }
 
-    /// Once the text has run successfully, on the connection still locked: records the
-    /// setting it made, and says when its commit is durable.
+    /// Once the text, a statement that committed by itself, has run successfully on the
+    /// connection still locked: records the setting it made, and says when its commit is
+    /// durable.
     pub(super) fn ran(self) -> Durability {
+        self.began().map(Durability::of_commit).unwrap_or_default()
+    }
+
+    /// Once the text, a transaction's `BEGIN`, has run successfully on the connection still
+    /// locked: records the setting it made, and gives the syncs the transaction's commit must
+    /// wait for, if any.
+    fn began(self) -> Option<Arc<WalSync>> {
         if let Some(change) = self.change {
             change.made();
         }
-        self.unsynced.map(Durability::of_commit).unwrap_or_default()
+        self.unsynced
     }
 }
 
