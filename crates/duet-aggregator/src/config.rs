@@ -13,6 +13,14 @@ pub struct AggregatorConfig {
     /// reports; Prio3Count and Prio3Histogram(100) jobs are held by `max_aggregation_job_size`).
     /// Each side holds a job's reports and their preparation in memory while it runs.
     pub max_aggregation_job_bytes: usize,
+    /// Largest number of bytes of aggregates one aggregation job sums its reports into: one
+    /// aggregate share per time bucket its reports fall in, each as long as the task's VDAF
+    /// makes it (8 bytes for Prio3Count, 16,000 for Prio3SumVec(1000)). A Helper refuses a job
+    /// whose reports fall in more buckets than fit (a job in one bucket always fits), before it
+    /// prepares any, so that a job of many small report shares spread over many buckets cannot
+    /// take more memory than this; a Leader makes no job of more reports than fit. A Leader's
+    /// setting must not be above its Helper's.
+    pub max_job_aggregate_bytes: usize,
     /// How long a job driver holds a lease, in seconds.
     pub lease_duration_s: u64,
     /// How often job drivers look for work when nothing wakes them, in milliseconds.
@@ -72,6 +80,7 @@ impl Default for AggregatorConfig {
         Self {
             max_aggregation_job_size: 2500,
             max_aggregation_job_bytes: 16 << 20,
+            max_job_aggregate_bytes: 256 << 20,
             lease_duration_s: 600,
             polling_interval_ms: 5000,
             job_creation_delay_ms: 100,
@@ -101,6 +110,13 @@ const SAFE_LEASE_DURATION_S: u64 = 150;
 const MAX_RETRY_DELAY_S: u64 = 24 * 3600;
 
 impl AggregatorConfig {
+    /// The most time buckets one aggregation job's reports may fall in, for a VDAF whose
+    /// aggregate shares are `aggregate_len` bytes long: as many as fit
+    /// `max_job_aggregate_bytes`, and at least one.
+    pub fn max_job_buckets(&self, aggregate_len: usize) -> usize {
+        (self.max_job_aggregate_bytes / aggregate_len.max(1)).max(1)
+    }
+
     /// The polling interval.
     pub fn polling_interval(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.polling_interval_ms)
@@ -139,6 +155,12 @@ impl AggregatorConfig {
                 self.max_aggregation_job_size
             ));
         }
+        at_least(
+            "max_job_aggregate_bytes",
+            size(self.max_job_aggregate_bytes),
+            1,
+            "a job needs room for an aggregate",
+        )?;
         at_least(
             "lease_duration_s",
             self.lease_duration_s,
@@ -261,6 +283,13 @@ mod tests {
                 ..d()
             },
             "max_aggregation_job_bytes",
+        );
+        refused(
+            AggregatorConfig {
+                max_job_aggregate_bytes: 0,
+                ..d()
+            },
+            "max_job_aggregate_bytes",
         );
         refused(
             AggregatorConfig {

@@ -23,6 +23,8 @@ pub(crate) struct TaskEntry {
     pub vdaf: Vdaf,
     /// The lengths of the VDAF's shares, which bound what an upload may carry.
     pub lengths: ShareLengths,
+    /// The length of the VDAF's aggregate shares: what each time bucket of a job takes.
+    pub aggregate_len: usize,
 }
 
 /// What every handler and driver of one role needs.
@@ -73,11 +75,13 @@ impl Shared {
         }
         let vdaf = task.vdaf.instantiate()?;
         let lengths = vdaf.share_lengths()?;
+        let aggregate_len = vdaf.aggregate_len()?;
         let id = task.id;
         let entry = Arc::new(TaskEntry {
             task,
             vdaf,
             lengths,
+            aggregate_len,
         });
         self.tasks
             .write()

@@ -505,6 +505,66 @@ async fn jobs_over_the_size_limit_are_refused() {
     h.stop().await;
 }
 
+/// A job whose reports fall in more time buckets than the Helper has room for the aggregates of
+/// is refused before any report is prepared or recorded; the same job ID then takes a job
+/// within the limit. Here `max_job_aggregate_bytes` of 16 holds two Prio3Count aggregates.
+#[tokio::test]
+async fn jobs_spread_over_too_many_buckets_are_refused() {
+    use duet_messages::dap09::{HpkeCiphertext, HpkeConfigId, ReportId, ReportMetadata, Time};
+
+    let h = Harness::start_with(duet_aggregator::AggregatorConfig {
+        max_job_aggregate_bytes: 16,
+        ..duet_aggregator::AggregatorConfig::default()
+    })
+    .await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let hour = task.time_precision.0;
+    // Report shares no key opens: each is rejected once prepared, so only the job's own
+    // refusal answers 400.
+    let init = |times: &[u64]| AggregationJobInitReq {
+        aggregation_parameter: Vec::new(),
+        partial_batch_selector: PartialBatchSelector::TimeInterval,
+        prepare_inits: times
+            .iter()
+            .map(|&t| PrepareInit {
+                report_share: ReportShare {
+                    metadata: ReportMetadata {
+                        id: ReportId::random(),
+                        time: Time(t),
+                    },
+                    public_share: Vec::new(),
+                    encrypted_input_share: HpkeCiphertext {
+                        config_id: HpkeConfigId(1),
+                        encapsulated_key: vec![1],
+                        payload: vec![1],
+                    },
+                },
+                message: vec![1],
+            })
+            .collect(),
+    };
+    let url = job_url(&task, AggregationJobId::random());
+    let put = |req: AggregationJobInitReq| {
+        send(
+            Method::PUT,
+            url.clone(),
+            Some(media_type::AGGREGATION_JOB_INIT_REQ),
+            Some(&task.aggregator_auth_token),
+            req.get_encoded(),
+        )
+    };
+    let r = put(init(&[0, hour, 2 * hour])).await;
+    let detail = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(detail.contains("more than 2 time buckets"), "{detail}");
+    r.assert_problem(400, "invalidMessage");
+    // Three reports in two buckets fit, under the refused job's ID: nothing of it was kept.
+    let r = put(init(&[0, hour - 1, hour])).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let resp = AggregationJobResp::get_decoded(&r.body).expect("resp");
+    assert_eq!(resp.prepare_resps.len(), 3);
+    h.stop().await;
+}
+
 /// A report the Helper rejected is never prepared again: in a later job it is `report_replayed`,
 /// whatever Leader share comes with it (DAP-09 §4.5.1.1 forbids the Leader to send it again, and
 /// a second answer to a second Leader share would tell a Leader something of the Helper's).

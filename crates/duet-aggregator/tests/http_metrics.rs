@@ -185,6 +185,47 @@ async fn jobs_hold_what_fits_their_byte_budget() {
     h.stop().await;
 }
 
+/// With room for two Prio3Count aggregates per job (`max_job_aggregate_bytes` of 16), the Leader
+/// cuts five reports, each in an hour of its own, into jobs of at most two, and the Helper, with
+/// the same setting, takes every one: all five are aggregated, in three jobs, none abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_hold_what_fits_their_aggregate_budget() {
+    let h = Harness::start_with(duet_aggregator::AggregatorConfig {
+        max_job_aggregate_bytes: 16,
+        // Every upload lands before the job creator cuts jobs.
+        job_creation_delay_ms: 1000,
+        ..duet_aggregator::AggregatorConfig::default()
+    })
+    .await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let client = common::client(&task).await;
+    let now = RealClock.now();
+    for hours_ago in 0..5 {
+        let time = Time(now.0 - hours_ago * task.time_precision.0);
+        client
+            .upload_at(&Measurement::Count(true), Some(time))
+            .await
+            .expect("upload");
+    }
+    let aggregated = "duet_leader_reports_total{outcome=\"aggregated\"}";
+    let finished = "duet_aggregation_jobs_total{outcome=\"finished\"}";
+    let abandoned = "duet_aggregation_jobs_total{outcome=\"abandoned\"}";
+    let mut samples = Vec::new();
+    for _ in 0..100 {
+        (_, samples) = scrape(&h).await;
+        let ended =
+            value(&samples, finished).unwrap_or(0.0) + value(&samples, abandoned).unwrap_or(0.0);
+        if value(&samples, aggregated) == Some(5.0) && ended >= 3.0 || ended >= 5.0 {
+            break;
+        }
+        tokio::time::sleep(StdDuration::from_millis(100)).await;
+    }
+    assert_eq!(value(&samples, abandoned), Some(0.0), "{samples:?}");
+    assert_eq!(value(&samples, aggregated), Some(5.0), "{samples:?}");
+    assert_eq!(value(&samples, finished), Some(3.0), "{samples:?}");
+    h.stop().await;
+}
+
 /// Reports the Helper rejects are counted as such by the Leader: here the Helper's copy of the
 /// task has another verify key, so every report fails its preparation there, and the Leader's
 /// jobs still finish.

@@ -505,6 +505,12 @@ impl Vdaf {
         dispatch!(self, v => g_leader_continued(v, state, inbound))
     }
 
+    /// The length of an encoded aggregate share, in bytes: what one time bucket's aggregate
+    /// takes in memory and in the store, however many reports it sums.
+    pub fn aggregate_len(&self) -> Result<usize, CoreError> {
+        Ok(self.encode_aggregate(&self.empty_aggregate()?)?.len())
+    }
+
     /// An empty aggregate share.
     pub fn empty_aggregate(&self) -> Result<AggregateShare, CoreError> {
         dispatch!(self, v => g_empty(v))
@@ -613,6 +619,13 @@ mod tests {
         }
         let l = vdaf.encode_aggregate(&leader_agg).expect("enc");
         let h = vdaf.encode_aggregate(&helper_agg).expect("enc");
+        // A sum of reports takes as many bytes as an empty aggregate.
+        let aggregate_len = vdaf.aggregate_len().expect("aggregate length");
+        assert_eq!(
+            (l.len(), h.len()),
+            (aggregate_len, aggregate_len),
+            "{instance}"
+        );
         let got = vdaf.unshard(&l, &h, ms.len() as u64).expect("unshard");
         assert_eq!(got, instance.plaintext_aggregate(&ms).expect("plain"));
     }
@@ -636,6 +649,31 @@ mod tests {
             },
             &["0", "3", "3"],
         );
+    }
+
+    /// One field element per entry of the output: 8 bytes for Prio3Count's, 16 for the others'.
+    #[test]
+    fn aggregates_take_a_field_element_per_output_entry() {
+        let len = |instance: VdafInstance| {
+            instance
+                .instantiate()
+                .expect("instantiate")
+                .aggregate_len()
+                .expect("aggregate length")
+        };
+        assert_eq!(len(VdafInstance::Prio3Count), 8);
+        assert_eq!(len(VdafInstance::Prio3Sum { bits: 8 }), 16);
+        let sum_vec = VdafInstance::Prio3SumVec {
+            bits: 1,
+            length: 1000,
+            chunk_length: 31,
+        };
+        assert_eq!(len(sum_vec), 16_000);
+        let histogram = VdafInstance::Prio3Histogram {
+            length: 100,
+            chunk_length: 10,
+        };
+        assert_eq!(len(histogram), 1_600);
     }
 
     #[test]

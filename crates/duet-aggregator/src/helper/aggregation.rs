@@ -65,6 +65,7 @@ impl Helper {
         {
             return Err(invalid("the job names a report twice".into()));
         }
+        check_buckets(&entry, &self.shared.config, &req.prepare_inits).map_err(invalid)?;
         // The only collected batches this job's reports can fall in.
         let times = span_of(
             req.prepare_inits
@@ -209,6 +210,32 @@ impl Helper {
     ) -> Result<(), Error> {
         self.authorize(task_id, auth).await
     }
+}
+
+/// Refuses a job whose reports fall in more time buckets than `max_job_aggregate_bytes` has
+/// room for the aggregates of, before any is prepared: each bucket's aggregate is as long as the
+/// task's VDAF makes it however few reports it sums, so a job of small report shares spread over
+/// many buckets could otherwise take up to the job size limit's aggregates at once.
+fn check_buckets(
+    entry: &TaskEntry,
+    config: &crate::AggregatorConfig,
+    inits: &[PrepareInit],
+) -> Result<(), String> {
+    let precision = entry.task.time_precision;
+    let most = config.max_job_buckets(entry.aggregate_len);
+    let mut buckets = HashSet::new();
+    for init in inits {
+        buckets.insert(init.report_share.metadata.time.round_down(precision).0);
+        if buckets.len() > most {
+            return Err(format!(
+                "the job's reports fall in more than {most} time buckets of {} s; this Helper \
+                 sums a job into at most {} bytes of aggregates, {} bytes per bucket for this \
+                 task's VDAF: send jobs whose reports span fewer buckets",
+                precision.0, config.max_job_aggregate_bytes, entry.aggregate_len
+            ));
+        }
+    }
+    Ok(())
 }
 
 struct Prepared {

@@ -36,10 +36,18 @@ use crate::shared::{find_key, TaskEntry};
 /// (a replica that runs jobs but serves no uploads learns of new tasks so).
 const TASKS_READ_INTERVAL_S: u64 = 10;
 
-/// The most reports a job of a task whose encoded reports are `report_len` bytes holds: as many
-/// as fit `max_aggregation_job_bytes`, at least one and at most `max_aggregation_job_size`.
-pub(crate) fn job_size(cfg: &crate::AggregatorConfig, report_len: usize) -> usize {
-    (cfg.max_aggregation_job_bytes / report_len.max(1)).clamp(1, cfg.max_aggregation_job_size)
+/// The most reports a job of a task whose encoded reports are `report_len` bytes, and aggregate
+/// shares `aggregate_len` bytes, holds: as many as fit `max_aggregation_job_bytes`, and no more
+/// than fit `max_job_aggregate_bytes` were each in a time bucket of its own (so no Helper with
+/// the same setting refuses the job); at least one and at most `max_aggregation_job_size`.
+pub(crate) fn job_size(
+    cfg: &crate::AggregatorConfig,
+    report_len: usize,
+    aggregate_len: usize,
+) -> usize {
+    (cfg.max_aggregation_job_bytes / report_len.max(1))
+        .min(cfg.max_job_buckets(aggregate_len))
+        .clamp(1, cfg.max_aggregation_job_size)
 }
 
 /// Each cached task's job size, from its VDAF's report length. An upload caches its task
@@ -50,7 +58,8 @@ fn job_sizes(leader: &Leader) -> JobSizes {
     let cfg = &leader.shared.config;
     let mut sizes = JobSizes::uniform(cfg.max_aggregation_job_size);
     for entry in leader.shared.cached_tasks() {
-        let size = job_size(cfg, super::upload::typical_report_len(&entry.lengths));
+        let report_len = super::upload::typical_report_len(&entry.lengths);
+        let size = job_size(cfg, report_len, entry.aggregate_len);
         sizes.per_task.insert(entry.task.id, size);
     }
     sizes
@@ -501,13 +510,10 @@ mod job_size_tests {
     fn jobs_of_larger_reports_hold_fewer() {
         let cfg = AggregatorConfig::default();
         let size_of = |vdaf: VdafInstance| {
-            let lengths = vdaf
-                .instantiate()
-                .expect("VDAF")
-                .share_lengths()
-                .expect("lengths");
-            let len = typical_report_len(&lengths);
-            (len, job_size(&cfg, len))
+            let vdaf = vdaf.instantiate().expect("VDAF");
+            let len = typical_report_len(&vdaf.share_lengths().expect("lengths"));
+            let aggregate_len = vdaf.aggregate_len().expect("aggregate length");
+            (len, job_size(&cfg, len, aggregate_len))
         };
         let (count_len, count) = size_of(VdafInstance::Prio3Count);
         assert!(count_len < 300, "{count_len}");
@@ -527,6 +533,25 @@ mod job_size_tests {
         assert_eq!(sumvec, (16 << 20) / sumvec_len);
         assert!((800..1100).contains(&sumvec), "{sumvec}");
         // At least one report, however large.
-        assert_eq!(job_size(&cfg, 1 << 30), 1);
+        assert_eq!(job_size(&cfg, 1 << 30, 8), 1);
+    }
+
+    /// A job holds no more reports than there is room for the aggregates of, were each report in
+    /// a time bucket of its own: the most buckets a Helper with the same setting takes.
+    #[test]
+    fn jobs_hold_no_more_reports_than_their_aggregates_have_room_for() {
+        let cfg = AggregatorConfig {
+            max_aggregation_job_bytes: 1 << 30,
+            max_job_aggregate_bytes: 16_000 * 300 + 15_999,
+            ..AggregatorConfig::default()
+        };
+        // Prio3SumVec(1000)'s 17 kB reports: a gibibyte of them would be 60,000 or so.
+        assert_eq!(job_size(&cfg, 17_000, 16_000), 300);
+        assert_eq!(cfg.max_job_buckets(16_000), 300);
+        // Prio3Count's 8-byte aggregates leave the count to bind.
+        assert_eq!(job_size(&cfg, 200, 8), 2500);
+        // At least one report, however large its aggregate.
+        assert_eq!(job_size(&cfg, 17_000, 1 << 40), 1);
+        assert_eq!(cfg.max_job_buckets(1 << 40), 1);
     }
 }
