@@ -32,7 +32,7 @@ use duet_core::{AggregatorRole, VdafInstance};
 use duet_messages::dap09::{Duration, HpkeConfigId, Query, Report, TaskId};
 use duet_messages::Encode;
 
-use servers::{cpu_snapshot, peak_rss_bytes, start_server, ServerRole};
+use servers::{cpu_pair, cpu_snapshot, peak_rss_bytes, start_server, ServerRole};
 use uploader::upload_all;
 use workload::{add_helper_history, add_leader_history, floor, generate, settle};
 
@@ -167,6 +167,10 @@ struct Run {
     helper_cpu_us_per_report: f64,
     floor_reports_per_s: f64,
     upload_reports_per_s: f64,
+    /// CPU time (user and system) per report of the Leader's process and of the bench process
+    /// (the upload client) over the uploads alone.
+    upload_leader_cpu_us_per_report: f64,
+    upload_client_cpu_us_per_report: f64,
     upload_while_aggregating_reports_per_s: f64,
     end_to_end_reports_per_s: f64,
     ratio: f64,
@@ -365,7 +369,10 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         .leader_endpoint
         .join(&format!("tasks/{}/reports", task.id))?;
     settle(&leader_db).await;
+    let upload_cpu0 = cpu_pair(&api_server);
     let upload_alone_s = upload_all(&url, &bodies, args.concurrency, "uploading").await?;
+    let upload_cpu1 = cpu_pair(&api_server);
+    let upload_cpu_us = |i: usize| (upload_cpu1[i] - upload_cpu0[i]) * 1e6 / n as f64;
     drop(api_server);
     leader_store.delete_task(&task.id).await?;
     if args.history > 0 {
@@ -427,6 +434,8 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         helper_cpu_us_per_report: helper_cpu * 1e6,
         floor_reports_per_s: floor_rate,
         upload_reports_per_s: n as f64 / upload_alone_s,
+        upload_leader_cpu_us_per_report: upload_cpu_us(0),
+        upload_client_cpu_us_per_report: upload_cpu_us(1),
         upload_while_aggregating_reports_per_s: n as f64 / upload_s,
         end_to_end_reports_per_s: e2e,
         ratio: e2e / floor_rate,

@@ -131,5 +131,13 @@ fn bench_prints_one_json_object_with_every_figure() {
         .collect();
         assert!(cpu.iter().all(|x| *x >= 0.0 && x.is_finite()), "{run}");
         assert!(cpu.iter().sum::<f64>() > 0.0, "{run}");
+        // The same for the uploads alone, a phase too short here for a tick to be sure.
+        for k in [
+            "upload_leader_cpu_us_per_report",
+            "upload_client_cpu_us_per_report",
+        ] {
+            let x = run[k].as_f64().unwrap_or_else(|| panic!("{k}: {run}"));
+            assert!(x >= 0.0 && x.is_finite(), "{k}: {run}");
+        }
     }
 }
