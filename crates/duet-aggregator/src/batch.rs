@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use duet_core::vdaf::{AggregateShare, OutputShare, Vdaf};
 use duet_core::CoreError;
 use duet_messages::dap09::{Duration, Interval, ReportId, ReportIdChecksum, TaskId, Time};
-use duet_store::BatchAggregation;
+use duet_store::{BatchAggregation, BatchSum};
 
 /// The `time_precision`-aligned bucket a report's timestamp falls in.
 pub fn bucket_of(time: Time, precision: Duration) -> Interval {
@@ -116,40 +116,23 @@ pub struct BatchTotal {
     pub spanned: Interval,
 }
 
-/// Adds up bucket aggregations.
+/// A batch's total from the sum of its bucket aggregations, which the store adds up one bucket
+/// at a time (`Datastore::sum_batch_aggregations`). The summed share is decoded once more, so
+/// that a batch of one bucket has its stored share checked as a sum of many has.
 pub fn total(
     vdaf: &Vdaf,
     batch_interval: &Interval,
-    aggs: &[BatchAggregation],
+    sum: BatchSum,
 ) -> Result<BatchTotal, CoreError> {
-    let mut share = vdaf.empty_aggregate()?;
-    let mut report_count = 0;
-    let mut checksum = ReportIdChecksum::default();
-    let mut lo = u64::MAX;
-    let mut hi = 0u64;
-    for a in aggs {
-        let s = vdaf.decode_aggregate(&a.aggregate_share)?;
-        vdaf.merge(&mut share, &s)?;
-        report_count += a.report_count;
-        checksum = checksum.combined_with(&a.checksum);
-        if a.report_count > 0 {
-            lo = lo.min(a.bucket.start.0);
-            hi = hi.max(a.bucket.start.0.saturating_add(a.bucket.duration.0));
-        }
-    }
-    let spanned = if lo < hi {
-        Interval {
-            start: Time(lo),
-            duration: Duration(hi - lo),
-        }
-    } else {
-        *batch_interval
+    let share = match sum.aggregate_share {
+        Some(bytes) => vdaf.decode_aggregate(&bytes)?,
+        None => vdaf.empty_aggregate()?,
     };
     Ok(BatchTotal {
         aggregate_share: vdaf.encode_aggregate(&share)?,
-        report_count,
-        checksum,
-        spanned,
+        report_count: sum.report_count,
+        checksum: sum.checksum,
+        spanned: sum.spanned.unwrap_or(*batch_interval),
     })
 }
 

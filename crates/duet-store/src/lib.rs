@@ -102,6 +102,16 @@ pub trait Datastore: Send + Sync + 'static {
         interval: &Interval,
         aggregation_parameter: &[u8],
     ) -> Result<Vec<BatchAggregation>, StoreError>;
+    /// The sum of the stored per-bucket aggregations of a task whose bucket lies in `interval`,
+    /// their shares added with `merge`. The rows are read and added one at a time, so a batch
+    /// of many buckets takes the memory of two aggregate shares, not of all of them.
+    async fn sum_batch_aggregations(
+        &self,
+        task_id: &TaskId,
+        interval: &Interval,
+        aggregation_parameter: &[u8],
+        merge: MergeFn<'_>,
+    ) -> Result<BatchSum, StoreError>;
     /// Intervals of batches that have been collected (Leader: finished collection jobs, deleted
     /// since or not; Helper: aggregate shares served) and overlap `within`
     /// ([`Interval::ALL_TIME`] for all of them), in order and once each. The Helper's reads

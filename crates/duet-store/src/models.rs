@@ -221,3 +221,40 @@ impl JobSizes {
             .max(1)
     }
 }
+
+/// The sum of a batch's stored bucket aggregations, read one row at a time (see
+/// [`Datastore::sum_batch_aggregations`](crate::Datastore::sum_batch_aggregations)).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchSum {
+    /// The encoded sum of the buckets' aggregate shares; `None` if the batch has no bucket row.
+    pub aggregate_share: Option<Vec<u8>>,
+    /// Reports in the batch.
+    pub report_count: u64,
+    /// The checksum of the batch's reports.
+    pub checksum: ReportIdChecksum,
+    /// The smallest interval covering the buckets that hold reports; `None` if none does.
+    pub spanned: Option<Interval>,
+}
+
+impl BatchSum {
+    /// Adds one bucket's aggregation, its share through `merge`.
+    pub fn add(
+        &mut self,
+        bucket: BatchAggregation,
+        merge: crate::MergeFn<'_>,
+    ) -> Result<(), crate::StoreError> {
+        self.aggregate_share = Some(match self.aggregate_share.take() {
+            None => bucket.aggregate_share,
+            Some(sum) => merge(&sum, &bucket.aggregate_share).map_err(crate::StoreError::Merge)?,
+        });
+        self.report_count = self.report_count.saturating_add(bucket.report_count);
+        self.checksum = self.checksum.combined_with(&bucket.checksum);
+        if bucket.report_count > 0 {
+            self.spanned = Some(match self.spanned {
+                None => bucket.bucket,
+                Some(spanned) => spanned.merged_with(&bucket.bucket),
+            });
+        }
+        Ok(())
+    }
+}

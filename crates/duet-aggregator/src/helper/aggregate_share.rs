@@ -10,7 +10,7 @@ use duet_messages::{Decode, Encode};
 use duet_store::{AggregateShareJob, StoreError};
 
 use super::Helper;
-use crate::batch::{is_valid_batch_interval, total};
+use crate::batch::{is_valid_batch_interval, merger, total};
 use crate::error::Error;
 use crate::shared::TaskEntry;
 
@@ -107,10 +107,15 @@ impl Helper {
         // DAP-09's order (§4.6.6): the batch's boundaries (checked before this), its size, how
         // often it was queried, then overlap with batches served before, which is checked
         // again when the share is recorded, where concurrent requests are serialised.
-        let aggs = store
-            .get_batch_aggregations(&task_id, &batch_interval, &req.aggregation_parameter)
+        let sum = store
+            .sum_batch_aggregations(
+                &task_id,
+                &batch_interval,
+                &req.aggregation_parameter,
+                &merger(&entry.vdaf),
+            )
             .await?;
-        let sum = total(&entry.vdaf, &batch_interval, &aggs)?;
+        let sum = total(&entry.vdaf, &batch_interval, sum)?;
         if sum.report_count < task.min_batch_size {
             return Err(abort(
                 DapProblemType::InvalidBatchSize,

@@ -15,7 +15,7 @@ use duet_store::{AcquiredCollectionJob, CollectionJob, CollectionJobState, Store
 use tokio::sync::watch;
 
 use super::Leader;
-use crate::batch::{is_valid_batch_interval, total};
+use crate::batch::{is_valid_batch_interval, merger, total};
 use crate::error::Error;
 use crate::metrics::CollectionOutcome;
 use crate::peer::{self, PeerError};
@@ -376,20 +376,27 @@ async fn run_job(leader: &Leader, acquired: &AcquiredCollectionJob) -> Result<St
     {
         return Ok(Step::NotReady);
     }
-    let aggs = store
-        .get_batch_aggregations(
+    let sum = match store
+        .sum_batch_aggregations(
             &job.task_id,
             &job.batch_interval,
             &job.aggregation_parameter,
+            &merger(&entry.vdaf),
         )
-        .await?;
-    let sum = match total(&entry.vdaf, &job.batch_interval, &aggs) {
+        .await
+    {
+        Ok(sum) => total(&entry.vdaf, &job.batch_interval, sum)
+            .map_err(|e| StoreError::Corrupt(e.to_string())),
+        Err(e) => Err(e),
+    };
+    let sum = match sum {
         Ok(s) => s,
-        Err(e) => {
+        Err(e @ (StoreError::Corrupt(_) | StoreError::Merge(_))) => {
             return Ok(Step::Abandon(format!(
                 "stored aggregates are unusable: {e}"
             )))
         }
+        Err(e) => return Err(e),
     };
     if sum.report_count < task.min_batch_size {
         return Ok(Step::NotReady);

@@ -545,6 +545,81 @@ pub async fn check_old_helper_jobs_are_deleted(helper: &dyn Datastore) {
     assert!(helper.delete_task(&t.id).await.expect("delete_task"));
 }
 
+/// A batch's bucket aggregations summed by the store: shares added with the merge function,
+/// counts added, checksums combined, and the buckets holding reports spanned; an interval with
+/// no bucket sums to nothing; a merge that fails fails the sum; the other role's rows are not
+/// counted.
+pub async fn check_batch_sums(leader: &dyn Datastore, helper: &dyn Datastore) {
+    use crate::BatchSum;
+
+    let t = task(TaskId::random());
+    helper.put_task(&t).await.expect("put_task");
+    let ids = random_ids(6);
+    let deltas = [
+        delta(t.id, T0, 3, &ids[..1]),
+        delta(t.id, T0 + 2 * PRECISION, 5, &ids[1..3]),
+        delta(t.id, T0 + 5 * PRECISION, 7, &ids[3..]),
+    ];
+    helper
+        .put_helper_aggregation_job(&helper_job(t.id, 1), &ids, &deltas, &add_shares)
+        .await
+        .expect("put");
+    let sum = |within: Interval| async move {
+        helper
+            .sum_batch_aggregations(&t.id, &within, &[], &add_shares)
+            .await
+            .expect("sum")
+    };
+    let first_three = sum(interval(T0, 3 * PRECISION)).await;
+    assert_eq!(
+        share_value(first_three.aggregate_share.as_deref().expect("a share")),
+        8
+    );
+    assert_eq!(
+        (
+            first_three.report_count,
+            first_three.checksum,
+            first_three.spanned
+        ),
+        (3, checksum(&ids[..3]), Some(interval(T0, 3 * PRECISION)))
+    );
+    let all = sum(interval(T0 - PRECISION, 8 * PRECISION)).await;
+    assert_eq!(
+        share_value(all.aggregate_share.as_deref().expect("a share")),
+        15
+    );
+    assert_eq!(
+        (all.report_count, all.checksum, all.spanned),
+        (6, checksum(&ids), Some(interval(T0, 6 * PRECISION)))
+    );
+    // One bucket: its own row.
+    let last = sum(interval(T0 + 5 * PRECISION, PRECISION)).await;
+    assert_eq!(
+        last.aggregate_share,
+        Some(deltas[2].aggregate_share.clone())
+    );
+    assert_eq!(
+        sum(interval(T0 + 3 * PRECISION, 2 * PRECISION)).await,
+        BatchSum::default()
+    );
+    let failing = |_: &[u8], _: &[u8]| Err::<Vec<u8>, _>("no".to_string());
+    assert!(matches!(
+        helper
+            .sum_batch_aggregations(&t.id, &interval(T0, 3 * PRECISION), &[], &failing)
+            .await,
+        Err(StoreError::Merge(_))
+    ));
+    assert_eq!(
+        leader
+            .sum_batch_aggregations(&t.id, &interval(T0, 8 * PRECISION), &[], &add_shares)
+            .await
+            .expect("sum"),
+        BatchSum::default(),
+        "the Leader's role has no rows of this task"
+    );
+    assert!(helper.delete_task(&t.id).await.expect("delete_task"));
+}
+
 /// Deleting a Helper task removes its jobs, report IDs, aggregate shares and aggregations, and
 /// leaves the Leader's rows of the same task ID alone.
 pub async fn check_helper_delete_task(leader: &dyn Datastore, helper: &dyn Datastore) {

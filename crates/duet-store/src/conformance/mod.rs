@@ -23,8 +23,8 @@ use crate::{BatchAggregation, Datastore, NewReport};
 
 pub use collection::{check_collection_job_overlaps, check_collection_jobs};
 pub use helper::{
-    check_aggregate_share_jobs, check_helper_aggregation_jobs, check_helper_delete_task,
-    check_old_helper_jobs_are_deleted, check_served_batches_are_final,
+    check_aggregate_share_jobs, check_batch_sums, check_helper_aggregation_jobs,
+    check_helper_delete_task, check_old_helper_jobs_are_deleted, check_served_batches_are_final,
     check_served_batches_by_time,
 };
 pub use leader::{
@@ -48,6 +48,7 @@ pub async fn run_all(leader: &dyn Datastore, helper: &dyn Datastore) {
     check_collection_job_overlaps(leader).await;
     check_helper_aggregation_jobs(leader, helper).await;
     check_aggregate_share_jobs(leader, helper).await;
+    check_batch_sums(leader, helper).await;
     check_served_batches_are_final(helper).await;
     check_served_batches_by_time(helper).await;
     check_old_helper_jobs_are_deleted(helper).await;

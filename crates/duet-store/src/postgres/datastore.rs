@@ -14,7 +14,7 @@ use super::{
     SETTINGS,
 };
 use crate::{
-    AcquiredAggregationJob, AcquiredCollectionJob, AggregateShareJob, BatchAggregation,
+    AcquiredAggregationJob, AcquiredCollectionJob, AggregateShareJob, BatchAggregation, BatchSum,
     CollectionJob, CollectionJobBatch, CollectionJobState, Datastore, HelperAggregationJob,
     MergeFn, NewReport, StoreError, Wakeup,
 };
@@ -59,6 +59,19 @@ impl Datastore for PostgresDatastore {
     ) -> Result<Vec<BatchAggregation>, StoreError> {
         self.run("get_batch_aggregations", || {
             tasks::get_batch_aggregations(self, task_id, interval, aggregation_parameter)
+        })
+        .await
+    }
+
+    async fn sum_batch_aggregations(
+        &self,
+        task_id: &TaskId,
+        interval: &Interval,
+        aggregation_parameter: &[u8],
+        merge: MergeFn<'_>,
+    ) -> Result<BatchSum, StoreError> {
+        self.run("sum_batch_aggregations", || {
+            tasks::sum_batch_aggregations(self, task_id, interval, aggregation_parameter, merge)
         })
         .await
     }

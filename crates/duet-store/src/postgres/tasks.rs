@@ -9,7 +9,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Transaction};
 
 use super::{clamp_i64, col, col_array, col_interval, col_u64, to_i64, PostgresDatastore, TxError};
-use crate::{BatchAggregation, MergeFn, StoreError};
+use crate::{BatchAggregation, BatchSum, MergeFn, StoreError};
 
 fn task_from_row(row: &PgRow) -> Result<Task, StoreError> {
     let json: String = col(row, "parameters")?;
@@ -219,18 +219,47 @@ fn batch_aggregation_from_row(
 pub(super) const BUCKETS_IN: &str = "role = $1 AND task_id = $2 AND bucket_start >= $3 \
      AND bucket_duration <= $4 - bucket_start AND aggregation_parameter = $5";
 
+/// The batch aggregations in an interval, bound as [`BUCKETS_IN`] says, by bucket.
+fn buckets_in_sql(caller: &str) -> String {
+    format!(
+        "-- {caller}\n\
+         SELECT bucket_start, bucket_duration, aggregation_parameter, aggregate_share, \
+           report_count, checksum \
+         FROM batch_aggregations WHERE {BUCKETS_IN} ORDER BY bucket_start, bucket_duration"
+    )
+}
+
+/// Adds up the batch aggregations in an interval as they arrive (one attempt: a retry starts
+/// over).
+pub(super) async fn sum_batch_aggregations(
+    store: &PostgresDatastore,
+    task_id: &TaskId,
+    interval: &Interval,
+    aggregation_parameter: &[u8],
+    merge: MergeFn<'_>,
+) -> Result<BatchSum, TxError> {
+    let sql = buckets_in_sql("sum_batch_aggregations");
+    let mut rows = sqlx::query(&sql)
+        .bind(store.role_str())
+        .bind(&task_id.0[..])
+        .bind(clamp_i64(interval.start.0))
+        .bind(clamp_i64(interval.end().0))
+        .bind(aggregation_parameter)
+        .fetch(&store.pool);
+    let mut sum = BatchSum::default();
+    while let Some(row) = std::future::poll_fn(|cx| rows.as_mut().poll_next(cx)).await {
+        sum.add(batch_aggregation_from_row(task_id, &row?)?, merge)?;
+    }
+    Ok(sum)
+}
+
 pub(super) async fn get_batch_aggregations(
     store: &PostgresDatastore,
     task_id: &TaskId,
     interval: &Interval,
     aggregation_parameter: &[u8],
 ) -> Result<Vec<BatchAggregation>, TxError> {
-    let sql = format!(
-        "-- get_batch_aggregations\n\
-         SELECT bucket_start, bucket_duration, aggregation_parameter, aggregate_share, \
-           report_count, checksum \
-         FROM batch_aggregations WHERE {BUCKETS_IN} ORDER BY bucket_start, bucket_duration"
-    );
+    let sql = buckets_in_sql("get_batch_aggregations");
     let rows = sqlx::query(&sql)
         .bind(store.role_str())
         .bind(&task_id.0[..])

@@ -6,7 +6,7 @@ use duet_messages::dap09::{Interval, ReportIdChecksum, TaskId};
 use sqlx::sqlite::SqliteRow;
 
 use super::{clamp_i64, col, col_array, col_interval, col_u64, db, to_i64, SqliteDatastore};
-use crate::{BatchAggregation, MergeFn, StoreError};
+use crate::{BatchAggregation, BatchSum, MergeFn, StoreError};
 
 fn task_from_row(row: &SqliteRow) -> Result<Task, StoreError> {
     let json: String = col(row, "parameters")?;
@@ -202,17 +202,22 @@ fn batch_aggregation_from_row(
 pub(super) const BUCKETS_IN: &str = "role = ? AND task_id = ? AND bucket_start >= ? \
      AND bucket_start + bucket_duration <= ? AND aggregation_parameter = ?";
 
+/// The batch aggregations in an interval, bound as [`BUCKETS_IN`] says, by bucket.
+fn buckets_in_sql(caller: &str) -> String {
+    format!(
+        "-- {caller}\n\
+         SELECT bucket_start, bucket_duration, aggregation_parameter, aggregate_share, report_count, checksum \
+         FROM batch_aggregations WHERE {BUCKETS_IN} ORDER BY bucket_start, bucket_duration"
+    )
+}
+
 pub(super) async fn get_batch_aggregations(
     store: &SqliteDatastore,
     task_id: &TaskId,
     interval: &Interval,
     aggregation_parameter: &[u8],
 ) -> Result<Vec<BatchAggregation>, StoreError> {
-    let sql = format!(
-        "-- get_batch_aggregations\n\
-         SELECT bucket_start, bucket_duration, aggregation_parameter, aggregate_share, report_count, checksum \
-         FROM batch_aggregations WHERE {BUCKETS_IN} ORDER BY bucket_start, bucket_duration"
-    );
+    let sql = buckets_in_sql("get_batch_aggregations");
     let rows = sqlx::query(&sql)
         .bind(store.role_str())
         .bind(&task_id.0[..])
@@ -225,6 +230,31 @@ pub(super) async fn get_batch_aggregations(
     rows.iter()
         .map(|row| batch_aggregation_from_row(task_id, row))
         .collect()
+}
+
+pub(super) async fn sum_batch_aggregations(
+    store: &SqliteDatastore,
+    task_id: &TaskId,
+    interval: &Interval,
+    aggregation_parameter: &[u8],
+    merge: MergeFn<'_>,
+) -> Result<BatchSum, StoreError> {
+    let sql = buckets_in_sql("sum_batch_aggregations");
+    let mut rows = sqlx::query(&sql)
+        .bind(store.role_str())
+        .bind(&task_id.0[..])
+        .bind(clamp_i64(interval.start.0))
+        .bind(clamp_i64(interval.end().0))
+        .bind(aggregation_parameter)
+        .fetch(&store.pool);
+    let mut sum = BatchSum::default();
+    while let Some(row) = std::future::poll_fn(|cx| rows.as_mut().poll_next(cx)).await {
+        sum.add(
+            batch_aggregation_from_row(task_id, &row.map_err(db)?)?,
+            merge,
+        )?;
+    }
+    Ok(sum)
 }
 
 /// Folds `deltas` into the role's batch aggregations inside `tx`: a bucket without a row gets the
