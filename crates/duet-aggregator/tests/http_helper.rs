@@ -462,22 +462,20 @@ async fn strangers_are_answered_before_their_bodies_are_read() {
     h.stop().await;
 }
 
-/// A job of more reports than a Helper prepares at once is refused before any is prepared.
-#[tokio::test]
-async fn jobs_over_the_size_limit_are_refused() {
+/// A job of reports at `times` (in seconds) whose shares no key opens: each is rejected once
+/// prepared, so what a Helper refuses before preparing stands out.
+fn unopenable_job(times: impl Iterator<Item = u64>) -> AggregationJobInitReq {
     use duet_messages::dap09::{HpkeCiphertext, HpkeConfigId, ReportId, ReportMetadata, Time};
 
-    let h = Harness::start().await;
-    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
-    let init = |n: usize| AggregationJobInitReq {
+    AggregationJobInitReq {
         aggregation_parameter: Vec::new(),
         partial_batch_selector: PartialBatchSelector::TimeInterval,
-        prepare_inits: (0..n)
-            .map(|_| PrepareInit {
+        prepare_inits: times
+            .map(|t| PrepareInit {
                 report_share: ReportShare {
                     metadata: ReportMetadata {
                         id: ReportId::random(),
-                        time: Time(0),
+                        time: Time(t),
                     },
                     public_share: Vec::new(),
                     encrypted_input_share: HpkeCiphertext {
@@ -489,7 +487,15 @@ async fn jobs_over_the_size_limit_are_refused() {
                 message: vec![1],
             })
             .collect(),
-    };
+    }
+}
+
+/// A job of more reports than a Helper prepares at once is refused before any is prepared.
+#[tokio::test]
+async fn jobs_over_the_size_limit_are_refused() {
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let init = |n: usize| unopenable_job(std::iter::repeat_n(0, n));
     let url = job_url(&task, AggregationJobId::random());
     let r = send(
         Method::PUT,
@@ -510,8 +516,6 @@ async fn jobs_over_the_size_limit_are_refused() {
 /// within the limit. Here `max_job_aggregate_bytes` of 16 holds two Prio3Count aggregates.
 #[tokio::test]
 async fn jobs_spread_over_too_many_buckets_are_refused() {
-    use duet_messages::dap09::{HpkeCiphertext, HpkeConfigId, ReportId, ReportMetadata, Time};
-
     let h = Harness::start_with(duet_aggregator::AggregatorConfig {
         max_job_aggregate_bytes: 16,
         ..duet_aggregator::AggregatorConfig::default()
@@ -521,28 +525,7 @@ async fn jobs_spread_over_too_many_buckets_are_refused() {
     let hour = task.time_precision.0;
     // Report shares no key opens: each is rejected once prepared, so only the job's own
     // refusal answers 400.
-    let init = |times: &[u64]| AggregationJobInitReq {
-        aggregation_parameter: Vec::new(),
-        partial_batch_selector: PartialBatchSelector::TimeInterval,
-        prepare_inits: times
-            .iter()
-            .map(|&t| PrepareInit {
-                report_share: ReportShare {
-                    metadata: ReportMetadata {
-                        id: ReportId::random(),
-                        time: Time(t),
-                    },
-                    public_share: Vec::new(),
-                    encrypted_input_share: HpkeCiphertext {
-                        config_id: HpkeConfigId(1),
-                        encapsulated_key: vec![1],
-                        payload: vec![1],
-                    },
-                },
-                message: vec![1],
-            })
-            .collect(),
-    };
+    let init = |times: &[u64]| unopenable_job(times.iter().copied());
     let url = job_url(&task, AggregationJobId::random());
     let put = |req: AggregationJobInitReq| {
         send(
