@@ -313,3 +313,68 @@ fn serve_says_why_it_cannot_listen() {
     }
     drop(held);
 }
+
+/// `duet serve` listens with a queue that holds a burst of new connections: with
+/// `max_connections = 1` and one connection open, it accepts no more, and each of 300 clients'
+/// connects still completes at once in the kernel's queue, none waiting a second for its SYN to
+/// be resent (as past a queue of 128, the standard library's).
+#[cfg(target_os = "linux")]
+#[test]
+fn serve_queues_a_burst_of_connections() {
+    const BURST: usize = 300;
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok());
+    if somaxconn.is_none_or(|n| n < BURST) {
+        eprintln!("skipped: net.core.somaxconn is {somaxconn:?}, not at least {BURST}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("agg.sqlite").display().to_string();
+    let config = write(
+        dir.path(),
+        "duet.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ndatabase = \"{db}\"\n[leader]\n[aggregator]\nmax_connections = 1\n"
+        ),
+    );
+    let mut server = Child(
+        duet()
+            .args(["serve", "--config", &config])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("serve"),
+    );
+    // Kept open until the end, so that the server's later log lines have somewhere to go.
+    let mut stderr = BufReader::new(server.0.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("read");
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("duet serving on http://")
+        .unwrap_or_else(|| panic!("address line: {line}"))
+        .parse()
+        .expect("address");
+    // The one connection served: the server accepts the next only once it closes.
+    let held = std::net::TcpStream::connect(addr).expect("connect");
+    let connects: Vec<_> = (0..BURST)
+        .map(|_| {
+            std::thread::spawn(move || {
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(700))
+            })
+        })
+        .collect();
+    let failed: Vec<String> = connects
+        .into_iter()
+        .filter_map(|c| c.join().expect("connect thread").err())
+        .map(|e| e.to_string())
+        .collect();
+    let mut reasons = failed.clone();
+    reasons.dedup();
+    assert!(
+        failed.is_empty(),
+        "{} of {BURST} connects waited past 700 ms or failed: {reasons:?}",
+        failed.len()
+    );
+    drop((held, stderr));
+}
