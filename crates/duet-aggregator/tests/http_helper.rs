@@ -624,54 +624,6 @@ async fn rejected_reports_are_not_prepared_again() {
     h.stop().await;
 }
 
-/// A report older than the Helper's copy of the task keeps reports for (`report_expiry_age`) is
-/// rejected as `report_dropped`; a recent one in the same job is prepared.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reports_past_their_expiry_age_are_dropped() {
-    let h = Harness::start().await;
-    let (task, _) = h
-        .leader_task(VdafInstance::Prio3Count, 1, &h.helper_url)
-        .await;
-    let hour = task.time_precision.0;
-    h.helper_task_with(&task, |t| {
-        t.report_expiry_age = Some(Duration(hour));
-    })
-    .await;
-    let leader_key = leader_key(&h).await;
-    let client = common::client(&task).await;
-    let now = duet_core::Clock::now(&duet_core::RealClock);
-    let reports: Vec<Report> = [now.0 - 2 * hour, now.0]
-        .into_iter()
-        .map(|t| {
-            client
-                .prepare_report_at(&Measurement::Count(true), duet_messages::dap09::Time(t))
-                .expect("report")
-        })
-        .collect();
-    let r = send(
-        Method::PUT,
-        job_url(&task, AggregationJobId::random()),
-        Some(media_type::AGGREGATION_JOB_INIT_REQ),
-        Some(&task.aggregator_auth_token),
-        init_req(&task, &leader_key, &reports).get_encoded(),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let resp = AggregationJobResp::get_decoded(&r.body).expect("resp");
-    assert_eq!(
-        resp.prepare_resps[0].result,
-        PrepareStepResult::Reject(PrepareError::ReportDropped)
-    );
-    assert!(
-        matches!(
-            resp.prepare_resps[1].result,
-            PrepareStepResult::Continue { .. }
-        ),
-        "{resp:?}"
-    );
-    h.stop().await;
-}
-
 /// An aggregate share request is checked in DAP-09's order (§4.6.6): a batch that is both too
 /// small and overlapping one served before is `invalidBatchSize`, not `batchOverlap`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

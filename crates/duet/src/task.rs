@@ -62,9 +62,8 @@ pub enum Command {
         /// Reports after this time (seconds since the epoch) are refused.
         #[arg(long)]
         task_expiration: Option<u64>,
-        /// Reports older than this many seconds when they are uploaded are refused, and when
-        /// the Helper prepares them, dropped (at least --time-precision, since report times are
-        /// rounded down to it).
+        /// Reports older than this many seconds when they are uploaded are refused (at least
+        /// --time-precision, since report times are rounded down to it).
         #[arg(long)]
         report_expiry_age: Option<u64>,
         /// Write the parameters here instead of standard output (readable by its owner only:

@@ -319,15 +319,6 @@ fn prepare_one(
     if task.task_expiration.is_some_and(|e| time.0 > e.0) {
         return Err(PrepareError::TaskExpired);
     }
-    // Older than the task keeps reports for: its Leader refuses such uploads, and the state to
-    // check one (its replay protection) is what an aggregator may let go of (DAP-09, "Reducing
-    // Storage Requirements").
-    if task
-        .report_expiry_age
-        .is_some_and(|age| time.0.saturating_add(age.0) < now.0)
-    {
-        return Err(PrepareError::ReportDropped);
-    }
     let key = find_key(keys, share.encrypted_input_share.config_id)
         .ok_or(PrepareError::HpkeUnknownConfigId)?;
     let aad = InputShareAad::encode_parts(&task.id, &share.metadata, &share.public_share);
