@@ -318,3 +318,89 @@ async fn overlapping_jobs_created_at_once() {
     }
     h.stop().await;
 }
+
+/// A collection whose stored aggregate no longer decodes is abandoned with the reason, rather
+/// than retried for ever or handed to the collector: here the batch's one bucket, whose share
+/// the store's sum passes through as it is, holds a byte where the Leader's share was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_of_unusable_aggregates_is_abandoned() {
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let token = task.collector_auth_token.clone().expect("token");
+    let hour = RealClock.now().round_down(Duration(3600)).0;
+    let batch = Interval {
+        start: Time(hour),
+        duration: Duration(3600),
+    };
+    common::client(&task)
+        .await
+        .upload(&Measurement::Count(true))
+        .await
+        .expect("upload");
+    let mut aggregated = false;
+    for _ in 0..200 {
+        let rows = h
+            .leader_store
+            .get_batch_aggregations(&task.id, &batch, &[])
+            .await
+            .expect("read");
+        if rows.iter().map(|r| r.report_count).sum::<u64>() == 1 {
+            aggregated = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(aggregated, "the report was not aggregated");
+    let path = h._dir.path().join("duet.sqlite");
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+        "sqlite://{}",
+        path.display()
+    ))
+    .await
+    .expect("open");
+    let damaged = sqlx::query(
+        "UPDATE batch_aggregations SET aggregate_share = x'01' \
+         WHERE role = 'leader' AND task_id = ?",
+    )
+    .bind(&task.id.0[..])
+    .execute(&mut db)
+    .await
+    .expect("damage")
+    .rows_affected();
+    assert_eq!(damaged, 1);
+    sqlx::Connection::close(db).await.expect("close");
+
+    let id = CollectionJobId::random();
+    let url = job_url(&task, id);
+    let ct = Some(media_type::COLLECTION_REQ);
+    let created = send(Method::PUT, url.clone(), ct, Some(&token), req(hour, 3600)).await;
+    assert_eq!(created.status, 201);
+    let mut polled = None;
+    for _ in 0..200 {
+        let answer = send(Method::POST, url.clone(), None, Some(&token), Vec::new()).await;
+        if answer.status != 202 {
+            polled = Some(answer);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let polled = polled.expect("the collection job stayed pending");
+    assert_eq!(polled.status, 500);
+    match h
+        .leader_store
+        .get_collection_job(&task.id, &id)
+        .await
+        .expect("read")
+        .expect("the job")
+        .state
+    {
+        duet_store::CollectionJobState::Abandoned(reason) => {
+            assert!(
+                reason.contains("stored aggregates are unusable"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    h.stop().await;
+}
