@@ -159,7 +159,7 @@ impl AggregatorConfig {
             "max_job_aggregate_bytes",
             size(self.max_job_aggregate_bytes),
             1,
-            "a job needs room for an aggregate",
+            "0 leaves a job no room for its aggregates",
         )?;
         at_least(
             "lease_duration_s",

@@ -187,7 +187,8 @@ async fn jobs_hold_what_fits_their_byte_budget() {
 
 /// With room for two Prio3Count aggregates per job (`max_job_aggregate_bytes` of 16), the Leader
 /// cuts five reports, each in an hour of its own, into jobs of at most two, and the Helper, with
-/// the same setting, takes every one: all five are aggregated, in three jobs, none abandoned.
+/// the same setting, takes every one: all five are aggregated, in three jobs or more, none
+/// abandoned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_hold_what_fits_their_aggregate_budget() {
     let h = Harness::start_with(duet_aggregator::AggregatorConfig {
@@ -222,7 +223,8 @@ async fn jobs_hold_what_fits_their_aggregate_budget() {
     }
     assert_eq!(value(&samples, abandoned), Some(0.0), "{samples:?}");
     assert_eq!(value(&samples, aggregated), Some(5.0), "{samples:?}");
-    assert_eq!(value(&samples, finished), Some(3.0), "{samples:?}");
+    // Jobs of at most two reports (three or more, as the uploads came by the creator's passes).
+    assert!(value(&samples, finished) >= Some(3.0), "{samples:?}");
     h.stop().await;
 }
 

@@ -104,7 +104,8 @@ pub trait Datastore: Send + Sync + 'static {
     ) -> Result<Vec<BatchAggregation>, StoreError>;
     /// The sum of the stored per-bucket aggregations of a task whose bucket lies in `interval`,
     /// their shares added with `merge`. The rows are read and added one at a time, so a batch
-    /// of many buckets takes the memory of two aggregate shares, not of all of them.
+    /// of many buckets takes the memory of a few aggregate shares (and of the rows a backend
+    /// reads ahead: up to 50 on SQLite, sqlx's row channel), not of all of them.
     async fn sum_batch_aggregations(
         &self,
         task_id: &TaskId,

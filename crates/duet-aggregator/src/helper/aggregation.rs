@@ -65,7 +65,6 @@ impl Helper {
         {
             return Err(invalid("the job names a report twice".into()));
         }
-        check_buckets(&entry, &self.shared.config, &req.prepare_inits).map_err(invalid)?;
         // The only collected batches this job's reports can fall in.
         let times = span_of(
             req.prepare_inits
@@ -89,6 +88,11 @@ impl Helper {
                 return Err(invalid(
                     "a different aggregation job with this ID exists".into(),
                 ));
+            }
+            // After the stored answer, so that a Leader's retry of a job this Helper took
+            // gets it, should the budget have been lowered since.
+            if attempt == 0 {
+                check_buckets(&entry, &self.shared.config, &req.prepare_inits).map_err(invalid)?;
             }
             let report_ids: Vec<ReportId> = req
                 .prepare_inits

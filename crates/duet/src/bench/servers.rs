@@ -41,12 +41,12 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// CPU seconds used so far by the Leader's process, the Helper's and this one.
 /// CPU seconds used so far by `server` and by this process (the upload client).
 pub(super) fn cpu_pair(server: &ServerProcess) -> [f64; 2] {
     [cpu_seconds(Some(server.0.id())), cpu_seconds(None)]
 }
 
+/// CPU seconds used so far by the Leader's process, the Helper's and this one.
 pub(super) fn cpu_snapshot(leader: &ServerProcess, helper: &ServerProcess) -> [f64; 3] {
     [
         cpu_seconds(Some(leader.0.id())),
