@@ -18,6 +18,7 @@
 //! generation is not timed. Each timed phase starts on a settled database (`sync`, and a
 //! `CHECKPOINT` on PostgreSQL), so that its figure does not depend on the runs before it.
 
+mod medians;
 mod servers;
 mod uploader;
 mod workload;
@@ -144,6 +145,12 @@ pub struct Args {
     /// `sqlite_page_size` (8192 by default).
     #[arg(long, value_parser = crate::db::parse_page_size)]
     sqlite_page_size: Option<u32>,
+    /// Runs of each case (backend and VDAF), in rounds: every case once, then again, so that a
+    /// slow spell of a shared machine falls on all of them. With more than one, each case's
+    /// medians follow the runs (`medians` in `--json`). PostgreSQL runs share `--database`, so
+    /// later rounds find the earlier rounds' rows there.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Append each server's log (its standard error, at the level `RUST_LOG` sets) to files in
     /// this directory, named by backend, VDAF and role.
     #[arg(long)]
@@ -459,6 +466,9 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
     if args.reports == 0 {
         bail!("--reports must be at least 1");
     }
+    if args.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
     if let Some(dir) = &args.server_logs {
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
@@ -468,25 +478,37 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
         })?;
     }
     let mut runs = Vec::new();
-    for &backend in &args.backend {
-        for &vdaf in &args.vdaf {
-            if !args.json {
-                eprintln!(
-                    "running {} on {} with {} reports…",
-                    vdaf.name(),
-                    backend.name(),
-                    args.reports
+    for round in 1..=args.repeat {
+        for &backend in &args.backend {
+            for &vdaf in &args.vdaf {
+                if !args.json {
+                    let of = if args.repeat > 1 {
+                        format!(" (round {round} of {})", args.repeat)
+                    } else {
+                        String::new()
+                    };
+                    eprintln!(
+                        "running {} on {} with {} reports{of}…",
+                        vdaf.name(),
+                        backend.name(),
+                        args.reports
+                    );
+                }
+                runs.push(
+                    run_one(&args, backend, vdaf)
+                        .await
+                        .with_context(|| format!("{} on {}", vdaf.name(), backend.name()))?,
                 );
             }
-            runs.push(
-                run_one(&args, backend, vdaf)
-                    .await
-                    .with_context(|| format!("{} on {}", vdaf.name(), backend.name()))?,
-            );
         }
     }
+    let medians = (args.repeat > 1).then(|| medians::medians(&runs));
     if args.json {
-        outln!("{}", serde_json::json!({ "runs": runs }));
+        let mut out = serde_json::json!({ "runs": runs });
+        if let Some(medians) = &medians {
+            out["medians"] = serde_json::json!(medians);
+        }
+        outln!("{out}");
     } else {
         outln!(
             "{:<8} {:<20} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}",
@@ -528,6 +550,9 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
                 r.client_cpu_us_per_report
             );
         }
+        if let Some(medians) = &medians {
+            print_medians(medians)?;
+        }
         outln!(
             "uploads over {} connections, one upload in flight on each",
             connections(&args)
@@ -546,6 +571,41 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The table of each case's medians.
+fn print_medians(medians: &[medians::Medians]) -> Result<()> {
+    outln!(
+        "\n{:<8} {:<20} {:>5} {:>9} {:>9} {:>10} {:>9} {:>6} {:>8} {:>8} {:>9}",
+        "medians",
+        "vdaf",
+        "runs",
+        "floor/s",
+        "upload/s",
+        "L upl µs",
+        "e2e/s",
+        "ratio",
+        "upl÷e2e",
+        "latency",
+        "peak RSS"
+    );
+    for m in medians {
+        outln!(
+            "{:<8} {:<20} {:>5} {:>9.0} {:>9.0} {:>10.1} {:>9.0} {:>6.3} {:>8.2} {:>7.2}s {:>7.0}MB",
+            m.backend,
+            m.vdaf,
+            m.runs,
+            m.floor_reports_per_s,
+            m.upload_reports_per_s,
+            m.upload_leader_cpu_us_per_report,
+            m.end_to_end_reports_per_s,
+            m.ratio,
+            m.upload_over_end_to_end,
+            m.collect_latency_s,
+            m.peak_rss_bytes as f64 / 1e6
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -141,3 +141,68 @@ fn bench_prints_one_json_object_with_every_figure() {
         }
     }
 }
+
+/// `duet bench --repeat 3`: each case runs three times, in rounds, and each case's medians come
+/// after the runs: the middle run's figure for each, and none without `--repeat`.
+#[test]
+fn bench_repeats_give_each_case_its_medians() {
+    let stdout = bench_json(
+        duet(),
+        &[
+            "--reports",
+            "100",
+            "--floor-reports",
+            "10",
+            "--vdaf",
+            "count",
+            "--vdaf",
+            "histogram",
+            "--repeat",
+            "3",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let runs = v["runs"].as_array().expect("runs");
+    let vdafs: Vec<&str> = runs
+        .iter()
+        .map(|r| r["vdaf"].as_str().expect("vdaf"))
+        .collect();
+    // In rounds: every case once, then again.
+    assert_eq!(
+        vdafs,
+        ["Prio3Count", "Prio3Histogram(100)"].repeat(3),
+        "{stdout}"
+    );
+    let medians = v["medians"].as_array().expect("medians");
+    assert_eq!(medians.len(), 2, "{stdout}");
+    for (m, vdaf) in medians.iter().zip(["Prio3Count", "Prio3Histogram(100)"]) {
+        assert_eq!(
+            (m["vdaf"].as_str(), m["runs"].as_u64()),
+            (Some(vdaf), Some(3))
+        );
+        for figure in [
+            "end_to_end_reports_per_s",
+            "upload_reports_per_s",
+            "ratio",
+            "collect_latency_s",
+        ] {
+            let mut of_runs: Vec<f64> = runs
+                .iter()
+                .filter(|r| r["vdaf"] == vdaf)
+                .map(|r| r[figure].as_f64().expect("figure"))
+                .collect();
+            of_runs.sort_by(f64::total_cmp);
+            assert_eq!(m[figure].as_f64(), Some(of_runs[1]), "{figure}: {stdout}");
+        }
+    }
+    let once = bench_json(duet(), &["--reports", "50", "--floor-reports", "10"]);
+    let v: serde_json::Value = serde_json::from_str(&once).expect("json");
+    assert!(v.get("medians").is_none(), "{once}");
+    let refused = run(&["bench", "--repeat", "0"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--repeat must be at least 1"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
