@@ -548,6 +548,71 @@ async fn jobs_spread_over_too_many_buckets_are_refused() {
     h.stop().await;
 }
 
+/// A Leader's retry of a job the Helper took gets the stored answer even after the Helper's
+/// budget for a job's aggregates was lowered below what the job needs: the bucket check comes
+/// after the stored answer. A new job of the same reports is refused for its buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_job_gets_its_answer_after_the_budget_is_lowered() {
+    let h = Harness::start().await;
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let leader_key = leader_key(&h).await;
+    let client = common::client(&task).await;
+    let now = duet_core::Clock::now(&duet_core::RealClock);
+    let hour = task.time_precision.0;
+    let reports: Vec<Report> = (0..3)
+        .map(|k| {
+            client
+                .prepare_report_at(
+                    &Measurement::Count(true),
+                    duet_messages::dap09::Time(now.0 - k * hour),
+                )
+                .expect("report")
+        })
+        .collect();
+    let body = init_req(&task, &leader_key, &reports).get_encoded();
+    let put = |h: &Harness, id: AggregationJobId| {
+        let url = h
+            .helper_url
+            .join(&format!("tasks/{}/aggregation_jobs/{id}", task.id))
+            .expect("url");
+        send(
+            Method::PUT,
+            url,
+            Some(media_type::AGGREGATION_JOB_INIT_REQ),
+            Some(&task.aggregator_auth_token),
+            body.clone(),
+        )
+    };
+    let id = AggregationJobId::random();
+    let first = put(&h, id).await;
+    assert_eq!(
+        first.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    // Room for two Prio3Count aggregates; the job's reports are in three hours.
+    let h = h
+        .restart_with(duet_aggregator::AggregatorConfig {
+            max_job_aggregate_bytes: 16,
+            ..duet_aggregator::AggregatorConfig::default()
+        })
+        .await;
+    let again = put(&h, id).await;
+    assert_eq!(
+        again.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&again.body)
+    );
+    assert_eq!(again.body, first.body);
+    let other = put(&h, AggregationJobId::random()).await;
+    let detail = String::from_utf8_lossy(&other.body).into_owned();
+    assert!(detail.contains("more than 2 time buckets"), "{detail}");
+    other.assert_problem(400, "invalidMessage");
+    h.stop().await;
+}
+
 /// A report the Helper rejected is never prepared again: in a later job it is `report_replayed`,
 /// whatever Leader share comes with it (DAP-09 §4.5.1.1 forbids the Leader to send it again, and
 /// a second answer to a second Leader share would tell a Leader something of the Helper's).

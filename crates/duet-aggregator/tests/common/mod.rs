@@ -37,7 +37,24 @@ impl Harness {
 
     /// Starts the server with the given tunables, its roles reading the time from `clock`.
     pub async fn start_with_clock(config: AggregatorConfig, clock: Arc<dyn Clock>) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), config, clock).await
+    }
+
+    /// Stops the server and starts another, with `config`, on the same database (on a new
+    /// port).
+    pub async fn restart_with(mut self, config: AggregatorConfig) -> Self {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await.expect("shutdown");
+        }
+        Self::start_in(self._dir, config, Arc::new(RealClock)).await
+    }
+
+    /// Starts the server on the database in `dir` (created if new).
+    async fn start_in(
+        dir: tempfile::TempDir,
+        config: AggregatorConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let path = dir.path().join("duet.sqlite");
         let store = SqliteDatastore::connect(path.to_str().expect("utf-8 path"))
             .await
