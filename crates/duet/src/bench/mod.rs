@@ -10,13 +10,15 @@
 //! * *end to end*: the same reports uploaded to a full server, from the first upload to a
 //!   finished collection, with the rate uploads were accepted at meanwhile, and the latency from
 //!   the last upload to the finished collection;
-//! * the full server process's peak RSS.
+//! * the full server process's peak RSS, and each process's CPU per report over the uploads
+//!   alone and end to end.
 //!
 //! Leader and Helper run as two child `duet serve` processes, as two organisations would run them:
 //! on SQLite each has its own database file; on PostgreSQL they share the `--database` (each
 //! role's rows carry the role). Their memory is measured apart from the bench's. Report
 //! generation is not timed. Each timed phase starts on a settled database (`sync`, and a
 //! `CHECKPOINT` on PostgreSQL), so that its figure does not depend on the runs before it.
+//! `--repeat N` runs every case N times, in rounds, and adds each case's medians.
 
 mod medians;
 mod servers;
