@@ -250,10 +250,10 @@ impl BatchSum {
         self.report_count = self.report_count.saturating_add(bucket.report_count);
         self.checksum = self.checksum.combined_with(&bucket.checksum);
         if bucket.report_count > 0 {
-            self.spanned = Some(match self.spanned {
-                None => bucket.bucket,
-                Some(spanned) => spanned.merged_with(&bucket.bucket),
-            });
+            self.spanned = Some(
+                self.spanned
+                    .map_or(bucket.bucket, |spanned| spanned.merged_with(&bucket.bucket)),
+            );
         }
         Ok(())
     }

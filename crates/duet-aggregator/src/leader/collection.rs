@@ -376,7 +376,7 @@ async fn run_job(leader: &Leader, acquired: &AcquiredCollectionJob) -> Result<St
     {
         return Ok(Step::NotReady);
     }
-    let sum = match store
+    let sum = store
         .sum_batch_aggregations(
             &job.task_id,
             &job.batch_interval,
@@ -384,11 +384,10 @@ async fn run_job(leader: &Leader, acquired: &AcquiredCollectionJob) -> Result<St
             &merger(&entry.vdaf),
         )
         .await
-    {
-        Ok(sum) => total(&entry.vdaf, &job.batch_interval, sum)
-            .map_err(|e| StoreError::Corrupt(e.to_string())),
-        Err(e) => Err(e),
-    };
+        .and_then(|sum| {
+            total(&entry.vdaf, &job.batch_interval, sum)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        });
     let sum = match sum {
         Ok(s) => s,
         Err(e @ (StoreError::Corrupt(_) | StoreError::Merge(_))) => {

@@ -229,6 +229,23 @@ fn buckets_in_sql(caller: &str) -> String {
     )
 }
 
+/// `sql` (a [`buckets_in_sql`]) bound for this store's role, `task_id`'s buckets in `interval`
+/// and `aggregation_parameter`.
+fn bind_buckets_in<'q>(
+    store: &PostgresDatastore,
+    sql: &'q str,
+    task_id: &'q TaskId,
+    interval: &Interval,
+    aggregation_parameter: &'q [u8],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql)
+        .bind(store.role_str())
+        .bind(&task_id.0[..])
+        .bind(clamp_i64(interval.start.0))
+        .bind(clamp_i64(interval.end().0))
+        .bind(aggregation_parameter)
+}
+
 /// Adds up the batch aggregations in an interval as they arrive (one attempt: a retry starts
 /// over).
 pub(super) async fn sum_batch_aggregations(
@@ -239,13 +256,8 @@ pub(super) async fn sum_batch_aggregations(
     merge: MergeFn<'_>,
 ) -> Result<BatchSum, TxError> {
     let sql = buckets_in_sql("sum_batch_aggregations");
-    let mut rows = sqlx::query(&sql)
-        .bind(store.role_str())
-        .bind(&task_id.0[..])
-        .bind(clamp_i64(interval.start.0))
-        .bind(clamp_i64(interval.end().0))
-        .bind(aggregation_parameter)
-        .fetch(&store.pool);
+    let mut rows =
+        bind_buckets_in(store, &sql, task_id, interval, aggregation_parameter).fetch(&store.pool);
     let mut sum = BatchSum::default();
     while let Some(row) = std::future::poll_fn(|cx| rows.as_mut().poll_next(cx)).await {
         sum.add(batch_aggregation_from_row(task_id, &row?)?, merge)?;
@@ -260,12 +272,7 @@ pub(super) async fn get_batch_aggregations(
     aggregation_parameter: &[u8],
 ) -> Result<Vec<BatchAggregation>, TxError> {
     let sql = buckets_in_sql("get_batch_aggregations");
-    let rows = sqlx::query(&sql)
-        .bind(store.role_str())
-        .bind(&task_id.0[..])
-        .bind(clamp_i64(interval.start.0))
-        .bind(clamp_i64(interval.end().0))
-        .bind(aggregation_parameter)
+    let rows = bind_buckets_in(store, &sql, task_id, interval, aggregation_parameter)
         .fetch_all(&store.pool)
         .await?;
     Ok(rows

@@ -22,7 +22,7 @@ use super::{
     clamp_i64, col, col_array, col_u64, db, lease_token, list_placeholders, to_i64,
     SqliteDatastore, MAX_BIND_PARAMS,
 };
-use super::{CommitSync, Durability};
+use super::{CommitSync, Durability, SqliteQuery};
 use crate::{
     AcquiredAggregationJob, BatchAggregation, JobReport, JobSizes, Lease, MergeFn, NewReport,
     StoreError,
@@ -88,8 +88,6 @@ pub(super) async fn put_reports(
 /// Upload batches up to this many reports keep a prepared statement for their size.
 const PREPARED_UPLOAD_ROWS: usize = 64;
 
-type ReportsQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
-
 /// `INSERT INTO reports` of `rows` reports (at least one).
 ///
 /// `seq` never goes back, so that the job creator's cursor and job ranges keep their meaning:
@@ -116,10 +114,10 @@ fn insert_reports_sql(rows: usize) -> String {
 
 /// Binds `reports` and their `times` (as SQLite's integers) to [`insert_reports_sql`].
 fn bind_reports<'q>(
-    mut query: ReportsQuery<'q>,
+    mut query: SqliteQuery<'q>,
     reports: &'q [NewReport],
     times: &'q [i64],
-) -> ReportsQuery<'q> {
+) -> SqliteQuery<'q> {
     for (report, time) in reports.iter().zip(times) {
         query = query
             .bind(&report.task_id.0[..])

@@ -5,7 +5,9 @@ use duet_core::{AggregatorRole, Task, TaskParameters};
 use duet_messages::dap09::{Interval, ReportIdChecksum, TaskId};
 use sqlx::sqlite::SqliteRow;
 
-use super::{clamp_i64, col, col_array, col_interval, col_u64, db, to_i64, SqliteDatastore};
+use super::{
+    clamp_i64, col, col_array, col_interval, col_u64, db, to_i64, SqliteDatastore, SqliteQuery,
+};
 use crate::{BatchAggregation, BatchSum, MergeFn, StoreError};
 
 fn task_from_row(row: &SqliteRow) -> Result<Task, StoreError> {
@@ -211,6 +213,23 @@ fn buckets_in_sql(caller: &str) -> String {
     )
 }
 
+/// `sql` (a [`buckets_in_sql`]) bound for this store's role, `task_id`'s buckets in `interval`
+/// and `aggregation_parameter`.
+fn bind_buckets_in<'q>(
+    store: &SqliteDatastore,
+    sql: &'q str,
+    task_id: &'q TaskId,
+    interval: &Interval,
+    aggregation_parameter: &'q [u8],
+) -> SqliteQuery<'q> {
+    sqlx::query(sql)
+        .bind(store.role_str())
+        .bind(&task_id.0[..])
+        .bind(clamp_i64(interval.start.0))
+        .bind(clamp_i64(interval.end().0))
+        .bind(aggregation_parameter)
+}
+
 pub(super) async fn get_batch_aggregations(
     store: &SqliteDatastore,
     task_id: &TaskId,
@@ -218,12 +237,7 @@ pub(super) async fn get_batch_aggregations(
     aggregation_parameter: &[u8],
 ) -> Result<Vec<BatchAggregation>, StoreError> {
     let sql = buckets_in_sql("get_batch_aggregations");
-    let rows = sqlx::query(&sql)
-        .bind(store.role_str())
-        .bind(&task_id.0[..])
-        .bind(clamp_i64(interval.start.0))
-        .bind(clamp_i64(interval.end().0))
-        .bind(aggregation_parameter)
+    let rows = bind_buckets_in(store, &sql, task_id, interval, aggregation_parameter)
         .fetch_all(&store.pool)
         .await
         .map_err(db)?;
@@ -240,13 +254,8 @@ pub(super) async fn sum_batch_aggregations(
     merge: MergeFn<'_>,
 ) -> Result<BatchSum, StoreError> {
     let sql = buckets_in_sql("sum_batch_aggregations");
-    let mut rows = sqlx::query(&sql)
-        .bind(store.role_str())
-        .bind(&task_id.0[..])
-        .bind(clamp_i64(interval.start.0))
-        .bind(clamp_i64(interval.end().0))
-        .bind(aggregation_parameter)
-        .fetch(&store.pool);
+    let mut rows =
+        bind_buckets_in(store, &sql, task_id, interval, aggregation_parameter).fetch(&store.pool);
     let mut sum = BatchSum::default();
     while let Some(row) = std::future::poll_fn(|cx| rows.as_mut().poll_next(cx)).await {
         sum.add(

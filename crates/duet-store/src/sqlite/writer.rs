@@ -106,17 +106,16 @@ impl Writer {
     /// statement run on it outside a transaction is durable when it returns.
     #[cfg(test)]
     pub(super) async fn lock_synced(&self) -> Result<WriterGuard, StoreError> {
-        let mut conn = self.lock().await?;
-        let change = self
-            .wal_sync()
-            .and_then(|sync| sync.change_for(CommitSync::InCommit));
-        if let Some(change) = change {
-            sqlx::query(change.statement())
+        let (mut conn, change) = self
+            .statement_for(CommitSync::InCommit, String::new())
+            .await?;
+        if change.changes_setting() {
+            sqlx::query(change.sql())
                 .execute(&mut *conn)
                 .await
                 .map_err(db)?;
-            change.made();
         }
+        let _synced_in_commit = change.began();
         Ok(conn)
     }
 

@@ -35,7 +35,7 @@ use duet_core::{AggregatorRole, VdafInstance};
 use duet_messages::dap09::{Duration, HpkeConfigId, Query, Report, TaskId};
 use duet_messages::Encode;
 
-use servers::{cpu_pair, cpu_snapshot, peak_rss_bytes, start_server, ServerRole};
+use servers::{cpu_snapshot, cpu_us_per_report, peak_rss_bytes, start_server, ServerRole};
 use uploader::upload_all;
 use workload::{add_helper_history, add_leader_history, floor, generate, settle};
 
@@ -378,10 +378,9 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         .leader_endpoint
         .join(&format!("tasks/{}/reports", task.id))?;
     settle(&leader_db).await;
-    let upload_cpu0 = cpu_pair(&api_server);
+    let upload_cpu0 = cpu_snapshot(&[&api_server]);
     let upload_alone_s = upload_all(&url, &bodies, args.concurrency, "uploading").await?;
-    let upload_cpu1 = cpu_pair(&api_server);
-    let upload_cpu_us = |i: usize| (upload_cpu1[i] - upload_cpu0[i]) * 1e6 / n as f64;
+    let upload_cpu_us = cpu_us_per_report(&upload_cpu0, &cpu_snapshot(&[&api_server]), n);
     drop(api_server);
     leader_store.delete_task(&task.id).await?;
     if args.history > 0 {
@@ -397,7 +396,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
     let url = task
         .leader_endpoint
         .join(&format!("tasks/{}/reports", task.id))?;
-    let cpu0 = cpu_snapshot(&server, &helper_server);
+    let cpu0 = cpu_snapshot(&[&server, &helper_server]);
     let t0 = now();
     let upload_s = upload_all(&url, &bodies, args.concurrency, "end to end").await?;
     let params = task.to_parameters();
@@ -427,8 +426,7 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
             result.aggregate
         );
     }
-    let cpu1 = cpu_snapshot(&server, &helper_server);
-    let cpu_us = |i: usize| (cpu1[i] - cpu0[i]) * 1e6 / n as f64;
+    let cpu_us = cpu_us_per_report(&cpu0, &cpu_snapshot(&[&server, &helper_server]), n);
     let rss = peak_rss_bytes(server.0.id()) + peak_rss_bytes(helper_server.0.id());
     drop((server, helper_server));
     let e2e = n as f64 / total;
@@ -443,16 +441,16 @@ async fn run_one(args: &Args, backend: Backend, which: BenchVdaf) -> Result<Run>
         helper_cpu_us_per_report: helper_cpu * 1e6,
         floor_reports_per_s: floor_rate,
         upload_reports_per_s: n as f64 / upload_alone_s,
-        upload_leader_cpu_us_per_report: upload_cpu_us(0),
-        upload_client_cpu_us_per_report: upload_cpu_us(1),
+        upload_leader_cpu_us_per_report: upload_cpu_us[0],
+        upload_client_cpu_us_per_report: upload_cpu_us[1],
         upload_while_aggregating_reports_per_s: n as f64 / upload_s,
         end_to_end_reports_per_s: e2e,
         ratio: e2e / floor_rate,
         collect_latency_s: latency,
         peak_rss_bytes: rss,
-        leader_process_cpu_us_per_report: cpu_us(0),
-        helper_process_cpu_us_per_report: cpu_us(1),
-        client_cpu_us_per_report: cpu_us(2),
+        leader_process_cpu_us_per_report: cpu_us[0],
+        helper_process_cpu_us_per_report: cpu_us[1],
+        client_cpu_us_per_report: cpu_us[2],
         database: settings,
     })
 }
@@ -481,14 +479,14 @@ pub async fn run(mut args: Args) -> Result<ExitCode> {
     }
     let mut runs = Vec::new();
     for round in 1..=args.repeat {
+        let of = if args.repeat > 1 {
+            format!(" (round {round} of {})", args.repeat)
+        } else {
+            String::new()
+        };
         for &backend in &args.backend {
             for &vdaf in &args.vdaf {
                 if !args.json {
-                    let of = if args.repeat > 1 {
-                        format!(" (round {round} of {})", args.repeat)
-                    } else {
-                        String::new()
-                    };
                     eprintln!(
                         "running {} on {} with {} reports{of}…",
                         vdaf.name(),

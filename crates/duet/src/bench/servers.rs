@@ -41,18 +41,24 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// CPU seconds used so far by `server` and by this process (the upload client).
-pub(super) fn cpu_pair(server: &ServerProcess) -> [f64; 2] {
-    [cpu_seconds(Some(server.0.id())), cpu_seconds(None)]
+/// CPU seconds used so far by each of `servers`, then by this process (the upload client and
+/// the collector).
+pub(super) fn cpu_snapshot(servers: &[&ServerProcess]) -> Vec<f64> {
+    servers
+        .iter()
+        .map(|s| cpu_seconds(Some(s.0.id())))
+        .chain([cpu_seconds(None)])
+        .collect()
 }
 
-/// CPU seconds used so far by the Leader's process, the Helper's and this one.
-pub(super) fn cpu_snapshot(leader: &ServerProcess, helper: &ServerProcess) -> [f64; 3] {
-    [
-        cpu_seconds(Some(leader.0.id())),
-        cpu_seconds(Some(helper.0.id())),
-        cpu_seconds(None),
-    ]
+/// The CPU microseconds per report each process of two [`cpu_snapshot`]s spent between them,
+/// over `reports` reports.
+pub(super) fn cpu_us_per_report(before: &[f64], after: &[f64], reports: usize) -> Vec<f64> {
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| (a - b) * 1e6 / reports as f64)
+        .collect()
 }
 
 pub(super) fn peak_rss_bytes(pid: u32) -> u64 {
