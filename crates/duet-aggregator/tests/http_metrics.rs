@@ -228,6 +228,47 @@ async fn jobs_hold_what_fits_their_aggregate_budget() {
     h.stop().await;
 }
 
+/// A replica that runs jobs sizes them for a task stored after it started and uploaded to
+/// another replica: five reports in five hours, uploaded to an API-only replica, with room for
+/// two buckets per job, all end up in jobs the Helper takes. (A job of all five is refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_replica_sizes_jobs_of_a_task_uploaded_elsewhere() {
+    let h = Harness::start_with(duet_aggregator::AggregatorConfig {
+        max_job_aggregate_bytes: 16,
+        // The job creator's passes, a second apart, fall before the task and after its uploads.
+        polling_interval_ms: 1000,
+        ..duet_aggregator::AggregatorConfig::default()
+    })
+    .await;
+    let (api, api_url) = h.api_replica().await;
+    tokio::time::sleep(StdDuration::from_millis(1200)).await;
+    let (mut task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    task.leader_endpoint = api_url;
+    let client = common::client(&task).await;
+    let now = RealClock.now();
+    for hours_ago in 0..5 {
+        let time = Time(now.0 - hours_ago * task.time_precision.0);
+        client
+            .upload_at(&Measurement::Count(true), Some(time))
+            .await
+            .expect("upload");
+    }
+    let aggregated = "duet_leader_reports_total{outcome=\"aggregated\"}";
+    let abandoned = "duet_aggregation_jobs_total{outcome=\"abandoned\"}";
+    let mut samples = Vec::new();
+    for _ in 0..100 {
+        (_, samples) = scrape(&h).await;
+        if value(&samples, aggregated) == Some(5.0) || value(&samples, abandoned) > Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(StdDuration::from_millis(100)).await;
+    }
+    api.shutdown().await.expect("shutdown");
+    h.stop().await;
+    assert_eq!(value(&samples, abandoned), Some(0.0), "{samples:?}");
+    assert_eq!(value(&samples, aggregated), Some(5.0), "{samples:?}");
+}
+
 /// Reports the Helper rejects are counted as such by the Leader: here the Helper's copy of the
 /// task has another verify key, so every report fails its preparation there, and the Leader's
 /// jobs still finish.

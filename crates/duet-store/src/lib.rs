@@ -84,6 +84,10 @@ pub trait Datastore: Send + Sync + 'static {
     async fn get_task(&self, task_id: &TaskId) -> Result<Option<Task>, StoreError>;
     /// All tasks.
     async fn list_tasks(&self) -> Result<Vec<Task>, StoreError>;
+    /// How many tasks there are: a cheap check for tasks stored since a [`list_tasks`].
+    ///
+    /// [`list_tasks`]: Datastore::list_tasks
+    async fn count_tasks(&self) -> Result<u64, StoreError>;
     /// Deletes a task and everything stored under it. Returns whether it existed. For a task
     /// no process serves any more: a server that has the task cached goes on accepting its
     /// uploads and running its jobs, and those write under the deleted task again.

@@ -32,10 +32,6 @@ use crate::metrics::{AggregationOutcome, LeaderReports, StoreOp};
 use crate::peer::{self, PeerError};
 use crate::shared::{find_key, TaskEntry};
 
-/// How often the job creator reads the stored tasks, for those this process has not cached
-/// (a replica that runs jobs but serves no uploads learns of new tasks so).
-const TASKS_READ_INTERVAL_S: u64 = 10;
-
 /// The most reports a job of a task whose encoded reports are `report_len` bytes, and aggregate
 /// shares `aggregate_len` bytes, holds: as many as fit `max_aggregation_job_bytes`, and no more
 /// than fit `max_job_aggregate_bytes` were each in a time bucket of its own (so no Helper with
@@ -51,8 +47,10 @@ pub(crate) fn job_size(
 }
 
 /// Each cached task's job size, from its VDAF's report length. An upload caches its task
-/// before its report is stored, so a task only this process serves is always sized; a task
-/// not cached (uploaded to another replica since the last reading) gets
+/// before its report is stored, and the job creator caches every task stored before its pass
+/// (see [`cache_new_tasks`]), so a task goes unsized only if its VDAF is unusable (its jobs
+/// fail anyway) or if it was stored, and its reports uploaded to another replica, between the
+/// pass's count of the tasks and its claim: such a task's first jobs get
 /// `max_aggregation_job_size`.
 fn job_sizes(leader: &Leader) -> JobSizes {
     let cfg = &leader.shared.config;
@@ -65,10 +63,19 @@ fn job_sizes(leader: &Leader) -> JobSizes {
     sizes
 }
 
-/// Caches the stored tasks this process has not cached yet; a task whose VDAF cannot be
-/// instantiated is skipped (it cannot be served either).
-async fn cache_stored_tasks(leader: &Leader) -> Result<(), Error> {
-    for task in leader.shared.store.list_tasks().await? {
+/// Caches the stored tasks this process has not cached yet, when their number differs from
+/// `listed`, the number the last listing found (which it then updates): a replica that runs
+/// jobs learns of a task uploaded to another replica before it claims the task's reports, at
+/// the cost of one count per pass. A task whose VDAF cannot be instantiated is skipped (it
+/// cannot be served either).
+async fn cache_new_tasks(leader: &Leader, listed: &mut Option<u64>) -> Result<(), Error> {
+    let store = &leader.shared.store;
+    if *listed == Some(store.count_tasks().await?) {
+        return Ok(());
+    }
+    let tasks = store.list_tasks().await?;
+    *listed = Some(u64::try_from(tasks.len()).unwrap_or(u64::MAX));
+    for task in tasks {
         let id = task.id;
         if let Err(e) = leader.shared.cache_task(task) {
             tracing::debug!(task = %id, error = %e, "a stored task's VDAF is unusable");
@@ -80,7 +87,7 @@ async fn cache_stored_tasks(leader: &Leader) -> Result<(), Error> {
 /// Groups stored reports into aggregation jobs whenever reports arrive.
 pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Receiver<bool>) {
     let cfg = &leader.shared.config;
-    let mut tasks_read: Option<Time> = None;
+    let mut tasks_listed: Option<u64> = None;
     loop {
         tokio::select! {
             _ = leader.wake_job_creator.notified() => {
@@ -90,14 +97,10 @@ pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Re
             _ = tokio::time::sleep(cfg.polling_interval()) => {}
             _ = shutdown.changed() => return,
         }
-        let now = leader.shared.clock.now();
-        if tasks_read.is_none_or(|at| now.0.saturating_sub(at.0) >= TASKS_READ_INTERVAL_S) {
-            // Tried again only after the interval, failed or not.
-            tasks_read = Some(now);
-            if let Err(e) = cache_stored_tasks(&leader).await {
-                tracing::warn!(error = %e, "reading the stored tasks failed");
-            }
+        if let Err(e) = cache_new_tasks(&leader, &mut tasks_listed).await {
+            tracing::warn!(error = %e, "reading the stored tasks failed");
         }
+        let now = leader.shared.clock.now();
         let sizes = job_sizes(&leader);
         let created = leader.shared.metrics.time(
             StoreOp::CreateAggregationJobs,

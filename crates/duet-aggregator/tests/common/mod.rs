@@ -156,6 +156,35 @@ impl Harness {
         (task, collector_key)
     }
 
+    /// Starts a second Leader on the same database that serves the API but runs no jobs
+    /// (`run_jobs = false`), as a replica behind a load balancer may; returns it and its Leader
+    /// URL. The caller shuts it down.
+    pub async fn api_replica(&self) -> (RunningServer, url::Url) {
+        let path = self._dir.path().join("duet.sqlite");
+        let store = SqliteDatastore::connect(path.to_str().expect("utf-8 path"))
+            .await
+            .expect("open");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let roles = Roles {
+            leader: Some(RoleConfig {
+                store: Arc::new(store.with_role(AggregatorRole::Leader)),
+                path_prefix: "/leader".into(),
+            }),
+            helper: None,
+        };
+        let config = AggregatorConfig {
+            run_jobs: false,
+            ..AggregatorConfig::default()
+        };
+        let server = run(listener, roles, config, Arc::new(RealClock))
+            .await
+            .expect("server");
+        let url = parse_endpoint(&format!("http://{}/leader/", server.local_addr)).expect("url");
+        (server, url)
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.server.take() {
             s.shutdown().await.expect("shutdown");

@@ -424,6 +424,10 @@ impl Datastore for SqliteDatastore {
         tasks::list_tasks(self).await
     }
 
+    async fn count_tasks(&self) -> Result<u64, StoreError> {
+        tasks::count_tasks(self).await
+    }
+
     async fn delete_task(&self, task_id: &TaskId) -> Result<bool, StoreError> {
         tasks::delete_task(self, task_id).await
     }
