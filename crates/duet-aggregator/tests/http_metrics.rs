@@ -27,6 +27,32 @@ async fn scrape(h: &Harness) -> (String, Vec<(String, f64)>) {
     (r.content_type, samples)
 }
 
+/// Scrapes `/metrics` every 100 ms until `done` holds of its samples, ten seconds at most;
+/// returns the last samples.
+async fn scrape_until(h: &Harness, done: impl Fn(&[(String, f64)]) -> bool) -> Vec<(String, f64)> {
+    let mut samples = Vec::new();
+    for _ in 0..100 {
+        (_, samples) = scrape(h).await;
+        if done(&samples) {
+            break;
+        }
+        tokio::time::sleep(StdDuration::from_millis(100)).await;
+    }
+    samples
+}
+
+/// Uploads a Prio3Count report to `task` in each of the last `hours` hours (this one first).
+async fn upload_one_an_hour(client: &duet_client::Client, task: &Task, hours: u64) {
+    let now = RealClock.now();
+    for hours_ago in 0..hours {
+        let time = Time(now.0 - hours_ago * task.time_precision.0);
+        client
+            .upload_at(&Measurement::Count(true), Some(time))
+            .await
+            .expect("upload");
+    }
+}
+
 /// Uploads a Prio3Count report of each of `bits` to `task`'s Leader, each accepted; returns the
 /// upload URL.
 async fn upload_counts(task: &Task, client: &duet_client::Client, bits: &[bool]) -> url::Url {
@@ -200,27 +226,16 @@ async fn jobs_hold_what_fits_their_aggregate_budget() {
     .await;
     let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
     let client = common::client(&task).await;
-    let now = RealClock.now();
-    for hours_ago in 0..5 {
-        let time = Time(now.0 - hours_ago * task.time_precision.0);
-        client
-            .upload_at(&Measurement::Count(true), Some(time))
-            .await
-            .expect("upload");
-    }
+    upload_one_an_hour(&client, &task, 5).await;
     let aggregated = "duet_leader_reports_total{outcome=\"aggregated\"}";
     let finished = "duet_aggregation_jobs_total{outcome=\"finished\"}";
     let abandoned = "duet_aggregation_jobs_total{outcome=\"abandoned\"}";
-    let mut samples = Vec::new();
-    for _ in 0..100 {
-        (_, samples) = scrape(&h).await;
+    let samples = scrape_until(&h, |samples| {
         let ended =
-            value(&samples, finished).unwrap_or(0.0) + value(&samples, abandoned).unwrap_or(0.0);
-        if value(&samples, aggregated) == Some(5.0) && ended >= 3.0 || ended >= 5.0 {
-            break;
-        }
-        tokio::time::sleep(StdDuration::from_millis(100)).await;
-    }
+            value(samples, finished).unwrap_or(0.0) + value(samples, abandoned).unwrap_or(0.0);
+        value(samples, aggregated) == Some(5.0) && ended >= 3.0 || ended >= 5.0
+    })
+    .await;
     assert_eq!(value(&samples, abandoned), Some(0.0), "{samples:?}");
     assert_eq!(value(&samples, aggregated), Some(5.0), "{samples:?}");
     // Jobs of at most two reports (three or more, as the uploads came by the creator's passes).
@@ -245,24 +260,13 @@ async fn a_worker_replica_sizes_jobs_of_a_task_uploaded_elsewhere() {
     let (mut task, _) = h.task(VdafInstance::Prio3Count, 1).await;
     task.leader_endpoint = api_url;
     let client = common::client(&task).await;
-    let now = RealClock.now();
-    for hours_ago in 0..5 {
-        let time = Time(now.0 - hours_ago * task.time_precision.0);
-        client
-            .upload_at(&Measurement::Count(true), Some(time))
-            .await
-            .expect("upload");
-    }
+    upload_one_an_hour(&client, &task, 5).await;
     let aggregated = "duet_leader_reports_total{outcome=\"aggregated\"}";
     let abandoned = "duet_aggregation_jobs_total{outcome=\"abandoned\"}";
-    let mut samples = Vec::new();
-    for _ in 0..100 {
-        (_, samples) = scrape(&h).await;
-        if value(&samples, aggregated) == Some(5.0) || value(&samples, abandoned) > Some(0.0) {
-            break;
-        }
-        tokio::time::sleep(StdDuration::from_millis(100)).await;
-    }
+    let samples = scrape_until(&h, |samples| {
+        value(samples, aggregated) == Some(5.0) || value(samples, abandoned) > Some(0.0)
+    })
+    .await;
     api.shutdown().await.expect("shutdown");
     h.stop().await;
     assert_eq!(value(&samples, abandoned), Some(0.0), "{samples:?}");
