@@ -243,20 +243,20 @@ async fn jobs_hold_what_fits_their_aggregate_budget() {
     h.stop().await;
 }
 
-/// A replica that runs jobs sizes them for a task stored after it started and uploaded to
-/// another replica: five reports in five hours, uploaded to an API-only replica, with room for
-/// two buckets per job, all end up in jobs the Helper takes. (A job of all five is refused.)
+/// A replica that runs jobs sizes them for a task it has never served, stored after it started
+/// and uploaded to another replica: five reports in five hours, uploaded to an API-only
+/// replica, with room for two buckets per job, all end up in jobs the Helper takes. (A job of
+/// all five is refused.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_replica_sizes_jobs_of_a_task_uploaded_elsewhere() {
     let h = Harness::start_with(duet_aggregator::AggregatorConfig {
         max_job_aggregate_bytes: 16,
-        // The job creator's passes, a second apart, fall before the task and after its uploads.
-        polling_interval_ms: 1000,
+        // The job creator passes while the uploads come, and after them.
+        polling_interval_ms: 50,
         ..duet_aggregator::AggregatorConfig::default()
     })
     .await;
     let (api, api_url) = h.api_replica().await;
-    tokio::time::sleep(StdDuration::from_millis(1200)).await;
     let (mut task, _) = h.task(VdafInstance::Prio3Count, 1).await;
     task.leader_endpoint = api_url;
     let client = common::client(&task).await;
@@ -271,6 +271,39 @@ async fn a_worker_replica_sizes_jobs_of_a_task_uploaded_elsewhere() {
     h.stop().await;
     assert_eq!(value(&samples, abandoned), Some(0.0), "{samples:?}");
     assert_eq!(value(&samples, aggregated), Some(5.0), "{samples:?}");
+}
+
+/// Reports queued for a task no longer stored (a replica that still had it cached took them
+/// after it was deleted) hold back no other task's: the job creator, finding no such task,
+/// claims them into jobs of the largest size, and the reports uploaded after them are
+/// aggregated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_of_a_task_no_longer_stored_hold_back_no_others() {
+    let h = Harness::start_with(duet_aggregator::AggregatorConfig {
+        polling_interval_ms: 50,
+        ..duet_aggregator::AggregatorConfig::default()
+    })
+    .await;
+    let gone = duet_messages::dap09::TaskId::random();
+    let orphans: Vec<duet_store::NewReport> = (0..3)
+        .map(|_| duet_store::NewReport {
+            task_id: gone,
+            report_id: duet_messages::dap09::ReportId::random(),
+            time: RealClock.now(),
+            encoded: vec![0; 8],
+        })
+        .collect();
+    h.leader_store
+        .put_reports(&orphans)
+        .await
+        .expect("put_reports");
+    let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
+    let client = common::client(&task).await;
+    upload_counts(&task, &client, &[true, false]).await;
+    let aggregated = "duet_leader_reports_total{outcome=\"aggregated\"}";
+    let samples = scrape_until(&h, |samples| value(samples, aggregated) == Some(2.0)).await;
+    h.stop().await;
+    assert_eq!(value(&samples, aggregated), Some(2.0), "{samples:?}");
 }
 
 /// Reports the Helper rejects are counted as such by the Leader: here the Helper's copy of the

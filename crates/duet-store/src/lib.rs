@@ -84,10 +84,6 @@ pub trait Datastore: Send + Sync + 'static {
     async fn get_task(&self, task_id: &TaskId) -> Result<Option<Task>, StoreError>;
     /// All tasks.
     async fn list_tasks(&self) -> Result<Vec<Task>, StoreError>;
-    /// How many tasks there are: a cheap check for tasks stored since a [`list_tasks`].
-    ///
-    /// [`list_tasks`]: Datastore::list_tasks
-    async fn count_tasks(&self) -> Result<u64, StoreError>;
     /// Deletes a task and everything stored under it. Returns whether it existed. For a task
     /// no process serves any more: a server that has the task cached goes on accepting its
     /// uploads and running its jobs, and those write under the deleted task again.
@@ -156,16 +152,20 @@ pub trait Datastore: Send + Sync + 'static {
         if max_job_size == 0 {
             return Ok(0);
         }
-        self.create_sized_aggregation_jobs(&JobSizes::uniform(max_job_size), now)
-            .await
+        Ok(self
+            .create_sized_aggregation_jobs(&JobSizes::uniform(max_job_size), now)
+            .await?
+            .jobs)
     }
     /// Groups unassigned reports into new aggregation jobs, each of at most as many reports as
-    /// `sizes` gives its task. Returns how many jobs were created.
+    /// `sizes` gives its task. The reports of a task `sizes` gives no size are left unclaimed,
+    /// and so may be reports uploaded after them (in upload order, as a backend claims); the
+    /// task is listed in the result.
     async fn create_sized_aggregation_jobs(
         &self,
         sizes: &JobSizes,
         now: Time,
-    ) -> Result<usize, StoreError>;
+    ) -> Result<CreatedJobs, StoreError>;
     /// Leases up to `limit` runnable aggregation jobs, with their reports.
     async fn acquire_aggregation_jobs(
         &self,

@@ -194,11 +194,13 @@ impl CollectionJobState {
 }
 
 /// How many reports an aggregation job of each task holds at most: `per_task`'s size for the
-/// tasks it names, `default` for the others (at least one either way).
+/// tasks it names (at least one), `default` for the others. With no `default`, a job creation
+/// claims no report of a task `per_task` does not name and lists the task in
+/// [`CreatedJobs::unsized_tasks`] instead, so that its caller can size it and create again.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct JobSizes {
-    /// The size of the jobs of a task `per_task` does not name.
-    pub default: usize,
+    /// The size of the jobs of a task `per_task` does not name, if they are to be created.
+    pub default: Option<usize>,
     /// Sizes by task.
     pub per_task: std::collections::HashMap<TaskId, usize>,
 }
@@ -207,19 +209,28 @@ impl JobSizes {
     /// `size` for every task.
     pub fn uniform(size: usize) -> Self {
         JobSizes {
-            default: size,
+            default: Some(size),
             per_task: std::collections::HashMap::new(),
         }
     }
 
-    /// The size of `task`'s jobs.
-    pub fn of(&self, task: &TaskId) -> usize {
+    /// The size of `task`'s jobs; `None` if its reports are to be left unclaimed.
+    pub fn of(&self, task: &TaskId) -> Option<usize> {
         self.per_task
             .get(task)
             .copied()
-            .unwrap_or(self.default)
-            .max(1)
+            .or(self.default)
+            .map(|size| size.max(1))
     }
+}
+
+/// What a job creation did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CreatedJobs {
+    /// How many jobs it created.
+    pub jobs: usize,
+    /// Tasks with reports it left unclaimed because [`JobSizes`] gave them no size (each once).
+    pub unsized_tasks: Vec<TaskId>,
 }
 
 /// The sum of a batch's stored bucket aggregations, read one row at a time (see

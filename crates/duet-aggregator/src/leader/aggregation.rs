@@ -11,6 +11,7 @@
 //! any a faulty Helper accepts, as far as its collected-batch cache knows), or whether they are
 //! too early by this replica's clock (the Helper judges by its own).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use duet_core::hpke::{open, HpkeApplicationInfo, HpkeKeypair};
@@ -19,7 +20,7 @@ use duet_messages::dap09::media_type;
 use duet_messages::dap09::{
     AggregationJobInitReq, AggregationJobResp, InputShareAad, PartialBatchSelector,
     PlaintextInputShareRef, PrepareInit, PrepareStepResult, ReportId, ReportRef, ReportShare, Role,
-    Time,
+    TaskId, Time,
 };
 use duet_messages::{Decode, Encode};
 use duet_store::{AcquiredAggregationJob, JobSizes};
@@ -46,15 +47,20 @@ pub(crate) fn job_size(
         .clamp(1, cfg.max_aggregation_job_size)
 }
 
-/// Each cached task's job size, from its VDAF's report length. An upload caches its task
-/// before its report is stored, and the job creator caches every task stored before its pass
-/// (see [`cache_new_tasks`]), so a task goes unsized only if its VDAF is unusable (its jobs
-/// fail anyway) or if it was stored, and its reports uploaded to another replica, between the
-/// pass's count of the tasks and its claim: such a task's first jobs get
-/// `max_aggregation_job_size`.
-fn job_sizes(leader: &Leader) -> JobSizes {
+/// Each cached task's job size, from its VDAF's report length, and `max_aggregation_job_size`
+/// for the `fallback` tasks (no longer stored, or with a VDAF this process cannot instantiate:
+/// their jobs fail anyway). Any other task gets no size, so the store leaves its reports
+/// unclaimed and names it (see [`size_new_tasks`]): a replica that runs jobs learns of a task
+/// uploaded to another replica before it cuts the task's jobs, whenever that task was stored.
+fn job_sizes(leader: &Leader, fallback: &HashSet<TaskId>) -> JobSizes {
     let cfg = &leader.shared.config;
-    let mut sizes = JobSizes::uniform(cfg.max_aggregation_job_size);
+    let mut sizes = JobSizes {
+        default: None,
+        per_task: fallback
+            .iter()
+            .map(|id| (*id, cfg.max_aggregation_job_size))
+            .collect(),
+    };
     for entry in leader.shared.cached_tasks() {
         let report_len = super::upload::typical_report_len(&entry.lengths);
         let size = job_size(cfg, report_len, entry.aggregate_len);
@@ -63,45 +69,58 @@ fn job_sizes(leader: &Leader) -> JobSizes {
     sizes
 }
 
-/// Caches the stored tasks this process has not cached yet, when their number differs from
-/// `listed`, the number the last listing found (which it then updates): a replica that runs
-/// jobs learns of a task uploaded to another replica before it claims the task's reports, at
-/// the cost of one count per pass. A task whose VDAF cannot be instantiated is skipped (it
-/// cannot be served either).
-async fn cache_new_tasks(leader: &Leader, listed: &mut Option<u64>) -> Result<(), Error> {
-    let store = &leader.shared.store;
-    if *listed == Some(store.count_tasks().await?) {
-        return Ok(());
-    }
-    let tasks = store.list_tasks().await?;
-    *listed = Some(u64::try_from(tasks.len()).unwrap_or(u64::MAX));
-    for task in tasks {
-        let id = task.id;
-        if let Err(e) = leader.shared.cache_task(task) {
-            tracing::debug!(task = %id, error = %e, "a stored task's VDAF is unusable");
+/// Reads and caches the tasks a job creation left unsized; a task not stored, or whose VDAF
+/// cannot be instantiated, goes into `fallback`. Returns whether any task was settled either
+/// way (one that could not be read is tried again at the next pass).
+async fn size_new_tasks(leader: &Leader, tasks: &[TaskId], fallback: &mut HashSet<TaskId>) -> bool {
+    let mut settled = false;
+    for id in tasks {
+        match leader.shared.store.get_task(id).await {
+            Ok(Some(task)) => {
+                if let Err(e) = leader.shared.cache_task(task) {
+                    tracing::warn!(task = %id, error = %e, "a stored task's VDAF is unusable");
+                    fallback.insert(*id);
+                }
+                settled = true;
+            }
+            Ok(None) => {
+                tracing::debug!(task = %id, "reports queued for a task no longer stored");
+                fallback.insert(*id);
+                settled = true;
+            }
+            Err(e) => tracing::warn!(task = %id, error = %e, "reading a task failed"),
         }
     }
-    Ok(())
+    settled
 }
 
-/// Groups stored reports into aggregation jobs whenever reports arrive.
+/// Groups stored reports into aggregation jobs whenever reports arrive; passes again at once
+/// (once) when it has sized a task whose reports the last pass left.
 pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Receiver<bool>) {
     let cfg = &leader.shared.config;
-    let mut tasks_listed: Option<u64> = None;
+    let mut fallback = HashSet::new();
+    let mut again = false;
     loop {
-        tokio::select! {
-            _ = leader.wake_job_creator.notified() => {
-                // Let a burst of uploads land so jobs come out full.
-                tokio::time::sleep(std::time::Duration::from_millis(cfg.job_creation_delay_ms)).await;
+        let at_once = std::mem::take(&mut again);
+        if at_once {
+            if *shutdown.borrow() {
+                return;
             }
-            _ = tokio::time::sleep(cfg.polling_interval()) => {}
-            _ = shutdown.changed() => return,
-        }
-        if let Err(e) = cache_new_tasks(&leader, &mut tasks_listed).await {
-            tracing::warn!(error = %e, "reading the stored tasks failed");
+        } else {
+            tokio::select! {
+                _ = leader.wake_job_creator.notified() => {
+                    // Let a burst of uploads land so jobs come out full.
+                    tokio::time::sleep(
+                        std::time::Duration::from_millis(cfg.job_creation_delay_ms),
+                    )
+                    .await;
+                }
+                _ = tokio::time::sleep(cfg.polling_interval()) => {}
+                _ = shutdown.changed() => return,
+            }
         }
         let now = leader.shared.clock.now();
-        let sizes = job_sizes(&leader);
+        let sizes = job_sizes(&leader, &fallback);
         let created = leader.shared.metrics.time(
             StoreOp::CreateAggregationJobs,
             leader
@@ -110,10 +129,16 @@ pub(super) async fn run_job_creator(leader: Arc<Leader>, mut shutdown: watch::Re
                 .create_sized_aggregation_jobs(&sizes, now),
         );
         match created.await {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::debug!(jobs = n, "created aggregation jobs");
-                leader.wake_aggregation.notify_one();
+            Ok(created) => {
+                if created.jobs > 0 {
+                    tracing::debug!(jobs = created.jobs, "created aggregation jobs");
+                    leader.wake_aggregation.notify_one();
+                }
+                if !created.unsized_tasks.is_empty() {
+                    let settled =
+                        size_new_tasks(&leader, &created.unsized_tasks, &mut fallback).await;
+                    again = settled && !at_once;
+                }
             }
             Err(e) => tracing::error!(error = %e, "creating aggregation jobs failed"),
         }

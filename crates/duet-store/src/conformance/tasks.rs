@@ -48,24 +48,12 @@ pub async fn check_settings(store: &dyn Datastore) {
     assert_eq!(settings[0].0, "engine");
 }
 
-/// A role's number of tasks.
-async fn count(store: &dyn Datastore) -> u64 {
-    store.count_tasks().await.expect("count_tasks")
-}
-
 /// Tasks: put is idempotent for the same task and refuses a different one; roles are isolated;
-/// each role counts its own; delete reports whether the task existed.
+/// delete reports whether the task existed.
 pub async fn check_tasks(leader: &dyn Datastore, helper: &dyn Datastore) {
-    let (leader_count, helper_count) = (count(leader).await, count(helper).await);
     let t = task(TaskId::random());
     assert_eq!(leader.get_task(&t.id).await.expect("get_task"), None);
     leader.put_task(&t).await.expect("put_task");
-    assert_eq!(count(leader).await, leader_count + 1);
-    assert_eq!(
-        count(helper).await,
-        helper_count,
-        "the Helper's tasks are its own"
-    );
     assert_eq!(
         leader.get_task(&t.id).await.expect("get_task"),
         Some(t.clone())
@@ -73,7 +61,6 @@ pub async fn check_tasks(leader: &dyn Datastore, helper: &dyn Datastore) {
 
     // The same task again is fine; a different one under the same ID is not.
     leader.put_task(&t).await.expect("re-put of the same task");
-    assert_eq!(count(leader).await, leader_count + 1);
     let mut different = t.clone();
     different.min_batch_size += 1;
     assert!(matches!(
@@ -110,8 +97,6 @@ pub async fn check_tasks(leader: &dyn Datastore, helper: &dyn Datastore) {
     assert!(listed.contains(&t));
     assert!(listed.contains(&t2));
     assert!(!listed.contains(&different));
-    assert_eq!(count(leader).await, leader_count + 2);
-    assert_eq!(count(helper).await, helper_count + 1);
 
     // Deleting in one role leaves the other alone.
     assert!(leader.delete_task(&t.id).await.expect("delete_task"));
@@ -121,11 +106,8 @@ pub async fn check_tasks(leader: &dyn Datastore, helper: &dyn Datastore) {
         helper.get_task(&t.id).await.expect("get_task"),
         Some(different)
     );
-    assert_eq!(count(leader).await, leader_count + 1);
     assert!(helper.delete_task(&t.id).await.expect("helper delete_task"));
     assert!(leader.delete_task(&t2.id).await.expect("delete_task"));
-    assert_eq!(count(leader).await, leader_count);
-    assert_eq!(count(helper).await, helper_count);
     assert!(!leader
         .delete_task(&TaskId::random())
         .await

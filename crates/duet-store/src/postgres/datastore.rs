@@ -34,10 +34,6 @@ impl Datastore for PostgresDatastore {
         self.run("list_tasks", || tasks::list_tasks(self)).await
     }
 
-    async fn count_tasks(&self) -> Result<u64, StoreError> {
-        self.run("count_tasks", || tasks::count_tasks(self)).await
-    }
-
     async fn delete_task(&self, task_id: &TaskId) -> Result<bool, StoreError> {
         self.run("delete_task", || tasks::delete_task(self, task_id))
             .await
@@ -140,7 +136,7 @@ impl Datastore for PostgresDatastore {
         &self,
         sizes: &crate::JobSizes,
         now: Time,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<crate::CreatedJobs, StoreError> {
         self.run("create_aggregation_jobs", || {
             job_creation::create_aggregation_jobs(self, sizes, now)
         })

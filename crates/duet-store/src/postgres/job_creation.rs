@@ -12,7 +12,7 @@ use super::{
     col, col_array, col_u64, is_unique_violation, limit_i64, notify, runs, to_i64,
     PostgresDatastore, TxError,
 };
-use crate::{JobSizes, StoreError, Wakeup};
+use crate::{CreatedJobs, JobSizes, StoreError, Wakeup};
 
 /// The reports the job of task `$1` (replay key `$5`) claims: up to `$2` reports in claim order
 /// (upload transaction, time, ID) after the task's claim cursor, read from the index in that
@@ -193,12 +193,13 @@ const MAX_HORIZON_WAIT: Duration = Duration::from_secs(1);
 /// replays. Uploads held back by an older running transaction are waited for (up to 1 s per
 /// pass) rather than left out of a partial job; if some are still held back at the end, a
 /// `ReportsStored` wake-up brings the creators back for them (with a warning if the wait ran
-/// out). Each job's transaction sends an `AggregationJobsCreated` wake-up.
+/// out). Each job's transaction sends an `AggregationJobsCreated` wake-up. A task `sizes` gives
+/// no size is skipped, and listed in the result.
 pub(super) async fn create_aggregation_jobs(
     store: &PostgresDatastore,
     sizes: &JobSizes,
     now: Time,
-) -> Result<usize, TxError> {
+) -> Result<CreatedJobs, TxError> {
     let now = to_i64(now.0, "time")?;
     let mut conn = store.pool.acquire().await?;
     // The tasks that have unclaimed reports (every task with queued reports has a cursor:
@@ -207,14 +208,18 @@ pub(super) async fn create_aggregation_jobs(
     let task_rows = sqlx::query(TASKS_WITH_UNCLAIMED)
         .fetch_all(&mut *conn)
         .await?;
-    let mut created = 0;
+    let mut created = CreatedJobs::default();
     let mut held_back = false;
     // One budget for the pass, whatever the number of tasks.
     let mut waited = Duration::ZERO;
     let mut wait = FIRST_HORIZON_WAIT;
     for task_row in task_rows {
         let task_id: [u8; 32] = col_array(&task_row, "task_id")?;
-        let max_job_size = sizes.of(&TaskId(task_id));
+        // A task with no size keeps its reports for a later pass.
+        let Some(max_job_size) = sizes.of(&TaskId(task_id)) else {
+            created.unsized_tasks.push(TaskId(task_id));
+            continue;
+        };
         // The limit plus one must fit a BIGINT (`next` reads one more).
         let limit = limit_i64(max_job_size).min(i64::MAX - 1);
         let task_key = store.task_key(&TaskId(task_id)).await?;
@@ -300,7 +305,7 @@ pub(super) async fn create_aggregation_jobs(
                 continue;
             }
             if col_u64(&row, "jobs")? > 0 {
-                created += 1;
+                created.jobs += 1;
             }
             if col_u64(&row, "claimed")? >= max_job_size as u64 {
                 continue;

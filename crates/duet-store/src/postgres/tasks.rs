@@ -80,14 +80,6 @@ pub(super) async fn list_tasks(store: &PostgresDatastore) -> Result<Vec<Task>, T
     )
 }
 
-pub(super) async fn count_tasks(store: &PostgresDatastore) -> Result<u64, TxError> {
-    let row = sqlx::query("-- count_tasks\nSELECT COUNT(*) AS tasks FROM tasks WHERE role = $1")
-        .bind(store.role_str())
-        .fetch_one(&store.pool)
-        .await?;
-    Ok(col_u64(&row, "tasks")?)
-}
-
 /// One statement per role removing a task and everything under it ($1: role, $2: task ID); the
 /// data-modifying CTEs run to completion whether or not their output is read. The Leader's claim
 /// cursor moves past the deleted queue, so that job creation does not walk its deleted entries,

@@ -24,8 +24,8 @@ use super::{
 };
 use super::{CommitSync, Durability, SqliteQuery};
 use crate::{
-    AcquiredAggregationJob, BatchAggregation, JobReport, JobSizes, Lease, MergeFn, NewReport,
-    StoreError,
+    AcquiredAggregationJob, BatchAggregation, CreatedJobs, JobReport, JobSizes, Lease, MergeFn,
+    NewReport, StoreError,
 };
 
 /// Columns bound per report in `put_reports`.
@@ -133,12 +133,14 @@ const CLAIM_BATCH: i64 = 50_000;
 
 /// Claims the reports uploaded since the last call, in `seq` windows: the window's report IDs
 /// are admitted to the replay set (see [`super::replay`]); a report whose ID was there already,
-/// or came earlier in the window, is a replay and is deleted; the rest are cut into jobs.
+/// or came earlier in the window, is a replay and is deleted; the rest are cut into jobs. The
+/// claim stops before the first report of a task `sizes` gives no size, and the window's
+/// unsized tasks are listed in the result.
 pub(super) async fn create_aggregation_jobs(
     store: &SqliteDatastore,
     sizes: &JobSizes,
     now: Time,
-) -> Result<usize, StoreError> {
+) -> Result<CreatedJobs, StoreError> {
     claim_into_jobs(store, sizes, now, CLAIM_BATCH).await
 }
 
@@ -148,7 +150,7 @@ async fn claim_into_jobs(
     sizes: &JobSizes,
     now: Time,
     window: i64,
-) -> Result<usize, StoreError> {
+) -> Result<CreatedJobs, StoreError> {
     let now = to_i64(now.0, "time")?;
     let mut tx = store.begin_write().await?;
     let row = sqlx::query(
@@ -162,12 +164,12 @@ async fn claim_into_jobs(
     let mut cursor: i64 = col(&row, "claimed_seq")?;
     let last_seq: i64 = col(&row, "last_seq")?;
     if cursor >= last_seq {
-        return Ok(0);
+        return Ok(CreatedJobs::default());
     }
     let mut intake = store.replay.leader.begin(&mut tx).await?;
-    let mut created = 0;
+    let mut created = CreatedJobs::default();
     while cursor < last_seq {
-        let end = last_seq.min(cursor.saturating_add(window.max(1)));
+        let mut end = last_seq.min(cursor.saturating_add(window.max(1)));
         let rows = sqlx::query(
             "-- create_aggregation_jobs\n\
              SELECT seq, task_id, report_id, client_time FROM reports \
@@ -178,7 +180,7 @@ async fn claim_into_jobs(
         .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
-        let (entries, times): (Vec<Entry>, Vec<i64>) = rows
+        let (mut entries, mut times): (Vec<Entry>, Vec<i64>) = rows
             .iter()
             .map(|row| {
                 let entry = Entry {
@@ -191,6 +193,19 @@ async fn claim_into_jobs(
             .collect::<Result<Vec<_>, StoreError>>()?
             .into_iter()
             .unzip();
+        // The claim ends before the first report of an unsized task.
+        let unsized_from = entries.iter().position(|e| sizes.of(&e.task_id).is_none());
+        if let Some(first) = unsized_from {
+            for entry in &entries[first..] {
+                let task = entry.task_id;
+                if sizes.of(&task).is_none() && !created.unsized_tasks.contains(&task) {
+                    created.unsized_tasks.push(task);
+                }
+            }
+            end = entries[first].seq - 1;
+            entries.truncate(first);
+            times.truncate(first);
+        }
         let fresh = intake.admit(&mut tx, &entries).await?;
         let replays: Vec<i64> = entries
             .iter()
@@ -226,9 +241,12 @@ async fn claim_into_jobs(
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-            created += 1;
+            created.jobs += 1;
         }
         cursor = end;
+        if unsized_from.is_some() {
+            break;
+        }
     }
     sqlx::query(
         "-- create_aggregation_jobs\nUPDATE report_cursor SET claimed_seq = ? WHERE id = 0",
@@ -272,7 +290,8 @@ struct NewJob {
 }
 
 /// Groups claimed reports (with their times) by task in upload order and cuts each task's run
-/// into jobs of at most as many reports as `sizes` gives the task.
+/// into jobs of at most as many reports as `sizes` gives the task (every claimed report's task
+/// has a size).
 fn cut_into_jobs<'a>(
     claimed: impl Iterator<Item = (&'a Entry, i64)>,
     sizes: &JobSizes,
@@ -292,7 +311,7 @@ fn cut_into_jobs<'a>(
         job.min_time = job.min_time.min(time);
         job.max_time = job.max_time.max(time);
         job.report_count += 1;
-        if job.report_count >= sizes.of(&entry.task_id) {
+        if job.report_count >= sizes.of(&entry.task_id).unwrap_or(1) {
             jobs.extend(open.remove(&entry.task_id));
         }
     }
@@ -621,7 +640,8 @@ mod tests {
         store.put_reports(&uploads).await.expect("put_reports");
         let jobs = claim_into_jobs(&store, &JobSizes::uniform(100), Time(2000), 2)
             .await
-            .expect("claim");
+            .expect("claim")
+            .jobs;
         assert_eq!(jobs, 4, "one job per window, none empty");
         let got = acquired_reports(&store, Time(2000)).await;
         let mut want: Vec<(ReportId, Vec<u8>)> =
@@ -707,7 +727,8 @@ mod tests {
         assert_eq!(
             claim_into_jobs(&store, &JobSizes::uniform(100), Time(6000), 100)
                 .await
-                .expect("claim"),
+                .expect("claim")
+                .jobs,
             1
         );
         for (start, want) in [

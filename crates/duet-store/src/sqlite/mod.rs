@@ -424,10 +424,6 @@ impl Datastore for SqliteDatastore {
         tasks::list_tasks(self).await
     }
 
-    async fn count_tasks(&self) -> Result<u64, StoreError> {
-        tasks::count_tasks(self).await
-    }
-
     async fn delete_task(&self, task_id: &TaskId) -> Result<bool, StoreError> {
         tasks::delete_task(self, task_id).await
     }
@@ -488,7 +484,7 @@ impl Datastore for SqliteDatastore {
         &self,
         sizes: &crate::JobSizes,
         now: Time,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<crate::CreatedJobs, StoreError> {
         leader::create_aggregation_jobs(self, sizes, now).await
     }
 

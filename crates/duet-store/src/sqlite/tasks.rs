@@ -75,15 +75,6 @@ pub(super) async fn list_tasks(store: &SqliteDatastore) -> Result<Vec<Task>, Sto
         .collect()
 }
 
-pub(super) async fn count_tasks(store: &SqliteDatastore) -> Result<u64, StoreError> {
-    let row = sqlx::query("-- count_tasks\nSELECT COUNT(*) AS tasks FROM tasks WHERE role = ?")
-        .bind(store.role_str())
-        .fetch_one(&store.pool)
-        .await
-        .map_err(db)?;
-    col_u64(&row, "tasks")
-}
-
 /// Statements that remove a task's rows from the tables of one role; each binds the task ID.
 const DELETE_LEADER: &[&str] = &[
     // A finished job deletes its rows: the rest are the task's pending reports, the backlog
