@@ -619,7 +619,10 @@ async fn a_retried_job_gets_its_answer_after_the_budget_is_lowered() {
 /// Only a report rejected as too early may come back, and is prepared once its time has come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_reports_are_not_prepared_again() {
-    let now = duet_core::Clock::now(&duet_core::RealClock);
+    // The hour's last second, where rounding a report's time down to the hour takes the most.
+    let hour = duet_messages::dap09::Duration(3_600);
+    let now = duet_core::Clock::now(&duet_core::RealClock).round_down(hour);
+    let now = duet_messages::dap09::Time(now.0 + hour.0 - 1);
     let clock = std::sync::Arc::new(duet_core::MockClock::new(now));
     let h = Harness::start_with_clock(
         duet_aggregator::AggregatorConfig::default(),
@@ -667,7 +670,9 @@ async fn rejected_reports_are_not_prepared_again() {
     );
 
     // Too early, then on time: prepared.
-    let later = duet_messages::dap09::Time(now.0 + 3_600);
+    // Two hours ahead, so that the report's time, rounded down to the hour, is still over an
+    // hour ahead of the clock, whatever the minute.
+    let later = duet_messages::dap09::Time(now.0 + 2 * 3_600);
     let early = client
         .prepare_report_at(&Measurement::Count(true), later)
         .expect("report");
