@@ -98,6 +98,24 @@ pub fn default_chunk_length(measurement_len: usize) -> usize {
     c.max(1)
 }
 
+/// Refuses a chunk longer than the measurement it cuts (`measurement_len` field elements): its
+/// proof would be as long as the chunk, whatever the measurement, so a task could make every
+/// process that instantiates it build a proof of any size (and `prio` adds to the length
+/// unchecked).
+fn check_chunk_length(
+    instance: &VdafInstance,
+    chunk_length: usize,
+    measurement_len: usize,
+) -> Result<(), CoreError> {
+    if chunk_length > measurement_len {
+        return Err(CoreError::InvalidParameter(format!(
+            "{instance}: chunk_length may be at most the measurement's length, \
+             {measurement_len}"
+        )));
+    }
+    Ok(())
+}
+
 impl VdafInstance {
     /// Checks parameters and builds the `prio` object.
     pub fn instantiate(&self) -> Result<Vdaf, CoreError> {
@@ -122,15 +140,16 @@ impl VdafInstance {
                         "Prio3SumVec needs 1 ≤ bits ≤ 64, length ≥ 1 and chunk_length ≥ 1, got {self}"
                     )));
                 }
-                if bits
+                let Some(measurement_len) = bits
                     .checked_mul(length)
-                    .is_none_or(|n| n > MAX_MEASUREMENT_LEN)
-                {
+                    .filter(|n| *n <= MAX_MEASUREMENT_LEN)
+                else {
                     return Err(CoreError::InvalidParameter(format!(
                         "Prio3SumVec's bits × length may be at most {MAX_MEASUREMENT_LEN} (its \
                          reports must fit an upload), got {self}"
                     )));
-                }
+                };
+                check_chunk_length(self, chunk_length, measurement_len)?;
                 Inner::SumVec(Prio3SumVec::new_sum_vec(2, bits, length, chunk_length).map_err(err)?)
             }
             Self::Prio3Histogram {
@@ -148,6 +167,7 @@ impl VdafInstance {
                          reports must fit an upload), got {self}"
                     )));
                 }
+                check_chunk_length(self, chunk_length, length)?;
                 Inner::Histogram(
                     Prio3Histogram::new_histogram(2, length, chunk_length).map_err(err)?,
                 )
@@ -747,6 +767,47 @@ mod tests {
                 panic!("{too_large} was built");
             };
             assert!(e.to_string().contains("at most"), "{e}");
+        }
+        // A chunk longer than the measurement would make any proof that long.
+        for chunk_too_long in [
+            VdafInstance::Prio3Histogram {
+                length: 2,
+                chunk_length: 1 << 62,
+            },
+            VdafInstance::Prio3Histogram {
+                length: 2,
+                chunk_length: 3,
+            },
+            VdafInstance::Prio3SumVec {
+                bits: 2,
+                length: 3,
+                chunk_length: 7,
+            },
+            VdafInstance::Prio3SumVec {
+                bits: 1,
+                length: 1,
+                chunk_length: usize::MAX,
+            },
+        ] {
+            let Err(e) = chunk_too_long.instantiate() else {
+                panic!("{chunk_too_long} was built");
+            };
+            assert!(e.to_string().contains("chunk_length may be at most"), "{e}");
+        }
+        for longest_chunk in [
+            VdafInstance::Prio3Histogram {
+                length: 2,
+                chunk_length: 2,
+            },
+            VdafInstance::Prio3SumVec {
+                bits: 2,
+                length: 3,
+                chunk_length: 6,
+            },
+        ] {
+            longest_chunk
+                .instantiate()
+                .expect("a chunk as long as the measurement");
         }
         assert_eq!(default_chunk_length(usize::MAX), 1 << 32);
         assert_eq!(default_chunk_length(10), 4);
