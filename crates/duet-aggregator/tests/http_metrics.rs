@@ -274,29 +274,47 @@ async fn a_worker_replica_sizes_jobs_of_a_task_uploaded_elsewhere() {
 }
 
 /// Reports queued for a task no longer stored (a replica that still had it cached took them
-/// after it was deleted) hold back no other task's: the job creator, finding no such task,
-/// claims them into jobs of the largest size, and the reports uploaded after them are
-/// aggregated.
+/// after it was deleted), or for one whose stored parameters cannot be read, hold back no other
+/// task's: the job creator, finding no such task, claims them into jobs of the largest size,
+/// and the reports uploaded after them are aggregated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reports_of_a_task_no_longer_stored_hold_back_no_others() {
+async fn reports_of_tasks_gone_or_unreadable_hold_back_no_others() {
     let h = Harness::start_with(duet_aggregator::AggregatorConfig {
         polling_interval_ms: 50,
         ..duet_aggregator::AggregatorConfig::default()
     })
     .await;
-    let gone = duet_messages::dap09::TaskId::random();
-    let orphans: Vec<duet_store::NewReport> = (0..3)
-        .map(|_| duet_store::NewReport {
-            task_id: gone,
-            report_id: duet_messages::dap09::ReportId::random(),
-            time: RealClock.now(),
-            encoded: vec![0; 8],
-        })
-        .collect();
-    h.leader_store
-        .put_reports(&orphans)
+    let (gone, unreadable) = (
+        duet_messages::dap09::TaskId::random(),
+        duet_messages::dap09::TaskId::random(),
+    );
+    let path = h._dir.path().join("duet.sqlite");
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+        "sqlite://{}",
+        path.display()
+    ))
+    .await
+    .expect("open");
+    sqlx::query("INSERT INTO tasks (role, task_id, parameters) VALUES ('leader', ?, '{}')")
+        .bind(&unreadable.0[..])
+        .execute(&mut db)
         .await
-        .expect("put_reports");
+        .expect("an unreadable task");
+    sqlx::Connection::close(db).await.expect("close");
+    for task_id in [gone, unreadable] {
+        let orphans: Vec<duet_store::NewReport> = (0..3)
+            .map(|_| duet_store::NewReport {
+                task_id,
+                report_id: duet_messages::dap09::ReportId::random(),
+                time: RealClock.now(),
+                encoded: vec![0; 8],
+            })
+            .collect();
+        h.leader_store
+            .put_reports(&orphans)
+            .await
+            .expect("put_reports");
+    }
     let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
     let client = common::client(&task).await;
     upload_counts(&task, &client, &[true, false]).await;

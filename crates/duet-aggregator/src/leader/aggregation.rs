@@ -48,8 +48,8 @@ pub(crate) fn job_size(
 }
 
 /// Each cached task's job size, from its VDAF's report length, and `max_aggregation_job_size`
-/// for the `fallback` tasks (no longer stored, or with a VDAF this process cannot instantiate:
-/// their jobs fail anyway). Any other task gets no size, so the store leaves its reports
+/// for the `fallback` tasks (no longer stored, unreadable, or with a VDAF this process cannot
+/// instantiate: their jobs fail anyway). Any other task gets no size, so the store leaves its reports
 /// unclaimed and names it (see [`size_new_tasks`]): a replica that runs jobs learns of a task
 /// uploaded to another replica before it cuts the task's jobs, whenever that task was stored.
 fn job_sizes(leader: &Leader, fallback: &HashSet<TaskId>) -> JobSizes {
@@ -69,8 +69,8 @@ fn job_sizes(leader: &Leader, fallback: &HashSet<TaskId>) -> JobSizes {
     sizes
 }
 
-/// Reads and caches the tasks a job creation left unsized; a task not stored, or whose VDAF
-/// cannot be instantiated, goes into `fallback`. Returns whether any task was settled either
+/// Reads and caches the tasks a job creation left unsized; a task not stored, unreadable, or
+/// whose VDAF cannot be instantiated goes into `fallback`. Returns whether any task was settled either
 /// way (one that could not be read is tried again at the next pass).
 async fn size_new_tasks(leader: &Leader, tasks: &[TaskId], fallback: &mut HashSet<TaskId>) -> bool {
     let mut settled = false;
@@ -85,6 +85,12 @@ async fn size_new_tasks(leader: &Leader, tasks: &[TaskId], fallback: &mut HashSe
             }
             Ok(None) => {
                 tracing::debug!(task = %id, "reports queued for a task no longer stored");
+                fallback.insert(*id);
+                settled = true;
+            }
+            // Stored parameters this version refuses to read stay so.
+            Err(e @ duet_store::StoreError::Corrupt(_)) => {
+                tracing::warn!(task = %id, error = %e, "a stored task is unreadable");
                 fallback.insert(*id);
                 settled = true;
             }
