@@ -375,10 +375,10 @@ async fn run_migrations(pool: &SqlitePool) -> Result<(), StoreError> {
 
 // ---- Conversions shared by the submodules ----
 
-/// Maps a database error.
 /// A statement with its arguments bound.
 type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
+/// Maps a database error.
 fn db(e: sqlx::Error) -> StoreError {
     StoreError::Database(e.to_string())
 }
