@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -145,6 +145,29 @@ fn require_media_type(task_id: TaskId, headers: &HeaderMap, expected: &str) -> H
     }
 }
 
+/// A route's path parameters, as axum's `Path` reads them; a path it cannot read (escapes
+/// that are not UTF-8) is answered with an `invalidMessage` problem document, as any other
+/// malformed request, rather than axum's plain-text 400.
+struct PathParams<T>(T);
+
+impl<S, T> FromRequestParts<S> for PathParams<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + Send,
+{
+    type Rejection = HttpError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(params)) => Ok(Self(params)),
+            Err(e) => Err(invalid(format!("the request's path: {}", e.body_text()))),
+        }
+    }
+}
+
 fn parse_task_id(s: &str) -> HttpResult<TaskId> {
     s.parse()
         .map_err(|_| invalid(format!("'{s}' is not a task ID")))
@@ -263,7 +286,7 @@ fn query_task_id(query: Option<&str>) -> HttpResult<Option<TaskId>> {
 
 async fn upload(
     State(leader): State<Arc<Leader>>,
-    Path(task_id): Path<String>,
+    PathParams(task_id): PathParams<String>,
     headers: HeaderMap,
     body: Body,
 ) -> HttpResult<StatusCode> {
@@ -294,7 +317,7 @@ fn parse_collection_job(task_id: &str, job_id: &str) -> HttpResult<(TaskId, Coll
 
 async fn create_collection_job(
     State(leader): State<Arc<Leader>>,
-    Path((task_id, job_id)): Path<(String, String)>,
+    PathParams((task_id, job_id)): PathParams<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> HttpResult<StatusCode> {
@@ -311,7 +334,7 @@ async fn create_collection_job(
 
 async fn poll_collection_job(
     State(leader): State<Arc<Leader>>,
-    Path((task_id, job_id)): Path<(String, String)>,
+    PathParams((task_id, job_id)): PathParams<(String, String)>,
     headers: HeaderMap,
 ) -> HttpResult<Response> {
     let (task_id, job_id) = parse_collection_job(&task_id, &job_id)?;
@@ -382,7 +405,7 @@ fn batch_refusal(reason: &str) -> Option<DapProblemType> {
 
 async fn delete_collection_job(
     State(leader): State<Arc<Leader>>,
-    Path((task_id, job_id)): Path<(String, String)>,
+    PathParams((task_id, job_id)): PathParams<(String, String)>,
     headers: HeaderMap,
 ) -> HttpResult<StatusCode> {
     let (task_id, job_id) = parse_collection_job(&task_id, &job_id)?;
@@ -408,7 +431,7 @@ fn parse_aggregation_job(task_id: &str, job_id: &str) -> HttpResult<(TaskId, Agg
 
 async fn aggregation_job_init(
     State(helper): State<Arc<Helper>>,
-    Path((task_id, job_id)): Path<(String, String)>,
+    PathParams((task_id, job_id)): PathParams<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> HttpResult<Response> {
@@ -428,7 +451,7 @@ async fn aggregation_job_init(
 
 async fn aggregation_job_continue(
     State(helper): State<Arc<Helper>>,
-    Path((task_id, job_id)): Path<(String, String)>,
+    PathParams((task_id, job_id)): PathParams<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> HttpResult<Response> {
@@ -448,7 +471,7 @@ async fn aggregation_job_continue(
 
 async fn aggregation_job_delete(
     State(helper): State<Arc<Helper>>,
-    Path((task_id, job_id)): Path<(String, String)>,
+    PathParams((task_id, job_id)): PathParams<(String, String)>,
     headers: HeaderMap,
 ) -> HttpResult<StatusCode> {
     let (task_id, _) = parse_aggregation_job(&task_id, &job_id)?;
@@ -460,7 +483,7 @@ async fn aggregation_job_delete(
 
 async fn aggregate_share(
     State(helper): State<Arc<Helper>>,
-    Path(task_id): Path<String>,
+    PathParams(task_id): PathParams<String>,
     headers: HeaderMap,
     body: Body,
 ) -> HttpResult<Response> {

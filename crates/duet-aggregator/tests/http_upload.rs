@@ -88,19 +88,23 @@ async fn upload_validation() {
     )
     .await
     .assert_problem(400, "unrecognizedTask");
-    let bad = task
-        .leader_endpoint
-        .join("tasks/not-a-task-id/reports")
-        .expect("url");
-    send(
-        Method::PUT,
-        bad,
-        Some(media_type::REPORT),
-        None,
-        bytes.clone(),
-    )
-    .await
-    .assert_problem(400, "invalidMessage");
+    // A path segment that is not a task ID, and one whose escapes are not even UTF-8: each a
+    // problem document.
+    for segment in ["not-a-task-id", "%FF%FE"] {
+        let bad = task
+            .leader_endpoint
+            .join(&format!("tasks/{segment}/reports"))
+            .expect("url");
+        send(
+            Method::PUT,
+            bad,
+            Some(media_type::REPORT),
+            None,
+            bytes.clone(),
+        )
+        .await
+        .assert_problem(400, "invalidMessage");
+    }
     // An HPKE config the Leader doesn't have.
     let mut stale = client
         .prepare_report(&Measurement::Count(false))
