@@ -762,3 +762,45 @@ async fn batch_checks_come_in_the_drafts_order() {
     share(bucket.0, 1).await.assert_problem(400, "batchOverlap");
     h.stop().await;
 }
+
+/// A report whose time is past 2^63 seconds is too early whatever the task's clock skew: a
+/// Helper that allowed any skew would otherwise take it, then fail to store its job (at every
+/// attempt of the Leader's, until it gave the job up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_past_what_a_store_keeps_are_too_early() {
+    let h = Harness::start().await;
+    let (task, _) = h
+        .leader_task(VdafInstance::Prio3Count, 1, &h.helper_url)
+        .await;
+    h.helper_task_with(&task, |t| t.tolerable_clock_skew = Duration(u64::MAX))
+        .await;
+    let leader_key = leader_key(&h).await;
+    let client = common::client(&task).await;
+    let far = client
+        .prepare_report_at(
+            &Measurement::Count(true),
+            duet_messages::dap09::Time(u64::MAX),
+        )
+        .expect("report");
+    let req = init_req(&task, &leader_key, std::slice::from_ref(&far));
+    let answer = send(
+        Method::PUT,
+        job_url(&task, AggregationJobId::random()),
+        Some(media_type::AGGREGATION_JOB_INIT_REQ),
+        Some(&task.aggregator_auth_token),
+        req.get_encoded(),
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let resp = AggregationJobResp::get_decoded(&answer.body).expect("resp");
+    assert_eq!(
+        resp.prepare_resps[0].result,
+        PrepareStepResult::Reject(PrepareError::ReportTooEarly)
+    );
+    h.stop().await;
+}

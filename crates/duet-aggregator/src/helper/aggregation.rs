@@ -317,7 +317,10 @@ fn prepare_one(
     if in_any(collected, time) {
         return Err(PrepareError::BatchCollected);
     }
-    if time.0 > now.0.saturating_add(task.tolerable_clock_skew.0) {
+    // A time past 2^63 seconds is too far in the future whatever the task's clock skew (and
+    // past what a store keeps: it would fail the job's write at every attempt).
+    if time.0 > now.0.saturating_add(task.tolerable_clock_skew.0) || i64::try_from(time.0).is_err()
+    {
         return Err(PrepareError::ReportTooEarly);
     }
     if task.task_expiration.is_some_and(|e| time.0 > e.0) {
