@@ -40,6 +40,11 @@ pub struct AggregatorConfig {
     pub upload_batch_bytes: usize,
     /// Uploads waiting to be written before new uploads are refused with 429.
     pub upload_queue_capacity: usize,
+    /// Report bytes waiting to be written before new uploads are refused with 429, each
+    /// report counted in whole KiB (a report longer than this is taken only into an empty
+    /// queue): clients that upload large reports and hang up at once cannot make the queue
+    /// hold more.
+    pub upload_queue_bytes: usize,
     /// Aggregation jobs the driver keeps in flight at once (a freed slot is leased again at once).
     pub max_concurrent_jobs: usize,
     /// Attempts before a failing job is abandoned (an aggregation job's reports are then
@@ -87,6 +92,7 @@ impl Default for AggregatorConfig {
             upload_batch_size: 1000,
             upload_batch_bytes: 384 * 1024,
             upload_queue_capacity: 50_000,
+            upload_queue_bytes: 64 << 20,
             max_concurrent_jobs: 4,
             max_job_attempts: 25,
             max_retry_delay_s: 600,
@@ -189,6 +195,7 @@ impl AggregatorConfig {
             ("upload_batch_size", self.upload_batch_size),
             ("upload_batch_bytes", self.upload_batch_bytes),
             ("upload_queue_capacity", self.upload_queue_capacity),
+            ("upload_queue_bytes", self.upload_queue_bytes),
             ("max_concurrent_jobs", self.max_concurrent_jobs),
             ("max_connections", self.max_connections),
         ] {

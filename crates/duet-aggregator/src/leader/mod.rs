@@ -24,7 +24,7 @@ pub use collection::PollResult;
 pub struct Leader {
     pub(crate) shared: Shared,
     pub(crate) http: reqwest::Client,
-    upload_tx: mpsc::Sender<upload::PendingUpload>,
+    uploads: upload::UploadQueue,
     upload_rx: std::sync::Mutex<Option<mpsc::Receiver<upload::PendingUpload>>>,
     /// Woken when reports are stored (by this process, or by another one sharing the database if
     /// the store has [`Datastore::wakeups`]).
@@ -61,12 +61,13 @@ impl Leader {
         http: reqwest::Client,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, Error> {
-        let (upload_tx, upload_rx) = mpsc::channel(config.upload_queue_capacity.max(1));
+        let (uploads, upload_rx) =
+            upload::UploadQueue::new(config.upload_queue_capacity, config.upload_queue_bytes);
         let shared = Shared::new(store, clock, config, metrics).await?;
         Ok(Arc::new(Self {
             shared,
             http,
-            upload_tx,
+            uploads,
             upload_rx: std::sync::Mutex::new(Some(upload_rx)),
             wake_job_creator: Notify::new(),
             wake_aggregation: Notify::new(),

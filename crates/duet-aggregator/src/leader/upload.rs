@@ -6,7 +6,7 @@ use duet_core::vdaf::ShareLengths;
 use duet_messages::dap09::{ReportRef, TaskId};
 use duet_messages::problem::DapProblemType;
 use duet_store::{Durable, NewReport};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::Leader;
 use crate::batch::in_any;
@@ -17,6 +17,54 @@ use crate::shared::{find_key, TaskEntry};
 pub(crate) struct PendingUpload {
     report: NewReport,
     done: oneshot::Sender<Result<(), String>>,
+    /// The report's share of the queue's bytes, given back when the writer takes it.
+    _queued: Option<OwnedSemaphorePermit>,
+}
+
+/// The uploads waiting for the report writer, bounded by count (`upload_queue_capacity`) and
+/// by bytes (`upload_queue_bytes`, counted in whole KiB per report): a client that sends large
+/// reports and hangs up before their answers cannot make the queue hold more than that.
+pub(crate) struct UploadQueue {
+    tx: mpsc::Sender<PendingUpload>,
+    bytes: Arc<Semaphore>,
+    kib: u32,
+}
+
+impl UploadQueue {
+    /// A queue of up to `capacity` uploads and `bytes` bytes, and the writer's end of it.
+    pub(crate) fn new(capacity: usize, bytes: usize) -> (Self, mpsc::Receiver<PendingUpload>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1))
+            .unwrap_or(u32::MAX)
+            .min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
+        let bytes = Arc::new(Semaphore::new(kib as usize));
+        (UploadQueue { tx, bytes, kib }, rx)
+    }
+
+    /// Queues `report`; the receiver gets the writer's answer. [`Error::Overloaded`] if the
+    /// queue is full by count or by bytes: a report longer than the whole byte budget goes in
+    /// only when the queue holds no other bytes.
+    fn push(&self, report: NewReport) -> Result<oneshot::Receiver<Result<(), String>>, Error> {
+        let kib = u32::try_from(report.encoded.len().div_ceil(1024).max(1))
+            .unwrap_or(u32::MAX)
+            .min(self.kib);
+        let queued = Arc::clone(&self.bytes)
+            .try_acquire_many_owned(kib)
+            .map_err(|_| Error::Overloaded)?;
+        let (done, wait) = oneshot::channel();
+        let pending = PendingUpload {
+            report,
+            done,
+            _queued: Some(queued),
+        };
+        self.tx.try_send(pending).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => {
+                Error::Internal("the report writer has stopped".into())
+            }
+        })?;
+        Ok(wait)
+    }
 }
 
 impl Leader {
@@ -99,21 +147,11 @@ impl Leader {
                 "the report's batch has already been collected",
             ));
         }
-        let (done, wait) = oneshot::channel();
-        let pending = PendingUpload {
-            report: NewReport {
-                task_id,
-                report_id: report.metadata.id,
-                time: t,
-                encoded: body.to_vec(),
-            },
-            done,
-        };
-        self.upload_tx.try_send(pending).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => {
-                Error::Internal("the report writer has stopped".into())
-            }
+        let wait = self.uploads.push(NewReport {
+            task_id,
+            report_id: report.metadata.id,
+            time: t,
+            encoded: body.to_vec(),
         })?;
         wait.await
             .map_err(|_| Error::Internal("the report writer has stopped".into()))?
@@ -321,7 +359,43 @@ mod tests {
                 encoded: vec![0; bytes],
             },
             done: oneshot::channel().0,
+            _queued: None,
         }
+    }
+
+    fn report(bytes: usize) -> NewReport {
+        NewReport {
+            task_id: TaskId([0; 32]),
+            report_id: ReportId::random(),
+            time: Time(0),
+            encoded: vec![0; bytes],
+        }
+    }
+
+    /// The queue refuses an upload once its bytes are taken, whatever room its count leaves,
+    /// and takes uploads again as the writer takes them out; a report longer than the whole
+    /// budget waits for an empty queue.
+    #[tokio::test]
+    async fn the_upload_queue_holds_to_its_bytes() {
+        let (queue, mut rx) = UploadQueue::new(100, 4 * 1024);
+        let overloaded = |r: Result<_, Error>| matches!(r, Err(Error::Overloaded));
+        queue.push(report(1500)).expect("2 KiB of 4");
+        queue.push(report(2048)).expect("4 KiB of 4");
+        assert!(overloaded(queue.push(report(1))));
+        drop(rx.try_recv().expect("the first upload"));
+        assert!(overloaded(queue.push(report(2049))), "3 KiB, 2 free");
+        queue.push(report(2000)).expect("4 KiB of 4 again");
+        assert!(overloaded(queue.push(report(10_000))));
+        drop((rx.try_recv(), rx.try_recv()));
+        queue.push(report(10_000)).expect("alone in the queue");
+        assert!(overloaded(queue.push(report(1))));
+        drop(rx.try_recv().expect("the long upload"));
+        queue.push(report(1)).expect("room again");
+        // The count bound still holds for small reports.
+        let (queue, _rx) = UploadQueue::new(2, 1 << 20);
+        queue.push(report(1)).expect("first");
+        queue.push(report(1)).expect("second");
+        assert!(overloaded(queue.push(report(1))));
     }
 
     /// Batches stop before the report that would take them past the byte or count limit; that
