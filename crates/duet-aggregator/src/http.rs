@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -145,9 +146,10 @@ fn require_media_type(task_id: TaskId, headers: &HeaderMap, expected: &str) -> H
     }
 }
 
-/// A route's path parameters, as axum's `Path` reads them; a path it cannot read (escapes
-/// that are not UTF-8) is answered with an `invalidMessage` problem document, as any other
-/// malformed request, rather than axum's plain-text 400.
+/// A route's path parameters, as axum's `Path` reads them; a path whose parameters do not
+/// decode (escapes that are not UTF-8) is answered with an `invalidMessage` problem document,
+/// as any other malformed request, rather than axum's plain-text 400 (a route that does not
+/// match its handler is a 500).
 struct PathParams<T>(T);
 
 impl<S, T> FromRequestParts<S> for PathParams<T>
@@ -163,7 +165,10 @@ where
     ) -> Result<Self, Self::Rejection> {
         match Path::<T>::from_request_parts(parts, state).await {
             Ok(Path(params)) => Ok(Self(params)),
-            Err(e) => Err(invalid(format!("the request's path: {}", e.body_text()))),
+            Err(e @ PathRejection::FailedToDeserializePathParams(_)) => {
+                Err(invalid(format!("the request's path: {}", e.body_text())))
+            }
+            Err(e) => Err(HttpError(Error::Internal(e.body_text()))),
         }
     }
 }

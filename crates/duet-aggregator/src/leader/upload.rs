@@ -17,7 +17,8 @@ use crate::shared::{find_key, TaskEntry};
 pub(crate) struct PendingUpload {
     report: NewReport,
     done: oneshot::Sender<Result<(), String>>,
-    /// The report's share of the queue's bytes, given back when the writer takes it.
+    /// The report's share of the queue's bytes, given back when the writer takes the report
+    /// into a batch.
     _queued: Option<OwnedSemaphorePermit>,
 }
 

@@ -11,7 +11,7 @@
 //! upload writes nothing else. The time-based count reaches it through the active jobs (which
 //! record their reports' times) and the claim cursor.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use duet_messages::dap09::{AggregationJobId, Interval, ReportId, TaskId, Time};
 
@@ -196,9 +196,10 @@ async fn claim_into_jobs(
         // The claim ends before the first report of an unsized task.
         let unsized_from = entries.iter().position(|e| sizes.of(&e.task_id).is_none());
         if let Some(first) = unsized_from {
+            let mut named = HashSet::new();
             for entry in &entries[first..] {
                 let task = entry.task_id;
-                if sizes.of(&task).is_none() && !created.unsized_tasks.contains(&task) {
+                if sizes.of(&task).is_none() && named.insert(task) {
                     created.unsized_tasks.push(task);
                 }
             }
