@@ -269,3 +269,54 @@ impl BatchSum {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use duet_messages::dap09::{Duration, ReportId};
+
+    use super::*;
+
+    fn bucket(start: u64, share: u8, report_count: u64) -> BatchAggregation {
+        BatchAggregation {
+            task_id: TaskId([1; 32]),
+            bucket: Interval {
+                start: Time(start),
+                duration: Duration(100),
+            },
+            aggregation_parameter: Vec::new(),
+            aggregate_share: vec![share],
+            report_count,
+            checksum: ReportIdChecksum::for_report_id(&ReportId([share; 16])),
+        }
+    }
+
+    /// A batch's sum adds the shares, counts and checksums of every bucket, and spans only the
+    /// buckets that hold reports (one aggregated to nothing, as after a job whose reports were
+    /// all rejected, widens nothing).
+    #[test]
+    fn batch_sums_span_the_buckets_with_reports() {
+        let add = |a: &[u8], b: &[u8]| Ok(vec![a[0] + b[0]]);
+        let mut sum = BatchSum::default();
+        for b in [bucket(300, 1, 2), bucket(100, 2, 0), bucket(500, 4, 1)] {
+            sum.add(b, &add).expect("add");
+        }
+        assert_eq!(sum.aggregate_share, Some(vec![7]));
+        assert_eq!(sum.report_count, 3);
+        let want = [1, 2, 4].iter().fold(ReportIdChecksum::default(), |c, i| {
+            c.combined_with(&ReportIdChecksum::for_report_id(&ReportId([*i; 16])))
+        });
+        assert_eq!(sum.checksum, want);
+        assert_eq!(
+            sum.spanned,
+            Some(Interval {
+                start: Time(300),
+                duration: Duration(300),
+            })
+        );
+        let failing = |_: &[u8], _: &[u8]| Err("no".to_string());
+        assert!(matches!(
+            sum.add(bucket(700, 1, 1), &failing),
+            Err(crate::StoreError::Merge(_))
+        ));
+    }
+}
