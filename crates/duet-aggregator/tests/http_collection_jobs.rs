@@ -189,14 +189,15 @@ async fn a_deleted_collection_still_bars_overlapping_batches() {
     let h = Harness::start().await;
     let (task, _) = h.task(VdafInstance::Prio3Count, 1).await;
     let client = common::client(&task).await;
+    // The report in the hour collected, even if the clock turns the hour meanwhile.
+    let hour = RealClock.now().round_down(Duration(3600)).0;
     client
-        .upload(&Measurement::Count(true))
+        .upload_at(&Measurement::Count(true), Some(Time(hour)))
         .await
         .expect("upload");
     let token = task.collector_auth_token.clone().expect("token");
     let job_url = |id: CollectionJobId| job_url(&task, id);
     let ct = Some(media_type::COLLECTION_REQ);
-    let hour = RealClock.now().round_down(Duration(3600)).0;
     let collected = CollectionJobId::random();
     let created = send(
         Method::PUT,
@@ -334,7 +335,7 @@ async fn a_collection_of_unusable_aggregates_is_abandoned() {
     };
     common::client(&task)
         .await
-        .upload(&Measurement::Count(true))
+        .upload_at(&Measurement::Count(true), Some(Time(hour)))
         .await
         .expect("upload");
     let mut aggregated = false;

@@ -91,13 +91,14 @@ async fn aggregation_jobs_and_aggregate_shares() {
     let leader_key = leader_key(&h).await;
     let token = task.aggregator_auth_token.clone();
     let client = common::client(&task).await;
-    let reports: Vec<Report> = (0..3)
-        .map(|i| {
-            client
-                .prepare_report(&Measurement::Count(i % 2 == 0))
-                .expect("report")
-        })
-        .collect();
+    // Every report of the test at one time, so that all fall in one hour, whenever it runs.
+    let now = duet_core::Clock::now(&duet_core::RealClock);
+    let at = |m: bool| {
+        client
+            .prepare_report_at(&Measurement::Count(m), now)
+            .expect("report")
+    };
+    let reports: Vec<Report> = (0..3).map(|i| at(i % 2 == 0)).collect();
     let job_url = |id: AggregationJobId| job_url(&task, id);
     let ct = Some(media_type::AGGREGATION_JOB_INIT_REQ);
     let req = init_req(&task, &leader_key, &reports[..2]).get_encoded();
@@ -214,11 +215,7 @@ async fn aggregation_jobs_and_aggregate_shares() {
         PrepareStepResult::Continue { .. }
     ));
     // A corrupted Leader message fails preparation, not the request.
-    let mut corrupt = init_req(
-        &task,
-        &leader_key,
-        &[client.prepare_report(&Measurement::Count(true)).expect("r")],
-    );
+    let mut corrupt = init_req(&task, &leader_key, &[at(true)]);
     corrupt.prepare_inits[0].message = vec![0, 0, 0, 0, 1, 7];
     let r3 = send(
         Method::PUT,
@@ -363,11 +360,7 @@ async fn aggregation_jobs_and_aggregate_shares() {
     )
     .await;
     assert_eq!((repeat.status, repeat.body), (200, ok.body));
-    let late = init_req(
-        &task,
-        &leader_key,
-        &[client.prepare_report(&Measurement::Count(true)).expect("r")],
-    );
+    let late = init_req(&task, &leader_key, &[at(true)]);
     let r4 = send(
         Method::PUT,
         job_url(AggregationJobId::random()),
