@@ -273,7 +273,14 @@ async fn upload(clients: &[Arc<Client>], from: usize, to: usize) {
 
 /// Collects everything uploaded in this test through `leader` and checks the count and the sum.
 /// On a collection error, the test fails with the servers' logs.
-async fn collect_and_check(p: &Provisioned, leader: &str, n: usize, servers: &[&Server]) {
+/// Collects the hours around now through `leader` and checks the result holds the `n` reports
+/// uploaded; returns the interval collected.
+async fn collect_and_check(
+    p: &Provisioned,
+    leader: &str,
+    n: usize,
+    servers: &[&Server],
+) -> Interval {
     let params = CollectorParameters {
         task_id: p.params.task_id.parse().expect("task id"),
         leader_endpoint: parse_endpoint(leader).expect("leader url"),
@@ -290,12 +297,11 @@ async fn collect_and_check(p: &Provisioned, leader: &str, n: usize, servers: &[&
         .elapsed()
         .expect("clock")
         .as_secs();
-    let query = Query::TimeInterval {
-        batch_interval: Interval {
-            start: Time((now / precision * precision).saturating_sub(2 * precision)),
-            duration: duet_messages::dap09::Duration(3 * precision),
-        },
+    let batch_interval = Interval {
+        start: Time((now / precision * precision).saturating_sub(2 * precision)),
+        duration: duet_messages::dap09::Duration(3 * precision),
     };
+    let query = Query::TimeInterval { batch_interval };
     let result = collector
         .collect(query, Duration::from_secs(90))
         .await
@@ -306,6 +312,7 @@ async fn collect_and_check(p: &Provisioned, leader: &str, n: usize, servers: &[&
     let expected = (0..n).filter(|&i| measurement(i)).count() as u128;
     assert_eq!(result.report_count, n as u64, "report count");
     assert_eq!(result.aggregate, AggregateResult::Number(expected), "sum");
+    batch_interval
 }
 
 /// Aggregation jobs in the database, by state.
@@ -472,31 +479,22 @@ async fn api_replica_leaves_jobs_to_a_worker_replica() {
 
             let worker =
                 Server::start(dir.path(), "leader-worker", "127.0.0.1:0", &db, LEADER_ONLY).await;
-            collect_and_check(&p, &format!("{}/", api.base), N, &[&api, &worker, &helper]).await;
+            let collected =
+                collect_and_check(&p, &format!("{}/", api.base), N, &[&api, &worker, &helper])
+                    .await;
             // The worker ran the collection; the API replica learns of it within about a second
-            // and then refuses reports for the collected interval (unless the clock has just
-            // crossed into a new, uncollected one).
+            // and then refuses reports for the collected interval.
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            let window = || {
-                std::time::SystemTime::UNIX_EPOCH
-                    .elapsed()
-                    .expect("clock")
-                    .as_secs()
-                    / p.params.time_precision
-            };
-            let before = window();
             let late = client(&p, &format!("{}/", api.base))
                 .await
-                .upload(&Measurement::Count(true))
+                .upload_at(&Measurement::Count(true), Some(collected.start))
                 .await;
-            if window() == before {
-                let e = late.expect_err("a report for a collected interval is refused");
-                assert_eq!(
-                    e.problem_type(),
-                    Some(DapProblemType::ReportRejected),
-                    "{e}"
-                );
-            }
+            let e = late.expect_err("a report for a collected interval is refused");
+            assert_eq!(
+                e.problem_type(),
+                Some(DapProblemType::ReportRejected),
+                "{e}"
+            );
             finished_all(&db, started).await;
             drop((api, worker, helper));
         },
