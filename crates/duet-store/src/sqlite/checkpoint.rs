@@ -303,12 +303,15 @@ mod tests {
         let wal = dir.path().join("restarted.sqlite-wal");
         let size = std::fs::metadata(&wal).expect("log").len();
 
-        // A reader in the log, done a moment after the restart has begun.
+        // A reader in the log, done a moment after the restart has begun to hold writes (or
+        // after five seconds, if it never does: the writing task then fails the test).
         let reader = reading(&store).await;
         let read_ending = Arc::new(AtomicBool::new(false));
+        let (held_seen, restart_holds) = tokio::sync::oneshot::channel::<()>();
         let reading = tokio::spawn({
             let read_ending = Arc::clone(&read_ending);
             async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), restart_holds).await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 read_ending.store(true, Ordering::SeqCst);
                 reader.rollback().await.expect("end the read");
@@ -330,6 +333,7 @@ mod tests {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 assert!(seen, "the restart never held the writes");
+                let _ = held_seen.send(());
                 fill(&store, 1).await;
                 assert!(
                     read_ending.load(Ordering::SeqCst),
