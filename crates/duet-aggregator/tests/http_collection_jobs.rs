@@ -352,13 +352,7 @@ async fn a_collection_of_unusable_aggregates_is_abandoned() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(aggregated, "the report was not aggregated");
-    let path = h._dir.path().join("duet.sqlite");
-    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
-        "sqlite://{}",
-        path.display()
-    ))
-    .await
-    .expect("open");
+    let mut db = h.sqlite().await;
     let damaged = sqlx::query(
         "UPDATE batch_aggregations SET aggregate_share = x'01' \
          WHERE role = 'leader' AND task_id = ?",

@@ -194,13 +194,7 @@ async fn jobs_hold_what_fits_their_byte_budget() {
     assert_eq!(value(&samples, aggregated), Some(5.0), "{samples:?}");
     assert!(value(&samples, finished) >= Some(3.0), "{samples:?}");
     // However the uploads fell between the creator's passes, no job holds more than two.
-    let path = h._dir.path().join("duet.sqlite");
-    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
-        "sqlite://{}",
-        path.display()
-    ))
-    .await
-    .expect("open");
+    let mut db = h.sqlite().await;
     let (largest, reports): (i64, i64) =
         sqlx::query_as("SELECT MAX(report_count), SUM(report_count) FROM aggregation_jobs")
             .fetch_one(&mut db)
@@ -289,13 +283,7 @@ async fn reports_of_tasks_gone_or_unreadable_hold_back_no_others() {
         duet_messages::dap09::TaskId::random(),
         duet_messages::dap09::TaskId::random(),
     );
-    let path = h._dir.path().join("duet.sqlite");
-    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
-        "sqlite://{}",
-        path.display()
-    ))
-    .await
-    .expect("open");
+    let mut db = h.sqlite().await;
     sqlx::query("INSERT INTO tasks (role, task_id, parameters) VALUES ('leader', ?, '{}')")
         .bind(&unreadable.0[..])
         .execute(&mut db)

@@ -185,6 +185,17 @@ impl Harness {
         (server, url)
     }
 
+    /// A connection of its own to the server's SQLite file, to look at or change stored rows.
+    pub async fn sqlite(&self) -> sqlx::SqliteConnection {
+        let path = self._dir.path().join("duet.sqlite");
+        <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+            "sqlite://{}",
+            path.display()
+        ))
+        .await
+        .expect("open")
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.server.take() {
             s.shutdown().await.expect("shutdown");
