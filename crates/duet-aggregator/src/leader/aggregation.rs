@@ -75,27 +75,25 @@ fn job_sizes(leader: &Leader, fallback: &HashSet<TaskId>) -> JobSizes {
 async fn size_new_tasks(leader: &Leader, tasks: &[TaskId], fallback: &mut HashSet<TaskId>) -> bool {
     let mut settled = false;
     for id in tasks {
-        match leader.shared.store.get_task(id).await {
-            Ok(Some(task)) => {
-                if let Err(e) = leader.shared.cache_task(task) {
-                    tracing::warn!(task = %id, error = %e, "a stored task's VDAF is unusable");
-                    fallback.insert(*id);
-                }
-                settled = true;
-            }
-            Ok(None) => {
-                tracing::debug!(task = %id, "reports queued for a task no longer stored");
-                fallback.insert(*id);
-                settled = true;
-            }
+        let unusable = match leader.shared.store.get_task(id).await {
+            Ok(Some(task)) => leader
+                .shared
+                .cache_task(task)
+                .err()
+                .map(|e| format!("its VDAF is unusable: {e}")),
+            Ok(None) => Some("it is no longer stored".into()),
             // Stored parameters this version refuses to read stay so.
-            Err(e @ duet_store::StoreError::Corrupt(_)) => {
-                tracing::warn!(task = %id, error = %e, "a stored task is unreadable");
-                fallback.insert(*id);
-                settled = true;
+            Err(e @ duet_store::StoreError::Corrupt(_)) => Some(format!("it is unreadable: {e}")),
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e, "reading a task failed");
+                continue;
             }
-            Err(e) => tracing::warn!(task = %id, error = %e, "reading a task failed"),
+        };
+        if let Some(why) = unusable {
+            tracing::warn!(task = %id, "reports queued for a task that cannot be served: {why}");
+            fallback.insert(*id);
         }
+        settled = true;
     }
     settled
 }

@@ -31,13 +31,16 @@ pub(crate) struct UploadQueue {
     kib: u32,
 }
 
+/// `bytes` in whole KiB, at least one (saturating at `u32::MAX`).
+fn whole_kib(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
+}
+
 impl UploadQueue {
     /// A queue of up to `capacity` uploads and `bytes` bytes, and the writer's end of it.
     pub(crate) fn new(capacity: usize, bytes: usize) -> (Self, mpsc::Receiver<PendingUpload>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let kib = u32::try_from(bytes.div_ceil(1024).max(1))
-            .unwrap_or(u32::MAX)
-            .min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
+        let kib = whole_kib(bytes).min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
         let bytes = Arc::new(Semaphore::new(kib as usize));
         (UploadQueue { tx, bytes, kib }, rx)
     }
@@ -46,9 +49,7 @@ impl UploadQueue {
     /// queue is full by count or by bytes: a report longer than the whole byte budget goes in
     /// only when the queue holds no other bytes.
     fn push(&self, report: NewReport) -> Result<oneshot::Receiver<Result<(), String>>, Error> {
-        let kib = u32::try_from(report.encoded.len().div_ceil(1024).max(1))
-            .unwrap_or(u32::MAX)
-            .min(self.kib);
+        let kib = whole_kib(report.encoded.len()).min(self.kib);
         let queued = Arc::clone(&self.bytes)
             .try_acquire_many_owned(kib)
             .map_err(|_| Error::Overloaded)?;
